@@ -1,0 +1,153 @@
+"""The clustering operations of FEC as pure functions.
+
+Naming follows the paper (Sec. 3): *centers* are initialized by adaptive average pooling (Eq. 4),
+every point gets an *assignment* to its most similar center (Eq. 5), the assigned points are
+aggregated into *representatives* (Eq. 6), and the encoding layer *dispatches* each representative
+back to the points of its cluster (Eq. 7). Where the released code differs from the paper, these
+functions follow the code (official-fec-reference.md, "reference" below).
+
+Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M centers, D channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Aggregation = Literal["segment_sum", "onehot"]
+AssignGrad = Literal["official", "straight_through"]
+
+
+def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
+  """0/1 matrix [out_size, in_size] of PyTorch's adaptive-pool windows (reference Sec. 3, Cluster 2).
+
+  Output i averages input [floor(i*L/n), ceil((i+1)*L/n)): windows overlap when L % n != 0, and
+  out_size may exceed in_size.
+  """
+  rows = []
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)
+    rows.append([1.0 if start <= j < end else 0.0 for j in range(in_size)])
+  return jnp.asarray(rows, jnp.float32)
+
+
+def adaptive_avg_pool(x: jnp.ndarray, out_hw: tuple[int, int]) -> jnp.ndarray:
+  """PyTorch-exact adaptive average pooling over the spatial axes of x [..., H, W, D].
+
+  Returns [..., oh, ow, D]. Sums each window, then divides by its size, as torch's CPU kernel does.
+  """
+  *lead, h, w, d = x.shape
+  oh, ow = out_hw
+  if h % oh == 0 and w % ow == 0:  # equal, disjoint windows: a reshape-sum (cheaper than matmuls)
+    kh, kw = h // oh, w // ow
+    sums = x.reshape(*lead, oh, kh, ow, kw, d).sum(axis=(-4, -2))
+    return sums / (kh * kw)
+  rows, cols = adaptive_window_matrix(h, oh), adaptive_window_matrix(w, ow)
+  sums = jnp.einsum("ih,jw,...hwd->...ijd", rows, cols, x, precision=jax.lax.Precision.HIGHEST)
+  counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]  # [oh, ow]
+  return sums / counts[:, :, None].astype(x.dtype)
+
+
+def fold(x: jnp.ndarray, regions: int) -> jnp.ndarray:
+  """Splits x [B, H, W, ...] into regions x regions equal tiles: [B, r1, r2, H/r, W/r, ...]."""
+  b, h, w, *rest = x.shape
+  x = x.reshape(b, regions, h // regions, regions, w // regions, *rest)
+  return jnp.moveaxis(x, 3, 2)
+
+
+def unfold(x: jnp.ndarray) -> jnp.ndarray:
+  """Inverse of `fold`: [B, r1, r2, h, w, ...] -> [B, r1*h, r2*w, ...]."""
+  b, r1, r2, h, w, *rest = x.shape
+  return jnp.moveaxis(x, 2, 3).reshape(b, r1 * h, r2 * w, *rest)
+
+
+def normalize(x: jnp.ndarray) -> jnp.ndarray:
+  """x / max(||x||_2, 1e-12) over the last axis, as torch.nn.functional.normalize."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, 1e-12)
+
+
+def at_least_f32(x: jnp.ndarray) -> jnp.ndarray:
+  """Clustering math runs in fp32 (or fp64) even under bf16 compute, so assignments do not flip."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def cosine_similarity(centers: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
+  """Eq. 5: cosine between every center [G, M, D] and point [G, N, D] -> [G, M, N] (>= fp32)."""
+  centers, points = normalize(at_least_f32(centers)), normalize(at_least_f32(points))
+  return jnp.einsum("gmd,gnd->gmn", centers, points, precision=jax.lax.Precision.HIGHEST)
+
+
+def assign(similarity: jnp.ndarray) -> jnp.ndarray:
+  """Hard assignment [G, N]: argmax over the M centers of similarity [G, M, N], ties to the lowest."""
+  return jnp.argmax(similarity, axis=1).astype(jnp.int32)
+
+
+def straight_through_residual(similarity: jnp.ndarray, assign_grad: AssignGrad):
+  """The part of the assignment matrix [G, N, M] that is zero forward and carries gradient.
+
+  "official": None (the one-hot is a constant, reference Sec. 4). "straight_through": softmax over
+  the centers minus its stop-gradient copy, so d(one-hot) is taken as d(softmax(similarity)).
+  """
+  if assign_grad == "official":
+    return None
+  if assign_grad != "straight_through":
+    raise ValueError(f"assign_grad must be 'official' or 'straight_through', got {assign_grad!r}")
+  soft = jax.nn.softmax(jnp.swapaxes(similarity, 1, 2), axis=-1)  # [G, N, M]
+  return soft - jax.lax.stop_gradient(soft)
+
+
+def representatives(values: jnp.ndarray, value_centers: jnp.ndarray, assignment: jnp.ndarray,
+                    aggregation: Aggregation = "segment_sum", st=None) -> jnp.ndarray:
+  """Eq. 6 as in the released code: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|).
+
+  values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
+  with a scatter-add; "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
+  """
+  g, n, d = values.shape
+  m = value_centers.shape[1]
+  if aggregation == "segment_sum":
+    segments = (assignment + m * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)  # [G*N]
+    sums = jax.ops.segment_sum(values.reshape(g * n, d), segments, num_segments=g * m)
+    counts = jax.ops.segment_sum(jnp.ones((g * n,), values.dtype), segments, num_segments=g * m)
+    sums, counts = sums.reshape(g, m, d), counts.reshape(g, m)
+  elif aggregation == "onehot":
+    onehot = jax.nn.one_hot(assignment, m, dtype=values.dtype)  # [G, N, M]
+    sums = jnp.einsum("gnm,gnd->gmd", onehot, values, precision=jax.lax.Precision.HIGHEST)
+    counts = onehot.sum(axis=1)
+  else:
+    raise ValueError(f"aggregation must be 'segment_sum' or 'onehot', got {aggregation!r}")
+  if st is not None:  # zero forward; gradient of the assignment (straight-through)
+    sums = sums + jnp.einsum("gnm,gnd->gmd", st.astype(values.dtype), values)
+    counts = counts + st.sum(axis=1).astype(values.dtype)
+  return (sums + value_centers) / (counts[..., None] + 1.0)
+
+
+def dispatch(reps: jnp.ndarray, similarity: jnp.ndarray, assignment: jnp.ndarray,
+             aggregation: Aggregation = "segment_sum", st=None) -> jnp.ndarray:
+  """Eq. 7 (dispatch factor as in the code): point n receives R[a_n] * sim[a_n, n].
+
+  reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D].
+  """
+  weight = jnp.take_along_axis(similarity, assignment[:, None, :], axis=1)[:, 0]  # [G, N]
+  if aggregation == "onehot":
+    onehot = jax.nn.one_hot(assignment, reps.shape[1], dtype=reps.dtype)  # [G, N, M]
+    out = jnp.einsum("gnm,gmd->gnd", onehot * weight[..., None].astype(reps.dtype), reps,
+                     precision=jax.lax.Precision.HIGHEST)
+  else:
+    out = jnp.take_along_axis(reps, assignment[..., None], axis=1) * weight[..., None].astype(reps.dtype)
+  if st is not None:
+    st_weight = st * jnp.swapaxes(similarity, 1, 2)  # [G, N, M]
+    out = out + jnp.einsum("gnm,gmd->gnd", st_weight.astype(reps.dtype), reps)
+  return out
+
+
+def check_divisible(layer: str, hw: tuple[int, int], regions: int) -> None:
+  """ValueError where the official code would crash on a fold that does not divide the map."""
+  if hw[0] % regions or hw[1] % regions:
+    raise ValueError(f"{layer}: feature map {hw[0]}x{hw[1]} cannot be split into {regions}x{regions} "
+                     f"fold regions; choose an input size whose map at this layer divides by {regions}")

@@ -1,0 +1,365 @@
+"""FEC in Flax (linen), NHWC: ClusterPool, Cluster, Mlp, ClusterBlock, FEC and the variant table.
+
+Module and parameter names mirror the official PyTorch state dict (official-fec-reference.md
+Sec. 1, "reference" below) so that conversion is a renaming: torch `network.0.2.token_mixer.f` is
+flax `network_0_2/token_mixer/f`, torch `network.1.conv_f` is flax `network_1/conv_f`.
+
+Every clustering layer sows its hard assignment into the `intermediates` collection:
+  Cluster      [B, heads, H, W] int32: fold_region * M + center index within the region
+  ClusterPool  [B, H, W] int32: row-major index of the output pixel (the center) in [H/2, W/2]
+`cluster_assignments` collects them from `model.apply(..., mutable=["intermediates"])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fec_jax import clustering
+from fec_jax.clustering import Aggregation, AssignGrad
+
+Dtype = Any
+
+
+# Initialization (reference Sec. 5). PyTorch's default Conv2d init is uniform(+-1/sqrt(fan_in)) for
+# weights and biases; nn.Linear weights are trunc_normal(std .02) cut at +-2 absolute (= 100 std).
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+linear_kernel_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
+
+
+def torch_conv_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def conv1x1(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
+  """A 1x1 Conv2d of the official code, as a Dense over the channel axis (NHWC)."""
+  return nn.Dense(features, dtype=dtype, kernel_init=torch_conv_kernel_init,
+                  bias_init=torch_conv_bias_init(fan_in), name=name)
+
+
+def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
+  """GroupNorm(1, C): one group over (H, W, C) per sample, eps 1e-5, statistics in fp32."""
+  return nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def layer_name(module: nn.Module) -> str:
+  """The official module name of a bound layer (e.g. 'network.0.2.token_mixer'), for messages."""
+  return ".".join(torch_module_path(module.path)) if module.path else type(module).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the reference's variant table (Sec. 2)."""
+  depths: tuple[int, ...]
+  dims: tuple[int, ...]
+  mlp_ratios: tuple[int, ...] = (8, 8, 4, 4)
+  heads: tuple[int, ...] = (4, 4, 8, 8)
+  head_dim: int = 24
+  centers: tuple[tuple[int, int], ...] = ((4, 4), (4, 4), (2, 2), (2, 2))
+  folds: tuple[int, ...] = (1, 1, 1, 1)
+  dense_outputs: bool = False  # seg/det backbones: four normalized stage maps instead of logits
+
+
+def _dense_variants(base: dict[str, Variant]) -> dict[str, Variant]:
+  seg = dict(centers=((10, 10), (10, 10), (5, 5), (5, 5)), dense_outputs=True)
+  det = dict(centers=((7, 7),) * 4, folds=(2, 2, 1, 1), dense_outputs=True)
+  out = {}
+  for name, v in base.items():
+    out[f"{name}_seg"] = dataclasses.replace(v, **seg)
+    out[f"{name}_det"] = dataclasses.replace(v, **det)
+  return out
+
+
+_CLASSIFICATION = {
+    "fec_small": Variant(depths=(3, 4, 5, 2), dims=(32, 64, 196, 320)),
+    "fec_base": Variant(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), head_dim=32),
+    "fec_large": Variant(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), heads=(6, 6, 12, 12),
+                         head_dim=32),
+}
+VARIANTS: dict[str, Variant] = {**_CLASSIFICATION, **_dense_variants(_CLASSIFICATION)}
+
+
+class Mlp(nn.Module):
+  """fc1 (C -> ratio*C), exact GELU, fc2 back to C, over the channel axis."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C]
+    dim = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=linear_kernel_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(dim, dtype=self.dtype, kernel_init=linear_kernel_init, name="fc2")(x)
+
+
+class Cluster(nn.Module):
+  """Clustering-based feature encoding, the token mixer of a ClusterBlock (reference Sec. 3)."""
+  heads: int
+  head_dim: int
+  centers: tuple[int, int]
+  fold: int = 1
+  aggregation: Aggregation = "segment_sum"
+  assign_grad: AssignGrad = "official"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C]
+    b, h, w, dim = x.shape
+    clustering.check_divisible(layer_name(self), (h, w), self.fold)
+    width = self.heads * self.head_dim
+    value = conv1x1(width, dim, "v", self.dtype)(x)
+    feat = conv1x1(width, dim, "f", self.dtype)(x)
+    alpha = self.param("sim_alpha", nn.initializers.ones, (1,))
+    beta = self.param("sim_beta", nn.initializers.zeros, (1,))
+
+    r = self.fold
+    hr, wr = h // r, w // r
+    feat, value = self._to_groups(feat), self._to_groups(value)  # [G, hr, wr, D]
+    centers = clustering.adaptive_avg_pool(feat, self.centers)  # Eq. 4, [G, ch, cw, D]
+    value_centers = clustering.adaptive_avg_pool(value, self.centers)
+    g, m = feat.shape[0], self.centers[0] * self.centers[1]
+    points = feat.reshape(g, hr * wr, -1)  # [G, N, D]
+    values = clustering.at_least_f32(value.reshape(g, hr * wr, -1))
+
+    cosine = clustering.cosine_similarity(centers.reshape(g, m, -1), points)  # [G, M, N]
+    sim = jax.nn.sigmoid(beta + alpha * cosine)  # Eq. 7's sigma(alpha M + beta)
+    assignment = clustering.assign(sim)  # argmax of the sigmoid, as the code does
+    st = clustering.straight_through_residual(sim, self.assign_grad)
+    reps = clustering.representatives(values, clustering.at_least_f32(value_centers.reshape(g, m, -1)),
+                                      assignment, self.aggregation, st)  # Eq. 6, [G, M, D]
+    out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # [G, N, D]
+
+    region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, 1, r, r, 1, 1) * m
+    labels = assignment.reshape(b, self.heads, r, r, hr, wr) + region
+    self.sow("intermediates", "assignment",
+             clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1)).transpose(0, 3, 1, 2))
+    out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
+    return conv1x1(dim, width, "proj", self.dtype)(out)
+
+  def _to_groups(self, t):
+    """[B, H, W, E*D] -> [B*E*r*r, H/r, W/r, D]: heads by channel groups, then fold regions."""
+    b, h, w, _ = t.shape
+    t = clustering.fold(t.reshape(b, h, w, self.heads, self.head_dim), self.fold)  # [B,r,r,h,w,E,D]
+    t = t.transpose(0, 5, 1, 2, 3, 4, 6)  # [B, E, r, r, h, w, D]
+    return t.reshape(-1, *t.shape[4:])
+
+  def _from_groups(self, t):
+    """Inverse of `_to_groups`: [B*E*r*r, h, w, D] -> [B, H, W, E*D]."""
+    r = self.fold
+    _, h, w, d = t.shape
+    t = t.reshape(-1, self.heads, r, r, h, w, d).transpose(0, 2, 3, 4, 5, 1, 6)
+    t = clustering.unfold(t)  # [B, H, W, E, D]
+    return t.reshape(*t.shape[:3], -1)
+
+
+class ClusterPool(nn.Module):
+  """Clustering-based feature pooling between stages: C_in x H x W -> C_out x H/2 x W/2.
+
+  Centers are the 2x2 average of `conv_f` features; each point joins its most similar center
+  (cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the output map, added to
+  a strided 3x3 conv skip (reference Sec. 3). `conv_f` only feeds the argmax, so in the official
+  gradient semantics it receives no gradient at all (Sec. 4).
+  """
+  dim_out: int
+  fold: int = 1
+  aggregation: Aggregation = "segment_sum"
+  assign_grad: AssignGrad = "official"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C_in]
+    b, h, w, dim = x.shape
+    name = layer_name(self)
+    clustering.check_divisible(name, (h, w), self.fold)
+    r = self.fold
+    hr, wr = h // r, w // r
+    if hr % 2 or wr % 2:
+      raise ValueError(f"{name}: ClusterPool needs an even feature map (per fold region), got "
+                       f"{hr}x{wr}; the official code fails here too. Use an input size whose map "
+                       f"at this layer is even (e.g. a multiple of 32 pixels).")
+    identity = nn.Conv(self.dim_out, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
+                       kernel_init=torch_conv_kernel_init, bias_init=torch_conv_bias_init(9 * dim),
+                       name="conv_skip")(x)
+    value = clustering.fold(conv1x1(self.dim_out, dim, "conv_v", self.dtype)(x), r)
+    feat = clustering.fold(conv1x1(self.dim_out, dim, "conv_f", self.dtype)(x), r)
+    value = value.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D], G = B*r*r
+    feat = feat.reshape(-1, hr, wr, self.dim_out)
+    g, m = feat.shape[0], (hr // 2) * (wr // 2)
+
+    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)
+    value_centers = clustering.adaptive_avg_pool(value, (hr // 2, wr // 2)).reshape(g, m, -1)
+    cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # [G, M, N]
+    assignment = clustering.assign(cosine)
+    st = clustering.straight_through_residual(cosine, self.assign_grad)
+    reps = clustering.representatives(clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
+                                      clustering.at_least_f32(value_centers), assignment,
+                                      self.aggregation, st)  # [G, M, D]
+
+    self.sow("intermediates", "assignment", self._output_index(assignment, b, hr, wr))
+    reps = clustering.unfold(reps.reshape(b, r, r, hr // 2, wr // 2, -1)).astype(self.dtype)
+    return identity + group_norm("norm2", self.dtype)(reps)
+
+  def _output_index(self, assignment, b, hr, wr):
+    """Region-local center index [G, N] -> row-major index into the stitched output map, [B, H, W]."""
+    r, (oh, ow) = self.fold, (hr // 2, wr // 2)
+    i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)
+    i = i + oh * jnp.arange(r, dtype=jnp.int32).reshape(1, r, 1, 1, 1)
+    j = j + ow * jnp.arange(r, dtype=jnp.int32).reshape(1, 1, r, 1, 1)
+    return clustering.unfold(i * (r * ow) + j)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * mask.astype(x.dtype) / keep
+
+
+class ClusterBlock(nn.Module):
+  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (reference Sec. 3)."""
+  mlp_ratio: int
+  heads: int
+  head_dim: int
+  centers: tuple[int, int]
+  fold: int = 1
+  drop_path: float = 0.0
+  layer_scale_init: float = 1e-5
+  aggregation: Aggregation = "segment_sum"
+  assign_grad: AssignGrad = "official"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):  # [B, H, W, C]
+    dim = x.shape[-1]
+    ls1 = self.param("layer_scale_1", nn.initializers.constant(self.layer_scale_init), (dim,))
+    ls2 = self.param("layer_scale_2", nn.initializers.constant(self.layer_scale_init), (dim,))
+    mixer = Cluster(self.heads, self.head_dim, self.centers, self.fold, self.aggregation,
+                    self.assign_grad, self.dtype, name="token_mixer")
+    y = mixer(group_norm("norm1", self.dtype)(x))
+    x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, deterministic=not train)
+    y = Mlp(self.mlp_ratio * dim, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x))
+    return x + DropPath(self.drop_path)(ls2.astype(y.dtype) * y, deterministic=not train)
+
+
+def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
+  """The two position channels appended to the image: i/(H-1) - 0.5 and j/(W-1) - 0.5, [B, H, W, 2]."""
+  rows = jnp.arange(h, dtype=jnp.float32) / (h - 1.0) - 0.5
+  cols = jnp.arange(w, dtype=jnp.float32) / (w - 1.0) - 0.5
+  grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
+  return jnp.broadcast_to(grid, (b, h, w, 2))
+
+
+class PatchEmbed(nn.Module):
+  """4x4 stride-4 convolution over the image and its two coordinate channels."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):  # [B, H, W, 3] -> [B, H/4, W/4, C0]
+    b, h, w, _ = images.shape
+    images = clustering.at_least_f32(images)
+    x = jnp.concatenate([images, coordinate_channels(b, h, w).astype(images.dtype)], axis=-1)
+    return nn.Conv(self.dim, (4, 4), strides=4, padding="VALID", dtype=self.dtype,
+                   kernel_init=torch_conv_kernel_init, bias_init=torch_conv_bias_init(5 * 16),
+                   name="proj")(x)
+
+
+class FEC(nn.Module):
+  """The FEC backbone. Takes NHWC images normalized with the ImageNet mean/std.
+
+  Returns logits [B, num_classes], or for dense variants the four normalized stage maps
+  (strides 4, 8, 16, 32, NHWC).
+  """
+  variant: Variant
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+  layer_scale_init: float = 1e-5
+  aggregation: Aggregation = "segment_sum"
+  assign_grad: AssignGrad = "official"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    _check_images(images)
+    v = self.variant
+    total = sum(v.depths)
+    common = dict(aggregation=self.aggregation, assign_grad=self.assign_grad, dtype=self.dtype)
+    x = PatchEmbed(v.dims[0], self.dtype, name="patch_embed")(images)
+    features, k = [], 0
+    for s, depth in enumerate(v.depths):
+      if s > 0:  # network.{2s-1}: the pool consumes stage s-1's map with its fold
+        x = ClusterPool(v.dims[s], v.folds[s - 1], name=f"network_{2 * s - 1}", **common)(x)
+      for j in range(depth):
+        rate = self.drop_path_rate * k / (total - 1)
+        x = ClusterBlock(v.mlp_ratios[s], v.heads[s], v.head_dim, v.centers[s], v.folds[s], rate,
+                         self.layer_scale_init, name=f"network_{2 * s}_{j}", **common)(x, train)
+        k += 1
+      if v.dense_outputs:  # reference Sec. 6
+        features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
+    if v.dense_outputs:
+      return features
+    x = clustering.at_least_f32(group_norm("norm", self.dtype)(x)).mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, kernel_init=linear_kernel_init, name="head")(x)
+
+
+def _check_images(images) -> None:
+  if images.ndim != 4 or images.shape[-1] != 3:
+    hint = " (this looks like NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
+    raise ValueError(f"FEC expects NHWC images [B, H, W, 3], got shape {tuple(images.shape)}{hint}")
+
+
+def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
+  """Sown assignments in forward order, keyed by the official module name (e.g. 'network.1').
+
+  `intermediates` is the collection from `model.apply(v, x, mutable=["intermediates"])[1]`.
+  """
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(
+      intermediates.get("intermediates", intermediates), is_leaf=lambda t: isinstance(t, tuple))[0]:
+    keys = [p.key for p in path]
+    if keys[-1] != "assignment":
+      continue
+    out[".".join(torch_module_path(keys[:-1]))] = value[0]
+  return dict(sorted(out.items(), key=lambda kv: _forward_order(kv[0])))
+
+
+def torch_module_path(flax_path: Sequence[str]) -> list[str]:
+  """('network_0_2', 'token_mixer') -> ['network', '0', '2', 'token_mixer']."""
+  head, *rest = flax_path
+  return head.split("_") + list(rest) if head.startswith("network_") else [head, *rest]
+
+
+def _forward_order(name: str) -> tuple[int, int]:
+  parts = name.split(".")
+  return int(parts[1]), int(parts[2]) if len(parts) > 2 else -1
+
+
+def variant_name(variant: Variant) -> str:
+  return next(name for name, v in VARIANTS.items() if v == variant)
+
+
+def list_models() -> list[str]:
+  return sorted(VARIANTS)
+
+
+def create_model(name: str, **overrides) -> FEC:
+  """`create_model('fec_small', num_classes=10, drop_path_rate=0.1, dtype=jnp.bfloat16)`."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+  fields = {f.name for f in dataclasses.fields(FEC)} - {"variant", "parent", "name"}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; accepted: {sorted(fields)}")
+  return FEC(VARIANTS[name], **overrides)
