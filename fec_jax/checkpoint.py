@@ -1,0 +1,74 @@
+"""Orbax checkpoints of FEC models: the converter writes them, train.py writes them, and
+`load_pretrained` restores either.
+
+A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at least) the items
+  model   JSON {"name": "fec_small", "overrides": {"num_classes": 1000, ...}}
+  params  the Flax params PyTree
+and, from train.py, more items (optimizer state, EMA params, data iterator) that inference ignores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fec_jax.model import FEC, create_model
+
+MODEL_ITEM = "model"
+PARAMS_ITEM = "params"
+EMA_PARAMS_ITEM = "ema_params"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that is missing, empty or not an FEC checkpoint."""
+
+
+def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+  """JSON item describing the model; only JSON-serializable overrides are stored (not dtype)."""
+  return {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
+
+
+def save_params(directory: str, params, name: str, overrides: dict[str, Any], step: int = 0) -> None:
+  """Writes a one-step checkpoint with the model description and its params (converter output)."""
+  directory = os.path.abspath(directory)
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+    mngr.save(step, args=ocp.args.Composite(**{
+        MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
+        PARAMS_ITEM: ocp.args.StandardSave(params)}), force=True)
+    mngr.wait_until_finished()
+
+
+def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
+                    **overrides) -> tuple[FEC, dict[str, Any]]:
+  """Restores `(model, variables)` from a converter output or a train.py workdir.
+
+  step: a saved step (default: the latest). ema: restore the EMA weights of a train.py run.
+  overrides: runtime model options such as `dtype=jnp.bfloat16` or `aggregation="onehot"`.
+  `model.apply(variables, images)` then takes NHWC ImageNet-normalized float32 images.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist; expected the --output "
+                          "of convert_torch_weights.py or a train.py --workdir")
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True)) as mngr:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"{directory} holds no checkpoint steps; expected the --output of "
+                            "convert_torch_weights.py or a train.py --workdir with a saved step")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
+    item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**{
+          MODEL_ITEM: ocp.args.JsonRestore(), item: ocp.args.StandardRestore()}))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+      raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with items "
+                            f"'{MODEL_ITEM}' and '{item}': {e}") from e
+  meta = restored[MODEL_ITEM]
+  model = create_model(meta["name"], **{**meta["overrides"], **overrides})
+  return model, {"params": jax.tree.map(jax.numpy.asarray, restored[item])}

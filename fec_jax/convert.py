@@ -1,0 +1,262 @@
+"""Strict conversion between the official PyTorch state dicts and Flax params.
+
+The Flax modules carry the official names (see fec_jax.model), so a key maps by renaming and each
+weight by a layout change:
+  Conv2d k x k   torch [O, I, kh, kw]  <->  flax Conv kernel [kh, kw, I, O]
+  Conv2d 1x1     torch [O, I, 1, 1]    <->  flax Dense kernel [I, O]
+  nn.Linear      torch [O, I]          <->  flax Dense kernel [I, O]
+  GroupNorm      weight                <->  scale
+Every other parameter (biases, sim_alpha/beta, layer scales) is copied as is. Conversion is strict:
+a missing, unexpected or mis-shaped key is an error listing each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fec_jax.checkpoint import load_pretrained, save_params
+from fec_jax.model import VARIANTS, create_model, torch_module_path, variant_name
+
+LINEAR_MODULES = {"fc1", "fc2", "head"}  # nn.Linear in the official code; other Dense are 1x1 convs
+CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be read or does not match the requested FEC variant."""
+
+
+# --- key and layout mapping ------------------------------------------------------------------
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+  """('network_0_2', 'mlp', 'fc1', 'kernel') -> 'network.0.2.mlp.fc1.weight'."""
+  *modules, leaf = flax_path
+  return ".".join(torch_module_path(modules) + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+
+
+def flax_to_torch_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if flax_path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  return value.T if flax_path[-2] in LINEAR_MODULES else value.T[:, :, None, None]
+
+
+def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if flax_path[-1] != "kernel":
+    return value
+  if flax_path[-2] in LINEAR_MODULES:
+    return value.T
+  return value.transpose(2, 3, 1, 0) if value.shape[2:] != (1, 1) else value[:, :, 0, 0].T
+
+
+def abstract_params(name: str, **overrides) -> dict[str, Any]:
+  """Parameter shapes of a variant, without computing anything."""
+  model = create_model(name, **overrides)
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # any valid size: shapes do not depend on it
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+
+
+def expected_torch_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
+  """{torch key: torch shape} of a variant's official state dict."""
+  flat = flax.traverse_util.flatten_dict(abstract_params(name, **overrides))
+  return {torch_key(path): flax_to_torch_array(path, np.broadcast_to(np.float32(0), leaf.shape)).shape
+          for path, leaf in flat.items()}
+
+
+# --- reading checkpoint files ----------------------------------------------------------------
+
+def _torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError("reading or writing .pth files needs PyTorch: pip install 'fec-jax[torch]'"
+                          " (or save the state dict as .safetensors, which needs no torch)") from e
+  return torch
+
+
+def _load_file(path: str) -> Any:
+  if not os.path.isfile(path):
+    raise ConversionError(f"checkpoint file {path} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    try:
+      return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a bad header or size
+      raise ConversionError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from e
+  torch = _torch()
+  import argparse as _argparse  # timm checkpoints pickle their command-line args
+  try:
+    with torch.serialization.safe_globals([_argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+    raise ConversionError(
+        f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        "expected a state dict saved with torch.save (.pth / .pth.tar) or a .safetensors file; "
+        "the file may be truncated or corrupt") from e
+
+
+def _to_numpy(value) -> np.ndarray:
+  if isinstance(value, np.ndarray):
+    return value.astype(np.float32, copy=False)
+  return value.detach().cpu().float().numpy()
+
+
+def unwrap_state_dict(obj: Any, ema: bool = False) -> tuple[dict[str, Any], list[str]]:
+  """The model state dict inside a checkpoint object, and notes on what was unwrapped or dropped.
+
+  Handles plain state dicts, timm training checkpoints (`state_dict` / `state_dict_ema`), dicts
+  under `model`, DDP `module.` prefixes, and mmdet/mmseg checkpoints (keeps `backbone.*`).
+  """
+  if not isinstance(obj, dict):
+    raise ConversionError(f"expected a dict of tensors, found {type(obj).__name__}")
+  notes = []
+  if ema:
+    if "state_dict_ema" not in obj:
+      raise ConversionError(f"--ema was given but the checkpoint has no 'state_dict_ema' "
+                            f"(top-level keys: {sorted(obj)[:10]})")
+    obj, notes = obj["state_dict_ema"], ["using the EMA weights (state_dict_ema)"]
+  else:
+    for wrapper in ("state_dict", "model"):
+      if isinstance(obj.get(wrapper), dict):
+        obj, notes = obj[wrapper], [f"using the weights under '{wrapper}'"]
+        break
+  if any(k.startswith("module.") for k in obj):
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+  if any(k.startswith("backbone.") for k in obj):
+    kept = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
+    notes.append(f"kept {len(kept)} backbone.* keys, dropped {len(obj) - len(kept)} other keys "
+                 "(detection/segmentation heads)")
+    obj = kept
+  bad = [k for k, v in obj.items() if not hasattr(v, "shape")]
+  if bad:
+    raise ConversionError(f"expected a state dict of tensors, but {bad[:5]} are not tensors")
+  return obj, notes
+
+
+def read_state_dict(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+  """Reads .pth / .pth.tar / .safetensors into ({key: float32 array}, checkpoint info, notes)."""
+  obj = _load_file(os.fspath(path))
+  info = {"arch": obj.get("arch")} if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else {}
+  state, notes = unwrap_state_dict(obj, ema)
+  return {k: _to_numpy(v) for k, v in state.items()}, info, notes
+
+
+# --- identifying the variant and converting --------------------------------------------------
+
+def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                      ignore: Iterable[str] = ()) -> list[str]:
+  problems = []
+  for key, shape in expected.items():
+    if key in ignore:
+      continue
+    if key not in state:
+      problems.append(f"missing     {key}  expected shape {list(shape)}")
+    elif tuple(state[key].shape) != tuple(shape):
+      problems.append(f"mis-shaped  {key}  expected shape {list(shape)}, found {list(state[key].shape)}")
+  problems += [f"unexpected  {key}  found shape {list(state[key].shape)}"
+               for key in state if key not in expected and key not in ignore]
+  return problems
+
+
+def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
+  """The variant whose state dict has exactly these keys and shapes (the head's class count aside)."""
+  if arch in VARIANTS:
+    return arch
+  head = ("head.weight", "head.bias")
+  matches, closest = [], None
+  for name in VARIANTS:
+    problems = _shape_mismatches(state, expected_torch_shapes(name), ignore=head)
+    if not problems:
+      matches.append(name)
+    elif closest is None or len(problems) < len(closest[1]):
+      closest = (name, problems)
+  if len(matches) == 1:
+    return matches[0]
+  if matches:
+    raise ConversionError(f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
+                          "centers/fold, which have no weights): pass --model")
+  raise ConversionError(f"the checkpoint is not an FEC state dict: the closest variant, {closest[0]}, "
+                        f"differs in {len(closest[1])} keys, e.g.\n  " + "\n  ".join(closest[1][:8]))
+
+
+def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
+  """Strictly converts an official state dict to (params, overrides) for `create_model(name, ...)`.
+
+  num_classes is read from the checkpoint's head when not given.
+  """
+  if name not in VARIANTS:
+    raise ConversionError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+  if "head.weight" in state and "num_classes" not in overrides:
+    overrides = {**overrides, "num_classes": int(state["head.weight"].shape[0])}
+  flat = flax.traverse_util.flatten_dict(abstract_params(name, **overrides))
+  problems = _shape_mismatches(state, expected_torch_shapes(name, **overrides))
+  if problems:
+    raise ConversionError(f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
+                          + "\n  ".join(problems))
+  params = {path: np.ascontiguousarray(torch_to_flax_array(path, state[torch_key(path)]))
+            for path in flat}
+  return flax.traverse_util.unflatten_dict(params), overrides
+
+
+def flax_to_torch(params) -> dict[str, np.ndarray]:
+  """Flax params -> official state dict as numpy arrays (exact: layout changes only)."""
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params))
+  return {torch_key(path): np.ascontiguousarray(flax_to_torch_array(path, np.asarray(v)))
+          for path, v in flat.items()}
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="convert_torch_weights.py",
+      description="Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch).")
+  p.add_argument("--model", choices=sorted(VARIANTS),
+                 help="variant; may be omitted when the checkpoint identifies it")
+  p.add_argument("--input", required=True,
+                 help="a .pth/.pth.tar/.safetensors checkpoint, or with --to-torch an Orbax directory")
+  p.add_argument("--output", required=True, help="Orbax directory, or with --to-torch a .pth file")
+  p.add_argument("--ema", action="store_true", help="convert the EMA weights (state_dict_ema)")
+  p.add_argument("--to-torch", action="store_true", help="write an official state dict from an Orbax directory")
+  return p
+
+
+def to_orbax(args) -> None:
+  state, info, notes = read_state_dict(args.input, ema=args.ema)
+  for note in notes:
+    print(f"{args.input}: {note}")
+  name = args.model or infer_model_name(state, info.get("arch"))
+  params, overrides = torch_to_flax(state, name)
+  if os.path.exists(args.output) and os.listdir(args.output):
+    raise ConversionError(f"output directory {args.output} exists and is not empty")
+  save_params(args.output, params, name, overrides)
+  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  print(f"wrote {name} ({count:,} parameters, {overrides}) to {args.output}")
+
+
+def to_torch(args) -> None:
+  torch = _torch()
+  model, variables = load_pretrained(args.input)
+  if args.model and args.model != variant_name(model.variant):
+    raise ConversionError(f"{args.input} holds {variant_name(model.variant)}, not {args.model}")
+  state = {k: torch.from_numpy(v) for k, v in flax_to_torch(variables["params"]).items()}
+  torch.save(state, args.output)
+  print(f"wrote {len(state)} tensors of {variant_name(model.variant)} to {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    (to_torch if args.to_torch else to_orbax)(args)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
