@@ -19,7 +19,10 @@ def smooth_one_hot(labels, num_classes: int, label_smoothing: float):
 
 
 def cutmix_box(height: int, width: int, lam, cy, cx):
-    """timm rand_bbox: cut = int(side * sqrt(1 - lam)), centre (cy, cx), clipped.
+    """timm rand_bbox: cut = int(side * sqrt(1 - lam)), box [c - cut // 2, c + cut // 2)
+    around the centre (cy, cx), clipped. This is timm < 1.0, which the official training
+    ran; timm >= 1.0.10 ends the box at c + (cut + 1) // 2 (one more row/column when the
+    side is odd).
 
     Returns (yl, yh, xl, xh) int32 scalars and the corrected lambda 1 - area / (H * W).
     """

@@ -114,6 +114,15 @@ def _affine(img, matrix, resample, fill):
                          fillcolor=fill)
 
 
+def _posterize(img, bits):
+    """ImageOps.posterize as Pillow < 13 computed it, bits 0 included (all black); Pillow 13
+    rejects bits=0, which 'PosterizeIncreasing' at magnitude >= 10 asks for."""
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
 def _solarize_add(img, add, thresh=128):
     lut = [min(255, i + add) if i < thresh else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -130,7 +139,7 @@ def apply_op(img: Image.Image, name: str, arg, resample, fill) -> Image.Image:
     if name == 'Rotate':
         return img.rotate(arg, resample=resample, fillcolor=fill)
     if name in ('Posterize', 'PosterizeIncreasing'):
-        return img if arg >= 8 else ImageOps.posterize(img, arg)
+        return _posterize(img, arg)
     if name in ('Solarize', 'SolarizeIncreasing'):
         return ImageOps.solarize(img, arg)
     if name == 'SolarizeAdd':

@@ -114,10 +114,10 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def normalize(img: Image.Image, mean, std) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 (x / 255 - mean) / std, [H, W, 3]."""
-    arr = np.asarray(img, dtype=np.float32)
-    scale = np.float32(1.0 / 255.0) / np.asarray(std, np.float32)
-    offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-    return arr * scale + offset
+    x = np.asarray(img).astype(np.float32)  # (asarray(img, float32) is 3x slower)
+    x *= np.float32(1.0 / 255.0) / np.asarray(std, np.float32)
+    x -= np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return x
 
 
 def erase_box(rng, height: int, width: int, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
