@@ -81,8 +81,10 @@ def mixup_cutmix(rng, images, labels, num_classes: int, *, mixup_alpha: float,
         use_cutmix = jax.random.uniform(k_switch) < switch_prob
     else:
         use_cutmix = jnp.asarray(cutmix_alpha > 0)
-    lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-3))
-    lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-3))
+    # a disabled branch draws with a dummy alpha; jnp.where below never selects it
+    a_mix, a_cut = max(mixup_alpha, 1e-3), max(cutmix_alpha, 1e-3)
+    lam_mix = jax.random.beta(k_mix, a_mix, a_mix)
+    lam_cut = jax.random.beta(k_cut, a_cut, a_cut)
     lam = jnp.where(apply, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0)
     cy = jax.random.randint(k_cy, (), 0, images.shape[1])
     cx = jax.random.randint(k_cx, (), 0, images.shape[2])

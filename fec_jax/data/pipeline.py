@@ -160,6 +160,7 @@ class _ReportIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._steps_per_epoch, self._split = steps_per_epoch, split
         self._step, self._bad, self._converted = 0, 0, 0
+        self._epoch_start = (0, 0)
 
     def __next__(self):
         batch = dict(next(self._parent))
@@ -169,23 +170,25 @@ class _ReportIterator(grain.DatasetIterator):
             del batch['mask']
         self._step += 1
         if self._step % self._steps_per_epoch == 0:
-            log.info('%s epoch %d: %d bad images skipped, %d images converted to RGB',
-                     self._split, self._step // self._steps_per_epoch - 1, self._bad,
-                     self._converted)
-            self._bad, self._converted = 0, 0
+            bad, converted = self._bad - self._epoch_start[0], self._converted - self._epoch_start[1]
+            log.info('%s epoch %d: %d bad images %s, %d images converted to RGB', self._split,
+                     self._step // self._steps_per_epoch - 1, bad,
+                     'skipped' if self._split == 'train' else 'masked out', converted)
+            self._epoch_start = (self._bad, self._converted)
         return batch
 
     def stats(self) -> dict:
-        """Bad (skipped/masked) and converted image counts of the current epoch so far."""
+        """Bad (skipped / masked out) and converted image counts since the loader started."""
         return {'bad': self._bad, 'converted': self._converted}
 
     def get_state(self):
         return {'parent': self._parent.get_state(), 'step': self._step, 'bad': self._bad,
-                'converted': self._converted}
+                'converted': self._converted, 'epoch_start': list(self._epoch_start)}
 
     def set_state(self, state):
         self._parent.set_state(state['parent'])
         self._step, self._bad, self._converted = state['step'], state['bad'], state['converted']
+        self._epoch_start = tuple(state['epoch_start'])
 
 
 def create_loader(data_config, split: str, global_batch_size: int, seed: int,

@@ -53,7 +53,7 @@ def decode(encoded) -> tuple[Image.Image, bool]:
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if img.mode.startswith('I;16') or arr.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
     return img.convert('RGB'), True
 
 
