@@ -129,6 +129,14 @@ def _cluster_points(
     return idx, sim_assigned, reps
 
 
+def _margin(sim: torch.Tensor) -> torch.Tensor:
+    """Gap between the best and second-best center of each point, [b', N] (for diagnosing ties)."""
+    if sim.shape[1] < 2:
+        return torch.full_like(sim[:, 0], float("inf")).detach()
+    top2 = sim.detach().topk(2, dim=1).values  # [b', 2, N]
+    return top2[:, 0] - top2[:, 1]
+
+
 def _to_points(x: torch.Tensor) -> torch.Tensor:
     """[b, c, h, w] -> [b, h*w, c], row-major over (dim2, dim3)."""
     return x.flatten(2).transpose(1, 2)
@@ -190,6 +198,7 @@ class Cluster(nn.Module):
         self.sim_beta = nn.Parameter(torch.zeros(1))
         self.layer_name = "Cluster"
         self.last_assignment: Optional[torch.Tensor] = None
+        self.last_margin: Optional[torch.Tensor] = None  # top-1 minus top-2 score, same layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         B, _, H, W = x.shape
@@ -207,6 +216,7 @@ class Cluster(nn.Module):
         # sigmoid similarity; the argmax is taken over it (doc §3 steps 3-4).
         sim = torch.sigmoid(self.sim_beta + self.sim_alpha * pairwise_cos_sim(feat_c, feat_p))  # [b', M, N]
         idx, sim_assigned, reps = _cluster_points(sim, value_c, value_p)
+        self.last_margin = _margin(sim).reshape(B, E, f, f, h, w).permute(0, 1, 2, 4, 3, 5).reshape(B, E, H, W)
         # dispatch: representative[assigned] * sim[assigned, n] (doc §3 step 6).
         out = reps.gather(1, idx.unsqueeze(-1).expand(-1, -1, D)) * sim_assigned.unsqueeze(-1)  # [b', N, D]
         out = out.transpose(1, 2).reshape(-1, D, h, w)
@@ -243,6 +253,7 @@ class ClusterPool(nn.Module):
         self.norm2 = nn.GroupNorm(1, out_dim)
         self.layer_name = "ClusterPool"
         self.last_assignment: Optional[torch.Tensor] = None
+        self.last_margin: Optional[torch.Tensor] = None  # top-1 minus top-2 score, same layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, Cin, H, W]
         B, _, H, W = x.shape
@@ -263,6 +274,7 @@ class ClusterPool(nn.Module):
         feat_p, value_p = _to_points(feat), _to_points(value)  # [b', N, C]
         sim = pairwise_cos_sim(feat_c, feat_p)  # raw cosine, no sigmoid (doc §3 step 3)
         idx, _, reps = _cluster_points(sim, value_c, value_p)
+        self.last_margin = _margin(sim).reshape(B, f, f, h, w).permute(0, 1, 3, 2, 4).reshape(B, H, W)
         C = reps.shape[-1]
         reps = unfold(reps.transpose(1, 2).reshape(-1, C, ch, cw), f)  # [B, Cout, H/2, W/2]
         self._record(idx, B, h, w)
@@ -388,6 +400,7 @@ class FEC(nn.Module):
             self.get_submodule(name).last_assignment = None
         out = self.forward_features(x)
         self.assignments = [(n, self.get_submodule(n).last_assignment) for n in self._cluster_names]
+        self.margins = [(n, self.get_submodule(n).last_margin) for n in self._cluster_names]
         if self.fork_feat:
             return out  # list of 4 NCHW maps, strides 4, 8, 16, 32
         x = self.norm(out).mean(dim=(2, 3))  # [B, C3]
