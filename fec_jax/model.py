@@ -202,7 +202,9 @@ class ClusterPool(nn.Module):
                                       self.aggregation, st)  # [G, M, D]
 
     self.sow("intermediates", "assignment", self._output_index(assignment, b, hr, wr))
+    self.sow("intermediates", "centers", clustering.unfold(centers.reshape(b, r, r, hr // 2, wr // 2, -1)))
     reps = clustering.unfold(reps.reshape(b, r, r, hr // 2, wr // 2, -1)).astype(self.dtype)
+    self.sow("intermediates", "representatives", reps)  # Eq. 6, [B, H/2, W/2, D], before norm2
     return identity + group_norm("norm2", self.dtype)(reps)
 
   def _output_index(self, assignment, b, hr, wr):
