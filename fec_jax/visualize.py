@@ -1,0 +1,171 @@
+"""The `visualize.py` command: FEC's growing clusters drawn over images (paper Fig. 3, Sec. 5.2).
+
+  python visualize.py --checkpoint ckpt/fec_small --image a.jpg b.png --num-clusters 3 --out vis/
+
+For each image it writes
+  {stem}_k{K}.png     the K-Means groups of the final clusters as colored masks over the image,
+                      at the image's own size (one file per --num-clusters value)
+  {stem}_levels.png   a strip: the model input, then the clusters of every level
+                      (network.1, .3, .5 linked by Eq. 8), then the K-Means groups
+and prints the predicted class with its probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from fec_jax import interpret
+from fec_jax.checkpoint import load_pretrained
+from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fec_jax.imagenet_classes import imagenet_class_names
+
+GROUP_COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                         [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
+                         [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]], np.uint8)
+
+
+def palette(n: int) -> np.ndarray:
+  """[n, 3] uint8: distinct colors for up to 12 groups, then fixed random ones."""
+  if n <= len(GROUP_COLORS):
+    return GROUP_COLORS[:n]
+  return np.random.default_rng(0).integers(40, 256, (n, 3), dtype=np.uint8)
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+  """[H, W] bool: pixels whose right or lower neighbour is in another cluster."""
+  edge = np.zeros(labels.shape, bool)
+  edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+  edge[:-1] |= labels[:-1] != labels[1:]
+  return edge
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """Colored masks of labels [H, W] (ints) over image [H, W, 3] uint8, cluster borders in black."""
+  _, dense = np.unique(labels, return_inverse=True)
+  colors = palette(int(dense.max()) + 1)[dense.reshape(labels.shape)]
+  out = (1 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
+  out[boundaries(labels)] = 0
+  return out.round().astype(np.uint8)
+
+
+def median_filter(labels: np.ndarray, size: int) -> np.ndarray:
+  """The paper's "medium filtering" of a group map [H, W] (< 256 groups); size 0 = off."""
+  if size <= 1:
+    return labels
+  return np.asarray(Image.fromarray(labels.astype(np.uint8)).filter(ImageFilter.MedianFilter(size)))
+
+
+def strip(panels: list[np.ndarray], titles: list[str]) -> Image.Image:
+  """Panels [H, W, 3] uint8 side by side, each with its title above."""
+  h, w = panels[0].shape[:2]
+  font = ImageFont.load_default(size=max(10, w // 16))
+  top = font.size + 8
+  canvas = Image.new("RGB", (len(panels) * (w + 4) - 4, h + top), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i, (panel, title) in enumerate(zip(panels, titles)):
+    canvas.paste(Image.fromarray(panel), (i * (w + 4), top))
+    draw.text((i * (w + 4) + 2, 3), title, fill="black", font=font)
+  return canvas
+
+
+def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8: resized directly, no crop)."""
+  with Image.open(path) as img:
+    img = img.convert("RGB")
+  resized = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+  return np.asarray(img), np.asarray(resized)
+
+
+def class_name(index: int, num_classes: int) -> str:
+  return imagenet_class_names()[index] if num_classes == 1000 else f"class {index}"
+
+
+def unique_stems(paths: list[str]) -> list[str]:
+  """File stems, suffixed _1, _2, ... where two images share one."""
+  seen: dict[str, int] = {}
+  stems = []
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    seen[stem] = seen.get(stem, -1) + 1
+    stems.append(stem if seen[stem] == 0 else f"{stem}_{seen[stem]}")
+  return stems
+
+
+def render(out_dir: str, stem: str, original: np.ndarray, resized: np.ndarray, levels: np.ndarray,
+           names: tuple[str, ...], groups: dict[int, np.ndarray], alpha: float) -> None:
+  """Writes {stem}_k{K}.png per K and {stem}_levels.png; levels [L+1, h, w], groups {K: [h, w]}."""
+  size = original.shape[:2]
+  for k, g in groups.items():
+    full = np.asarray(interpret.resize_nearest(g, size))
+    Image.fromarray(overlay(original, full, alpha)).save(os.path.join(out_dir, f"{stem}_k{k}.png"))
+  zoom = max(1, 224 // min(resized.shape[:2]))  # small inputs (e.g. the 32x32 demo) drawn larger
+  shown = (resized.shape[0] * zoom, resized.shape[1] * zoom)
+  image = np.asarray(Image.fromarray(resized).resize(shown[::-1], Image.Resampling.NEAREST))
+  masks = [*levels[1:], *groups.values()]
+  panels = [image] + [overlay(image, np.asarray(interpret.resize_nearest(m, shown)), alpha)
+                      for m in masks]
+  titles = ["input"] + [f"{n}: {len(np.unique(lv))}" for n, lv in zip(names[1:], levels[1:])]
+  titles += [f"K-Means: {k}" for k in groups]
+  strip(panels, titles).save(os.path.join(out_dir, f"{stem}_levels.png"))
+
+
+cluster_maps = jax.jit(interpret.cluster_maps, static_argnums=(0, 3))
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True,
+                 help="converter output or train.py workdir (Orbax)")
+  p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+  p.add_argument("--out", required=True, help="output directory for the PNGs")
+  p.add_argument("--num-clusters", type=int, nargs="+", default=[3],
+                 help="K-Means groups of the final clusters (several values: one overlay each)")
+  p.add_argument("--feature", choices=("centers", "representatives"), default="centers",
+                 help="K-Means feature: the last pool's similarity-space centers (official script) "
+                      "or its representatives R (Eq. 6, the paper's text)")
+  p.add_argument("--image-size", type=int, nargs="+", default=[224],
+                 help="model input size: S or H W (images are resized to it without cropping); "
+                      "must give even maps at every pool, e.g. a multiple of 32")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--median-filter", type=int, default=0,
+                 help="odd window of the paper's median filter on the K-Means masks (0 = off)")
+  p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--ema", action="store_true", help="use the EMA weights of a train.py run")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size[:2])
+  start = time.perf_counter()
+  model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
+  names = interpret.level_names(model)
+  os.makedirs(args.out, exist_ok=True)
+  stems = unique_stems(args.image)
+  batch = min(args.batch_size, len(args.image))
+  for first in range(0, len(args.image), batch):
+    paths = args.image[first:first + batch]
+    loaded = [load_image(p, size) for p in paths]
+    x = np.stack([normalize(r, IMAGENET_MEAN, IMAGENET_STD) for _, r in loaded])
+    x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
+    clusters = cluster_maps(model, variables, x, False)
+    clusters = jax.tree.map(lambda a: np.asarray(a)[:len(paths)], clusters)  # drop the padding
+    groups = {k: interpret.group_batch(clusters, k, args.feature) for k in args.num_clusters}
+    for i, (path, (original, resized)) in enumerate(zip(paths, loaded)):
+      g = {k: median_filter(v[i], args.median_filter) for k, v in groups.items()}
+      render(args.out, stems[first + i], original, resized, clusters.levels[i], names, g,
+             args.alpha)
+      if not model.variant.dense_outputs:
+        probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
+        top = int(np.argmax(probs))
+        print(f"{path}: {class_name(top, model.num_classes)} ({probs[top]:.1%})")
+  print(f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
+  return 0
