@@ -13,6 +13,7 @@ a missing, unexpected or mis-shaped key is an error listing each one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any, Iterable
@@ -170,21 +171,22 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
   """The variant whose state dict has exactly these keys and shapes (the head's class count aside)."""
   if arch in VARIANTS:
     return arch
-  head = ("head.weight", "head.bias")
-  matches, closest = [], None
-  for name in VARIANTS:
-    problems = _shape_mismatches(state, expected_torch_shapes(name), ignore=head)
-    if not problems:
-      matches.append(name)
-    elif closest is None or len(problems) < len(closest[1]):
-      closest = (name, problems)
+  problems = {}  # weight layout -> mismatches; centers and folds have no weights
+  for name, variant in VARIANTS.items():
+    layout = dataclasses.replace(variant, centers=(), folds=())
+    if layout not in problems:
+      problems[layout] = _shape_mismatches(state, expected_torch_shapes(name),
+                                           ignore=("head.weight", "head.bias"))
+  matches = sorted(name for name, v in VARIANTS.items()
+                   if not problems[dataclasses.replace(v, centers=(), folds=())])
   if len(matches) == 1:
     return matches[0]
   if matches:
     raise ConversionError(f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
                           "centers/fold, which have no weights): pass --model")
-  raise ConversionError(f"the checkpoint is not an FEC state dict: the closest variant, {closest[0]}, "
-                        f"differs in {len(closest[1])} keys, e.g.\n  " + "\n  ".join(closest[1][:8]))
+  closest = min(problems.values(), key=len)
+  raise ConversionError(f"the checkpoint is not an FEC state dict: the closest variant differs in "
+                        f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:8]))
 
 
 def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
