@@ -4,7 +4,12 @@
 A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at least) the items
   model   JSON {"name": "fec_small", "overrides": {"num_classes": 1000, ...}}
   params  the Flax params PyTree
-and, from train.py, more items (optimizer state, EMA params, data iterator) that inference ignores.
+and, from train.py (`training_manager`, `save_training`, `restore_training`), more items that
+inference ignores:
+  ema_params      the EMA of the params (when the run keeps one)
+  opt_state       the optax state
+  progress        {"step": int32 [], "rng": uint32 key data}
+  data_iterator   the grain train iterator state, one JSON file per process
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -20,6 +26,9 @@ from fec_jax.model import FEC, create_model
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
 EMA_PARAMS_ITEM = "ema_params"
+OPT_STATE_ITEM = "opt_state"
+PROGRESS_ITEM = "progress"
+DATA_ITER_ITEM = "data_iterator"
 
 
 class CheckpointError(ValueError):
@@ -72,3 +81,43 @@ def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
   meta = restored[MODEL_ITEM]
   model = create_model(meta["name"], **{**meta["overrides"], **overrides})
   return model, {"params": jax.tree.map(jax.numpy.asarray, restored[item])}
+
+
+def training_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """The train.py manager: the workdir is the root, the last `keep` steps are kept, saves are
+  asynchronous and half-written steps of a killed run are cleaned up on start."""
+  return ocp.CheckpointManager(os.path.abspath(workdir), options=ocp.CheckpointManagerOptions(
+      create=True, preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=True))
+
+
+def _training_items(state) -> dict[str, Any]:
+  items = {PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state,
+           PROGRESS_ITEM: {"step": state.step, "rng": state.rng}}
+  if state.ema_params is not None:
+    items[EMA_PARAMS_ITEM] = state.ema_params
+  return items
+
+
+def save_training(mngr: ocp.CheckpointManager, state, name: str, overrides: dict[str, Any],
+                  data_iter) -> None:
+  """Starts an asynchronous save of a training state (fec_jax.training.TrainState) at its step,
+  with the model description and the train iterator's position."""
+  args = {k: ocp.args.StandardSave(v) for k, v in _training_items(state).items()}
+  mngr.save(int(state.step), args=ocp.args.Composite(
+      **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
+         DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(data_iter), **args}), force=True)
+
+
+def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
+  """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
+  jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
+  targets = _training_items(abstract_state)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
+      **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
+  return abstract_state.replace(
+      step=restored[PROGRESS_ITEM]["step"], rng=restored[PROGRESS_ITEM]["rng"],
+      params=restored[PARAMS_ITEM], opt_state=restored[OPT_STATE_ITEM],
+      ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None)

@@ -1,0 +1,114 @@
+"""What a training run shows and leaves in its workdir: the progress line, metrics.jsonl,
+TensorBoard event files (tensorboardX) and a PNG plot of the curves (matplotlib Agg).
+
+Only process 0 writes (`MetricsWriter(..., active=jax.process_index() == 0)`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Throughput:
+  """Images per second and ETA between successive `update` calls."""
+
+  def __init__(self, start_step: int, total_steps: int, global_batch_size: int):
+    self._step, self._time = start_step, time.perf_counter()
+    self._total, self._batch = total_steps, global_batch_size
+
+  def update(self, step: int) -> tuple[float, float]:
+    """-> (img/s since the last call, seconds left at that rate)."""
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._time, 1e-9)  # steps/s
+    self._step, self._time = step, now
+    return rate * self._batch, (self._total - step) / max(rate, 1e-9)
+
+
+def progress_line(step: int, total: int, epoch: int, loss: float, lr: float, img_per_s: float,
+                  eta_s: float) -> str:
+  """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.25e-04 | 812 img/s | ETA 0:10:21'."""
+  eta = datetime.timedelta(seconds=round(eta_s))
+  return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
+          f"{img_per_s:.0f} img/s | ETA {eta}")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+  """Appends records to metrics.jsonl and TensorBoard. On a resumed run, records after the
+  restored step (written before the interruption) are dropped, so the file reads as if the
+  run had never stopped."""
+
+  def __init__(self, workdir: str, resume_step: int, active: bool = True):
+    self._workdir, self._active = workdir, active
+    if not active:
+      return
+    kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
+    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
+    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
+
+  def write(self, record: dict) -> None:
+    """record: {'step': int, 'epoch': int, and float metrics such as 'train_loss', 'lr'}."""
+    if not self._active:
+      return
+    with open(os.path.join(self._workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step":
+        self._tb.add_scalar(key, value, record["step"])
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._tb.close()
+
+
+def plot_metrics(workdir: str) -> str | None:
+  """Writes curves.png (train loss, lr, val top-1/top-5 vs step) from metrics.jsonl; returns
+  its path, or None when there is nothing to plot."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  def series(key):
+    pts = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  axes[0].plot(*series("train_loss"), label="train")
+  axes[0].plot(*series("val_loss"), "o-", label="val")
+  axes[0].set_title("loss")
+  axes[1].plot(*series("lr"))
+  axes[1].set_title("learning rate")
+  for key in ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
+    steps, values = series(key)
+    if steps:
+      axes[2].plot(steps, values, "o-", label=key)
+  axes[2].set_title("held-out accuracy (%)")
+  for ax in axes:
+    ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, PLOT_FILE)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
