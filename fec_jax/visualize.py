@@ -143,8 +143,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size[:2])
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if len(args.image_size) > 2:
+    parser.error("--image-size takes S or H W")
+  if args.median_filter > 1 and args.median_filter % 2 == 0:
+    parser.error("--median-filter must be odd")
+  size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
   start = time.perf_counter()
   model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
