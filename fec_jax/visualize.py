@@ -111,7 +111,7 @@ def render(out_dir: str, stem: str, original: np.ndarray, resized: np.ndarray, l
   panels = [image] + [overlay(image, np.asarray(interpret.resize_nearest(m, shown)), alpha)
                       for m in masks]
   titles = ["input"] + [f"{n}: {len(np.unique(lv))}" for n, lv in zip(names[1:], levels[1:])]
-  titles += [f"K-Means: {k}" for k in groups]
+  titles += [f"K-Means k={k}: {len(np.unique(g))}" for k, g in groups.items()]
   strip(panels, titles).save(os.path.join(out_dir, f"{stem}_levels.png"))
 
 
