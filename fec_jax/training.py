@@ -164,7 +164,7 @@ def make_train_step(model, tx, schedule, config, mesh: Mesh, state_sharding) -> 
     params = optax.apply_updates(state.params, updates)
     ema = (None if state.ema_params is None
            else ema_update(state.ema_params, params, config.ema_decay))
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema), metrics
 
