@@ -1,0 +1,55 @@
+"""Parameters and multiply-accumulates of FEC variants, next to the paper's Table 1.
+
+  python -m fec_jax.summary fec_small [fec_base ...] [--size 224]
+
+MACs come from XLA's cost analysis of the compiled forward pass (flops / 2), so they count every
+operation of the clustering layers too, not only convolutions and matmuls.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fec_jax.convert import abstract_params
+from fec_jax.model import create_model, list_models
+
+PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": (28.3, 6.5)}  # M, G
+
+
+def count_params(name: str) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_params(name)))
+
+
+def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
+  model = create_model(name)
+  params = abstract_params(name)
+  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+  cost = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / 2
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m fec_jax.summary", description=__doc__.splitlines()[0])
+  parser.add_argument("models", nargs="*", metavar="MODEL",
+                      help=f"default: {' '.join(PAPER_TABLE_1)}; any of {', '.join(list_models())}")
+  parser.add_argument("--size", type=int, nargs="+", default=[224], help="H [W] of the input")
+  args = parser.parse_args(argv)
+  unknown = set(args.models) - set(list_models())
+  if unknown:
+    parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(list_models())}")
+  height, width = (args.size * 2)[:2]
+  print(f"{'model':<16}{'params':>14}{'= M (2^20)':>12}{'GMACs':>9}  paper: params M, GFLOPs")
+  for name in args.models or PAPER_TABLE_1:
+    params, macs = count_params(name), macs_per_image(name, height, width)
+    paper = PAPER_TABLE_1.get(name)
+    paper = f"{paper[0]:.1f}, {paper[1]:.1f}" if paper and (height, width) == (224, 224) else "-"
+    print(f"{name:<16}{params:>14,}{params / 2**20:>12.2f}{macs / 1e9:>9.2f}  {paper}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,118 @@
+"""The Flax model's API, input checks, initialization and building blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fec_jax
+from fec_jax import model as fec_model
+from fec_jax import summary
+
+
+def shapes(name, height, width, **overrides):
+  model = fec_jax.create_model(name, **overrides)
+  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0], images)
+
+
+def test_registry():
+  assert fec_jax.list_models() == sorted(
+      f"fec_{s}{k}" for s in ("small", "base", "large") for k in ("", "_seg", "_det"))
+  with pytest.raises(ValueError, match="unknown model 'fec_tiny'"):
+    fec_jax.create_model("fec_tiny")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
+    fec_jax.create_model("fec_small", num_class=10)
+
+
+@pytest.mark.parametrize("name,height,width,expected", [
+    ("fec_small", 224, 224, (1, 1000)),
+    ("fec_small", 256, 320, (1, 1000)),
+    ("fec_base_seg", 512, 512, [(1, 128, 128, 64), (1, 64, 64, 128), (1, 32, 32, 320), (1, 16, 16, 512)]),
+    ("fec_large_det", 320, 448, [(1, 80, 112, 64), (1, 40, 56, 128), (1, 20, 28, 320), (1, 10, 14, 512)]),
+])
+def test_output_shapes(name, height, width, expected):
+  out = shapes(name, height, width)
+  got = [o.shape for o in out] if isinstance(out, list) else out.shape
+  assert got == expected
+
+
+def test_odd_map_before_a_pool_names_the_layer():
+  # 200 -> 50 -> 25 at stage 1: the official code crashes in network.3
+  with pytest.raises(ValueError, match=r"network\.3: ClusterPool needs an even feature map .* 25x25"):
+    shapes("fec_small", 200, 200)
+
+
+def test_fold_that_does_not_divide_names_the_layer():
+  with pytest.raises(ValueError, match=r"network\.0\.0\.token_mixer: feature map 25x25 .* 2x2 fold"):
+    shapes("fec_small_det", 100, 100)
+
+
+def test_nchw_input_gets_a_hint():
+  model = fec_jax.create_model("fec_small")
+  with pytest.raises(ValueError, match="NCHW: transpose to NHWC"):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 3, 64, 64), jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def small_init():
+  model = fec_jax.create_model("fec_small")
+  return fec_jax.init_variables(model, jax.random.PRNGKey(0), (1, 64, 64, 3))["params"]
+
+
+def test_official_initialization(small_init):
+  """Reference Sec. 5."""
+  p = small_init
+  block = p["network_0_0"]
+  np.testing.assert_array_equal(block["layer_scale_1"], np.float32(1e-5))
+  np.testing.assert_array_equal(block["token_mixer"]["sim_alpha"], 1.0)
+  np.testing.assert_array_equal(block["token_mixer"]["sim_beta"], 0.0)
+  np.testing.assert_array_equal(block["norm1"]["scale"], 1.0)
+  np.testing.assert_array_equal(block["mlp"]["fc1"]["bias"], 0.0)
+  fc1 = np.asarray(p["network_4_0"]["mlp"]["fc1"]["kernel"])  # 196 x 784 draws
+  assert abs(fc1.std() - 0.02) < 0.001 and np.abs(fc1).max() > 0.04  # normal, not cut at 2 std
+  for kernel, bias, fan_in in [(block["token_mixer"]["f"]["kernel"], block["token_mixer"]["f"]["bias"], 32),
+                               (p["network_1"]["conv_skip"]["kernel"], p["network_1"]["conv_skip"]["bias"], 9 * 32),
+                               (p["patch_embed"]["proj"]["kernel"], p["patch_embed"]["proj"]["bias"], 80)]:
+    bound = 1 / np.sqrt(fan_in)
+    for t in (np.asarray(kernel), np.asarray(bias)):
+      assert np.abs(t).max() <= bound and np.abs(t).max() > 0.8 * bound  # uniform(+-1/sqrt(fan_in))
+
+
+def test_assignments_are_sown_for_every_clustering_layer(small_init):
+  model = fec_jax.create_model("fec_small")
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))
+  _, state = apply(small_init, jnp.ones((2, 64, 64, 3)))
+  assignments = fec_jax.cluster_assignments(state)
+  names = list(assignments)
+  assert names[:4] == [f"network.0.{j}.token_mixer" for j in range(3)] + ["network.1"]
+  assert len(names) == 14 + 3
+  assert assignments["network.1"].shape == (2, 16, 16)
+  assert int(assignments["network.1"].max()) < 8 * 8
+  assert assignments["network.2.0.token_mixer"].shape == (2, 4, 8, 8)
+  assert int(assignments["network.2.0.token_mixer"].max()) < 16
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+  layer = fec_model.DropPath(0.5)
+  x = jnp.ones((512, 2, 2, 3))
+  y = np.asarray(layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+  per_sample = y.reshape(512, -1)
+  assert set(np.unique(per_sample)) == {0.0, 2.0}
+  assert (per_sample.min(1) == per_sample.max(1)).all()  # a sample is dropped as a whole
+  assert 0.4 < (per_sample[:, 0] == 0).mean() < 0.6
+  np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+
+
+def test_bf16_compute_keeps_fp32_params_and_clustering(small_init):
+  model = fec_jax.create_model("fec_small", dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+  logits = jax.jit(model.apply)({"params": small_init}, x)
+  reference = jax.jit(fec_jax.create_model("fec_small").apply)({"params": small_init}, x)
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+  assert np.abs(np.asarray(logits) - np.asarray(reference)).max() < 0.05 * np.abs(reference).max() + 1e-3
+
+
+def test_summary_reports_macs_close_to_the_paper():
+  assert summary.count_params("fec_small") == 5_727_528
+  assert 1.3e9 < summary.macs_per_image("fec_small") < 1.7e9  # paper: 1.4 GFLOPs (MACs)
