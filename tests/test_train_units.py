@@ -1,0 +1,124 @@
+"""Fast checks of the training pieces against the official recipe (reference Sec. 8); no
+model compilation."""
+import math
+import os
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo, fec_base, fec_large, fec_small
+from fec_jax import convert, data, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_official_configs_hold_the_recipe():
+  for get_config, name in ((fec_small.get_config, "fec_small"), (fec_base.get_config, "fec_base"),
+                           (fec_large.get_config, "fec_large")):
+    c = get_config()
+    assert c.model.name == name and c.model.dtype == "bfloat16"
+    assert (c.base_lr, c.global_batch_size, c.weight_decay) == (1e-3, 1024, 0.05)
+    assert (c.b1, c.b2, c.eps) == (0.9, 0.999, 1e-8)
+    assert (c.epochs, c.warmup_epochs, c.cooldown_epochs, c.warmup_lr, c.min_lr) == (
+        300, 5, 10, 1e-6, 1e-6)
+    assert c.ema_decay == 0.9998 and c.model.drop_path_rate == 0.1
+    assert c.data.to_dict() == data.default_config().to_dict()
+  assert demo.get_config().data.source == "demo"
+
+
+def test_lr_scales_linearly_with_the_global_batch():
+  assert training.scaled_lr(1e-3, 1024) == 1e-3
+  assert training.scaled_lr(1e-3, 256) == 2.5e-4
+  assert training.scaled_lr(1e-3, 4096) == 4e-3
+
+
+def test_schedule_is_per_epoch_warmup_cosine_cooldown():
+  c = fec_small.get_config()
+  c.global_batch_size = 2048  # peak 2e-3
+  peak, spe = 2e-3, 7
+  sched = training.lr_schedule(c, steps_per_epoch=spe)
+  expected = {0: 1e-6, 1: 1e-6 + (peak - 1e-6) / 5, 4: 1e-6 + 4 * (peak - 1e-6) / 5,
+              5: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * 5 / 300)),
+              150: 1e-6 + 0.5 * (peak - 1e-6), 299: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(
+                  math.pi * 299 / 300)), 300: 1e-6, 309: 1e-6}
+  for epoch, lr in expected.items():
+    for step in (epoch * spe, epoch * spe + spe - 1):  # constant within the epoch
+      assert float(sched(step)) == pytest.approx(lr, rel=1e-5), (epoch, step)
+  assert training.total_steps(c, spe) == 310 * spe
+  c.max_steps = 5
+  assert training.total_steps(c, spe) == 5
+
+
+def test_weight_decay_mask_is_timms_groups():
+  params = convert.abstract_params("fec_small", num_classes=10)
+  mask = flax.traverse_util.flatten_dict(training.weight_decay_mask(params))
+  decayed = {"/".join(k) for k, v in mask.items() if v}
+  kept = {"/".join(k) for k, v in mask.items() if not v}
+  assert decayed and all(k.endswith("kernel") for k in decayed)
+  assert all(k.rsplit("/", 1)[1] in ("bias", "scale", "layer_scale_1", "layer_scale_2",
+                                     "sim_alpha", "sim_beta") for k in kept)
+  assert "network_1/conv_f/kernel" in decayed  # no gradient, but decayed, as in the official run
+  assert len(decayed) + len(kept) == len(mask)
+
+
+def test_ema_is_timm_model_ema_v2():
+  ema = {"w": jnp.array([1.0, 2.0])}
+  new = training.ema_update(ema, {"w": jnp.array([3.0, 4.0])}, 0.9)
+  np.testing.assert_allclose(new["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 4], rtol=1e-6)
+
+
+def test_soft_target_cross_entropy_and_eval_sums():
+  logits = jnp.array([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 3.0, 1.0, 0.5, 0.2, 0.1]])
+  targets = jax.nn.one_hot(jnp.array([0, 2]), 6)
+  ce = -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[2]])
+  assert float(training.soft_target_cross_entropy(logits, targets)) == pytest.approx(ce, rel=1e-6)
+  sums = training.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, True]))
+  assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
+  masked = training.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
+  assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
+
+
+MIXUP_ON_4_DEVICES = """
+import jax, jax.numpy as jnp
+from fec_jax import data, training
+c = data.default_config()
+c.num_classes = 4
+mix = jax.jit(training.per_device_mixup(c, training.create_mesh()))
+n = 8  # 2 images per device
+images = jnp.arange(n, dtype=jnp.float32).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3))
+for seed in range(4):
+  out, targets = mix(jax.random.key(seed), images, jnp.arange(n) % 4)
+  assert out.shape == images.shape and targets.shape == (n, 4)
+  assert bool(jnp.allclose(targets.sum(-1), 1.0, atol=1e-5))
+  for d in range(4):  # each device mixes only its own two images (partner = its shard reversed)
+    shard = out[2 * d:2 * d + 2]
+    assert float(shard.min()) >= 2 * d and float(shard.max()) <= 2 * d + 1, (seed, d, shard)
+  assert not bool(jnp.array_equal(out, images))  # something was mixed
+print("ok")
+"""
+
+
+def test_mixup_draws_partners_within_each_device_shard():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  out = subprocess.run([sys.executable, "-c", MIXUP_ON_4_DEVICES], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_check_config_rejects_what_cannot_run():
+  c = demo.get_config()
+  training.check_config(c)
+  for field, value, message in (("data.image_size", 48, "multiple of 32"),
+                                ("model.name", "fec_small_seg", "classification"),
+                                ("model.dtype", "bf16", "dtype")):
+    bad = demo.get_config()
+    section, key = field.split(".")
+    bad[section][key] = value
+    with pytest.raises(ValueError, match=message):
+      training.check_config(bad)
