@@ -120,15 +120,17 @@ def main(argv):
     img_per_s, eta = clock.update(step)
     logging.info(reporting.progress_line(step, num_steps, epoch, record["train_loss"],
                                          record["lr"], img_per_s, eta))
-    if save_now:
-      checkpoint.save_training(mngr, state, config.model.name, overrides, train_iter)
     if eval_now:
       record.update({f"val_{k}": v for k, v in evaluate(state.params).items()})
       if state.ema_params is not None:
         record.update({f"ema_val_{k}": v for k, v in evaluate(state.ema_params).items()})
       logging.info("eval at step %d: %s", step,
                    ", ".join(f"{k} {v:.4f}" for k, v in record.items() if "val_" in k))
+    # The record goes out before the checkpoint: a run killed in between resumes from an
+    # earlier step and the writer drops the records after it, so none is lost or doubled.
     writer.write(record)
+    if save_now:
+      checkpoint.save_training(mngr, state, config.model.name, overrides, train_iter)
 
   mngr.wait_until_finished()
   mngr.close()

@@ -73,14 +73,24 @@ def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(**{
-          MODEL_ITEM: ocp.args.JsonRestore(), item: ocp.args.StandardRestore()}))
+      meta = mngr.restore(step, args=ocp.args.Composite(**{
+          MODEL_ITEM: ocp.args.JsonRestore()}))[MODEL_ITEM]
+      model = create_model(meta["name"], **{**meta["overrides"], **overrides})
+      params = mngr.restore(step, args=ocp.args.Composite(**{
+          item: ocp.args.StandardRestore(_local_target(model))}))[item]
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with items "
                             f"'{MODEL_ITEM}' and '{item}': {e}") from e
-  meta = restored[MODEL_ITEM]
-  model = create_model(meta["name"], **{**meta["overrides"], **overrides})
-  return model, {"params": jax.tree.map(jax.numpy.asarray, restored[item])}
+  return model, {"params": params}
+
+
+def _local_target(model: FEC):
+  """The model's param shapes on this process's first device, so that params saved from any
+  mesh (e.g. replicated over 8 devices by train.py) restore here."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jax.numpy.float32)  # shapes do not depend on it
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
 
 
 def training_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
