@@ -116,3 +116,25 @@ def test_bf16_compute_keeps_fp32_params_and_clustering(small_init):
 def test_summary_reports_macs_close_to_the_paper():
   assert summary.count_params("fec_small") == 5_727_528
   assert 1.3e9 < summary.macs_per_image("fec_small") < 1.7e9  # paper: 1.4 GFLOPs (MACs)
+
+
+def test_aggregation_paths_and_straight_through_at_model_level(small_init):
+  """segment_sum and onehot: same logits and gradients; straight_through: same logits, and
+  gradient reaches ClusterPool's conv_f (which the official semantics leave at exactly zero)."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 64, 64, 3))
+
+  def logits_and_grads(**overrides):
+    model = fec_jax.create_model("fec_small", **overrides)
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+    return jax.jit(lambda p: (model.apply({"params": p}, x), jax.grad(loss)(p)))(small_init)
+
+  seg_logits, seg_grads = logits_and_grads(aggregation="segment_sum")
+  hot_logits, hot_grads = logits_and_grads(aggregation="onehot")
+  st_logits, st_grads = logits_and_grads(assign_grad="straight_through")
+  np.testing.assert_allclose(hot_logits, seg_logits, rtol=1e-5, atol=1e-6)
+  for g_seg, g_hot in zip(jax.tree.leaves(seg_grads), jax.tree.leaves(hot_grads)):
+    np.testing.assert_allclose(g_hot, g_seg, rtol=1e-4, atol=1e-6 * float(np.abs(g_seg).max()) + 1e-12)
+  np.testing.assert_array_equal(st_logits, seg_logits)
+  for pool in ("network_1", "network_3", "network_5"):
+    assert not np.asarray(seg_grads[pool]["conv_f"]["kernel"]).any()
+    assert np.abs(np.asarray(st_grads[pool]["conv_f"]["kernel"])).max() > 0
