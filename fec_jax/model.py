@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fec_jax import clustering
 from fec_jax.clustering import Aggregation, AssignGrad
@@ -257,9 +258,10 @@ class ClusterBlock(nn.Module):
 
 def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
   """The two position channels appended to the image: i/(H-1) - 0.5 and j/(W-1) - 0.5, [B, H, W, 2]."""
-  rows = jnp.arange(h, dtype=jnp.float32) / (h - 1.0) - 0.5
-  cols = jnp.arange(w, dtype=jnp.float32) / (w - 1.0) - 0.5
-  grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
+  # Host-side numpy: IEEE division like torch's (XLA may turn x / c into x * (1 / c), 1 ulp off).
+  rows = np.arange(h, dtype=np.float32) / np.float32(h - 1) - np.float32(0.5)
+  cols = np.arange(w, dtype=np.float32) / np.float32(w - 1) - np.float32(0.5)
+  grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
   return jnp.broadcast_to(grid, (b, h, w, 2))
 
 
