@@ -347,18 +347,7 @@ def test_cluster_matches_naive(fold_, hw, centers):
         mod.sim_alpha.fill_(1.7)
         mod.sim_beta.fill_(-0.3)
     x = torch.randn(2, 6, *hw, dtype=torch.double)
-    g = torch.randn(2, 6, *hw, dtype=torch.double)
-    y = mod(x)
-    (y * g).sum().backward()
-    gy = _grads(mod)
-    mod.zero_grad(set_to_none=True)
-    yn, an = naive_cluster(mod, x)
-    (yn * g).sum().backward()
-    gn = _grads(mod)
-    assert torch.equal(mod.last_assignment, an)
-    assert torch.allclose(y, yn, atol=1e-10)
-    for n in gy:
-        assert torch.allclose(gy[n], gn[n], atol=1e-10), n
+    _assert_matches_naive(mod, naive_cluster, x, torch.randn(2, 6, *hw, dtype=torch.double))
 
 
 @pytest.mark.parametrize("fold_,hw", [(1, (6, 4)), (2, (8, 12))])
@@ -370,18 +359,24 @@ def test_cluster_pool_matches_naive(fold_, hw):
         mod.norm2.bias.normal_()
     x = torch.randn(2, 5, *hw, dtype=torch.double)
     g = torch.randn(2, 7, hw[0] // 2, hw[1] // 2, dtype=torch.double)
+    grads = _assert_matches_naive(mod, naive_pool, x, g)
+    assert torch.count_nonzero(grads["conv_f.weight"]) == 0
+
+
+def _assert_matches_naive(mod, naive, x, g):
+    """Outputs, assignments and parameter gradients of mod equal those of the loop version."""
     y = mod(x)
     (y * g).sum().backward()
     gy = _grads(mod)
     mod.zero_grad(set_to_none=True)
-    yn, an = naive_pool(mod, x)
+    yn, an = naive(mod, x)
     (yn * g).sum().backward()
     gn = _grads(mod)
     assert torch.equal(mod.last_assignment, an)
     assert torch.allclose(y, yn, atol=1e-10)
     for n in gy:
         assert torch.allclose(gy[n], gn[n], atol=1e-10), n
-    assert torch.count_nonzero(gy["conv_f.weight"]) == 0
+    return gy
 
 
 def test_ties_go_to_lowest_index():
