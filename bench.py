@@ -18,28 +18,16 @@ import importlib
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fec_jax import training
+from fec_jax.throughput import measure
 from fec_jax.model import create_model, init_variables
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def measure(step, carry, warmup: int, iters: int) -> float:
-  """Seconds per call of carry -> carry: warm-up, wait for the device, then the mean of iters."""
-  for _ in range(warmup):
-    carry = step(carry)
-  jax.block_until_ready(carry)
-  start = time.perf_counter()
-  for _ in range(iters):
-    carry = step(carry)
-  jax.block_until_ready(carry)
-  return (time.perf_counter() - start) / iters
 
 
 def peak_memory() -> int | None:
@@ -87,14 +75,7 @@ def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int)
   import torch_reference
 
   def timed(fn):
-    for _ in range(warmup):
-      fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-      fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+    return measure(lambda _: fn(), None, warmup, iters, sync=lambda _: torch.cuda.synchronize())
 
   model = torch_reference.create_torch_model(name).cuda()
   x = torch.randn(batch, 3, 224, 224, device="cuda")

@@ -8,7 +8,6 @@ ImageNet normalization; reference Sec. 8), or the paper's throughput protocol.
 """
 
 import sys
-import time
 
 from absl import app, flags, logging
 import jax
@@ -17,6 +16,7 @@ from ml_collections import config_flags
 
 import fec_jax
 from fec_jax import data, training
+from fec_jax import throughput as measure_protocol
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config: data and eval batch.",
                                 lock_config=True)
@@ -28,22 +28,13 @@ flags.DEFINE_bool("throughput", False, "Measure inference img/s (batch 256, 20 w
                   "iterations, mean of 100) instead of accuracy.")
 FLAGS = flags.FLAGS
 
-THROUGHPUT_BATCH, WARMUP_ITERS, TIMED_ITERS = 256, 20, 100  # the paper's protocol
-
-
 def throughput(model, variables, image_size: int, mesh) -> float:
-  """img/s of the jitted forward pass, batch 256 sharded over the mesh."""
-  images = jax.device_put(jnp.zeros((THROUGHPUT_BATCH, image_size, image_size, 3), jnp.float32),
+  """img/s of the jitted forward pass, the paper's batch sharded over the mesh."""
+  images = jax.device_put(jnp.zeros((measure_protocol.BATCH, image_size, image_size, 3), jnp.float32),
                           training.batch_sharded(mesh))
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  for _ in range(WARMUP_ITERS):
-    forward(variables, images).block_until_ready()
-  times = []
-  for _ in range(TIMED_ITERS):
-    start = time.perf_counter()
-    forward(variables, images).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return THROUGHPUT_BATCH / (sum(times) / len(times))
+  seconds = measure_protocol.measure(lambda _: forward(variables, images), forward(variables, images))
+  return measure_protocol.BATCH / seconds
 
 
 def main(argv):
@@ -63,7 +54,7 @@ def main(argv):
   if FLAGS.throughput:
     print(f"throughput: {throughput(model, variables, size, mesh):.1f} img/s "
           f"({fec_jax.model.variant_name(model.variant)}, {size}x{size}, batch "
-          f"{THROUGHPUT_BATCH}, {jax.device_count()} {jax.devices()[0].platform} device(s))")
+          f"{measure_protocol.BATCH}, {jax.device_count()} {jax.devices()[0].platform} device(s))")
     return
   if model.num_classes != config.data.num_classes:
     sys.exit(f"error: the checkpoint has {model.num_classes} classes but "
