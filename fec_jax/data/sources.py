@@ -88,9 +88,12 @@ class FolderSource:
 
 
 class TfdsSource:
-    """A TFDS dataset read with tfds.data_source (array_record), images left encoded."""
+    """A TFDS dataset read with tfds.data_source (array_record), images left encoded.
 
-    def __init__(self, name: str, split: str, data_dir: str = ''):
+    `num_classes` (if given) must equal the classes of the dataset's 'label' feature.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str = '', num_classes=None):
         import tensorflow_datasets as tfds
         try:
             self._ds = tfds.data_source(
@@ -101,6 +104,10 @@ class TfdsSource:
                                     + f' ({type(e).__name__}: {e})') from e
         if len(self._ds) == 0:
             raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=data_dir))
+        classes = getattr(self._ds.dataset_info.features['label'], 'num_classes', None)
+        if num_classes is not None and classes is not None and classes != num_classes:
+            raise ValueError(f'TFDS {name} has {classes} classes but config.data.num_classes '
+                             f'is {num_classes}')
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -168,7 +175,7 @@ def make_source(cfg, split: str):
             raise DataNotFoundError(f'config.data.root is empty; {FOLDER_LAYOUT_HELP}')
         return FolderSource(cfg.root, name, cfg.num_classes, split_name(cfg, 'train'))
     if cfg.source == 'tfds':
-        return TfdsSource(cfg.tfds_name, name, cfg.tfds_data_dir)
+        return TfdsSource(cfg.tfds_name, name, cfg.tfds_data_dir, cfg.num_classes)
     if cfg.num_classes != 10:
         raise ValueError('the demo (digits) has 10 classes; set config.data.num_classes = 10')
     return DemoSource(name, cfg.demo_image_size, cfg.demo_val_fraction)
