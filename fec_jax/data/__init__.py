@@ -9,9 +9,18 @@ Public API:
   DataNotFoundError                                    -- missing/empty data (sources.py)
 Benchmark: python -m fec_jax.data.bench
 """
+
 from fec_jax.data.config import default_config, demo_config, validate
 from fec_jax.data.pipeline import create_loader, num_eval_batches, num_examples, steps_per_epoch
 from fec_jax.data.sources import DataNotFoundError
 
-__all__ = ['default_config', 'demo_config', 'validate', 'create_loader', 'num_examples',
-           'steps_per_epoch', 'num_eval_batches', 'DataNotFoundError']
+__all__ = [
+    "default_config",
+    "demo_config",
+    "validate",
+    "create_loader",
+    "num_examples",
+    "steps_per_epoch",
+    "num_eval_batches",
+    "DataNotFoundError",
+]

@@ -8,6 +8,7 @@ then times, in this single process (one core), file read + decode + the official
 transform and file read + decode + the eval transform. With --loader-workers N it also
 times the full grain loader with N worker processes (images/s for the whole host).
 """
+
 import argparse
 import os
 import tempfile
@@ -24,79 +25,91 @@ _SIZE_WEIGHTS = (0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05)
 
 
 def make_jpeg_folder(root: str, num_images: int, num_classes: int = 4, seed: int = 0) -> str:
-    """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG with ImageNet-like sizes."""
-    rng = np.random.default_rng(seed)
-    for split in ('train', 'val'):
-        for i in range(num_images):
-            w, h = _SIZES[rng.choice(len(_SIZES), p=_SIZE_WEIGHTS)]
-            d = os.path.join(root, split, f'n{i % num_classes:08d}')
-            os.makedirs(d, exist_ok=True)
-            low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-            img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
-            noise = rng.normal(0, 12, (h, w, 3))
-            img = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(img).filter(ImageFilter.SMOOTH).save(
-                os.path.join(d, f'img_{i}.JPEG'), quality=90)
-    return root
+  """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG with ImageNet-like sizes."""
+  rng = np.random.default_rng(seed)
+  for split in ("train", "val"):
+    for i in range(num_images):
+      w, h = _SIZES[rng.choice(len(_SIZES), p=_SIZE_WEIGHTS)]
+      d = os.path.join(root, split, f"n{i % num_classes:08d}")
+      os.makedirs(d, exist_ok=True)
+      low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+      img = Image.fromarray(low).resize((w, h), Image.Resampling.BICUBIC)
+      noise = rng.normal(0, 12, (h, w, 3))
+      img = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
+      Image.fromarray(img).filter(ImageFilter.SMOOTH).save(
+          os.path.join(d, f"img_{i}.JPEG"), quality=90
+      )
+  return root
 
 
 def _files(split_dir: str) -> list:
-    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(split_dir) for f in fs)
+  return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(split_dir) for f in fs)
 
 
 def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> float:
-    """Images per second on this core: read + decode + train or eval transform."""
-    ra = transforms.randaugment_setup(cfg)
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for path in files:
-            with open(path, 'rb') as f:
-                img, _ = transforms.decode(f.read())
-            if train:
-                transforms.train_transform(rng, img, cfg, *ra)
-            else:
-                transforms.eval_transform(img, cfg)
-    return repeats * len(files) / (time.perf_counter() - start)
+  """Images per second on this core: read + decode + train or eval transform."""
+  ra = transforms.randaugment_setup(cfg)
+  rng = np.random.default_rng(0)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    for path in files:
+      with open(path, "rb") as f:
+        img, _ = transforms.decode(f.read())
+      if train:
+        transforms.train_transform(rng, img, cfg, *ra)
+      else:
+        transforms.eval_transform(img, cfg)
+  return repeats * len(files) / (time.perf_counter() - start)
 
 
 def time_loader(cfg, split: str, batch: int, num_batches: int) -> float:
-    """Images per second of the full grain loader (whole host, after warm-up)."""
-    it = pipeline.create_loader(cfg, split, batch, seed=0)
+  """Images per second of the full grain loader (whole host, after warm-up)."""
+  it = pipeline.create_loader(cfg, split, batch, seed=0)
+  next(it)
+  start = time.perf_counter()
+  for _ in range(num_batches):
     next(it)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(it)
-    rate = num_batches * batch / (time.perf_counter() - start)
-    it.close()
-    return rate
+  rate = num_batches * batch / (time.perf_counter() - start)
+  it.close()
+  return rate
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--images', type=int, default=200, help='images per split')
-    parser.add_argument('--dir', default='', help='JPEG folder to create or reuse')
-    parser.add_argument('--loader-workers', type=int, default=0,
-                        help='also time the grain loader with this many worker processes')
-    args = parser.parse_args()
-    root = args.dir or tempfile.mkdtemp(prefix='fec_bench_')
-    if not os.path.isdir(os.path.join(root, 'train')):
-        make_jpeg_folder(root, args.images)
-    train_files = _files(os.path.join(root, 'train'))
-    mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
-    cfg = config_lib.default_config()
-    print(f'{len(train_files)} JPEGs per split in {root}, mean {mean_kb:.0f} KB; '
-          f'recipe: {cfg.rand_augment}, reprob {cfg.reprob} {cfg.remode}, {cfg.image_size}px')
-    print(f'train transform: {time_transform(train_files, cfg, True):7.1f} images/s/core')
-    print(f'eval transform:  {time_transform(_files(os.path.join(root, "val")), cfg, False):7.1f}'
-          ' images/s/core')
-    if args.loader_workers > 0:
-        cfg.root, cfg.num_classes, cfg.num_workers = root, 4, args.loader_workers
-        rate = time_loader(cfg, 'train', 32, max(1, len(train_files) // 32))
-        print(f'grain loader, {args.loader_workers} workers: {rate:7.1f} train images/s '
-              f'({rate / args.loader_workers:.1f} per worker)')
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--images", type=int, default=200, help="images per split")
+  parser.add_argument("--dir", default="", help="JPEG folder to create or reuse")
+  parser.add_argument(
+      "--loader-workers",
+      type=int,
+      default=0,
+      help="also time the grain loader with this many worker processes",
+  )
+  args = parser.parse_args()
+  root = args.dir or tempfile.mkdtemp(prefix="fec_bench_")
+  if not os.path.isdir(os.path.join(root, "train")):
+    make_jpeg_folder(root, args.images)
+  train_files = _files(os.path.join(root, "train"))
+  mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
+  cfg = config_lib.default_config()
+  print(
+      f"{len(train_files)} JPEGs per split in {root}, mean {mean_kb:.0f} KB; "
+      f"recipe: {cfg.rand_augment}, reprob {cfg.reprob} {cfg.remode}, {cfg.image_size}px"
+  )
+  print(f"train transform: {time_transform(train_files, cfg, True):7.1f} images/s/core")
+  print(
+      f'eval transform:  {time_transform(_files(os.path.join(root, "val")), cfg, False):7.1f}'
+      " images/s/core"
+  )
+  if args.loader_workers > 0:
+    cfg.root, cfg.num_classes, cfg.num_workers = root, 4, args.loader_workers
+    rate = time_loader(cfg, "train", 32, max(1, len(train_files) // 32))
+    print(
+        f"grain loader, {args.loader_workers} workers: {rate:7.1f} train images/s "
+        f"({rate / args.loader_workers:.1f} per worker)"
+    )
 
 
-if __name__ == '__main__':
-    main()
+if __name__ == "__main__":
+  main()

@@ -3,130 +3,139 @@
 Defaults are the official ImageNet-1k recipe (reference section 8). Functions of this
 package call `validate(cfg)`, which rejects unknown fields (typos) and bad values.
 """
+
 import ml_collections
 
 from fec_jax.data import randaugment
 
-SOURCES = ('folder', 'tfds', 'demo')
-ERASE_MODES = ('pixel', 'rand', 'const')
-TRAIN_INTERPOLATIONS = ('random', 'bilinear', 'bicubic', 'nearest', 'lanczos')
+SOURCES = ("folder", "tfds", "demo")
+ERASE_MODES = ("pixel", "rand", "const")
+TRAIN_INTERPOLATIONS = ("random", "bilinear", "bicubic", "nearest", "lanczos")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Official-recipe data config. Fields:
+  """Official-recipe data config. Fields:
 
-    source: 'folder' (root/train/<class>/*, root/val/<class>/*; ImageNet or any other
-        folder dataset, classes sorted by folder name), 'tfds' (tfds.data_source of
-        `tfds_name`, array_record), or 'demo' (scikit-learn digits, bundled).
-    root: folder source directory (holds train/ and val/).
-    tfds_name, tfds_data_dir: TFDS builder name and data_dir ('' = TFDS default).
-    train_split, val_split: split names; '' = 'train' / 'val' for folders,
-        'train' / 'validation' for TFDS, 'train' / 'val' for the demo.
-    num_classes: number of classes; the folder source checks it against the folders.
-    image_size: train crop / eval crop side (224).
-    crop_pct: eval resizes the shorter side to floor(image_size / crop_pct) (0.9 -> 248).
-    eval_interpolation: eval resize filter ('bicubic').
-    scale, ratio: random resized crop area fraction and aspect ratio ranges.
-    interpolation: train resize filter; 'random' = bilinear or bicubic per image (and per
-        RandAugment geometric op), as timm does.
-    hflip: horizontal flip probability.
-    rand_augment: timm RandAugment string; '' disables RandAugment.
-    reprob, remode: random erasing probability and mode ('pixel', 'rand', 'const'),
-        applied after normalization; reprob 0 disables it.
-    mean, std: normalization (ImageNet statistics, RGB, 0-1 scale).
-    mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: on-device
-        Mixup/CutMix (fec_jax.data.mixup.mixup_cutmix), timm semantics, per batch.
-    demo_image_size: side of the upscaled demo digits (the demo's image_size should match).
-    demo_val_fraction: held-out fraction of the demo data (stratified, fixed seed).
-    num_workers: loader worker processes per host; 0 = in the calling process,
-        -1 = one per CPU core.
-    prefetch_buffer_size: batches buffered per worker process.
-    read_threads: threads per worker process fetching and transforming images.
-    """
-    c = ml_collections.ConfigDict()
-    c.source = 'folder'
-    c.root = ''
-    c.tfds_name = 'imagenet2012'
-    c.tfds_data_dir = ''
-    c.train_split = ''
-    c.val_split = ''
-    c.num_classes = 1000
-    c.image_size = 224
-    c.crop_pct = 0.9
-    c.eval_interpolation = 'bicubic'
-    c.scale = (0.08, 1.0)
-    c.ratio = (3.0 / 4.0, 4.0 / 3.0)
-    c.interpolation = 'random'
-    c.hflip = 0.5
-    c.rand_augment = 'rand-m9-mstd0.5-inc1'
-    c.reprob = 0.25
-    c.remode = 'pixel'
-    c.mean = (0.485, 0.456, 0.406)
-    c.std = (0.229, 0.224, 0.225)
-    c.mixup_alpha = 0.8
-    c.cutmix_alpha = 1.0
-    c.mixup_prob = 1.0
-    c.mixup_switch_prob = 0.5
-    c.label_smoothing = 0.1
-    c.demo_image_size = 32
-    c.demo_val_fraction = 0.2
-    c.num_workers = -1
-    c.prefetch_buffer_size = 2
-    c.read_threads = 2
-    return c
+  source: 'folder' (root/train/<class>/*, root/val/<class>/*; ImageNet or any other
+      folder dataset, classes sorted by folder name), 'tfds' (tfds.data_source of
+      `tfds_name`, array_record), or 'demo' (scikit-learn digits, bundled).
+  root: folder source directory (holds train/ and val/).
+  tfds_name, tfds_data_dir: TFDS builder name and data_dir ('' = TFDS default).
+  train_split, val_split: split names; '' = 'train' / 'val' for folders,
+      'train' / 'validation' for TFDS, 'train' / 'val' for the demo.
+  num_classes: number of classes; the folder source checks it against the folders.
+  image_size: train crop / eval crop side (224).
+  crop_pct: eval resizes the shorter side to floor(image_size / crop_pct) (0.9 -> 248).
+  eval_interpolation: eval resize filter ('bicubic').
+  scale, ratio: random resized crop area fraction and aspect ratio ranges.
+  interpolation: train resize filter; 'random' = bilinear or bicubic per image (and per
+      RandAugment geometric op), as timm does.
+  hflip: horizontal flip probability.
+  rand_augment: timm RandAugment string; '' disables RandAugment.
+  reprob, remode: random erasing probability and mode ('pixel', 'rand', 'const'),
+      applied after normalization; reprob 0 disables it.
+  mean, std: normalization (ImageNet statistics, RGB, 0-1 scale).
+  mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: on-device
+      Mixup/CutMix (fec_jax.data.mixup.mixup_cutmix), timm semantics, per batch.
+  demo_image_size: side of the upscaled demo digits (the demo's image_size should match).
+  demo_val_fraction: held-out fraction of the demo data (stratified, fixed seed).
+  num_workers: loader worker processes per host; 0 = in the calling process,
+      -1 = one per CPU core.
+  prefetch_buffer_size: batches buffered per worker process.
+  read_threads: threads per worker process fetching and transforming images.
+  """
+  c = ml_collections.ConfigDict()
+  c.source = "folder"
+  c.root = ""
+  c.tfds_name = "imagenet2012"
+  c.tfds_data_dir = ""
+  c.train_split = ""
+  c.val_split = ""
+  c.num_classes = 1000
+  c.image_size = 224
+  c.crop_pct = 0.9
+  c.eval_interpolation = "bicubic"
+  c.scale = (0.08, 1.0)
+  c.ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.interpolation = "random"
+  c.hflip = 0.5
+  c.rand_augment = "rand-m9-mstd0.5-inc1"
+  c.reprob = 0.25
+  c.remode = "pixel"
+  c.mean = (0.485, 0.456, 0.406)
+  c.std = (0.229, 0.224, 0.225)
+  c.mixup_alpha = 0.8
+  c.cutmix_alpha = 1.0
+  c.mixup_prob = 1.0
+  c.mixup_switch_prob = 0.5
+  c.label_smoothing = 0.1
+  c.demo_image_size = 32
+  c.demo_val_fraction = 0.2
+  c.num_workers = -1
+  c.prefetch_buffer_size = 2
+  c.read_threads = 2
+  return c
 
 
 def demo_config() -> ml_collections.ConfigDict:
-    """Config for the bundled digits demo: 32x32, light augmentation, no mixing."""
-    c = default_config()
-    c.source = 'demo'
-    c.num_classes = 10
-    c.image_size = 32
-    c.crop_pct = 1.0
-    c.scale = (0.6, 1.0)
-    c.ratio = (0.8, 1.25)
-    c.interpolation = 'bilinear'
-    c.hflip = 0.0
-    c.rand_augment = ''
-    c.reprob = 0.0
-    c.mixup_alpha = 0.0
-    c.cutmix_alpha = 0.0
-    c.label_smoothing = 0.0
-    c.num_workers = 0
-    return c
+  """Config for the bundled digits demo: 32x32, light augmentation, no mixing."""
+  c = default_config()
+  c.source = "demo"
+  c.num_classes = 10
+  c.image_size = 32
+  c.crop_pct = 1.0
+  c.scale = (0.6, 1.0)
+  c.ratio = (0.8, 1.25)
+  c.interpolation = "bilinear"
+  c.hflip = 0.0
+  c.rand_augment = ""
+  c.reprob = 0.0
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+  c.label_smoothing = 0.0
+  c.num_workers = 0
+  return c
 
 
 def validate(cfg) -> None:
-    """Raises ValueError for fields default_config() does not define or out-of-range values."""
-    known = set(default_config().keys())
-    unknown = sorted(set(cfg.keys()) - known)
-    if unknown:
-        raise ValueError(f'unknown config.data fields {unknown}; known: {sorted(known)}')
-    missing = sorted(known - set(cfg.keys()))
-    if missing:
-        raise ValueError(f'config.data lacks fields {missing}; start from default_config()')
-    checks = [
-        (cfg.source in SOURCES, f'source must be one of {SOURCES}'),
-        (cfg.remode in ERASE_MODES, f'remode must be one of {ERASE_MODES}'),
-        (cfg.interpolation in TRAIN_INTERPOLATIONS,
-         f'interpolation must be one of {TRAIN_INTERPOLATIONS}'),
-        (cfg.eval_interpolation in TRAIN_INTERPOLATIONS[1:],
-         f'eval_interpolation must be one of {TRAIN_INTERPOLATIONS[1:]}'),
-        (cfg.num_classes > 0 and cfg.image_size > 0, 'num_classes, image_size must be > 0'),
-        (0 < cfg.crop_pct <= 1, 'crop_pct must be in (0, 1]'),
-        (0 <= cfg.hflip <= 1 and 0 <= cfg.reprob <= 1, 'hflip, reprob must be in [0, 1]'),
-        (0 <= cfg.mixup_prob <= 1 and 0 <= cfg.mixup_switch_prob <= 1,
-         'mixup_prob, mixup_switch_prob must be in [0, 1]'),
-        (0 <= cfg.label_smoothing < 1, 'label_smoothing must be in [0, 1)'),
-        (0 < cfg.demo_val_fraction < 1, 'demo_val_fraction must be in (0, 1)'),
-        (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1], 'bad scale range'),
-        (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], 'bad ratio range'),
-        (len(cfg.mean) == 3 and len(cfg.std) == 3, 'mean and std need 3 values'),
-        (cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,
-         'num_workers >= -1, prefetch_buffer_size >= 1, read_threads >= 1'),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ValueError(f'config.data: {msg}')
-    if cfg.rand_augment:
-        randaugment.parse(cfg.rand_augment)
+  """Raises ValueError for fields default_config() does not define or out-of-range values."""
+  known = set(default_config().keys())
+  unknown = sorted(set(cfg.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(known)}")
+  missing = sorted(known - set(cfg.keys()))
+  if missing:
+    raise ValueError(f"config.data lacks fields {missing}; start from default_config()")
+  checks = [
+      (cfg.source in SOURCES, f"source must be one of {SOURCES}"),
+      (cfg.remode in ERASE_MODES, f"remode must be one of {ERASE_MODES}"),
+      (
+          cfg.interpolation in TRAIN_INTERPOLATIONS,
+          f"interpolation must be one of {TRAIN_INTERPOLATIONS}",
+      ),
+      (
+          cfg.eval_interpolation in TRAIN_INTERPOLATIONS[1:],
+          f"eval_interpolation must be one of {TRAIN_INTERPOLATIONS[1:]}",
+      ),
+      (cfg.num_classes > 0 and cfg.image_size > 0, "num_classes, image_size must be > 0"),
+      (0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),
+      (0 <= cfg.hflip <= 1 and 0 <= cfg.reprob <= 1, "hflip, reprob must be in [0, 1]"),
+      (
+          0 <= cfg.mixup_prob <= 1 and 0 <= cfg.mixup_switch_prob <= 1,
+          "mixup_prob, mixup_switch_prob must be in [0, 1]",
+      ),
+      (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+      (0 < cfg.demo_val_fraction < 1, "demo_val_fraction must be in (0, 1)"),
+      (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1], "bad scale range"),
+      (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], "bad ratio range"),
+      (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
+      (
+          cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,
+          "num_workers >= -1, prefetch_buffer_size >= 1, read_threads >= 1",
+      ),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(f"config.data: {msg}")
+  if cfg.rand_augment:
+    randaugment.parse(cfg.rand_augment)

@@ -17,6 +17,7 @@ slot with mask False. Odd modes (grayscale, CMYK, RGBA, palette, 16-bit) are con
 RGB. Both are counted; the counts are logged once per epoch and kept in the iterator
 state (`stats()` returns them).
 """
+
 import logging
 import os
 import sys
@@ -32,219 +33,251 @@ log = logging.getLogger(__name__)
 
 
 def num_examples(data_config, split: str) -> int:
-    """Number of records of a split ('train' | 'val'), bad files included."""
-    config_lib.validate(data_config)
-    return len(sources.make_source(data_config, split))
+  """Number of records of a split ('train' | 'val'), bad files included."""
+  config_lib.validate(data_config)
+  return len(sources.make_source(data_config, split))
 
 
 def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
-    """Train batches per epoch per host: (N // shard_count) // local_batch."""
-    local_batch = _local_batch(global_batch_size, shard_count)
-    return (num_examples(data_config, 'train') // shard_count) // local_batch
+  """Train batches per epoch per host: (N // shard_count) // local_batch."""
+  local_batch = _local_batch(global_batch_size, shard_count)
+  return (num_examples(data_config, "train") // shard_count) // local_batch
 
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:
-    """Val batches per host: ceil(N / global_batch_size), rounded up to a multiple of the
-    worker processes (each worker batches its own slice); padding is masked."""
-    workers = max(1, _num_workers(data_config))
-    batches = -(-num_examples(data_config, 'val') // global_batch_size)
-    return -(-batches // workers) * workers
+  """Val batches per host: ceil(N / global_batch_size), rounded up to a multiple of the
+  worker processes (each worker batches its own slice); padding is masked."""
+  workers = max(1, _num_workers(data_config))
+  batches = -(-num_examples(data_config, "val") // global_batch_size)
+  return -(-batches // workers) * workers
 
 
 def _num_workers(data_config) -> int:
-    return os.cpu_count() if data_config.num_workers == -1 else data_config.num_workers
+  return os.cpu_count() if data_config.num_workers == -1 else data_config.num_workers
 
 
 def _local_batch(global_batch_size: int, shard_count: int) -> int:
-    if global_batch_size % shard_count:
-        raise ValueError(f'global batch {global_batch_size} is not divisible by '
-                         f'{shard_count} shards')
-    return global_batch_size // shard_count
+  if global_batch_size % shard_count:
+    raise ValueError(
+        f"global batch {global_batch_size} is not divisible by " f"{shard_count} shards"
+    )
+  return global_batch_size // shard_count
 
 
 class _TrainOrder:
-    """Host-local train index k -> (record index, epoch, global position) (module doc)."""
+  """Host-local train index k -> (record index, epoch, global position) (module doc)."""
 
-    def __init__(self, num_records, per_host_epoch, shard_index, shard_count, seed):
-        self._perm = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32)
-        self._n, self._per_host = num_records, per_host_epoch
-        self._shard_index, self._shard_count = shard_index, shard_count
+  def __init__(self, num_records, per_host_epoch, shard_index, shard_count, seed):
+    self._perm = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32)
+    self._n, self._per_host = num_records, per_host_epoch
+    self._shard_index, self._shard_count = shard_index, shard_count
 
-    def __call__(self, k: int):
-        epoch, j = divmod(k, self._per_host)
-        position = j * self._shard_count + self._shard_index
-        return self._perm[epoch * self._n + position], epoch, position
+  def __call__(self, k: int):
+    epoch, j = divmod(k, self._per_host)
+    position = j * self._shard_count + self._shard_index
+    return self._perm[epoch * self._n + position], epoch, position
 
 
 class _ValOrder:
-    """Host-local val index j -> (record index or -1 for padding, 0, global position)."""
+  """Host-local val index j -> (record index or -1 for padding, 0, global position)."""
 
-    def __init__(self, num_records, shard_index, shard_count):
-        self._n, self._shard_index, self._shard_count = num_records, shard_index, shard_count
+  def __init__(self, num_records, shard_index, shard_count):
+    self._n, self._shard_index, self._shard_count = num_records, shard_index, shard_count
 
-    def __call__(self, j: int):
-        position = j * self._shard_count + self._shard_index
-        return (position if position < self._n else -1), 0, position
+  def __call__(self, j: int):
+    position = j * self._shard_count + self._shard_index
+    return (position if position < self._n else -1), 0, position
 
 
 class _MakeExample:
-    """(record index, epoch, position) -> {'image' float32 [S, S, 3], 'label' int32,
-    'mask' bool, 'num_bad' int32, 'num_converted' int32}; never raises on bad images."""
+  """(record index, epoch, position) -> {'image' float32 [S, S, 3], 'label' int32,
+  'mask' bool, 'num_bad' int32, 'num_converted' int32}; never raises on bad images."""
 
-    def __init__(self, source, cfg, seed: int, train: bool):
-        self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
-        self._ra = transforms.randaugment_setup(cfg) if train else (None, None)
+  def __init__(self, source, cfg, seed: int, train: bool):
+    self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
+    self._ra = transforms.randaugment_setup(cfg) if train else (None, None)
 
-    def __call__(self, item) -> dict:
-        index, epoch, position = item
-        size = self._cfg.image_size
-        out = {'image': np.zeros((size, size, 3), np.float32), 'label': np.int32(0),
-               'mask': False, 'num_bad': np.int32(0), 'num_converted': np.int32(0)}
-        if index < 0:
-            return out
-        record = self._source[index]
-        try:
-            img, converted = transforms.decode(record['encoded'])
-        except transforms.BadImageError as e:
-            log.warning('bad image %s skipped: %s', record['key'], e)
-            out['num_bad'] = np.int32(1)
-            return out
-        if self._train:
-            rng = np.random.default_rng([self._seed % 2**63, epoch, position])
-            image = transforms.train_transform(rng, img, self._cfg, *self._ra)
-        else:
-            image = transforms.eval_transform(img, self._cfg)
-        return {'image': image, 'label': np.int32(record['label']), 'mask': True,
-                'num_bad': np.int32(0), 'num_converted': np.int32(converted)}
+  def __call__(self, item) -> dict:
+    index, epoch, position = item
+    size = self._cfg.image_size
+    out = {
+        "image": np.zeros((size, size, 3), np.float32),
+        "label": np.int32(0),
+        "mask": False,
+        "num_bad": np.int32(0),
+        "num_converted": np.int32(0),
+    }
+    if index < 0:
+      return out
+    record = self._source[index]
+    try:
+      img, converted = transforms.decode(record["encoded"])
+    except transforms.BadImageError as e:
+      log.warning("bad image %s skipped: %s", record["key"], e)
+      out["num_bad"] = np.int32(1)
+      return out
+    if self._train:
+      rng = np.random.default_rng([self._seed % 2**63, epoch, position])
+      image = transforms.train_transform(rng, img, self._cfg, *self._ra)
+    else:
+      image = transforms.eval_transform(img, self._cfg)
+    return {
+        "image": image,
+        "label": np.int32(record["label"]),
+        "mask": True,
+        "num_bad": np.int32(0),
+        "num_converted": np.int32(converted),
+    }
 
 
 class _SkipBad(grain.IterDataset):
-    """Drops examples whose image failed to decode; their count rides on the next example."""
+  """Drops examples whose image failed to decode; their count rides on the next example."""
 
-    def __iter__(self):
-        return _SkipBadIterator(self._parent.__iter__())
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__())
 
 
 class _SkipBadIterator(grain.DatasetIterator):
 
-    def __next__(self):
-        num_bad = 0
-        while True:
-            example = next(self._parent)
-            if example['mask']:
-                example['num_bad'] = np.int32(example['num_bad'] + num_bad)
-                return example
-            num_bad += int(example['num_bad'])
+  def __next__(self):
+    num_bad = 0
+    while True:
+      example = next(self._parent)
+      if example["mask"]:
+        example["num_bad"] = np.int32(example["num_bad"] + num_bad)
+        return example
+      num_bad += int(example["num_bad"])
 
-    def get_state(self):
-        return self._parent.get_state()
+  def get_state(self):
+    return self._parent.get_state()
 
-    def set_state(self, state):
-        self._parent.set_state(state)
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 class _Report(grain.IterDataset):
-    """Removes the bad/converted counts from the batches and logs them once per epoch."""
+  """Removes the bad/converted counts from the batches and logs them once per epoch."""
 
-    def __init__(self, parent, steps_per_epoch: int, split: str):
-        super().__init__(parent)
-        self._steps_per_epoch, self._split = steps_per_epoch, split
+  def __init__(self, parent, steps_per_epoch: int, split: str):
+    super().__init__(parent)
+    self._steps_per_epoch, self._split = steps_per_epoch, split
 
-    def __iter__(self):
-        return _ReportIterator(self._parent.__iter__(), self._steps_per_epoch, self._split)
+  def __iter__(self):
+    return _ReportIterator(self._parent.__iter__(), self._steps_per_epoch, self._split)
 
 
 class _ReportIterator(grain.DatasetIterator):
 
-    def __init__(self, parent, steps_per_epoch: int, split: str):
-        super().__init__(parent)
-        self._steps_per_epoch, self._split = steps_per_epoch, split
-        self._step, self._bad, self._converted = 0, 0, 0
-        self._epoch_start = (0, 0)
+  def __init__(self, parent, steps_per_epoch: int, split: str):
+    super().__init__(parent)
+    self._steps_per_epoch, self._split = steps_per_epoch, split
+    self._step, self._bad, self._converted = 0, 0, 0
+    self._epoch_start = (0, 0)
 
-    def __next__(self):
-        batch = dict(next(self._parent))
-        self._bad += int(batch.pop('num_bad').sum())
-        self._converted += int(batch.pop('num_converted').sum())
-        if self._split == 'train':
-            del batch['mask']
-        self._step += 1
-        if self._step % self._steps_per_epoch == 0:
-            bad, converted = self._bad - self._epoch_start[0], self._converted - self._epoch_start[1]
-            log.info('%s epoch %d: %d bad images %s, %d images converted to RGB', self._split,
-                     self._step // self._steps_per_epoch - 1, bad,
-                     'skipped' if self._split == 'train' else 'masked out', converted)
-            self._epoch_start = (self._bad, self._converted)
-        return batch
+  def __next__(self):
+    batch = dict(next(self._parent))
+    self._bad += int(batch.pop("num_bad").sum())
+    self._converted += int(batch.pop("num_converted").sum())
+    if self._split == "train":
+      del batch["mask"]
+    self._step += 1
+    if self._step % self._steps_per_epoch == 0:
+      bad, converted = self._bad - self._epoch_start[0], self._converted - self._epoch_start[1]
+      log.info(
+          "%s epoch %d: %d bad images %s, %d images converted to RGB",
+          self._split,
+          self._step // self._steps_per_epoch - 1,
+          bad,
+          "skipped" if self._split == "train" else "masked out",
+          converted,
+      )
+      self._epoch_start = (self._bad, self._converted)
+    return batch
 
-    def stats(self) -> dict:
-        """Bad (skipped / masked out) and converted image counts since the loader started."""
-        return {'bad': self._bad, 'converted': self._converted}
+  def stats(self) -> dict:
+    """Bad (skipped / masked out) and converted image counts since the loader started."""
+    return {"bad": self._bad, "converted": self._converted}
 
-    def get_state(self):
-        return {'parent': self._parent.get_state(), 'step': self._step, 'bad': self._bad,
-                'converted': self._converted, 'epoch_start': list(self._epoch_start)}
+  def get_state(self):
+    return {
+        "parent": self._parent.get_state(),
+        "step": self._step,
+        "bad": self._bad,
+        "converted": self._converted,
+        "epoch_start": list(self._epoch_start),
+    }
 
-    def set_state(self, state):
-        self._parent.set_state(state['parent'])
-        self._step, self._bad, self._converted = state['step'], state['bad'], state['converted']
-        self._epoch_start = tuple(state['epoch_start'])
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._step, self._bad, self._converted = state["step"], state["bad"], state["converted"]
+    self._epoch_start = tuple(state["epoch_start"])
 
 
-def create_loader(data_config, split: str, global_batch_size: int, seed: int,
-                  shard_index: int = 0, shard_count: int = 1, num_epochs=None):
-    """A grain DatasetIterator over batches of one host's shard of a split.
+def create_loader(
+    data_config,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs=None,
+):
+  """A grain DatasetIterator over batches of one host's shard of a split.
 
-    Yields dicts of numpy arrays, local_batch = global_batch_size // shard_count:
-      'image': float32 [local_batch, S, S, 3], normalized NHWC (S = image_size);
-      'label': int32 [local_batch];
-      'mask':  bool [local_batch], val only: False for padding and bad images.
-    train ('train'): shuffled per epoch from `seed`, drop remainder per epoch, the full
-      train transform; `num_epochs` None = endless (recommended: count steps with
-      steps_per_epoch()), else that many epochs (with W > 1 worker processes each worker
-      drops its own remainder at the very end, so up to W - 1 batches fewer).
-    val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
-      padding masked (`num_epochs` is ignored).
-    Mixup/CutMix is not applied here: it runs on device (fec_jax.data.mixup).
+  Yields dicts of numpy arrays, local_batch = global_batch_size // shard_count:
+    'image': float32 [local_batch, S, S, 3], normalized NHWC (S = image_size);
+    'label': int32 [local_batch];
+    'mask':  bool [local_batch], val only: False for padding and bad images.
+  train ('train'): shuffled per epoch from `seed`, drop remainder per epoch, the full
+    train transform; `num_epochs` None = endless (recommended: count steps with
+    steps_per_epoch()), else that many epochs (with W > 1 worker processes each worker
+    drops its own remainder at the very end, so up to W - 1 batches fewer).
+  val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
+    padding masked (`num_epochs` is ignored).
+  Mixup/CutMix is not applied here: it runs on device (fec_jax.data.mixup).
 
-    Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
-    into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
-    requires the same config, seed, batch size, shards and num_workers.
-    Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
-    Call `it.close()` when done if worker processes were used.
-    """
-    config_lib.validate(data_config)
-    if split not in ('train', 'val'):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
-    local_batch = _local_batch(global_batch_size, shard_count)
-    source = sources.make_source(data_config, split)
-    n = len(source)
-    train = split == 'train'
-    if train:
-        per_host_epoch = (n // shard_count) // local_batch * local_batch
-        if per_host_epoch == 0:
-            raise ValueError(f'{n} train examples are fewer than one global batch '
-                             f'({global_batch_size})')
-        total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
-        order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
-        steps = per_host_epoch // local_batch
-    else:
-        steps = num_eval_batches(data_config, global_batch_size)
-        total = steps * local_batch
-        order = _ValOrder(n, shard_index, shard_count)
-    ds = grain.MapDataset.range(total).map(order).map(
-        _MakeExample(source, data_config, seed, train))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
-                                              prefetch_buffer_size=2 * local_batch))
-    if train:
-        ds = _SkipBad(ds)
-    ds = ds.batch(local_batch, drop_remainder=train)
-    workers = _num_workers(data_config)
-    if workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size))
-    return iter(_Report(ds, steps, split))
+  Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
+  into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
+  requires the same config, seed, batch size, shards and num_workers.
+  Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
+  Call `it.close()` when done if worker processes were used.
+  """
+  config_lib.validate(data_config)
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  local_batch = _local_batch(global_batch_size, shard_count)
+  source = sources.make_source(data_config, split)
+  n = len(source)
+  train = split == "train"
+  if train:
+    per_host_epoch = (n // shard_count) // local_batch * local_batch
+    if per_host_epoch == 0:
+      raise ValueError(
+          f"{n} train examples are fewer than one global batch " f"({global_batch_size})"
+      )
+    total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
+    order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
+    steps = per_host_epoch // local_batch
+  else:
+    steps = num_eval_batches(data_config, global_batch_size)
+    total = steps * local_batch
+    order = _ValOrder(n, shard_index, shard_count)
+  ds = grain.MapDataset.range(total).map(order).map(_MakeExample(source, data_config, seed, train))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch)
+  )
+  if train:
+    ds = _SkipBad(ds)
+  ds = ds.batch(local_batch, drop_remainder=train)
+  workers = _num_workers(data_config)
+  if workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
+        )
+    )
+  return iter(_Report(ds, steps, split))

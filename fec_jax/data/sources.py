@@ -4,6 +4,7 @@ Every source yields records {'encoded': bytes (an encoded image file) or uint8 [
 array, 'label': int, 'key': str (file name, for error reports)}. Decoding happens later
 in the pipeline's workers, so that a bad file is counted and skipped there.
 """
+
 import functools
 import os
 
@@ -11,171 +12,192 @@ import numpy as np
 from PIL import Image
 
 # torchvision's ImageFolder extensions (compared lower-case).
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 FOLDER_LAYOUT_HELP = (
-    'expected the ImageNet folder layout of the official README: <root>/train/<class>/*.JPEG '
-    'and <root>/val/<class>/*.JPEG (one folder per class, e.g. the WordNet ids n01440764 ...; '
-    'classes are sorted by folder name). For ImageNet, extract ILSVRC2012_img_train.tar '
-    '(and its per-class tars) into train/, and sort the validation images into val/<wnid>/ '
-    '(e.g. with the widely used valprep.sh script).')
+    "expected the ImageNet folder layout of the official README: <root>/train/<class>/*.JPEG "
+    "and <root>/val/<class>/*.JPEG (one folder per class, e.g. the WordNet ids n01440764 ...; "
+    "classes are sorted by folder name). For ImageNet, extract ILSVRC2012_img_train.tar "
+    "(and its per-class tars) into train/, and sort the validation images into val/<wnid>/ "
+    "(e.g. with the widely used valprep.sh script)."
+)
 
 TFDS_HELP = (
-    'TFDS {name} was not found in data_dir {data_dir!r}. ImageNet needs a manual download: '
-    'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) into '
-    '<data_dir>/downloads/manual/, then run once: '
-    'tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record '
-    '(building needs `pip install tensorflow`; training only needs tensorflow-datasets '
-    'and array_record).')
+    "TFDS {name} was not found in data_dir {data_dir!r}. ImageNet needs a manual download: "
+    "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) into "
+    "<data_dir>/downloads/manual/, then run once: "
+    "tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record "
+    "(building needs `pip install tensorflow`; training only needs tensorflow-datasets "
+    "and array_record)."
+)
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The configured data is missing or empty; the message says the expected layout."""
+  """The configured data is missing or empty; the message says the expected layout."""
 
 
 @functools.lru_cache(maxsize=8)
 def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """(classes sorted by folder name, relative file paths as bytes [N], labels int32 [N])."""
-    if not os.path.isdir(split_dir):
-        raise DataNotFoundError(f'{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}')
-    classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
-    paths, labels = [], []
-    for label, cls in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
-            rel = os.path.relpath(dirpath, split_dir)
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(rel, f))
-                    labels.append(label)
-    if not paths:
-        raise DataNotFoundError(f'no images found under {split_dir}; {FOLDER_LAYOUT_HELP}')
-    return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+  """(classes sorted by folder name, relative file paths as bytes [N], labels int32 [N])."""
+  if not os.path.isdir(split_dir):
+    raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
+  classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
+      rel = os.path.relpath(dirpath, split_dir)
+      for f in sorted(files):
+        if f.lower().endswith(IMG_EXTENSIONS):
+          paths.append(os.path.join(rel, f))
+          labels.append(label)
+  if not paths:
+    raise DataNotFoundError(f"no images found under {split_dir}; {FOLDER_LAYOUT_HELP}")
+  return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
 
 
 class FolderSource:
-    """root/<split>/<class>/**/<image>: ImageNet's official layout or any class-folder dataset.
+  """root/<split>/<class>/**/<image>: ImageNet's official layout or any class-folder dataset.
 
-    Labels index the classes of the *train* split sorted by folder name (as torchvision
-    and timm do), so a split missing a class keeps the train labels. `num_classes` must
-    equal the number of train class folders.
-    """
+  Labels index the classes of the *train* split sorted by folder name (as torchvision
+  and timm do), so a split missing a class keeps the train labels. `num_classes` must
+  equal the number of train class folders.
+  """
 
-    def __init__(self, root: str, split: str, num_classes: int, train_split: str = 'train'):
-        train_classes = scan_folder(os.path.join(root, train_split))[0]
-        classes, self._paths, labels = scan_folder(os.path.join(root, split))
-        if len(train_classes) != num_classes:
-            raise ValueError(f'{os.path.join(root, train_split)} has {len(train_classes)} class '
-                             f'folders but config.data.num_classes is {num_classes}')
-        unknown = sorted(set(classes) - set(train_classes))
-        if unknown:
-            raise ValueError(f'{split} has classes not in {train_split}: {unknown[:5]}')
-        to_train = np.array([train_classes.index(c) for c in classes], dtype=np.int32)
-        self._labels = to_train[labels]
-        self._dir = os.path.join(root, split)
-        self.classes = train_classes
+  def __init__(self, root: str, split: str, num_classes: int, train_split: str = "train"):
+    train_classes = scan_folder(os.path.join(root, train_split))[0]
+    classes, self._paths, labels = scan_folder(os.path.join(root, split))
+    if len(train_classes) != num_classes:
+      raise ValueError(
+          f"{os.path.join(root, train_split)} has {len(train_classes)} class "
+          f"folders but config.data.num_classes is {num_classes}"
+      )
+    unknown = sorted(set(classes) - set(train_classes))
+    if unknown:
+      raise ValueError(f"{split} has classes not in {train_split}: {unknown[:5]}")
+    to_train = np.array([train_classes.index(c) for c in classes], dtype=np.int32)
+    self._labels = to_train[labels]
+    self._dir = os.path.join(root, split)
+    self.classes = train_classes
 
-    def __len__(self) -> int:
-        return len(self._paths)
+  def __len__(self) -> int:
+    return len(self._paths)
 
-    def __getitem__(self, index: int) -> dict:
-        rel = self._paths[index].decode()
-        try:
-            with open(os.path.join(self._dir, rel), 'rb') as f:
-                encoded = f.read()
-        except OSError:
-            encoded = b''  # unreadable: counted and skipped by the pipeline
-        return {'encoded': encoded, 'label': int(self._labels[index]), 'key': rel}
+  def __getitem__(self, index: int) -> dict:
+    rel = self._paths[index].decode()
+    try:
+      with open(os.path.join(self._dir, rel), "rb") as f:
+        encoded = f.read()
+    except OSError:
+      encoded = b""  # unreadable: counted and skipped by the pipeline
+    return {"encoded": encoded, "label": int(self._labels[index]), "key": rel}
 
 
 class TfdsSource:
-    """A TFDS dataset read with tfds.data_source (array_record), images left encoded.
+  """A TFDS dataset read with tfds.data_source (array_record), images left encoded.
 
-    `num_classes` (if given) must equal the classes of the dataset's 'label' feature.
-    """
+  `num_classes` (if given) must equal the classes of the dataset's 'label' feature.
+  """
 
-    def __init__(self, name: str, split: str, data_dir: str = '', num_classes=None):
-        import tensorflow_datasets as tfds
-        try:
-            self._ds = tfds.data_source(
-                name, split=split, data_dir=data_dir or None, download=False,
-                decoders={'image': tfds.decode.SkipDecoding()})
-        except Exception as e:  # TFDS raises AssertionError/FileNotFoundError/DatasetNotFoundError
-            raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=data_dir)
-                                    + f' ({type(e).__name__}: {e})') from e
-        if len(self._ds) == 0:
-            raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=data_dir))
-        classes = getattr(self._ds.dataset_info.features['label'], 'num_classes', None)
-        if num_classes is not None and classes is not None and classes != num_classes:
-            raise ValueError(f'TFDS {name} has {classes} classes but config.data.num_classes '
-                             f'is {num_classes}')
+  def __init__(self, name: str, split: str, data_dir: str = "", num_classes=None):
+    import tensorflow_datasets as tfds
 
-    def __len__(self) -> int:
-        return len(self._ds)
+    try:
+      self._ds = tfds.data_source(
+          name,
+          split=split,
+          data_dir=data_dir or None,
+          download=False,
+          decoders={"image": tfds.decode.SkipDecoding()},
+      )
+    except Exception as e:  # TFDS raises AssertionError/FileNotFoundError/DatasetNotFoundError
+      raise DataNotFoundError(
+          TFDS_HELP.format(name=name, data_dir=data_dir) + f" ({type(e).__name__}: {e})"
+      ) from e
+    if len(self._ds) == 0:
+      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=data_dir))
+    classes = getattr(self._ds.dataset_info.features["label"], "num_classes", None)
+    if num_classes is not None and classes is not None and classes != num_classes:
+      raise ValueError(
+          f"TFDS {name} has {classes} classes but config.data.num_classes " f"is {num_classes}"
+      )
 
-    def __getitem__(self, index: int) -> dict:
-        rec = self._ds[index]
-        key = rec.get('file_name', str(index))
-        return {'encoded': rec['image'], 'label': int(rec['label']),
-                'key': key.decode() if isinstance(key, bytes) else str(key)}
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> dict:
+    rec = self._ds[index]
+    key = rec.get("file_name", str(index))
+    return {
+        "encoded": rec["image"],
+        "label": int(rec["label"]),
+        "key": key.decode() if isinstance(key, bytes) else str(key),
+    }
 
 
 @functools.lru_cache(maxsize=4)
 def demo_arrays(image_size: int, val_fraction: float, split: str):
-    """scikit-learn digits (1,797 8x8, 10 classes) -> uint8 [N, S, S, 3], int32 [N].
+  """scikit-learn digits (1,797 8x8, 10 classes) -> uint8 [N, S, S, 3], int32 [N].
 
-    0-16 ink is scaled to 0-255 and upscaled bilinearly to S x S. The held-out split is
-    a stratified `val_fraction` of each class by a fixed permutation (seed 0).
-    """
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    perm = np.random.default_rng(0).permutation(len(digits.target))
-    is_val = np.zeros(len(perm), bool)
-    for c in range(10):
-        members = perm[digits.target[perm] == c]
-        is_val[members[:int(round(len(members) * val_fraction))]] = True
-    keep = np.sort(np.nonzero(is_val if split == 'val' else ~is_val)[0])
-    small = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
-    big = np.stack([np.asarray(Image.fromarray(a).resize((image_size, image_size),
-                                                          Image.Resampling.BILINEAR))
-                    for a in small])
-    return np.repeat(big[..., None], 3, axis=-1), digits.target[keep].astype(np.int32)
+  0-16 ink is scaled to 0-255 and upscaled bilinearly to S x S. The held-out split is
+  a stratified `val_fraction` of each class by a fixed permutation (seed 0).
+  """
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  perm = np.random.default_rng(0).permutation(len(digits.target))
+  is_val = np.zeros(len(perm), bool)
+  for c in range(10):
+    members = perm[digits.target[perm] == c]
+    is_val[members[: int(round(len(members) * val_fraction))]] = True
+  keep = np.sort(np.nonzero(is_val if split == "val" else ~is_val)[0])
+  small = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
+  big = np.stack(
+      [
+          np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.Resampling.BILINEAR))
+          for a in small
+      ]
+  )
+  return np.repeat(big[..., None], 3, axis=-1), digits.target[keep].astype(np.int32)
 
 
 class DemoSource:
-    """The bundled digits demo ('train' or 'val'), see demo_arrays."""
+  """The bundled digits demo ('train' or 'val'), see demo_arrays."""
 
-    def __init__(self, split: str, image_size: int, val_fraction: float):
-        if split not in ('train', 'val'):
-            raise ValueError(f"demo splits are 'train' and 'val', got {split!r}")
-        self._images, self._labels = demo_arrays(image_size, val_fraction, split)
+  def __init__(self, split: str, image_size: int, val_fraction: float):
+    if split not in ("train", "val"):
+      raise ValueError(f"demo splits are 'train' and 'val', got {split!r}")
+    self._images, self._labels = demo_arrays(image_size, val_fraction, split)
 
-    def __len__(self) -> int:
-        return len(self._labels)
+  def __len__(self) -> int:
+    return len(self._labels)
 
-    def __getitem__(self, index: int) -> dict:
-        return {'encoded': self._images[index], 'label': int(self._labels[index]),
-                'key': f'digit-{index}'}
+  def __getitem__(self, index: int) -> dict:
+    return {
+        "encoded": self._images[index],
+        "label": int(self._labels[index]),
+        "key": f"digit-{index}",
+    }
 
 
 def split_name(cfg, split: str) -> str:
-    """Config split name for 'train' / 'val' (see config: train_split, val_split)."""
-    if split not in ('train', 'val'):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    name = cfg.train_split if split == 'train' else cfg.val_split
-    if name:
-        return name
-    return 'validation' if (cfg.source == 'tfds' and split == 'val') else split
+  """Config split name for 'train' / 'val' (see config: train_split, val_split)."""
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  name = cfg.train_split if split == "train" else cfg.val_split
+  if name:
+    return name
+  return "validation" if (cfg.source == "tfds" and split == "val") else split
 
 
 def make_source(cfg, split: str):
-    """The source for a validated data config and split ('train' | 'val')."""
-    name = split_name(cfg, split)
-    if cfg.source == 'folder':
-        if not cfg.root:
-            raise DataNotFoundError(f'config.data.root is empty; {FOLDER_LAYOUT_HELP}')
-        return FolderSource(cfg.root, name, cfg.num_classes, split_name(cfg, 'train'))
-    if cfg.source == 'tfds':
-        return TfdsSource(cfg.tfds_name, name, cfg.tfds_data_dir, cfg.num_classes)
-    if cfg.num_classes != 10:
-        raise ValueError('the demo (digits) has 10 classes; set config.data.num_classes = 10')
-    return DemoSource(name, cfg.demo_image_size, cfg.demo_val_fraction)
+  """The source for a validated data config and split ('train' | 'val')."""
+  name = split_name(cfg, split)
+  if cfg.source == "folder":
+    if not cfg.root:
+      raise DataNotFoundError(f"config.data.root is empty; {FOLDER_LAYOUT_HELP}")
+    return FolderSource(cfg.root, name, cfg.num_classes, split_name(cfg, "train"))
+  if cfg.source == "tfds":
+    return TfdsSource(cfg.tfds_name, name, cfg.tfds_data_dir, cfg.num_classes)
+  if cfg.num_classes != 10:
+    raise ValueError("the demo (digits) has 10 classes; set config.data.num_classes = 10")
+  return DemoSource(name, cfg.demo_image_size, cfg.demo_val_fraction)
