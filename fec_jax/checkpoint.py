@@ -21,7 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fec_jax.model import FEC, create_model
+from fec_jax.model import FEC, create_model, param_shapes
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -88,9 +88,8 @@ def _local_target(model: FEC):
   """The model's param shapes on this process's first device, so that params saved from any
   mesh (e.g. replicated over 8 devices by train.py) restore here."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jax.numpy.float32)  # shapes do not depend on it
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      param_shapes(model))
 
 
 def training_manager(workdir: str, keep: int) -> ocp.CheckpointManager:

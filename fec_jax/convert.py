@@ -20,14 +20,12 @@ from typing import Any, Iterable
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fec_jax.checkpoint import load_pretrained, save_params
-from fec_jax.model import VARIANTS, create_model, torch_module_path, variant_name
+from fec_jax.model import VARIANTS, create_model, param_shapes, torch_module_path, variant_name
 
 LINEAR_MODULES = {"fc1", "fc2", "head"}  # nn.Linear in the official code; other Dense are 1x1 convs
-CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
 
 
 class ConversionError(ValueError):
@@ -60,9 +58,7 @@ def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
 
 def abstract_params(name: str, **overrides) -> dict[str, Any]:
   """Parameter shapes of a variant, without computing anything."""
-  model = create_model(name, **overrides)
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # any valid size: shapes do not depend on it
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+  return param_shapes(create_model(name, **overrides))
 
 
 def expected_torch_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:

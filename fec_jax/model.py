@@ -354,6 +354,12 @@ def variant_name(variant: Variant) -> str:
   return next(name for name, v in VARIANTS.items() if v == variant)
 
 
+def param_shapes(model: FEC) -> dict[str, Any]:
+  """The model's params as ShapeDtypeStructs, computed without running anything."""
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # any valid size: shapes do not depend on it
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+
+
 def init_variables(model: FEC, rng, image_shape=(1, 224, 224, 3)) -> dict[str, Any]:
   """`model.init` for images of `image_shape`, compiled without XLA's backend optimizations.
 
