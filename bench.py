@@ -62,9 +62,11 @@ def jax_train(name: str, batch: int, dtype: str, aggregation: str, warmup: int, 
   state = jax.jit(init, out_shardings=sharding)()
   step = training.make_train_step(model, tx, schedule, config, mesh, sharding)
   rng = np.random.default_rng(0)
+  local = batch // jax.process_count()  # the train loader's batch on this host
   batch_data = training.global_batch({
-      "image": rng.normal(size=(batch // jax.process_count(), 224, 224, 3)).astype(np.float32),
-      "label": rng.integers(0, 1000, batch // jax.process_count()).astype(np.int32)}, mesh)
+      "image": rng.integers(0, 256, (local, 224, 224, 3), dtype=np.uint8),
+      "erase": np.tile(np.array([[40, 60, 50, 30]], np.int32), (local, 1)),  # timm's recipe
+      "label": rng.integers(0, 1000, local).astype(np.int32)}, mesh)
   return measure(lambda s: step(s, batch_data)[0], state, warmup, iters)
 
 

@@ -87,7 +87,7 @@ def main(argv):
                training.scaled_lr(config.base_lr, batch))
 
   train_step = training.make_train_step(model, tx, schedule, config, mesh, state_sharding)
-  eval_step = training.make_eval_step(model, mesh)
+  eval_step = training.make_eval_step(model, config.data, mesh)
 
   def evaluate(params) -> dict[str, float]:
     val = data.create_loader(config.data, "val", config.eval_batch_size, config.seed,

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax.data import mixup
+from fec_jax.data import device_transforms, mixup
 
 DATA_AXIS = "data"
 
@@ -128,32 +128,39 @@ def soft_target_cross_entropy(logits, targets):
   return -jnp.mean(jnp.sum(targets * logp, axis=-1))
 
 
-def per_device_mixup(data_config, mesh: Mesh) -> Callable:
-  """(key, images [B,S,S,3], labels [B]) -> (images, soft targets [B, K]), with Mixup/CutMix
-  drawn separately on each device's shard (partner = that shard reversed), as the official
-  per-GPU mixing does; the key is folded with the device's position on the `data` axis."""
+def per_device_augment(data_config, mesh: Mesh) -> Callable:
+  """(key, images uint8 [B,S,S,3], erase boxes [B,4], labels [B]) -> (images f32, soft targets
+  [B, K]): the device part of the recipe in timm's order (normalize, erasing fill,
+  Mixup/CutMix), drawn separately on each device's shard (Mixup partner = that shard
+  reversed), as the official per-GPU pipeline does; the key is folded with the device's
+  position on the `data` axis."""
   d = data_config
 
-  def mix(key, images, labels):  # images [B / devices, S, S, 3]
-    key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-    return mixup.mixup_cutmix(key, images, labels, d.num_classes, mixup_alpha=d.mixup_alpha,
+  def augment(key, images, boxes, labels):  # [B / devices, ...]
+    erase_key, mix_key = jax.random.split(jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS)))
+    x = device_transforms.normalize(images, d.mean, d.std)
+    if d.reprob > 0:
+      x = device_transforms.erase(erase_key, x, boxes, d.remode)
+    return mixup.mixup_cutmix(mix_key, x, labels, d.num_classes, mixup_alpha=d.mixup_alpha,
                               cutmix_alpha=d.cutmix_alpha, prob=d.mixup_prob,
                               switch_prob=d.mixup_switch_prob,
                               label_smoothing=d.label_smoothing)
 
-  return jax.shard_map(mix, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-                       out_specs=(P(DATA_AXIS), P(DATA_AXIS)))
+  data = P(DATA_AXIS)
+  return jax.shard_map(augment, mesh=mesh, in_specs=(P(), data, data, data),
+                       out_specs=(data, data))
 
 
 def make_train_step(model, tx, schedule, config, mesh: Mesh, state_sharding) -> Callable:
-  """jit(state, batch) -> (state, metrics); batch {'image' [B,S,S,3] f32, 'label' [B] i32}
-  sharded on `data`; metrics {'loss', 'lr', 'grad_norm'} replicated fp32 scalars."""
-  mix = per_device_mixup(config.data, mesh)
+  """jit(state, batch) -> (state, metrics); batch {'image' [B,S,S,3] uint8, 'erase' [B,4] i32,
+  'label' [B] i32} (the train loader's batches) sharded on `data`; metrics {'loss', 'lr',
+  'grad_norm'} replicated fp32 scalars."""
+  augment = per_device_augment(config.data, mesh)
 
   def step_fn(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    mix_key, drop_key = jax.random.split(key)
-    images, targets = mix(mix_key, batch["image"], batch["label"])
+    augment_key, drop_key = jax.random.split(key)
+    images, targets = augment(augment_key, batch["image"], batch["erase"], batch["label"])
 
     def loss_fn(params):
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_key})
@@ -184,10 +191,12 @@ def eval_sums(logits, labels, mask):
           "top5": jnp.sum(hit5 * weight), "count": jnp.sum(weight)}
 
 
-def make_eval_step(model, mesh: Mesh) -> Callable:
-  """jit(params, batch) -> sums (eval_sums) over the global batch, replicated."""
+def make_eval_step(model, data_config, mesh: Mesh) -> Callable:
+  """jit(params, batch) -> sums (eval_sums) over the global batch, replicated; batch
+  {'image' [B,S,S,3] uint8, 'label', 'mask'} (the val loader's batches), normalized here."""
   def step_fn(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
+    images = device_transforms.normalize(batch["image"], data_config.mean, data_config.std)
+    logits = model.apply({"params": params}, images, train=False)
     return eval_sums(logits, batch["label"], batch["mask"])
 
   return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from fec_jax import interpret
 from fec_jax.checkpoint import load_pretrained
-from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fec_jax.data.device_transforms import normalize
+from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.imagenet_classes import imagenet_class_names
 
 GROUP_COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
   for first in range(0, len(args.image), batch):
     paths = args.image[first:first + batch]
     loaded = [load_image(p, size) for p in paths]
-    x = np.stack([normalize(r, IMAGENET_MEAN, IMAGENET_STD) for _, r in loaded])
+    x = np.asarray(normalize(np.stack([np.asarray(r) for _, r in loaded]), IMAGENET_MEAN, IMAGENET_STD))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
     clusters = cluster_maps(model, variables, x, False)
     clusters = jax.tree.map(lambda a: np.asarray(a)[:len(paths)], clusters)  # drop the padding

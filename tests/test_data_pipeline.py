@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import fec_jax.data as fd
-from fec_jax.data import mixup, sources, transforms
+from fec_jax.data import device_transforms, mixup, sources, transforms
 from imagenet_fixture import WNIDS, make_imagenet_folder
 
 
@@ -46,8 +46,9 @@ def test_train_batches_deterministic_and_per_epoch_shuffled(folder):
     b = list(fd.create_loader(cfg, 'train', 4, seed=3, num_epochs=2))
     c = list(fd.create_loader(cfg, 'train', 4, seed=4, num_epochs=2))
     assert len(a) == 8 and a[0]['image'].shape == (4, 32, 32, 3)
-    assert a[0]['image'].dtype == np.float32 and a[0]['label'].dtype == np.int32
-    assert set(a[0]) == {'image', 'label'}
+    assert a[0]['image'].dtype == np.uint8 and a[0]['label'].dtype == np.int32
+    assert set(a[0]) == {'image', 'label', 'erase'}
+    assert a[0]['erase'].shape == (4, 4) and a[0]['erase'].dtype == np.int32
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x['image'], y['image'])
     assert any(not np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
@@ -171,12 +172,61 @@ def test_decode_modes():
            (Image.fromarray(np.full((8, 9), 40000, np.uint16)), 'PNG')]
     for img, fmt in odd:
         out, converted = transforms.decode(_encode(img, fmt))
-        assert out.mode == 'RGB' and out.size == (9, 8) and converted, img.mode
-    assert np.asarray(out)[0, 0, 0] == round(40000 / 257)  # 16-bit scaled, not clipped
+        assert out.shape == (8, 9, 3) and out.dtype == np.uint8 and converted, img.mode
+    assert out[0, 0, 0] == round(40000 / 257)  # 16-bit scaled, not clipped
     out, converted = transforms.decode(_encode(Image.fromarray(rgb), 'PNG'))
-    assert not converted and np.array_equal(np.asarray(out), rgb)
+    assert not converted and np.array_equal(out, rgb)
     with pytest.raises(transforms.BadImageError):
         transforms.decode(b'not an image')
+
+
+def test_jpeg_decode_matches_pil():
+    """The simplejpeg fast path gives PIL's pixels for the JPEG kinds of real datasets; CMYK and
+    damaged files go through PIL (converted, or BadImageError for a truncated file)."""
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).resize(
+        (101, 77), Image.Resampling.BICUBIC)
+    kinds = {'4:2:0': dict(quality=90), '4:4:4': dict(subsampling=0), '4:2:2': dict(subsampling=1),
+             'progressive': dict(progressive=True), 'optimized': dict(optimize=True)}
+    for name, options in kinds.items():
+        buf = io.BytesIO()
+        base.save(buf, 'JPEG', **options)
+        out, converted = transforms.decode(buf.getvalue())
+        want = Image.open(io.BytesIO(buf.getvalue())).convert('RGB')
+        np.testing.assert_array_equal(out, np.asarray(want), err_msg=name)
+        assert not converted, name
+    for img in (base.convert('L'), base.convert('CMYK')):
+        encoded = _encode(img, 'JPEG')
+        out, converted = transforms.decode(encoded)
+        want = Image.open(io.BytesIO(encoded)).convert('RGB')
+        np.testing.assert_array_equal(out, np.asarray(want), err_msg=img.mode)
+        assert converted, img.mode
+    encoded = _encode(base, 'JPEG')
+    with pytest.raises(transforms.BadImageError, match='truncated'):
+        transforms.decode(encoded[:len(encoded) // 2])
+
+
+def test_device_normalize_and_erase_modes():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
+    mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+    x = np.asarray(device_transforms.normalize(images, mean, std))
+    want = (images.astype(np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)  # torchvision's formula, float32
+    boxes = np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.int32)  # image 1: no box
+    inside = np.zeros((2, 6, 7, 1), bool)
+    inside[0, 1:4, 2:6] = True
+    for mode in ('pixel', 'rand', 'const'):
+        out = np.asarray(device_transforms.erase(jax.random.key(0), x, boxes, mode))
+        np.testing.assert_array_equal(np.where(inside, 0, out), np.where(inside, 0, x))
+        fill = out[0, 1:4, 2:6]  # [3, 4, 3]
+        assert (fill != x[0, 1:4, 2:6]).all(), mode
+        if mode == 'rand':  # one value per channel
+            np.testing.assert_array_equal(fill, np.broadcast_to(fill[:1, :1], fill.shape))
+        if mode == 'const':
+            assert not fill.any()
+    with pytest.raises(ValueError, match="'pixel', 'rand' or 'const'"):
+        device_transforms.erase(jax.random.key(0), x, boxes, 'noise')
 
 
 def test_missing_data_errors(tmp_path):
@@ -206,11 +256,11 @@ def test_eval_transform_resize_and_center_crop():
     cfg = fd.default_config()
     rng = np.random.default_rng(0)
     src = Image.fromarray(rng.integers(0, 255, (333, 500, 3), dtype=np.uint8))
-    x = transforms.eval_transform(src, cfg)
+    x = transforms.eval_transform(np.asarray(src), cfg)
     resized = src.resize((372, 248), Image.Resampling.BICUBIC)  # int(248 * 500 / 333) = 372
     want = resized.crop((74, 12, 298, 236))  # round(148 / 2), round(24 / 2)
-    np.testing.assert_allclose(x, transforms.normalize(want, cfg.mean, cfg.std), atol=1e-6)
-    assert x.shape == (224, 224, 3)
+    np.testing.assert_array_equal(x, np.asarray(want))
+    assert x.shape == (224, 224, 3) and x.dtype == np.uint8
 
 
 def test_demo_source_split_and_loader():

@@ -84,7 +84,7 @@ def test_records_and_counts(tfds_dir):
     for r in records:
         assert isinstance(r['encoded'], bytes) and r['label'] == _label(r['key'])
         img, converted = transforms.decode(r['encoded'])
-        assert img.size == (80, 64) and img.mode == 'RGB' and not converted
+        assert img.shape == (64, 80, 3) and not converted
     with pytest.raises(ValueError, match='1000 classes but config.data.num_classes is 3'):
         fd.create_loader(_cfg(tfds_dir, num_classes=3), 'train', 4, seed=0)
 
@@ -95,10 +95,10 @@ def test_train_loader_full_recipe(tfds_dir):
     it = fd.create_loader(cfg, 'train', 4, seed=0)
     batches = [next(it) for _ in range(fd.steps_per_epoch(cfg, 4))]  # one epoch
     for b in batches:
-        assert set(b) == {'image', 'label'}
-        assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.float32
+        assert set(b) == {'image', 'label', 'erase'}
+        assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
         assert b['label'].shape == (4,) and b['label'].dtype == np.int32
-        assert np.isfinite(b['image']).all() and np.abs(b['image']).max() < 10  # normalized
+        assert b['erase'].shape == (4, 4) and (b['erase'][:, 2:] <= 32).all()
     labels = np.concatenate([b['label'] for b in batches])
     assert Counter(labels.tolist()) == {c: PER_CLASS for c in range(NUM_CLASSES)}
     assert it.stats() == {'bad': 0, 'converted': 0}

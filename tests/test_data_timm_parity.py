@@ -12,11 +12,12 @@ import math
 import os
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from fec_jax.data import randaugment, transforms
+from fec_jax.data import device_transforms, randaugment, transforms
 
 torch = pytest.importorskip('torch', reason='timm parity needs torch (CPU is enough)')
 
@@ -155,23 +156,29 @@ def test_parse_matches_timm(timm_aa, config_str):
 
 
 def test_random_erasing_matches_timm(monkeypatch):
-    """Box placement (mode 'const': exact) and the pixel-mode region, same draws."""
+    """Same draws: the host box (erase_params) and the device fill (device_transforms.erase)
+    give timm's result exactly in mode 'const' and erase exactly timm's region in 'pixel'."""
     timm_re = _load_timm('random_erasing')
+    erase = jax.jit(device_transforms.erase, static_argnums=3)
     rng = np.random.default_rng(2)
+    erased = 0
     for trial in range(40):
         values = list(rng.random(25))
         x = rng.standard_normal((3, 40, 52)).astype(np.float32)
+        box = transforms.erase_params(Script(values), 40, 52, 0.6)
+        erased += int(box[2] > 0)
         for mode in ('const', 'pixel'):
             monkeypatch.setattr(timm_re, 'random', Script(values))
-            erase = timm_re.RandomErasing(0.6, mode=mode, device='cpu')
-            want = erase(torch.from_numpy(x.copy())).numpy().transpose(1, 2, 0)
-            got = transforms.random_erasing(Script(values), x.transpose(1, 2, 0).copy(), 0.6,
-                                            mode)
+            timm_erase = timm_re.RandomErasing(0.6, mode=mode, device='cpu')
+            want = timm_erase(torch.from_numpy(x.copy())).numpy().transpose(1, 2, 0)
+            got = np.asarray(erase(jax.random.key(trial), x.transpose(1, 2, 0)[None],
+                                   box[None], mode))[0]
             changed_want = np.any(want != x.transpose(1, 2, 0), axis=-1)
             changed_got = np.any(got != x.transpose(1, 2, 0), axis=-1)
             np.testing.assert_array_equal(changed_got, changed_want)
             if mode == 'const':
                 np.testing.assert_array_equal(got, want)
+    assert 10 < erased < 35  # both outcomes of the 0.6 gate were exercised
 
 
 def _timm_rrc_params(width, height, scale, ratio, script):

@@ -20,7 +20,8 @@ from sklearn.datasets import load_sample_image
 
 from fec_jax import cluster_assignments, create_model, interpret, visualize
 from fec_jax.checkpoint import save_params
-from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fec_jax.data.device_transforms import normalize
+from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.model import FEC, Variant
 
 
@@ -43,7 +44,7 @@ def sample_images(size):
   """scikit-learn's two sample photos resized to (H, W), ImageNet-normalized: [2, H, W, 3]."""
   photos = [Image.fromarray(load_sample_image(n)).resize(size[::-1], Image.Resampling.BICUBIC)
             for n in ("china.jpg", "flower.jpg")]
-  return np.stack([normalize(p, IMAGENET_MEAN, IMAGENET_STD) for p in photos])
+  return np.asarray(normalize(np.stack([np.asarray(p) for p in photos]), IMAGENET_MEAN, IMAGENET_STD))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Training parity with the PyTorch reference (issue 3, item 9).
 
-From identical weights and batches (no augmentation, no dropout, float32), 20 steps of our
+From identical weights and batches (uint8 images that our step normalizes on device and the
+reference gets normalized; no augmentation, no dropout, float32), 20 steps of our
 train step (optax AdamW + weight-decay mask + per-epoch warmup/cosine/cooldown schedule) and of
 the PyTorch reference model trained with torch.optim.AdamW on timm's parameter groups, with the
 lr set once per epoch as timm's CosineLRScheduler does, give the same per-step losses.
@@ -28,6 +29,12 @@ def parity_config() -> ml_collections.ConfigDict:
   c.warmup_lr, c.min_lr = 1e-6, 1e-6
   c.ema_decay = 0.0
   return c
+
+
+def normalized(images, data_config):
+  """torchvision ToTensor + Normalize, in numpy: uint8 [B, H, W, 3] -> float32."""
+  mean, std = np.float32(data_config.mean), np.float32(data_config.std)
+  return (images.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 def timm_epoch_lr(epoch: int, c) -> float:
@@ -59,7 +66,7 @@ def torch_losses(state_dict, batches, c) -> list[float]:
   for step, (images, labels) in enumerate(batches):
     for group in opt.param_groups:
       group["lr"] = timm_epoch_lr(step // STEPS_PER_EPOCH, c)
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    x = torch.from_numpy(normalized(images, c.data).transpose(0, 3, 1, 2).copy())
     loss = torch.nn.functional.cross_entropy(model(x), torch.from_numpy(labels).long())
     opt.zero_grad()
     loss.backward()
@@ -82,7 +89,8 @@ def jax_losses(params, batches, c) -> list[float]:
   step = training.make_train_step(model, tx, schedule, c, mesh, sharding)
   losses, lrs = [], []
   for images, labels in batches:
-    state, metrics = step(state, training.global_batch({"image": images, "label": labels}, mesh))
+    batch = {"image": images, "erase": np.zeros((len(images), 4), np.int32), "label": labels}
+    state, metrics = step(state, training.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
     lrs.append(float(metrics["lr"]))
   np.testing.assert_allclose(lrs, [timm_epoch_lr(s // STEPS_PER_EPOCH, c) for s in range(STEPS)],
@@ -93,7 +101,7 @@ def jax_losses(params, batches, c) -> list[float]:
 def test_twenty_steps_match_torch_adamw_with_timm_groups():
   c = parity_config()
   rng = np.random.default_rng(0)
-  distinct = [(rng.standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32),
+  distinct = [(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
                rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(2)]
   batches = [distinct[i % 2] for i in range(STEPS)]  # cycled, so that the loss can fall
   torch.manual_seed(0)

@@ -83,30 +83,42 @@ def test_soft_target_cross_entropy_and_eval_sums():
   assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
 
 
-MIXUP_ON_4_DEVICES = """
+AUGMENT_ON_4_DEVICES = """
 import jax, jax.numpy as jnp
 from fec_jax import data, training
 c = data.default_config()
-c.num_classes = 4
-mix = jax.jit(training.per_device_mixup(c, training.create_mesh()))
+c.num_classes, c.reprob = 4, 0.0
+c.mean, c.std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalize(x) = x
+mesh = training.create_mesh()
+augment = jax.jit(training.per_device_augment(c, mesh))
 n = 8  # 2 images per device
-images = jnp.arange(n, dtype=jnp.float32).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3))
+images = jnp.arange(n, dtype=jnp.uint8).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3), jnp.uint8)
+labels, no_erase = jnp.arange(n) % 4, jnp.zeros((n, 4), jnp.int32)
 for seed in range(4):
-  out, targets = mix(jax.random.key(seed), images, jnp.arange(n) % 4)
-  assert out.shape == images.shape and targets.shape == (n, 4)
+  out, targets = augment(jax.random.key(seed), images, no_erase, labels)
+  assert out.shape == images.shape and out.dtype == jnp.float32 and targets.shape == (n, 4)
   assert bool(jnp.allclose(targets.sum(-1), 1.0, atol=1e-5))
   for d in range(4):  # each device mixes only its own two images (partner = its shard reversed)
     shard = out[2 * d:2 * d + 2]
-    assert float(shard.min()) >= 2 * d and float(shard.max()) <= 2 * d + 1, (seed, d, shard)
-  assert not bool(jnp.array_equal(out, images))  # something was mixed
+    assert float(shard.min()) >= 2 * d - 1e-4 and float(shard.max()) <= 2 * d + 1 + 1e-4, shard
+  assert not bool(jnp.allclose(out, images))  # something was mixed
+c.reprob, c.mixup_prob = 1.0, 0.0  # erasing only: a 2x2 box at (1, 1) in every image
+erase = jax.jit(training.per_device_augment(c, mesh))
+boxes = jnp.tile(jnp.array([[1, 1, 2, 2]], jnp.int32), (n, 1))
+out, _ = erase(jax.random.key(0), images, boxes, labels)
+inside = jnp.zeros((4, 4), bool).at[1:3, 1:3].set(True)[None, :, :, None]
+assert bool(jnp.allclose(jnp.where(inside, 0.0, out), jnp.where(inside, 0.0, images), atol=1e-4))
+fills = out[:, 1:3, 1:3]
+assert float(jnp.abs(fills - images[:, 1:3, 1:3]).min()) > 0  # every box pixel refilled
+assert len({tuple(f.ravel().tolist()) for f in fills}) == n  # a draw per image and device
 print("ok")
 """
 
 
-def test_mixup_draws_partners_within_each_device_shard():
+def test_augment_normalizes_erases_and_mixes_within_each_device_shard():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-  out = subprocess.run([sys.executable, "-c", MIXUP_ON_4_DEVICES], env=env, cwd=REPO,
+  out = subprocess.run([sys.executable, "-c", AUGMENT_ON_4_DEVICES], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 

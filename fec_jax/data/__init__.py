@@ -5,6 +5,8 @@ Public API:
   create_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
   num_examples(cfg, split), steps_per_epoch(cfg, global_batch_size, shard_count),
   num_eval_batches(cfg, global_batch_size)             -- pipeline.py
+  device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
+                                                       -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
   DataNotFoundError                                    -- missing/empty data (sources.py)
 Benchmark: python -m fec_jax.data.bench

@@ -90,8 +90,9 @@ class _ValOrder:
 
 
 class _MakeExample:
-  """(record index, epoch, position) -> {'image' float32 [S, S, 3], 'label' int32,
-  'mask' bool, 'num_bad' int32, 'num_converted' int32}; never raises on bad images."""
+  """(record index, epoch, position) -> {'image' uint8 [S, S, 3], 'label' int32, 'mask' bool,
+  'num_bad' int32, 'num_converted' int32, train: 'erase' int32 [4]}; never raises on bad
+  images."""
 
   def __init__(self, source, cfg, seed: int, train: bool):
     self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
@@ -101,33 +102,30 @@ class _MakeExample:
     index, epoch, position = item
     size = self._cfg.image_size
     out = {
-        "image": np.zeros((size, size, 3), np.float32),
+        "image": np.zeros((size, size, 3), np.uint8),
         "label": np.int32(0),
         "mask": False,
         "num_bad": np.int32(0),
         "num_converted": np.int32(0),
     }
+    if self._train:
+      out["erase"] = transforms.NO_ERASE
     if index < 0:
       return out
     record = self._source[index]
     try:
-      img, converted = transforms.decode(record["encoded"])
+      image, converted = transforms.decode(record["encoded"])
     except transforms.BadImageError as e:
       log.warning("bad image %s skipped: %s", record["key"], e)
       out["num_bad"] = np.int32(1)
       return out
     if self._train:
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
-      image = transforms.train_transform(rng, img, self._cfg, *self._ra)
+      out["image"], out["erase"] = transforms.train_transform(rng, image, self._cfg, *self._ra)
     else:
-      image = transforms.eval_transform(img, self._cfg)
-    return {
-        "image": image,
-        "label": np.int32(record["label"]),
-        "mask": True,
-        "num_bad": np.int32(0),
-        "num_converted": np.int32(converted),
-    }
+      out["image"] = transforms.eval_transform(image, self._cfg)
+    out.update(label=np.int32(record["label"]), mask=True, num_converted=np.int32(converted))
+    return out
 
 
 class _SkipBad(grain.IterDataset):
@@ -225,8 +223,11 @@ def create_loader(
   """A grain DatasetIterator over batches of one host's shard of a split.
 
   Yields dicts of numpy arrays, local_batch = global_batch_size // shard_count:
-    'image': float32 [local_batch, S, S, 3], normalized NHWC (S = image_size);
+    'image': uint8 [local_batch, S, S, 3] NHWC (S = image_size), normalized on device
+             (device_transforms.normalize);
     'label': int32 [local_batch];
+    'erase': int32 [local_batch, 4], train only: random erasing boxes (top, left, h, w),
+             filled on device (device_transforms.erase); zero size = none;
     'mask':  bool [local_batch], val only: False for padding and bad images.
   train ('train'): shuffled per epoch from `seed`, drop remainder per epoch, the full
     train transform; `num_epochs` None = endless (recommended: count steps with
@@ -234,7 +235,8 @@ def create_loader(
     drops its own remainder at the very end, so up to W - 1 batches fewer).
   val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
     padding masked (`num_epochs` is ignored).
-  Mixup/CutMix is not applied here: it runs on device (fec_jax.data.mixup).
+  Normalization, the erasing fill and Mixup/CutMix run on device (device_transforms, mixup;
+  training.per_device_augment applies them in timm's order).
 
   Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming

@@ -5,7 +5,10 @@ Every op that draws random numbers takes an `rng` with the methods of
 the same order as timm's code draws from Python's `random`, so that tests can
 replay one stream of uniforms through both implementations.
 
-Images are PIL images until `normalize`, then float32 HWC arrays.
+The host does what needs the decoded image: decode, crop and resize, flip, RandAugment.
+It hands out uint8 [S, S, 3] images and, for training, the random erasing box; the float
+ops (normalization, the erasing fill) run on device (fec_jax.data.device_transforms),
+which moves 4x fewer bytes between worker processes and to the device.
 """
 
 import io
@@ -13,6 +16,7 @@ import math
 
 import numpy as np
 from PIL import Image
+import simplejpeg
 
 from fec_jax.data import randaugment
 
@@ -27,14 +31,51 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+NO_ERASE = np.zeros(4, np.int32)  # an erasing box (top, left, h, w) of zero size
+
+# JPEG colour spaces that simplejpeg decodes to RGB exactly as PIL's open + convert("RGB").
+_FAST_JPEG_SPACES = {"YCbCr": False, "Gray": True}  # -> converted
 
 
 class BadImageError(ValueError):
   """The bytes of a record are not a decodable image."""
 
 
-def decode(encoded) -> tuple[Image.Image, bool]:
-  """Decodes an encoded image (bytes) or a uint8 HW/HWC array to an RGB PIL image.
+def _decode_jpeg(encoded: bytes):
+  """(uint8 [H, W, 3], converted) with simplejpeg, or None where PIL must decode.
+
+  simplejpeg and Pillow wheels both decode with libjpeg-turbo (islow DCT, fancy
+  upsampling), so the pixels are the same (tests/test_data_pipeline.py checks this)
+  and simplejpeg is about 40% faster, most of all by skipping PIL's RGB -> RGBX
+  unpacking. CMYK/YCCK files and anything libjpeg only warns about (which simplejpeg's
+  strict mode raises on and PIL tolerates) go to PIL, whose result timm would see.
+  """
+  try:
+    colorspace = simplejpeg.decode_jpeg_header(encoded)[2]
+    if colorspace not in _FAST_JPEG_SPACES:
+      return None
+    return simplejpeg.decode_jpeg(encoded, colorspace="RGB"), _FAST_JPEG_SPACES[colorspace]
+  except ValueError:
+    return None
+
+
+def _decode_pil(encoded: bytes) -> tuple[np.ndarray, bool]:
+  try:
+    img = Image.open(io.BytesIO(encoded))
+    img.load()
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+    raise BadImageError(f"{type(e).__name__}: {e}") from e
+  if img.mode == "RGB":
+    return np.asarray(img), False
+  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    arr = np.asarray(img, dtype=np.float64)
+    scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+    img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
+  return np.asarray(img.convert("RGB")), True
+
+
+def decode(encoded) -> tuple[np.ndarray, bool]:
+  """Decodes an encoded image (bytes) or a uint8 HW/HWC array to uint8 RGB [H, W, 3].
 
   Returns (image, converted) where `converted` says the input was not 8-bit RGB
   (grayscale, palette, CMYK, RGBA, 16-bit, ...). Raises BadImageError for empty,
@@ -43,19 +84,12 @@ def decode(encoded) -> tuple[Image.Image, bool]:
   as torchvision's ImageFolder loader does (alpha is dropped, CMYK converted naively).
   """
   if isinstance(encoded, np.ndarray):
-    return Image.fromarray(encoded).convert("RGB"), encoded.ndim != 3
-  try:
-    img = Image.open(io.BytesIO(encoded))
-    img.load()
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-    raise BadImageError(f"{type(e).__name__}: {e}") from e
-  if img.mode == "RGB":
-    return img, False
-  if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-    arr = np.asarray(img, dtype=np.float64)
-    scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
-    img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
-  return img.convert("RGB"), True
+    return np.asarray(Image.fromarray(encoded).convert("RGB")), encoded.ndim != 3
+  if encoded[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+    fast = _decode_jpeg(encoded)
+    if fast is not None:
+      return fast
+  return _decode_pil(encoded)
 
 
 def rrc_params(rng, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -88,11 +122,13 @@ def pick_interpolation(rng, name: str):
   return INTERPOLATIONS[name]
 
 
-def random_resized_crop(rng, img: Image.Image, size: int, scale, ratio, interpolation: str):
-  """[H, W] image -> [size, size]: crop then resize, as torchvision's F.resized_crop on PIL."""
-  top, left, h, w = rrc_params(rng, img.width, img.height, scale, ratio)
+def random_resized_crop(rng, image: np.ndarray, size: int, scale, ratio, interpolation: str):
+  """uint8 [H, W, 3] -> PIL [size, size]: crop then resize, as torchvision's F.resized_crop
+  on PIL (cropping the array first only copies the crop into PIL)."""
+  top, left, h, w = rrc_params(rng, image.shape[1], image.shape[0], scale, ratio)
   resample = pick_interpolation(rng, interpolation)
-  return img.crop((left, top, left + w, top + h)).resize((size, size), resample)
+  crop = Image.fromarray(np.ascontiguousarray(image[top : top + h, left : left + w]))
+  return crop.resize((size, size), resample)
 
 
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
@@ -113,14 +149,6 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
   return img.crop((left, top, left + size, top + size))
 
 
-def normalize(img: Image.Image, mean, std) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 (x / 255 - mean) / std, [H, W, 3]."""
-  x = np.asarray(img).astype(np.float32)  # (asarray(img, float32) is 3x slower)
-  x *= np.float32(1.0 / 255.0) / np.asarray(std, np.float32)
-  x -= np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-  return x
-
-
 def erase_box(rng, height: int, width: int, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
   """One random erasing box (top, left, h, w) or None: timm RandomErasing._erase, count 1."""
   log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -137,46 +165,32 @@ def erase_box(rng, height: int, width: int, min_area=0.02, max_area=1 / 3, min_a
   return None
 
 
-def random_erasing(rng, x: np.ndarray, prob: float, mode: str) -> np.ndarray:
-  """Random erasing on a normalized [H, W, C] float image, in place (timm RandomErasing).
-
-  mode 'pixel': per-pixel N(0, 1); 'rand': per-channel N(0, 1); 'const': zeros.
-  The recipe applies it after normalization (reference section 8).
-  """
+def erase_params(rng, height: int, width: int, prob: float) -> np.ndarray:
+  """timm RandomErasing's draws for one image: int32 [4] box (top, left, h, w), NO_ERASE when
+  the gate or all ten tries fail. The fill is drawn on device (device_transforms.erase)."""
   if rng.random() > prob:
-    return x
-  box = erase_box(rng, x.shape[0], x.shape[1])
-  if box is None:
-    return x
-  top, left, h, w = box
-  if mode == "pixel":
-    fill = rng.standard_normal((h, w, x.shape[2]), dtype=np.float32)
-  elif mode == "rand":
-    fill = rng.standard_normal((1, 1, x.shape[2]), dtype=np.float32)
-  else:
-    fill = np.float32(0.0)
-  x[top : top + h, left : left + w] = fill
-  return x
+    return NO_ERASE
+  box = erase_box(rng, height, width)
+  return NO_ERASE if box is None else np.asarray(box, np.int32)
 
 
-def train_transform(rng, img: Image.Image, cfg, ra_spec, ra_hparams) -> np.ndarray:
-  """The official train transform (reference section 8) -> float32 [S, S, 3].
+def train_transform(rng, image: np.ndarray, cfg, ra_spec, ra_hparams):
+  """The host part of the official train transform (reference section 8).
 
-  random resized crop -> horizontal flip -> RandAugment -> normalize -> random erasing.
-  `cfg` is a validated data config (fec_jax.data.config); `ra_spec`/`ra_hparams` come from
-  `randaugment_setup(cfg)` (None: RandAugment off).
+  uint8 [H, W, 3] -> (uint8 [S, S, 3], erase box int32 [4]): random resized crop ->
+  horizontal flip -> RandAugment; normalization and the erasing fill follow on device
+  (device_transforms.normalize, .erase), in timm's order. `cfg` is a validated data
+  config; `ra_spec`/`ra_hparams` come from `randaugment_setup(cfg)` (None: RandAugment off).
   """
   img = random_resized_crop(
-      rng, img, cfg.image_size, tuple(cfg.scale), tuple(cfg.ratio), cfg.interpolation
+      rng, image, cfg.image_size, tuple(cfg.scale), tuple(cfg.ratio), cfg.interpolation
   )
   if cfg.hflip > 0 and rng.random() < cfg.hflip:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if ra_spec is not None:
     img = randaugment.rand_augment(rng, img, ra_spec, ra_hparams)
-  x = normalize(img, cfg.mean, cfg.std)
-  if cfg.reprob > 0:
-    x = random_erasing(rng, x, cfg.reprob, cfg.remode)
-  return x
+  box = erase_params(rng, img.height, img.width, cfg.reprob) if cfg.reprob > 0 else NO_ERASE
+  return np.asarray(img), box
 
 
 def randaugment_setup(cfg):
@@ -187,8 +201,9 @@ def randaugment_setup(cfg):
   return randaugment.parse(cfg.rand_augment), randaugment.hparams_for(cfg.mean, resample)
 
 
-def eval_transform(img: Image.Image, cfg) -> np.ndarray:
-  """Eval transform: shorter side to floor(size / crop_pct), center crop -> float32 [S, S, 3]."""
+def eval_transform(image: np.ndarray, cfg) -> np.ndarray:
+  """Eval transform, uint8 [H, W, 3] -> uint8 [S, S, 3]: shorter side to
+  floor(size / crop_pct), center crop (normalization follows on device)."""
   scale_size = math.floor(cfg.image_size / cfg.crop_pct)
-  img = resize_shorter(img, scale_size, INTERPOLATIONS[cfg.eval_interpolation])
-  return normalize(center_crop(img, cfg.image_size), cfg.mean, cfg.std)
+  img = resize_shorter(Image.fromarray(image), scale_size, INTERPOLATIONS[cfg.eval_interpolation])
+  return np.asarray(center_crop(img, cfg.image_size))
