@@ -66,16 +66,13 @@ def main(argv):
   model = create_model(config.model.name, dtype=jnp.dtype(config.model.dtype), **overrides)
   schedule = training.lr_schedule(config, steps_per_epoch)
   tx = training.create_optimizer(config, schedule)
-  init = lambda: training.init_state(model, tx, config, config.data.image_size)
-  abstract = jax.eval_shape(init)
-  state_sharding = jax.tree.map(lambda _: training.replicated(mesh), abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
+  abstract = training.abstract_state(model, tx, config, mesh)
+  state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
 
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
   resume = mngr.latest_step()
   if resume is None:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = training.create_state(model, tx, config, mesh)
   else:
     state = checkpoint.restore_training(mngr, abstract, train_iter, resume)
     logging.info("resumed at step %d from %s", resume, workdir)
