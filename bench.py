@@ -57,8 +57,8 @@ def jax_train(name: str, batch: int, dtype: str, aggregation: str, warmup: int, 
                        drop_path_rate=config.model.drop_path_rate)
   schedule = training.lr_schedule(config, steps_per_epoch=1000)
   tx = training.create_optimizer(config, schedule)
-  state = training.create_state(model, tx, config, mesh)
-  sharding = jax.tree.map(lambda a: a.sharding, state)
+  sharding = jax.tree.map(lambda a: a.sharding, training.abstract_state(model, tx, config, mesh))
+  state = training.create_state(model, tx, config, sharding)
   step = training.make_train_step(model, tx, schedule, config, mesh, sharding)
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()  # the train loader's batch on this host

@@ -64,7 +64,8 @@ def main(argv):
                              jax.process_index(), jax.process_count())
   except data.DataNotFoundError as e:
     sys.exit(f"error: {e}")
-  result = training.evaluate(training.make_eval_step(model, config.data, mesh), variables["params"], val, mesh)
+  eval_step = training.make_eval_step(model, config.data, mesh)
+  result = training.evaluate(eval_step, variables["params"], val, mesh)
   logging.info("evaluated %s", directory)
   print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
         f"({data.num_examples(config.data, 'val')} {config.data.source} val images)")

@@ -72,7 +72,7 @@ def main(argv):
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
   resume = mngr.latest_step()
   if resume is None:
-    state = training.create_state(model, tx, config, mesh)
+    state = training.create_state(model, tx, config, state_sharding)
   else:
     state = checkpoint.restore_training(mngr, abstract, train_iter, resume)
     logging.info("resumed at step %d from %s", resume, workdir)

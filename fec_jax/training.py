@@ -128,10 +128,10 @@ def abstract_state(model, tx, config, mesh: Mesh) -> TrainState:
                       shapes)
 
 
-def create_state(model, tx, config, mesh: Mesh) -> TrainState:
-  """init_state run once, replicated on the mesh, compiled without XLA's backend optimizations
-  (as fec_jax.init_variables: the fully optimized CPU compile of init takes ~4x longer)."""
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_state(model, tx, config, mesh))
+def create_state(model, tx, config, shardings) -> TrainState:
+  """init_state run once with the given state shardings (those of abstract_state), compiled
+  without XLA's backend optimizations (as fec_jax.init_variables: the fully optimized CPU
+  compile of init takes ~4x longer)."""
   init = jax.jit(lambda: init_state(model, tx, config, config.data.image_size),
                  out_shardings=shardings)
   return init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()

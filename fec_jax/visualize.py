@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
   for first in range(0, len(args.image), batch):
     paths = args.image[first:first + batch]
     loaded = [load_image(p, size) for p in paths]
-    x = np.asarray(normalize(np.stack([np.asarray(r) for _, r in loaded]), IMAGENET_MEAN, IMAGENET_STD))
+    pixels = np.stack([np.asarray(r) for _, r in loaded])  # uint8 [n, H, W, 3]
+    x = np.asarray(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
     clusters = cluster_maps(model, variables, x, False)
     clusters = jax.tree.map(lambda a: np.asarray(a)[:len(paths)], clusters)  # drop the padding

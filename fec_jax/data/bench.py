@@ -4,11 +4,11 @@
 
 Writes (or reuses) a generated JPEG folder with ImageNet-like sizes (mostly 500x375 /
 375x500 / 500x333 / 500x500, some larger; textured content, quality 90, about 110 KB on
-average like ImageNet's train JPEGs),
-then times, in this single process (one core), file read + decode + the host part of the
-official train transform (uint8 out; normalization and the erasing fill run on device) and
-file read + decode + the eval transform. With --loader-workers N it also
-times the full grain loader with N worker processes (images/s for the whole host).
+average like ImageNet's train JPEGs), then times, in this single process (one core), file
+read + decode + the host part of the official train transform (uint8 out; normalization and
+the erasing fill run on device) and file read + decode + the eval transform. With
+--loader-workers N it also times the full grain loader with N worker processes (images/s for
+the whole host).
 """
 
 import argparse
