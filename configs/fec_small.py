@@ -13,6 +13,7 @@ from fec_jax import data
 
 def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "classification"  # fec_jax.tasks
   c.model = ml_collections.ConfigDict()
   c.model.name = model  # a registered classification variant (fec_jax.list_models())
   c.model.drop_path_rate = drop_path_rate
@@ -21,6 +22,11 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.data = data.default_config()  # ImageNet folder layout, official augmentation and Mixup/CutMix
 
   c.seed = 0
+  # Fine-tuning: start a fresh workdir from these weights (a convert_torch_weights.py output or a
+  # train.py workdir); matching params are loaded, a head with another num_classes is
+  # re-initialized. A workdir that holds a checkpoint resumes instead.
+  c.init_from = ""
+  c.init_from_ema = False  # take init_from's EMA weights (a train.py workdir that kept them)
   c.global_batch_size = 1024  # across all devices and hosts
   c.eval_batch_size = 1024
   # Optimizer: AdamW, lr = base_lr * global_batch_size / 1024, wd on >1-D params only.

@@ -7,6 +7,7 @@ A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at l
 and, from train.py (`training_manager`, `save_training`, `restore_training`), more items that
 inference ignores:
   ema_params      the EMA of the params (when the run keeps one)
+  model_state     the model's other variable collections, e.g. batch_stats (when it has any)
   opt_state       the optax state
   progress        {"step": int32 [], "rng": uint32 key data}
   data_iterator   the grain train iterator state, one JSON file per process
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import flax
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +29,8 @@ MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
 EMA_PARAMS_ITEM = "ema_params"
 OPT_STATE_ITEM = "opt_state"
+MODEL_STATE_ITEM = "model_state"
+MAX_LISTED = 20  # params listed by a mismatch error; the rest are counted
 PROGRESS_ITEM = "progress"
 DATA_ITER_ITEM = "data_iterator"
 
@@ -106,6 +110,8 @@ def _training_items(state) -> dict[str, Any]:
            PROGRESS_ITEM: {"step": state.step, "rng": state.rng}}
   if state.ema_params is not None:
     items[EMA_PARAMS_ITEM] = state.ema_params
+  if state.model_state:
+    items[MODEL_STATE_ITEM] = state.model_state
   return items
 
 
@@ -129,4 +135,33 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   return abstract_state.replace(
       step=restored[PROGRESS_ITEM]["step"], rng=restored[PROGRESS_ITEM]["rng"],
       params=restored[PARAMS_ITEM], opt_state=restored[OPT_STATE_ITEM],
+      model_state=restored.get(MODEL_STATE_ITEM, {}),
       ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def compare_params(expected, found) -> tuple[dict, dict, dict]:
+  """Two params trees -> ({name: shape} missing from `found`, {name: shape} unexpected in
+  `found`, {name: (expected shape, found shape)} of the names in both); names 'a/b/kernel'."""
+  shapes = lambda tree: {k: tuple(v.shape) for k, v in
+                         flax.traverse_util.flatten_dict(tree, sep="/").items()}
+  want, have = shapes(expected), shapes(found)
+  return ({k: v for k, v in want.items() if k not in have},
+          {k: v for k, v in have.items() if k not in want},
+          {k: (v, have[k]) for k, v in want.items() if k in have and have[k] != v})
+
+
+def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source: str) -> None:
+  """Raises CheckpointError listing every missing, unexpected and mis-shaped param (one line
+  each: name, expected, found); nothing when all three are empty."""
+  lines = ([f"  mis-shaped {k}: expected {e}, found {f}" for k, (e, f) in sorted(mismatched.items())]
+           + [f"  missing    {k}: expected {v}, found nothing" for k, v in sorted(missing.items())]
+           + [f"  unexpected {k}: expected nothing, found {v}"
+              for k, v in sorted(unexpected.items())])
+  if lines:
+    shown = lines[:MAX_LISTED] + ([f"  ... and {len(lines) - MAX_LISTED} more"]
+                                  if len(lines) > MAX_LISTED else [])
+    raise CheckpointError(f"the params of {source} do not fit this model ({len(lines)} "
+                          "problems):\n" + "\n".join(shown))

@@ -23,20 +23,25 @@ class Throughput:
     self._step, self._time = start_step, time.perf_counter()
     self._total, self._batch = total_steps, global_batch_size
 
-  def update(self, step: int) -> tuple[float, float]:
-    """-> (img/s since the last call, seconds left at that rate)."""
+  def update(self, step: int) -> tuple[float | None, float | None]:
+    """-> (img/s since the last call, seconds left at that rate); (None, None) when no step
+    was done since."""
+    if step == self._step:
+      return None, None
     now = time.perf_counter()
     rate = (step - self._step) / max(now - self._time, 1e-9)  # steps/s
     self._step, self._time = step, now
     return rate * self._batch, (self._total - step) / max(rate, 1e-9)
 
 
-def progress_line(step: int, total: int, epoch: int, loss: float, lr: float, img_per_s: float,
-                  eta_s: float) -> str:
-  """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.25e-04 | 812 img/s | ETA 0:10:21'."""
-  eta = datetime.timedelta(seconds=round(eta_s))
+def progress_line(step: int, total: int, epoch: int, loss: float, lr: float,
+                  img_per_s: float | None, eta_s: float | None) -> str:
+  """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.25e-04 | 812 img/s | ETA 0:10:21'; the
+  rate and ETA read '-' before a step has been timed."""
+  rate = "-" if img_per_s is None else f"{img_per_s:.0f}"
+  eta = "-" if eta_s is None else datetime.timedelta(seconds=round(eta_s))
   return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
-          f"{img_per_s:.0f} img/s | ETA {eta}")
+          f"{rate} img/s | ETA {eta}")
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -79,8 +84,8 @@ class MetricsWriter:
 
 
 def plot_metrics(workdir: str) -> str | None:
-  """Writes curves.png (train loss, lr, val top-1/top-5 vs step) from metrics.jsonl; returns
-  its path, or None when there is nothing to plot."""
+  """Writes curves.png (train and val loss, lr, the other val metrics vs step) from
+  metrics.jsonl; returns its path, or None when there is nothing to plot."""
   records = read_metrics(workdir)
   if not records:
     return None
@@ -98,11 +103,10 @@ def plot_metrics(workdir: str) -> str | None:
   axes[0].set_title("loss")
   axes[1].plot(*series("lr"))
   axes[1].set_title("learning rate")
-  for key in ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
-    steps, values = series(key)
-    if steps:
-      axes[2].plot(steps, values, "o-", label=key)
-  axes[2].set_title("held-out accuracy (%)")
+  metrics = sorted({k for r in records for k in r if "val_" in k and not k.endswith("loss")})
+  for key in metrics:
+    axes[2].plot(*series(key), "o-", label=key)
+  axes[2].set_title("held-out metrics")
   for ax in axes:
     ax.set_xlabel("step")
     if ax.get_legend_handles_labels()[0]:

@@ -1,9 +1,11 @@
-"""Training pieces for train.py / eval.py: the official optimizer and schedule, EMA, the
-data-parallel mesh and the jitted train / eval steps.
+"""Task-neutral training pieces: the data-parallel mesh, the official optimizer and schedule,
+EMA, the train state and the jitted train step. The loop that uses them is fec_jax.loop; what is
+specific to a task (model, augmentation, loss, metrics) comes from fec_jax.tasks.
 
-"Reference" below is official-fec-reference.md; Sec. 8 is the official training recipe.
+Sec. N below is docs/official-code.md; Sec. 8 is the official training recipe.
 Sharding: one mesh axis `data` over all devices (of all hosts). Batches are sharded along it,
-params, optimizer state and EMA are replicated; XLA inserts the gradient all-reduce.
+params, model state (e.g. BatchNorm statistics), optimizer state and EMA are replicated; XLA
+inserts the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax.data import device_transforms, mixup
-
 DATA_AXIS = "data"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# (params, model_state, batch, key) -> (loss, new model_state): a task's training objective for
+# one global batch; model_state holds the model's non-param collections (e.g. batch_stats).
+LossFn = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 # ----------------------------------------------------------------------------- mesh / sharding
+
 
 def create_mesh() -> Mesh:
   """A 1-D mesh over every device of every process, axis `data`."""
@@ -44,6 +50,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 # ----------------------------------------------------------------------------- schedule
+
 
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
   """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8)."""
@@ -79,6 +86,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 # ----------------------------------------------------------------------------- optimizer
 
+
 def weight_decay_mask(params) -> Any:
   """timm's param_groups_weight_decay: no decay for 1-D params (norms, layer scales,
   sim_alpha/beta) and biases (all 1-D here); conv and dense kernels decay."""
@@ -102,156 +110,91 @@ def ema_update(ema_params, params, decay: float):
 
 # ----------------------------------------------------------------------------- state
 
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
+  model_state: dict  # the model's other variable collections (e.g. batch_stats); {} for FEC
   opt_state: Any
   ema_params: Any  # None when config.ema_decay == 0
   rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step)
 
+  def variables(self, ema: bool = False) -> dict:
+    """{'params': params or EMA params, **model_state}, what model.apply takes."""
+    return {"params": self.ema_params if ema else self.params, **self.model_state}
 
-def init_state(model, tx, config, image_size: int) -> TrainState:
+
+def init_state(model, tx, config, input_shape: tuple[int, ...]) -> TrainState:
   """Initial state from config.seed (run under jit with replicated out_shardings)."""
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init(init_key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  variables = dict(model.init(init_key, jnp.zeros(input_shape, jnp.float32)))
+  params = variables.pop("params")
+  variables.pop("intermediates", None)  # sown assignments, not state
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                    opt_state=tx.init(params),
                     ema_params=params if config.ema_decay > 0 else None,
                     rng=jax.random.key_data(train_key))
 
 
-def abstract_state(model, tx, config, mesh: Mesh) -> TrainState:
+def abstract_state(model, tx, config, input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
   """The train state's shapes and dtypes, replicated on the mesh, computed without running
   anything (a restore target, and the shardings of the train step)."""
-  shapes = jax.eval_shape(lambda: init_state(model, tx, config, config.data.image_size))
+  shapes = jax.eval_shape(lambda: init_state(model, tx, config, input_shape))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                       shapes)
 
 
-def create_state(model, tx, config, shardings) -> TrainState:
+def create_state(model, tx, config, input_shape: tuple[int, ...], shardings) -> TrainState:
   """init_state run once with the given state shardings (those of abstract_state), compiled
   without XLA's backend optimizations (as fec_jax.init_variables: the fully optimized CPU
   compile of init takes ~4x longer)."""
-  init = jax.jit(lambda: init_state(model, tx, config, config.data.image_size),
-                 out_shardings=shardings)
+  init = jax.jit(lambda: init_state(model, tx, config, input_shape), out_shardings=shardings)
   return init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
 
 
-# ----------------------------------------------------------------------------- steps
-
-def soft_target_cross_entropy(logits, targets):
-  """timm SoftTargetCrossEntropy: mean over the batch of -sum(t * log_softmax(logits)), fp32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+# ----------------------------------------------------------------------------- step
 
 
-def per_device_augment(data_config, mesh: Mesh) -> Callable:
-  """(key, images uint8 [B,S,S,3], erase boxes [B,4], labels [B]) -> (images f32, soft targets
-  [B, K]): the device part of the recipe in timm's order (normalize, erasing fill,
-  Mixup/CutMix), drawn separately on each device's shard (Mixup partner = that shard
-  reversed), as the official per-GPU pipeline does; the key is folded with the device's
-  position on the `data` axis."""
-  d = data_config
+def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sharding) -> Callable:
+  """jit(state, batch) -> (state, metrics): one optimizer step on the task's loss_fn.
 
-  def augment(key, images, boxes, labels):  # [B / devices, ...]
-    erase_key, mix_key = jax.random.split(jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS)))
-    x = device_transforms.normalize(images, d.mean, d.std)
-    if d.reprob > 0:
-      x = device_transforms.erase(erase_key, x, boxes, d.remode)
-    return mixup.mixup_cutmix(mix_key, x, labels, d.num_classes, mixup_alpha=d.mixup_alpha,
-                              cutmix_alpha=d.cutmix_alpha, prob=d.mixup_prob,
-                              switch_prob=d.mixup_switch_prob,
-                              label_smoothing=d.label_smoothing)
-
-  data = P(DATA_AXIS)
-  return jax.shard_map(augment, mesh=mesh, in_specs=(P(), data, data, data),
-                       out_specs=(data, data))
-
-
-def make_train_step(model, tx, schedule, config, mesh: Mesh, state_sharding) -> Callable:
-  """jit(state, batch) -> (state, metrics); batch {'image' [B,S,S,3] uint8, 'erase' [B,4] i32,
-  'label' [B] i32} (the train loader's batches) sharded on `data`; metrics {'loss', 'lr',
-  'grad_norm'} replicated fp32 scalars."""
-  augment = per_device_augment(config.data, mesh)
+  batch: the train loader's global batch, sharded on `data`; metrics {'loss', 'lr',
+  'grad_norm'}: replicated fp32 scalars. The step key fold_in(rng, step) is the task's to split
+  (augmentation, dropout), so a resumed run draws exactly what the uninterrupted one drew.
+  """
 
   def step_fn(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    augment_key, drop_key = jax.random.split(key)
-    images, targets = augment(augment_key, batch["image"], batch["erase"], batch["label"])
-
-    def loss_fn(params):
-      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": drop_key})
-      return soft_target_cross_entropy(logits, targets)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    objective = lambda params: loss_fn(params, state.model_state, batch, key)
+    (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = (None if state.ema_params is None
            else ema_update(state.ema_params, params, config.ema_decay))
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+    return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                         opt_state=opt_state, ema_params=ema), metrics
 
   return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharded(mesh)),
                  out_shardings=(state_sharding, replicated(mesh)))
 
 
-def eval_sums(logits, labels, mask):
-  """Sums over the real examples of a val batch: loss (hard-label CE), top-1, top-5 hits, count."""
-  logits = logits.astype(jnp.float32)
-  weight = mask.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
-  hit1 = (top5[:, 0] == labels).astype(jnp.float32)
-  hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
-  return {"loss": jnp.sum(loss * weight), "top1": jnp.sum(hit1 * weight),
-          "top5": jnp.sum(hit5 * weight), "count": jnp.sum(weight)}
-
-
-def make_eval_step(model, data_config, mesh: Mesh) -> Callable:
-  """jit(params, batch) -> sums (eval_sums) over the global batch, replicated; batch
-  {'image' [B,S,S,3] uint8, 'label', 'mask'} (the val loader's batches), normalized here."""
-  def step_fn(params, batch):
-    images = device_transforms.normalize(batch["image"], data_config.mean, data_config.std)
-    logits = model.apply({"params": params}, images, train=False)
-    return eval_sums(logits, batch["label"], batch["mask"])
-
-  return jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                 out_shardings=replicated(mesh))
-
-
-def evaluate(eval_step, params, batches, mesh: Mesh) -> dict[str, float]:
-  """Runs eval_step over host-local val batches; returns {'loss', 'top1', 'top5'} (top-k in %)."""
-  totals = None
-  for local in batches:
-    sums = eval_step(params, global_batch(local, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  n = max(float(totals["count"]), 1.0)
-  return {"loss": float(totals["loss"]) / n, "top1": 100.0 * float(totals["top1"]) / n,
-          "top5": 100.0 * float(totals["top5"]) / n}
-
-
-
 # ----------------------------------------------------------------------------- config checks
 
+
 def check_config(config) -> None:
-  """Fails before any compilation when the config cannot run on these devices and data."""
-  from fec_jax.model import VARIANTS  # the variant table, for the classification names
-  name, size = config.model.name, config.data.image_size
-  if name not in VARIANTS or VARIANTS[name].dense_outputs:
-    classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
-    raise ValueError(f"config.model.name {name!r} is not a classification variant; "
-                     f"choose one of {classifiers}")
-  if size % 32:
-    raise ValueError(f"config.data.image_size {size} must be a multiple of 32 (every ClusterPool "
-                     "needs an even feature map: the maps are size/4, /8, /16, /32)")
-  if config.model.dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"config.model.dtype must be float32, bfloat16 or float16, got "
-                     f"{config.model.dtype!r}")
+  """The task-neutral checks: fails before anything slow when the config cannot run on these
+  devices (the task checks its own fields, Task.check_config)."""
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
   for field in ("global_batch_size", "eval_batch_size"):
-    if config[field] % jax.device_count():
-      raise ValueError(f"config.{field} {config[field]} is not divisible by the "
+    if config[field] <= 0 or config[field] % jax.device_count():
+      raise ValueError(f"config.{field} {config[field]} must be a positive multiple of the "
                        f"{jax.device_count()} devices")
   if config.warmup_epochs > config.epochs or config.epochs <= 0:
     raise ValueError("need 0 <= warmup_epochs <= epochs and epochs > 0")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "eval_every_epochs"):
+    if config[field] <= 0:
+      raise ValueError(f"config.{field} must be > 0, got {config[field]}")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fec_jax import convert, create_model, data, training
+from fec_jax.tasks.classification import Classification
 from tests.torch_reference import create_torch_model
 
 STEPS, STEPS_PER_EPOCH, BATCH, SIZE, CLASSES = 20, 2, 8, 32, 10
@@ -82,11 +83,12 @@ def jax_losses(params, batches, c) -> list[float]:
   schedule = training.lr_schedule(c, STEPS_PER_EPOCH)
   tx = training.create_optimizer(c, schedule)
   state = training.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                              opt_state=tx.init(params), ema_params=None,
+                              model_state={}, opt_state=tx.init(params), ema_params=None,
                               rng=jax.random.key_data(jax.random.key(0)))
   sharding = jax.tree.map(lambda _: training.replicated(mesh), state)
   state = jax.device_put(state, sharding)
-  step = training.make_train_step(model, tx, schedule, c, mesh, sharding)
+  loss_fn = Classification(c).loss_fn(model, mesh)
+  step = training.make_train_step(loss_fn, tx, schedule, c, mesh, sharding)
   losses, lrs = [], []
   for images, labels in batches:
     batch = {"image": images, "erase": np.zeros((len(images), 4), np.int32), "label": labels}

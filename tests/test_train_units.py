@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import demo, fec_base, fec_large, fec_small
-from fec_jax import convert, data, training
+from fec_jax import convert, data, tasks, training
+from fec_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,21 +77,22 @@ def test_soft_target_cross_entropy_and_eval_sums():
   logits = jnp.array([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 3.0, 1.0, 0.5, 0.2, 0.1]])
   targets = jax.nn.one_hot(jnp.array([0, 2]), 6)
   ce = -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[2]])
-  assert float(training.soft_target_cross_entropy(logits, targets)) == pytest.approx(ce, rel=1e-6)
-  sums = training.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, True]))
+  assert float(classification.soft_target_cross_entropy(logits, targets)) == pytest.approx(ce, rel=1e-6)
+  sums = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, True]))
   assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
-  masked = training.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
+  masked = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
   assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
 
 
 AUGMENT_ON_4_DEVICES = """
 import jax, jax.numpy as jnp
 from fec_jax import data, training
+from fec_jax.tasks.classification import per_device_augment
 c = data.default_config()
 c.num_classes, c.reprob = 4, 0.0
 c.mean, c.std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalize(x) = x
 mesh = training.create_mesh()
-augment = jax.jit(training.per_device_augment(c, mesh))
+augment = jax.jit(per_device_augment(c, mesh))
 n = 8  # 2 images per device
 images = jnp.arange(n, dtype=jnp.uint8).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3), jnp.uint8)
 labels, no_erase = jnp.arange(n) % 4, jnp.zeros((n, 4), jnp.int32)
@@ -103,7 +105,7 @@ for seed in range(4):
     assert float(shard.min()) >= 2 * d - 1e-4 and float(shard.max()) <= 2 * d + 1 + 1e-4, shard
   assert not bool(jnp.allclose(out, images))  # something was mixed
 c.reprob, c.mixup_prob = 1.0, 0.0  # erasing only: a 2x2 box at (1, 1) in every image
-erase = jax.jit(training.per_device_augment(c, mesh))
+erase = jax.jit(per_device_augment(c, mesh))
 boxes = jnp.tile(jnp.array([[1, 1, 2, 2]], jnp.int32), (n, 1))
 out, _ = erase(jax.random.key(0), images, boxes, labels)
 inside = jnp.zeros((4, 4), bool).at[1:3, 1:3].set(True)[None, :, :, None]
@@ -126,11 +128,17 @@ def test_augment_normalizes_erases_and_mixes_within_each_device_shard():
 def test_check_config_rejects_what_cannot_run():
   c = demo.get_config()
   training.check_config(c)
+  tasks.get(c).check_config()
   for field, value, message in (("data.image_size", 48, "multiple of 32"),
                                 ("model.name", "fec_small_seg", "classification"),
-                                ("model.dtype", "bf16", "dtype")):
+                                ("model.dtype", "bf16", "dtype"),
+                                ("data.remode", "noise", "remode"),
+                                ("global_batch_size", 0, "positive multiple"),
+                                ("log_every_steps", 0, "log_every_steps"),
+                                ("task", "detection", "not a task")):
     bad = demo.get_config()
-    section, key = field.split(".")
-    bad[section][key] = value
+    section, _, key = field.rpartition(".")
+    (bad[section] if section else bad)[key] = value
     with pytest.raises(ValueError, match=message):
       training.check_config(bad)
+      tasks.get(bad).check_config()

@@ -3,6 +3,7 @@
 Public API:
   default_config(), demo_config(), validate(cfg)      -- config.data fields (config.py)
   create_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
+  create_dataset(...)  -- the same as a re-iterable dataset (one pass per iter())
   num_examples(cfg, split), steps_per_epoch(cfg, global_batch_size, shard_count),
   num_eval_batches(cfg, global_batch_size)             -- pipeline.py
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
@@ -13,7 +14,13 @@ Benchmark: python -m fec_jax.data.bench
 """
 
 from fec_jax.data.config import default_config, demo_config, validate
-from fec_jax.data.pipeline import create_loader, num_eval_batches, num_examples, steps_per_epoch
+from fec_jax.data.pipeline import (
+    create_dataset,
+    create_loader,
+    num_eval_batches,
+    num_examples,
+    steps_per_epoch,
+)
 from fec_jax.data.sources import DataNotFoundError
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "demo_config",
     "validate",
     "create_loader",
+    "create_dataset",
     "num_examples",
     "steps_per_epoch",
     "num_eval_batches",

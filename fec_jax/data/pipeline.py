@@ -220,7 +220,27 @@ def create_loader(
     shard_count: int = 1,
     num_epochs=None,
 ):
-  """A grain DatasetIterator over batches of one host's shard of a split.
+  """A grain DatasetIterator over batches of one host's shard of a split:
+  `iter(create_dataset(...))` (see create_dataset)."""
+  return iter(
+      create_dataset(
+          data_config, split, global_batch_size, seed, shard_index, shard_count, num_epochs
+      )
+  )
+
+
+def create_dataset(
+    data_config,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs=None,
+):
+  """A grain IterDataset over batches of one host's shard of a split; each `iter()` of it is a
+  fresh pass (its own worker processes, ended by the iterator's close()). The source is listed
+  once, here, so an evaluator that iterates it at every evaluation lists the files once.
 
   Yields dicts of numpy arrays, local_batch = global_batch_size // shard_count:
     'image': uint8 [local_batch, S, S, 3] NHWC (S = image_size), normalized on device
@@ -236,13 +256,13 @@ def create_loader(
   val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
     padding masked (`num_epochs` is ignored).
   Normalization, the erasing fill and Mixup/CutMix run on device (device_transforms, mixup;
-  training.per_device_augment applies them in timm's order).
+  fec_jax.tasks.classification.per_device_augment applies them in timm's order).
 
   Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
   requires the same config, seed, batch size, shards and num_workers.
   Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
-  Call `it.close()` when done if worker processes were used.
+  Call `it.close()` when done: it ends the iterator's worker processes.
   """
   config_lib.validate(data_config)
   if split not in ("train", "val"):
@@ -282,4 +302,4 @@ def create_loader(
             num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
         )
     )
-  return iter(_Report(ds, steps, split))
+  return _Report(ds, steps, split)

@@ -1,0 +1,211 @@
+"""The task-neutral training loop: `train_and_evaluate(config, workdir)`.
+
+  result = train_and_evaluate(config, workdir)   # train.py is this call and its error lines
+
+The task (config.task, fec_jax.tasks) brings the model, data, loss and evaluator; the loop
+brings what every task needs:
+- a data-parallel mesh over all devices of all processes (fec_jax.training);
+- a fresh start from config.seed, or from pretrained weights (config.init_from: a converter
+  output or a train.py workdir; config.init_from_ema for its EMA weights), or a resume from the
+  latest checkpoint in the workdir (init_from is then not used): params, model state, optimizer
+  state, EMA, step, RNG and the train iterator's position, bit-identical on one CPU device;
+- periodic asynchronous checkpoints (a half-written one of a killed run is cleaned up);
+- preemption: SIGTERM/SIGINT finish the step, checkpoint and return (fec_jax.preemption);
+- a stop on a non-finite loss or gradient, keeping the last good checkpoint;
+- metrics.jsonl, TensorBoard, curves.png and progress lines with throughput and ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax.preemption import Preemption
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient norm; the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int  # optimizer steps done when the run returned
+  preempted: bool  # stopped by SIGTERM/SIGINT; the same call resumes it
+  record: dict[str, Any]  # the last metrics record written (empty if none)
+
+
+def train_and_evaluate(config, workdir: str, compiler_options: dict | None = None) -> RunResult:
+  """Trains config.task's model with `config` in `workdir` (created, or resumed when it holds a
+  checkpoint) and evaluates it every config.eval_every_epochs epochs and at the end.
+
+  compiler_options: XLA options for the train and eval steps (e.g. the tests' faster CPU
+  compile {'xla_backend_optimization_level': 0}).
+  User errors (a bad config, missing data, an unfit init_from checkpoint) raise ValueError,
+  fec_jax.data.DataNotFoundError or fec_jax.checkpoint.CheckpointError before anything is
+  compiled; a non-finite loss raises TrainingDiverged.
+  """
+  task = tasks.get(config)
+  training.check_config(config)
+  task.check_config()
+  with Preemption() as preemption:
+    # Data first: a missing dataset or one that does not fit the config stops here.
+    train_iter, steps_per_epoch = task.train_loader(jax.process_index(), jax.process_count())
+    try:
+      return _run(config, workdir, task, train_iter, steps_per_epoch, preemption,
+                  compiler_options)
+    finally:
+      train_iter.close()  # ends the loader's worker processes
+
+
+def _timed(message: str, fn):
+  """Logs `message...` before and `message: N s` after a slow call."""
+  logging.info("%s ...", message)
+  start = time.perf_counter()
+  result = fn()
+  logging.info("%s: %.1f s", message, time.perf_counter() - start)
+  return result
+
+
+def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
+         preemption: Preemption, compiler_options) -> RunResult:
+  primary = jax.process_index() == 0
+  num_steps = training.total_steps(config, steps_per_epoch)
+  mesh = training.create_mesh()
+  model, model_name, overrides = task.create_model()
+  schedule = training.lr_schedule(config, steps_per_epoch)
+  tx = training.create_optimizer(config, schedule)
+  abstract = training.abstract_state(model, tx, config, task.input_shape(), mesh)
+  state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+  evaluator = task.evaluator(model, mesh, compiler_options)  # lists the val data once, now
+  mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
+  writer = None
+  try:
+    resume = mngr.latest_step()
+    if resume is not None:
+      if config.init_from:
+        logging.info("resuming: config.init_from is used only for a fresh workdir")
+      state = _timed(f"restoring checkpoint step {resume} from {workdir}",
+                     lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume))
+      logging.info("resumed at step %d from %s", resume, workdir)
+    else:
+      state = _fresh_state(config, task, model, tx, abstract)
+    start = int(state.step)
+    logging.info("%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
+                 "peak lr %.3g", model_name, jax.device_count(), jax.process_count(), num_steps,
+                 steps_per_epoch, config.global_batch_size,
+                 training.scaled_lr(config.base_lr, config.global_batch_size))
+    writer = reporting.MetricsWriter(workdir, start, active=primary)
+    train_step = training.make_train_step(task.loss_fn(model, mesh), tx, schedule, config, mesh,
+                                          state_sharding)
+    save = lambda s: checkpoint.save_training(mngr, s, model_name, overrides, train_iter)
+    result = _loop(config, workdir, state, train_step, train_iter, evaluator, writer, save, mngr,
+                   preemption, mesh, steps_per_epoch, num_steps, compiler_options)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+    evaluator.close()
+    if writer is not None:
+      writer.close()
+  if primary and not result.preempted:
+    logging.info("wrote %s", reporting.plot_metrics(workdir))
+  return result
+
+
+def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.TrainState:
+  """State from config.seed, then config.init_from's params put in (the task's rules)."""
+  pretrained, source = None, ""
+  if config.init_from:
+    source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
+    _, variables = _timed(f"loading init_from {source}", lambda: checkpoint.load_pretrained(
+        config.init_from, ema=config.init_from_ema))
+    pretrained = variables["params"]
+    task.adopt_pretrained(abstract.params, pretrained, source)  # a misfit stops here, before init
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  state = _timed("initializing the train state", lambda: training.create_state(
+      model, tx, config, task.input_shape(), shardings))
+  if pretrained is None:
+    return state
+  params, notes = task.adopt_pretrained(jax.device_get(state.params), pretrained, source)
+  for note in notes:
+    logging.info("init_from: %s", note)
+  logging.info("init_from: the other params come from %s", source)
+  params = jax.device_put(params, shardings.params)
+  return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
+
+
+def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, save, mngr,
+          preemption: Preemption, mesh, steps_per_epoch: int, num_steps: int,
+          compiler_options) -> RunResult:
+  """Steps start+1 .. num_steps; `step` is the number of optimizer steps done after each."""
+  start = int(state.step)
+  record: dict[str, Any] = {}
+  if start >= num_steps:
+    logging.info("nothing to train: %s is at step %d of %d", workdir, start, num_steps)
+    return RunResult(start, False, record)
+  batch = training.global_batch(next(train_iter), mesh)
+  train_step = _timed("compiling the train step (first call)", lambda: train_step.lower(
+      state, batch).compile(compiler_options))
+  clock, pending = None, []  # pending: per-step metrics not yet fetched from the device
+  for step in range(start + 1, num_steps + 1):
+    if step > start + 1:
+      batch = training.global_batch(next(train_iter), mesh)
+    state, metrics = train_step(state, batch)
+    pending.append(metrics)
+    if clock is None:  # the rate leaves out the first step (and any compile before it)
+      jax.block_until_ready(metrics)
+      clock = reporting.Throughput(step, num_steps, config.global_batch_size)
+    epoch = (step - 1) // steps_per_epoch
+    end_of_epoch = step % steps_per_epoch == 0
+    eval_now = step == num_steps or (end_of_epoch and (epoch + 1) % config.eval_every_epochs == 0)
+    save_now = step == num_steps or step % config.checkpoint_every_steps == 0
+    stop = step < num_steps and preemption.stop_now(step)
+    if not (eval_now or save_now or stop or step % config.log_every_steps == 0):
+      continue
+    pending = jax.device_get(pending)
+    losses = [float(m["loss"]) for m in pending]
+    # A finite loss with a non-finite gradient would still poison the params: check both.
+    bad = [i for i, m in enumerate(pending) if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
+    if bad:
+      mngr.wait_until_finished()
+      raise TrainingDiverged(
+          f"non-finite training loss ({losses[bad[0]]}, gradient norm "
+          f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
+          f"stopped, the last good checkpoint is step {mngr.latest_step()} in {workdir}")
+    record = {"step": step, "epoch": epoch, "train_loss": float(np.mean(losses)),
+              "lr": float(pending[-1]["lr"]), "grad_norm": float(pending[-1]["grad_norm"])}
+    pending = []
+    img_per_s, eta = clock.update(step)
+    logging.info(reporting.progress_line(step, num_steps, epoch, record["train_loss"],
+                                         record["lr"], img_per_s, eta))
+    if eval_now and stop:
+      logging.info("the evaluation of step %d is skipped: the run is stopping", step)
+    elif eval_now:
+      record.update(_evaluate(evaluator, state, step))
+    # The record goes out before the checkpoint: a run killed in between resumes from an
+    # earlier step and the writer drops the records after it, so none is lost or doubled.
+    writer.write(record)
+    if save_now or stop:
+      save(state)
+    if stop:
+      _timed(f"writing checkpoint step {step}", mngr.wait_until_finished)
+      logging.info("%s: stopped at step %d; checkpoint saved in %s; run the same command to "
+                   "resume", preemption.signal_name, step, workdir)
+      return RunResult(step, True, record)
+  return RunResult(num_steps, False, record)
+
+
+def _evaluate(evaluator, state, step: int) -> dict[str, float]:
+  """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
+  start = time.perf_counter()
+  record = {f"val_{k}": v for k, v in evaluator(state.variables()).items()}
+  if state.ema_params is not None:
+    record.update({f"ema_val_{k}": v for k, v in evaluator(state.variables(ema=True)).items()})
+  logging.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - start,
+               ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+  return record

@@ -1,0 +1,70 @@
+"""Preemption: SIGTERM (what Cloud TPU/GPU schedulers send before evicting a VM) or SIGINT
+(Ctrl-C) asks the training loop to stop cleanly: finish the current step, write a checkpoint,
+wait for it, exit 0. A second signal exits at once.
+
+Several processes must stop at the same step (each saves its share of the same checkpoint), but
+a signal may reach only some of them: the processes agree on "stop" with an all-gather of their
+flags every SYNC_EVERY_STEPS steps; with one process the flag is read at every step. (JAX's own
+`multihost_utils.reached_preemption_sync_point` listens to SIGTERM only and needs the
+coordination service's notifier; this agreement also covers SIGINT and one-process runs.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SYNC_EVERY_STEPS = 10  # multi-process: an all-gather (and a wait for the device) this often
+
+
+class Preemption:
+  """Context manager: installs the handlers (main thread only), restores the old ones on exit.
+
+    with Preemption() as preemption:
+      for step in ...:
+        ...
+        if preemption.stop_now(step):
+          save, wait, return
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None  # the first signal received
+    self._previous = {}
+
+  def __enter__(self) -> Preemption:
+    if threading.current_thread() is threading.main_thread():
+      for sig in SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    else:
+      logging.warning("training outside the main thread: SIGTERM/SIGINT are not caught")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if self.signal_name is not None:
+      os.write(2, f"{name} again: exiting at once\n".encode())
+      os._exit(128 + signum)
+    self.signal_name = name
+    os.write(2, f"{name} received: finishing the current step, then saving a checkpoint "
+                f"(send it again to exit at once)\n".encode())
+
+  def stop_now(self, step: int) -> bool:
+    """True when every process is to stop after `step` (the same answer on every process)."""
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if step % SYNC_EVERY_STEPS:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+    return bool(np.max(flags))

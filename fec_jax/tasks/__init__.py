@@ -1,0 +1,88 @@
+"""Tasks: what the task-neutral loop (fec_jax.loop.train_and_evaluate) and eval.py ask of a
+task. A task brings its model, data, per-device augmentation and loss, its evaluator (metrics
+and their summary), its config checks and its rules for starting from pretrained weights; the
+loop brings the mesh, state, optimizer, EMA, checkpoints, preemption, NaN stop and reporting.
+
+`config.task` names the task; `get(config)` returns it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from fec_jax.training import LossFn
+
+
+class Evaluator(abc.ABC):
+  """Runs a model over the task's held-out data. Built once per run (data sources, jitted
+  step); each call iterates the data afresh and releases its loader before returning."""
+
+  @abc.abstractmethod
+  def __call__(self, variables: dict) -> dict[str, float]:
+    """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
+
+  def close(self) -> None:
+    """Releases what the evaluator holds between calls (nothing by default)."""
+
+
+class Task(abc.ABC):
+  """One task on the training library. Methods are called in this order by the loop:
+  check_config, create_model, input_shape, train_loader, [adopt_pretrained], loss_fn, evaluator.
+  """
+
+  def __init__(self, config):
+    self.config = config
+
+  @abc.abstractmethod
+  def check_config(self) -> None:
+    """Raises ValueError for a config this task cannot run, before anything slow."""
+
+  @abc.abstractmethod
+  def create_model(self) -> tuple[nn.Module, str, dict[str, Any]]:
+    """-> (model, registered model name, the overrides that rebuild it: create_model(name,
+    **overrides); stored in checkpoints so that load_pretrained rebuilds the model)."""
+
+  @abc.abstractmethod
+  def input_shape(self) -> tuple[int, ...]:
+    """Shape of the dummy input that initializes the model, e.g. (1, 224, 224, 3)."""
+
+  @abc.abstractmethod
+  def train_loader(self, process_index: int, process_count: int) -> tuple[Iterator[dict], int]:
+    """-> (a checkpointable grain iterator over this host's train batches, steps per epoch)."""
+
+  @abc.abstractmethod
+  def loss_fn(self, model: nn.Module, mesh: Mesh) -> LossFn:
+    """(params, model_state, global batch, step key) -> (loss, new model_state), traced inside
+    the jitted train step; per-device augmentation goes here (jax.shard_map over `data`)."""
+
+  @abc.abstractmethod
+  def evaluator(self, model: nn.Module, mesh: Mesh,
+                compiler_options: dict | None = None) -> Evaluator:
+    """The held-out evaluation of this task (compiler_options: XLA options for its steps)."""
+
+  @abc.abstractmethod
+  def adopt_pretrained(self, params: Any, pretrained: Any, source: str) -> tuple[Any, list[str]]:
+    """Fine-tuning start (config.init_from): fresh `params` with the matching leaves of
+    `pretrained` (a params tree; `source` names it in messages) put in. -> (params, one line per
+    deliberate change, e.g. a re-initialized head); raises ValueError listing every other
+    missing, unexpected or mis-shaped parameter."""
+
+  @abc.abstractmethod
+  def describe(self, metrics: dict[str, float]) -> str:
+    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876 (50000 images)'."""
+
+
+def get(config) -> Task:
+  """The task that config.task names."""
+  from fec_jax.tasks import classification  # imported here: a task's modules load on demand
+
+  registry = {"classification": classification.Classification}
+  if config.task not in registry:
+    raise ValueError(f"config.task {config.task!r} is not a task; choose one of "
+                     f"{sorted(registry)}")
+  return registry[config.task](config)
+

@@ -1,0 +1,173 @@
+"""Image classification with the official ImageNet recipe (docs/official-code.md Sec. 8):
+timm's augmentation on the host (fec_jax.data), normalization, random erasing and Mixup/CutMix
+per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fec_jax import checkpoint, data, training
+from fec_jax.data import device_transforms, mixup
+from fec_jax.model import VARIANTS, create_model
+from fec_jax.tasks import Evaluator, Task
+
+HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
+
+
+def soft_target_cross_entropy(logits, targets):
+  """timm SoftTargetCrossEntropy: mean over the batch of -sum(t * log_softmax(logits)), fp32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+
+
+def per_device_augment(data_config, mesh: Mesh):
+  """(key, images uint8 [B,S,S,3], erase boxes [B,4], labels [B]) -> (images f32, soft targets
+  [B, K]): the device part of the recipe in timm's order (normalize, erasing fill,
+  Mixup/CutMix), drawn separately on each device's shard (Mixup partner = that shard
+  reversed), as the official per-GPU pipeline does; the key is folded with the device's
+  position on the `data` axis."""
+  d = data_config
+
+  def augment(key, images, boxes, labels):  # [B / devices, ...]
+    erase_key, mix_key = jax.random.split(
+        jax.random.fold_in(key, jax.lax.axis_index(training.DATA_AXIS)))
+    x = device_transforms.normalize(images, d.mean, d.std)
+    if d.reprob > 0:
+      x = device_transforms.erase(erase_key, x, boxes, d.remode)
+    return mixup.mixup_cutmix(mix_key, x, labels, d.num_classes, mixup_alpha=d.mixup_alpha,
+                              cutmix_alpha=d.cutmix_alpha, prob=d.mixup_prob,
+                              switch_prob=d.mixup_switch_prob,
+                              label_smoothing=d.label_smoothing)
+
+  shard = P(training.DATA_AXIS)
+  return jax.shard_map(augment, mesh=mesh, in_specs=(P(), shard, shard, shard),
+                       out_specs=(shard, shard))
+
+
+def eval_sums(logits, labels, mask):
+  """Sums over the real examples of a val batch: loss (hard-label CE), top-1, top-5 hits, count."""
+  logits = logits.astype(jnp.float32)
+  weight = mask.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
+  hit1 = (top5[:, 0] == labels).astype(jnp.float32)
+  hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * weight), "top1": jnp.sum(hit1 * weight),
+          "top5": jnp.sum(hit5 * weight), "count": jnp.sum(weight)}
+
+
+class TopK(Evaluator):
+  """Top-1 / top-5 (%) and hard-label loss over the val split, the official evaluation
+  preprocessing (resize, center crop) on the host and normalization on the device."""
+
+  def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
+    self._mesh, self._compiler_options = mesh, compiler_options
+    self._dataset = data.create_dataset(config.data, "val", config.eval_batch_size, config.seed,
+                                        jax.process_index(), jax.process_count())
+
+    def step_fn(variables, batch):
+      images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
+      logits = model.apply(variables, images, train=False)
+      return eval_sums(logits, batch["label"], batch["mask"])
+
+    self._jitted = jax.jit(step_fn, in_shardings=(training.replicated(mesh),
+                                                  training.batch_sharded(mesh)),
+                           out_shardings=training.replicated(mesh))
+    self._step = None  # compiled at the first batch (every val batch has the same shape)
+
+  def __call__(self, variables) -> dict[str, float]:
+    totals = None
+    batches = iter(self._dataset)
+    try:
+      for local in batches:
+        batch = training.global_batch(local, self._mesh)
+        if self._step is None:
+          self._step = self._jitted.lower(variables, batch).compile(self._compiler_options)
+        sums = self._step(variables, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    finally:
+      batches.close()  # its worker processes end here
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["loss"]) / n, "top1": 100.0 * float(totals["top1"]) / n,
+            "top5": 100.0 * float(totals["top5"]) / n}
+
+
+class Classification(Task):
+  """config.model.name is a classification variant; config.data is fec_jax.data's config."""
+
+  def check_config(self) -> None:
+    c = self.config
+    name, size = c.model.name, c.data.image_size
+    if name not in VARIANTS or VARIANTS[name].dense_outputs:
+      classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+      raise ValueError(f"config.model.name {name!r} is not a classification variant; "
+                       f"choose one of {classifiers}")
+    if size % 32:
+      raise ValueError(f"config.data.image_size {size} must be a multiple of 32 (every "
+                       "ClusterPool needs an even feature map: the maps are size/4, /8, /16, /32)")
+    data.validate(c.data)
+
+  def create_model(self):
+    c = self.config
+    overrides = dict(num_classes=c.data.num_classes, drop_path_rate=c.model.drop_path_rate)
+    model = create_model(c.model.name, dtype=jnp.dtype(c.model.dtype), **overrides)
+    return model, c.model.name, overrides
+
+  def input_shape(self) -> tuple[int, ...]:
+    return (1, self.config.data.image_size, self.config.data.image_size, 3)
+
+  def train_loader(self, process_index: int, process_count: int):
+    c = self.config
+    steps = data.steps_per_epoch(c.data, c.global_batch_size, process_count)
+    loader = data.create_loader(c.data, "train", c.global_batch_size, c.seed, process_index,
+                                process_count)
+    return loader, steps
+
+  def loss_fn(self, model, mesh: Mesh):
+    """batch {'image' [B,S,S,3] uint8, 'erase' [B,4] i32, 'label' [B] i32}."""
+    augment = per_device_augment(self.config.data, mesh)
+
+    def loss_fn(params, model_state, batch, key):
+      augment_key, drop_key = jax.random.split(key)
+      images, targets = augment(augment_key, batch["image"], batch["erase"], batch["label"])
+      logits = model.apply({"params": params, **model_state}, images, train=True,
+                           rngs={"dropout": drop_key})
+      return soft_target_cross_entropy(logits, targets), model_state
+
+    return loss_fn
+
+  def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> TopK:
+    if model.num_classes != self.config.data.num_classes:
+      raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
+                       f"is {self.config.data.num_classes}")
+    return TopK(model, self.config, mesh, compiler_options)
+
+  def adopt_pretrained(self, params, pretrained, source: str):
+    """Every param whose name and shape match is loaded; the head is re-initialized when only
+    its number of classes differs; anything else missing, unexpected or mis-shaped is an error."""
+    missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained)
+    reinit = set(HEAD) & set(mismatched)
+    notes = []
+    if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
+      expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
+      notes.append(f"head re-initialized for {expected[-1]} classes ({source} has {found[-1]})")
+      mismatched = {k: v for k, v in mismatched.items() if k not in reinit}
+    else:
+      reinit = set()
+    checkpoint.raise_for_mismatch(missing, unexpected, mismatched, source)
+    loaded = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    merged = {k: v if k in reinit else loaded[k]
+              for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    return flax.traverse_util.unflatten_dict(merged, sep="/"), notes
+
+  def describe(self, metrics: dict[str, float]) -> str:
+    return (f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"loss {metrics['loss']:.4f}  ({data.num_examples(self.config.data, 'val')} "
+            f"{self.config.data.source} val images)")

@@ -1,0 +1,198 @@
+"""The training library in-process (fec_jax.loop.train_and_evaluate): what a run leaves in its
+workdir, SIGTERM and resume, the non-finite stop, fine-tuning from a workdir (init_from), bad
+input, and the loader's worker processes.
+
+One reference run (tests/conftest.py: 6 demo steps at batch 8 on this process's devices, float32
+compute) is shared with test_train_runs.py, on one xdist worker (`xdist_group`); every run
+compiles without XLA's backend optimizations and goes through a persistent compilation cache, so
+runs with the same shapes compile once.
+"""
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+from configs import fec_base, finetune
+from fec_jax import checkpoint, data, loop, reporting, tasks
+from tests.imagenet_fixture import make_imagenet_folder
+from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
+
+pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.usefixtures("compilation_cache")]
+
+
+def test_reference_run_writes_metrics_checkpoints_and_plot(reference):
+  records = reporting.read_metrics(reference)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert all({"step", "epoch", "train_loss", "lr", "grad_norm"} <= r.keys() for r in records)
+  assert {"val_top1", "val_top5", "val_loss", "ema_val_top1"} <= records[-1].keys()
+  assert all(np.isfinite(losses(reference)))
+  assert os.path.exists(os.path.join(reference, "curves.png"))
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(reference, "tensorboard")))
+  assert saved_steps(reference) == [4, 6]  # keep_checkpoints=2
+
+
+def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference):
+  import fec_jax
+  model, variables = fec_jax.load_pretrained(reference)
+  _, ema = fec_jax.load_pretrained(reference, ema=True)
+  leaf = lambda v: np.asarray(v["params"]["head"]["kernel"])
+  assert not np.array_equal(leaf(variables), leaf(ema))  # two different weight sets
+  config = tiny()
+  evaluator = tasks.get(config).evaluator(model, jax.sharding.Mesh(jax.devices(), ("data",)))
+  try:
+    metrics = evaluator(variables)
+    metrics_ema = evaluator(ema)
+  finally:
+    evaluator.close()
+  last = reporting.read_metrics(reference)[-1]
+  assert metrics["top1"] == pytest.approx(last["val_top1"], abs=0.01)
+  assert metrics_ema["top1"] == pytest.approx(last["ema_val_top1"], abs=0.01)
+
+
+class SignalAt:
+  """Sends `sig` to this process once the workdir's metrics.jsonl has `lines` records."""
+
+  def __init__(self, workdir, lines: int, sig=signal.SIGTERM):
+    self._path, self._lines, self._sig = os.path.join(workdir, "metrics.jsonl"), lines, sig
+    self._thread = threading.Thread(target=self._watch, daemon=True)
+    self._thread.start()
+
+  def _watch(self):
+    deadline = time.time() + 600
+    while time.time() < deadline:
+      if os.path.exists(self._path) and len(open(self._path).readlines()) >= self._lines:
+        os.kill(os.getpid(), self._sig)
+        return
+      time.sleep(0.01)
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, tmp_path):
+  workdir = tmp_path / "preempted"
+  SignalAt(workdir, lines=2)
+  first = train(tiny(), workdir)
+  assert first.preempted and 2 <= first.step < STEPS
+  assert saved_steps(workdir)[-1] == first.step  # the step it stopped at was saved
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  second = train(tiny(), workdir)
+  assert second.step == STEPS and not second.preempted
+  assert losses(workdir) == losses(reference)  # bit-identical
+  assert reporting.read_metrics(workdir)[-1]["val_top1"] == reporting.read_metrics(
+      reference)[-1]["val_top1"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+  workdir = tmp_path / "diverged"
+  shutil.copytree(reference, workdir)
+  # Resume at step 6 with std 0: the images become infinite and so does the next loss.
+  with pytest.raises(loop.TrainingDiverged, match="at step 7.*last good checkpoint is step 6"):
+    train(tiny(max_steps=8, **{"data.std": (0.0, 0.0, 0.0)}), workdir)
+  assert saved_steps(workdir) == [4, 6]
+
+
+def finetune_config(root, init_from, **overrides):
+  c = finetune.get_config()
+  c.data.root, c.data.num_classes, c.data.image_size = str(root), 3, 32
+  c.data.num_workers, c.data.rand_augment, c.data.reprob = 0, "", 0.0
+  c.model.dtype, c.init_from = "float32", init_from
+  c.global_batch_size, c.eval_batch_size, c.max_steps, c.log_every_steps = 4, 6, 2, 1
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def test_finetune_from_a_workdir_on_another_number_of_classes(reference, tmp_path, caplog):
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=4, size=(40, 48))
+  workdir = tmp_path / "finetuned"
+  with caplog.at_level(logging.INFO):
+    result = train(finetune_config(root, reference), workdir)
+  assert result.step == 2
+  assert "head re-initialized for 3 classes" in caplog.text
+  import fec_jax
+  _, source = fec_jax.load_pretrained(reference)
+  _, tuned = fec_jax.load_pretrained(str(workdir))
+  assert tuned["params"]["head"]["kernel"].shape == (320, 3)
+  # Two AdamW steps at lr <= 2.5e-5 move each weight by at most ~5e-5: the body is the source's.
+  body = lambda v: {k: w for k, w in v["params"].items() if k != "head"}
+  for a, b in zip(jax.tree.leaves(body(source)), jax.tree.leaves(body(tuned))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):  # the same workdir again resumes, init_from unused
+    assert train(finetune_config(root, reference, max_steps=3), workdir).step == 3
+  assert "init_from is used only for a fresh workdir" in caplog.text
+  assert "resumed at step 2" in caplog.text
+
+
+def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tmp_path):
+  config = finetune_config(tmp_path, reference)
+  config.model.name = "fec_base"  # a fec_small workdir
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=4, size=(40, 48))
+  config.data.root = root
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(config, tmp_path / "w")
+  message = str(e.value)
+  assert "do not fit this model" in message and "mis-shaped" in message
+  assert "network_0_0/mlp/fc1/kernel: expected (64, 512), found (32, 256)" in message
+  assert "... and" in message  # long lists are cut
+  assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "num_classes", "image_size", "task"])
+def test_bad_input_fails_before_compiling(case, tmp_path):
+  root = tmp_path / "data"
+  config = fec_base.get_config()
+  config.data.root = str(root)
+  if case == "empty":
+    root.mkdir()
+  if case == "num_classes":
+    make_imagenet_folder(root, num_classes=3, per_class=1, val_per_class=1)
+  if case == "image_size":
+    config.data.image_size = 200
+  if case == "task":
+    config.task = "detection"
+  error = ValueError if case in ("image_size", "task", "num_classes") else data.DataNotFoundError
+  expected = {"missing": "expected the ImageNet folder layout",
+              "empty": "expected the ImageNet folder layout", "num_classes": "num_classes is 1000",
+              "image_size": "multiple of 32", "task": "not a task"}[case]
+  start = time.perf_counter()
+  with pytest.raises(error, match=expected):
+    train(config, tmp_path / "w")
+  assert time.perf_counter() - start < 30  # nothing was compiled
+  assert not os.path.exists(tmp_path / "w")
+
+
+def loader_workers(before: set[int]) -> list[psutil.Process]:
+  """Child processes started since `before`, less multiprocessing's resource tracker (one per
+  interpreter, it lives as long as the interpreter)."""
+  return [p for p in psutil.Process().children(recursive=True) if p.pid not in before
+          and "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_no_loader_worker_outlives_the_run(tmp_path):
+  before = {p.pid for p in psutil.Process().children(recursive=True)}
+  seen, done = set(), threading.Event()
+
+  def watch():  # the workers that exist during the run (train and val loaders)
+    while not done.is_set():
+      seen.update(p.pid for p in loader_workers(before))
+      time.sleep(0.05)
+
+  watcher = threading.Thread(target=watch, daemon=True)
+  watcher.start()
+  result = train(tiny(max_steps=2, **{"data.num_workers": 2}), tmp_path / "w")
+  done.set()
+  watcher.join()
+  assert result.step == 2
+  assert len(seen) >= 2  # the loaders did start worker processes
+  left = loader_workers(before)
+  assert not left, [p.cmdline() for p in left]
