@@ -2,6 +2,7 @@
 
   fail(message)             prints `error: <message>` to stderr and exits with status 2
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
+  check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
   run(main, errors=())      absl.app.run(main), with flag and --config.field mistakes reported as
@@ -22,10 +23,13 @@ import os
 import sys
 from typing import Callable, Iterator, NoReturn, Sequence
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from fec_jax.model import param_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
 
@@ -43,6 +47,16 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     yield
   except types as e:
     fail(str(e))
+
+
+def check_input_size(model, size: tuple[int, int], flag: str) -> None:
+  """fail() unless `model` (an FEC) takes images of `size` (H, W): traced with shapes only (fast,
+  no weights), the model says which layer cannot take the size and why."""
+  images = jax.ShapeDtypeStruct((1, *size, 3), jax.numpy.float32)
+  try:
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), param_shapes(model), images)
+  except ValueError as e:
+    fail(f"{flag} {size[0]} {size[1]}: {e}")
 
 
 # --- quiet logs ------------------------------------------------------------------------------

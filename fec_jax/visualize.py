@@ -25,7 +25,6 @@ from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.imagenet_classes import imagenet_class_names
-from fec_jax.model import param_shapes
 
 GROUP_COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                          [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
@@ -186,21 +185,12 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
   return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
 
 
-def check_image_size(model, size: tuple[int, int]) -> None:
-  """The model accepts images of `size`: traced with shapes only, no weights (fast)."""
-  images = jax.ShapeDtypeStruct((1, *size, 3), np.float32)
-  try:
-    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), param_shapes(model), images)
-  except ValueError as e:  # the layer that cannot take the size, and why (fec_jax.model)
-    cli.fail(f"--image-size {size[0]} {size[1]}: {e}")
-
-
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size = check_args(args)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
-    check_image_size(load_model(args.checkpoint, step=args.step)[0], size)
+    cli.check_input_size(load_model(args.checkpoint, step=args.step)[0], size, "--image-size")
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   os.makedirs(args.out, exist_ok=True)
