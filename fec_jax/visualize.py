@@ -181,7 +181,7 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
   if existing and not args.overwrite:
     more = f" and {len(existing) - 1} more of this run's files" if len(existing) > 1 else ""
     cli.fail(f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
-             "them, or choose another --out")
+             f"{'them' if more else 'it'}, or choose another --out")
   return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
 
 

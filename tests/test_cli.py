@@ -234,7 +234,7 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg"),
           "--image-size", "64", "--out", str(out)]
   assert outcome(capsys, visualize.main, args) == (
-      2, "", f"error: --out {out} already holds photo_k3.png; pass --overwrite to replace them, or "
+      2, "", f"error: --out {out} already holds photo_k3.png; pass --overwrite to replace it, or "
              "choose another --out\n")
   assert (out / "photo_k3.png").read_bytes() == b"mine"
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
