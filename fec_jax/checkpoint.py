@@ -54,6 +54,37 @@ def save_params(directory: str, params, name: str, overrides: dict[str, Any], st
     mngr.wait_until_finished()
 
 
+def _read_manager(directory: str) -> ocp.CheckpointManager:
+  """A manager that only restores. Not `read_only=True`: that option only logs "Given directory
+  is read only" (and a line per option it resets) on every load; nothing here saves."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FEC, int]:
+  """The model a checkpoint describes and its step (default: the latest), without the params:
+  fast, so that a command checks its inputs against the model before the slow restore."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist; expected the --output "
+                          "of convert_torch_weights.py or a train.py --workdir")
+  with _read_manager(directory) as mngr:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"{directory} holds no checkpoint steps; expected the --output of "
+                            "convert_torch_weights.py or a train.py --workdir with a saved step")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(**{
+          MODEL_ITEM: ocp.args.JsonRestore()}))[MODEL_ITEM]
+      model = create_model(meta["name"], **{**meta["overrides"], **overrides})
+    except (FileNotFoundError, KeyError, ValueError) as e:
+      raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with an item "
+                            f"'{MODEL_ITEM}': {e}") from e
+  return model, step
+
+
 def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
                     **overrides) -> tuple[FEC, dict[str, Any]]:
   """Restores `(model, variables)` from a converter output or a train.py workdir.
@@ -62,24 +93,11 @@ def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
   overrides: runtime model options such as `dtype=jnp.bfloat16` or `aggregation="onehot"`.
   `model.apply(variables, images)` then takes NHWC ImageNet-normalized float32 images.
   """
+  model, step = load_model(directory, step, **overrides)
   directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory} does not exist; expected the --output "
-                          "of convert_torch_weights.py or a train.py --workdir")
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True)) as mngr:
-    steps = mngr.all_steps()
-    if not steps:
-      raise CheckpointError(f"{directory} holds no checkpoint steps; expected the --output of "
-                            "convert_torch_weights.py or a train.py --workdir with a saved step")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
-    item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
+  item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
+  with _read_manager(directory) as mngr:
     try:
-      meta = mngr.restore(step, args=ocp.args.Composite(**{
-          MODEL_ITEM: ocp.args.JsonRestore()}))[MODEL_ITEM]
-      model = create_model(meta["name"], **{**meta["overrides"], **overrides})
       params = mngr.restore(step, args=ocp.args.Composite(**{
           item: ocp.args.StandardRestore(_local_target(model))}))[item]
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
+import shutil
+import tempfile
 from typing import Any, Iterable
 
 import flax
 import jax
 import numpy as np
 
-from fec_jax.checkpoint import load_pretrained, save_params
+from fec_jax import cli
+from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained, save_params
 from fec_jax.model import VARIANTS, create_model, param_shapes, torch_module_path, variant_name
 
 LINEAR_MODULES = {"fc1", "fc2", "head"}  # nn.Linear in the official code; other Dense are 1x1 convs
@@ -81,7 +83,8 @@ def _torch():
 
 def _load_file(path: str) -> Any:
   if not os.path.isfile(path):
-    raise ConversionError(f"checkpoint file {path} does not exist")
+    raise ConversionError(f"checkpoint file {path} "
+                          + ("is a directory" if os.path.isdir(path) else "does not exist"))
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     try:
@@ -148,6 +151,9 @@ def read_state_dict(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray]
 
 # --- identifying the variant and converting --------------------------------------------------
 
+SHOWN_PROBLEMS = 8  # mismatched keys listed in an error; the rest are counted
+
+
 def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
                       ignore: Iterable[str] = ()) -> list[str]:
   problems = []
@@ -163,10 +169,9 @@ def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[in
   return problems
 
 
-def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
-  """The variant whose state dict has exactly these keys and shapes (the head's class count aside)."""
-  if arch in VARIANTS:
-    return arch
+def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+  """(the variants whose state dict has exactly these keys and shapes, the head's class count
+  aside; the mismatches of the closest variant)."""
   problems = {}  # weight layout -> mismatches; centers and folds have no weights
   for name, variant in VARIANTS.items():
     layout = dataclasses.replace(variant, centers=(), folds=())
@@ -175,14 +180,36 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
                                            ignore=("head.weight", "head.bias"))
   matches = sorted(name for name, v in VARIANTS.items()
                    if not problems[dataclasses.replace(v, centers=(), folds=())])
+  return matches, min(problems.values(), key=len)
+
+
+def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
+  """The variant whose state dict has exactly these keys and shapes (the head's class count aside)."""
+  if arch in VARIANTS:
+    return arch
+  matches, closest = _matching_models(state)
   if len(matches) == 1:
     return matches[0]
   if matches:
     raise ConversionError(f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
                           "centers/fold, which have no weights): pass --model")
-  closest = min(problems.values(), key=len)
   raise ConversionError(f"the checkpoint is not an FEC state dict: the closest variant differs in "
-                        f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:8]))
+                        f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:SHOWN_PROBLEMS]))
+
+
+def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[str]) -> str:
+  """Why `state` does not convert to `name`: the variant it holds instead (one line, a few keys),
+  else the list of bad keys (the first SHOWN_PROBLEMS, and how many more)."""
+  matches = _matching_models(state)[0]
+  if matches and name not in matches:
+    keys = "; ".join(" ".join(p.split()) for p in problems[:3])  # one line: spacing collapsed
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return (f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
+            f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model")
+  rest = len(problems) - SHOWN_PROBLEMS
+  more = f"\n  ... and {rest} more" if rest > 0 else ""
+  return (f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
+          + "\n  ".join(problems[:SHOWN_PROBLEMS]) + more)
 
 
 def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
@@ -197,8 +224,7 @@ def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple
   flat = flax.traverse_util.flatten_dict(abstract_params(name, **overrides))
   problems = _shape_mismatches(state, expected_torch_shapes(name, **overrides))
   if problems:
-    raise ConversionError(f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
-                          + "\n  ".join(problems))
+    raise ConversionError(_mismatch_message(state, name, problems))
   params = {path: np.ascontiguousarray(torch_to_flax_array(path, state[torch_key(path)]))
             for path in flat}
   return flax.traverse_util.unflatten_dict(params), overrides
@@ -213,6 +239,11 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
 
 # --- command line ----------------------------------------------------------------------------
 
+CHECKPOINT_FILE = "a .pth / .pth.tar / .safetensors checkpoint file"
+ORBAX_DIRECTORY = ("an Orbax checkpoint directory (the --output of a conversion, or a train.py "
+                   "--workdir)")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="convert_torch_weights.py",
@@ -220,11 +251,63 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--model", choices=sorted(VARIANTS),
                  help="variant; may be omitted when the checkpoint identifies it")
   p.add_argument("--input", required=True,
-                 help="a .pth/.pth.tar/.safetensors checkpoint, or with --to-torch an Orbax directory")
-  p.add_argument("--output", required=True, help="Orbax directory, or with --to-torch a .pth file")
-  p.add_argument("--ema", action="store_true", help="convert the EMA weights (state_dict_ema)")
-  p.add_argument("--to-torch", action="store_true", help="write an official state dict from an Orbax directory")
+                 help=f"{CHECKPOINT_FILE}, or with --to-torch {ORBAX_DIRECTORY}")
+  p.add_argument("--output", required=True,
+                 help="Orbax directory to create (missing parents are created), or with --to-torch "
+                      "the .pth file to write (its directory must exist)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --output (a .pth file, or a directory holding only an "
+                      "Orbax checkpoint); without it an existing output is an error")
+  p.add_argument("--ema", action="store_true",
+                 help="convert the EMA weights (state_dict_ema; with --to-torch: a train.py run's)")
+  p.add_argument("--to-torch", action="store_true",
+                 help="write an official state dict from an Orbax directory")
   return p
+
+
+def _replaceable_checkpoint(directory: str) -> bool:
+  """Whether --overwrite may delete `directory`: it holds an FEC checkpoint and nothing but its
+  step directories (a train.py workdir, with its metrics and logs, is not replaced)."""
+  try:
+    load_model(directory)
+  except CheckpointError:
+    return False
+  return all(os.path.isdir(os.path.join(directory, entry)) for entry in os.listdir(directory))
+
+
+def check_paths(args: argparse.Namespace) -> None:
+  """Every mistake in --input / --output, found before any slow work (ConversionError)."""
+  src, dst = args.input, args.output
+  expected = ORBAX_DIRECTORY if args.to_torch else CHECKPOINT_FILE
+  if not os.path.exists(src):
+    raise ConversionError(f"--input {src} does not exist; expected {expected}")
+  if args.to_torch and not os.path.isdir(src):
+    raise ConversionError(f"--input {src} is a file; with --to-torch it must be {expected} "
+                          "(to convert a PyTorch file to Orbax, leave out --to-torch)")
+  if not args.to_torch and os.path.isdir(src):
+    raise ConversionError(f"--input {src} is a directory; expected {expected} (to convert an "
+                          "Orbax directory to PyTorch, add --to-torch)")
+  if args.to_torch:
+    if os.path.isdir(dst):
+      raise ConversionError(f"--output {dst} is a directory; with --to-torch it must be the path "
+                            "of the .pth file to write")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+      raise ConversionError(f"--output {dst}: directory {parent} does not exist")
+    if os.path.exists(dst) and not args.overwrite:
+      raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
+    return
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise ConversionError(f"--output {dst} is a file; expected a directory for the Orbax "
+                          "checkpoint")
+  if os.path.isdir(dst) and os.listdir(dst):
+    if not args.overwrite:
+      raise ConversionError(f"--output directory {dst} exists and is not empty; pass --overwrite "
+                            "to replace the checkpoint in it")
+    if not _replaceable_checkpoint(dst):
+      raise ConversionError(f"--output directory {dst} holds more than an FEC checkpoint; "
+                            "--overwrite replaces only a conversion's output: choose another "
+                            "--output")
 
 
 def to_orbax(args) -> None:
@@ -233,28 +316,36 @@ def to_orbax(args) -> None:
     print(f"{args.input}: {note}")
   name = args.model or infer_model_name(state, info.get("arch"))
   params, overrides = torch_to_flax(state, name)
-  if os.path.exists(args.output) and os.listdir(args.output):
-    raise ConversionError(f"output directory {args.output} exists and is not empty")
-  save_params(args.output, params, name, overrides)
+  if os.path.isdir(args.output) and os.listdir(args.output):  # --overwrite, checked by check_paths
+    # the new checkpoint is complete before the old one goes: a failed save loses nothing
+    parent = os.path.dirname(os.path.abspath(args.output))
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    save_params(staging, params, name, overrides)
+    shutil.rmtree(args.output)
+    os.rename(staging, args.output)
+  else:
+    save_params(args.output, params, name, overrides)
   count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
   print(f"wrote {name} ({count:,} parameters, {overrides}) to {args.output}")
 
 
 def to_torch(args) -> None:
   torch = _torch()
-  model, variables = load_pretrained(args.input)
+  model, _ = load_model(args.input)
   if args.model and args.model != variant_name(model.variant):
-    raise ConversionError(f"{args.input} holds {variant_name(model.variant)}, not {args.model}")
-  state = {k: torch.from_numpy(v) for k, v in flax_to_torch(variables["params"]).items()}
+    raise ConversionError(f"{args.input} holds {variant_name(model.variant)}, not {args.model}: "
+                          f"pass --model {variant_name(model.variant)} or leave out --model")
+  model, variables = load_pretrained(args.input, ema=args.ema)
+  # np.require: params restored by Orbax are read-only arrays, which torch.from_numpy warns about
+  state = {k: torch.from_numpy(np.require(v, requirements="W"))
+           for k, v in flax_to_torch(variables["params"]).items()}
   torch.save(state, args.output)
   print(f"wrote {len(state)} tensors of {variant_name(model.variant)} to {args.output}")
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  try:
+  with cli.user_errors(ConversionError, CheckpointError):
+    check_paths(args)
     (to_torch if args.to_torch else to_orbax)(args)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   return 0

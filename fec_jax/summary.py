@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fec_jax import cli
 from fec_jax.convert import abstract_params
 from fec_jax.model import create_model, list_models
 
@@ -39,10 +40,14 @@ def main(argv: list[str] | None = None) -> None:
                       help=f"default: {' '.join(PAPER_TABLE_1)}; any of {', '.join(list_models())}")
   parser.add_argument("--size", type=int, nargs="+", default=[224], help="H [W] of the input")
   args = parser.parse_args(argv)
-  unknown = set(args.models) - set(list_models())
+  unknown = sorted(set(args.models) - set(list_models()))
   if unknown:
-    parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(list_models())}")
+    cli.fail(f"unknown model {', '.join(unknown)}; the models are: {', '.join(list_models())}")
+  if len(args.size) > 2 or min(args.size) < 1:
+    cli.fail(f"--size takes H or H W (positive), got {' '.join(map(str, args.size))}")
   height, width = (args.size * 2)[:2]
+  for name in args.models or PAPER_TABLE_1:
+    cli.check_input_size(create_model(name), (height, width), "--size")
   print(f"{'model':<16}{'params':>14}{'= M (2^20)':>12}{'GMACs':>9}  paper: params M, GFLOPs")
   for name in args.models or PAPER_TABLE_1:
     params, macs = count_params(name), macs_per_image(name, height, width)

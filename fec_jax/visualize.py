@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from fec_jax import interpret
-from fec_jax.checkpoint import load_pretrained
+from fec_jax import cli, interpret
+from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.imagenet_classes import imagenet_class_names
@@ -140,19 +140,58 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--ema", action="store_true", help="use the EMA weights of a train.py run")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace PNGs of the same names already in --out (default: an error)")
   return p
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if len(args.image_size) > 2:
-    parser.error("--image-size takes S or H W")
+def _output_names(stems: list[str], num_clusters: list[int]) -> list[str]:
+  """The files `render` writes for these images, in order."""
+  return [f"{stem}_{kind}.png" for stem in stems
+          for kind in [*(f"k{k}" for k in num_clusters), "levels"]]
+
+
+def check_args(args: argparse.Namespace) -> tuple[int, int]:
+  """Every mistake in the arguments, found before the checkpoint is read: returns (H, W)."""
+  if len(args.image_size) > 2 or min(args.image_size) < 1:
+    cli.fail(f"--image-size takes S or H W (positive), got {' '.join(map(str, args.image_size))}")
+  for flag, values, low in (("--num-clusters", args.num_clusters, 1),
+                            ("--batch-size", [args.batch_size], 1),
+                            ("--median-filter", [args.median_filter], 0),
+                            ("--step", [] if args.step is None else [args.step], 0)):
+    if values and min(values) < low:
+      cli.fail(f"{flag} must be at least {low}, got {min(values)}")
   if args.median_filter > 1 and args.median_filter % 2 == 0:
-    parser.error("--median-filter must be odd")
-  size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+    cli.fail(f"--median-filter must be odd (or 0 = off), got {args.median_filter}")
+  if not 0 <= args.alpha <= 1:
+    cli.fail(f"--alpha is an opacity between 0 and 1, got {args.alpha}")
+  for path in args.image:
+    if not os.path.isfile(path):
+      cli.fail(f"--image {path} " + ("is a directory; expected image files (e.g. dir/*.jpg)"
+                                     if os.path.isdir(path) else "does not exist"))
+    try:
+      with Image.open(path) as img:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    cli.fail(f"--out {args.out} is a file; expected a directory for the PNGs")
+  existing = [name for name in _output_names(unique_stems(args.image), args.num_clusters)
+              if os.path.exists(os.path.join(args.out, name))]
+  if existing and not args.overwrite:
+    more = f" and {len(existing) - 1} more of this run's files" if len(existing) > 1 else ""
+    cli.fail(f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
+             f"{'them' if more else 'it'}, or choose another --out")
+  return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  size = check_args(args)
   start = time.perf_counter()
-  model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
+  with cli.user_errors(CheckpointError):
+    cli.check_input_size(load_model(args.checkpoint, step=args.step)[0], size, "--image-size")
+    model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)

@@ -1,6 +1,7 @@
 """convert_torch_weights.py: checkpoint formats, strictness, clear errors, exact round trips."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,8 @@ def test_cli_roundtrip_is_bit_exact_and_loads_strictly(tmp_path, small_state):
   back = run_cli("--model", "fec_small", "--input", str(tmp_path / "orbax"),
                  "--output", str(tmp_path / "back.pth"), "--to-torch")
   assert back.returncode == 0, back.stderr
+  # no Orbax "Given directory is read only", no torch "NumPy array is not writable" warning
+  assert out.stderr == back.stderr == "", (out.stderr, back.stderr)
   restored = torch.load(tmp_path / "back.pth", weights_only=True)
   assert set(restored) == set(small_state)
   for k, v in small_state.items():
@@ -50,10 +53,20 @@ def test_cli_roundtrip_is_bit_exact_and_loads_strictly(tmp_path, small_state):
   torch_reference.create_torch_model("fec_small").load_state_dict(restored, strict=True)
 
 
-def test_load_pretrained_gives_reference_logits(tmp_path, small_state):
+def convert_cli(capsys, *args):
+  """convert_torch_weights.py in-process: (exit status, stdout, stderr)."""
+  try:
+    code = convert.main([str(a) for a in args])
+  except SystemExit as e:
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_load_pretrained_gives_reference_logits(tmp_path, small_state, capsys):
   src = tmp_path / "plain.pth"
   torch.save(small_state, src)
-  assert run_cli("--input", str(src), "--output", str(tmp_path / "out")).returncode == 0  # inferred
+  assert convert_cli(capsys, "--input", src, "--output", tmp_path / "out")[0] == 0  # inferred
   model, variables = fec_jax.load_pretrained(tmp_path / "out")
   reference = torch_reference.create_torch_model("fec_small").eval()
   reference.load_state_dict(small_state)
@@ -89,37 +102,144 @@ def test_checkpoint_layouts(tmp_path, small_state, wrap):
     assert any("dropped 2 other keys" in n for n in notes)
 
 
-def test_strict_errors_list_every_bad_key(tmp_path, small_state):
+def test_strict_errors_list_every_bad_key(tmp_path, small_state, capsys):
   state = dict(small_state)
   del state["network.0.1.norm1.weight"]
   state["network.9.foo"] = torch.zeros(3)
   state["head.bias"] = torch.zeros(7)
   path = tmp_path / "bad.pth"
   torch.save(state, path)
-  out = run_cli("--model", "fec_small", "--input", str(path), "--output", str(tmp_path / "o"))
-  assert out.returncode != 0
-  assert "missing     network.0.1.norm1.weight  expected shape [32]" in out.stderr
-  assert "unexpected  network.9.foo  found shape [3]" in out.stderr
-  assert "mis-shaped  head.bias  expected shape [1000], found [7]" in out.stderr
+  code, _, err = convert_cli(capsys, "--model", "fec_small", "--input", path,
+                             "--output", tmp_path / "o")
+  assert code == 2
+  assert "missing     network.0.1.norm1.weight  expected shape [32]" in err
+  assert "unexpected  network.9.foo  found shape [3]" in err
+  assert "mis-shaped  head.bias  expected shape [1000], found [7]" in err
   assert not os.path.exists(tmp_path / "o")
 
 
-def test_truncated_file_and_other_architecture(tmp_path, small_state):
+def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
   full = tmp_path / "full.pth"
   torch.save(small_state, full)
   truncated = tmp_path / "truncated.pth"
   truncated.write_bytes(full.read_bytes()[:100_000])
-  out = run_cli("--input", str(truncated), "--output", str(tmp_path / "o1"))
-  assert out.returncode != 0 and "truncated or corrupt" in out.stderr
-  assert out.stderr.count("\n") <= 2, out.stderr  # one clear message, no traceback
+  code, _, err = convert_cli(capsys, "--input", truncated, "--output", tmp_path / "o1")
+  assert code == 2 and "truncated or corrupt" in err
+  assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
 
   other = tmp_path / "resnet.pth"
   torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, other)
-  out = run_cli("--input", str(other), "--output", str(tmp_path / "o2"))
-  assert out.returncode != 0 and "not an FEC state dict" in out.stderr
+  code, _, err = convert_cli(capsys, "--input", other, "--output", tmp_path / "o2")
+  assert code == 2 and "not an FEC state dict" in err
+  assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
 
-  missing = run_cli("--input", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "o3"))
-  assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+def test_wrong_variant_names_the_one_it_holds():
+  """fec_base weights with --model fec_small: one line naming fec_base, 3 keys and a count."""
+  state = {k: np.zeros(shape, np.float32)
+           for k, shape in convert.expected_torch_shapes("fec_base").items()}
+  with pytest.raises(convert.ConversionError) as e:
+    convert.torch_to_flax(state, "fec_small")
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith("the checkpoint holds fec_base, not fec_small (277 keys differ, e.g. ")
+  assert message.count("mis-shaped") + message.count("unexpected") == 3
+  assert message.endswith("; and 274 more): pass --model fec_base or leave out --model")
+
+
+@pytest.fixture(scope="module")
+def orbax_small(tmp_path_factory, small_state):
+  """A converter output of fec_small, and its params."""
+  path = tmp_path_factory.mktemp("orbax") / "fec_small"
+  params, overrides = convert.torch_to_flax({k: v.numpy() for k, v in small_state.items()},
+                                            "fec_small")
+  fec_jax.checkpoint.save_params(str(path), params, "fec_small", overrides)
+  return path
+
+
+def no_slow_work(monkeypatch):
+  """Path mistakes are found before any checkpoint is read."""
+  def slow(*args, **kwargs):
+    raise AssertionError("a checkpoint was read before the paths were checked")
+  for name in ("read_state_dict", "load_pretrained"):
+    monkeypatch.setattr(convert, name, slow)
+
+
+PATH_MISTAKES = [
+    ("missing input", "--input {tmp}/nope.pth does not exist; expected a .pth / .pth.tar / "
+                      ".safetensors checkpoint file"),
+    ("directory as input", "--input {orbax} is a directory; expected a .pth / "
+                           ".pth.tar / .safetensors checkpoint file (to convert an Orbax "
+                           "directory to PyTorch, add --to-torch)"),
+    ("file as output", "--output {tmp}/w.pth is a file; expected a directory for the Orbax "
+                       "checkpoint"),
+    ("non-empty output", "--output directory {orbax} exists and is not empty; pass "
+                         "--overwrite to replace the checkpoint in it"),
+    ("missing orbax input", "--input {tmp}/nodir does not exist; expected an Orbax checkpoint "
+                            "directory (the --output of a conversion, or a train.py --workdir)"),
+    ("file as orbax input", "--input {tmp}/w.pth is a file; with --to-torch it must be an Orbax "
+                            "checkpoint directory"),
+    ("directory as .pth output", "--output {tmp} is a directory; with --to-torch it must be the "
+                                 "path of the .pth file to write"),
+    ("missing output parent", "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not "
+                              "exist"),
+    ("existing .pth output", "--output {tmp}/w.pth exists; pass --overwrite to replace it"),
+    ("overwrite of a non-checkpoint", "--output directory {tmp} holds more than an FEC checkpoint;"
+                                      " --overwrite replaces only a conversion's output"),
+]
+
+
+@pytest.mark.parametrize("case, expected", PATH_MISTAKES, ids=[c for c, _ in PATH_MISTAKES])
+def test_path_mistakes_are_one_line_before_any_work(case, expected, orbax_small, tmp_path,
+                                                     monkeypatch, capsys):
+  tmp = tmp_path
+  pth = tmp / "w.pth"
+  pth.write_bytes(b"weights")
+  args = {
+      "missing input": ["--input", tmp / "nope.pth", "--output", tmp / "o"],
+      "directory as input": ["--input", orbax_small, "--output", tmp / "o"],
+      "file as output": ["--input", pth, "--output", pth],
+      "non-empty output": ["--input", pth, "--output", orbax_small],
+      "missing orbax input": ["--input", tmp / "nodir", "--output", tmp / "b.pth", "--to-torch"],
+      "file as orbax input": ["--input", pth, "--output", tmp / "b.pth", "--to-torch"],
+      "directory as .pth output": ["--input", orbax_small, "--output", tmp, "--to-torch"],
+      "missing output parent": ["--input", orbax_small, "--output", tmp / "nodir" / "back.pth",
+                                "--to-torch"],
+      "existing .pth output": ["--input", orbax_small, "--output", pth, "--to-torch"],
+      "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
+  }[case]
+  no_slow_work(monkeypatch)
+  before = sorted(os.walk(tmp))
+  code, out, err = convert_cli(capsys, *args)
+  assert (code, out) == (2, "")
+  assert err.startswith("error: " + expected.format(tmp=tmp, orbax=orbax_small)), err
+  assert err.count("\n") == 1, err
+  assert sorted(os.walk(tmp)) == before and pth.read_bytes() == b"weights"  # nothing written
+
+
+def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
+  """--overwrite replaces a .pth file and a converter output; a wrong --model for --to-torch
+  is refused first."""
+  orbax_small = shutil.copytree(orbax_small, tmp_path / "orbax" / "fec_small")
+  code, _, err = convert_cli(capsys, "--model", "fec_base", "--input", orbax_small,
+                             "--output", tmp_path / "x.pth", "--to-torch")
+  assert code == 2 and err == (f"error: {orbax_small} holds fec_small, not fec_base: pass --model "
+                               "fec_small or leave out --model\n")
+  old = tmp_path / "old.pth"
+  old.write_bytes(b"old")
+  assert convert_cli(capsys, "--input", orbax_small, "--output", old, "--to-torch",
+                     "--overwrite")[0] == 0
+  assert set(torch.load(old, weights_only=True)) == set(small_state)
+
+  changed = {k: v + 1 for k, v in small_state.items()}
+  src = tmp_path / "changed.pth"
+  torch.save(changed, src)
+  code, out, err = convert_cli(capsys, "--input", src, "--output", orbax_small, "--overwrite")
+  assert (code, err) == (0, ""), err
+  assert out.startswith(f"wrote fec_small (5,727,528 parameters, {{'num_classes': 1000}}) to ")
+  assert os.listdir(orbax_small.parent) == ["fec_small"]  # the staging directory is gone
+  _, variables = fec_jax.load_pretrained(orbax_small)
+  np.testing.assert_array_equal(variables["params"]["head"]["bias"], changed["head.bias"].numpy())
 
 
 def test_variant_inference(small_state):

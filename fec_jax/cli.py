@@ -1,0 +1,194 @@
+"""What every fec-jax command shares: one-line errors for a user's mistakes, and quiet logs.
+
+  fail(message)             prints `error: <message>` to stderr and exits with status 2
+  user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
+  check_input_size(...)     fail() unless a model takes an image size (before any slow work)
+  quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
+  define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
+  run(main, errors=())      absl.app.run(main), with flag and --config.field mistakes reported as
+                            one line (the did-you-mean hint included), then quiet() and
+                            user_errors(*errors) around main
+
+A traceback is left for what is a bug; a user's mistake (bad path, config typo, wrong checkpoint)
+is one line saying what was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+from typing import Callable, Iterator, NoReturn, Sequence
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from fec_jax.model import param_shapes
+
+EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: <message>` to stderr and exits with status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]) -> Iterator[None]:
+  """Reports an exception of `types` (e.g. CheckpointError) as fail(str(e)); others propagate."""
+  try:
+    yield
+  except types as e:
+    fail(str(e))
+
+
+def check_input_size(model, size: tuple[int, int], flag: str) -> None:
+  """fail() unless `model` (an FEC) takes images of `size` (H, W): traced with shapes only (fast,
+  no weights), the model says which layer cannot take the size and why."""
+  images = jax.ShapeDtypeStruct((1, *size, 3), jax.numpy.float32)
+  try:
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), param_shapes(model), images)
+  except ValueError as e:
+    fail(f"{flag} {size[0]} {size[1]}: {e}")
+
+
+# --- quiet logs ------------------------------------------------------------------------------
+
+_ORBAX_DIR = os.path.dirname(importlib.util.find_spec("orbax.checkpoint").origin)
+
+
+def _harmless(record: logging.LogRecord) -> bool:
+  """Orbax's INFO lines (dozens per checkpoint save or restore: handler registries, timings), and
+  jax's "Unable to initialize backend 'tpu'" (INFO: libtpu is installed on a machine without a
+  TPU). Orbax's warnings and other backends' failures (a CUDA that does not start) still show."""
+  if record.levelno >= logging.WARNING:
+    return False
+  if record.pathname.startswith(_ORBAX_DIR):
+    return True
+  return record.name == "jax._src.xla_bridge" and record.getMessage().startswith(
+      "Unable to initialize backend 'tpu'")
+
+
+def _not_harmless(record: logging.LogRecord) -> bool:
+  return not _harmless(record)
+
+
+def quiet() -> None:
+  """Drops the log records of `_harmless` from absl's handler (the one absl.app.run installs, where
+  INFO lines are printed). Idempotent."""
+  absl_logging.get_absl_handler().addFilter(_not_harmless)
+
+
+# --- absl flags and ml_collections config overrides ------------------------------------------
+
+def _flag_argument(argv: Sequence[str], name: str) -> str | None:
+  """The value of the last --name=VALUE / --name VALUE in argv (absl: the last one wins)."""
+  value = None
+  for i, arg in enumerate(argv):
+    for dashes in ("-", "--"):
+      if arg.startswith(f"{dashes}{name}="):
+        value = arg.split("=", 1)[1]
+      elif arg == f"{dashes}{name}" and i + 1 < len(argv):
+        value = argv[i + 1]
+  return value
+
+
+def _config_file_flags(flag_values: flags.FlagValues) -> dict[str, flags.Flag]:
+  """The ml_collections config-file flags defined (--config and the like)."""
+  return {name: flag_values[name] for name in flag_values
+          if isinstance(flag_values[name].parser, ConfigFileFlagParser)}
+
+
+def _unknown_field(config, path: str) -> str | None:
+  """Why `path` (e.g. "model.drop_path_rate") names no field of config, or None if it does."""
+  node, walked = config, []
+  for part in path.split("."):
+    if not hasattr(node, "keys"):
+      return (f"config field '{'.'.join(walked)}' is a {type(node).__name__}, it has no field "
+              f"'{part}'")
+    if part not in node.keys():
+      where = f"'{'.'.join(walked)}'" if walked else "the config"
+      known = sorted(node.keys())
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = (f"did you mean '{'.'.join([*walked, close[0]])}'?" if close
+              else f"the fields of {where} are: {', '.join(known)}")
+      return f"unknown config field '{'.'.join([*walked, part])}'; {hint}"
+    node, walked = node[part], [*walked, part]
+  return None
+
+
+def _config_problem(name: str, parser: ConfigFileFlagParser, source: str,
+                    argv: Sequence[str]) -> str | None:
+  """Why config file `source` of flag --name cannot be loaded, or the first --name.a.b=VALUE of
+  argv that names no field of it; None if neither."""
+  config = parser.parse(source)
+  try:  # ml_collections defers a config file's load error to the first use of the config
+    getattr(config, "keys", None)
+  except OSError as e:
+    path = source.split(":", 1)[0]
+    reason = ("no such file" if not os.path.exists(path)
+              else str(e.__cause__ or e).strip().splitlines()[-1].strip())
+    return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
+  for arg in argv:
+    for prefix in (f"--{name}.", f"-{name}."):
+      if arg.startswith(prefix):
+        problem = _unknown_field(config, arg[len(prefix):].split("=", 1)[0])
+        if problem:
+          return problem
+  return None
+
+
+_CONFIG_ERRORS = (AttributeError, KeyError, TypeError, OSError)  # ml_collections' on a bad config
+
+
+def define_config_file(name: str, default: str | None, help_string: str,
+                       flag_values: flags.FlagValues = flags.FLAGS, **kwargs):
+  """config_flags.DEFINE_config_file. Where `default` is set and the command line has no --name,
+  ml_collections loads the default right here, with the --name.field overrides of sys.argv: a
+  mistake there is one `error:` line too (parse_flags reports the others)."""
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
+  except _CONFIG_ERRORS:
+    problem = _config_problem(name, ConfigFileFlagParser(name), default,
+                              kwargs.get("sys_argv") or sys.argv)
+    if problem is None:
+      raise
+    fail(problem)
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl.app.run's flags_parser: parses the flags; a mistake in them is one `error:` line."""
+  try:
+    rest = flag_values(argv)
+    for flag in _config_file_flags(flag_values).values():
+      getattr(flag.value, "keys", None)  # raises here if the config file did not load
+  except flags.Error as e:  # unknown flag (absl's "Did you mean" included), bad value
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")  # a traceback inside
+  except _CONFIG_ERRORS:
+    for name, flag in _config_file_flags(flag_values).items():
+      source = _flag_argument(argv, name) or flag.default_unparsed
+      problem = _config_problem(name, flag.parser, source, argv)
+      if problem:
+        fail(problem)
+    raise
+  return rest
+
+
+def run(main: Callable[[list[str]], object], errors: tuple[type[BaseException], ...] = ()):
+  """absl.app.run(main) with one-line errors for flag and config mistakes and for `errors`
+  raised by main, and the harmless log lines of quiet() dropped."""
+
+  def checked(argv):
+    quiet()
+    with user_errors(*errors):
+      return main(argv)
+
+  app.run(checked, flags_parser=parse_flags)
