@@ -48,8 +48,9 @@ def save_params(directory: str, params, name: str, overrides: dict[str, Any], st
   """Writes a one-step checkpoint with the model description and its params (converter output),
   and the batch_stats of a model that has them."""
   directory = os.path.abspath(directory)
-  items = {PARAMS_ITEM: params} if batch_stats is None else {PARAMS_ITEM: params,
-                                                             BATCH_STATS_ITEM: batch_stats}
+  items = {PARAMS_ITEM: params}
+  if batch_stats is not None:
+    items[BATCH_STATS_ITEM] = batch_stats
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     mngr.save(step, args=ocp.args.Composite(
         **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
