@@ -193,10 +193,14 @@ class SemanticFPN(nn.Module):
 
 
 def predict(model: SemanticFPN, variables, images, out_hw: Sequence[int]) -> jnp.ndarray:
-  """Full-size prediction [B, out_h, out_w] int32: the logits resized bilinearly (mmseg's
-  align_corners=False, no antialiasing) to `out_hw`, then argmax over the classes.
+  """Full-size prediction [B, out_h, out_w] int32 as mmseg 0.24's whole-image inference makes it:
+  the logits resized bilinearly (align_corners=False, no antialiasing) to the input's size
+  (EncoderDecoder.encode_decode), then to `out_hw`, the original image's size (whole_inference
+  with rescale), then argmax over the classes. Two resizes, not one: their results differ.
 
+  `images` are unpadded (the test pipeline's resize to multiples of 32 pads nothing).
   `jax.jit(lambda v, x: fpn.predict(model, v, x, (h, w)))` compiles it for one output size.
   """
   logits = model.apply(variables, images)  # [B, H/4, W/4, K]
+  logits = resize_bilinear(logits, images.shape[1:3])  # [B, H, W, K]
   return jnp.argmax(resize_bilinear(logits, tuple(out_hw)), axis=-1).astype(jnp.int32)
