@@ -4,10 +4,11 @@
 A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at least) the items
   model   JSON {"name": "fec_small", "overrides": {"num_classes": 1000, ...}}
   params  the Flax params PyTree
+  batch_stats  the BatchNorm running statistics (segmenters, fec_jax.fpn)
 and, from train.py (`training_manager`, `save_training`, `restore_training`), more items that
 inference ignores:
   ema_params      the EMA of the params (when the run keeps one)
-  model_state     the model's other variable collections, e.g. batch_stats (when it has any)
+  batch_stats     and any other variable collection of the model, one item each (when it has any)
   opt_state       the optax state
   progress        {"step": int32 [], "rng": uint32 key data}
   data_iterator   the grain train iterator state, one JSON file per process
@@ -19,17 +20,18 @@ import os
 from typing import Any
 
 import flax
+import flax.linen as nn
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fec_jax.model import FEC, create_model, param_shapes
+from fec_jax.model import create_model, variable_shapes
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
+BATCH_STATS_ITEM = "batch_stats"
 EMA_PARAMS_ITEM = "ema_params"
 OPT_STATE_ITEM = "opt_state"
-MODEL_STATE_ITEM = "model_state"
 MAX_LISTED = 20  # params listed by a mismatch error; the rest are counted
 PROGRESS_ITEM = "progress"
 DATA_ITER_ITEM = "data_iterator"
@@ -44,13 +46,18 @@ def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   return {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
 
 
-def save_params(directory: str, params, name: str, overrides: dict[str, Any], step: int = 0) -> None:
-  """Writes a one-step checkpoint with the model description and its params (converter output)."""
+def save_params(directory: str, params, name: str, overrides: dict[str, Any], step: int = 0,
+                batch_stats=None) -> None:
+  """Writes a one-step checkpoint with the model description and its params (converter output),
+  and the batch_stats of a model that has them."""
   directory = os.path.abspath(directory)
+  items = {PARAMS_ITEM: params}
+  if batch_stats is not None:
+    items[BATCH_STATS_ITEM] = batch_stats
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
-    mngr.save(step, args=ocp.args.Composite(**{
-        MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
-        PARAMS_ITEM: ocp.args.StandardSave(params)}), force=True)
+    mngr.save(step, args=ocp.args.Composite(
+        **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
+        **{k: ocp.args.StandardSave(v) for k, v in items.items()}), force=True)
     mngr.wait_until_finished()
 
 
@@ -86,32 +93,36 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FE
 
 
 def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
-                    **overrides) -> tuple[FEC, dict[str, Any]]:
+                    **overrides) -> tuple[nn.Module, dict[str, Any]]:
   """Restores `(model, variables)` from a converter output or a train.py workdir.
 
   step: a saved step (default: the latest). ema: restore the EMA weights of a train.py run.
   overrides: runtime model options such as `dtype=jnp.bfloat16` or `aggregation="onehot"`.
   `model.apply(variables, images)` then takes NHWC ImageNet-normalized float32 images.
+  variables: {"params"}, and "batch_stats" for models that have them (the fpn_* segmenters).
   """
   model, step = load_model(directory, step, **overrides)
   directory = os.path.abspath(os.fspath(directory))
   item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
   with _read_manager(directory) as mngr:
     try:
-      params = mngr.restore(step, args=ocp.args.Composite(**{
-          item: ocp.args.StandardRestore(_local_target(model))}))[item]
+      shapes = variable_shapes(model)
+      items = {"params": item}  # collection -> checkpoint item
+      if "batch_stats" in shapes:
+        items["batch_stats"] = BATCH_STATS_ITEM
+      restored = mngr.restore(step, args=ocp.args.Composite(**{
+          i: ocp.args.StandardRestore(_local_target(shapes[c])) for c, i in items.items()}))
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with items "
-                            f"'{MODEL_ITEM}' and '{item}': {e}") from e
-  return model, {"params": params}
+                            f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}") from e
+  return model, {c: restored[i] for c, i in items.items()}
 
 
-def _local_target(model: FEC):
-  """The model's param shapes on this process's first device, so that params saved from any
-  mesh (e.g. replicated over 8 devices by train.py) restore here."""
+def _local_target(shapes):
+  """`shapes` (ShapeDtypeStructs) on this process's first device, so that variables saved from
+  any mesh (e.g. replicated over 8 devices by train.py) restore here."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                      param_shapes(model))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
 
 
 def training_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
@@ -128,8 +139,7 @@ def _training_items(state) -> dict[str, Any]:
            PROGRESS_ITEM: {"step": state.step, "rng": state.rng}}
   if state.ema_params is not None:
     items[EMA_PARAMS_ITEM] = state.ema_params
-  if state.model_state:
-    items[MODEL_STATE_ITEM] = state.model_state
+  items.update(state.model_state)  # one item per collection, e.g. batch_stats
   return items
 
 
@@ -153,7 +163,7 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   return abstract_state.replace(
       step=restored[PROGRESS_ITEM]["step"], rng=restored[PROGRESS_ITEM]["rng"],
       params=restored[PARAMS_ITEM], opt_state=restored[OPT_STATE_ITEM],
-      model_state=restored.get(MODEL_STATE_ITEM, {}),
+      model_state={c: restored[c] for c in abstract_state.model_state},
       ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None)
 
 

@@ -6,8 +6,11 @@ weight by a layout change:
   Conv2d 1x1     torch [O, I, 1, 1]    <->  flax Dense kernel [I, O]
   nn.Linear      torch [O, I]          <->  flax Dense kernel [I, O]
   GroupNorm      weight                <->  scale
+  BatchNorm      weight, running_mean, running_var  <->  params scale, batch_stats mean, var
 Every other parameter (biases, sim_alpha/beta, layer scales) is copied as is. Conversion is strict:
-a missing, unexpected or mis-shaped key is an error listing each one.
+a missing, unexpected or mis-shaped key is an error listing each one. The Semantic FPN segmenters
+(fpn_*) convert whole mmseg checkpoints (backbone.*, neck.*, decode_head.*); BatchNorm's
+num_batches_tracked is not kept (unused with mmseg's momentum 0.1) and written back as 0.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import numpy as np
 
 from fec_jax import cli
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained, save_params
-from fec_jax.model import VARIANTS, create_model, param_shapes, torch_module_path, variant_name
+from fec_jax.model import (SEGMENTERS, VARIANTS, create_model, list_models, model_name,
+                           torch_module_path, variable_shapes)
 
 LINEAR_MODULES = {"fc1", "fc2", "head"}  # nn.Linear in the official code; other Dense are 1x1 convs
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+NUM_BATCHES_TRACKED = "num_batches_tracked"
 
 
 class ConversionError(ValueError):
@@ -37,9 +43,11 @@ class ConversionError(ValueError):
 # --- key and layout mapping ------------------------------------------------------------------
 
 def torch_key(flax_path: tuple[str, ...]) -> str:
-  """('network_0_2', 'mlp', 'fc1', 'kernel') -> 'network.0.2.mlp.fc1.weight'."""
+  """('network_0_2', 'mlp', 'fc1', 'kernel') -> 'network.0.2.mlp.fc1.weight'; a batch_stats path
+  ('decode_head', 'scale_heads_0_0', 'bn', 'mean') -> 'decode_head.scale_heads.0.0.bn.running_mean'.
+  """
   *modules, leaf = flax_path
-  return ".".join(torch_module_path(modules) + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+  return ".".join(torch_module_path(modules) + [TORCH_LEAF.get(leaf, leaf)])
 
 
 def flax_to_torch_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
@@ -58,16 +66,28 @@ def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
   return value.transpose(2, 3, 1, 0) if value.shape[2:] != (1, 1) else value[:, :, 0, 0].T
 
 
+def abstract_variables(name: str, **overrides) -> dict[str, Any]:
+  """Variable shapes of a model ({"params"}, and "batch_stats" for fpn_*), computing nothing."""
+  return variable_shapes(create_model(name, **overrides))
+
+
 def abstract_params(name: str, **overrides) -> dict[str, Any]:
-  """Parameter shapes of a variant, without computing anything."""
-  return param_shapes(create_model(name, **overrides))
+  """Parameter shapes of a model, without computing anything."""
+  return abstract_variables(name, **overrides)["params"]
 
 
 def expected_torch_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
-  """{torch key: torch shape} of a variant's official state dict."""
-  flat = flax.traverse_util.flatten_dict(abstract_params(name, **overrides))
-  return {torch_key(path): flax_to_torch_array(path, np.broadcast_to(np.float32(0), leaf.shape)).shape
-          for path, leaf in flat.items()}
+  """{torch key: torch shape} of a model's official state dict (num_batches_tracked aside)."""
+  return _torch_shapes(abstract_variables(name, **overrides))
+
+
+def _torch_shapes(variables) -> dict[str, tuple[int, ...]]:
+  """{torch key: torch shape} of abstract variables, every collection."""
+  shapes = {}
+  for (_, *path), leaf in flax.traverse_util.flatten_dict(variables).items():
+    zeros = np.broadcast_to(np.float32(0), leaf.shape)
+    shapes[torch_key(tuple(path))] = flax_to_torch_array(tuple(path), zeros).shape
+  return shapes
 
 
 # --- reading checkpoint files ----------------------------------------------------------------
@@ -109,11 +129,14 @@ def _to_numpy(value) -> np.ndarray:
   return value.detach().cpu().float().numpy()
 
 
-def unwrap_state_dict(obj: Any, ema: bool = False) -> tuple[dict[str, Any], list[str]]:
+def unwrap_state_dict(obj: Any, ema: bool = False,
+                      model: str | None = None) -> tuple[dict[str, Any], list[str]]:
   """The model state dict inside a checkpoint object, and notes on what was unwrapped or dropped.
 
   Handles plain state dicts, timm training checkpoints (`state_dict` / `state_dict_ema`), dicts
-  under `model`, DDP `module.` prefixes, and mmdet/mmseg checkpoints (keeps `backbone.*`).
+  under `model`, DDP `module.` prefixes, and mmdet/mmseg checkpoints: for a segmenter `model`
+  (fpn_*) the whole state dict is kept, for another model only `backbone.*`; without `model`, the
+  whole one when it has neck.* and decode_head.* keys (a Semantic FPN), else `backbone.*`.
   """
   if not isinstance(obj, dict):
     raise ConversionError(f"expected a dict of tensors, found {type(obj).__name__}")
@@ -130,7 +153,9 @@ def unwrap_state_dict(obj: Any, ema: bool = False) -> tuple[dict[str, Any], list
         break
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
-  if any(k.startswith("backbone.") for k in obj):
+  whole = model in SEGMENTERS if model else (any(k.startswith("neck.") for k in obj)
+                                              and any(k.startswith("decode_head.") for k in obj))
+  if any(k.startswith("backbone.") for k in obj) and not whole:
     kept = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
     notes.append(f"kept {len(kept)} backbone.* keys, dropped {len(obj) - len(kept)} other keys "
                  "(detection/segmentation heads)")
@@ -141,17 +166,23 @@ def unwrap_state_dict(obj: Any, ema: bool = False) -> tuple[dict[str, Any], list
   return obj, notes
 
 
-def read_state_dict(path: str, ema: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
-  """Reads .pth / .pth.tar / .safetensors into ({key: float32 array}, checkpoint info, notes)."""
+def read_state_dict(path: str, ema: bool = False, model: str | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+  """Reads .pth / .pth.tar / .safetensors into ({key: float32 array}, checkpoint info, notes).
+
+  model: the target model when known (decides what an mmdet/mmseg checkpoint keeps).
+  """
   obj = _load_file(os.fspath(path))
   info = {"arch": obj.get("arch")} if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else {}
-  state, notes = unwrap_state_dict(obj, ema)
+  state, notes = unwrap_state_dict(obj, ema, model)
   return {k: _to_numpy(v) for k, v in state.items()}, info, notes
 
 
 # --- identifying the variant and converting --------------------------------------------------
 
 SHOWN_PROBLEMS = 8  # mismatched keys listed in an error; the rest are counted
+CLASSIFIERS = ("head.weight", "head.bias",  # their shapes depend on num_classes
+               "decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
 
 
 def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
@@ -170,21 +201,22 @@ def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[in
 
 
 def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
-  """(the variants whose state dict has exactly these keys and shapes, the head's class count
-  aside; the mismatches of the closest variant)."""
+  """(the models whose state dict has exactly these keys and shapes, the class count aside; the
+  mismatches of the closest model)."""
+  state = _without_num_batches_tracked(state)
+  segmentor = any(k.startswith("decode_head.") for k in state)
+  candidates = [name for name in list_models() if (name in SEGMENTERS) == segmentor]
   problems = {}  # weight layout -> mismatches; centers and folds have no weights
-  for name, variant in VARIANTS.items():
-    layout = dataclasses.replace(variant, centers=(), folds=())
+  for name in candidates:
+    layout = _layout(name)
     if layout not in problems:
-      problems[layout] = _shape_mismatches(state, expected_torch_shapes(name),
-                                           ignore=("head.weight", "head.bias"))
-  matches = sorted(name for name, v in VARIANTS.items()
-                   if not problems[dataclasses.replace(v, centers=(), folds=())])
+      problems[layout] = _shape_mismatches(state, expected_torch_shapes(name), ignore=CLASSIFIERS)
+  matches = sorted(name for name in candidates if not problems[_layout(name)])
   return matches, min(problems.values(), key=len)
 
 
 def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
-  """The variant whose state dict has exactly these keys and shapes (the head's class count aside)."""
+  """The model whose state dict has exactly these keys and shapes (the class count aside)."""
   if arch in VARIANTS:
     return arch
   matches, closest = _matching_models(state)
@@ -212,29 +244,64 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
           + "\n  ".join(problems[:SHOWN_PROBLEMS]) + more)
 
 
-def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
-  """Strictly converts an official state dict to (params, overrides) for `create_model(name, ...)`.
+def _layout(name: str):
+  """What fixes a model's state-dict keys and shapes: centers and folds have no weights."""
+  variant = VARIANTS[SEGMENTERS.get(name, name)]
+  return name in SEGMENTERS, dataclasses.replace(variant, centers=(), folds=())
 
-  num_classes is read from the checkpoint's head when not given.
+
+def _without_num_batches_tracked(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops BatchNorm counters (those next to a running_mean): unused with a set momentum."""
+  suffix = "." + NUM_BATCHES_TRACKED
+  return {k: v for k, v in state.items()
+          if not (k.endswith(suffix) and k.removesuffix(suffix) + ".running_mean" in state)}
+
+
+def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
+  """Strictly converts an official (or mmseg) state dict to (variables, overrides) for
+  `create_model(name, ...)`: {"params"}, plus "batch_stats" for the fpn_* segmenters.
+
+  num_classes is read from the checkpoint's classifier (head / decode_head.conv_seg) when not given.
   """
-  if name not in VARIANTS:
-    raise ConversionError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
-  if "head.weight" in state and "num_classes" not in overrides:
-    overrides = {**overrides, "num_classes": int(state["head.weight"].shape[0])}
-  flat = flax.traverse_util.flatten_dict(abstract_params(name, **overrides))
-  problems = _shape_mismatches(state, expected_torch_shapes(name, **overrides))
+  if name not in VARIANTS and name not in SEGMENTERS:
+    raise ConversionError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+  classifier = "decode_head.conv_seg.weight" if name in SEGMENTERS else "head.weight"
+  if classifier in state and "num_classes" not in overrides:
+    overrides = {**overrides, "num_classes": int(state[classifier].shape[0])}
+  state = _without_num_batches_tracked(state)
+  abstract = abstract_variables(name, **overrides)
+  problems = _shape_mismatches(state, _torch_shapes(abstract))
   if problems:
     raise ConversionError(_mismatch_message(state, name, problems))
-  params = {path: np.ascontiguousarray(torch_to_flax_array(path, state[torch_key(path)]))
-            for path in flat}
-  return flax.traverse_util.unflatten_dict(params), overrides
+  variables = {path: np.ascontiguousarray(torch_to_flax_array(path[1:], state[torch_key(path[1:])]))
+               for path in flax.traverse_util.flatten_dict(abstract)}
+  return flax.traverse_util.unflatten_dict(variables), overrides
+
+
+def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
+  """(params, overrides) of an FEC variant (which has only params), see `torch_to_variables`."""
+  if name in SEGMENTERS:
+    raise ConversionError(f"{name} has batch_stats too: use torch_to_variables")
+  variables, overrides = torch_to_variables(state, name, **overrides)
+  return variables["params"], overrides
 
 
 def flax_to_torch(params) -> dict[str, np.ndarray]:
-  """Flax params -> official state dict as numpy arrays (exact: layout changes only)."""
+  """Flax params -> official state dict as writable numpy arrays (exact: layout changes only)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(params))
-  return {torch_key(path): np.ascontiguousarray(flax_to_torch_array(path, np.asarray(v)))
+  return {torch_key(path): np.array(flax_to_torch_array(path, np.asarray(v)), order="C")
           for path, v in flat.items()}
+
+
+def variables_to_torch(variables) -> dict[str, np.ndarray]:
+  """Flax variables -> official (mmseg for fpn_*) state dict; every BatchNorm also gets torch's
+  num_batches_tracked, as 0 (int64 scalar)."""
+  state = flax_to_torch(variables["params"])
+  for key, value in flax_to_torch(variables.get("batch_stats", {})).items():
+    state[key] = value
+    if key.endswith(".running_mean"):
+      state[key.removesuffix("running_mean") + NUM_BATCHES_TRACKED] = np.zeros((), np.int64)
+  return state
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -248,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="convert_torch_weights.py",
       description="Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch).")
-  p.add_argument("--model", choices=sorted(VARIANTS),
+  p.add_argument("--model", choices=list_models(),
                  help="variant; may be omitted when the checkpoint identifies it")
   p.add_argument("--input", required=True,
                  help=f"{CHECKPOINT_FILE}, or with --to-torch {ORBAX_DIRECTORY}")
@@ -311,36 +378,38 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def to_orbax(args) -> None:
-  state, info, notes = read_state_dict(args.input, ema=args.ema)
+  state, info, notes = read_state_dict(args.input, ema=args.ema, model=args.model)
   for note in notes:
     print(f"{args.input}: {note}")
   name = args.model or infer_model_name(state, info.get("arch"))
-  params, overrides = torch_to_flax(state, name)
+  variables, overrides = torch_to_variables(state, name)
+  save = lambda directory: save_params(directory, variables["params"], name, overrides,
+                                       batch_stats=variables.get("batch_stats"))
   if os.path.isdir(args.output) and os.listdir(args.output):  # --overwrite, checked by check_paths
     # the new checkpoint is complete before the old one goes: a failed save loses nothing
     parent = os.path.dirname(os.path.abspath(args.output))
     staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    save_params(staging, params, name, overrides)
+    save(staging)
     shutil.rmtree(args.output)
     os.rename(staging, args.output)
   else:
-    save_params(args.output, params, name, overrides)
-  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    save(args.output)
+  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
   print(f"wrote {name} ({count:,} parameters, {overrides}) to {args.output}")
 
 
 def to_torch(args) -> None:
   torch = _torch()
   model, _ = load_model(args.input)
-  if args.model and args.model != variant_name(model.variant):
-    raise ConversionError(f"{args.input} holds {variant_name(model.variant)}, not {args.model}: "
-                          f"pass --model {variant_name(model.variant)} or leave out --model")
+  if args.model and args.model != model_name(model):
+    raise ConversionError(f"{args.input} holds {model_name(model)}, not {args.model}: "
+                          f"pass --model {model_name(model)} or leave out --model")
   model, variables = load_pretrained(args.input, ema=args.ema)
   # np.require: params restored by Orbax are read-only arrays, which torch.from_numpy warns about
   state = {k: torch.from_numpy(np.require(v, requirements="W"))
-           for k, v in flax_to_torch(variables["params"]).items()}
+           for k, v in variables_to_torch(variables).items()}
   torch.save(state, args.output)
-  print(f"wrote {len(state)} tensors of {variant_name(model.variant)} to {args.output}")
+  print(f"wrote {len(state)} tensors of {model_name(model)} to {args.output}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -84,6 +85,8 @@ _CLASSIFICATION = {
                          head_dim=32),
 }
 VARIANTS: dict[str, Variant] = {**_CLASSIFICATION, **_dense_variants(_CLASSIFICATION)}
+# Semantic FPN segmenters (fec_jax.fpn) and their backbones.
+SEGMENTERS: dict[str, str] = {f"fpn_{name}": f"{name}_seg" for name in _CLASSIFICATION}
 
 
 class Mlp(nn.Module):
@@ -340,9 +343,9 @@ def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
 
 
 def torch_module_path(flax_path: Sequence[str]) -> list[str]:
-  """('network_0_2', 'token_mixer') -> ['network', '0', '2', 'token_mixer']."""
-  head, *rest = flax_path
-  return head.split("_") + list(rest) if head.startswith("network_") else [head, *rest]
+  """('network_0_2', 'token_mixer') -> ['network', '0', '2', 'token_mixer'];
+  ('decode_head', 'scale_heads_3_2') -> ['decode_head', 'scale_heads', '3', '2']."""
+  return [part for name in flax_path for part in re.sub(r"_(\d+)(?=_|$)", r".\1", name).split(".")]
 
 
 def _forward_order(name: str) -> tuple[int, int]:
@@ -354,13 +357,25 @@ def variant_name(variant: Variant) -> str:
   return next(name for name, v in VARIANTS.items() if v == variant)
 
 
-def param_shapes(model: FEC) -> dict[str, Any]:
-  """The model's params as ShapeDtypeStructs, computed without running anything."""
+def model_name(model: nn.Module) -> str:
+  """The `create_model` name of a model it built: 'fec_small', 'fpn_fec_small', ..."""
+  name = variant_name(model.variant)
+  return name if isinstance(model, FEC) else next(s for s, b in SEGMENTERS.items() if b == name)
+
+
+def variable_shapes(model: nn.Module) -> dict[str, Any]:
+  """The model's variables ({"params"}, and "batch_stats" for segmenters) as ShapeDtypeStructs,
+  computed without running anything."""
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # any valid size: shapes do not depend on it
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"]
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
 
 
-def init_variables(model: FEC, rng, image_shape=(1, 224, 224, 3)) -> dict[str, Any]:
+def param_shapes(model: nn.Module) -> dict[str, Any]:
+  """The model's params as ShapeDtypeStructs, computed without running anything."""
+  return variable_shapes(model)["params"]
+
+
+def init_variables(model: nn.Module, rng, image_shape=(1, 224, 224, 3)) -> dict[str, Any]:
   """`model.init` for images of `image_shape`, compiled without XLA's backend optimizations.
 
   Init runs once, and its fully optimized CPU compile takes about 4x longer (e.g. 50 s vs 13 s for
@@ -373,15 +388,21 @@ def init_variables(model: FEC, rng, image_shape=(1, 224, 224, 3)) -> dict[str, A
 
 
 def list_models() -> list[str]:
-  return sorted(VARIANTS)
+  return sorted([*VARIANTS, *SEGMENTERS])
 
 
-def create_model(name: str, **overrides) -> FEC:
-  """`create_model('fec_small', num_classes=10, drop_path_rate=0.1, dtype=jnp.bfloat16)`."""
-  if name not in VARIANTS:
+def create_model(name: str, **overrides) -> nn.Module:
+  """`create_model('fec_small', num_classes=10, drop_path_rate=0.1, dtype=jnp.bfloat16)`;
+  `create_model('fpn_fec_small')` gives a fec_jax.fpn.SemanticFPN (150 classes by default)."""
+  if name in SEGMENTERS:
+    from fec_jax.fpn import SemanticFPN  # fpn builds on this module
+    cls, variant = SemanticFPN, VARIANTS[SEGMENTERS[name]]
+  elif name in VARIANTS:
+    cls, variant = FEC, VARIANTS[name]
+  else:
     raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-  fields = {f.name for f in dataclasses.fields(FEC)} - {"variant", "parent", "name"}
+  fields = {f.name for f in dataclasses.fields(cls)} - {"variant", "parent", "name"}
   unknown = set(overrides) - fields
   if unknown:
     raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; accepted: {sorted(fields)}")
-  return FEC(VARIANTS[name], **overrides)
+  return cls(variant, **overrides)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import fec_jax
 import torch_reference
+import torch_reference_fpn
 from fec_jax import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,3 +258,97 @@ def test_num_classes_is_taken_from_the_head(small_state):
   assert params["head"]["kernel"].shape == (320, 10)
   assert jax.tree.structure(params) == jax.tree.structure(
       convert.abstract_params("fec_small", num_classes=10))
+
+
+# --- Semantic FPN (mmseg checkpoints) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fpn_model():
+  return torch_reference_fpn.perturbed_segmenter("fpn_fec_small")
+
+
+def mmseg_checkpoint(path, model):
+  torch.save({"meta": {"mmseg_version": "0.24.0", "iter": 80_000}, "state_dict": model.state_dict(),
+              "optimizer": {}}, path)
+
+
+def test_fpn_roundtrip_is_bit_exact_and_load_pretrained_restores_batch_stats(tmp_path, fpn_model):
+  """mmseg checkpoint -> Orbax (model inferred) -> mmseg state dict: the same keys, every tensor
+  bit for bit (num_batches_tracked comes back as 0); load_pretrained gives params and batch_stats
+  whose logits, in eval and in train mode (running statistics included), are the reference's."""
+  src = tmp_path / "fpn_fec_small_ade20k_80k.pth"
+  mmseg_checkpoint(src, fpn_model)
+  assert convert.main(["--input", str(src), "--output", str(tmp_path / "orbax")]) == 0
+  assert convert.main(["--model", "fpn_fec_small", "--input", str(tmp_path / "orbax"),
+                       "--output", str(tmp_path / "back.pth"), "--to-torch"]) == 0
+  restored = torch.load(tmp_path / "back.pth", weights_only=True)
+  original = fpn_model.state_dict()
+  assert set(restored) == set(original)
+  for k, v in original.items():
+    if k.endswith("num_batches_tracked"):
+      assert restored[k].dtype == torch.int64 and restored[k].shape == () and restored[k] == 0, k
+    else:
+      assert torch.equal(restored[k], v), k
+  torch_reference_fpn.create_torch_segmenter("fpn_fec_small").load_state_dict(restored, strict=True)
+
+  model, variables = fec_jax.load_pretrained(tmp_path / "orbax", dropout_rate=0.0)
+  assert fec_jax.model.model_name(model) == "fpn_fec_small"
+  assert set(variables) == {"params", "batch_stats"}
+  x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+  with torch.no_grad():
+    expected = fpn_model(x).numpy().transpose(0, 2, 3, 1)
+    reference = torch_reference_fpn.create_torch_segmenter("fpn_fec_small")
+    reference.load_state_dict(original)
+    reference.train().decode_head.dropout.p = 0.0
+    expected_train = reference(x).numpy().transpose(0, 2, 3, 1)
+
+  def both(v, images):
+    return model.apply(v, images), model.apply(v, images, train=True, mutable=["batch_stats"])
+
+  images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+  got, (got_train, updated) = jax.jit(both).lower(variables, images).compile(
+      {"xla_backend_optimization_level": 0})(variables, images)
+  for e, g in ((expected, got), (expected_train, got_train)):
+    assert np.abs(np.asarray(g) - e).max() <= 1e-4 * np.abs(e).max()
+  state = convert.variables_to_torch({"params": {}, **updated})
+  for key, value in state.items():
+    if not key.endswith("num_batches_tracked"):
+      e = reference.state_dict()[key].numpy()
+      np.testing.assert_allclose(value, e, rtol=0, atol=1e-5 * np.abs(e).max(), err_msg=key)
+
+
+def test_fpn_strict_errors_list_every_bad_key(fpn_model):
+  state = {k: v.numpy() for k, v in fpn_model.state_dict().items()}
+  del state["decode_head.scale_heads.3.2.bn.running_var"]
+  state["neck.lateral_convs.0.conv.weight"] = np.zeros((256, 3, 1, 1), np.float32)
+  state["decode_head.conv_seg.foo"] = np.zeros(3, np.float32)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.torch_to_variables(state, "fpn_fec_small")
+  message = str(e.value)
+  assert "does not match fpn_fec_small (3 problems)" in message
+  assert "missing     decode_head.scale_heads.3.2.bn.running_var  expected shape [128]" in message
+  assert ("mis-shaped  neck.lateral_convs.0.conv.weight  expected shape [256, 32, 1, 1], "
+          "found [256, 3, 1, 1]") in message
+  assert "unexpected  decode_head.conv_seg.foo  found shape [3]" in message
+  with pytest.raises(convert.ConversionError, match="use torch_to_variables"):
+    convert.torch_to_flax(state, "fpn_fec_small")
+
+
+def test_mmseg_checkpoint_whole_or_backbone(tmp_path, fpn_model):
+  """A Semantic FPN checkpoint is kept whole for fpn_* or when no model is given (the round trip
+  above infers fpn_fec_small from it); for a backbone variant only backbone.* is kept. The class
+  count is read from conv_seg."""
+  path = tmp_path / "seg.pth"
+  mmseg_checkpoint(path, fpn_model)
+  whole, _, _ = convert.read_state_dict(str(path))
+  assert set(whole) == set(fpn_model.state_dict())
+  backbone, _, notes = convert.read_state_dict(str(path), model="fec_small_seg")
+  assert set(backbone) == {k.removeprefix("backbone.") for k in whole if k.startswith("backbone.")}
+  assert any("dropped" in n for n in notes)
+  params, _ = convert.torch_to_flax(backbone, "fec_small_seg")
+  assert jax.tree.structure(params) == jax.tree.structure(convert.abstract_params("fec_small_seg"))
+  nineteen = torch_reference_fpn.create_torch_segmenter("fpn_fec_small", 19).state_dict()
+  variables, overrides = convert.torch_to_variables({k: v.numpy() for k, v in nineteen.items()},
+                                                    "fpn_fec_small")
+  assert overrides == {"num_classes": 19}
+  assert variables["params"]["decode_head"]["conv_seg"]["kernel"].shape == (128, 19)

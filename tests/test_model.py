@@ -18,7 +18,8 @@ def shapes(name, height, width, **overrides):
 
 def test_registry():
   assert fec_jax.list_models() == sorted(
-      f"fec_{s}{k}" for s in ("small", "base", "large") for k in ("", "_seg", "_det"))
+      [f"fec_{s}{k}" for s in ("small", "base", "large") for k in ("", "_seg", "_det")]
+      + [f"fpn_fec_{s}" for s in ("small", "base", "large")])
   with pytest.raises(ValueError, match="unknown model 'fec_tiny'"):
     fec_jax.create_model("fec_tiny")
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
