@@ -209,6 +209,7 @@ def test_ratio_resize_matches_mmseg():
   assert seg_transforms.rescale_size(512, 683, (2048, 512)) == (512, 683)
   assert seg_transforms.rescale_size(375, 500, (1024, 256)) == (256, 341)  # 341.33 -> 341
   assert seg_transforms.rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side bound
+  assert seg_transforms.rescale_size(1024, 1025, (2048, 512)) == (512, 513)  # 512.5 rounds up
 
 
 def test_cv2_bilinear_does_not_antialias_like_pil():
