@@ -1,8 +1,8 @@
 """The segmentation data config (`config.data` of a segmentation task): fields and defaults.
 
-Defaults are the authors' ADE20K recipe (segmentation/configs/sem_fpn/fpn_fec_small_ade20k_80k.py
-on mmsegmentation 0.24; docs/official-code.md, the segmentation section). Functions of the
-segmentation pipeline call `validate(cfg)`, which rejects unknown fields (typos) and bad values.
+Defaults are the authors' ADE20K recipe: segmentation/configs/sem_fpn/fpn_fec_small_ade20k_80k.py
+of their repository, on mmsegmentation 0.24. Functions of the segmentation pipeline call
+`validate(cfg)`, which rejects unknown fields (typos) and bad values.
 """
 
 import ml_collections

@@ -73,14 +73,12 @@ class _MakeExample:
     self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
 
   def _empty(self) -> dict:
+    """Image 0 and label ignore_index, for padding and bad files."""
     cfg = self._cfg
     h, w = cfg.crop_size if self._train else (cfg.size_divisor, cfg.size_divisor)
     out = {
         "image": np.zeros((h, w, 3), np.uint8),
         "label": np.full((h, w), cfg.ignore_index, np.uint8),
-        "mask": False,
-        "num_bad": np.int32(0),
-        "num_converted": np.int32(0),
     }
     if self._train:
       out["valid"] = np.zeros(2, np.int32)
@@ -88,16 +86,15 @@ class _MakeExample:
 
   def __call__(self, item) -> dict:
     index, epoch, position = item
-    out = self._empty()
+    out = {"mask": False, "num_bad": np.int32(0), "num_converted": np.int32(0)}
     if index < 0:
-      return out
+      return {**self._empty(), **out}
     record = self._source[index]
     try:
       image, label, converted = _decode(record, self._cfg)
     except transforms.BadImageError as e:
       log.warning("bad example %s skipped: %s", record["key"], e)
-      out["num_bad"] = np.int32(1)
-      return out
+      return {**self._empty(), **out, "num_bad": np.int32(1)}
     if self._train:
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
       out["image"], out["label"], out["valid"] = seg_transforms.train_transform(

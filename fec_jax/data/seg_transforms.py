@@ -113,7 +113,9 @@ def _convert(x: np.ndarray, alpha=1.0, beta=0.0) -> np.ndarray:
   )
 
 
-def photometric_distortion(rng, image, brightness_delta, contrast_range, saturation_range, hue_delta):
+def photometric_distortion(
+    rng, image, brightness_delta, contrast_range, saturation_range, hue_delta
+):
   """mmseg 0.24 PhotoMetricDistortion on uint8 RGB [H, W, 3]: brightness; mode = randint(2);
   contrast if mode == 1; saturation; hue; contrast if mode == 0. Each op applies when its
   own randint(2) is 1 and then draws its amount; the result is clipped and truncated to
