@@ -497,3 +497,12 @@ def test_demo_source_deterministic_and_loader():
   val = next(fd.create_seg_loader(cfg, "val", 1, seed=0))
   assert val["image"].shape == (64, 64, 3) and val["label"].shape == (64, 64)
   np.testing.assert_array_equal(val["label"], seg_sources.demo_example(0, "val", 0, 64)[1])
+
+
+def test_seg_bench_times_the_loader_work(tmp_path):
+  from fec_jax.data import seg_bench
+
+  root = seg_bench.make_ade20k_like(str(tmp_path), num_images=2)
+  assert fd.seg_num_examples(_cfg(root, num_classes=150), "train") == 2
+  for train in (True, False):
+    assert seg_bench.time_examples(root, train, repeats=1) > 0
