@@ -21,20 +21,27 @@ def intersect_and_union(pred, label, num_classes: int, ignore_index: int = 255) 
   one shape, any rank: one image [H, W] or a batch [B, H, W]).
 
   Returns {'area_intersect', 'area_union', 'area_pred', 'area_label'}, each int32
-  [num_classes]. Counting is a one-hot compare against the class ids and a sum, which XLA
-  fuses into one reduction without materializing [..., num_classes]; a bincount would be
-  a scatter-add, slow on TPU and serialized on GPU. int32 holds 2^31 pixels: sum the
-  results over a set on the host in int64 (`summarize` takes such sums).
+  [num_classes] (int32 holds 2^31 pixels: sum the results over a set on the host in int64;
+  `summarize` takes such sums).
+
+  Counting is one bincount (a scatter-add) of the three areas' class codes. The scatter-free
+  alternative, comparing every pixel with every class id and summing, took 1,160 ms for a
+  512x683 image with 150 classes on CPU (XLA does not fuse it into one pass) against 11 ms
+  for this bincount, and sorting + searchsorted took 72 ms; on GPU a bincount is atomic adds;
+  TPU speed was not measured.
   """
-  classes = jnp.arange(num_classes)  # [K]
-  pred, label = jnp.asarray(pred), jnp.asarray(label)
-  valid = (label != ignore_index)[..., None]  # [..., 1]
-  pred_hot = (pred[..., None] == classes) & valid  # [..., K]
-  label_hot = (label[..., None] == classes) & valid  # [..., K]
-  axes = tuple(range(pred.ndim))
-  area_intersect = jnp.sum(pred_hot & label_hot, axis=axes, dtype=jnp.int32)  # [K]
-  area_pred = jnp.sum(pred_hot, axis=axes, dtype=jnp.int32)  # [K]
-  area_label = jnp.sum(label_hot, axis=axes, dtype=jnp.int32)  # [K]
+  k = num_classes
+  pred = jnp.asarray(pred).reshape(-1).astype(jnp.int32)  # [N]
+  label = jnp.asarray(label).reshape(-1).astype(jnp.int32)  # [N]
+  valid = label != ignore_index  # [N]
+
+  def bins(x, keep):  # class id, or k for a pixel that counts nowhere (as histc drops it)
+    return jnp.where(keep & (x >= 0) & (x < k), x, k)
+
+  codes = jnp.stack([bins(label, valid & (pred == label)), bins(pred, valid), bins(label, valid)])
+  codes = codes + (k + 1) * jnp.arange(3)[:, None]  # [3, N], area t in bins t * (k + 1) ...
+  counts = jnp.bincount(codes.reshape(-1), length=3 * (k + 1)).reshape(3, k + 1)[:, :k]
+  area_intersect, area_pred, area_label = counts.astype(jnp.int32)  # each [K]
   return {
       "area_intersect": area_intersect,
       "area_union": area_pred + area_label - area_intersect,
