@@ -10,7 +10,8 @@ import ml_collections
 from fec_jax.data import transforms
 
 SEG_SOURCES = ("ade20k", "demo")
-DEMO_NUM_CLASSES = 5  # background, disc, square, triangle, cross (seg_sources.demo_example)
+DEMO_CLASS_NAMES = ("background", "disc", "square", "triangle", "cross")  # demo labels 0..4
+DEMO_NUM_CLASSES = len(DEMO_CLASS_NAMES)
 
 
 def ade20k_config() -> ml_collections.ConfigDict:
