@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import fec_jax.data as fd
-from fec_jax.data import seg_device_transforms, seg_sources, seg_transforms
+from fec_jax.data import seg_device_transforms, seg_sources, seg_transforms, transforms
 from ade20k_fixture import make_ade20k_folder
 
 
@@ -210,6 +210,18 @@ def test_ratio_resize_matches_mmseg():
   assert seg_transforms.rescale_size(375, 500, (1024, 256)) == (256, 341)  # 341.33 -> 341
   assert seg_transforms.rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side bound
   assert seg_transforms.rescale_size(1024, 1025, (2048, 512)) == (512, 513)  # 512.5 rounds up
+
+
+def test_image_decode_matches_mmseg_cv2_loader():
+  """mmseg's LoadImageFromFile decodes with cv2.imdecode (BGR); ours gives the same RGB."""
+  base = Image.fromarray(_random_image(np.random.default_rng(7), 61, 83))
+  for mode, options in [("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}),
+                        ("L", {})]:
+    buf = io.BytesIO()
+    base.convert(mode).save(buf, "JPEG", quality=90, **options)
+    ours, _ = transforms.decode(buf.getvalue())
+    theirs = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(ours, theirs[..., ::-1], err_msg=f"{mode} {options}")
 
 
 def test_cv2_bilinear_does_not_antialias_like_pil():

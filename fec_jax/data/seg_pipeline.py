@@ -50,7 +50,8 @@ def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
 
 def _decode(record, cfg):
   """(uint8 [H, W, 3] image, uint8 [H, W] label with reduce_zero_label applied, converted);
-  raises transforms.BadImageError for any bad file or mismatched sizes."""
+  raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the
+  pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this)."""
   image, converted = transforms.decode(record["image"])
   label = seg_transforms.decode_label(record["label"])
   if label.shape != image.shape[:2]:
