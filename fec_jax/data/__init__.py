@@ -1,6 +1,6 @@
-"""ImageNet input pipeline (issue 4): sources, the official augmentation recipe, grain loader.
+"""Input pipelines: ImageNet classification (issue 4) and semantic segmentation (issue 13).
 
-Public API:
+Public API, classification:
   default_config(), demo_config(), validate(cfg)      -- config.data fields (config.py)
   create_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
   create_dataset(...)  -- the same as a re-iterable dataset (one pass per iter())
@@ -10,6 +10,13 @@ Public API:
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
   DataNotFoundError                                    -- missing/empty data (sources.py)
+Segmentation (ADE20K, the authors' mmseg 0.24 recipe; the synthetic shapes demo):
+  ade20k_config(), seg_demo_config(), seg_validate(cfg)  -- seg_config.py
+  create_seg_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
+  seg_num_examples(cfg, split), seg_steps_per_epoch(cfg, global_batch_size, shard_count),
+  seg_num_eval_examples(cfg, shard_count)              -- seg_pipeline.py
+  seg_device_transforms.normalize(images, valid, mean, std)  -- on device, padding -> 0
+  The metric: fec_jax.miou.
 Benchmark: python -m fec_jax.data.bench
 """
 
@@ -20,6 +27,15 @@ from fec_jax.data.pipeline import (
     num_eval_batches,
     num_examples,
     steps_per_epoch,
+)
+from fec_jax.data.seg_config import ade20k_config
+from fec_jax.data.seg_config import demo_config as seg_demo_config
+from fec_jax.data.seg_config import validate as seg_validate
+from fec_jax.data.seg_pipeline import (
+    create_seg_loader,
+    seg_num_eval_examples,
+    seg_num_examples,
+    seg_steps_per_epoch,
 )
 from fec_jax.data.sources import DataNotFoundError
 
@@ -33,4 +49,11 @@ __all__ = [
     "steps_per_epoch",
     "num_eval_batches",
     "DataNotFoundError",
+    "ade20k_config",
+    "seg_demo_config",
+    "seg_validate",
+    "create_seg_loader",
+    "seg_num_examples",
+    "seg_steps_per_epoch",
+    "seg_num_eval_examples",
 ]

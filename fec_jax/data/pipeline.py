@@ -293,13 +293,18 @@ def create_dataset(
   if train:
     ds = _SkipBad(ds)
   ds = ds.batch(local_batch, drop_remainder=train)
+  return _Report(_prefetch(ds, data_config), steps, split)
+
+
+def _prefetch(ds, data_config):
+  """`ds` run in num_workers worker processes (grain mp_prefetch); as is for 0 workers."""
   workers = _num_workers(data_config)
-  if workers > 0:
-    if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
-        )
-    )
-  return _Report(ds, steps, split)
+  if workers == 0:
+    return ds
+  if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
+      )
+  )

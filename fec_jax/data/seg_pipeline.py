@@ -1,0 +1,164 @@
+"""The grain segmentation pipeline: deterministic, resumable, sharded per host.
+
+Train order, per-example random draws, bad-file skipping and the per-epoch counts are those
+of the classification pipeline (fec_jax.data.pipeline, whose order, skip and report stages
+this module reuses): each epoch permutes the records from (seed, epoch), host h of H takes
+global positions h, h + H, ..., and every example draws from its own generator seeded
+with (seed, epoch, position), so an example does not depend on hosts, worker processes,
+threads or where a run was resumed (with W > 1 worker processes each worker batches its own
+slice, so the same examples are grouped into batches differently than with W = 0 or 1).
+
+Val: one example at a time (images differ in size). Host h of H takes the records at
+positions h, h + H, ...; the last, uneven share is padded: every host yields
+ceil(N / H) examples, and the padding (like a bad file) has mask False and a label of
+ignore_index only, so it adds nothing to the metric's sums even if it is not skipped.
+
+Bad input (unreadable or corrupt image or annotation, an annotation that is not 8-bit
+single-channel or not the image's size): train skips the example, val keeps its slot with
+mask False; odd image modes (grayscale, CMYK, ...) are converted to RGB. Both are counted
+and logged once per epoch; `it.stats()` returns the counts.
+"""
+
+import logging
+import sys
+
+import grain
+import numpy as np
+
+from fec_jax.data import pipeline, seg_sources, seg_transforms, transforms
+from fec_jax.data import seg_config as config_lib
+
+log = logging.getLogger(__name__)
+
+
+def seg_num_examples(data_config, split: str) -> int:
+  """Number of records of a split ('train' | 'val'), bad files included."""
+  config_lib.validate(data_config)
+  return len(seg_sources.make_seg_source(data_config, split))
+
+
+def seg_steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
+  """Train batches per epoch per host: (N // shard_count) // local_batch."""
+  local_batch = pipeline._local_batch(global_batch_size, shard_count)
+  return (seg_num_examples(data_config, "train") // shard_count) // local_batch
+
+
+def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
+  """Val examples per host (padding included): ceil(N / shard_count)."""
+  return -(-seg_num_examples(data_config, "val") // shard_count)
+
+
+def _decode(record, cfg):
+  """(uint8 [H, W, 3] image, uint8 [H, W] label with reduce_zero_label applied, converted);
+  raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the
+  pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this)."""
+  image, converted = transforms.decode(record["image"])
+  label = seg_transforms.decode_label(record["label"])
+  if label.shape != image.shape[:2]:
+    raise transforms.BadImageError(
+        f"annotation is {label.shape[1]}x{label.shape[0]}, image {image.shape[1]}x{image.shape[0]}"
+    )
+  if cfg.reduce_zero_label:
+    label = seg_transforms.reduce_zero_label(label)
+  return image, label, converted
+
+
+class _MakeExample:
+  """(record index or -1, epoch, position) -> an example; never raises on bad files.
+
+  train: {'image' uint8 [ch, cw, 3], 'label' uint8 [ch, cw], 'valid' int32 [2]};
+  val: {'image' uint8 [h, w, 3], 'label' uint8 [H0, W0]}; both also 'mask' bool,
+  'num_bad' int32, 'num_converted' int32."""
+
+  def __init__(self, source, cfg, seed: int, train: bool):
+    self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
+
+  def _empty(self) -> dict:
+    """Image 0 and label ignore_index, for padding and bad files."""
+    cfg = self._cfg
+    h, w = cfg.crop_size if self._train else (cfg.size_divisor, cfg.size_divisor)
+    out = {
+        "image": np.zeros((h, w, 3), np.uint8),
+        "label": np.full((h, w), cfg.ignore_index, np.uint8),
+    }
+    if self._train:
+      out["valid"] = np.zeros(2, np.int32)
+    return out
+
+  def __call__(self, item) -> dict:
+    index, epoch, position = item
+    out = {"mask": False, "num_bad": np.int32(0), "num_converted": np.int32(0)}
+    if index < 0:
+      return {**self._empty(), **out}
+    record = self._source[index]
+    try:
+      image, label, converted = _decode(record, self._cfg)
+    except transforms.BadImageError as e:
+      log.warning("bad example %s skipped: %s", record["key"], e)
+      return {**self._empty(), **out, "num_bad": np.int32(1)}
+    if self._train:
+      rng = np.random.default_rng([self._seed % 2**63, epoch, position])
+      out["image"], out["label"], out["valid"] = seg_transforms.train_transform(
+          rng, image, label, self._cfg
+      )
+    else:
+      out["image"], out["label"] = seg_transforms.eval_transform(image, self._cfg), label
+    out.update(mask=True, num_converted=np.int32(converted))
+    return out
+
+
+def create_seg_loader(
+    data_config,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs=None,
+):
+  """A grain DatasetIterator over one host's shard of a segmentation split.
+
+  train ('train'): batches of local_batch = global_batch_size // shard_count:
+    'image': uint8 [local_batch, ch, cw, 3] NHWC, (ch, cw) = crop_size, zero padded at the
+             bottom and right; normalize on device with seg_device_transforms.normalize;
+    'label': uint8 [local_batch, ch, cw], class indices, ignore_index (255) = ignore,
+             padding included;
+    'valid': int32 [local_batch, 2], the unpadded (height, width) of each image.
+    Shuffled per epoch from `seed`, remainder dropped per epoch; `num_epochs` None =
+    endless (count steps with seg_steps_per_epoch()), else that many epochs.
+  val ('val'): single examples (global_batch_size is not used), seg_num_eval_examples() of
+    them, in source order on this host's share (see the module doc):
+    'image': uint8 [h, w, 3], the test resize (sides multiples of size_divisor);
+    'label': uint8 [H0, W0], the annotation at its original size (reduced, 255 = ignore);
+    'mask':  bool, False for padding and bad files.
+  Checkpointing, resuming, worker processes, `stats()` and `close()` are as for
+  fec_jax.data.create_loader (same config, seed, batch size, shards and num_workers).
+  """
+  config_lib.validate(data_config)
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  source = seg_sources.make_seg_source(data_config, split)
+  n = len(source)
+  train = split == "train"
+  if train:
+    local_batch = pipeline._local_batch(global_batch_size, shard_count)
+    per_host_epoch = (n // shard_count) // local_batch * local_batch
+    if per_host_epoch == 0:
+      raise ValueError(f"{n} train examples are fewer than one global batch ({global_batch_size})")
+    total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
+    order = pipeline._TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
+    steps = per_host_epoch // local_batch
+    buffer = 2 * local_batch
+  else:
+    total = steps = -(-n // shard_count)
+    order = pipeline._ValOrder(n, shard_index, shard_count)
+    buffer = 2 * data_config.read_threads
+  ds = grain.MapDataset.range(total).map(order).map(_MakeExample(source, data_config, seed, train))
+  ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=buffer)
+  )
+  if train:
+    ds = pipeline._SkipBad(ds).batch(local_batch, drop_remainder=True)
+  return iter(pipeline._Report(pipeline._prefetch(ds, data_config), steps, split))
