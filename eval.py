@@ -12,14 +12,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 import fec_jax
-from fec_jax import data, tasks, throughput, training
+from fec_jax import checkpoint, cli, data, tasks, throughput, training
+from fec_jax.model import model_name
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Config: task, data, eval batch.",
-                                lock_config=True)
+cli.define_config_file("config", "configs/demo.py", "Config: task, data, eval batch.",
+                       lock_config=True)
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -30,11 +30,6 @@ flags.DEFINE_integer("batch", throughput.BATCH, "Throughput: images per forward 
 flags.DEFINE_integer("warmup", throughput.WARMUP, "Throughput: warm-up iterations.")
 flags.DEFINE_integer("iters", throughput.ITERS, "Throughput: timed iterations.")
 FLAGS = flags.FLAGS
-
-
-def fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def measure_throughput(model, variables, image_size: int, mesh) -> float:
@@ -56,32 +51,26 @@ def main(argv):
   del argv
   config = FLAGS.config
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
-    fail("give exactly one of --workdir and --checkpoint")
+    cli.fail("give exactly one of --workdir and --checkpoint")
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
-    fail("--batch and --iters must be > 0 and --warmup >= 0")
+    cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   mesh = training.create_mesh()
   if FLAGS.batch % jax.device_count():
-    fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
-  try:
-    task = tasks.get(config)
-    task.check_config()
-    directory = FLAGS.workdir or FLAGS.checkpoint
-    model, variables = fec_jax.load_pretrained(directory, step=FLAGS.step, ema=FLAGS.ema,
-                                               dtype=jnp.dtype(config.model.dtype))
-  except (ValueError, fec_jax.checkpoint.CheckpointError) as e:
-    fail(str(e))
+    cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
+  task = tasks.get(config)
+  task.check_config()
+  directory = FLAGS.workdir or FLAGS.checkpoint
+  model, variables = fec_jax.load_pretrained(directory, step=FLAGS.step, ema=FLAGS.ema,
+                                             dtype=jnp.dtype(config.model.dtype))
   variables = jax.device_put(variables, training.replicated(mesh))
   size = config.data.image_size
   if FLAGS.throughput:
     img_per_s = measure_throughput(model, variables, size, mesh)
-    print(f"throughput: {img_per_s:.1f} img/s ({fec_jax.model.variant_name(model.variant)}, "
+    print(f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, "
           f"{size}x{size}, batch {FLAGS.batch}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s))")
     return
-  try:
-    evaluator = task.evaluator(model, mesh)
-  except (ValueError, data.DataNotFoundError) as e:
-    fail(str(e))
+  evaluator = task.evaluator(model, mesh)
   try:
     metrics = evaluator(variables)
   finally:
@@ -91,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError))

@@ -14,13 +14,11 @@ its own share of the data.
 import sys
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from fec_jax import checkpoint, data, loop
+from fec_jax import checkpoint, cli, data, loop
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config file.",
-                                lock_config=True)
+cli.define_config_file("config", "configs/demo.py", "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and plot go here.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one process per host).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multihost, optional).")
@@ -36,25 +34,15 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
-def quiet_orbax() -> None:
-  """Orbax logs every file it writes at INFO; keep its warnings only."""
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname)
-
-
 def main(argv):
   del argv
-  quiet_orbax()
   if FLAGS.multihost:
     initialize_distributed()
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, data.DataNotFoundError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   except loop.TrainingDiverged as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError))
