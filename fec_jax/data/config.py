@@ -6,7 +6,7 @@ package call `validate(cfg)`, which rejects unknown fields (typos) and bad value
 
 import ml_collections
 
-from fec_jax.data import randaugment
+from fec_jax.data import randaugment, transforms
 
 SOURCES = ("folder", "tfds", "demo")
 ERASE_MODES = ("pixel", "rand", "const")
@@ -62,8 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.rand_augment = "rand-m9-mstd0.5-inc1"
   c.reprob = 0.25
   c.remode = "pixel"
-  c.mean = (0.485, 0.456, 0.406)
-  c.std = (0.229, 0.224, 0.225)
+  c.mean = transforms.IMAGENET_MEAN
+  c.std = transforms.IMAGENET_STD
   c.mixup_alpha = 0.8
   c.cutmix_alpha = 1.0
   c.mixup_prob = 1.0

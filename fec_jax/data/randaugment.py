@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 _LEVEL_DENOM = 10.0
-_RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)  # timm's choice
 
 # timm's _RAND_INCREASING_TRANSFORMS (inc1) and _RAND_TRANSFORMS (inc0), in timm's order.
 INCREASING_OPS = (
@@ -219,7 +219,7 @@ def augment_op(rng, img: Image.Image, name: str, spec: RandAugmentSpec, hparams:
   arg = level_to_arg(name, level, negate)
   resample = hparams.get("resample")
   if name in _GEOMETRIC and resample is None:
-    resample = _RANDOM_INTERPOLATION[int(rng.integers(0, 2))]
+    resample = RANDOM_INTERPOLATION[int(rng.integers(0, 2))]
   return apply_op(img, name, arg, resample, hparams["fill"])
 
 

@@ -23,8 +23,6 @@ from fec_jax.data import randaugment
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# timm's RandomResizedCropAndInterpolation picks one of these per image for 'random'.
-RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -118,7 +116,7 @@ def rrc_params(rng, width: int, height: int, scale, ratio) -> tuple[int, int, in
 def pick_interpolation(rng, name: str):
   """PIL resample filter; 'random' draws bilinear or bicubic (timm's random.choice)."""
   if name == "random":
-    return RANDOM_INTERPOLATION[int(rng.integers(0, 2))]
+    return randaugment.RANDOM_INTERPOLATION[int(rng.integers(0, 2))]
   return INTERPOLATIONS[name]
 
 
