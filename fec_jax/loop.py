@@ -118,25 +118,26 @@ def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
 
 
 def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.TrainState:
-  """State from config.seed, then config.init_from's params put in (the task's rules)."""
+  """State from config.seed, then config.init_from's variables put in (the task's rules)."""
   pretrained, source = None, ""
   if config.init_from:
     source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
-    _, variables = _timed(f"loading init_from {source}", lambda: checkpoint.load_pretrained(
+    _, pretrained = _timed(f"loading init_from {source}", lambda: checkpoint.load_pretrained(
         config.init_from, ema=config.init_from_ema))
-    pretrained = variables["params"]
-    task.adopt_pretrained(abstract.params, pretrained, source)  # a misfit stops here, before init
+    task.adopt_pretrained(abstract.variables(), pretrained, source)  # a misfit stops here
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = _timed("initializing the train state", lambda: training.create_state(
       model, tx, config, task.input_shape(), shardings))
   if pretrained is None:
     return state
-  params, notes = task.adopt_pretrained(jax.device_get(state.params), pretrained, source)
+  variables, notes = task.adopt_pretrained(jax.device_get(state.variables()), pretrained, source)
   for note in notes:
     logging.info("init_from: %s", note)
-  logging.info("init_from: the other params come from %s", source)
-  params = jax.device_put(params, shardings.params)
-  return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
+  logging.info("init_from: the other weights come from %s", source)
+  variables = jax.device_put(variables, shardings.variables())
+  params = variables.pop("params")
+  return state.replace(params=params, model_state=variables,
+                       ema_params=params if state.ema_params is not None else None)
 
 
 def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, save, mngr,

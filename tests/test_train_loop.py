@@ -171,11 +171,18 @@ def test_bad_input_fails_before_compiling(case, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+def command_line(process: psutil.Process) -> str:
+  try:
+    return " ".join(process.cmdline())
+  except psutil.Error:  # it ended meanwhile, or is a zombie
+    return ""
+
+
 def loader_workers(before: set[int]) -> list[psutil.Process]:
   """Child processes started since `before`, less multiprocessing's resource tracker (one per
   interpreter, it lives as long as the interpreter)."""
   return [p for p in psutil.Process().children(recursive=True) if p.pid not in before
-          and "resource_tracker" not in " ".join(p.cmdline())]
+          and "resource_tracker" not in command_line(p)]
 
 
 def test_no_loader_worker_outlives_the_run(tmp_path):
@@ -195,4 +202,4 @@ def test_no_loader_worker_outlives_the_run(tmp_path):
   assert result.step == 2
   assert len(seen) >= 2  # the loaders did start worker processes
   left = loader_workers(before)
-  assert not left, [p.cmdline() for p in left]
+  assert not left, [command_line(p) for p in left]

@@ -65,11 +65,13 @@ class Task(abc.ABC):
     """The held-out evaluation of this task (compiler_options: XLA options for its steps)."""
 
   @abc.abstractmethod
-  def adopt_pretrained(self, params: Any, pretrained: Any, source: str) -> tuple[Any, list[str]]:
-    """Fine-tuning start (config.init_from): fresh `params` with the matching leaves of
-    `pretrained` (a params tree; `source` names it in messages) put in. -> (params, one line per
-    deliberate change, e.g. a re-initialized head); raises ValueError listing every other
-    missing, unexpected or mis-shaped parameter."""
+  def adopt_pretrained(self, variables: dict, pretrained: dict,
+                       source: str) -> tuple[dict, list[str]]:
+    """Fine-tuning start (config.init_from): fresh `variables` ({'params', ...model state})
+    with the matching leaves of `pretrained` (the variables of a checkpoint; `source` names it in
+    messages) put in. -> (variables, one line per deliberate change, e.g. a re-initialized head);
+    raises fec_jax.checkpoint.CheckpointError listing every other missing, unexpected or
+    mis-shaped parameter."""
 
   @abc.abstractmethod
   def describe(self, metrics: dict[str, float]) -> str:

@@ -149,10 +149,11 @@ class Classification(Task):
                        f"is {self.config.data.num_classes}")
     return TopK(model, self.config, mesh, compiler_options)
 
-  def adopt_pretrained(self, params, pretrained, source: str):
+  def adopt_pretrained(self, variables, pretrained, source: str):
     """Every param whose name and shape match is loaded; the head is re-initialized when only
     its number of classes differs; anything else missing, unexpected or mis-shaped is an error."""
-    missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained)
+    params = variables["params"]
+    missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained["params"])
     reinit = set(HEAD) & set(mismatched)
     notes = []
     if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
@@ -162,10 +163,10 @@ class Classification(Task):
     else:
       reinit = set()
     checkpoint.raise_for_mismatch(missing, unexpected, mismatched, source)
-    loaded = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
     merged = {k: v if k in reinit else loaded[k]
               for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
-    return flax.traverse_util.unflatten_dict(merged, sep="/"), notes
+    return {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}, notes
 
   def describe(self, metrics: dict[str, float]) -> str:
     return (f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
