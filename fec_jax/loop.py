@@ -55,7 +55,9 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   task.check_config()
   with Preemption() as preemption:
     # Data first: a missing dataset or one that does not fit the config stops here.
-    train_iter, steps_per_epoch = task.train_loader(jax.process_index(), jax.process_count())
+    train_iter, steps_per_epoch = _timed(
+        f"{config.task}: opening the train data",
+        lambda: task.train_loader(jax.process_index(), jax.process_count()))
     try:
       return _run(config, workdir, task, train_iter, steps_per_epoch, preemption,
                   compiler_options)
@@ -82,7 +84,7 @@ def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
   tx = training.create_optimizer(config, schedule)
   abstract = training.abstract_state(model, tx, config, task.input_shape(), mesh)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
-  evaluator = task.evaluator(model, mesh, compiler_options)  # lists the val data once, now
+  evaluator = _timed("opening the val data", lambda: task.evaluator(model, mesh, compiler_options))
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
   writer = None
   try:
@@ -203,6 +205,7 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
 
 def _evaluate(evaluator, state, step: int) -> dict[str, float]:
   """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
+  logging.info("evaluating step %d (the first evaluation also compiles the eval step) ...", step)
   start = time.perf_counter()
   record = {f"val_{k}": v for k, v in evaluator(state.variables()).items()}
   if state.ema_params is not None:
