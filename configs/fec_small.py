@@ -1,4 +1,4 @@
-"""FEC-Small on ImageNet-1k with the official recipe (official-fec-reference.md Sec. 8).
+"""FEC-Small on ImageNet-1k with the official recipe (docs/official-code.md Sec. 8).
 
   python train.py --config=configs/fec_small.py --workdir=DIR --config.data.root=/path/to/imagenet
 

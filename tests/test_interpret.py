@@ -1,5 +1,5 @@
 """Cluster interpretability (fec_jax/interpret.py, visualize.py) against a plain NumPy rendition of
-the official visualization algorithm (official-fec-reference.md Sec. 9): Python dicts of member
+the official visualization algorithm (docs/official-code.md Sec. 9): Python dicts of member
 blocks linked pool by pool, empty clusters dropped, K-Means on the last pool's centers.
 
 Weights are random: the linking math does not need trained ones. They are drawn in NumPy on the
@@ -48,7 +48,7 @@ def sample_images(size):
 
 
 # ---------------------------------------------------------------------------------------------
-# The official algorithm, one image at a time, with dicts (reference Sec. 9)
+# The official algorithm, one image at a time, with dicts (docs/official-code.md Sec. 9)
 # ---------------------------------------------------------------------------------------------
 def official_members(pool_assignments):
   """[{cluster: [blocks]}] per level: level 0 = each block alone; a pool's cluster is the union of

@@ -130,7 +130,7 @@ def test_gradients_match_autograd():
   assert set(grads) == set(expected)
   worst = 0.0
   for key, g in grads.items():
-    if ".conv_f." in key:  # only feeds the argmax: no gradient at all (reference Sec. 4)
+    if ".conv_f." in key:  # only feeds the argmax: no gradient at all (docs/official-code.md Sec. 4)
       assert expected[key] is None or not expected[key].any()
       assert not g.any(), f"{key} has a gradient"
       continue

@@ -1,4 +1,4 @@
-"""Fast checks of the training pieces against the official recipe (reference Sec. 8); no
+"""Fast checks of the training pieces against the official recipe (docs/official-code.md Sec. 8); no
 model compilation."""
 import math
 import os

@@ -1,8 +1,8 @@
 """PyTorch rendition of the official FEC architecture, used as a test fixture.
 
-This is NOT part of the fec_jax package. It was written only from
-``docs/official-fec-reference.md`` (cited below as "doc §N") so that the JAX
-port can be checked against an independent rendition: forward parity, identical
+This is NOT part of the fec_jax package. It was written only from the facts of
+the released code that ``docs/official-code.md`` sets out (cited below as "doc §N",
+that document's sections), so that the JAX port can be checked against an independent rendition: forward parity, identical
 cluster assignments, gradient parity and weight-conversion round trips.
 
 Public API

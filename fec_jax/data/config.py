@@ -1,6 +1,6 @@
 """The data config (`config.data`): every field, its meaning and the official defaults.
 
-Defaults are the official ImageNet-1k recipe (reference section 8). Functions of this
+Defaults are the official ImageNet-1k recipe (docs/official-code.md Sec. 8). Functions of this
 package call `validate(cfg)`, which rejects unknown fields (typos) and bad values.
 """
 

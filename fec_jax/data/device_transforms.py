@@ -19,7 +19,7 @@ def normalize(images, mean, std):
 def erase(key, images, boxes, mode: str):
   """timm RandomErasing's fill of normalized images [B, H, W, C] in the boxes [B, 4] int32
   (top, left, h, w; zero size: untouched). mode 'pixel': per-pixel N(0, 1); 'rand':
-  per-channel N(0, 1); 'const': zeros (reference section 8: pixel, after normalization)."""
+  per-channel N(0, 1); 'const': zeros (docs/official-code.md Sec. 8: pixel, after normalization)."""
   b, h, w, c = images.shape
   top, left, height, width = (boxes[:, i, None] for i in range(4))  # each [B, 1]
   rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + height)  # [B, H]

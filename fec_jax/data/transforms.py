@@ -1,4 +1,4 @@
-"""Host-side image ops of the official recipe (reference section 8), numpy/PIL.
+"""Host-side image ops of the official recipe (docs/official-code.md Sec. 8), numpy/PIL.
 
 Every op that draws random numbers takes an `rng` with the methods of
 `np.random.Generator` (`random`, `uniform`, `integers`, `normal`) and draws them in
@@ -173,7 +173,7 @@ def erase_params(rng, height: int, width: int, prob: float) -> np.ndarray:
 
 
 def train_transform(rng, image: np.ndarray, cfg, ra_spec, ra_hparams):
-  """The host part of the official train transform (reference section 8).
+  """The host part of the official train transform (docs/official-code.md Sec. 8).
 
   uint8 [H, W, 3] -> (uint8 [S, S, 3], erase box int32 [4]): random resized crop ->
   horizontal flip -> RandAugment; normalization and the erasing fill follow on device
