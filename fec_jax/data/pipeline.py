@@ -211,22 +211,10 @@ class _ReportIterator(grain.DatasetIterator):
     self._epoch_start = tuple(state["epoch_start"])
 
 
-def create_loader(
-    data_config,
-    split: str,
-    global_batch_size: int,
-    seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    num_epochs=None,
-):
+def create_loader(*args, **kwargs):
   """A grain DatasetIterator over batches of one host's shard of a split:
-  `iter(create_dataset(...))` (see create_dataset)."""
-  return iter(
-      create_dataset(
-          data_config, split, global_batch_size, seed, shard_index, shard_count, num_epochs
-      )
-  )
+  `iter(create_dataset(...))`, same arguments."""
+  return iter(create_dataset(*args, **kwargs))
 
 
 def create_dataset(
