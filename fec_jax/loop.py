@@ -155,6 +155,7 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
   train_step = _timed("compiling the train step (first call)", lambda: train_step.lower(
       state, batch).compile(compiler_options))
   clock, pending = None, []  # pending: per-step metrics not yet fetched from the device
+  evaluated = False
   for step in range(start + 1, num_steps + 1):
     if step > start + 1:
       batch = training.global_batch(next(train_iter), mesh)
@@ -189,7 +190,8 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
     if eval_now and stop:
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
-      record.update(_evaluate(evaluator, state, step))
+      record.update(_evaluate(evaluator, state, step, first=not evaluated))
+      evaluated = True
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
     writer.write(record)
@@ -203,9 +205,9 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
   return RunResult(num_steps, False, record)
 
 
-def _evaluate(evaluator, state, step: int) -> dict[str, float]:
+def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
   """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
-  logging.info("evaluating step %d (the first evaluation also compiles the eval step) ...", step)
+  logging.info("evaluating step %d%s ...", step, " (and compiling the eval step)" if first else "")
   start = time.perf_counter()
   record = {f"val_{k}": v for k, v in evaluator(state.variables()).items()}
   if state.ema_params is not None:
