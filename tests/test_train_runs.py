@@ -122,3 +122,18 @@ def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp
   assert lines[-1].startswith("error: ") and expected in lines[-1], err[-3000:]
   assert "Traceback" not in err
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
+
+
+@pytest.mark.parametrize("case", ["both", "missing", "batch", "classes"])
+def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
+  args = {"both": [f"--workdir={reference}", f"--checkpoint={reference}"],
+          "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
+          "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
+          "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"]}[case]
+  expected = {"both": "exactly one of --workdir and --checkpoint", "missing": "does not exist",
+              "batch": "--batch and --iters must be > 0",
+              "classes": "the model has 10 classes but config.data.num_classes is 1000"}[case]
+  rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
+  assert rc == 2 and not out
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err[-3000:]
