@@ -49,6 +49,8 @@ def measure_throughput(model, variables, image_size: int, mesh) -> float:
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # print only the result (--verbosity=0 shows the logs)
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
@@ -75,7 +77,6 @@ def main(argv):
     metrics = evaluator(variables)
   finally:
     evaluator.close()
-  logging.info("evaluated %s", directory)
   print(task.describe(metrics))
 
 
