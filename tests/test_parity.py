@@ -8,8 +8,9 @@ with fec_jax.convert, and both models run on the same images. Tolerances:
 
 The dense-prediction variants have many more centers per point (49 or 100), and at these input
 sizes some points sit on genuine fp32 near-ties: two centers whose scores differ by one ulp, which
-two fp32 implementations with different summation orders may break differently. Those variants are
-therefore checked twice: in fp64, where everything above must hold exactly as stated, and in fp32,
+two fp32 implementations with different summation orders may break differently; fec_small at
+256x320 has one such point too (the reference's top-2 margin is exactly 0 in network.0.2). Those
+cases are therefore checked twice: in fp64, where everything above must hold exactly as stated, and in fp32,
 where every layer must agree exactly up to the first layer with a differing assignment, and every
 differing point there must be a near-tie (reference score margin <= TIE_MARGIN).
 """
@@ -75,9 +76,16 @@ def relative_error(expected, got):
   return float(np.abs(expected - got).max() / np.abs(expected).max())
 
 
+TIED = [("fec_small_det", 320, 448), ("fec_small_seg", 512, 512), ("fec_small", 256, 320)]
+
+
+def outputs(result) -> list[np.ndarray]:
+  """The four maps of a dense variant, or [logits]."""
+  return result if isinstance(result, list) else [result]
+
+
 @pytest.mark.parametrize("name,height,width", [
-    ("fec_small", 224, 224), ("fec_base", 224, 224), ("fec_large", 224, 224),
-    ("fec_small", 256, 320)])
+    ("fec_small", 224, 224), ("fec_base", 224, 224), ("fec_large", 224, 224)])
 def test_classification_parity(name, height, width):
   expected, ref_assign, got, jax_assign, _ = run_both(name, height, width)
   assert_same_assignments(ref_assign, jax_assign)
@@ -86,20 +94,21 @@ def test_classification_parity(name, height, width):
   assert err <= OUTPUT_RTOL
 
 
-@pytest.mark.parametrize("name,height,width", [("fec_small_det", 320, 448), ("fec_small_seg", 512, 512)])
-def test_dense_parity_fp64(name, height, width):
+@pytest.mark.parametrize("name,height,width", TIED)
+def test_tied_cases_fp64(name, height, width):
   with jax.enable_x64(True):
     expected, ref_assign, got, jax_assign, _ = run_both(name, height, width, dtype=torch.float64)
   assert_same_assignments(ref_assign, jax_assign)
-  assert [t.shape[1] for t in got] == [height // s for s in (4, 8, 16, 32)]
-  for level, (e, g) in enumerate(zip(expected, got)):
+  if isinstance(got, list):
+    assert [t.shape[1] for t in got] == [height // s for s in (4, 8, 16, 32)]
+  for level, (e, g) in enumerate(zip(outputs(expected), outputs(got))):
     err = relative_error(e, g)
     print(f"{name} {height}x{width} fp64 level {level}: relative error {err:.2e}")
     assert err <= OUTPUT_RTOL
 
 
-@pytest.mark.parametrize("name,height,width", [("fec_small_det", 320, 448), ("fec_small_seg", 512, 512)])
-def test_dense_parity_fp32(name, height, width):
+@pytest.mark.parametrize("name,height,width", TIED)
+def test_tied_cases_fp32(name, height, width):
   expected, ref_assign, got, jax_assign, margins = run_both(name, height, width)
   assert list(jax_assign) == list(ref_assign)
   for layer in ref_assign:
@@ -109,7 +118,7 @@ def test_dense_parity_fp32(name, height, width):
             f"{margins[layer][flipped].tolist()}")
       assert margins[layer][flipped].max() <= TIE_MARGIN, f"{layer}: a non-tie point flipped"
       return
-  for e, g in zip(expected, got):
+  for e, g in zip(outputs(expected), outputs(got)):
     assert relative_error(e, g) <= OUTPUT_RTOL
 
 
