@@ -105,7 +105,7 @@ class Cluster(nn.Module):
   head_dim: int
   centers: tuple[int, int]
   fold: int = 1
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -169,7 +169,7 @@ class ClusterPool(nn.Module):
   """
   dim_out: int
   fold: int = 1
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -239,7 +239,7 @@ class ClusterBlock(nn.Module):
   fold: int = 1
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -290,7 +290,7 @@ class FEC(nn.Module):
   num_classes: int = 1000
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-5
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
