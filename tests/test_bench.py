@@ -1,15 +1,61 @@
-"""bench.py runs end to end and prints one JSON line per measurement (numbers are not judged here)."""
+"""bench.py runs end to end and prints one JSON line per measurement (numbers are not judged here);
+bad arguments stop it with one `error:` line and exit code 2 before any compile."""
 
 import json
+import sys
+
+import pytest
 
 import bench
+from fec_jax import throughput
 
 
 def test_bench_prints_one_json_line_per_measurement(capsys):
   bench.main(["--models", "fec_small", "--batch", "2", "--warmup", "1", "--iters", "1",
               "--dtypes", "float32", "--modes", "infer", "--torch", "off"])
-  records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  out = capsys.readouterr().out.splitlines()
+  records = [json.loads(line) for line in out if line.startswith("{")]
   assert len(records) == 1
   record = records[0]
   assert record["model"] == "fec_small" and record["mode"] == "infer" and record["batch"] == 2
   assert record["img_per_s"] > 0 and record["ms_per_iter"] > 0
+  assert record["aggregation"] == "auto"
+  assert record["compile_s"] > 0 and record["trace_lower_s"] > 0 and record["stablehlo_lines"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "fec_tiny"], "unknown model(s) ['fec_tiny']"),
+    (["--models", "fec_small_seg"], "unknown model(s) ['fec_small_seg']"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--iters", "-1"], "--iters must be a positive integer"),
+    (["--tpu", "v5e:2x2"], '--tpu needs libtpu: pip install -e ".[tpu]"'),
+])
+def test_bad_arguments_give_one_error_line(argv, message, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # as in CI: the [tpu] extra not installed
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_fusion_bytes_pads_to_the_tpu_tile():
+  big = "f32[4096,24]{1,0:T(8,128)}"  # 24 lanes padded to 128 on a TPU
+  hlo = f"""HloModule m
+
+%fused_computation.1 (p: f32[4096,24]) -> f32[4096,24] {{
+  %p = {big} parameter(0)
+  ROOT %inner = {big} fusion({big} %p), kind=kLoop, calls=%nested
+}}
+
+ENTRY %main (a: f32[4096,24], b: bf16[10]) -> f32[4096,24] {{
+  %a = {big} parameter(0)
+  %b = bf16[10]{{0}} parameter(1)
+  %small = bf16[10]{{0}} fusion(bf16[10]{{0}} %b), kind=kLoop, calls=%fused_computation.2
+  ROOT %big = {big} fusion({big} %a), kind=kLoop, calls=%fused_computation.1
+}}
+"""
+  fusions = throughput.fusion_bytes(hlo)
+  assert [f["name"] for f in fusions] == ["big", "small"]  # the nested %inner is not counted
+  assert fusions[0]["bytes"] == 2 * 4096 * 128 * 4  # operand + output
+  assert fusions[1]["bytes"] == 2 * 10 * 2
