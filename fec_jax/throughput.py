@@ -41,7 +41,8 @@ _ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16"
                   "c64": 8, "c128": 16}
 # An HLO array shape with its optional layout: bf16[8,56,56,128]{3,2,1,0:T(8,128)(2,1)}
 _SHAPE = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
-_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) fusion\((.*)\), kind=(\w+)")
+# An instruction: `%name = <shape> opcode(operands), attributes`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)(?:, |$)")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
@@ -67,27 +68,35 @@ def shape_bytes(dtype: str, dims: str, layout: str | None) -> int:
 
 
 def fusion_bytes(hlo_text: str) -> list[dict[str, Any]]:
-  """The fusions of an optimized HLO module, most bytes moved first.
+  """The fusions of an optimized HLO module (compiled.as_text()), most bytes moved first.
 
-  Bytes moved = the sum of the (tile-padded) sizes of the fusion's operands and outputs, read off
-  the printed shapes and layouts; fusions inside fused computations are not counted twice."""
-  fused, fusions, computation = set(), [], None
+  Bytes moved = the sum of the (tile-padded) sizes of the fusion's operands and outputs, from the
+  shapes and layouts the module prints for each instruction; fusions nested inside fused
+  computations are not counted again."""
+  nbytes = lambda text: sum(shape_bytes(*s) for s in _SHAPE.findall(text))
+  sizes, fused, fusions, computation = {}, set(), [], None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
       computation = header.group(1)
       continue
-    match = _FUSION.match(line)
+    match = _INSTRUCTION.match(line)
     if not match:
+      continue
+    name, output, opcode, operands = match.groups()
+    sizes[name] = nbytes(output)
+    if opcode != "fusion":
       continue
     calls = _CALLS.search(line)
     fused.add(calls.group(1) if calls else None)
-    name, output, operands, kind = match.groups()
-    out_bytes = sum(shape_bytes(*s) for s in _SHAPE.findall(output))
-    in_bytes = sum(shape_bytes(*s) for s in _SHAPE.findall(operands))
-    fusions.append({"name": name, "kind": kind, "bytes": out_bytes + in_bytes,
-                    "output": output.strip(), "computation": computation})
-  top = [f for f in fusions if f.pop("computation") not in fused]
+    kind = re.search(r"kind=(\w+)", line)
+    fusions.append({"name": name, "kind": kind.group(1) if kind else "", "output": output,
+                    "operands": re.findall(r"%([\w.\-]+)", operands), "computation": computation})
+  top = []
+  for f in fusions:
+    if f.pop("computation") not in fused:
+      f["bytes"] = sizes[f["name"]] + sum(sizes.get(o, 0) for o in f.pop("operands"))
+      top.append(f)
   return sorted(top, key=lambda f: -f["bytes"])
 
 

@@ -45,14 +45,15 @@ def test_fusion_bytes_pads_to_the_tpu_tile():
 
 %fused_computation.1 (p: f32[4096,24]) -> f32[4096,24] {{
   %p = {big} parameter(0)
-  ROOT %inner = {big} fusion({big} %p), kind=kLoop, calls=%nested
+  ROOT %inner = {big} fusion(%p), kind=kLoop, calls=%nested
 }}
 
-ENTRY %main (a: f32[4096,24], b: bf16[10]) -> f32[4096,24] {{
+ENTRY %main (a: f32[4096,24], b: bf16[10]) -> ({big}, bf16[10]) {{
   %a = {big} parameter(0)
   %b = bf16[10]{{0}} parameter(1)
-  %small = bf16[10]{{0}} fusion(bf16[10]{{0}} %b), kind=kLoop, calls=%fused_computation.2
-  ROOT %big = {big} fusion({big} %a), kind=kLoop, calls=%fused_computation.1
+  %small = bf16[10]{{0}} fusion(%b), kind=kLoop, calls=%fused_computation.2
+  %big = {big} fusion(%a), kind=kLoop, calls=%fused_computation.1, metadata={{op_name="x"}}
+  ROOT %out = ({big}, bf16[10]{{0}}) tuple(%big, %small)
 }}
 """
   fusions = throughput.fusion_bytes(hlo)
