@@ -172,13 +172,14 @@ def tpu_compile(mode: str, name: str, batch: int, dtype: str, aggregation: str, 
                                     "output": f["output"]} for f in fusions[:top]]}
 
 
-def tpu_fits(name: str, batch: int, dtype: str, aggregation: str, devices) -> tuple[bool, int]:
-  """(whether a training batch per chip compiles within HBM, its total bytes per chip)."""
+def tpu_fits(name: str, batch: int, dtype: str, aggregation: str, devices) -> tuple[bool, int | None]:
+  """(whether a training batch per chip fits the chip's HBM, its total bytes per chip, or None
+  where the TPU compiler refused the program for its size)."""
   try:
     report = tpu_compile("train", name, batch, dtype, aggregation, devices, top=0)
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM
     if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
-      return False, -1
+      return False, None
     raise
   return bool(report["fits_hbm"]), report["memory_per_chip"]["total"]
 
@@ -186,18 +187,22 @@ def tpu_fits(name: str, batch: int, dtype: str, aggregation: str, devices) -> tu
 def largest_tpu_batch(name: str, dtype: str, aggregation: str, devices, start: int = 32) -> int:
   """Largest per-chip training batch (a multiple of 8) whose compiled step fits the chip's HBM.
 
-  TPU compiles take minutes here, so instead of bisecting: memory is linear in the batch, two
-  compiles (start, 2 start) give the line, and the prediction is checked, stepping down by 8."""
+  TPU compiles take minutes here, so instead of bisecting: memory is about linear in the batch,
+  two compiles (start, 2 start) give the line, and the prediction is checked by stepping down,
+  then up, by 8 until the next batch no longer fits."""
   hbm = throughput.TPU_HBM_BYTES[devices[0].device_kind]
-  fits, small = tpu_fits(name, start, dtype, aggregation, devices)
-  if not fits:
+  fits = lambda b: tpu_fits(name, b, dtype, aggregation, devices)
+  fit, small = fits(start)
+  if not fit:
     return 0 if start <= 8 else largest_tpu_batch(name, dtype, aggregation, devices, start // 2)
-  fits, large = tpu_fits(name, 2 * start, dtype, aggregation, devices)
-  per_image = (large - small) / start if fits else small / start
-  guess = max(8, int((hbm - small) / per_image + start) // 8 * 8) if per_image > 0 else start
-  while guess > start and not tpu_fits(name, guess, dtype, aggregation, devices)[0]:
+  large = fits(2 * start)[1]
+  per_image = (large - small) / start if large is not None and large > small else small / start
+  guess = max(start, int(start + (hbm - small) / per_image) // 8 * 8)
+  while guess > start and not fits(guess)[0]:
     guess -= 8
-  return max(guess, start)
+  while fits(guess + 8)[0]:
+    guess += 8
+  return guess
 
 
 def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int):

@@ -60,3 +60,24 @@ ENTRY %main (a: f32[4096,24], b: bf16[10]) -> ({big}, bf16[10]) {{
   assert [f["name"] for f in fusions] == ["big", "small"]  # the nested %inner is not counted
   assert fusions[0]["bytes"] == 2 * 4096 * 128 * 4  # operand + output
   assert fusions[1]["bytes"] == 2 * 10 * 2
+
+
+@pytest.mark.parametrize("fixed,per_image,expected", [
+    (2e9, 3e8, 48),  # 2 x 32 does not fit: the prediction is checked upwards
+    (1e8, 5e7, 336),  # both fit: the line predicts the batch exactly
+    (1.5e10, 1e8, 16),  # 32 does not fit: the search starts lower
+])
+def test_largest_tpu_batch_on_a_linear_memory_model(monkeypatch, fixed, per_image, expected):
+  """The search over per-chip batches, with compiles replaced by memory = fixed + per_image * b."""
+  hbm = throughput.TPU_HBM_BYTES["TPU v5 lite"]
+  compiled = []
+
+  def fake_fits(name, batch, dtype, aggregation, devices):
+    compiled.append(batch)
+    total = fixed + per_image * batch
+    return total <= hbm, int(total)
+
+  monkeypatch.setattr(bench, "tpu_fits", fake_fits)
+  device = type("Device", (), {"device_kind": "TPU v5 lite"})()
+  assert bench.largest_tpu_batch("fec_small", "bfloat16", "auto", [device]) == expected
+  assert len(compiled) <= 6
