@@ -146,6 +146,9 @@ def tpu_devices(topology: str):
   except ImportError:
     raise UsageError('--tpu needs libtpu: pip install -e ".[tpu]"') from None
   from jax.experimental import topologies
+  # Compiling needs no TPU, so several such processes may share libtpu (else its lockfile stops
+  # the second one).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
   except Exception as e:  # libtpu rejects a bad name with a JaxRuntimeError, INVALID_ARGUMENT
