@@ -170,6 +170,9 @@ def tpu_compile(mode: str, name: str, batch: int, dtype: str, aggregation: str, 
   return {**times, "memory_per_chip": {**memory, "hbm": hbm},
           "fits_hbm": None if hbm is None else memory["total"] <= hbm,
           **throughput.cost_report(compiled, batch), "fusions": len(fusions),
+          # what the TPU layouts' tile padding adds, over all fusions
+          "fusion_padding_factor": round(sum(f["bytes"] for f in fusions)
+                                         / max(1, sum(f["unpadded_bytes"] for f in fusions)), 2),
           "scatters": hlo.count(" scatter("),
           "top_fusions_by_bytes": [{"name": f["name"], "kind": f["kind"], "bytes": f["bytes"],
                                     "output": f["output"]} for f in fusions[:top]]}

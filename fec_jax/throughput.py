@@ -47,13 +47,13 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 
-def shape_bytes(dtype: str, dims: str, layout: str | None) -> int:
+def shape_bytes(dtype: str, dims: str, layout: str | None, padded: bool = True) -> int:
   """Bytes of one HLO array in memory: its dims padded to the layout's first tile, if any.
 
   The tile (e.g. TPU's T(8,128)) covers the most minor physical dims, so an f32[4096, 24] array
-  with T(8,128) occupies 4096 x 128 elements."""
+  with T(8,128) occupies 4096 x 128 elements. padded=False: the bytes of its elements only."""
   shape = [int(d) for d in dims.split(",") if d]
-  if layout and shape:
+  if layout and shape and padded:
     order, _, tiling = layout.partition(":")
     minor_to_major = [int(i) for i in order.split(",") if i.strip().isdigit()]
     physical = [shape[i] for i in reversed(minor_to_major)] if minor_to_major else shape
@@ -71,10 +71,10 @@ def fusion_bytes(hlo_text: str) -> list[dict[str, Any]]:
   """The fusions of an optimized HLO module (compiled.as_text()), most bytes moved first.
 
   Bytes moved = the sum of the (tile-padded) sizes of the fusion's operands and outputs, from the
-  shapes and layouts the module prints for each instruction; fusions nested inside fused
-  computations are not counted again."""
-  nbytes = lambda text: sum(shape_bytes(*s) for s in _SHAPE.findall(text))
-  sizes, fused, fusions, computation = {}, set(), [], None
+  shapes and layouts the module prints for each instruction ("unpadded_bytes": the same without
+  the tile padding); fusions nested inside fused computations are not counted again."""
+  nbytes = lambda text, padded=True: sum(shape_bytes(*s, padded) for s in _SHAPE.findall(text))
+  sizes, unpadded, fused, fusions, computation = {}, {}, set(), [], None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
@@ -84,7 +84,7 @@ def fusion_bytes(hlo_text: str) -> list[dict[str, Any]]:
     if not match:
       continue
     name, output, opcode, operands = match.groups()
-    sizes[name] = nbytes(output)
+    sizes[name], unpadded[name] = nbytes(output), nbytes(output, False)
     if opcode != "fusion":
       continue
     calls = _CALLS.search(line)
@@ -95,7 +95,9 @@ def fusion_bytes(hlo_text: str) -> list[dict[str, Any]]:
   top = []
   for f in fusions:
     if f.pop("computation") not in fused:
-      f["bytes"] = sizes[f["name"]] + sum(sizes.get(o, 0) for o in f.pop("operands"))
+      operands = f.pop("operands")
+      f["bytes"] = sizes[f["name"]] + sum(sizes.get(o, 0) for o in operands)
+      f["unpadded_bytes"] = unpadded[f["name"]] + sum(unpadded.get(o, 0) for o in operands)
       top.append(f)
   return sorted(top, key=lambda f: -f["bytes"])
 

@@ -59,6 +59,7 @@ ENTRY %main (a: f32[4096,24], b: bf16[10]) -> ({big}, bf16[10]) {{
   fusions = throughput.fusion_bytes(hlo)
   assert [f["name"] for f in fusions] == ["big", "small"]  # the nested %inner is not counted
   assert fusions[0]["bytes"] == 2 * 4096 * 128 * 4  # operand + output
+  assert fusions[0]["unpadded_bytes"] == 2 * 4096 * 24 * 4
   assert fusions[1]["bytes"] == 2 * 10 * 2
 
 
