@@ -121,7 +121,6 @@ def _segment_sum_kernels(m: int) -> Kernels:
   """The official code's scatter-add (Eq. 6) and a gather of each point's representative (Eq. 7)."""
 
   def sums(values, assignment):
-    values = at_least_f32(values)
     g, n, d = values.shape
     segments = (assignment + m * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)  # [G*N]
     sums = jax.ops.segment_sum(values.reshape(g * n, d), segments, num_segments=g * m)
@@ -149,13 +148,9 @@ def _onehot_kernels(m: int) -> Kernels:
     return assignment[:, None, :] == jnp.arange(m, dtype=assignment.dtype)[None, :, None]
 
   def sums(values, assignment):
-    # 0/1 times values in their own dtype, accumulated in >= fp32: the fp32 sums without an fp32
-    # copy of the values (and one MXU pass for bf16 values).
-    accumulate = jnp.promote_types(values.dtype, jnp.float32)
-    is_member = member(assignment)  # [G, M, N]
-    sums = jnp.einsum("gmn,gnd->gmd", is_member.astype(values.dtype), values,
-                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=accumulate)
-    return sums, is_member.sum(axis=-1, dtype=accumulate)
+    onehot = member(assignment).astype(values.dtype)  # [G, M, N]
+    sums = jnp.einsum("gmn,gnd->gmd", onehot, values, precision=jax.lax.Precision.HIGHEST)
+    return sums, onehot.sum(axis=-1)
 
   def spread(reps, similarity, assignment):
     is_member = member(assignment)
@@ -191,14 +186,13 @@ def representatives(values: jnp.ndarray, value_centers: jnp.ndarray, assignment:
                     aggregation: Aggregation = "auto", st=None) -> jnp.ndarray:
   """Eq. 6 as in the released code: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|).
 
-  values [G, N, D] (any float dtype; summed in >= fp32), value_centers [G, M, D] (>= fp32),
-  assignment [G, N] -> [G, M, D] (>= fp32). The official code sums with a scatter-add;
-  "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
+  values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
+  with a scatter-add; "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
   """
   sums, counts = _run_kernel(aggregation, "sums", value_centers.shape[1], values, assignment)
   if st is not None:  # zero forward; gradient of the assignment (straight-through), [G, M, N]
-    sums = sums + jnp.einsum("gmn,gnd->gmd", st.astype(sums.dtype), at_least_f32(values))
-    counts = counts + st.sum(axis=-1).astype(sums.dtype)
+    sums = sums + jnp.einsum("gmn,gnd->gmd", st.astype(values.dtype), values)
+    counts = counts + st.sum(axis=-1).astype(values.dtype)
   return (sums + value_centers) / (counts[..., None] + 1.0)
 
 

@@ -126,7 +126,7 @@ class Cluster(nn.Module):
     value_centers = clustering.adaptive_avg_pool(value, self.centers)
     g, m = feat.shape[0], self.centers[0] * self.centers[1]
     points = feat.reshape(g, hr * wr, -1)  # [G, N, D]
-    values = value.reshape(g, hr * wr, -1)  # compute dtype; Eq. 6 sums it in >= fp32
+    values = clustering.at_least_f32(value.reshape(g, hr * wr, -1))
 
     cosine = clustering.cosine_similarity(centers.reshape(g, m, -1), points)  # [G, M, N]
     sim = jax.nn.sigmoid(beta + alpha * cosine)  # Eq. 7's sigma(alpha M + beta)
@@ -198,7 +198,7 @@ class ClusterPool(nn.Module):
     cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # [G, M, N]
     assignment = clustering.assign(cosine)
     st = clustering.straight_through_residual(cosine, self.assign_grad)
-    reps = clustering.representatives(value.reshape(g, hr * wr, -1),
+    reps = clustering.representatives(clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
                                       clustering.at_least_f32(value_centers), assignment,
                                       self.aggregation, st)  # [G, M, D]
 

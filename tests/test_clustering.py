@@ -95,19 +95,6 @@ def test_onehot_dispatch_is_bit_identical_to_the_gather():
                                 clustering.dispatch(reps, similarity, assignment, "segment_sum"))
 
 
-def test_bf16_values_are_summed_in_fp32():
-  """bf16 values (bf16 compute): both paths give the fp32 sums of the bf16 values."""
-  values, value_centers, similarity = _random_cluster_inputs(5, n=300)
-  assignment = clustering.assign(similarity)
-  expected = clustering.representatives(values.astype(jnp.bfloat16).astype(jnp.float32),
-                                        value_centers, assignment, "segment_sum")
-  for aggregation in ("segment_sum", "onehot"):
-    reps = clustering.representatives(values.astype(jnp.bfloat16), value_centers, assignment,
-                                       aggregation)
-    assert reps.dtype == jnp.float32
-    np.testing.assert_allclose(reps, expected, rtol=1e-6, atol=1e-6)
-
-
 def _stablehlo_ops(platform, aggregation):
   """The StableHLO op names of encode's gradient, lowered for `platform` (no such device needed)."""
   args = _random_cluster_inputs(4)
