@@ -293,10 +293,14 @@ def main(argv=None) -> None:
   try:
     args = parse_args(argv)
     devices = tpu_devices(args.tpu) if args.tpu else jax.devices()
+    kind = devices[0].device_kind
+    if args.tpu and args.max_batch and kind not in throughput.TPU_HBM_BYTES:
+      raise UsageError(f"--max-batch does not know the HBM of a {kind!r} chip; known: "
+                       f"{', '.join(throughput.TPU_HBM_BYTES)}")
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  common = {"device": devices[0].device_kind, "devices": len(devices), "jax": jax.__version__,
+  common = {"device": kind, "devices": len(devices), "jax": jax.__version__,
             "aggregation": args.aggregation}
   if args.tpu:
     common.update(tpu=args.tpu, batch_per_chip=args.batch)
