@@ -147,8 +147,10 @@ def tpu_devices(topology: str):
     raise UsageError('--tpu needs libtpu: pip install -e ".[tpu]"') from None
   from jax.experimental import topologies
   # Compiling needs no TPU, so several such processes may share libtpu (else its lockfile stops
-  # the second one).
+  # the second one), and there are no TPU workers to look up (libtpu logs an error block when
+  # it cannot find them).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
   except Exception as e:  # libtpu rejects a bad name with a JaxRuntimeError, INVALID_ARGUMENT
