@@ -1,33 +1,50 @@
 """Throughput of FEC inference and training steps, JAX side by side with the PyTorch reference.
 
-  python bench.py [--models fec_small fec_base fec_large] [--batch 256] [--dtypes float32 bfloat16]
-                  [--modes infer train] [--warmup 20] [--iters 100] [--aggregation segment_sum]
-                  [--torch auto|off] [--max-train-batch fec_large]
+  python bench.py [--models fec_small fec_base fec_large] [--batch 256]
+                  [--dtypes float32 bfloat16] [--modes infer train] [--warmup 20] [--iters 100]
+                  [--aggregation auto] [--torch auto|off] [--max-batch]
+  python bench.py --tpu v5e:2x2 [--models ...] [--batch 32] [--dtypes ...] [--modes ...]
+                  [--max-batch]
 
 The paper's protocol: `--warmup` iterations, a synchronizing wait, then the mean over `--iters`.
-One JSON line per measurement (model, mode, dtype, batch, img/s, ms/iter, peak device memory).
-The training step is train.py's (AdamW, schedule, Mixup/CutMix, EMA) on a mesh of all devices.
-When a CUDA build of torch is importable, the same run times tests/torch_reference.py (eager,
-bf16 autocast, torch.compile) and prints the JAX/torch ratios.
+One JSON line per measurement (model, mode, dtype, batch, img/s, ms/iter, peak device memory, and
+the start-up: state init, trace + lower, compile). The training step is train.py's (AdamW,
+schedule, Mixup/CutMix, EMA) on a mesh of all devices. With torch importable, the same run times
+tests/torch_reference.py on CUDA (eager, bf16 autocast, torch.compile) or, without a GPU, on CPU
+(eager fp32, torch.compile) and prints the torch/JAX time ratios.
+
+--tpu TOPOLOGY compiles instead for a TPU slice that need not be attached (libtpu's compiler,
+`pip install -e ".[tpu]"`), --batch images per chip, and prints per model, mode and dtype the
+compile time, the per-chip memory against the chip's HBM, flops and bytes accessed per image and
+the ten fusions that move the most bytes. --max-batch: the largest training batch that fits
+(per chip with --tpu, else on the attached devices).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax import training
-from fec_jax.throughput import measure
-from fec_jax.model import create_model, init_variables
+from fec_jax import throughput
+from fec_jax.clustering import AGGREGATIONS
+from fec_jax.model import VARIANTS, create_model, init_variables, param_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+IMAGE_SIZE = 224
+
+
+class UsageError(ValueError):
+  """A bad command line: reported as one `error:` line, exit code 2."""
 
 
 def peak_memory() -> int | None:
@@ -42,72 +59,297 @@ def train_config(name: str, batch: int, dtype: str):
   return config
 
 
-def jax_infer(name: str, batch: int, dtype: str, aggregation: str, warmup: int, iters: int) -> float:
+def infer_program(name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool):
+  """(jitted forward, its arguments, state init seconds) for `batch` images over `devices`.
+
+  concrete: real params and images; otherwise ShapeDtypeStructs (to compile without running)."""
+  mesh = Mesh(np.asarray(devices), ("batch",))
   model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation)
-  params = init_variables(model, jax.random.PRNGKey(0), (1, 224, 224, 3))["params"]
-  images = jax.random.normal(jax.random.PRNGKey(1), (batch, 224, 224, 3))
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  return measure(lambda _: forward(params, images), forward(params, images), warmup, iters)
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x), in_shardings=(replicated, sharded),
+                    out_shardings=sharded)
+  shape = (batch, IMAGE_SIZE, IMAGE_SIZE, 3)
+  start = time.perf_counter()
+  if concrete:
+    params = init_variables(model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3))["params"]
+    images = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape), sharded)
+  else:
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          param_shapes(model))
+    images = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharded)
+  return forward, (params, images), time.perf_counter() - start
 
 
-def jax_train(name: str, batch: int, dtype: str, aggregation: str, warmup: int, iters: int) -> float:
+def train_program(name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool):
+  """(train.py's jitted step, its arguments (state, batch), state init seconds) for a global
+  `batch` over `devices`; concrete as in infer_program. The one use of fec_jax.training here:
+  the classification task's loss on the training library's step."""
+  from fec_jax import training
+  from fec_jax.tasks.classification import Classification
   config = train_config(name, batch, dtype)
-  mesh = training.create_mesh()
+  mesh = Mesh(np.asarray(devices), (training.DATA_AXIS,))
   model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation,
                        drop_path_rate=config.model.drop_path_rate)
   schedule = training.lr_schedule(config, steps_per_epoch=1000)
   tx = training.create_optimizer(config, schedule)
-  sharding = jax.tree.map(lambda a: a.sharding, training.abstract_state(model, tx, config, mesh))
-  state = training.create_state(model, tx, config, sharding)
-  step = training.make_train_step(model, tx, schedule, config, mesh, sharding)
+  input_shape = (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+  abstract = training.abstract_state(model, tx, config, input_shape, mesh)
+  sharding = jax.tree.map(lambda a: a.sharding, abstract)
+  loss_fn = Classification(config).loss_fn(model, mesh)
+  step = training.make_train_step(loss_fn, tx, schedule, config, mesh, sharding)
+  start = time.perf_counter()
+  if not concrete:
+    data = training.batch_sharded(mesh)
+    batch_data = {"image": jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8,
+                                                sharding=data),
+                  "erase": jax.ShapeDtypeStruct((batch, 4), jnp.int32, sharding=data),
+                  "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)}
+    return step, (abstract, batch_data), 0.0
+  state = training.create_state(model, tx, config, input_shape, sharding)
+  jax.block_until_ready(state)
+  init_seconds = time.perf_counter() - start
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()  # the train loader's batch on this host
   batch_data = training.global_batch({
-      "image": rng.integers(0, 256, (local, 224, 224, 3), dtype=np.uint8),
+      "image": rng.integers(0, 256, (local, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
       "erase": np.tile(np.array([[40, 60, 50, 30]], np.int32), (local, 1)),  # timm's recipe
       "label": rng.integers(0, 1000, local).astype(np.int32)}, mesh)
-  return measure(lambda s: step(s, batch_data)[0], state, warmup, iters)
+  return step, (state, batch_data), init_seconds
+
+
+PROGRAMS = {"infer": infer_program, "train": train_program}
+
+
+def compile_timed(jitted, args):
+  """(compiled, {trace_lower_s, compile_s, stablehlo_lines})."""
+  start = time.perf_counter()
+  lowered = jitted.trace(*args).lower()
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, {"trace_lower_s": round(lowered_at - start, 2),
+                    "compile_s": round(time.perf_counter() - lowered_at, 2),
+                    "stablehlo_lines": lowered.as_text().count("\n")}
+
+
+def run_jax(mode: str, name: str, batch: int, dtype: str, aggregation: str, warmup: int,
+            iters: int) -> tuple[float, dict]:
+  """Seconds per step on the attached devices, and the start-up (init, trace + lower, compile)."""
+  jitted, args, init_seconds = PROGRAMS[mode](name, batch, dtype, aggregation, jax.devices(), True)
+  compiled, startup = compile_timed(jitted, args)
+  startup = {"state_init_s": round(init_seconds, 2), **startup}
+  if mode == "infer":
+    return throughput.measure(lambda _: compiled(*args), None, warmup, iters), startup
+  state, batch_data = args
+  return throughput.measure(lambda s: compiled(s, batch_data)[0], state, warmup, iters), startup
+
+
+def tpu_devices(topology: str):
+  """The devices of a TPU slice, e.g. 'v5e:2x2', from libtpu (no TPU needs to be attached)."""
+  try:
+    import libtpu  # noqa: F401  (only to say what is missing)
+  except ImportError:
+    raise UsageError('--tpu needs libtpu: pip install -e ".[tpu]"') from None
+  from jax.experimental import topologies
+  # Compiling needs no TPU, so several such processes may share libtpu (else its lockfile stops
+  # the second one), and there are no TPU workers to look up (libtpu logs an error block when
+  # it cannot find them).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  try:
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  except Exception as e:  # libtpu rejects a bad name with a JaxRuntimeError, INVALID_ARGUMENT
+    if "INVALID_ARGUMENT" in str(e):
+      raise UsageError(f"unknown TPU topology {topology!r} (expected e.g. v4:2x2x1, v5e:2x2, "
+                       f"v5p:2x2x1, v6e:2x2): {e}") from None
+    raise UsageError(f"libtpu could not describe TPU topology {topology!r}: {e}") from None
+
+
+def tpu_compile(mode: str, name: str, batch: int, dtype: str, aggregation: str, devices,
+                top: int = 10) -> dict:
+  """Compiles `mode` for `batch` images per chip on `devices` and describes the program."""
+  jitted, args, _ = PROGRAMS[mode](name, batch * len(devices), dtype, aggregation, devices, False)
+  compiled, times = compile_timed(jitted, args)
+  hbm = throughput.TPU_HBM_BYTES.get(devices[0].device_kind)
+  memory = throughput.memory_report(compiled)
+  hlo = compiled.as_text()
+  fusions = throughput.fusion_bytes(hlo)
+  return {**times, "memory_per_chip": {**memory, "hbm": hbm},
+          "fits_hbm": None if hbm is None else memory["total"] <= hbm,
+          **throughput.cost_report(compiled, batch), "fusions": len(fusions),
+          # what the TPU layouts' tile padding adds, over all fusions
+          "fusion_padding_factor": round(sum(f["bytes"] for f in fusions)
+                                         / max(1, sum(f["unpadded_bytes"] for f in fusions)), 2),
+          "scatters": hlo.count(" scatter("),
+          "top_fusions_by_bytes": [{"name": f["name"], "kind": f["kind"], "bytes": f["bytes"],
+                                    "output": f["output"]} for f in fusions[:top]]}
+
+
+def tpu_fits(name: str, batch: int, dtype: str, aggregation: str, devices) -> tuple[bool, int | None]:
+  """(whether a training batch per chip fits the chip's HBM, its total bytes per chip, or None
+  where the TPU compiler refused the program for its size)."""
+  try:
+    report = tpu_compile("train", name, batch, dtype, aggregation, devices, top=0)
+  except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+    if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+      return False, None
+    raise
+  return bool(report["fits_hbm"]), report["memory_per_chip"]["total"]
+
+
+def largest_tpu_batch(name: str, dtype: str, aggregation: str, devices, start: int = 32) -> int:
+  """Largest per-chip training batch (a multiple of 8) whose compiled step fits the chip's HBM.
+
+  TPU compiles take minutes here, so instead of bisecting: memory is about linear in the batch,
+  two compiles (start, 2 start) give the line, and the prediction is checked by stepping down,
+  then up, by 8 until the next batch no longer fits."""
+  hbm = throughput.TPU_HBM_BYTES[devices[0].device_kind]
+  fits = lambda b: tpu_fits(name, b, dtype, aggregation, devices)
+  fit, small = fits(start)
+  if not fit:
+    return 0 if start <= 8 else largest_tpu_batch(name, dtype, aggregation, devices, start // 2)
+  large = fits(2 * start)[1]
+  per_image = (large - small) / start if large is not None and large > small else small / start
+  guess = max(start, int(start + (hbm - small) / per_image) // 8 * 8)
+  while guess > start and not fits(guess)[0]:
+    guess -= 8
+  while fits(guess + 8)[0]:
+    guess += 8
+  return guess
 
 
 def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int):
-  """Yields (label, seconds per iteration) of the PyTorch reference on CUDA."""
+  """Yields (mode, dtype, label, seconds per iteration) of the PyTorch reference on CUDA, or on
+  CPU without a GPU (eager fp32 and torch.compile; a label with 'failed' when compile fails)."""
   import torch
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import torch_reference
 
-  def timed(fn):
-    return measure(lambda _: fn(), None, warmup, iters, sync=lambda _: torch.cuda.synchronize())
-
-  model = torch_reference.create_torch_model(name).cuda()
-  x = torch.randn(batch, 3, 224, 224, device="cuda")
-  y = torch.randint(0, 1000, (batch,), device="cuda")
-  autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+  timed = lambda fn: throughput.measure(lambda _: fn(), None, warmup, iters, sync=sync)
+  model = torch_reference.create_torch_model(name).to(device)
+  x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+  y = torch.randint(0, 1000, (batch,), device=device)
   compiled = torch.compile(model)
-  if "infer" in modes:
-    model.eval()
-    with torch.no_grad():
-      yield "torch infer float32", timed(lambda: model(x))
-      with autocast():
-        yield "torch infer bf16 autocast", timed(lambda: model(x))
-        yield "torch infer bf16 torch.compile", timed(lambda: compiled(x))
-  if "train" in modes:
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+  precisions = {"float32": contextlib.nullcontext}
+  if cuda:
+    precisions["bfloat16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+  runs = [(dtype, "eager", model) for dtype in precisions] + [
+      ("bfloat16" if cuda else "float32", "torch.compile", compiled)]
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
-    def train_step(net):
-      with autocast():
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
+  def infer(net, context):
+    with torch.no_grad(), context():
+      return net(x)
 
-    yield "torch train bf16 autocast", timed(lambda: train_step(model))
-    yield "torch train bf16 torch.compile", timed(lambda: train_step(compiled))
+  def train_step(net, context):
+    with context():
+      loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  for mode, fn in (("infer", infer), ("train", train_step)):
+    if mode not in modes:
+      continue
+    model.train(mode == "train")
+    for dtype, label, net in runs:
+      try:
+        yield mode, dtype, label, timed(lambda: fn(net, precisions[dtype]))
+      except Exception as e:  # torch.compile needs a working C++ toolchain on CPU
+        yield mode, dtype, f"{label} failed: {type(e).__name__}", None
+
+
+def emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--models", nargs="+", default=["fec_small", "fec_base", "fec_large"])
+  p.add_argument("--batch", type=int, default=256,
+                 help="images per step over all devices; with --tpu, per chip")
+  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                 choices=["float32", "bfloat16"])
+  p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--iters", type=int, default=100)
+  p.add_argument("--aggregation", default="auto", choices=AGGREGATIONS)
+  p.add_argument("--torch", default="auto", choices=["auto", "off"],
+                 help="auto: also time the PyTorch reference when torch is importable")
+  p.add_argument("--tpu", metavar="TOPOLOGY",
+                 help="compile for this TPU slice instead of running (e.g. v5e:2x2; needs libtpu)")
+  p.add_argument("--max-batch", action="store_true",
+                 help="also find the largest training batch that fits (per chip with --tpu)")
+  args = p.parse_args(argv)
+  classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+  unknown = [m for m in args.models if m not in classifiers]
+  if unknown:
+    raise UsageError(f"unknown model(s) {unknown}; bench.py takes {', '.join(classifiers)}")
+  for field in ("batch", "iters"):
+    if getattr(args, field) <= 0:
+      raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")
+  if args.warmup < 0:
+    raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+  return args
+
+
+def main(argv=None) -> None:
+  try:
+    args = parse_args(argv)
+    devices = tpu_devices(args.tpu) if args.tpu else jax.devices()
+    kind = devices[0].device_kind
+    if args.tpu and args.max_batch and kind not in throughput.TPU_HBM_BYTES:
+      raise UsageError(f"--max-batch does not know the HBM of a {kind!r} chip; known: "
+                       f"{', '.join(throughput.TPU_HBM_BYTES)}")
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  common = {"device": kind, "devices": len(devices), "jax": jax.__version__,
+            "aggregation": args.aggregation}
+  if args.tpu:
+    common.update(tpu=args.tpu, batch_per_chip=args.batch)
+    for name in args.models:
+      for mode in args.modes:
+        for dtype in args.dtypes:
+          report = tpu_compile(mode, name, args.batch, dtype, args.aggregation, devices)
+          emit({**common, "model": name, "mode": mode, "dtype": dtype, **report})
+      if args.max_batch:
+        for dtype in args.dtypes:
+          emit({**common, "model": name, "mode": "train", "dtype": dtype, "largest_batch_per_chip":
+                largest_tpu_batch(name, dtype, args.aggregation, devices)})
+    return
+  common["batch"] = args.batch
+  for name in args.models:
+    jax_times = {}
+    for mode in args.modes:
+      for dtype in args.dtypes:
+        seconds, startup = run_jax(mode, name, args.batch, dtype, args.aggregation, args.warmup,
+                                   args.iters)
+        jax_times[(mode, dtype)] = seconds
+        emit({**common, "impl": "jax", "model": name, "mode": mode, "dtype": dtype,
+              "img_per_s": round(args.batch / seconds, 1), "ms_per_iter": round(1e3 * seconds, 3),
+              "peak_memory_bytes": peak_memory(), **startup})
+    if args.torch == "auto" and _torch_importable():
+      for mode, dtype, label, seconds in torch_runs(name, args.batch, args.modes, args.warmup,
+                                                    args.iters):
+        record = {**common, "impl": f"torch {label}", "model": name, "mode": mode, "dtype": dtype}
+        if seconds is not None:
+          ours = jax_times.get((mode, dtype))
+          record.update(img_per_s=round(args.batch / seconds, 1),
+                        ms_per_iter=round(1e3 * seconds, 3),
+                        torch_over_jax_time=round(seconds / ours, 2) if ours else None)
+        emit(record)
+    if args.max_batch:
+      for dtype in args.dtypes:
+        emit({**common, "model": name, "mode": "train", "dtype": dtype,
+              "largest_batch": largest_train_batch(name, dtype, args.aggregation)})
 
 
 def largest_train_batch(name: str, dtype: str, aggregation: str, start: int = 256) -> int:
   """Largest power-of-two-then-bisected training batch that fits in device memory."""
-  fits = lambda b: _try(lambda: jax_train(name, b, dtype, aggregation, 1, 1))
+  fits = lambda b: _try(lambda: run_jax("train", name, b, dtype, aggregation, 1, 1))
   lo, hi = 0, start
   while fits(hi):
     lo, hi = hi, hi * 2
@@ -127,55 +369,12 @@ def _try(fn) -> bool:
     raise
 
 
-def emit(record: dict) -> None:
-  print(json.dumps(record), flush=True)
-
-
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", nargs="+", default=["fec_small", "fec_base", "fec_large"])
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-  p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--iters", type=int, default=100)
-  p.add_argument("--aggregation", default="segment_sum", choices=["segment_sum", "onehot"])
-  p.add_argument("--torch", default="auto", choices=["auto", "off"],
-                 help="time the PyTorch reference too when a CUDA torch is importable")
-  p.add_argument("--max-train-batch", nargs="*", default=[], metavar="MODEL",
-                 help="also search the largest bf16 training batch that fits, for these models")
-  args = p.parse_args(argv)
-  device = jax.devices()[0].device_kind
-  common = {"device": device, "devices": jax.device_count(), "jax": jax.__version__,
-            "aggregation": args.aggregation, "batch": args.batch}
-  runners = {"infer": jax_infer, "train": jax_train}
-  for name in args.models:
-    jax_times = {}
-    for mode in args.modes:
-      for dtype in args.dtypes:
-        seconds = runners[mode](name, args.batch, dtype, args.aggregation, args.warmup, args.iters)
-        jax_times[(mode, dtype)] = seconds
-        emit({**common, "impl": "jax", "model": name, "mode": mode, "dtype": dtype,
-              "img_per_s": round(args.batch / seconds, 1), "ms_per_iter": round(1e3 * seconds, 3),
-              "peak_memory_bytes": peak_memory()})
-    if args.torch == "auto" and _cuda_torch():
-      for label, seconds in torch_runs(name, args.batch, args.modes, args.warmup, args.iters):
-        mode = label.split()[1]
-        ours = jax_times.get((mode, "bfloat16"))
-        emit({**common, "impl": label, "model": name, "mode": mode,
-              "img_per_s": round(args.batch / seconds, 1), "ms_per_iter": round(1e3 * seconds, 3),
-              "jax_bf16_speedup": round(seconds / ours, 2) if ours else None})
-  for name in args.max_train_batch:
-    emit({**common, "model": name, "mode": "train", "dtype": "bfloat16",
-          "largest_train_batch": largest_train_batch(name, "bfloat16", args.aggregation)})
-
-
-def _cuda_torch() -> bool:
+def _torch_importable() -> bool:
   try:
-    import torch
+    import torch  # noqa: F401
   except ImportError:
     return False
-  return torch.cuda.is_available()
+  return True
 
 
 if __name__ == "__main__":

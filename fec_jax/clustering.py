@@ -11,14 +11,30 @@ Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+import functools
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Aggregation = Literal["segment_sum", "onehot"]
+Aggregation = Literal["auto", "segment_sum", "onehot"]
+AGGREGATIONS = ("auto", "segment_sum", "onehot")
 AssignGrad = Literal["official", "straight_through"]
+
+# What "auto" runs per lowering platform (see README, Models). GPU and TPU: the dense one-hot
+# matmuls, since XLA:GPU lowers an fp32 scatter-add of many points into few centers to a slow
+# compare-and-swap loop (and float atomics are not deterministic), and TPU scatters are slow.
+# CPU: segment_sum, measured faster on a 2-core VM (fec_small 224x224 batch 8; README, Models).
+AUTO_AGGREGATION = {"cpu": "segment_sum", "default": "onehot"}
+
+
+class Kernels(NamedTuple):
+  """One aggregation implementation (M centers fixed):
+  sums(values [G, N, D], assignment [G, N]) -> (sums [G, M, D], counts [G, M]) of Eq. 6;
+  spread(reps [G, M, D], similarity [G, M, N], assignment [G, N]) -> [G, N, D], Eq. 7's
+  R[a_n] * sim[a_n, n]."""
+  sums: Callable
+  spread: Callable
 
 
 def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
@@ -88,7 +104,7 @@ def assign(similarity: jnp.ndarray) -> jnp.ndarray:
 
 
 def straight_through_residual(similarity: jnp.ndarray, assign_grad: AssignGrad):
-  """The part of the assignment matrix [G, N, M] that is zero forward and carries gradient.
+  """The part of the assignment matrix [G, M, N] that is zero forward and carries gradient.
 
   "official": None (the one-hot is a constant, reference Sec. 4). "straight_through": softmax over
   the centers minus its stop-gradient copy, so d(one-hot) is taken as d(softmax(similarity)).
@@ -97,52 +113,98 @@ def straight_through_residual(similarity: jnp.ndarray, assign_grad: AssignGrad):
     return None
   if assign_grad != "straight_through":
     raise ValueError(f"assign_grad must be 'official' or 'straight_through', got {assign_grad!r}")
-  soft = jax.nn.softmax(jnp.swapaxes(similarity, 1, 2), axis=-1)  # [G, N, M]
+  soft = jax.nn.softmax(similarity, axis=1)  # [G, M, N]
   return soft - jax.lax.stop_gradient(soft)
 
 
+def _segment_sum_kernels(m: int) -> Kernels:
+  """The official code's scatter-add (Eq. 6) and a gather of each point's representative (Eq. 7)."""
+
+  def sums(values, assignment):
+    g, n, d = values.shape
+    segments = (assignment + m * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)  # [G*N]
+    sums = jax.ops.segment_sum(values.reshape(g * n, d), segments, num_segments=g * m)
+    counts = jax.ops.segment_sum(jnp.ones((g * n,), values.dtype), segments, num_segments=g * m)
+    return sums.reshape(g, m, d), counts.reshape(g, m)
+
+  def spread(reps, similarity, assignment):
+    weight = jnp.take_along_axis(similarity, assignment[:, None, :], axis=1)[:, 0]  # [G, N]
+    gathered = jnp.take_along_axis(reps, assignment[..., None], axis=1)  # [G, N, D]
+    return gathered * weight[..., None].astype(reps.dtype)
+
+  return Kernels(sums, spread)
+
+
+def _onehot_kernels(m: int) -> Kernels:
+  """Dense and atomics-free: both sums are matmuls with the assignment matrix [G, M, N].
+
+  The matrix keeps the similarity's [G, M, N] layout (no transpose), and the dispatch factor is
+  picked by masking the similarity with it, so neither direction has a gather or a scatter
+  (take_along_axis's gradient would be a scatter-add). Forward, dispatch is bit-identical to
+  segment_sum's; the sums of Eq. 6 differ only in summation order.
+  """
+
+  def member(assignment):  # [G, N] -> [G, M, N] bool
+    return assignment[:, None, :] == jnp.arange(m, dtype=assignment.dtype)[None, :, None]
+
+  def sums(values, assignment):
+    onehot = member(assignment).astype(values.dtype)  # [G, M, N]
+    sums = jnp.einsum("gmn,gnd->gmd", onehot, values, precision=jax.lax.Precision.HIGHEST)
+    return sums, onehot.sum(axis=-1)
+
+  def spread(reps, similarity, assignment):
+    is_member = member(assignment)
+    weight = jnp.sum(jnp.where(is_member, similarity, 0), axis=1)  # [G, N], sim[a_n, n]
+    # Picking the weight before the matmul keeps its gradient elementwise (no [G, M, N] matmul).
+    gathered = jnp.einsum("gmn,gmd->gnd", is_member.astype(reps.dtype), reps,
+                          precision=jax.lax.Precision.HIGHEST)  # R[a_n], exact
+    return gathered * weight[..., None].astype(reps.dtype)
+
+  return Kernels(sums, spread)
+
+
+_KERNELS = {"segment_sum": _segment_sum_kernels, "onehot": _onehot_kernels}
+
+
+def _run_kernel(aggregation: Aggregation, op: str, m: int, *args):
+  """The one dispatch point for the backend-specific aggregation kernels.
+
+  "auto" stages out `lax.platform_dependent`, so it is resolved when the program is lowered, for
+  the platform it is lowered for (also for a TPU program compiled on a CPU-only machine):
+  AUTO_AGGREGATION[platform], "onehot" on any other platform.
+  """
+  if aggregation == "auto":
+    branches = {platform: functools.partial(_run_kernel, choice, op, m)
+                for platform, choice in AUTO_AGGREGATION.items()}
+    return jax.lax.platform_dependent(*args, default=branches.pop("default"), **branches)
+  if aggregation not in _KERNELS:
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+  return getattr(_KERNELS[aggregation](m), op)(*args)
+
+
 def representatives(values: jnp.ndarray, value_centers: jnp.ndarray, assignment: jnp.ndarray,
-                    aggregation: Aggregation = "segment_sum", st=None) -> jnp.ndarray:
+                    aggregation: Aggregation = "auto", st=None) -> jnp.ndarray:
   """Eq. 6 as in the released code: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|).
 
   values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
   with a scatter-add; "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
   """
-  g, n, d = values.shape
-  m = value_centers.shape[1]
-  if aggregation == "segment_sum":
-    segments = (assignment + m * jnp.arange(g, dtype=jnp.int32)[:, None]).reshape(-1)  # [G*N]
-    sums = jax.ops.segment_sum(values.reshape(g * n, d), segments, num_segments=g * m)
-    counts = jax.ops.segment_sum(jnp.ones((g * n,), values.dtype), segments, num_segments=g * m)
-    sums, counts = sums.reshape(g, m, d), counts.reshape(g, m)
-  elif aggregation == "onehot":
-    onehot = jax.nn.one_hot(assignment, m, dtype=values.dtype)  # [G, N, M]
-    sums = jnp.einsum("gnm,gnd->gmd", onehot, values, precision=jax.lax.Precision.HIGHEST)
-    counts = onehot.sum(axis=1)
-  else:
-    raise ValueError(f"aggregation must be 'segment_sum' or 'onehot', got {aggregation!r}")
-  if st is not None:  # zero forward; gradient of the assignment (straight-through)
-    sums = sums + jnp.einsum("gnm,gnd->gmd", st.astype(values.dtype), values)
-    counts = counts + st.sum(axis=1).astype(values.dtype)
+  sums, counts = _run_kernel(aggregation, "sums", value_centers.shape[1], values, assignment)
+  if st is not None:  # zero forward; gradient of the assignment (straight-through), [G, M, N]
+    sums = sums + jnp.einsum("gmn,gnd->gmd", st.astype(values.dtype), values)
+    counts = counts + st.sum(axis=-1).astype(values.dtype)
   return (sums + value_centers) / (counts[..., None] + 1.0)
 
 
 def dispatch(reps: jnp.ndarray, similarity: jnp.ndarray, assignment: jnp.ndarray,
-             aggregation: Aggregation = "segment_sum", st=None) -> jnp.ndarray:
+             aggregation: Aggregation = "auto", st=None) -> jnp.ndarray:
   """Eq. 7 (dispatch factor as in the code): point n receives R[a_n] * sim[a_n, n].
 
   reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D].
   """
-  weight = jnp.take_along_axis(similarity, assignment[:, None, :], axis=1)[:, 0]  # [G, N]
-  if aggregation == "onehot":
-    onehot = jax.nn.one_hot(assignment, reps.shape[1], dtype=reps.dtype)  # [G, N, M]
-    out = jnp.einsum("gnm,gmd->gnd", onehot * weight[..., None].astype(reps.dtype), reps,
-                     precision=jax.lax.Precision.HIGHEST)
-  else:
-    out = jnp.take_along_axis(reps, assignment[..., None], axis=1) * weight[..., None].astype(reps.dtype)
+  out = _run_kernel(aggregation, "spread", reps.shape[1], reps, similarity, assignment)
   if st is not None:
-    st_weight = st * jnp.swapaxes(similarity, 1, 2)  # [G, N, M]
-    out = out + jnp.einsum("gnm,gmd->gnd", st_weight.astype(reps.dtype), reps)
+    out = out + jnp.einsum("gmn,gmd->gnd", (st * similarity).astype(reps.dtype), reps)
   return out
 
 

@@ -108,7 +108,7 @@ class Cluster(nn.Module):
   head_dim: int
   centers: tuple[int, int]
   fold: int = 1
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -172,7 +172,7 @@ class ClusterPool(nn.Module):
   """
   dim_out: int
   fold: int = 1
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -242,7 +242,7 @@ class ClusterBlock(nn.Module):
   fold: int = 1
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
@@ -293,7 +293,7 @@ class FEC(nn.Module):
   num_classes: int = 1000
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-5
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 

@@ -1,6 +1,8 @@
-"""The clustering ops: PyTorch-exact adaptive pooling, both aggregation paths, straight-through."""
+"""The clustering ops: PyTorch-exact adaptive pooling, the aggregation paths and their
+per-platform dispatch, straight-through."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +70,8 @@ def test_assign_ties_go_to_lowest_index():
 
 
 @pytest.mark.parametrize("assign_grad", ["official", "straight_through"])
-def test_segment_sum_and_onehot_agree_in_outputs_and_gradients(assign_grad):
+def test_aggregations_agree_in_outputs_and_gradients(assign_grad):
+  """segment_sum, onehot and auto (whatever it resolves to here): same outputs and gradients."""
   values, value_centers, similarity = _random_cluster_inputs(0)
 
   def loss(args, aggregation):
@@ -76,11 +79,41 @@ def test_segment_sum_and_onehot_agree_in_outputs_and_gradients(assign_grad):
 
   grad = jax.jit(jax.grad(loss), static_argnums=1)
   args = (values, value_centers, similarity)
-  for g_seg, g_hot in zip(grad(args, "segment_sum"), grad(args, "onehot")):
-    np.testing.assert_allclose(g_seg, g_hot, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(_encode(values, value_centers, similarity, "segment_sum", assign_grad),
-                             _encode(values, value_centers, similarity, "onehot", assign_grad),
-                             rtol=1e-6, atol=1e-6)
+  expected = _encode(*args, "segment_sum", assign_grad)
+  for aggregation in ("onehot", "auto"):
+    for g_seg, g_other in zip(grad(args, "segment_sum"), grad(args, aggregation)):
+      np.testing.assert_allclose(g_seg, g_other, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_encode(*args, aggregation, assign_grad), expected, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_onehot_dispatch_is_bit_identical_to_the_gather():
+  values, value_centers, similarity = _random_cluster_inputs(3)
+  assignment = clustering.assign(similarity)
+  reps = clustering.representatives(values, value_centers, assignment, "segment_sum")
+  np.testing.assert_array_equal(clustering.dispatch(reps, similarity, assignment, "onehot"),
+                                clustering.dispatch(reps, similarity, assignment, "segment_sum"))
+
+
+def _stablehlo_ops(platform, aggregation):
+  """The StableHLO op names of encode's gradient, lowered for `platform` (no such device needed)."""
+  args = _random_cluster_inputs(4)
+  grad = jax.jit(jax.grad(lambda a: jnp.sum(_encode(*a, aggregation)) ** 2))
+  text = grad.trace(args).lower(lowering_platforms=(platform,)).as_text()
+  return set(re.findall(r"stablehlo\.\w+", text)) - {"stablehlo.case"}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu"])
+def test_auto_resolves_per_lowering_platform(platform):
+  """auto lowers to exactly the ops of AUTO_AGGREGATION's choice for the platform; on GPU and TPU
+  that is the dense path: no scatter (float atomics) and no gather, forward or backward."""
+  choice = clustering.AUTO_AGGREGATION.get(platform, clustering.AUTO_AGGREGATION["default"])
+  ops = _stablehlo_ops(platform, "auto")
+  assert ops == _stablehlo_ops(platform, choice)
+  if platform != "cpu":
+    assert choice == "onehot"
+    assert not ops & {"stablehlo.scatter", "stablehlo.gather"}
+  assert ("stablehlo.scatter" in ops) == (choice == "segment_sum")
 
 
 def test_straight_through_keeps_forward_and_adds_assignment_gradient():
