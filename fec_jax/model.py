@@ -1,7 +1,7 @@
 """FEC in Flax (linen), NHWC: ClusterPool, Cluster, Mlp, ClusterBlock, FEC and the variant table.
 
-Module and parameter names mirror the official PyTorch state dict (official-fec-reference.md
-Sec. 1, "reference" below) so that conversion is a renaming: torch `network.0.2.token_mixer.f` is
+Module and parameter names mirror the official PyTorch state dict (docs/official-code.md
+Sec. 1) so that conversion is a renaming: torch `network.0.2.token_mixer.f` is
 flax `network_0_2/token_mixer/f`, torch `network.1.conv_f` is flax `network_1/conv_f`.
 
 Every clustering layer sows its hard assignment into the `intermediates` collection:
@@ -28,7 +28,7 @@ from fec_jax.clustering import Aggregation, AssignGrad
 Dtype = Any
 
 
-# Initialization (reference Sec. 5). PyTorch's default Conv2d init is uniform(+-1/sqrt(fan_in)) for
+# Initialization (docs/official-code.md Sec. 5). PyTorch's default Conv2d init is uniform(+-1/sqrt(fan_in)) for
 # weights and biases; nn.Linear weights are trunc_normal(std .02) cut at +-2 absolute (= 100 std).
 torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 linear_kernel_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
@@ -57,7 +57,7 @@ def layer_name(module: nn.Module) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One row of the reference's variant table (Sec. 2)."""
+  """One row of the variant table (docs/official-code.md Sec. 2)."""
   depths: tuple[int, ...]
   dims: tuple[int, ...]
   mlp_ratios: tuple[int, ...] = (8, 8, 4, 4)
@@ -103,7 +103,7 @@ class Mlp(nn.Module):
 
 
 class Cluster(nn.Module):
-  """Clustering-based feature encoding, the token mixer of a ClusterBlock (reference Sec. 3)."""
+  """Clustering-based feature encoding, the token mixer of a ClusterBlock (docs/official-code.md Sec. 3)."""
   heads: int
   head_dim: int
   centers: tuple[int, int]
@@ -167,7 +167,7 @@ class ClusterPool(nn.Module):
 
   Centers are the 2x2 average of `conv_f` features; each point joins its most similar center
   (cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the output map, added to
-  a strided 3x3 conv skip (reference Sec. 3). `conv_f` only feeds the argmax, so in the official
+  a strided 3x3 conv skip (docs/official-code.md Sec. 3). `conv_f` only feeds the argmax, so in the official
   gradient semantics it receives no gradient at all (Sec. 4).
   """
   dim_out: int
@@ -234,7 +234,7 @@ class DropPath(nn.Module):
 
 
 class ClusterBlock(nn.Module):
-  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (reference Sec. 3)."""
+  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (docs/official-code.md Sec. 3)."""
   mlp_ratio: int
   heads: int
   head_dim: int
@@ -313,7 +313,7 @@ class FEC(nn.Module):
         x = ClusterBlock(v.mlp_ratios[s], v.heads[s], v.head_dim, v.centers[s], v.folds[s], rate,
                          self.layer_scale_init, name=f"network_{2 * s}_{j}", **common)(x, train)
         k += 1
-      if v.dense_outputs:  # reference Sec. 6
+      if v.dense_outputs:  # docs/official-code.md Sec. 6
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
     if v.dense_outputs:
       return features

@@ -27,7 +27,7 @@ def test_adaptive_avg_pool_matches_torch(in_h, out_h):
 
 
 def test_adaptive_window_matrix_overlaps_like_torch():
-  # 7 -> 2 gives windows [0, 4) and [3, 7) (reference Sec. 3)
+  # 7 -> 2 gives windows [0, 4) and [3, 7) (docs/official-code.md Sec. 3)
   np.testing.assert_array_equal(clustering.adaptive_window_matrix(7, 2),
                                 [[1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
 

@@ -62,7 +62,7 @@ def small_init():
 
 
 def test_official_initialization(small_init):
-  """Reference Sec. 5."""
+  """docs/official-code.md Sec. 5."""
   p = small_init
   block = p["network_0_0"]
   np.testing.assert_array_equal(block["layer_scale_1"], np.float32(1e-5))
