@@ -8,7 +8,6 @@ is mocked on the reading side: the loader and train.py open it with tfds.data_so
 """
 import importlib
 import importlib.resources
-import json
 import os
 import sys
 from collections import Counter
@@ -21,7 +20,9 @@ tfds = pytest.importorskip('tensorflow_datasets')
 import fec_jax.data as fd  # noqa: E402
 from fec_jax.data import sources, transforms  # noqa: E402
 from tests.imagenet_fixture import WNIDS, make_imagenet_folder  # noqa: E402
-from tests.test_train_runs import cache_dir, run  # noqa: E402,F401  (cache_dir: a fixture)
+from configs import fec_small  # noqa: E402
+from fec_jax import reporting  # noqa: E402
+from tests.train_fixture import saved_steps, train  # noqa: E402
 
 PER_CLASS, VAL_PER_CLASS, NUM_CLASSES = 4, 2, 3
 IMAGENET_CLASSES = 1000  # imagenet2012's label feature; WNIDS are its first classes in order
@@ -122,20 +123,19 @@ def test_val_loader_matches_records(tfds_dir):
     assert not images[n:].any() and not labels[n:].any()
 
 
-def test_train_py_runs_on_tfds(tfds_dir, cache_dir, tmp_path):  # noqa: F811
-    """configs/fec_small.py (the full recipe) as the user runs it, one loader worker process;
-    float32 compute compiles about a third faster on CPU than bfloat16."""
+@pytest.mark.xdist_group("train")
+def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path):
+    """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
+    process; float32 compute compiles about a third faster on CPU than bfloat16."""
+    config = fec_small.get_config()
+    config.data.source, config.data.tfds_data_dir = 'tfds', tfds_dir
+    config.data.image_size, config.data.num_workers, config.model.dtype = 32, 1, 'float32'
+    config.global_batch_size, config.eval_batch_size = 4, 4
+    config.max_steps, config.log_every_steps = 2, 1
     workdir = tmp_path / 'w'
-    rc, _, err = run('train.py', [
-        '--config=configs/fec_small.py', f'--workdir={workdir}', '--config.data.source=tfds',
-        f'--config.data.tfds_data_dir={tfds_dir}', '--config.data.image_size=32',
-        '--config.data.num_workers=1', '--config.model.dtype=float32',
-        '--config.global_batch_size=4', '--config.eval_batch_size=4', '--config.max_steps=2',
-        '--config.log_every_steps=1'], cache_dir, devices=1, timeout=600)
-    assert rc == 0, err[-3000:]
-    with open(workdir / 'metrics.jsonl') as f:
-        records = [json.loads(line) for line in f]
+    assert train(config, workdir).step == 2
+    records = reporting.read_metrics(str(workdir))
     assert [r['step'] for r in records] == [1, 2]
     assert all(np.isfinite(r['train_loss']) for r in records)
     assert {'val_top1', 'val_loss', 'ema_val_top1'} <= records[-1].keys()
-    assert sorted(int(d) for d in os.listdir(workdir) if d.isdigit()) == [2]
+    assert saved_steps(workdir) == [2]
