@@ -192,6 +192,7 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
     elif eval_now:
       record.update(_evaluate(evaluator, state, step, first=not evaluated))
       evaluated = True
+      clock.update(step)  # the next rate counts training only, not this evaluation
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
     writer.write(record)
