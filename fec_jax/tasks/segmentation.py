@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
 from fec_jax.data import seg_device_transforms
-from fec_jax.model import SEGMENTERS, create_model
+from fec_jax.model import SEGMENTERS, create_model, model_name
 from fec_jax.tasks import Evaluator, Task
 
 CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
@@ -158,6 +158,9 @@ class Segmentation(Task):
     return loss_fn
 
   def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> MeanIoU:
+    if not isinstance(model, fpn.SemanticFPN):
+      raise ValueError(f"the checkpoint holds {model_name(model)}, not a segmenter; "
+                       f"config.task 'segmentation' evaluates {sorted(SEGMENTERS)}")
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
                        f"is {self.config.data.num_classes}")
