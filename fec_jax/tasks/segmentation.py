@@ -126,6 +126,7 @@ class Segmentation(Task):
     if c.data.size_divisor % 32:
       raise ValueError(f"config.data.size_divisor {c.data.size_divisor} must be a multiple of 32 "
                        "(val images are resized to multiples of it and fed whole to the model)")
+    data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
 
   def create_model(self):
     c = self.config
@@ -164,7 +165,6 @@ class Segmentation(Task):
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
                        f"is {self.config.data.num_classes}")
-    data.seg_num_examples(self.config.data, "val")  # a missing val split stops the run now
     return MeanIoU(model, self.config, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
