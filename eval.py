@@ -56,6 +56,8 @@ def main(argv):
     cli.fail("give exactly one of --workdir and --checkpoint")
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
+  if FLAGS.throughput and config.task != "classification":
+    cli.fail(f"--throughput measures classifiers; --config is a {config.task!r} config")
   mesh = training.create_mesh()
   if FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
@@ -65,8 +67,8 @@ def main(argv):
   model, variables = fec_jax.load_pretrained(directory, step=FLAGS.step, ema=FLAGS.ema,
                                              dtype=jnp.dtype(config.model.dtype))
   variables = jax.device_put(variables, training.replicated(mesh))
-  size = config.data.image_size
   if FLAGS.throughput:
+    size = config.data.image_size
     img_per_s = measure_throughput(model, variables, size, mesh)
     print(f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, "
           f"{size}x{size}, batch {FLAGS.batch}, {jax.device_count()} "

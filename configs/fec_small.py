@@ -29,14 +29,20 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.init_from_ema = False  # take init_from's EMA weights (a train.py workdir that kept them)
   c.global_batch_size = 1024  # across all devices and hosts
   c.eval_batch_size = 1024
-  # Optimizer: AdamW, lr = base_lr * global_batch_size / 1024, wd on >1-D params only.
+  # Optimizer: AdamW, lr = base_lr * global_batch_size / lr_base_batch_size, wd on >1-D params.
   c.base_lr = 1e-3
+  c.lr_base_batch_size = 1024  # the linear scaling rule's base; 0 = base_lr unscaled
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
   c.weight_decay = 0.05
+  c.weight_decay_on = "matrices"  # > 1-D params (timm); "all" = every param (mmseg)
   c.grad_clip_norm = 0.0  # 0 = no clipping (the official default)
-  # Per-epoch schedule: warmup from warmup_lr, cosine over `epochs`, then min_lr for cooldown.
+  # lr_schedule "cosine_epochs": per-epoch warmup from warmup_lr, cosine over `epochs`, then min_lr
+  # for cooldown; "poly": per step, (1 - step / schedule_steps) ** poly_power down to min_lr.
+  c.lr_schedule = "cosine_epochs"
+  c.schedule_steps = 0  # the poly schedule's length in steps (not used by cosine_epochs)
+  c.poly_power = 0.9
   c.epochs = 300
   c.warmup_epochs = 5
   c.cooldown_epochs = 10
@@ -47,6 +53,7 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
 
   c.log_every_steps = 100
   c.eval_every_epochs = 1
+  c.eval_every_steps = 0  # > 0: evaluate every this many steps instead of every N epochs
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
   return c

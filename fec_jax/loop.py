@@ -42,7 +42,8 @@ class RunResult:
 
 def train_and_evaluate(config, workdir: str, compiler_options: dict | None = None) -> RunResult:
   """Trains config.task's model with `config` in `workdir` (created, or resumed when it holds a
-  checkpoint) and evaluates it every config.eval_every_epochs epochs and at the end.
+  checkpoint) and evaluates it every config.eval_every_epochs epochs (or
+  config.eval_every_steps steps) and at the end.
 
   compiler_options: XLA options for the train and eval steps (e.g. the tests' faster CPU
   compile {'xla_backend_optimization_level': 0}).
@@ -101,7 +102,7 @@ def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
     logging.info("%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
                  "peak lr %.3g", model_name, jax.device_count(), jax.process_count(), num_steps,
                  steps_per_epoch, config.global_batch_size,
-                 training.scaled_lr(config.base_lr, config.global_batch_size))
+                 training.peak_lr(config))
     writer = reporting.MetricsWriter(workdir, start, active=primary)
     train_step = training.make_train_step(task.loss_fn(model, mesh), tx, schedule, config, mesh,
                                           state_sharding)
@@ -165,8 +166,7 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
       jax.block_until_ready(metrics)
       clock = reporting.Throughput(step, num_steps, config.global_batch_size)
     epoch = (step - 1) // steps_per_epoch
-    end_of_epoch = step % steps_per_epoch == 0
-    eval_now = step == num_steps or (end_of_epoch and (epoch + 1) % config.eval_every_epochs == 0)
+    eval_now = step == num_steps or training.eval_due(config, step, steps_per_epoch)
     save_now = step == num_steps or step % config.checkpoint_every_steps == 0
     stop = step < num_steps and preemption.stop_now(step)
     if not (eval_now or save_now or stop or step % config.log_every_steps == 0):

@@ -51,10 +51,29 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 # ----------------------------------------------------------------------------- schedule
 
+# Schedule and optimizer fields added for the segmentation recipe, with the values that keep a
+# config without them (one written before they existed) on the ImageNet recipe.
+RECIPE_DEFAULTS = {"lr_schedule": "cosine_epochs", "schedule_steps": 0, "poly_power": 0.9,
+                   "lr_base_batch_size": 1024, "weight_decay_on": "matrices",
+                   "eval_every_steps": 0}
+
+
+def recipe_value(config, name: str):
+  """config.<name> of RECIPE_DEFAULTS, or its default when the config has no such field."""
+  return config.get(name, RECIPE_DEFAULTS[name])
+
+
 
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
-  """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8)."""
-  return base_lr * global_batch_size / base_batch_size
+  """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8);
+  base_batch_size 0 = no scaling (base_lr is the lr at any batch, as mmseg's configs)."""
+  return base_lr * global_batch_size / base_batch_size if base_batch_size else base_lr
+
+
+def peak_lr(config) -> float:
+  """The schedule's peak: config.base_lr scaled by global_batch_size / lr_base_batch_size."""
+  base = recipe_value(config, "lr_base_batch_size")
+  return scaled_lr(config.base_lr, config.global_batch_size, base)
 
 
 def epoch_lr(epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: float,
@@ -71,20 +90,50 @@ def epoch_lr(epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: 
   return jnp.where(epoch < warmup_epochs, warm, jnp.where(epoch < epochs, cosine, min_lr))
 
 
+def poly_lr(step, peak_lr: float, total: int, power: float, min_lr: float):
+  """mmcv's PolyLrUpdaterHook with by_epoch=False (the segmentation recipe): before iteration
+  `step` (0-based) lr = (peak - min_lr) * (1 - step / total) ** power + min_lr."""
+  remaining = (total - jnp.minimum(step, total)).astype(jnp.float32) / total  # exact near the end
+  return (peak_lr - min_lr) * remaining ** power + min_lr
+
+
+LR_SCHEDULES = ("cosine_epochs", "poly")
+
+
 def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """step -> lr, constant within an epoch (the official script sets the lr once per epoch)."""
-  peak = scaled_lr(config.base_lr, config.global_batch_size)
+  """step -> lr. 'cosine_epochs': constant within an epoch (the official ImageNet script sets
+  the lr once per epoch); 'poly': per iteration over config.schedule_steps."""
+  peak = peak_lr(config)
+  if recipe_value(config, "lr_schedule") == "poly":
+    total, power = recipe_value(config, "schedule_steps"), recipe_value(config, "poly_power")
+    return lambda step: poly_lr(step, peak, total, power, config.min_lr)
   return lambda step: epoch_lr(step // steps_per_epoch, peak, config.warmup_epochs, config.epochs,
                                config.warmup_lr, config.min_lr)
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
-  """Steps of the whole recipe (epochs + cooldown), or config.max_steps when set (> 0)."""
-  full = (config.epochs + config.cooldown_epochs) * steps_per_epoch
+  """Steps of the whole recipe ('cosine_epochs': epochs + cooldown; 'poly':
+  config.schedule_steps), or config.max_steps when set (> 0) and shorter."""
+  if recipe_value(config, "lr_schedule") == "poly":
+    full = recipe_value(config, "schedule_steps")
+  else:
+    full = (config.epochs + config.cooldown_epochs) * steps_per_epoch
   return min(full, config.max_steps) if config.max_steps > 0 else full
 
 
+def eval_due(config, step: int, steps_per_epoch: int) -> bool:
+  """Whether the periodic evaluation runs after `step` steps: every config.eval_every_steps
+  steps when that is > 0, else at the end of every config.eval_every_epochs-th epoch."""
+  every = recipe_value(config, "eval_every_steps")
+  if every > 0:
+    return step % every == 0
+  return step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
+
+
 # ----------------------------------------------------------------------------- optimizer
+
+
+WEIGHT_DECAY_ON = ("matrices", "all")
 
 
 def weight_decay_mask(params) -> Any:
@@ -94,10 +143,12 @@ def weight_decay_mask(params) -> Any:
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW (betas 0.9/0.999, eps 1e-8, wd 0.05 on the mask) after optional global-norm
-  clipping (timm --clip-grad, mode 'norm')."""
+  """AdamW (betas 0.9/0.999, eps 1e-8) after optional global-norm clipping (timm --clip-grad,
+  mode 'norm'). config.weight_decay_on: 'matrices' = weight_decay_mask (the ImageNet recipe),
+  'all' = every parameter (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
+  mask = weight_decay_mask if recipe_value(config, "weight_decay_on") == "matrices" else None
   adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay, mask=weight_decay_mask)
+                      weight_decay=config.weight_decay, mask=mask)
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
   return adamw
@@ -192,8 +243,20 @@ def check_config(config) -> None:
     if config[field] <= 0 or config[field] % jax.device_count():
       raise ValueError(f"config.{field} {config[field]} must be a positive multiple of the "
                        f"{jax.device_count()} devices")
-  if config.warmup_epochs > config.epochs or config.epochs <= 0:
+  schedule = recipe_value(config, "lr_schedule")
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+  if schedule == "poly" and recipe_value(config, "schedule_steps") <= 0:
+    raise ValueError(f"config.schedule_steps must be > 0 for the poly schedule, got "
+                     f"{recipe_value(config, 'schedule_steps')}")
+  cosine = schedule == "cosine_epochs"
+  if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):
     raise ValueError("need 0 <= warmup_epochs <= epochs and epochs > 0")
+  if recipe_value(config, "weight_decay_on") not in WEIGHT_DECAY_ON:
+    raise ValueError(f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
+                     f"{recipe_value(config, 'weight_decay_on')!r}")
+  if recipe_value(config, "lr_base_batch_size") < 0 or recipe_value(config, "eval_every_steps") < 0:
+    raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                 "eval_every_epochs"):
     if config[field] <= 0:

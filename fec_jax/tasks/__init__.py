@@ -80,9 +80,10 @@ class Task(abc.ABC):
 
 def get(config) -> Task:
   """The task that config.task names."""
-  from fec_jax.tasks import classification  # imported here: a task's modules load on demand
+  from fec_jax.tasks import classification, segmentation  # imported here: loaded on demand
 
-  registry = {"classification": classification.Classification}
+  registry = {"classification": classification.Classification,
+              "segmentation": segmentation.Segmentation}
   if config.task not in registry:
     raise ValueError(f"config.task {config.task!r} is not a task; choose one of "
                      f"{sorted(registry)}")

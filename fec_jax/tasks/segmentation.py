@@ -1,0 +1,232 @@
+"""Semantic segmentation with the authors' ADE20K recipe (Semantic FPN on an FEC backbone,
+mmsegmentation 0.24): the mmseg train pipeline on the host (fec_jax.data), normalization on the
+device, per-pixel cross-entropy at the label's size; evaluation by mIoU / mAcc / aAcc with
+whole-image inference at each image's own size."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from fec_jax import checkpoint, data, fpn, miou
+from fec_jax.data import seg_device_transforms
+from fec_jax.model import SEGMENTERS, create_model, model_name
+from fec_jax.tasks import Evaluator, Task
+
+CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
+# What mmseg's Pretrained init of the backbone leaves out of an ImageNet classifier checkpoint:
+# the classifier head and its final norm (the seg backbone has none; docs/official-code.md
+# Sec. 6); the backbone's output norms norm0/2/4/6 are not in such a checkpoint.
+CLASSIFIER_ONLY = ("head", "norm")
+OUTPUT_NORMS = ("norm0", "norm2", "norm4", "norm6")
+
+
+def cross_entropy(logits, labels, ignore_index: int):
+  """mmseg 0.24's decode-head loss: `resize(seg_logit, size=label size, mode='bilinear',
+  align_corners=False)`, then CrossEntropyLoss(ignore_index=255) with its default
+  avg_non_ignore=False: the per-pixel losses (0 at ignored pixels) averaged over ALL label
+  pixels, ignored ones included (weight_reduce_loss(reduction='mean')). The same mean over the
+  global batch as the official per-GPU means averaged by DDP (every GPU has as many pixels).
+
+  logits [B, h, w, K] (stride 4), labels int [B, H, W] -> fp32 scalar."""
+  logits = fpn.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])  # [B, H, W, K]
+  valid = labels != ignore_index  # [B, H, W]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  return jnp.sum(jnp.where(valid, losses, 0.0)) / labels.size
+
+
+class MeanIoU(Evaluator):
+  """mIoU / mAcc / aAcc (%) over the val split as mmseg 0.24 computes them (fec_jax.miou):
+  each image at its test size (keep-ratio resize, sides multiples of 32), whole-image inference
+  (fpn.predict) to the annotation's original size, per-class areas summed in int64 on the host
+  and over all hosts. Each host runs its share of the images on its first local device, one
+  image at a time (the images differ in size); the prediction is compiled once per distinct
+  (image size, annotation size)."""
+
+  def __init__(self, model, config, compiler_options: dict | None = None):
+    self._config, self._compiler_options = config, compiler_options
+    self._num_classes = config.data.num_classes
+    self._device = jax.local_devices()[0]
+
+    def step_fn(variables, image, label):  # uint8 [1, h, w, 3], uint8 [H0, W0]
+      valid = jnp.array([image.shape[1:3]], jnp.int32)  # [1, 2]: nothing is padded
+      x = seg_device_transforms.normalize(image, valid, config.data.mean, config.data.std)
+      pred = fpn.predict(model, variables, x, label.shape)[0]  # [H0, W0]
+      return miou.intersect_and_union(pred, label, self._num_classes,
+                                      config.data.ignore_index)
+
+    self._jitted = jax.jit(step_fn)
+    self._steps = {}  # (image shape, label shape) -> compiled step
+
+  def _step(self, variables, image, label):
+    key = (image.shape, label.shape)
+    if key not in self._steps:
+      self._steps[key] = self._jitted.lower(variables, image, label).compile(
+          self._compiler_options)
+    return self._steps[key](variables, image, label)
+
+  def __call__(self, variables) -> dict[str, float]:
+    # The replicated variables' copy on this host's first device (numpy leaves are put there).
+    variables = jax.tree.map(
+        lambda a: (a.addressable_data(0) if isinstance(a, jax.Array)
+                   else jax.device_put(a, self._device)), variables)
+    totals = {k: np.zeros(self._num_classes, np.int64)
+              for k in ("area_intersect", "area_union", "area_pred", "area_label")}
+    pending = []  # device results not yet fetched: the next image is dispatched meanwhile
+    examples = data.create_seg_loader(self._config.data, "val", 1, self._config.seed,
+                                      jax.process_index(), jax.process_count())
+    try:
+      for example in examples:
+        if not example["mask"]:  # padding of the last host's share, or a bad file
+          continue
+        image = jax.device_put(example["image"][None], self._device)
+        label = jax.device_put(example["label"], self._device)
+        pending.append(self._step(variables, image, label))
+        if len(pending) > 2:
+          for k, v in jax.device_get(pending.pop(0)).items():
+            totals[k] += v
+    finally:
+      examples.close()  # its worker processes end here
+    for areas in jax.device_get(pending):
+      for k, v in areas.items():
+        totals[k] += v
+    return miou.summarize(_sum_over_hosts(totals))
+
+
+def _sum_over_hosts(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """int64 sums of every host's int64 arrays. Gathered as two int32 halves: jax arrays are
+  int32 unless jax_enable_x64, and a set's per-class pixel counts can pass 2^31."""
+  if jax.process_count() == 1:
+    return totals
+  out = {}
+  for k, v in totals.items():
+    halves = np.stack([v >> 31, v & (2**31 - 1)]).astype(np.int32)  # [2, K]
+    gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64)  # [P, 2, K]
+    out[k] = (gathered[:, 0] << 31).sum(0) + gathered[:, 1].sum(0)
+  return out
+
+
+class Segmentation(Task):
+  """config.model.name is an fpn_* segmenter; config.data is fec_jax.data.ade20k_config()."""
+
+  def check_config(self) -> None:
+    c = self.config
+    if c.model.name not in SEGMENTERS:
+      raise ValueError(f"config.model.name {c.model.name!r} is not a segmenter; choose one of "
+                       f"{sorted(SEGMENTERS)}")
+    data.seg_validate(c.data)
+    if c.data.crop_size[0] % 32 or c.data.crop_size[1] % 32:
+      raise ValueError(f"config.data.crop_size {tuple(c.data.crop_size)} must be multiples of 32 "
+                       "(the FPN's maps are the crop's size /4, /8, /16, /32)")
+    if c.data.size_divisor % 32:
+      raise ValueError(f"config.data.size_divisor {c.data.size_divisor} must be a multiple of 32 "
+                       "(val images are resized to multiples of it and fed whole to the model)")
+    data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
+
+  def create_model(self):
+    c = self.config
+    overrides = dict(num_classes=c.data.num_classes, drop_path_rate=c.model.drop_path_rate)
+    model = create_model(c.model.name, dtype=jnp.dtype(c.model.dtype), **overrides)
+    return model, c.model.name, overrides
+
+  def input_shape(self) -> tuple[int, ...]:
+    return (1, *self.config.data.crop_size, 3)
+
+  def train_loader(self, process_index: int, process_count: int):
+    c = self.config
+    steps = data.seg_steps_per_epoch(c.data, c.global_batch_size, process_count)
+    loader = data.create_seg_loader(c.data, "train", c.global_batch_size, c.seed, process_index,
+                                    process_count)
+    return loader, steps
+
+  def loss_fn(self, model, mesh: Mesh):
+    """batch {'image' uint8 [B,S,S,3], 'label' uint8 [B,S,S], 'valid' int32 [B,2]}. BatchNorm
+    statistics are those of the global batch (the official SyncBN; fec_jax.fpn.BatchNorm)."""
+    d = self.config.data
+
+    def loss_fn(params, model_state, batch, key):
+      images = seg_device_transforms.normalize(batch["image"], batch["valid"], d.mean, d.std)
+      logits, model_state = model.apply({"params": params, **model_state}, images, train=True,
+                                        mutable=["batch_stats"], rngs={"dropout": key})
+      labels = batch["label"].astype(jnp.int32)  # [B, S, S]
+      return cross_entropy(logits, labels, d.ignore_index), dict(model_state)
+
+    return loss_fn
+
+  def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> MeanIoU:
+    if not isinstance(model, fpn.SemanticFPN):
+      raise ValueError(f"the checkpoint holds {model_name(model)}, not a segmenter; "
+                       f"config.task 'segmentation' evaluates {sorted(SEGMENTERS)}")
+    if model.num_classes != self.config.data.num_classes:
+      raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
+                       f"is {self.config.data.num_classes}")
+    return MeanIoU(model, self.config, compiler_options)
+
+  def adopt_pretrained(self, variables, pretrained, source: str):
+    """From an ImageNet classifier (no 'backbone' in its params): as mmseg's Pretrained init of
+    the backbone, every backbone param is loaded, the classifier's head and norm are ignored,
+    norm0/2/4/6, the neck and the decode head keep their init. From a segmenter: all its
+    variables (params and batch_stats); conv_seg is re-initialized when only its number of
+    classes differs. Anything else missing, unexpected or mis-shaped is an error."""
+    if "backbone" in pretrained["params"]:
+      return self._from_segmenter(variables, pretrained, source)
+    return self._from_classifier(variables, pretrained, source)
+
+  @staticmethod
+  def _from_classifier(variables, pretrained, source: str):
+    flat = lambda tree: flax.traverse_util.flatten_dict(tree, sep="/")
+    backbone = flat(variables["params"]["backbone"])
+    loaded = flat(pretrained["params"])
+    ignored = sorted(k for k in loaded if k.split("/")[0] in CLASSIFIER_ONLY)
+    kept = {k for k in backbone if k.split("/")[0] in OUTPUT_NORMS}
+    missing, unexpected, mismatched = checkpoint.compare_params(
+        flax.traverse_util.unflatten_dict({k: v for k, v in backbone.items() if k not in kept},
+                                          sep="/"),
+        flax.traverse_util.unflatten_dict({k: v for k, v in loaded.items() if k not in ignored},
+                                          sep="/"))
+    prefix = lambda d: {f"backbone/{k}": v for k, v in d.items()}
+    checkpoint.raise_for_mismatch(prefix(missing), prefix(unexpected), prefix(mismatched), source)
+    merged = {k: v if k in kept else loaded[k] for k, v in backbone.items()}
+    params = {**variables["params"], "backbone": flax.traverse_util.unflatten_dict(merged, sep="/")}
+    note = (f"backbone: {len(merged) - len(kept)} params loaded from the classifier {source}; "
+            f"ignored: {', '.join(ignored) or 'nothing'}; kept their init: "
+            f"{', '.join(OUTPUT_NORMS)}, neck, decode_head, batch_stats")
+    return {**variables, "params": params}, [note]
+
+  @staticmethod
+  def _from_segmenter(variables, pretrained, source: str):
+    params = variables["params"]
+    missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained["params"])
+    reinit = set(CONV_SEG) & set(mismatched)
+    notes = []
+    if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
+      expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
+      notes.append(f"decode_head/conv_seg re-initialized for {expected[-1]} classes ({source} "
+                   f"has {found[-1]})")
+      mismatched = {k: v for k, v in mismatched.items() if k not in reinit}
+    else:
+      reinit = set()
+    stats = variables.get("batch_stats", {})
+    found_stats = pretrained.get("batch_stats", {})
+    s_missing, s_unexpected, s_mismatched = checkpoint.compare_params(stats, found_stats)
+    prefix = lambda d: {f"batch_stats/{k}": v for k, v in d.items()}
+    checkpoint.raise_for_mismatch({**missing, **prefix(s_missing)},
+                                  {**unexpected, **prefix(s_unexpected)},
+                                  {**mismatched, **prefix(s_mismatched)}, source)
+    loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
+    merged = {k: v if k in reinit else loaded[k]
+              for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    out = {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}
+    if stats:
+      out["batch_stats"] = found_stats
+    return out, notes
+
+  def describe(self, metrics: dict[str, float]) -> str:
+    return (f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
+            f"aAcc {metrics['aAcc']:.2f}%  ({data.seg_num_examples(self.config.data, 'val')} "
+            f"{self.config.data.source} val images)")

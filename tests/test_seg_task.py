@@ -1,0 +1,215 @@
+"""The segmentation task on the training library (fec_jax.tasks.segmentation), its schedule and
+optimizer options (fec_jax.training), in-process runs on the synthetic demo data at 32x32."""
+import os
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fec_jax
+from configs import demo_seg, fpn_fec_small_ade20k
+from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax.tasks import segmentation
+from tests.train_fixture import losses, train
+
+pytestmark = pytest.mark.xdist_group("train")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+
+def seg_tiny(**overrides):
+  """configs/demo_seg.py at 32x32, 16 train / 6 val images, batch 4, 4 steps, a record every
+  step, a checkpoint every 2, one evaluation (at the end); overrides 'field' or 'a.field'."""
+  c = demo_seg.get_config()
+  c.data.demo_image_size, c.data.img_scale, c.data.crop_size = 32, (32, 32), (32, 32)
+  c.data.demo_num_train, c.data.demo_num_val = 16, 6
+  c.global_batch_size, c.max_steps, c.eval_every_steps = 4, STEPS, 100
+  c.log_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = 1, 2, 2
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (c[section] if section else c)[field] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def fresh():
+  """(task, fresh variables) of the tiny config's fpn_fec_small (5 classes)."""
+  task = tasks.get(seg_tiny())
+  model, _, _ = task.create_model()
+  return task, fec_jax.init_variables(model, jax.random.key(1), (1, 32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory, compilation_cache) -> str:
+  workdir = tmp_path_factory.mktemp("seg_run")
+  result = train(seg_tiny(), workdir)
+  assert result.step == STEPS and not result.preempted
+  return str(workdir)
+
+
+def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
+  records = reporting.read_metrics(seg_run)
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert all(np.isfinite(r["train_loss"]) for r in records)
+  last = records[-1]
+  assert {"val_mIoU", "val_mAcc", "val_aAcc"} <= set(last)
+  assert 0 <= last["val_mIoU"] <= 100 and 0 < last["val_aAcc"] <= 100
+  model, variables = fec_jax.load_pretrained(seg_run)
+  init = fec_jax.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+  # The trained BatchNorm statistics were saved (not the init's zeros and ones).
+  assert not np.allclose(variables["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"],
+                         init["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"])
+  config = seg_tiny()
+  task = tasks.get(config)
+  evaluator = task.evaluator(model, training.create_mesh())
+  try:
+    metrics = evaluator(variables)
+  finally:
+    evaluator.close()
+  assert metrics == pytest.approx({k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc")},
+                                  abs=1e-9)
+  assert task.describe(metrics).startswith(f"mIoU {metrics['mIoU']:.2f}%  mAcc ")
+
+
+def test_resume_restores_batch_stats(seg_run, tmp_path):
+  """2 steps, then the same workdir to 4: per-step losses and the final batch_stats are those
+  of the straight 4-step run, bit for bit (one CPU device)."""
+  assert train(seg_tiny(max_steps=2), tmp_path).step == 2
+  assert train(seg_tiny(), tmp_path).step == STEPS
+  assert losses(tmp_path) == losses(seg_run)
+  resumed = fec_jax.load_pretrained(str(tmp_path))[1]["batch_stats"]
+  straight = fec_jax.load_pretrained(seg_run)[1]["batch_stats"]
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_init_from_classifier_loads_the_backbone(reference, fresh):
+  """The conftest `reference` run is fec_small classification: its params go into
+  fpn_fec_small's backbone; head and norm are ignored; norm0/2/4/6, neck, head keep init."""
+  task, fresh = fresh
+  _, pretrained = fec_jax.load_pretrained(reference)
+  variables, notes = task.adopt_pretrained(fresh, pretrained, "REF")
+  backbone = variables["params"]["backbone"]
+  for name in ("patch_embed", "network_0_0", "network_5"):
+    jax.tree.map(np.testing.assert_array_equal, backbone[name], pretrained["params"][name])
+  for name in ("norm0", "norm6"):
+    jax.tree.map(np.testing.assert_array_equal, backbone[name],
+                 fresh["params"]["backbone"][name])
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["neck"], fresh["params"]["neck"])
+  jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"], fresh["batch_stats"])
+  assert len(notes) == 1 and "head/kernel" in notes[0] and "norm/scale" in notes[0]
+
+
+def test_init_from_misfits_are_listed(reference, fresh):
+  task, fresh = fresh
+  _, pretrained = fec_jax.load_pretrained(reference)
+  flat = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
+  flat.pop("patch_embed/proj/bias")
+  flat["network_0_0/extra"] = np.zeros(3)
+  flat["network_1/conv_f/kernel"] = np.zeros((1, 1))
+  broken = {"params": flax.traverse_util.unflatten_dict(flat, sep="/")}
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    task.adopt_pretrained(fresh, broken, "BROKEN")
+  message = str(e.value)
+  assert "BROKEN do not fit this model (3 problems)" in message
+  for name in ("backbone/patch_embed/proj/bias", "backbone/network_0_0/extra",
+               "backbone/network_1/conv_f/kernel"):
+    assert name in message
+
+
+def test_init_from_segmenter_reinitializes_conv_seg_for_other_classes(fresh):
+  task, fresh = fresh  # 5 classes
+  source = jax.tree.map(lambda a: np.asarray(a) + 1.0, fresh)  # a segmenter with 7 classes
+  source["params"]["decode_head"]["conv_seg"] = {"kernel": np.ones((128, 7), np.float32),
+                                                 "bias": np.ones(7, np.float32)}
+  variables, notes = task.adopt_pretrained(fresh, source, "SEG7")
+  assert notes == ["decode_head/conv_seg re-initialized for 5 classes (SEG7 has 7)"]
+  head = variables["params"]["decode_head"]
+  jax.tree.map(np.testing.assert_array_equal, head["conv_seg"],
+               fresh["params"]["decode_head"]["conv_seg"])
+  jax.tree.map(np.testing.assert_array_equal, head["scale_heads_0_0"],
+               source["params"]["decode_head"]["scale_heads_0_0"])
+  jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"], source["batch_stats"])
+  with pytest.raises(checkpoint.CheckpointError, match="batch_stats/decode_head"):
+    task.adopt_pretrained(fresh, {"params": fresh["params"], "batch_stats": {}}, "NOSTATS")
+
+
+def test_cross_entropy_is_mmseg_decode_head_loss():
+  """resize to the label size (bilinear, align_corners=False), CE with ignore 255, averaged
+  over all pixels (mmseg 0.24's avg_non_ignore=False), against torch."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)  # [B, h, w, K]
+  labels = rng.integers(0, 6, (2, 16, 20))
+  labels[rng.random(labels.shape) < 0.3] = 255
+  ours = segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
+  up = F.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=(16, 20),
+                     mode="bilinear", align_corners=False)
+  per_pixel = F.cross_entropy(up, torch.from_numpy(labels), ignore_index=255, reduction="none")
+  np.testing.assert_allclose(float(ours), float(per_pixel.mean()), rtol=1e-5)
+  assert abs(float(per_pixel.mean()) - float(per_pixel[labels != 255].mean())) > 1e-3
+
+
+def test_poly_schedule_and_run_length():
+  c = fpn_fec_small_ade20k.get_config()
+  schedule = training.lr_schedule(c, steps_per_epoch=1263)
+  assert float(schedule(0)) == pytest.approx(1e-4)
+  assert float(schedule(40_000)) == pytest.approx(1e-4 * 0.5**0.9)
+  assert float(schedule(79_999)) == pytest.approx(1e-4 * (1 / 80_000) ** 0.9)
+  assert float(schedule(80_000)) == 0.0
+  assert training.peak_lr(c) == 1e-4  # lr_base_batch_size 0: not scaled with the batch
+  assert training.total_steps(c, 1263) == 80_000
+  c.max_steps = 10
+  assert training.total_steps(c, 1263) == 10
+  due = [s for s in range(1, 24_001) if training.eval_due(c, s, 1263)]
+  assert due == [8000, 16000, 24000]
+  # Classification keeps its per-epoch cosine, scaled by batch / 1024, eval every epoch.
+  from configs import fec_small
+  k = fec_small.get_config()
+  k.global_batch_size = 512
+  assert float(training.lr_schedule(k, 10)(1234)) == pytest.approx(
+      float(training.epoch_lr(123, 5e-4, 5, 300, 1e-6, 1e-6)))
+  assert [s for s in range(1, 31) if training.eval_due(k, s, 10)] == [10, 20, 30]
+
+
+def test_weight_decay_on_all_params_or_matrices():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for on, bias_decays in (("all", True), ("matrices", False)):
+    c = fpn_fec_small_ade20k.get_config()
+    c.weight_decay, c.weight_decay_on = 0.5, on
+    tx = training.create_optimizer(c, lambda step: 0.1)
+    updates, _ = tx.update(zero, tx.init(params), params)  # Adam's part is 0 for 0 gradients
+    new = optax.apply_updates(params, updates)
+    assert float(new["kernel"][0, 0]) == pytest.approx(1 - 0.1 * 0.5)  # decoupled: lr * wd
+    assert (float(new["bias"][0]) < 1.0) == bias_decays
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.name", "fec_small", "is not a segmenter"),
+    ("data.crop_size", (48, 64), "must be multiples of 32"),
+    ("data.size_divisor", 16, "size_divisor 16 must be a multiple of 32"),
+    ("lr_schedule", "cosine", "lr_schedule must be one of"),
+    ("schedule_steps", 0, "schedule_steps must be > 0"),
+    ("weight_decay_on", "some", "weight_decay_on must be one of"),
+])
+def test_config_checks(field, value, message):
+  c = seg_tiny(**{field: value})
+  with pytest.raises(ValueError, match=message):
+    training.check_config(c)
+    tasks.get(c).check_config()
+
+
+def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "visualize_seg.py", f"--workdir={tmp_path}",
+       f"--output={tmp_path}/missing/seg.png"], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: --output {tmp_path}/missing/seg.png: directory {tmp_path}/missing does not exist"]

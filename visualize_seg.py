@@ -1,0 +1,157 @@
+r"""Draws a segmenter's predictions on the first validation images of a config's data: one row
+per image with the image, the ground truth and the prediction (class colours over the image),
+and a legend of the demo's classes. The README's picture is this command on the demo run.
+
+  python visualize_seg.py --config=configs/demo_seg.py --workdir=DIR --output=seg.png [--num=4]
+  python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
+      --config.data.root=/data/ADEChallengeData2016 --output=ade.png
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from PIL import Image, ImageDraw
+
+import fec_jax
+from fec_jax import checkpoint, cli, data, fpn
+from fec_jax.data import seg_device_transforms
+from fec_jax.data.seg_config import DEMO_CLASS_NAMES
+from fec_jax.model import SEGMENTERS, model_name
+
+cli.define_config_file("config", "configs/demo_seg.py", "Segmentation config: data, model dtype.",
+                       lock_config=True)
+flags.DEFINE_string("workdir", None, "A train.py workdir.")
+flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
+flags.DEFINE_string("output", None, "The PNG to write.")
+flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
+flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
+flags.DEFINE_bool("ema", False, "Use the EMA weights of a train.py run.")
+flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+flags.mark_flag_as_required("output")
+FLAGS = flags.FLAGS
+
+ALPHA = 0.6  # weight of the class colour over the image
+TITLES = ("image", "ground truth", "prediction")
+
+
+def palette(num_classes: int) -> np.ndarray:
+  """uint8 [num_classes, 3]: fixed colours for the demo's 5 classes, seeded random ones beyond."""
+  fixed = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]])
+  extra = np.random.default_rng(0).integers(0, 256, (max(num_classes - len(fixed), 0), 3))
+  return np.concatenate([fixed, extra])[:num_classes].astype(np.uint8)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] image with each pixel's class colour blended in (ALPHA); labels outside
+  the palette (the ignore index) leave the image as it is."""
+  known = label < len(colours)  # [H, W]
+  coloured = colours[np.where(known, label, 0)].astype(np.float32)  # [H, W, 3]
+  blend = (1 - ALPHA) * image.astype(np.float32) + ALPHA * coloured
+  return np.where(known[..., None], blend, image).round().astype(np.uint8)
+
+
+def panel(array: np.ndarray, height: int) -> Image.Image:
+  """An image scaled to `height` rows keeping its ratio, nearest (class edges stay sharp)."""
+  h, w = array.shape[:2]
+  return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
+
+
+def draw(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], colours: np.ndarray,
+         names: tuple[str, ...] | None, height: int) -> Image.Image:
+  """rows of (image, label, prediction) at the annotation's size -> the picture."""
+  pad, title_h = 4, 16
+  panels = [[panel(image, height), panel(overlay(image, label, colours), height),
+             panel(overlay(image, pred, colours), height)] for image, label, pred in rows]
+  width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
+  legend_h = title_h + pad if names else 0
+  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + pad) + pad + legend_h),
+                     "white")
+  pen = ImageDraw.Draw(canvas)
+  x = pad
+  for title, p in zip(TITLES, panels[0]):
+    pen.text((x, 2), title, fill="black")
+    x += p.width + pad
+  for r, row in enumerate(panels):
+    x, y = pad, title_h + r * (height + pad)
+    for p in row:
+      canvas.paste(p, (x, y))
+      x += p.width + pad
+  if names:
+    x, y = pad, canvas.height - legend_h
+    for name, colour in zip(names, colours):
+      pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(c) for c in colour))
+      pen.text((x + 14, y), name, fill="black")
+      x += 14 + int(pen.textlength(name)) + 3 * pad
+  return canvas
+
+
+def check_arguments(config):
+  """Every user mistake is one error line here, before the weights are restored."""
+  if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
+    cli.fail("give exactly one of --workdir and --checkpoint")
+  if config.task != "segmentation":
+    cli.fail(f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
+             "configs/demo_seg.py)")
+  if not 1 <= FLAGS.num <= 16:
+    cli.fail(f"--num {FLAGS.num} must be in [1, 16]")
+  if not 32 <= FLAGS.size <= 1024:
+    cli.fail(f"--size {FLAGS.size} must be in [32, 1024]")
+  output = os.path.abspath(FLAGS.output)
+  if not output.lower().endswith(".png"):
+    cli.fail(f"--output {FLAGS.output} must end with .png")
+  if not os.path.isdir(os.path.dirname(output)):
+    cli.fail(f"--output {FLAGS.output}: directory {os.path.dirname(output)} does not exist")
+  if os.path.exists(output) and not FLAGS.overwrite:
+    cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
+  data.seg_validate(config.data)
+  num_val = data.seg_num_examples(config.data, "val")  # missing data stops here
+  model, _ = checkpoint.load_model(FLAGS.workdir or FLAGS.checkpoint)
+  if model_name(model) not in SEGMENTERS:
+    cli.fail(f"{FLAGS.workdir or FLAGS.checkpoint} holds {model_name(model)}, not a segmenter "
+             f"({', '.join(sorted(SEGMENTERS))})")
+  if model.num_classes != config.data.num_classes:
+    cli.fail(f"the checkpoint's model has {model.num_classes} classes, config.data "
+             f"{config.data.num_classes}")
+  return output, min(FLAGS.num, num_val)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  output, num = check_arguments(config)
+  model, variables = fec_jax.load_pretrained(FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema,
+                                             dtype=jnp.dtype(config.model.dtype))
+  d = config.data
+
+  def predict(variables, image, out_hw):  # uint8 [1, h, w, 3] -> int32 [1, *out_hw]
+    x = seg_device_transforms.normalize(image, jnp.array([image.shape[1:3]]), d.mean, d.std)
+    return fpn.predict(model, variables, x, out_hw)
+
+  predict = jax.jit(predict, static_argnums=2)  # compiled once per image and annotation size
+
+  rows = []
+  examples = data.create_seg_loader(d, "val", 1, config.seed)
+  try:
+    for example in examples:
+      if len(rows) == num:
+        break
+      if not example["mask"]:
+        continue
+      label = example["label"]  # [H0, W0] at the original size
+      pred = predict(variables, example["image"][None], label.shape)[0]
+      # The image at the annotation's size, for the overlay (the model saw the test resize).
+      image = np.asarray(Image.fromarray(example["image"]).resize(label.shape[::-1],
+                                                                  Image.BILINEAR))
+      rows.append((image, label, np.asarray(pred)))
+  finally:
+    examples.close()
+  names = DEMO_CLASS_NAMES if d.source == "demo" else None
+  draw(rows, palette(d.num_classes), names, FLAGS.size).save(output)
+  print(f"wrote {output} ({len(rows)} {d.source} val images)")
+
+
+if __name__ == "__main__":
+  cli.run(main, errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError))
