@@ -51,19 +51,6 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 # ----------------------------------------------------------------------------- schedule
 
-# Schedule and optimizer fields added for the segmentation recipe, with the values that keep a
-# config without them (one written before they existed) on the ImageNet recipe.
-RECIPE_DEFAULTS = {"lr_schedule": "cosine_epochs", "schedule_steps": 0, "poly_power": 0.9,
-                   "lr_base_batch_size": 1024, "weight_decay_on": "matrices",
-                   "eval_every_steps": 0}
-
-
-def recipe_value(config, name: str):
-  """config.<name> of RECIPE_DEFAULTS, or its default when the config has no such field."""
-  return config.get(name, RECIPE_DEFAULTS[name])
-
-
-
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
   """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8);
   base_batch_size 0 = no scaling (base_lr is the lr at any batch, as mmseg's configs)."""
@@ -72,7 +59,7 @@ def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 102
 
 def peak_lr(config) -> float:
   """The schedule's peak: config.base_lr scaled by global_batch_size / lr_base_batch_size."""
-  base = recipe_value(config, "lr_base_batch_size")
+  base = config.lr_base_batch_size
   return scaled_lr(config.base_lr, config.global_batch_size, base)
 
 
@@ -104,8 +91,8 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """step -> lr. 'cosine_epochs': constant within an epoch (the official ImageNet script sets
   the lr once per epoch); 'poly': per iteration over config.schedule_steps."""
   peak = peak_lr(config)
-  if recipe_value(config, "lr_schedule") == "poly":
-    total, power = recipe_value(config, "schedule_steps"), recipe_value(config, "poly_power")
+  if config.lr_schedule == "poly":
+    total, power = config.schedule_steps, config.poly_power
     return lambda step: poly_lr(step, peak, total, power, config.min_lr)
   return lambda step: epoch_lr(step // steps_per_epoch, peak, config.warmup_epochs, config.epochs,
                                config.warmup_lr, config.min_lr)
@@ -114,8 +101,8 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def total_steps(config, steps_per_epoch: int) -> int:
   """Steps of the whole recipe ('cosine_epochs': epochs + cooldown; 'poly':
   config.schedule_steps), or config.max_steps when set (> 0) and shorter."""
-  if recipe_value(config, "lr_schedule") == "poly":
-    full = recipe_value(config, "schedule_steps")
+  if config.lr_schedule == "poly":
+    full = config.schedule_steps
   else:
     full = (config.epochs + config.cooldown_epochs) * steps_per_epoch
   return min(full, config.max_steps) if config.max_steps > 0 else full
@@ -124,7 +111,7 @@ def total_steps(config, steps_per_epoch: int) -> int:
 def eval_due(config, step: int, steps_per_epoch: int) -> bool:
   """Whether the periodic evaluation runs after `step` steps: every config.eval_every_steps
   steps when that is > 0, else at the end of every config.eval_every_epochs-th epoch."""
-  every = recipe_value(config, "eval_every_steps")
+  every = config.eval_every_steps
   if every > 0:
     return step % every == 0
   return step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.eval_every_epochs == 0
@@ -146,7 +133,7 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
   """AdamW (betas 0.9/0.999, eps 1e-8) after optional global-norm clipping (timm --clip-grad,
   mode 'norm'). config.weight_decay_on: 'matrices' = weight_decay_mask (the ImageNet recipe),
   'all' = every parameter (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
-  mask = weight_decay_mask if recipe_value(config, "weight_decay_on") == "matrices" else None
+  mask = weight_decay_mask if config.weight_decay_on == "matrices" else None
   adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                       weight_decay=config.weight_decay, mask=mask)
   if config.grad_clip_norm > 0:
@@ -243,19 +230,19 @@ def check_config(config) -> None:
     if config[field] <= 0 or config[field] % jax.device_count():
       raise ValueError(f"config.{field} {config[field]} must be a positive multiple of the "
                        f"{jax.device_count()} devices")
-  schedule = recipe_value(config, "lr_schedule")
+  schedule = config.lr_schedule
   if schedule not in LR_SCHEDULES:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-  if schedule == "poly" and recipe_value(config, "schedule_steps") <= 0:
+  if schedule == "poly" and config.schedule_steps <= 0:
     raise ValueError(f"config.schedule_steps must be > 0 for the poly schedule, got "
                      f"{recipe_value(config, 'schedule_steps')}")
   cosine = schedule == "cosine_epochs"
   if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):
     raise ValueError("need 0 <= warmup_epochs <= epochs and epochs > 0")
-  if recipe_value(config, "weight_decay_on") not in WEIGHT_DECAY_ON:
+  if config.weight_decay_on not in WEIGHT_DECAY_ON:
     raise ValueError(f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
                      f"{recipe_value(config, 'weight_decay_on')!r}")
-  if recipe_value(config, "lr_base_batch_size") < 0 or recipe_value(config, "eval_every_steps") < 0:
+  if config.lr_base_batch_size < 0 or config.eval_every_steps < 0:
     raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                 "eval_every_epochs"):

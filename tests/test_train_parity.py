@@ -28,6 +28,7 @@ def parity_config() -> ml_collections.ConfigDict:
   c.b1, c.b2, c.eps, c.weight_decay, c.grad_clip_norm = 0.9, 0.999, 1e-8, 0.05, 1.0
   c.epochs, c.warmup_epochs, c.cooldown_epochs = 8, 2, 2  # 20 steps: warmup, cosine, cooldown
   c.warmup_lr, c.min_lr = 1e-6, 1e-6
+  c.lr_schedule, c.lr_base_batch_size, c.weight_decay_on = "cosine_epochs", 1024, "matrices"
   c.ema_decay = 0.0
   return c
 
