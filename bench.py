@@ -66,16 +66,20 @@ def infer_program(name: str, batch: int, dtype: str, aggregation: str, devices, 
   mesh = Mesh(np.asarray(devices), ("batch",))
   model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x), in_shardings=(replicated, sharded),
-                    out_shardings=sharded)
+  forward = jax.jit(
+      lambda p, x: model.apply({"params": p}, x),
+      in_shardings=(replicated, sharded),
+      out_shardings=sharded,
+  )
   shape = (batch, IMAGE_SIZE, IMAGE_SIZE, 3)
   start = time.perf_counter()
   if concrete:
     params = init_variables(model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3))["params"]
     images = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape), sharded)
   else:
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          param_shapes(model))
+    params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), param_shapes(model)
+    )
     images = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharded)
   return forward, (params, images), time.perf_counter() - start
 
@@ -86,10 +90,15 @@ def train_program(name: str, batch: int, dtype: str, aggregation: str, devices, 
   the classification task's loss on the training library's step."""
   from fec_jax import training
   from fec_jax.tasks.classification import Classification
+
   config = train_config(name, batch, dtype)
   mesh = Mesh(np.asarray(devices), (training.DATA_AXIS,))
-  model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation,
-                       drop_path_rate=config.model.drop_path_rate)
+  model = create_model(
+      name,
+      dtype=jnp.dtype(dtype),
+      aggregation=aggregation,
+      drop_path_rate=config.model.drop_path_rate,
+  )
   schedule = training.lr_schedule(config, steps_per_epoch=1000)
   tx = training.create_optimizer(config, schedule)
   input_shape = (1, IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -100,20 +109,25 @@ def train_program(name: str, batch: int, dtype: str, aggregation: str, devices, 
   start = time.perf_counter()
   if not concrete:
     data = training.batch_sharded(mesh)
-    batch_data = {"image": jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8,
-                                                sharding=data),
-                  "erase": jax.ShapeDtypeStruct((batch, 4), jnp.int32, sharding=data),
-                  "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)}
+    batch_data = {
+        "image": jax.ShapeDtypeStruct((batch, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8, sharding=data),
+        "erase": jax.ShapeDtypeStruct((batch, 4), jnp.int32, sharding=data),
+        "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data),
+    }
     return step, (abstract, batch_data), 0.0
   state = training.create_state(model, tx, config, input_shape, sharding)
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - start
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()  # the train loader's batch on this host
-  batch_data = training.global_batch({
-      "image": rng.integers(0, 256, (local, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-      "erase": np.tile(np.array([[40, 60, 50, 30]], np.int32), (local, 1)),  # timm's recipe
-      "label": rng.integers(0, 1000, local).astype(np.int32)}, mesh)
+  batch_data = training.global_batch(
+      {
+          "image": rng.integers(0, 256, (local, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+          "erase": np.tile(np.array([[40, 60, 50, 30]], np.int32), (local, 1)),  # timm's recipe
+          "label": rng.integers(0, 1000, local).astype(np.int32),
+      },
+      mesh,
+  )
   return step, (state, batch_data), init_seconds
 
 
@@ -126,13 +140,16 @@ def compile_timed(jitted, args):
   lowered = jitted.trace(*args).lower()
   lowered_at = time.perf_counter()
   compiled = lowered.compile()
-  return compiled, {"trace_lower_s": round(lowered_at - start, 2),
-                    "compile_s": round(time.perf_counter() - lowered_at, 2),
-                    "stablehlo_lines": lowered.as_text().count("\n")}
+  return compiled, {
+      "trace_lower_s": round(lowered_at - start, 2),
+      "compile_s": round(time.perf_counter() - lowered_at, 2),
+      "stablehlo_lines": lowered.as_text().count("\n"),
+  }
 
 
-def run_jax(mode: str, name: str, batch: int, dtype: str, aggregation: str, warmup: int,
-            iters: int) -> tuple[float, dict]:
+def run_jax(
+    mode: str, name: str, batch: int, dtype: str, aggregation: str, warmup: int, iters: int
+) -> tuple[float, dict]:
   """Seconds per step on the attached devices, and the start-up (init, trace + lower, compile)."""
   jitted, args, init_seconds = PROGRAMS[mode](name, batch, dtype, aggregation, jax.devices(), True)
   compiled, startup = compile_timed(jitted, args)
@@ -159,13 +176,16 @@ def tpu_devices(topology: str):
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
   except Exception as e:  # libtpu rejects a bad name with a JaxRuntimeError, INVALID_ARGUMENT
     if "INVALID_ARGUMENT" in str(e):
-      raise UsageError(f"unknown TPU topology {topology!r} (expected e.g. v4:2x2x1, v5e:2x2, "
-                       f"v5p:2x2x1, v6e:2x2): {e}") from None
+      raise UsageError(
+          f"unknown TPU topology {topology!r} (expected e.g. v4:2x2x1, v5e:2x2, "
+          f"v5p:2x2x1, v6e:2x2): {e}"
+      ) from None
     raise UsageError(f"libtpu could not describe TPU topology {topology!r}: {e}") from None
 
 
-def tpu_compile(mode: str, name: str, batch: int, dtype: str, aggregation: str, devices,
-                top: int = 10) -> dict:
+def tpu_compile(
+    mode: str, name: str, batch: int, dtype: str, aggregation: str, devices, top: int = 10
+) -> dict:
   """Compiles `mode` for `batch` images per chip on `devices` and describes the program."""
   jitted, args, _ = PROGRAMS[mode](name, batch * len(devices), dtype, aggregation, devices, False)
   compiled, times = compile_timed(jitted, args)
@@ -173,18 +193,27 @@ def tpu_compile(mode: str, name: str, batch: int, dtype: str, aggregation: str, 
   memory = throughput.memory_report(compiled)
   hlo = compiled.as_text()
   fusions = throughput.fusion_bytes(hlo)
-  return {**times, "memory_per_chip": {**memory, "hbm": hbm},
-          "fits_hbm": None if hbm is None else memory["total"] <= hbm,
-          **throughput.cost_report(compiled, batch), "fusions": len(fusions),
-          # what the TPU layouts' tile padding adds, over all fusions
-          "fusion_padding_factor": round(sum(f["bytes"] for f in fusions)
-                                         / max(1, sum(f["unpadded_bytes"] for f in fusions)), 2),
-          "scatters": hlo.count(" scatter("),
-          "top_fusions_by_bytes": [{"name": f["name"], "kind": f["kind"], "bytes": f["bytes"],
-                                    "output": f["output"]} for f in fusions[:top]]}
+  return {
+      **times,
+      "memory_per_chip": {**memory, "hbm": hbm},
+      "fits_hbm": None if hbm is None else memory["total"] <= hbm,
+      **throughput.cost_report(compiled, batch),
+      "fusions": len(fusions),
+      # what the TPU layouts' tile padding adds, over all fusions
+      "fusion_padding_factor": round(
+          sum(f["bytes"] for f in fusions) / max(1, sum(f["unpadded_bytes"] for f in fusions)), 2
+      ),
+      "scatters": hlo.count(" scatter("),
+      "top_fusions_by_bytes": [
+          {"name": f["name"], "kind": f["kind"], "bytes": f["bytes"], "output": f["output"]}
+          for f in fusions[:top]
+      ],
+  }
 
 
-def tpu_fits(name: str, batch: int, dtype: str, aggregation: str, devices) -> tuple[bool, int | None]:
+def tpu_fits(
+    name: str, batch: int, dtype: str, aggregation: str, devices
+) -> tuple[bool, int | None]:
   """(whether a training batch per chip fits the chip's HBM, its total bytes per chip, or None
   where the TPU compiler refused the program for its size)."""
   try:
@@ -221,6 +250,7 @@ def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int)
   """Yields (mode, dtype, label, seconds per iteration) of the PyTorch reference on CUDA, or on
   CPU without a GPU (eager fp32 and torch.compile; a label with 'failed' when compile fails)."""
   import torch
+
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import torch_reference
 
@@ -236,7 +266,8 @@ def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int)
   if cuda:
     precisions["bfloat16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
   runs = [(dtype, "eager", model) for dtype in precisions] + [
-      ("bfloat16" if cuda else "float32", "torch.compile", compiled)]
+      ("bfloat16" if cuda else "float32", "torch.compile", compiled)
+  ]
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
   def infer(net, context):
@@ -268,20 +299,35 @@ def emit(record: dict) -> None:
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--models", nargs="+", default=["fec_small", "fec_base", "fec_large"])
-  p.add_argument("--batch", type=int, default=256,
-                 help="images per step over all devices; with --tpu, per chip")
-  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                 choices=["float32", "bfloat16"])
+  p.add_argument(
+      "--batch",
+      type=int,
+      default=256,
+      help="images per step over all devices; with --tpu, per chip",
+  )
+  p.add_argument(
+      "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+  )
   p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
   p.add_argument("--warmup", type=int, default=20)
   p.add_argument("--iters", type=int, default=100)
   p.add_argument("--aggregation", default="auto", choices=AGGREGATIONS)
-  p.add_argument("--torch", default="auto", choices=["auto", "off"],
-                 help="auto: also time the PyTorch reference when torch is importable")
-  p.add_argument("--tpu", metavar="TOPOLOGY",
-                 help="compile for this TPU slice instead of running (e.g. v5e:2x2; needs libtpu)")
-  p.add_argument("--max-batch", action="store_true",
-                 help="also find the largest training batch that fits (per chip with --tpu)")
+  p.add_argument(
+      "--torch",
+      default="auto",
+      choices=["auto", "off"],
+      help="auto: also time the PyTorch reference when torch is importable",
+  )
+  p.add_argument(
+      "--tpu",
+      metavar="TOPOLOGY",
+      help="compile for this TPU slice instead of running (e.g. v5e:2x2; needs libtpu)",
+  )
+  p.add_argument(
+      "--max-batch",
+      action="store_true",
+      help="also find the largest training batch that fits (per chip with --tpu)",
+  )
   args = p.parse_args(argv)
   classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
   unknown = [m for m in args.models if m not in classifiers]
@@ -301,13 +347,19 @@ def main(argv=None) -> None:
     devices = tpu_devices(args.tpu) if args.tpu else jax.devices()
     kind = devices[0].device_kind
     if args.tpu and args.max_batch and kind not in throughput.TPU_HBM_BYTES:
-      raise UsageError(f"--max-batch does not know the HBM of a {kind!r} chip; known: "
-                       f"{', '.join(throughput.TPU_HBM_BYTES)}")
+      raise UsageError(
+          f"--max-batch does not know the HBM of a {kind!r} chip; known: "
+          f"{', '.join(throughput.TPU_HBM_BYTES)}"
+      )
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  common = {"device": kind, "devices": len(devices), "jax": jax.__version__,
-            "aggregation": args.aggregation}
+  common = {
+      "device": kind,
+      "devices": len(devices),
+      "jax": jax.__version__,
+      "aggregation": args.aggregation,
+  }
   if args.tpu:
     common.update(tpu=args.tpu, batch_per_chip=args.batch)
     for name in args.models:
@@ -317,34 +369,64 @@ def main(argv=None) -> None:
           emit({**common, "model": name, "mode": mode, "dtype": dtype, **report})
       if args.max_batch:
         for dtype in args.dtypes:
-          emit({**common, "model": name, "mode": "train", "dtype": dtype, "largest_batch_per_chip":
-                largest_tpu_batch(name, dtype, args.aggregation, devices)})
+          emit(
+              {
+                  **common,
+                  "model": name,
+                  "mode": "train",
+                  "dtype": dtype,
+                  "largest_batch_per_chip": largest_tpu_batch(
+                      name, dtype, args.aggregation, devices
+                  ),
+              }
+          )
     return
   common["batch"] = args.batch
   for name in args.models:
     jax_times = {}
     for mode in args.modes:
       for dtype in args.dtypes:
-        seconds, startup = run_jax(mode, name, args.batch, dtype, args.aggregation, args.warmup,
-                                   args.iters)
+        seconds, startup = run_jax(
+            mode, name, args.batch, dtype, args.aggregation, args.warmup, args.iters
+        )
         jax_times[(mode, dtype)] = seconds
-        emit({**common, "impl": "jax", "model": name, "mode": mode, "dtype": dtype,
-              "img_per_s": round(args.batch / seconds, 1), "ms_per_iter": round(1e3 * seconds, 3),
-              "peak_memory_bytes": peak_memory(), **startup})
+        emit(
+            {
+                **common,
+                "impl": "jax",
+                "model": name,
+                "mode": mode,
+                "dtype": dtype,
+                "img_per_s": round(args.batch / seconds, 1),
+                "ms_per_iter": round(1e3 * seconds, 3),
+                "peak_memory_bytes": peak_memory(),
+                **startup,
+            }
+        )
     if args.torch == "auto" and _torch_importable():
-      for mode, dtype, label, seconds in torch_runs(name, args.batch, args.modes, args.warmup,
-                                                    args.iters):
+      for mode, dtype, label, seconds in torch_runs(
+          name, args.batch, args.modes, args.warmup, args.iters
+      ):
         record = {**common, "impl": f"torch {label}", "model": name, "mode": mode, "dtype": dtype}
         if seconds is not None:
           ours = jax_times.get((mode, dtype))
-          record.update(img_per_s=round(args.batch / seconds, 1),
-                        ms_per_iter=round(1e3 * seconds, 3),
-                        torch_over_jax_time=round(seconds / ours, 2) if ours else None)
+          record.update(
+              img_per_s=round(args.batch / seconds, 1),
+              ms_per_iter=round(1e3 * seconds, 3),
+              torch_over_jax_time=round(seconds / ours, 2) if ours else None,
+          )
         emit(record)
     if args.max_batch:
       for dtype in args.dtypes:
-        emit({**common, "model": name, "mode": "train", "dtype": dtype,
-              "largest_batch": largest_train_batch(name, dtype, args.aggregation)})
+        emit(
+            {
+                **common,
+                "model": name,
+                "mode": "train",
+                "dtype": dtype,
+                "largest_batch": largest_train_batch(name, dtype, args.aggregation),
+            }
+        )
 
 
 def largest_train_batch(name: str, dtype: str, aggregation: str, start: int = 256) -> int:

@@ -1,7 +1,7 @@
 """Convert official FEC PyTorch checkpoints to Orbax, or Orbax back to PyTorch (--to-torch).
 
-  python convert_torch_weights.py --model fec_small --input fec_small.pth.tar --output ckpt/fec_small
-  python convert_torch_weights.py --model fec_small --input ckpt/fec_small --output back.pth --to-torch
+python convert_torch_weights.py --model fec_small --input fec_small.pth.tar --output ckpt/fec_small
+python convert_torch_weights.py --model fec_small --input ckpt/fec_small --output back.pth --to-torch
 """
 
 import sys

@@ -18,14 +18,19 @@ import fec_jax
 from fec_jax import checkpoint, cli, data, tasks, throughput, training
 from fec_jax.model import model_name
 
-cli.define_config_file("config", "configs/demo.py", "Config: task, data, eval batch.",
-                       lock_config=True)
+cli.define_config_file(
+    "config", "configs/demo.py", "Config: task, data, eval batch.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a train.py run.")
-flags.DEFINE_bool("throughput", False, "Measure inference img/s instead of accuracy (the "
-                  "paper's protocol: --batch 256, --warmup 20, --iters 100).")
+flags.DEFINE_bool(
+    "throughput",
+    False,
+    "Measure inference img/s instead of accuracy (the "
+    "paper's protocol: --batch 256, --warmup 20, --iters 100).",
+)
 flags.DEFINE_integer("batch", throughput.BATCH, "Throughput: images per forward pass.")
 flags.DEFINE_integer("warmup", throughput.WARMUP, "Throughput: warm-up iterations.")
 flags.DEFINE_integer("iters", throughput.ITERS, "Throughput: timed iterations.")
@@ -34,16 +39,22 @@ FLAGS = flags.FLAGS
 
 def measure_throughput(model, variables, image_size: int, mesh) -> float:
   """img/s of the jitted forward pass, --batch images sharded over the mesh."""
-  images = jax.device_put(jnp.zeros((FLAGS.batch, image_size, image_size, 3), jnp.float32),
-                          training.batch_sharded(mesh))
+  images = jax.device_put(
+      jnp.zeros((FLAGS.batch, image_size, image_size, 3), jnp.float32), training.batch_sharded(mesh)
+  )
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   print(f"compiling the forward pass for batch {FLAGS.batch} ...", file=sys.stderr, flush=True)
   start = time.perf_counter()
   forward.lower(variables, images).compile()
-  print(f"compiled in {time.perf_counter() - start:.1f} s; {FLAGS.warmup} warm-up and "
-        f"{FLAGS.iters} timed iterations ...", file=sys.stderr, flush=True)
-  seconds = throughput.measure(lambda _: forward(variables, images), None, FLAGS.warmup,
-                               FLAGS.iters)
+  print(
+      f"compiled in {time.perf_counter() - start:.1f} s; {FLAGS.warmup} warm-up and "
+      f"{FLAGS.iters} timed iterations ...",
+      file=sys.stderr,
+      flush=True,
+  )
+  seconds = throughput.measure(
+      lambda _: forward(variables, images), None, FLAGS.warmup, FLAGS.iters
+  )
   return FLAGS.batch / seconds
 
 
@@ -64,15 +75,18 @@ def main(argv):
   task = tasks.get(config)
   task.check_config()
   directory = FLAGS.workdir or FLAGS.checkpoint
-  model, variables = fec_jax.load_pretrained(directory, step=FLAGS.step, ema=FLAGS.ema,
-                                             dtype=jnp.dtype(config.model.dtype))
+  model, variables = fec_jax.load_pretrained(
+      directory, step=FLAGS.step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
+  )
   variables = jax.device_put(variables, training.replicated(mesh))
   if FLAGS.throughput:
     size = config.data.image_size
     img_per_s = measure_throughput(model, variables, size, mesh)
-    print(f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, "
-          f"{size}x{size}, batch {FLAGS.batch}, {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s))")
+    print(
+        f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, "
+        f"{size}x{size}, batch {FLAGS.batch}, {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s))"
+    )
     return
   evaluator = task.evaluator(model, mesh)
   try:

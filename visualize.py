@@ -1,6 +1,6 @@
 """Draw FEC's growing clusters over images (paper Sec. 5.2, Fig. 3).
 
-  python visualize.py --checkpoint ckpt/fec_small --image a.jpg b.jpg --num-clusters 3 --out vis/
+python visualize.py --checkpoint ckpt/fec_small --image a.jpg b.jpg --num-clusters 3 --out vis/
 """
 
 import sys

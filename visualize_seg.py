@@ -21,8 +21,9 @@ from fec_jax.data import seg_device_transforms
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.model import SEGMENTERS, model_name
 
-cli.define_config_file("config", "configs/demo_seg.py", "Segmentation config: data, model dtype.",
-                       lock_config=True)
+cli.define_config_file(
+    "config", "configs/demo_seg.py", "Segmentation config: data, model dtype.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
 flags.DEFINE_string("output", None, "The PNG to write.")
@@ -59,16 +60,25 @@ def panel(array: np.ndarray, height: int) -> Image.Image:
   return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
 
 
-def draw(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], colours: np.ndarray,
-         names: tuple[str, ...] | None, height: int) -> Image.Image:
+def draw(
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    colours: np.ndarray,
+    names: tuple[str, ...] | None,
+    height: int,
+) -> Image.Image:
   """rows of (image, label, prediction) at the annotation's size -> the picture."""
   pad, title_h = 4, 16
-  panels = [[panel(image, height), panel(overlay(image, label, colours), height),
-             panel(overlay(image, pred, colours), height)] for image, label, pred in rows]
+  panels = [
+      [
+          panel(image, height),
+          panel(overlay(image, label, colours), height),
+          panel(overlay(image, pred, colours), height),
+      ]
+      for image, label, pred in rows
+  ]
   width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
   legend_h = title_h + pad if names else 0
-  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + pad) + pad + legend_h),
-                     "white")
+  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + pad) + pad + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
   x = pad
   for title, p in zip(TITLES, panels[0]):
@@ -93,8 +103,10 @@ def check_arguments(config):
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   if config.task != "segmentation":
-    cli.fail(f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
-             "configs/demo_seg.py)")
+    cli.fail(
+        f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
+        "configs/demo_seg.py)"
+    )
   if not 1 <= FLAGS.num <= 16:
     cli.fail(f"--num {FLAGS.num} must be in [1, 16]")
   if not 32 <= FLAGS.size <= 1024:
@@ -110,11 +122,15 @@ def check_arguments(config):
   num_val = data.seg_num_examples(config.data, "val")  # missing data stops here
   model, _ = checkpoint.load_model(FLAGS.workdir or FLAGS.checkpoint)
   if model_name(model) not in SEGMENTERS:
-    cli.fail(f"{FLAGS.workdir or FLAGS.checkpoint} holds {model_name(model)}, not a segmenter "
-             f"({', '.join(sorted(SEGMENTERS))})")
+    cli.fail(
+        f"{FLAGS.workdir or FLAGS.checkpoint} holds {model_name(model)}, not a segmenter "
+        f"({', '.join(sorted(SEGMENTERS))})"
+    )
   if model.num_classes != config.data.num_classes:
-    cli.fail(f"the checkpoint's model has {model.num_classes} classes, config.data "
-             f"{config.data.num_classes}")
+    cli.fail(
+        f"the checkpoint's model has {model.num_classes} classes, config.data "
+        f"{config.data.num_classes}"
+    )
   return output, min(FLAGS.num, num_val)
 
 
@@ -122,8 +138,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   output, num = check_arguments(config)
-  model, variables = fec_jax.load_pretrained(FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema,
-                                             dtype=jnp.dtype(config.model.dtype))
+  model, variables = fec_jax.load_pretrained(
+      FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
+  )
   d = config.data
 
   def predict(variables, image, out_hw):  # uint8 [1, h, w, 3] -> int32 [1, *out_hw]
@@ -143,8 +160,9 @@ def main(argv):
       label = example["label"]  # [H0, W0] at the original size
       pred = predict(variables, example["image"][None], label.shape)[0]
       # The image at the annotation's size, for the overlay (the model saw the test resize).
-      image = np.asarray(Image.fromarray(example["image"]).resize(label.shape[::-1],
-                                                                  Image.BILINEAR))
+      image = np.asarray(
+          Image.fromarray(example["image"]).resize(label.shape[::-1], Image.BILINEAR)
+      )
       rows.append((image, label, np.asarray(pred)))
   finally:
     examples.close()

@@ -3,6 +3,7 @@
 
   python train.py --config=configs/demo.py --workdir=/tmp/fec_demo
 """
+
 from configs import fec_small
 from fec_jax import data
 

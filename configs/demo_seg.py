@@ -6,6 +6,7 @@ by fec_jax.data; 2,000 train and 200 held-out images), from scratch, no download
   python eval.py --config=configs/demo_seg.py --workdir=/tmp/fec_seg_demo
   python visualize_seg.py --config=configs/demo_seg.py --workdir=/tmp/fec_seg_demo --output=seg.png
 """
+
 from configs import fpn_fec_small_ade20k
 from fec_jax import data
 

@@ -3,6 +3,7 @@
 The reference states drop path 0.1 for the small model only; base keeps 0.1 (override with
 --config.model.drop_path_rate).
 """
+
 from configs import fec_small
 
 

@@ -3,6 +3,7 @@
 The reference states drop path 0.1 for the small model only; large keeps 0.1 (override with
 --config.model.drop_path_rate).
 """
+
 from configs import fec_small
 
 

@@ -6,6 +6,7 @@ Every field can be overridden on the command line (`--config.base_lr=2e-3`); the
 locked, so a misspelt field fails at once. `config.data` is fec_jax.data.default_config()
 (see its docstring for the data fields).
 """
+
 import ml_collections
 
 from fec_jax import data

@@ -11,6 +11,7 @@ warmup) with the linear scaling rule of the official FEC script (base_lr is the 
 1024), and keeps the official FEC augmentation and drop path. EMA is off: timm's 0.9998 averages
 over ~5,000 steps, more than a small dataset's whole fine-tune.
 """
+
 from configs import fec_small
 
 

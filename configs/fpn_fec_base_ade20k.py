@@ -1,5 +1,6 @@
 """Semantic FPN with FEC-Base on ADE20K: the recipe of configs/fpn_fec_small_ade20k.py
 (the neck's input channels follow the backbone)."""
+
 from configs import fpn_fec_small_ade20k
 
 

@@ -9,6 +9,7 @@ workdir); its backbone params are loaded as mmseg's Pretrained init does (fec_ja
 segmentation). Fields are those of configs/fec_small.py; config.data is fec_jax.data.
 ade20k_config() (the mmseg train and test pipelines).
 """
+
 import ml_collections
 
 from configs import fec_small

@@ -3,8 +3,23 @@
 from fec_jax import fpn
 from fec_jax.checkpoint import load_pretrained
 from fec_jax.fpn import SemanticFPN
-from fec_jax.model import (FEC, VARIANTS, cluster_assignments, create_model, init_variables,
-                           list_models)
+from fec_jax.model import (
+    FEC,
+    VARIANTS,
+    cluster_assignments,
+    create_model,
+    init_variables,
+    list_models,
+)
 
-__all__ = ["FEC", "SemanticFPN", "VARIANTS", "cluster_assignments", "create_model", "fpn",
-           "init_variables", "list_models", "load_pretrained"]
+__all__ = [
+    "FEC",
+    "SemanticFPN",
+    "VARIANTS",
+    "cluster_assignments",
+    "create_model",
+    "fpn",
+    "init_variables",
+    "list_models",
+    "load_pretrained",
+]

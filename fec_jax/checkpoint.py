@@ -46,8 +46,9 @@ def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   return {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
 
 
-def save_params(directory: str, params, name: str, overrides: dict[str, Any], step: int = 0,
-                batch_stats=None) -> None:
+def save_params(
+    directory: str, params, name: str, overrides: dict[str, Any], step: int = 0, batch_stats=None
+) -> None:
   """Writes a one-step checkpoint with the model description and its params (converter output),
   and the batch_stats of a model that has them."""
   directory = os.path.abspath(directory)
@@ -55,9 +56,14 @@ def save_params(directory: str, params, name: str, overrides: dict[str, Any], st
   if batch_stats is not None:
     items[BATCH_STATS_ITEM] = batch_stats
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
-    mngr.save(step, args=ocp.args.Composite(
-        **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
-        **{k: ocp.args.StandardSave(v) for k, v in items.items()}), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
+            **{k: ocp.args.StandardSave(v) for k, v in items.items()},
+        ),
+        force=True,
+    )
     mngr.wait_until_finished()
 
 
@@ -72,28 +78,35 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FE
   fast, so that a command checks its inputs against the model before the slow restore."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory} does not exist; expected the --output "
-                          "of convert_torch_weights.py or a train.py --workdir")
+    raise CheckpointError(
+        f"checkpoint directory {directory} does not exist; expected the --output "
+        "of convert_torch_weights.py or a train.py --workdir"
+    )
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:
-      raise CheckpointError(f"{directory} holds no checkpoint steps; expected the --output of "
-                            "convert_torch_weights.py or a train.py --workdir with a saved step")
+      raise CheckpointError(
+          f"{directory} holds no checkpoint steps; expected the --output of "
+          "convert_torch_weights.py or a train.py --workdir with a saved step"
+      )
     step = max(steps) if step is None else step
     if step not in steps:
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     try:
-      meta = mngr.restore(step, args=ocp.args.Composite(**{
-          MODEL_ITEM: ocp.args.JsonRestore()}))[MODEL_ITEM]
+      meta = mngr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
+          MODEL_ITEM
+      ]
       model = create_model(meta["name"], **{**meta["overrides"], **overrides})
     except (FileNotFoundError, KeyError, ValueError) as e:
-      raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with an item "
-                            f"'{MODEL_ITEM}': {e}") from e
+      raise CheckpointError(
+          f"{directory} step {step} is not an FEC checkpoint with an item " f"'{MODEL_ITEM}': {e}"
+      ) from e
   return model, step
 
 
-def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
-                    **overrides) -> tuple[nn.Module, dict[str, Any]]:
+def load_pretrained(
+    directory: str, step: int | None = None, ema: bool = False, **overrides
+) -> tuple[nn.Module, dict[str, Any]]:
   """Restores `(model, variables)` from a converter output or a train.py workdir.
 
   step: a saved step (default: the latest). ema: restore the EMA weights of a train.py run.
@@ -110,11 +123,17 @@ def load_pretrained(directory: str, step: int | None = None, ema: bool = False,
       items = {"params": item}  # collection -> checkpoint item
       if "batch_stats" in shapes:
         items["batch_stats"] = BATCH_STATS_ITEM
-      restored = mngr.restore(step, args=ocp.args.Composite(**{
-          i: ocp.args.StandardRestore(_local_target(shapes[c])) for c, i in items.items()}))
+      restored = mngr.restore(
+          step,
+          args=ocp.args.Composite(
+              **{i: ocp.args.StandardRestore(_local_target(shapes[c])) for c, i in items.items()}
+          ),
+      )
     except (FileNotFoundError, KeyError, ValueError) as e:
-      raise CheckpointError(f"{directory} step {step} is not an FEC checkpoint with items "
-                            f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}") from e
+      raise CheckpointError(
+          f"{directory} step {step} is not an FEC checkpoint with items "
+          f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}"
+      ) from e
   return model, {c: restored[i] for c, i in items.items()}
 
 
@@ -128,43 +147,67 @@ def _local_target(shapes):
 def training_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """The train.py manager: the workdir is the root, the last `keep` steps are kept, saves are
   asynchronous and half-written steps of a killed run are cleaned up on start."""
-  return ocp.CheckpointManager(os.path.abspath(workdir), options=ocp.CheckpointManagerOptions(
-      create=True, preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-      cleanup_tmp_directories=True,
-      enable_async_checkpointing=True))
+  return ocp.CheckpointManager(
+      os.path.abspath(workdir),
+      options=ocp.CheckpointManagerOptions(
+          create=True,
+          preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+          cleanup_tmp_directories=True,
+          enable_async_checkpointing=True,
+      ),
+  )
 
 
 def _training_items(state) -> dict[str, Any]:
-  items = {PARAMS_ITEM: state.params, OPT_STATE_ITEM: state.opt_state,
-           PROGRESS_ITEM: {"step": state.step, "rng": state.rng}}
+  items = {
+      PARAMS_ITEM: state.params,
+      OPT_STATE_ITEM: state.opt_state,
+      PROGRESS_ITEM: {"step": state.step, "rng": state.rng},
+  }
   if state.ema_params is not None:
     items[EMA_PARAMS_ITEM] = state.ema_params
   items.update(state.model_state)  # one item per collection, e.g. batch_stats
   return items
 
 
-def save_training(mngr: ocp.CheckpointManager, state, name: str, overrides: dict[str, Any],
-                  data_iter) -> None:
+def save_training(
+    mngr: ocp.CheckpointManager, state, name: str, overrides: dict[str, Any], data_iter
+) -> None:
   """Starts an asynchronous save of a training state (fec_jax.training.TrainState) at its step,
   with the model description and the train iterator's position."""
   args = {k: ocp.args.StandardSave(v) for k, v in _training_items(state).items()}
-  mngr.save(int(state.step), args=ocp.args.Composite(
-      **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
-         DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(data_iter), **args}), force=True)
+  mngr.save(
+      int(state.step),
+      args=ocp.args.Composite(
+          **{
+              MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
+              DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(data_iter),
+              **args,
+          }
+      ),
+      force=True,
+  )
 
 
 def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
   targets = _training_items(abstract_state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
-      **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)}))
+  restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
+          **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)},
+      ),
+  )
   return abstract_state.replace(
-      step=restored[PROGRESS_ITEM]["step"], rng=restored[PROGRESS_ITEM]["rng"],
-      params=restored[PARAMS_ITEM], opt_state=restored[OPT_STATE_ITEM],
+      step=restored[PROGRESS_ITEM]["step"],
+      rng=restored[PROGRESS_ITEM]["rng"],
+      params=restored[PARAMS_ITEM],
+      opt_state=restored[OPT_STATE_ITEM],
       model_state={c: restored[c] for c in abstract_state.model_state},
-      ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None)
+      ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None,
+  )
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -173,23 +216,30 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
 def compare_params(expected, found) -> tuple[dict, dict, dict]:
   """Two params trees -> ({name: shape} missing from `found`, {name: shape} unexpected in
   `found`, {name: (expected shape, found shape)} of the names in both); names 'a/b/kernel'."""
-  shapes = lambda tree: {k: tuple(v.shape) for k, v in
-                         flax.traverse_util.flatten_dict(tree, sep="/").items()}
+  shapes = lambda tree: {
+      k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()
+  }
   want, have = shapes(expected), shapes(found)
-  return ({k: v for k, v in want.items() if k not in have},
-          {k: v for k, v in have.items() if k not in want},
-          {k: (v, have[k]) for k, v in want.items() if k in have and have[k] != v})
+  return (
+      {k: v for k, v in want.items() if k not in have},
+      {k: v for k, v in have.items() if k not in want},
+      {k: (v, have[k]) for k, v in want.items() if k in have and have[k] != v},
+  )
 
 
 def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source: str) -> None:
   """Raises CheckpointError listing every missing, unexpected and mis-shaped param (one line
   each: name, expected, found); nothing when all three are empty."""
-  lines = ([f"  mis-shaped {k}: expected {e}, found {f}" for k, (e, f) in sorted(mismatched.items())]
-           + [f"  missing    {k}: expected {v}, found nothing" for k, v in sorted(missing.items())]
-           + [f"  unexpected {k}: expected nothing, found {v}"
-              for k, v in sorted(unexpected.items())])
+  lines = (
+      [f"  mis-shaped {k}: expected {e}, found {f}" for k, (e, f) in sorted(mismatched.items())]
+      + [f"  missing    {k}: expected {v}, found nothing" for k, v in sorted(missing.items())]
+      + [f"  unexpected {k}: expected nothing, found {v}" for k, v in sorted(unexpected.items())]
+  )
   if lines:
-    shown = lines[:MAX_LISTED] + ([f"  ... and {len(lines) - MAX_LISTED} more"]
-                                  if len(lines) > MAX_LISTED else [])
-    raise CheckpointError(f"the params of {source} do not fit this model ({len(lines)} "
-                          "problems):\n" + "\n".join(shown))
+    shown = lines[:MAX_LISTED] + (
+        [f"  ... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else []
+    )
+    raise CheckpointError(
+        f"the params of {source} do not fit this model ({len(lines)} "
+        "problems):\n" + "\n".join(shown)
+    )

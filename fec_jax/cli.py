@@ -73,7 +73,8 @@ def _harmless(record: logging.LogRecord) -> bool:
   if record.pathname.startswith(_ORBAX_DIR):
     return True
   return record.name == "jax._src.xla_bridge" and record.getMessage().startswith(
-      "Unable to initialize backend 'tpu'")
+      "Unable to initialize backend 'tpu'"
+  )
 
 
 def _not_harmless(record: logging.LogRecord) -> bool:
@@ -87,6 +88,7 @@ def quiet() -> None:
 
 
 # --- absl flags and ml_collections config overrides ------------------------------------------
+
 
 def _flag_argument(argv: Sequence[str], name: str) -> str | None:
   """The value of the last --name=VALUE / --name VALUE in argv (absl: the last one wins)."""
@@ -102,8 +104,11 @@ def _flag_argument(argv: Sequence[str], name: str) -> str | None:
 
 def _config_file_flags(flag_values: flags.FlagValues) -> dict[str, flags.Flag]:
   """The ml_collections config-file flags defined (--config and the like)."""
-  return {name: flag_values[name] for name in flag_values
-          if isinstance(flag_values[name].parser, ConfigFileFlagParser)}
+  return {
+      name: flag_values[name]
+      for name in flag_values
+      if isinstance(flag_values[name].parser, ConfigFileFlagParser)
+  }
 
 
 def _unknown_field(config, path: str) -> str | None:
@@ -111,21 +116,27 @@ def _unknown_field(config, path: str) -> str | None:
   node, walked = config, []
   for part in path.split("."):
     if not hasattr(node, "keys"):
-      return (f"config field '{'.'.join(walked)}' is a {type(node).__name__}, it has no field "
-              f"'{part}'")
+      return (
+          f"config field '{'.'.join(walked)}' is a {type(node).__name__}, it has no field "
+          f"'{part}'"
+      )
     if part not in node.keys():
       where = f"'{'.'.join(walked)}'" if walked else "the config"
       known = sorted(node.keys())
       close = difflib.get_close_matches(part, known, n=1)
-      hint = (f"did you mean '{'.'.join([*walked, close[0]])}'?" if close
-              else f"the fields of {where} are: {', '.join(known)}")
+      hint = (
+          f"did you mean '{'.'.join([*walked, close[0]])}'?"
+          if close
+          else f"the fields of {where} are: {', '.join(known)}"
+      )
       return f"unknown config field '{'.'.join([*walked, part])}'; {hint}"
     node, walked = node[part], [*walked, part]
   return None
 
 
-def _config_problem(name: str, parser: ConfigFileFlagParser, source: str,
-                    argv: Sequence[str]) -> str | None:
+def _config_problem(
+    name: str, parser: ConfigFileFlagParser, source: str, argv: Sequence[str]
+) -> str | None:
   """Why config file `source` of flag --name cannot be loaded, or the first --name.a.b=VALUE of
   argv that names no field of it; None if neither."""
   config = parser.parse(source)
@@ -133,13 +144,16 @@ def _config_problem(name: str, parser: ConfigFileFlagParser, source: str,
     getattr(config, "keys", None)
   except OSError as e:
     path = source.split(":", 1)[0]
-    reason = ("no such file" if not os.path.exists(path)
-              else str(e.__cause__ or e).strip().splitlines()[-1].strip())
+    reason = (
+        "no such file"
+        if not os.path.exists(path)
+        else str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    )
     return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
   for arg in argv:
     for prefix in (f"--{name}.", f"-{name}."):
       if arg.startswith(prefix):
-        problem = _unknown_field(config, arg[len(prefix):].split("=", 1)[0])
+        problem = _unknown_field(config, arg[len(prefix) :].split("=", 1)[0])
         if problem:
           return problem
   return None
@@ -148,16 +162,22 @@ def _config_problem(name: str, parser: ConfigFileFlagParser, source: str,
 _CONFIG_ERRORS = (AttributeError, KeyError, TypeError, OSError)  # ml_collections' on a bad config
 
 
-def define_config_file(name: str, default: str | None, help_string: str,
-                       flag_values: flags.FlagValues = flags.FLAGS, **kwargs):
+def define_config_file(
+    name: str,
+    default: str | None,
+    help_string: str,
+    flag_values: flags.FlagValues = flags.FLAGS,
+    **kwargs,
+):
   """config_flags.DEFINE_config_file. Where `default` is set and the command line has no --name,
   ml_collections loads the default right here, with the --name.field overrides of sys.argv: a
   mistake there is one `error:` line too (parse_flags reports the others)."""
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
   except _CONFIG_ERRORS:
-    problem = _config_problem(name, ConfigFileFlagParser(name), default,
-                              kwargs.get("sys_argv") or sys.argv)
+    problem = _config_problem(
+        name, ConfigFileFlagParser(name), default, kwargs.get("sys_argv") or sys.argv
+    )
     if problem is None:
       raise
     fail(problem)

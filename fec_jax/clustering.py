@@ -33,6 +33,7 @@ class Kernels(NamedTuple):
   sums(values [G, N, D], assignment [G, N]) -> (sums [G, M, D], counts [G, M]) of Eq. 6;
   spread(reps [G, M, D], similarity [G, M, N], assignment [G, N]) -> [G, N, D], Eq. 7's
   R[a_n] * sim[a_n, n]."""
+
   sums: Callable
   spread: Callable
 
@@ -156,8 +157,9 @@ def _onehot_kernels(m: int) -> Kernels:
     is_member = member(assignment)
     weight = jnp.sum(jnp.where(is_member, similarity, 0), axis=1)  # [G, N], sim[a_n, n]
     # Picking the weight before the matmul keeps its gradient elementwise (no [G, M, N] matmul).
-    gathered = jnp.einsum("gmn,gmd->gnd", is_member.astype(reps.dtype), reps,
-                          precision=jax.lax.Precision.HIGHEST)  # R[a_n], exact
+    gathered = jnp.einsum(
+        "gmn,gmd->gnd", is_member.astype(reps.dtype), reps, precision=jax.lax.Precision.HIGHEST
+    )  # R[a_n], exact
     return gathered * weight[..., None].astype(reps.dtype)
 
   return Kernels(sums, spread)
@@ -174,16 +176,23 @@ def _run_kernel(aggregation: Aggregation, op: str, m: int, *args):
   AUTO_AGGREGATION[platform], "onehot" on any other platform.
   """
   if aggregation == "auto":
-    branches = {platform: functools.partial(_run_kernel, choice, op, m)
-                for platform, choice in AUTO_AGGREGATION.items()}
+    branches = {
+        platform: functools.partial(_run_kernel, choice, op, m)
+        for platform, choice in AUTO_AGGREGATION.items()
+    }
     return jax.lax.platform_dependent(*args, default=branches.pop("default"), **branches)
   if aggregation not in _KERNELS:
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
   return getattr(_KERNELS[aggregation](m), op)(*args)
 
 
-def representatives(values: jnp.ndarray, value_centers: jnp.ndarray, assignment: jnp.ndarray,
-                    aggregation: Aggregation = "auto", st=None) -> jnp.ndarray:
+def representatives(
+    values: jnp.ndarray,
+    value_centers: jnp.ndarray,
+    assignment: jnp.ndarray,
+    aggregation: Aggregation = "auto",
+    st=None,
+) -> jnp.ndarray:
   """Eq. 6 as in the released code: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|).
 
   values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
@@ -196,8 +205,13 @@ def representatives(values: jnp.ndarray, value_centers: jnp.ndarray, assignment:
   return (sums + value_centers) / (counts[..., None] + 1.0)
 
 
-def dispatch(reps: jnp.ndarray, similarity: jnp.ndarray, assignment: jnp.ndarray,
-             aggregation: Aggregation = "auto", st=None) -> jnp.ndarray:
+def dispatch(
+    reps: jnp.ndarray,
+    similarity: jnp.ndarray,
+    assignment: jnp.ndarray,
+    aggregation: Aggregation = "auto",
+    st=None,
+) -> jnp.ndarray:
   """Eq. 7 (dispatch factor as in the code): point n receives R[a_n] * sim[a_n, n].
 
   reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D].
@@ -211,5 +225,7 @@ def dispatch(reps: jnp.ndarray, similarity: jnp.ndarray, assignment: jnp.ndarray
 def check_divisible(layer: str, hw: tuple[int, int], regions: int) -> None:
   """ValueError where the official code would crash on a fold that does not divide the map."""
   if hw[0] % regions or hw[1] % regions:
-    raise ValueError(f"{layer}: feature map {hw[0]}x{hw[1]} cannot be split into {regions}x{regions} "
-                     f"fold regions; choose an input size whose map at this layer divides by {regions}")
+    raise ValueError(
+        f"{layer}: feature map {hw[0]}x{hw[1]} cannot be split into {regions}x{regions} "
+        f"fold regions; choose an input size whose map at this layer divides by {regions}"
+    )

@@ -28,8 +28,15 @@ import numpy as np
 
 from fec_jax import cli
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained, save_params
-from fec_jax.model import (SEGMENTERS, VARIANTS, create_model, list_models, model_name,
-                           torch_module_path, variable_shapes)
+from fec_jax.model import (
+    SEGMENTERS,
+    VARIANTS,
+    create_model,
+    list_models,
+    model_name,
+    torch_module_path,
+    variable_shapes,
+)
 
 LINEAR_MODULES = {"fc1", "fc2", "head"}  # nn.Linear in the official code; other Dense are 1x1 convs
 TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
@@ -41,6 +48,7 @@ class ConversionError(ValueError):
 
 
 # --- key and layout mapping ------------------------------------------------------------------
+
 
 def torch_key(flax_path: tuple[str, ...]) -> str:
   """('network_0_2', 'mlp', 'fc1', 'kernel') -> 'network.0.2.mlp.fc1.weight'; a batch_stats path
@@ -92,27 +100,35 @@ def _torch_shapes(variables) -> dict[str, tuple[int, ...]]:
 
 # --- reading checkpoint files ----------------------------------------------------------------
 
+
 def _torch():
   try:
     import torch
   except ImportError as e:
-    raise ConversionError("reading or writing .pth files needs PyTorch: pip install 'fec-jax[torch]'"
-                          " (or save the state dict as .safetensors, which needs no torch)") from e
+    raise ConversionError(
+        "reading or writing .pth files needs PyTorch: pip install 'fec-jax[torch]'"
+        " (or save the state dict as .safetensors, which needs no torch)"
+    ) from e
   return torch
 
 
 def _load_file(path: str) -> Any:
   if not os.path.isfile(path):
-    raise ConversionError(f"checkpoint file {path} "
-                          + ("is a directory" if os.path.isdir(path) else "does not exist"))
+    raise ConversionError(
+        f"checkpoint file {path} " + ("is a directory" if os.path.isdir(path) else "does not exist")
+    )
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
+
     try:
       return load_file(path)
     except Exception as e:  # safetensors raises its own error types for a bad header or size
-      raise ConversionError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from e
+      raise ConversionError(
+          f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})"
+      ) from e
   torch = _torch()
   import argparse as _argparse  # timm checkpoints pickle their command-line args
+
   try:
     with torch.serialization.safe_globals([_argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -120,7 +136,8 @@ def _load_file(path: str) -> Any:
     raise ConversionError(
         f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
         "expected a state dict saved with torch.save (.pth / .pth.tar) or a .safetensors file; "
-        "the file may be truncated or corrupt") from e
+        "the file may be truncated or corrupt"
+    ) from e
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -129,8 +146,9 @@ def _to_numpy(value) -> np.ndarray:
   return value.detach().cpu().float().numpy()
 
 
-def unwrap_state_dict(obj: Any, ema: bool = False,
-                      model: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def unwrap_state_dict(
+    obj: Any, ema: bool = False, model: str | None = None
+) -> tuple[dict[str, Any], list[str]]:
   """The model state dict inside a checkpoint object, and notes on what was unwrapped or dropped.
 
   Handles plain state dicts, timm training checkpoints (`state_dict` / `state_dict_ema`), dicts
@@ -143,8 +161,10 @@ def unwrap_state_dict(obj: Any, ema: bool = False,
   notes = []
   if ema:
     if "state_dict_ema" not in obj:
-      raise ConversionError(f"--ema was given but the checkpoint has no 'state_dict_ema' "
-                            f"(top-level keys: {sorted(obj)[:10]})")
+      raise ConversionError(
+          f"--ema was given but the checkpoint has no 'state_dict_ema' "
+          f"(top-level keys: {sorted(obj)[:10]})"
+      )
     obj, notes = obj["state_dict_ema"], ["using the EMA weights (state_dict_ema)"]
   else:
     for wrapper in ("state_dict", "model"):
@@ -153,12 +173,19 @@ def unwrap_state_dict(obj: Any, ema: bool = False,
         break
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
-  whole = model in SEGMENTERS if model else (any(k.startswith("neck.") for k in obj)
-                                              and any(k.startswith("decode_head.") for k in obj))
+  whole = (
+      model in SEGMENTERS
+      if model
+      else (
+          any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)
+      )
+  )
   if any(k.startswith("backbone.") for k in obj) and not whole:
     kept = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
-    notes.append(f"kept {len(kept)} backbone.* keys, dropped {len(obj) - len(kept)} other keys "
-                 "(detection/segmentation heads)")
+    notes.append(
+        f"kept {len(kept)} backbone.* keys, dropped {len(obj) - len(kept)} other keys "
+        "(detection/segmentation heads)"
+    )
     obj = kept
   bad = [k for k, v in obj.items() if not hasattr(v, "shape")]
   if bad:
@@ -166,14 +193,19 @@ def unwrap_state_dict(obj: Any, ema: bool = False,
   return obj, notes
 
 
-def read_state_dict(path: str, ema: bool = False, model: str | None = None
-                    ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
+def read_state_dict(
+    path: str, ema: bool = False, model: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str]]:
   """Reads .pth / .pth.tar / .safetensors into ({key: float32 array}, checkpoint info, notes).
 
   model: the target model when known (decides what an mmdet/mmseg checkpoint keeps).
   """
   obj = _load_file(os.fspath(path))
-  info = {"arch": obj.get("arch")} if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else {}
+  info = (
+      {"arch": obj.get("arch")}
+      if isinstance(obj, dict) and isinstance(obj.get("arch"), str)
+      else {}
+  )
   state, notes = unwrap_state_dict(obj, ema, model)
   return {k: _to_numpy(v) for k, v in state.items()}, info, notes
 
@@ -181,12 +213,17 @@ def read_state_dict(path: str, ema: bool = False, model: str | None = None
 # --- identifying the variant and converting --------------------------------------------------
 
 SHOWN_PROBLEMS = 8  # mismatched keys listed in an error; the rest are counted
-CLASSIFIERS = ("head.weight", "head.bias",  # their shapes depend on num_classes
-               "decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
+CLASSIFIERS = (
+    "head.weight",
+    "head.bias",  # their shapes depend on num_classes
+    "decode_head.conv_seg.weight",
+    "decode_head.conv_seg.bias",
+)
 
 
-def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                      ignore: Iterable[str] = ()) -> list[str]:
+def _shape_mismatches(
+    state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], ignore: Iterable[str] = ()
+) -> list[str]:
   problems = []
   for key, shape in expected.items():
     if key in ignore:
@@ -194,9 +231,14 @@ def _shape_mismatches(state: dict[str, np.ndarray], expected: dict[str, tuple[in
     if key not in state:
       problems.append(f"missing     {key}  expected shape {list(shape)}")
     elif tuple(state[key].shape) != tuple(shape):
-      problems.append(f"mis-shaped  {key}  expected shape {list(shape)}, found {list(state[key].shape)}")
-  problems += [f"unexpected  {key}  found shape {list(state[key].shape)}"
-               for key in state if key not in expected and key not in ignore]
+      problems.append(
+          f"mis-shaped  {key}  expected shape {list(shape)}, found {list(state[key].shape)}"
+      )
+  problems += [
+      f"unexpected  {key}  found shape {list(state[key].shape)}"
+      for key in state
+      if key not in expected and key not in ignore
+  ]
   return problems
 
 
@@ -223,10 +265,14 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
   if len(matches) == 1:
     return matches[0]
   if matches:
-    raise ConversionError(f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
-                          "centers/fold, which have no weights): pass --model")
-  raise ConversionError(f"the checkpoint is not an FEC state dict: the closest variant differs in "
-                        f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:SHOWN_PROBLEMS]))
+    raise ConversionError(
+        f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
+        "centers/fold, which have no weights): pass --model"
+    )
+  raise ConversionError(
+      f"the checkpoint is not an FEC state dict: the closest variant differs in "
+      f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:SHOWN_PROBLEMS])
+  )
 
 
 def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[str]) -> str:
@@ -236,12 +282,17 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
   if matches and name not in matches:
     keys = "; ".join(" ".join(p.split()) for p in problems[:3])  # one line: spacing collapsed
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-    return (f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
-            f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model")
+    return (
+        f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
+        f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model"
+    )
   rest = len(problems) - SHOWN_PROBLEMS
   more = f"\n  ... and {rest} more" if rest > 0 else ""
-  return (f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
-          + "\n  ".join(problems[:SHOWN_PROBLEMS]) + more)
+  return (
+      f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
+      + "\n  ".join(problems[:SHOWN_PROBLEMS])
+      + more
+  )
 
 
 def _layout(name: str):
@@ -253,8 +304,11 @@ def _layout(name: str):
 def _without_num_batches_tracked(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Drops BatchNorm counters (those next to a running_mean): unused with a set momentum."""
   suffix = "." + NUM_BATCHES_TRACKED
-  return {k: v for k, v in state.items()
-          if not (k.endswith(suffix) and k.removesuffix(suffix) + ".running_mean" in state)}
+  return {
+      k: v
+      for k, v in state.items()
+      if not (k.endswith(suffix) and k.removesuffix(suffix) + ".running_mean" in state)
+  }
 
 
 def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> tuple[dict, dict]:
@@ -273,8 +327,10 @@ def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> 
   problems = _shape_mismatches(state, _torch_shapes(abstract))
   if problems:
     raise ConversionError(_mismatch_message(state, name, problems))
-  variables = {path: np.ascontiguousarray(torch_to_flax_array(path[1:], state[torch_key(path[1:])]))
-               for path in flax.traverse_util.flatten_dict(abstract)}
+  variables = {
+      path: np.ascontiguousarray(torch_to_flax_array(path[1:], state[torch_key(path[1:])]))
+      for path in flax.traverse_util.flatten_dict(abstract)
+  }
   return flax.traverse_util.unflatten_dict(variables), overrides
 
 
@@ -289,8 +345,10 @@ def torch_to_flax(state: dict[str, np.ndarray], name: str, **overrides) -> tuple
 def flax_to_torch(params) -> dict[str, np.ndarray]:
   """Flax params -> official state dict as writable numpy arrays (exact: layout changes only)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(params))
-  return {torch_key(path): np.array(flax_to_torch_array(path, np.asarray(v)), order="C")
-          for path, v in flat.items()}
+  return {
+      torch_key(path): np.array(flax_to_torch_array(path, np.asarray(v)), order="C")
+      for path, v in flat.items()
+  }
 
 
 def variables_to_torch(variables) -> dict[str, np.ndarray]:
@@ -307,28 +365,44 @@ def variables_to_torch(variables) -> dict[str, np.ndarray]:
 # --- command line ----------------------------------------------------------------------------
 
 CHECKPOINT_FILE = "a .pth / .pth.tar / .safetensors checkpoint file"
-ORBAX_DIRECTORY = ("an Orbax checkpoint directory (the --output of a conversion, or a train.py "
-                   "--workdir)")
+ORBAX_DIRECTORY = (
+    "an Orbax checkpoint directory (the --output of a conversion, or a train.py " "--workdir)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="convert_torch_weights.py",
-      description="Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch).")
-  p.add_argument("--model", choices=list_models(),
-                 help="variant; may be omitted when the checkpoint identifies it")
-  p.add_argument("--input", required=True,
-                 help=f"{CHECKPOINT_FILE}, or with --to-torch {ORBAX_DIRECTORY}")
-  p.add_argument("--output", required=True,
-                 help="Orbax directory to create (missing parents are created), or with --to-torch "
-                      "the .pth file to write (its directory must exist)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing --output (a .pth file, or a directory holding only an "
-                      "Orbax checkpoint); without it an existing output is an error")
-  p.add_argument("--ema", action="store_true",
-                 help="convert the EMA weights (state_dict_ema; with --to-torch: a train.py run's)")
-  p.add_argument("--to-torch", action="store_true",
-                 help="write an official state dict from an Orbax directory")
+      description="Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch).",
+  )
+  p.add_argument(
+      "--model",
+      choices=list_models(),
+      help="variant; may be omitted when the checkpoint identifies it",
+  )
+  p.add_argument(
+      "--input", required=True, help=f"{CHECKPOINT_FILE}, or with --to-torch {ORBAX_DIRECTORY}"
+  )
+  p.add_argument(
+      "--output",
+      required=True,
+      help="Orbax directory to create (missing parents are created), or with --to-torch "
+      "the .pth file to write (its directory must exist)",
+  )
+  p.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="replace an existing --output (a .pth file, or a directory holding only an "
+      "Orbax checkpoint); without it an existing output is an error",
+  )
+  p.add_argument(
+      "--ema",
+      action="store_true",
+      help="convert the EMA weights (state_dict_ema; with --to-torch: a train.py run's)",
+  )
+  p.add_argument(
+      "--to-torch", action="store_true", help="write an official state dict from an Orbax directory"
+  )
   return p
 
 
@@ -349,15 +423,21 @@ def check_paths(args: argparse.Namespace) -> None:
   if not os.path.exists(src):
     raise ConversionError(f"--input {src} does not exist; expected {expected}")
   if args.to_torch and not os.path.isdir(src):
-    raise ConversionError(f"--input {src} is a file; with --to-torch it must be {expected} "
-                          "(to convert a PyTorch file to Orbax, leave out --to-torch)")
+    raise ConversionError(
+        f"--input {src} is a file; with --to-torch it must be {expected} "
+        "(to convert a PyTorch file to Orbax, leave out --to-torch)"
+    )
   if not args.to_torch and os.path.isdir(src):
-    raise ConversionError(f"--input {src} is a directory; expected {expected} (to convert an "
-                          "Orbax directory to PyTorch, add --to-torch)")
+    raise ConversionError(
+        f"--input {src} is a directory; expected {expected} (to convert an "
+        "Orbax directory to PyTorch, add --to-torch)"
+    )
   if args.to_torch:
     if os.path.isdir(dst):
-      raise ConversionError(f"--output {dst} is a directory; with --to-torch it must be the path "
-                            "of the .pth file to write")
+      raise ConversionError(
+          f"--output {dst} is a directory; with --to-torch it must be the path "
+          "of the .pth file to write"
+      )
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
       raise ConversionError(f"--output {dst}: directory {parent} does not exist")
@@ -365,16 +445,21 @@ def check_paths(args: argparse.Namespace) -> None:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
     return
   if os.path.exists(dst) and not os.path.isdir(dst):
-    raise ConversionError(f"--output {dst} is a file; expected a directory for the Orbax "
-                          "checkpoint")
+    raise ConversionError(
+        f"--output {dst} is a file; expected a directory for the Orbax " "checkpoint"
+    )
   if os.path.isdir(dst) and os.listdir(dst):
     if not args.overwrite:
-      raise ConversionError(f"--output directory {dst} exists and is not empty; pass --overwrite "
-                            "to replace the checkpoint in it")
+      raise ConversionError(
+          f"--output directory {dst} exists and is not empty; pass --overwrite "
+          "to replace the checkpoint in it"
+      )
     if not _replaceable_checkpoint(dst):
-      raise ConversionError(f"--output directory {dst} holds more than an FEC checkpoint; "
-                            "--overwrite replaces only a conversion's output: choose another "
-                            "--output")
+      raise ConversionError(
+          f"--output directory {dst} holds more than an FEC checkpoint; "
+          "--overwrite replaces only a conversion's output: choose another "
+          "--output"
+      )
 
 
 def to_orbax(args) -> None:
@@ -383,8 +468,9 @@ def to_orbax(args) -> None:
     print(f"{args.input}: {note}")
   name = args.model or infer_model_name(state, info.get("arch"))
   variables, overrides = torch_to_variables(state, name)
-  save = lambda directory: save_params(directory, variables["params"], name, overrides,
-                                       batch_stats=variables.get("batch_stats"))
+  save = lambda directory: save_params(
+      directory, variables["params"], name, overrides, batch_stats=variables.get("batch_stats")
+  )
   if os.path.isdir(args.output) and os.listdir(args.output):  # --overwrite, checked by check_paths
     # the new checkpoint is complete before the old one goes: a failed save loses nothing
     parent = os.path.dirname(os.path.abspath(args.output))
@@ -402,12 +488,16 @@ def to_torch(args) -> None:
   torch = _torch()
   model, _ = load_model(args.input)
   if args.model and args.model != model_name(model):
-    raise ConversionError(f"{args.input} holds {model_name(model)}, not {args.model}: "
-                          f"pass --model {model_name(model)} or leave out --model")
+    raise ConversionError(
+        f"{args.input} holds {model_name(model)}, not {args.model}: "
+        f"pass --model {model_name(model)} or leave out --model"
+    )
   model, variables = load_pretrained(args.input, ema=args.ema)
   # np.require: params restored by Orbax are read-only arrays, which torch.from_numpy warns about
-  state = {k: torch.from_numpy(np.require(v, requirements="W"))
-           for k, v in variables_to_torch(variables).items()}
+  state = {
+      k: torch.from_numpy(np.require(v, requirements="W"))
+      for k, v in variables_to_torch(variables).items()
+  }
   torch.save(state, args.output)
   print(f"wrote {len(state)} tensors of {model_name(model)} to {args.output}")
 

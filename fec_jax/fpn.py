@@ -66,6 +66,7 @@ class BatchNorm(nn.Module):
   over axis 0 of the global array is the global batch's mean (XLA inserts the all-reduce), which is
   what the official SyncBN computes across GPUs.
   """
+
   momentum: float = 0.1  # torch convention: new = (1 - momentum) * running + momentum * batch
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -84,8 +85,9 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         n = x.size // c
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = ((1 - self.momentum) * running_var.value
-                             + self.momentum * var * (n / (n - 1)))  # unbiased, as torch
+        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (
+            n / (n - 1)
+        )  # unbiased, as torch
     else:
       mean, var = running_mean.value, running_var.value
     y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
@@ -97,6 +99,7 @@ class ConvModule(nn.Module):
 
   A 1x1 conv is a Dense over channels, as in the backbone (the converter's layout convention).
   """
+
   features: int
   kernel: int
   kernel_init: Any
@@ -108,12 +111,20 @@ class ConvModule(nn.Module):
   def __call__(self, x, train: bool = False):
     bias = not self.norm  # mmcv bias='auto'
     if self.kernel == 1:
-      x = nn.Dense(self.features, use_bias=bias, dtype=self.dtype, kernel_init=self.kernel_init,
-                   name="conv")(x)
+      x = nn.Dense(
+          self.features, use_bias=bias, dtype=self.dtype, kernel_init=self.kernel_init, name="conv"
+      )(x)
     else:
       pad = self.kernel // 2
-      x = nn.Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)),
-                  use_bias=bias, dtype=self.dtype, kernel_init=self.kernel_init, name="conv")(x)
+      x = nn.Conv(
+          self.features,
+          (self.kernel, self.kernel),
+          padding=((pad, pad), (pad, pad)),
+          use_bias=bias,
+          dtype=self.dtype,
+          kernel_init=self.kernel_init,
+          name="conv",
+      )(x)
     if self.norm:
       x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     return nn.relu(x) if self.act else x
@@ -123,24 +134,32 @@ class FPN(nn.Module):
   """mmseg FPN (no norm, no activation): 1x1 lateral convs, top-down nearest 2x upsampling added
   level by level, 3x3 output convs. mmseg resizes to the finer lateral's size with nearest; for
   inputs that are multiples of 32 that is exactly 2x."""
+
   out_channels: int = NECK_CHANNELS
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, features: Sequence[jnp.ndarray]) -> list[jnp.ndarray]:
-    laterals = [ConvModule(self.out_channels, 1, xavier_uniform, dtype=self.dtype,
-                           name=f"lateral_convs_{i}")(x) for i, x in enumerate(features)]
+    laterals = [
+        ConvModule(
+            self.out_channels, 1, xavier_uniform, dtype=self.dtype, name=f"lateral_convs_{i}"
+        )(x)
+        for i, x in enumerate(features)
+    ]
     for i in range(len(laterals) - 1, 0, -1):  # coarse to fine, each sum feeds the next
       up = jnp.repeat(jnp.repeat(laterals[i], 2, axis=1), 2, axis=2)  # nearest 2x
       laterals[i - 1] = laterals[i - 1] + up
-    return [ConvModule(self.out_channels, 3, xavier_uniform, dtype=self.dtype,
-                       name=f"fpn_convs_{i}")(x) for i, x in enumerate(laterals)]
+    return [
+        ConvModule(self.out_channels, 3, xavier_uniform, dtype=self.dtype, name=f"fpn_convs_{i}")(x)
+        for i, x in enumerate(laterals)
+    ]
 
 
 class FPNHead(nn.Module):
   """mmseg FPNHead: per level, max(1, log2(stride / 4)) ConvModules (3x3, BN, ReLU), each followed
   by a bilinear 2x upsampling for the levels below stride 4; the levels summed at stride 4; then
   cls_seg: Dropout2d (whole channels, as mmseg 0.24's BaseDecodeHead) and the 1x1 conv_seg."""
+
   num_classes: int
   channels: int = HEAD_CHANNELS
   feature_strides: tuple[int, ...] = FEATURE_STRIDES
@@ -155,16 +174,25 @@ class FPNHead(nn.Module):
       upsample = stride != first
       for k in range(max(1, int(math.log2(stride) - math.log2(first)))):
         j = 2 * k if upsample else k  # nn.Sequential index: the Upsample modules sit in between
-        x = ConvModule(self.channels, 3, kaiming_normal_fan_out, norm=True, act=True,
-                       dtype=self.dtype, name=f"scale_heads_{i}_{j}")(x, train)
+        x = ConvModule(
+            self.channels,
+            3,
+            kaiming_normal_fan_out,
+            norm=True,
+            act=True,
+            dtype=self.dtype,
+            name=f"scale_heads_{i}_{j}",
+        )(x, train)
         if upsample:
           x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
       # mmseg resizes each level to the first one's size: it already is (strides 4, 8, 16, 32)
       output = x if output is None else output + x  # [B, H/4, W/4, channels]
     output = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), name="dropout")(
-        output, deterministic=not train)  # Dropout2d: one draw per (sample, channel)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=conv_seg_init,
-                      name="conv_seg")(output)
+        output, deterministic=not train
+    )  # Dropout2d: one draw per (sample, channel)
+    logits = nn.Dense(
+        self.num_classes, dtype=self.dtype, kernel_init=conv_seg_init, name="conv_seg"
+    )(output)
     return clustering.at_least_f32(logits)
 
 
@@ -175,6 +203,7 @@ class SemanticFPN(nn.Module):
   `train=True` uses batch statistics in the head's BatchNorms (pass mutable=["batch_stats"] to get
   the updated running statistics), dropout and drop path (rng "dropout").
   """
+
   variant: Variant
   num_classes: int = 150
   drop_path_rate: float = 0.0
@@ -185,11 +214,18 @@ class SemanticFPN(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    features = FEC(self.variant, drop_path_rate=self.drop_path_rate, aggregation=self.aggregation,
-                   assign_grad=self.assign_grad, dtype=self.dtype, name="backbone")(images, train)
+    features = FEC(
+        self.variant,
+        drop_path_rate=self.drop_path_rate,
+        aggregation=self.aggregation,
+        assign_grad=self.assign_grad,
+        dtype=self.dtype,
+        name="backbone",
+    )(images, train)
     features = FPN(dtype=self.dtype, name="neck")(features)
-    return FPNHead(self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                   name="decode_head")(features, train)
+    return FPNHead(
+        self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="decode_head"
+    )(features, train)
 
 
 def predict(model: SemanticFPN, variables, images, out_hw: Sequence[int]) -> jnp.ndarray:

@@ -37,6 +37,7 @@ class Clusters(NamedTuple):
   encodings: {'network.{s}.{j}.token_mixer': [B, heads, H, W]} the clusters of each encoding
     layer linked to pixels like the levels, or {} when not asked for
   """
+
   outputs: jax.Array | list[jax.Array]
   levels: jax.Array
   centers: jax.Array
@@ -96,11 +97,15 @@ def cluster_maps(model: FEC, variables, images: jax.Array, encodings: bool = Fal
   size = images.shape[1:3]
   mixers = {}
   if encodings:  # stage s's blocks see the clusters of level s (its input map is pool s's output)
-    mixers = {name: resize_nearest(link_encoding(a, levels[:, int(name.split(".")[1]) // 2]), size)
-              for name, a in assignments.items() if name.count(".") == 3}
+    mixers = {
+        name: resize_nearest(link_encoding(a, levels[:, int(name.split(".")[1]) // 2]), size)
+        for name, a in assignments.items()
+        if name.count(".") == 3
+    }
   last = state["intermediates"][pools[-1].replace(".", "_")]
-  return Clusters(outputs, resize_nearest(levels, size), last["centers"][0],
-                  last["representatives"][0], mixers)
+  return Clusters(
+      outputs, resize_nearest(levels, size), last["centers"][0], last["representatives"][0], mixers
+  )
 
 
 def group_clusters(final: np.ndarray, features: np.ndarray, num_clusters: int) -> np.ndarray:

@@ -58,10 +58,10 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
     # Data first: a missing dataset or one that does not fit the config stops here.
     train_iter, steps_per_epoch = _timed(
         f"{config.task}: opening the train data",
-        lambda: task.train_loader(jax.process_index(), jax.process_count()))
+        lambda: task.train_loader(jax.process_index(), jax.process_count()),
+    )
     try:
-      return _run(config, workdir, task, train_iter, steps_per_epoch, preemption,
-                  compiler_options)
+      return _run(config, workdir, task, train_iter, steps_per_epoch, preemption, compiler_options)
     finally:
       train_iter.close()  # ends the loader's worker processes
 
@@ -75,8 +75,15 @@ def _timed(message: str, fn):
   return result
 
 
-def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
-         preemption: Preemption, compiler_options) -> RunResult:
+def _run(
+    config,
+    workdir,
+    task: tasks.Task,
+    train_iter,
+    steps_per_epoch: int,
+    preemption: Preemption,
+    compiler_options,
+) -> RunResult:
   primary = jax.process_index() == 0
   num_steps = training.total_steps(config, steps_per_epoch)
   mesh = training.create_mesh()
@@ -93,22 +100,46 @@ def _run(config, workdir, task: tasks.Task, train_iter, steps_per_epoch: int,
     if resume is not None:
       if config.init_from:
         logging.info("resuming: config.init_from is used only for a fresh workdir")
-      state = _timed(f"restoring checkpoint step {resume} from {workdir}",
-                     lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume))
+      state = _timed(
+          f"restoring checkpoint step {resume} from {workdir}",
+          lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume),
+      )
       logging.info("resumed at step %d from %s", resume, workdir)
     else:
       state = _fresh_state(config, task, model, tx, abstract)
     start = int(state.step)
-    logging.info("%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
-                 "peak lr %.3g", model_name, jax.device_count(), jax.process_count(), num_steps,
-                 steps_per_epoch, config.global_batch_size,
-                 training.peak_lr(config))
+    logging.info(
+        "%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
+        "peak lr %.3g",
+        model_name,
+        jax.device_count(),
+        jax.process_count(),
+        num_steps,
+        steps_per_epoch,
+        config.global_batch_size,
+        training.peak_lr(config),
+    )
     writer = reporting.MetricsWriter(workdir, start, active=primary)
-    train_step = training.make_train_step(task.loss_fn(model, mesh), tx, schedule, config, mesh,
-                                          state_sharding)
+    train_step = training.make_train_step(
+        task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding
+    )
     save = lambda s: checkpoint.save_training(mngr, s, model_name, overrides, train_iter)
-    result = _loop(config, workdir, state, train_step, train_iter, evaluator, writer, save, mngr,
-                   preemption, mesh, steps_per_epoch, num_steps, compiler_options)
+    result = _loop(
+        config,
+        workdir,
+        state,
+        train_step,
+        train_iter,
+        evaluator,
+        writer,
+        save,
+        mngr,
+        preemption,
+        mesh,
+        steps_per_epoch,
+        num_steps,
+        compiler_options,
+    )
     mngr.wait_until_finished()
   finally:
     mngr.close()
@@ -125,12 +156,16 @@ def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.Trai
   pretrained, source = None, ""
   if config.init_from:
     source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
-    _, pretrained = _timed(f"loading init_from {source}", lambda: checkpoint.load_pretrained(
-        config.init_from, ema=config.init_from_ema))
+    _, pretrained = _timed(
+        f"loading init_from {source}",
+        lambda: checkpoint.load_pretrained(config.init_from, ema=config.init_from_ema),
+    )
     task.adopt_pretrained(abstract.variables(), pretrained, source)  # a misfit stops here
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  state = _timed("initializing the train state", lambda: training.create_state(
-      model, tx, config, task.input_shape(), shardings))
+  state = _timed(
+      "initializing the train state",
+      lambda: training.create_state(model, tx, config, task.input_shape(), shardings),
+  )
   if pretrained is None:
     return state
   variables, notes = task.adopt_pretrained(jax.device_get(state.variables()), pretrained, source)
@@ -139,13 +174,29 @@ def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.Trai
   logging.info("init_from: the other weights come from %s", source)
   variables = jax.device_put(variables, shardings.variables())
   params = variables.pop("params")
-  return state.replace(params=params, model_state=variables,
-                       ema_params=params if state.ema_params is not None else None)
+  return state.replace(
+      params=params,
+      model_state=variables,
+      ema_params=params if state.ema_params is not None else None,
+  )
 
 
-def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, save, mngr,
-          preemption: Preemption, mesh, steps_per_epoch: int, num_steps: int,
-          compiler_options) -> RunResult:
+def _loop(
+    config,
+    workdir,
+    state,
+    train_step,
+    train_iter,
+    evaluator,
+    writer,
+    save,
+    mngr,
+    preemption: Preemption,
+    mesh,
+    steps_per_epoch: int,
+    num_steps: int,
+    compiler_options,
+) -> RunResult:
   """Steps start+1 .. num_steps; `step` is the number of optimizer steps done after each."""
   start = int(state.step)
   record: dict[str, Any] = {}
@@ -153,8 +204,10 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
     logging.info("nothing to train: %s is at step %d of %d", workdir, start, num_steps)
     return RunResult(start, False, record)
   batch = training.global_batch(next(train_iter), mesh)
-  train_step = _timed("compiling the train step (first call)", lambda: train_step.lower(
-      state, batch).compile(compiler_options))
+  train_step = _timed(
+      "compiling the train step (first call)",
+      lambda: train_step.lower(state, batch).compile(compiler_options),
+  )
   clock, pending = None, []  # pending: per-step metrics not yet fetched from the device
   evaluated = False
   for step in range(start + 1, num_steps + 1):
@@ -180,13 +233,22 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
       raise TrainingDiverged(
           f"non-finite training loss ({losses[bad[0]]}, gradient norm "
           f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
-          f"stopped, the last good checkpoint is step {mngr.latest_step()} in {workdir}")
-    record = {"step": step, "epoch": epoch, "train_loss": float(np.mean(losses)),
-              "lr": float(pending[-1]["lr"]), "grad_norm": float(pending[-1]["grad_norm"])}
+          f"stopped, the last good checkpoint is step {mngr.latest_step()} in {workdir}"
+      )
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "lr": float(pending[-1]["lr"]),
+        "grad_norm": float(pending[-1]["grad_norm"]),
+    }
     pending = []
     img_per_s, eta = clock.update(step)
-    logging.info(reporting.progress_line(step, num_steps, epoch, record["train_loss"],
-                                         record["lr"], img_per_s, eta))
+    logging.info(
+        reporting.progress_line(
+            step, num_steps, epoch, record["train_loss"], record["lr"], img_per_s, eta
+        )
+    )
     if eval_now and stop:
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
@@ -200,8 +262,12 @@ def _loop(config, workdir, state, train_step, train_iter, evaluator, writer, sav
       save(state)
     if stop:
       _timed(f"writing checkpoint step {step}", mngr.wait_until_finished)
-      logging.info("%s: stopped at step %d; checkpoint saved in %s; run the same command to "
-                   "resume", preemption.signal_name, step, workdir)
+      logging.info(
+          "%s: stopped at step %d; checkpoint saved in %s; run the same command to " "resume",
+          preemption.signal_name,
+          step,
+          workdir,
+      )
       return RunResult(step, True, record)
   return RunResult(num_steps, False, record)
 
@@ -213,6 +279,10 @@ def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
   record = {f"val_{k}": v for k, v in evaluator(state.variables()).items()}
   if state.ema_params is not None:
     record.update({f"ema_val_{k}": v for k, v in evaluator(state.variables(ema=True)).items()})
-  logging.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - start,
-               ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+  logging.info(
+      "eval at step %d (%.1f s): %s",
+      step,
+      time.perf_counter() - start,
+      ", ".join(f"{k} {v:.4f}" for k, v in record.items()),
+  )
   return record

@@ -41,8 +41,13 @@ def torch_conv_bias_init(fan_in: int):
 
 def conv1x1(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
   """A 1x1 Conv2d of the official code, as a Dense over the channel axis (NHWC)."""
-  return nn.Dense(features, dtype=dtype, kernel_init=torch_conv_kernel_init,
-                  bias_init=torch_conv_bias_init(fan_in), name=name)
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      kernel_init=torch_conv_kernel_init,
+      bias_init=torch_conv_bias_init(fan_in),
+      name=name,
+  )
 
 
 def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
@@ -58,6 +63,7 @@ def layer_name(module: nn.Module) -> str:
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One row of the variant table (docs/official-code.md Sec. 2)."""
+
   depths: tuple[int, ...]
   dims: tuple[int, ...]
   mlp_ratios: tuple[int, ...] = (8, 8, 4, 4)
@@ -81,8 +87,9 @@ def _dense_variants(base: dict[str, Variant]) -> dict[str, Variant]:
 _CLASSIFICATION = {
     "fec_small": Variant(depths=(3, 4, 5, 2), dims=(32, 64, 196, 320)),
     "fec_base": Variant(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), head_dim=32),
-    "fec_large": Variant(depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), heads=(6, 6, 12, 12),
-                         head_dim=32),
+    "fec_large": Variant(
+        depths=(4, 4, 12, 4), dims=(64, 128, 320, 512), heads=(6, 6, 12, 12), head_dim=32
+    ),
 }
 VARIANTS: dict[str, Variant] = {**_CLASSIFICATION, **_dense_variants(_CLASSIFICATION)}
 # Semantic FPN segmenters (fec_jax.fpn) and their backbones.
@@ -91,6 +98,7 @@ SEGMENTERS: dict[str, str] = {f"fpn_{name}": f"{name}_seg" for name in _CLASSIFI
 
 class Mlp(nn.Module):
   """fc1 (C -> ratio*C), exact GELU, fc2 back to C, over the channel axis."""
+
   hidden: int
   dtype: Dtype = jnp.float32
 
@@ -104,6 +112,7 @@ class Mlp(nn.Module):
 
 class Cluster(nn.Module):
   """Clustering-based feature encoding, the token mixer of a ClusterBlock (docs/official-code.md Sec. 3)."""
+
   heads: int
   head_dim: int
   centers: tuple[int, int]
@@ -135,14 +144,22 @@ class Cluster(nn.Module):
     sim = jax.nn.sigmoid(beta + alpha * cosine)  # Eq. 7's sigma(alpha M + beta)
     assignment = clustering.assign(sim)  # argmax of the sigmoid, as the code does
     st = clustering.straight_through_residual(sim, self.assign_grad)
-    reps = clustering.representatives(values, clustering.at_least_f32(value_centers.reshape(g, m, -1)),
-                                      assignment, self.aggregation, st)  # Eq. 6, [G, M, D]
+    reps = clustering.representatives(
+        values,
+        clustering.at_least_f32(value_centers.reshape(g, m, -1)),
+        assignment,
+        self.aggregation,
+        st,
+    )  # Eq. 6, [G, M, D]
     out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # [G, N, D]
 
     region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, 1, r, r, 1, 1) * m
     labels = assignment.reshape(b, self.heads, r, r, hr, wr) + region
-    self.sow("intermediates", "assignment",
-             clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1)).transpose(0, 3, 1, 2))
+    self.sow(
+        "intermediates",
+        "assignment",
+        clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1)).transpose(0, 3, 1, 2),
+    )
     out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
     return conv1x1(dim, width, "proj", self.dtype)(out)
 
@@ -170,6 +187,7 @@ class ClusterPool(nn.Module):
   a strided 3x3 conv skip (docs/official-code.md Sec. 3). `conv_f` only feeds the argmax, so in the official
   gradient semantics it receives no gradient at all (Sec. 4).
   """
+
   dim_out: int
   fold: int = 1
   aggregation: Aggregation = "auto"
@@ -184,12 +202,21 @@ class ClusterPool(nn.Module):
     r = self.fold
     hr, wr = h // r, w // r
     if hr % 2 or wr % 2:
-      raise ValueError(f"{name}: ClusterPool needs an even feature map (per fold region), got "
-                       f"{hr}x{wr}; the official code fails here too. Use an input size whose map "
-                       f"at this layer is even (e.g. a multiple of 32 pixels).")
-    identity = nn.Conv(self.dim_out, (3, 3), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                       kernel_init=torch_conv_kernel_init, bias_init=torch_conv_bias_init(9 * dim),
-                       name="conv_skip")(x)
+      raise ValueError(
+          f"{name}: ClusterPool needs an even feature map (per fold region), got "
+          f"{hr}x{wr}; the official code fails here too. Use an input size whose map "
+          f"at this layer is even (e.g. a multiple of 32 pixels)."
+      )
+    identity = nn.Conv(
+        self.dim_out,
+        (3, 3),
+        strides=2,
+        padding=((1, 1), (1, 1)),
+        dtype=self.dtype,
+        kernel_init=torch_conv_kernel_init,
+        bias_init=torch_conv_bias_init(9 * dim),
+        name="conv_skip",
+    )(x)
     value = clustering.fold(conv1x1(self.dim_out, dim, "conv_v", self.dtype)(x), r)
     feat = clustering.fold(conv1x1(self.dim_out, dim, "conv_f", self.dtype)(x), r)
     value = value.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D], G = B*r*r
@@ -201,12 +228,20 @@ class ClusterPool(nn.Module):
     cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # [G, M, N]
     assignment = clustering.assign(cosine)
     st = clustering.straight_through_residual(cosine, self.assign_grad)
-    reps = clustering.representatives(clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
-                                      clustering.at_least_f32(value_centers), assignment,
-                                      self.aggregation, st)  # [G, M, D]
+    reps = clustering.representatives(
+        clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
+        clustering.at_least_f32(value_centers),
+        assignment,
+        self.aggregation,
+        st,
+    )  # [G, M, D]
 
     self.sow("intermediates", "assignment", self._output_index(assignment, b, hr, wr))
-    self.sow("intermediates", "centers", clustering.unfold(centers.reshape(b, r, r, hr // 2, wr // 2, -1)))
+    self.sow(
+        "intermediates",
+        "centers",
+        clustering.unfold(centers.reshape(b, r, r, hr // 2, wr // 2, -1)),
+    )
     reps = clustering.unfold(reps.reshape(b, r, r, hr // 2, wr // 2, -1)).astype(self.dtype)
     self.sow("intermediates", "representatives", reps)  # Eq. 6, [B, H/2, W/2, D], before norm2
     return identity + group_norm("norm2", self.dtype)(reps)
@@ -222,6 +257,7 @@ class ClusterPool(nn.Module):
 
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep."""
+
   rate: float
 
   @nn.compact
@@ -235,6 +271,7 @@ class DropPath(nn.Module):
 
 class ClusterBlock(nn.Module):
   """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (docs/official-code.md Sec. 3)."""
+
   mlp_ratio: int
   heads: int
   head_dim: int
@@ -251,8 +288,16 @@ class ClusterBlock(nn.Module):
     dim = x.shape[-1]
     ls1 = self.param("layer_scale_1", nn.initializers.constant(self.layer_scale_init), (dim,))
     ls2 = self.param("layer_scale_2", nn.initializers.constant(self.layer_scale_init), (dim,))
-    mixer = Cluster(self.heads, self.head_dim, self.centers, self.fold, self.aggregation,
-                    self.assign_grad, self.dtype, name="token_mixer")
+    mixer = Cluster(
+        self.heads,
+        self.head_dim,
+        self.centers,
+        self.fold,
+        self.aggregation,
+        self.assign_grad,
+        self.dtype,
+        name="token_mixer",
+    )
     y = mixer(group_norm("norm1", self.dtype)(x))
     x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, deterministic=not train)
     y = Mlp(self.mlp_ratio * dim, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x))
@@ -270,6 +315,7 @@ def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
 
 class PatchEmbed(nn.Module):
   """4x4 stride-4 convolution over the image and its two coordinate channels."""
+
   dim: int
   dtype: Dtype = jnp.float32
 
@@ -278,9 +324,16 @@ class PatchEmbed(nn.Module):
     b, h, w, _ = images.shape
     images = clustering.at_least_f32(images)
     x = jnp.concatenate([images, coordinate_channels(b, h, w).astype(images.dtype)], axis=-1)
-    return nn.Conv(self.dim, (4, 4), strides=4, padding="VALID", dtype=self.dtype,
-                   kernel_init=torch_conv_kernel_init, bias_init=torch_conv_bias_init(5 * 16),
-                   name="proj")(x)
+    return nn.Conv(
+        self.dim,
+        (4, 4),
+        strides=4,
+        padding="VALID",
+        dtype=self.dtype,
+        kernel_init=torch_conv_kernel_init,
+        bias_init=torch_conv_bias_init(5 * 16),
+        name="proj",
+    )(x)
 
 
 class FEC(nn.Module):
@@ -289,6 +342,7 @@ class FEC(nn.Module):
   Returns logits [B, num_classes], or for dense variants the four normalized stage maps
   (strides 4, 8, 16, 32, NHWC).
   """
+
   variant: Variant
   num_classes: int = 1000
   drop_path_rate: float = 0.0
@@ -310,8 +364,17 @@ class FEC(nn.Module):
         x = ClusterPool(v.dims[s], v.folds[s - 1], name=f"network_{2 * s - 1}", **common)(x)
       for j in range(depth):
         rate = self.drop_path_rate * k / (total - 1)
-        x = ClusterBlock(v.mlp_ratios[s], v.heads[s], v.head_dim, v.centers[s], v.folds[s], rate,
-                         self.layer_scale_init, name=f"network_{2 * s}_{j}", **common)(x, train)
+        x = ClusterBlock(
+            v.mlp_ratios[s],
+            v.heads[s],
+            v.head_dim,
+            v.centers[s],
+            v.folds[s],
+            rate,
+            self.layer_scale_init,
+            name=f"network_{2 * s}_{j}",
+            **common,
+        )(x, train)
         k += 1
       if v.dense_outputs:  # docs/official-code.md Sec. 6
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
@@ -323,7 +386,11 @@ class FEC(nn.Module):
 
 def _check_images(images) -> None:
   if images.ndim != 4 or images.shape[-1] != 3:
-    hint = " (this looks like NCHW: transpose to NHWC)" if images.ndim == 4 and images.shape[1] == 3 else ""
+    hint = (
+        " (this looks like NCHW: transpose to NHWC)"
+        if images.ndim == 4 and images.shape[1] == 3
+        else ""
+    )
     raise ValueError(f"FEC expects NHWC images [B, H, W, 3], got shape {tuple(images.shape)}{hint}")
 
 
@@ -334,7 +401,8 @@ def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
   """
   out = {}
   for path, value in jax.tree_util.tree_flatten_with_path(
-      intermediates.get("intermediates", intermediates), is_leaf=lambda t: isinstance(t, tuple))[0]:
+      intermediates.get("intermediates", intermediates), is_leaf=lambda t: isinstance(t, tuple)
+  )[0]:
     keys = [p.key for p in path]
     if keys[-1] != "assignment":
       continue
@@ -366,7 +434,9 @@ def model_name(model: nn.Module) -> str:
 def variable_shapes(model: nn.Module) -> dict[str, Any]:
   """The model's variables ({"params"}, and "batch_stats" for segmenters) as ShapeDtypeStructs,
   computed without running anything."""
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)  # any valid size: shapes do not depend on it
+  images = jax.ShapeDtypeStruct(
+      (1, 64, 64, 3), jnp.float32
+  )  # any valid size: shapes do not depend on it
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
 
 
@@ -382,8 +452,11 @@ def init_variables(model: nn.Module, rng, image_shape=(1, 224, 224, 3)) -> dict[
   fec_small on 2 cores) for no gain.
   """
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  init = jax.jit(model.init).lower(rng, images).compile(
-      compiler_options={"xla_backend_optimization_level": 0})
+  init = (
+      jax.jit(model.init)
+      .lower(rng, images)
+      .compile(compiler_options={"xla_backend_optimization_level": 0})
+  )
   return init(rng, jnp.zeros(image_shape, jnp.float32))
 
 
@@ -396,6 +469,7 @@ def create_model(name: str, **overrides) -> nn.Module:
   `create_model('fpn_fec_small')` gives a fec_jax.fpn.SemanticFPN (150 classes by default)."""
   if name in SEGMENTERS:
     from fec_jax.fpn import SemanticFPN  # fpn builds on this module
+
     cls, variant = SemanticFPN, VARIANTS[SEGMENTERS[name]]
   elif name in VARIANTS:
     cls, variant = FEC, VARIANTS[name]

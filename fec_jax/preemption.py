@@ -27,11 +27,11 @@ SYNC_EVERY_STEPS = 10  # multi-process: an all-gather (and a wait for the device
 class Preemption:
   """Context manager: installs the handlers (main thread only), restores the old ones on exit.
 
-    with Preemption() as preemption:
-      for step in ...:
-        ...
-        if preemption.stop_now(step):
-          save, wait, return
+  with Preemption() as preemption:
+    for step in ...:
+      ...
+      if preemption.stop_now(step):
+        save, wait, return
   """
 
   def __init__(self):
@@ -57,8 +57,11 @@ class Preemption:
       os.write(2, f"{name} again: exiting at once\n".encode())
       os._exit(128 + signum)
     self.signal_name = name
-    os.write(2, f"{name} received: finishing the current step, then saving a checkpoint "
-                f"(send it again to exit at once)\n".encode())
+    os.write(
+        2,
+        f"{name} received: finishing the current step, then saving a checkpoint "
+        f"(send it again to exit at once)\n".encode(),
+    )
 
   def stop_now(self, step: int) -> bool:
     """True when every process is to stop after `step` (the same answer on every process)."""

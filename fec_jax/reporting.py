@@ -34,14 +34,23 @@ class Throughput:
     return rate * self._batch, (self._total - step) / max(rate, 1e-9)
 
 
-def progress_line(step: int, total: int, epoch: int, loss: float, lr: float,
-                  img_per_s: float | None, eta_s: float | None) -> str:
+def progress_line(
+    step: int,
+    total: int,
+    epoch: int,
+    loss: float,
+    lr: float,
+    img_per_s: float | None,
+    eta_s: float | None,
+) -> str:
   """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.25e-04 | 812 img/s | ETA 0:10:21'; the
   rate and ETA read '-' before a step has been timed."""
   rate = "-" if img_per_s is None else f"{img_per_s:.0f}"
   eta = "-" if eta_s is None else datetime.timedelta(seconds=round(eta_s))
-  return (f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
-          f"{rate} img/s | ETA {eta}")
+  return (
+      f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
+      f"{rate} img/s | ETA {eta}"
+  )
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -65,6 +74,7 @@ class MetricsWriter:
     with open(os.path.join(workdir, METRICS_FILE), "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
+
     self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
 
   def write(self, record: dict) -> None:
@@ -90,6 +100,7 @@ def plot_metrics(workdir: str) -> str | None:
   if not records:
     return None
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

@@ -29,15 +29,26 @@ def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
   model = create_model(name)
   params = abstract_params(name)
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-  cost = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile().cost_analysis()
+  cost = (
+      jax.jit(lambda p, x: model.apply({"params": p}, x))
+      .lower(params, images)
+      .compile()
+      .cost_analysis()
+  )
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / 2
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m fec_jax.summary", description=__doc__.splitlines()[0])
-  parser.add_argument("models", nargs="*", metavar="MODEL",
-                      help=f"default: {' '.join(PAPER_TABLE_1)}; any of {', '.join(list_models())}")
+  parser = argparse.ArgumentParser(
+      prog="python -m fec_jax.summary", description=__doc__.splitlines()[0]
+  )
+  parser.add_argument(
+      "models",
+      nargs="*",
+      metavar="MODEL",
+      help=f"default: {' '.join(PAPER_TABLE_1)}; any of {', '.join(list_models())}",
+  )
   parser.add_argument("--size", type=int, nargs="+", default=[224], help="H [W] of the input")
   args = parser.parse_args(argv)
   unknown = sorted(set(args.models) - set(list_models()))

@@ -15,8 +15,13 @@ import jax
 BATCH, WARMUP, ITERS = 256, 20, 100
 
 
-def measure(step: Callable[[Any], Any], carry: Any, warmup: int = WARMUP, iters: int = ITERS,
-            sync: Callable[[Any], Any] = jax.block_until_ready) -> float:
+def measure(
+    step: Callable[[Any], Any],
+    carry: Any,
+    warmup: int = WARMUP,
+    iters: int = ITERS,
+    sync: Callable[[Any], Any] = jax.block_until_ready,
+) -> float:
   """Seconds per call of `carry -> carry`: warm-up, wait for the device, then the mean of iters.
 
   sync(carry) waits for the device (torch timings pass torch.cuda.synchronize)."""
@@ -33,12 +38,32 @@ def measure(step: Callable[[Any], Any], carry: Any, warmup: int = WARMUP, iters:
 # --------------------------------------------------------------------------- compiled programs
 
 # HBM per chip (Cloud TPU system architecture pages), by jax's device_kind.
-TPU_HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5": 95 * 2**30,
-                 "TPU v6 lite": 32 * 2**30}
+TPU_HBM_BYTES = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5 lite": 16 * 2**30,
+    "TPU v5": 95 * 2**30,
+    "TPU v6 lite": 32 * 2**30,
+}
 
-_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-                  "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-                  "c64": 8, "c128": 16}
+_ELEMENT_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 # An HLO array shape with its optional layout: bf16[8,56,56,128]{3,2,1,0:T(8,128)(2,1)}
 _SHAPE = re.compile(r"\b(" + "|".join(_ELEMENT_BYTES) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
 # An instruction: `%name = <shape> opcode(operands), attributes`.
@@ -90,8 +115,15 @@ def fusion_bytes(hlo_text: str) -> list[dict[str, Any]]:
     calls = _CALLS.search(line)
     fused.add(calls.group(1) if calls else None)
     kind = re.search(r"kind=(\w+)", line)
-    fusions.append({"name": name, "kind": kind.group(1) if kind else "", "output": output,
-                    "operands": re.findall(r"%([\w.\-]+)", operands), "computation": computation})
+    fusions.append(
+        {
+            "name": name,
+            "kind": kind.group(1) if kind else "",
+            "output": output,
+            "operands": re.findall(r"%([\w.\-]+)", operands),
+            "computation": computation,
+        }
+    )
   top = []
   for f in fusions:
     if f.pop("computation") not in fused:
@@ -106,15 +138,25 @@ def memory_report(compiled) -> dict[str, int]:
   """Per-device bytes of a compiled program (memory_analysis): arguments, outputs, temporaries
   and their total (less the outputs that alias donated arguments)."""
   m = compiled.memory_analysis()
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-           - m.alias_size_in_bytes)
-  return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-          "temporaries": m.temp_size_in_bytes, "total": total}
+  total = (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+  )
+  return {
+      "arguments": m.argument_size_in_bytes,
+      "outputs": m.output_size_in_bytes,
+      "temporaries": m.temp_size_in_bytes,
+      "total": total,
+  }
 
 
 def cost_report(compiled, images: int) -> dict[str, float]:
   """Flops and bytes accessed per image of a compiled (per-device) program for `images` images."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"flops_per_image": float(cost["flops"]) / images,
-          "bytes_accessed_per_image": float(cost["bytes accessed"]) / images}
+  return {
+      "flops_per_image": float(cost["flops"]) / images,
+      "bytes_accessed_per_image": float(cost["bytes accessed"]) / images,
+  }

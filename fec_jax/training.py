@@ -51,6 +51,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 # ----------------------------------------------------------------------------- schedule
 
+
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
   """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8);
   base_batch_size 0 = no scaling (base_lr is the lr at any batch, as mmseg's configs)."""
@@ -63,8 +64,9 @@ def peak_lr(config) -> float:
   return scaled_lr(config.base_lr, config.global_batch_size, base)
 
 
-def epoch_lr(epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: float,
-             min_lr: float):
+def epoch_lr(
+    epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: float, min_lr: float
+):
   """timm CosineLRScheduler, stepped once per epoch (Sec. 8).
 
   epoch < warmup: warmup_lr + epoch * (peak - warmup_lr) / warmup_epochs;
@@ -81,7 +83,7 @@ def poly_lr(step, peak_lr: float, total: int, power: float, min_lr: float):
   """mmcv's PolyLrUpdaterHook with by_epoch=False (the segmentation recipe): before iteration
   `step` (0-based) lr = (peak - min_lr) * (1 - step / total) ** power + min_lr."""
   remaining = (total - jnp.minimum(step, total)).astype(jnp.float32) / total  # exact near the end
-  return (peak_lr - min_lr) * remaining ** power + min_lr
+  return (peak_lr - min_lr) * remaining**power + min_lr
 
 
 LR_SCHEDULES = ("cosine_epochs", "poly")
@@ -94,8 +96,14 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   if config.lr_schedule == "poly":
     total, power = config.schedule_steps, config.poly_power
     return lambda step: poly_lr(step, peak, total, power, config.min_lr)
-  return lambda step: epoch_lr(step // steps_per_epoch, peak, config.warmup_epochs, config.epochs,
-                               config.warmup_lr, config.min_lr)
+  return lambda step: epoch_lr(
+      step // steps_per_epoch,
+      peak,
+      config.warmup_epochs,
+      config.epochs,
+      config.warmup_lr,
+      config.min_lr,
+  )
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -134,8 +142,14 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
   mode 'norm'). config.weight_decay_on: 'matrices' = weight_decay_mask (the ImageNet recipe),
   'all' = every parameter (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
   mask = weight_decay_mask if config.weight_decay_on == "matrices" else None
-  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay, mask=mask)
+  adamw = optax.adamw(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+      mask=mask,
+  )
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
   return adamw
@@ -169,18 +183,23 @@ def init_state(model, tx, config, input_shape: tuple[int, ...]) -> TrainState:
   variables = dict(model.init(init_key, jnp.zeros(input_shape, jnp.float32)))
   params = variables.pop("params")
   variables.pop("intermediates", None)  # sown assignments, not state
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=tx.init(params),
-                    ema_params=params if config.ema_decay > 0 else None,
-                    rng=jax.random.key_data(train_key))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=variables,
+      opt_state=tx.init(params),
+      ema_params=params if config.ema_decay > 0 else None,
+      rng=jax.random.key_data(train_key),
+  )
 
 
 def abstract_state(model, tx, config, input_shape: tuple[int, ...], mesh: Mesh) -> TrainState:
   """The train state's shapes and dtypes, replicated on the mesh, computed without running
   anything (a restore target, and the shardings of the train step)."""
   shapes = jax.eval_shape(lambda: init_state(model, tx, config, input_shape))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
-                      shapes)
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), shapes
+  )
 
 
 def create_state(model, tx, config, input_shape: tuple[int, ...], shardings) -> TrainState:
@@ -208,14 +227,26 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
     (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = (None if state.ema_params is None
-           else ema_update(state.ema_params, params, config.ema_decay))
+    ema = (
+        None if state.ema_params is None else ema_update(state.ema_params, params, config.ema_decay)
+    )
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, model_state=model_state,
-                         opt_state=opt_state, ema_params=ema), metrics
+    return (
+        state.replace(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            ema_params=ema,
+        ),
+        metrics,
+    )
 
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharded(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)))
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_sharding, batch_sharded(mesh)),
+      out_shardings=(state_sharding, replicated(mesh)),
+  )
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -228,23 +259,33 @@ def check_config(config) -> None:
     raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
   for field in ("global_batch_size", "eval_batch_size"):
     if config[field] <= 0 or config[field] % jax.device_count():
-      raise ValueError(f"config.{field} {config[field]} must be a positive multiple of the "
-                       f"{jax.device_count()} devices")
+      raise ValueError(
+          f"config.{field} {config[field]} must be a positive multiple of the "
+          f"{jax.device_count()} devices"
+      )
   schedule = config.lr_schedule
   if schedule not in LR_SCHEDULES:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
   if schedule == "poly" and config.schedule_steps <= 0:
-    raise ValueError(f"config.schedule_steps must be > 0 for the poly schedule, got "
-                     f"{recipe_value(config, 'schedule_steps')}")
+    raise ValueError(
+        f"config.schedule_steps must be > 0 for the poly schedule, got "
+        f"{recipe_value(config, 'schedule_steps')}"
+    )
   cosine = schedule == "cosine_epochs"
   if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):
     raise ValueError("need 0 <= warmup_epochs <= epochs and epochs > 0")
   if config.weight_decay_on not in WEIGHT_DECAY_ON:
-    raise ValueError(f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
-                     f"{recipe_value(config, 'weight_decay_on')!r}")
+    raise ValueError(
+        f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
+        f"{recipe_value(config, 'weight_decay_on')!r}"
+    )
   if config.lr_base_batch_size < 0 or config.eval_every_steps < 0:
     raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
-  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "eval_every_epochs"):
+  for field in (
+      "log_every_steps",
+      "checkpoint_every_steps",
+      "keep_checkpoints",
+      "eval_every_epochs",
+  ):
     if config[field] <= 0:
       raise ValueError(f"config.{field} must be > 0, got {config[field]}")

@@ -26,9 +26,23 @@ from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.imagenet_classes import imagenet_class_names
 
-GROUP_COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                         [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
-                         [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40]], np.uint8)
+GROUP_COLORS = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [170, 110, 40],
+    ],
+    np.uint8,
+)
 
 
 def palette(n: int) -> np.ndarray:
@@ -98,8 +112,16 @@ def unique_stems(paths: list[str]) -> list[str]:
   return stems
 
 
-def render(out_dir: str, stem: str, original: np.ndarray, resized: np.ndarray, levels: np.ndarray,
-           names: tuple[str, ...], groups: dict[int, np.ndarray], alpha: float) -> None:
+def render(
+    out_dir: str,
+    stem: str,
+    original: np.ndarray,
+    resized: np.ndarray,
+    levels: np.ndarray,
+    names: tuple[str, ...],
+    groups: dict[int, np.ndarray],
+    alpha: float,
+) -> None:
   """Writes {stem}_k{K}.png per K and {stem}_levels.png; levels [L+1, h, w], groups {K: [h, w]}."""
   size = original.shape[:2]
   for k, g in groups.items():
@@ -109,8 +131,9 @@ def render(out_dir: str, stem: str, original: np.ndarray, resized: np.ndarray, l
   shown = (resized.shape[0] * zoom, resized.shape[1] * zoom)
   image = np.asarray(Image.fromarray(resized).resize(shown[::-1], Image.Resampling.NEAREST))
   masks = [*levels[1:], *groups.values()]
-  panels = [image] + [overlay(image, np.asarray(interpret.resize_nearest(m, shown)), alpha)
-                      for m in masks]
+  panels = [image] + [
+      overlay(image, np.asarray(interpret.resize_nearest(m, shown)), alpha) for m in masks
+  ]
   titles = ["input"] + [f"{n}: {len(np.unique(lv))}" for n, lv in zip(names[1:], levels[1:])]
   titles += [f"K-Means k={k}: {len(np.unique(g))}" for k, g in groups.items()]
   strip(panels, titles).save(os.path.join(out_dir, f"{stem}_levels.png"))
@@ -120,45 +143,71 @@ cluster_maps = jax.jit(interpret.cluster_maps, static_argnums=(0, 3))
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True,
-                 help="converter output or train.py workdir (Orbax)")
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--checkpoint", required=True, help="converter output or train.py workdir (Orbax)")
   p.add_argument("--image", required=True, nargs="+", help="image file(s)")
   p.add_argument("--out", required=True, help="output directory for the PNGs")
-  p.add_argument("--num-clusters", type=int, nargs="+", default=[3],
-                 help="K-Means groups of the final clusters (several values: one overlay each)")
-  p.add_argument("--feature", choices=("centers", "representatives"), default="centers",
-                 help="K-Means feature: the last pool's similarity-space centers (official script) "
-                      "or its representatives R (Eq. 6, the paper's text)")
-  p.add_argument("--image-size", type=int, nargs="+", default=[224],
-                 help="model input size: S or H W (images are resized to it without cropping); "
-                      "must give even maps at every pool, e.g. a multiple of 32")
+  p.add_argument(
+      "--num-clusters",
+      type=int,
+      nargs="+",
+      default=[3],
+      help="K-Means groups of the final clusters (several values: one overlay each)",
+  )
+  p.add_argument(
+      "--feature",
+      choices=("centers", "representatives"),
+      default="centers",
+      help="K-Means feature: the last pool's similarity-space centers (official script) "
+      "or its representatives R (Eq. 6, the paper's text)",
+  )
+  p.add_argument(
+      "--image-size",
+      type=int,
+      nargs="+",
+      default=[224],
+      help="model input size: S or H W (images are resized to it without cropping); "
+      "must give even maps at every pool, e.g. a multiple of 32",
+  )
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--median-filter", type=int, default=0,
-                 help="odd window of the paper's median filter on the K-Means masks (0 = off)")
+  p.add_argument(
+      "--median-filter",
+      type=int,
+      default=0,
+      help="odd window of the paper's median filter on the K-Means masks (0 = off)",
+  )
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--ema", action="store_true", help="use the EMA weights of a train.py run")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace PNGs of the same names already in --out (default: an error)")
+  p.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="replace PNGs of the same names already in --out (default: an error)",
+  )
   return p
 
 
 def _output_names(stems: list[str], num_clusters: list[int]) -> list[str]:
   """The files `render` writes for these images, in order."""
-  return [f"{stem}_{kind}.png" for stem in stems
-          for kind in [*(f"k{k}" for k in num_clusters), "levels"]]
+  return [
+      f"{stem}_{kind}.png"
+      for stem in stems
+      for kind in [*(f"k{k}" for k in num_clusters), "levels"]
+  ]
 
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
   """Every mistake in the arguments, found before the checkpoint is read: returns (H, W)."""
   if len(args.image_size) > 2 or min(args.image_size) < 1:
     cli.fail(f"--image-size takes S or H W (positive), got {' '.join(map(str, args.image_size))}")
-  for flag, values, low in (("--num-clusters", args.num_clusters, 1),
-                            ("--batch-size", [args.batch_size], 1),
-                            ("--median-filter", [args.median_filter], 0),
-                            ("--step", [] if args.step is None else [args.step], 0)):
+  for flag, values, low in (
+      ("--num-clusters", args.num_clusters, 1),
+      ("--batch-size", [args.batch_size], 1),
+      ("--median-filter", [args.median_filter], 0),
+      ("--step", [] if args.step is None else [args.step], 0),
+  ):
     if values and min(values) < low:
       cli.fail(f"{flag} must be at least {low}, got {min(values)}")
   if args.median_filter > 1 and args.median_filter % 2 == 0:
@@ -167,8 +216,14 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     cli.fail(f"--alpha is an opacity between 0 and 1, got {args.alpha}")
   for path in args.image:
     if not os.path.isfile(path):
-      cli.fail(f"--image {path} " + ("is a directory; expected image files (e.g. dir/*.jpg)"
-                                     if os.path.isdir(path) else "does not exist"))
+      cli.fail(
+          f"--image {path} "
+          + (
+              "is a directory; expected image files (e.g. dir/*.jpg)"
+              if os.path.isdir(path)
+              else "does not exist"
+          )
+      )
     try:
       with Image.open(path) as img:
         img.load()
@@ -176,12 +231,17 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
       cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     cli.fail(f"--out {args.out} is a file; expected a directory for the PNGs")
-  existing = [name for name in _output_names(unique_stems(args.image), args.num_clusters)
-              if os.path.exists(os.path.join(args.out, name))]
+  existing = [
+      name
+      for name in _output_names(unique_stems(args.image), args.num_clusters)
+      if os.path.exists(os.path.join(args.out, name))
+  ]
   if existing and not args.overwrite:
     more = f" and {len(existing) - 1} more of this run's files" if len(existing) > 1 else ""
-    cli.fail(f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
-             f"{'them' if more else 'it'}, or choose another --out")
+    cli.fail(
+        f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
+        f"{'them' if more else 'it'}, or choose another --out"
+    )
   return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
 
 
@@ -197,18 +257,19 @@ def main(argv: list[str] | None = None) -> int:
   stems = unique_stems(args.image)
   batch = min(args.batch_size, len(args.image))
   for first in range(0, len(args.image), batch):
-    paths = args.image[first:first + batch]
+    paths = args.image[first : first + batch]
     loaded = [load_image(p, size) for p in paths]
     pixels = np.stack([np.asarray(r) for _, r in loaded])  # uint8 [n, H, W, 3]
     x = np.asarray(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
     clusters = cluster_maps(model, variables, x, False)
-    clusters = jax.tree.map(lambda a: np.asarray(a)[:len(paths)], clusters)  # drop the padding
+    clusters = jax.tree.map(lambda a: np.asarray(a)[: len(paths)], clusters)  # drop the padding
     groups = {k: interpret.group_batch(clusters, k, args.feature) for k in args.num_clusters}
     for i, (path, (original, resized)) in enumerate(zip(paths, loaded)):
       g = {k: median_filter(v[i], args.median_filter) for k, v in groups.items()}
-      render(args.out, stems[first + i], original, resized, clusters.levels[i], names, g,
-             args.alpha)
+      render(
+          args.out, stems[first + i], original, resized, clusters.levels[i], names, g, args.alpha
+      )
       if not model.variant.dense_outputs:
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))

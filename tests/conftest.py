@@ -1,5 +1,6 @@
 """Session fixtures of the training tests (test_train_loop.py, test_train_runs.py, both in the
 xdist group 'train', so that one worker computes them once)."""
+
 import jax
 import pytest
 

@@ -11,8 +11,24 @@ from fec_jax import throughput
 
 
 def test_bench_prints_one_json_line_per_measurement(capsys):
-  bench.main(["--models", "fec_small", "--batch", "2", "--warmup", "1", "--iters", "1",
-              "--dtypes", "float32", "--modes", "infer", "--torch", "off"])
+  bench.main(
+      [
+          "--models",
+          "fec_small",
+          "--batch",
+          "2",
+          "--warmup",
+          "1",
+          "--iters",
+          "1",
+          "--dtypes",
+          "float32",
+          "--modes",
+          "infer",
+          "--torch",
+          "off",
+      ]
+  )
   out = capsys.readouterr().out.splitlines()
   records = [json.loads(line) for line in out if line.startswith("{")]
   assert len(records) == 1
@@ -23,13 +39,16 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
   assert record["compile_s"] > 0 and record["trace_lower_s"] > 0 and record["stablehlo_lines"] > 0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--models", "fec_tiny"], "unknown model(s) ['fec_tiny']"),
-    (["--models", "fec_small_seg"], "unknown model(s) ['fec_small_seg']"),
-    (["--batch", "0"], "--batch must be a positive integer, got 0"),
-    (["--iters", "-1"], "--iters must be a positive integer"),
-    (["--tpu", "v5e:2x2"], '--tpu needs libtpu: pip install -e ".[tpu]"'),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--models", "fec_tiny"], "unknown model(s) ['fec_tiny']"),
+        (["--models", "fec_small_seg"], "unknown model(s) ['fec_small_seg']"),
+        (["--batch", "0"], "--batch must be a positive integer, got 0"),
+        (["--iters", "-1"], "--iters must be a positive integer"),
+        (["--tpu", "v5e:2x2"], '--tpu needs libtpu: pip install -e ".[tpu]"'),
+    ],
+)
 def test_bad_arguments_give_one_error_line(argv, message, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # as in CI: the [tpu] extra not installed
   with pytest.raises(SystemExit) as exit_info:
@@ -63,11 +82,14 @@ ENTRY %main (a: f32[4096,24], b: bf16[10]) -> ({big}, bf16[10]) {{
   assert fusions[1]["bytes"] == 2 * 10 * 2
 
 
-@pytest.mark.parametrize("fixed,per_image,expected", [
-    (2e9, 3e8, 48),  # 2 x 32 does not fit: the prediction is checked upwards
-    (1e8, 5e7, 336),  # both fit: the line predicts the batch exactly
-    (1.5e10, 1e8, 16),  # 32 does not fit: the search starts lower
-])
+@pytest.mark.parametrize(
+    "fixed,per_image,expected",
+    [
+        (2e9, 3e8, 48),  # 2 x 32 does not fit: the prediction is checked upwards
+        (1e8, 5e7, 336),  # both fit: the line predicts the batch exactly
+        (1.5e10, 1e8, 16),  # 32 does not fit: the search starts lower
+    ],
+)
 def test_largest_tpu_batch_on_a_linear_memory_model(monkeypatch, fixed, per_image, expected):
   """The search over per-chip batches, with compiles replaced by memory = fixed + per_image * b."""
   hbm = throughput.TPU_HBM_BYTES["TPU v5 lite"]

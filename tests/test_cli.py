@@ -36,13 +36,17 @@ def test_fail_and_user_errors(capsys):
     with cli.user_errors(checkpoint.CheckpointError):
       raise error
 
-  assert outcome(capsys, raises, checkpoint.CheckpointError("bad dir")) == (2, "",
-                                                                            "error: bad dir\n")
+  assert outcome(capsys, raises, checkpoint.CheckpointError("bad dir")) == (
+      2,
+      "",
+      "error: bad dir\n",
+  )
   with pytest.raises(KeyError):  # not a user error: propagates as a traceback
     raises(KeyError("bug"))
 
 
 # --- config flags ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def parse(monkeypatch):
@@ -67,24 +71,39 @@ def parse(monkeypatch):
   return parse_argv
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.global_batchsize=8"],
-     "unknown config field 'global_batchsize'; did you mean 'global_batch_size'?"),
-    (["--config=configs/demo.py", "--config.global_batchsize=8"],
-     "unknown config field 'global_batchsize'; did you mean 'global_batch_size'?"),
-    (["--config", "configs/demo.py", "--config.model.drop_pathrate=0.1"],
-     "unknown config field 'model.drop_pathrate'; did you mean 'model.drop_path_rate'?"),
-    (["--config.model.name.x=1"], "config field 'model.name' is a str, it has no field 'x'"),
-    (["--config=configs/nope.py"],
-     "--config=configs/nope.py: cannot load it (no such file); expected a Python file with "
-     "get_config()"),
-    (["--config=configs/nope.py", "--config.epochs=1"],
-     "--config=configs/nope.py: cannot load it (no such file); expected a Python file with "
-     "get_config()"),
-    (["--workdirr=x"], "Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
-    (["--config.epochs=many"],
-     "flag --config.epochs=many: invalid literal for int() with base 10: 'many'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.global_batchsize=8"],
+            "unknown config field 'global_batchsize'; did you mean 'global_batch_size'?",
+        ),
+        (
+            ["--config=configs/demo.py", "--config.global_batchsize=8"],
+            "unknown config field 'global_batchsize'; did you mean 'global_batch_size'?",
+        ),
+        (
+            ["--config", "configs/demo.py", "--config.model.drop_pathrate=0.1"],
+            "unknown config field 'model.drop_pathrate'; did you mean 'model.drop_path_rate'?",
+        ),
+        (["--config.model.name.x=1"], "config field 'model.name' is a str, it has no field 'x'"),
+        (
+            ["--config=configs/nope.py"],
+            "--config=configs/nope.py: cannot load it (no such file); expected a Python file with "
+            "get_config()",
+        ),
+        (
+            ["--config=configs/nope.py", "--config.epochs=1"],
+            "--config=configs/nope.py: cannot load it (no such file); expected a Python file with "
+            "get_config()",
+        ),
+        (["--workdirr=x"], "Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
+        (
+            ["--config.epochs=many"],
+            "flag --config.epochs=many: invalid literal for int() with base 10: 'many'",
+        ),
+    ],
+)
 def test_config_mistakes_are_one_line(parse, capsys, args, message):
   code, out, err, _ = parse(capsys, *args)
   assert (code, out, err) == (2, "", f"error: {message}\n")
@@ -92,13 +111,20 @@ def test_config_mistakes_are_one_line(parse, capsys, args, message):
 
 def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
   code, _, err, _ = parse(capsys, "--config=configs/demo.py", "--config.data.zzzzzz=1")
-  assert code == 2 and err.startswith("error: unknown config field 'data.zzzzzz'; the fields of "
-                                      "'data' are: ") and err.count("\n") == 1, err
+  assert (
+      code == 2
+      and err.startswith("error: unknown config field 'data.zzzzzz'; the fields of " "'data' are: ")
+      and err.count("\n") == 1
+  ), err
 
 
 def test_good_overrides_apply(parse, capsys):
-  code, _, err, config = parse(capsys, "--config=configs/demo.py", "--config.global_batch_size=8",
-                               "--config.model.drop_path_rate=0.2")
+  code, _, err, config = parse(
+      capsys,
+      "--config=configs/demo.py",
+      "--config.global_batch_size=8",
+      "--config.model.drop_path_rate=0.2",
+  )
   assert (code, err) == (0, "")
   assert (config.global_batch_size, config.model.drop_path_rate) == (8, 0.2)
 
@@ -112,13 +138,20 @@ def test_run_reports_mistakes_and_user_errors(monkeypatch, capsys):
 
   monkeypatch.setattr("sys.argv", ["prog", "here"])
   assert outcome(capsys, cli.run, main, (checkpoint.CheckpointError,)) == (
-      2, "", "error: nothing at here\n")
+      2,
+      "",
+      "error: nothing at here\n",
+  )
   monkeypatch.setattr("sys.argv", ["prog", "--no_such_flag=1"])
   assert outcome(capsys, cli.run, main) == (
-      2, "", "error: Unknown command line flag 'no_such_flag'\n")
+      2,
+      "",
+      "error: Unknown command line flag 'no_such_flag'\n",
+  )
 
 
 # --- quiet logs ------------------------------------------------------------------------------
+
 
 def record(name, level, message, pathname=__file__):
   return logging.LogRecord(name, level, pathname, 1, message, None, None)
@@ -129,20 +162,25 @@ def test_quiet_drops_only_the_harmless_lines():
   handler = absl_logging.get_absl_handler()
   orbax_file = os.path.join(cli._ORBAX_DIR, "checkpoint_manager.py")
   tpu = "Unable to initialize backend 'tpu': NOT_FOUND: TPU initialization failed"
-  dropped = [record("absl", logging.INFO, "Found 1 checkpoint steps", orbax_file),
-             record("jax._src.xla_bridge", logging.INFO, tpu)]
-  kept = [record("absl", logging.WARNING, "a real orbax warning", orbax_file),
-          record("jax._src.xla_bridge", logging.INFO, "Unable to initialize backend 'cuda': x"),
-          record("jax._src.xla_bridge", logging.WARNING, tpu),
-          record("absl", logging.INFO, "step 10: loss 2.3")]  # our own progress lines
+  dropped = [
+      record("absl", logging.INFO, "Found 1 checkpoint steps", orbax_file),
+      record("jax._src.xla_bridge", logging.INFO, tpu),
+  ]
+  kept = [
+      record("absl", logging.WARNING, "a real orbax warning", orbax_file),
+      record("jax._src.xla_bridge", logging.INFO, "Unable to initialize backend 'cuda': x"),
+      record("jax._src.xla_bridge", logging.WARNING, tpu),
+      record("absl", logging.INFO, "step 10: loss 2.3"),
+  ]  # our own progress lines
   assert [bool(handler.filter(r)) for r in dropped + kept] == [False] * 2 + [True] * 4
 
 
 def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog):
   """load_pretrained: no "Given directory is read only" warning; its INFO lines are orbax's,
   which quiet() drops."""
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                        param_shapes(create_model("fec_small", num_classes=3)))
+  params = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small", num_classes=3))
+  )
   checkpoint.save_params(str(tmp_path / "c"), params, "fec_small", {"num_classes": 3})
   caplog.clear()
   with caplog.at_level(logging.INFO):
@@ -152,17 +190,26 @@ def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog):
   assert sorted(os.listdir(tmp_path / "c")) == ["0"]  # loading writes nothing
 
 
-
 # --- python -m fec_jax.summary ---------------------------------------------------------------
 
-@pytest.mark.parametrize("args, message", [
-    (["fec_smal"], "unknown model fec_smal; the models are: fec_base, fec_base_det, fec_base_seg, "
-                   "fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det, "
-                   "fec_small_seg"),
-    (["fec_small", "--size", "60"], "--size 60 60: network.1: ClusterPool needs an even feature "
-                                    "map (per fold region), got 15x15;"),
-    (["fec_small", "--size", "1", "2", "3"], "--size takes H or H W (positive), got 1 2 3"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["fec_smal"],
+            "unknown model fec_smal; the models are: fec_base, fec_base_det, fec_base_seg, "
+            "fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det, "
+            "fec_small_seg",
+        ),
+        (
+            ["fec_small", "--size", "60"],
+            "--size 60 60: network.1: ClusterPool needs an even feature "
+            "map (per fold region), got 15x15;",
+        ),
+        (["fec_small", "--size", "1", "2", "3"], "--size takes H or H W (positive), got 1 2 3"),
+    ],
+)
 def test_summary_mistakes(capsys, args, message):
   code, out, err = outcome(capsys, summary.main, args)
   assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1
@@ -170,12 +217,14 @@ def test_summary_mistakes(capsys, args, message):
 
 # --- visualize.py ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """A converter-style checkpoint of fec_small, a photo, a truncated and a non-image file."""
   root = tmp_path_factory.mktemp("vis")
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                        param_shapes(create_model("fec_small")))
+  params = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small"))
+  )
   checkpoint.save_params(str(root / "ckpt"), params, "fec_small", {"num_classes": 1000})
   Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(root / "photo.jpg")
   (root / "truncated.jpg").write_bytes((root / "photo.jpg").read_bytes()[:300])
@@ -184,39 +233,69 @@ def files(tmp_path_factory):
 
 
 VISUALIZE_MISTAKES = [
-    ("image size count", ["--image-size", "64", "64", "64"],
-     "--image-size takes S or H W (positive), got 64 64 64"),
-    ("image size for the model", ["--image-size", "60"],
-     "--image-size 60 60: network.1: ClusterPool needs an even feature map"),
-    ("even median filter", ["--median-filter", "4"], "--median-filter must be odd (or 0 = off), "
-                                                      "got 4"),
+    (
+        "image size count",
+        ["--image-size", "64", "64", "64"],
+        "--image-size takes S or H W (positive), got 64 64 64",
+    ),
+    (
+        "image size for the model",
+        ["--image-size", "60"],
+        "--image-size 60 60: network.1: ClusterPool needs an even feature map",
+    ),
+    (
+        "even median filter",
+        ["--median-filter", "4"],
+        "--median-filter must be odd (or 0 = off), " "got 4",
+    ),
     ("no clusters", ["--num-clusters", "0"], "--num-clusters must be at least 1, got 0"),
     ("alpha", ["--alpha", "2"], "--alpha is an opacity between 0 and 1, got 2.0"),
     ("missing image", ["--image", "{root}/nope.jpg"], "--image {root}/nope.jpg does not exist"),
-    ("directory as image", ["--image", "{root}"], "--image {root} is a directory; expected image "
-                                                  "files"),
-    ("truncated image", ["--image", "{root}/truncated.jpg"], "--image {root}/truncated.jpg is not "
-                                                             "a readable image (OSError: "),
-    ("not an image", ["--image", "{root}/notes.jpg"], "--image {root}/notes.jpg is not a readable "
-                                                      "image (UnidentifiedImageError: "),
-    ("file as output", ["--out", "{root}/photo.jpg"], "--out {root}/photo.jpg is a file; expected "
-                                                      "a directory for the PNGs"),
-    ("missing checkpoint", ["--checkpoint", "{root}/nockpt"], "checkpoint directory "
-                                                              "{root}/nockpt does not exist"),
+    (
+        "directory as image",
+        ["--image", "{root}"],
+        "--image {root} is a directory; expected image " "files",
+    ),
+    (
+        "truncated image",
+        ["--image", "{root}/truncated.jpg"],
+        "--image {root}/truncated.jpg is not " "a readable image (OSError: ",
+    ),
+    (
+        "not an image",
+        ["--image", "{root}/notes.jpg"],
+        "--image {root}/notes.jpg is not a readable " "image (UnidentifiedImageError: ",
+    ),
+    (
+        "file as output",
+        ["--out", "{root}/photo.jpg"],
+        "--out {root}/photo.jpg is a file; expected " "a directory for the PNGs",
+    ),
+    (
+        "missing checkpoint",
+        ["--checkpoint", "{root}/nockpt"],
+        "checkpoint directory " "{root}/nockpt does not exist",
+    ),
     ("missing step", ["--step", "7"], "{root}/ckpt has no step 7; saved steps: [0]"),
 ]
 
 
-@pytest.mark.parametrize("case, args, message", VISUALIZE_MISTAKES,
-                         ids=[c for c, _, _ in VISUALIZE_MISTAKES])
-def test_visualize_mistakes_before_the_checkpoint_load(files, monkeypatch, capsys, case, args,
-                                                        message):
+@pytest.mark.parametrize(
+    "case, args, message", VISUALIZE_MISTAKES, ids=[c for c, _, _ in VISUALIZE_MISTAKES]
+)
+def test_visualize_mistakes_before_the_checkpoint_load(
+    files, monkeypatch, capsys, case, args, message
+):
   def slow(*args, **kwargs):
     raise AssertionError("the params were restored before the arguments were checked")
 
   monkeypatch.setattr(visualize, "load_pretrained", slow)
-  defaults = {"--checkpoint": "{root}/ckpt", "--image": "{root}/photo.jpg",
-              "--out": "{root}/out", "--image-size": "64"}
+  defaults = {
+      "--checkpoint": "{root}/ckpt",
+      "--image": "{root}/photo.jpg",
+      "--out": "{root}/out",
+      "--image-size": "64",
+  }
   for flag, value in defaults.items():
     if flag not in args:
       args = [*args, flag, value]
@@ -231,11 +310,22 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   out = tmp_path / "vis"
   out.mkdir()
   (out / "photo_k3.png").write_bytes(b"mine")
-  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg"),
-          "--image-size", "64", "--out", str(out)]
+  args = [
+      "--checkpoint",
+      str(files / "ckpt"),
+      "--image",
+      str(files / "photo.jpg"),
+      "--image-size",
+      "64",
+      "--out",
+      str(out),
+  ]
   assert outcome(capsys, visualize.main, args) == (
-      2, "", f"error: --out {out} already holds photo_k3.png; pass --overwrite to replace it, or "
-             "choose another --out\n")
+      2,
+      "",
+      f"error: --out {out} already holds photo_k3.png; pass --overwrite to replace it, or "
+      "choose another --out\n",
+  )
   assert (out / "photo_k3.png").read_bytes() == b"mine"
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
   assert (code, err) == (0, ""), err  # nothing but the results

@@ -20,16 +20,22 @@ def test_adaptive_avg_pool_matches_torch(in_h, out_h):
   """Every pair of sizes, overlapping windows and outputs larger than inputs included."""
   in_w, out_w = in_h + 3, max(1, out_h - 1)  # non-square too
   x = np.random.default_rng(in_h * 100 + out_h).normal(size=(2, in_h, in_w, 5)).astype(np.float32)
-  expected = torch.nn.functional.adaptive_avg_pool2d(
-      torch.from_numpy(x).permute(0, 3, 1, 2), (out_h, out_w)).permute(0, 2, 3, 1).numpy()
+  expected = (
+      torch.nn.functional.adaptive_avg_pool2d(
+          torch.from_numpy(x).permute(0, 3, 1, 2), (out_h, out_w)
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+  )
   got = np.asarray(clustering.adaptive_avg_pool(jnp.asarray(x), (out_h, out_w)))
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_adaptive_window_matrix_overlaps_like_torch():
   # 7 -> 2 gives windows [0, 4) and [3, 7) (docs/official-code.md Sec. 3)
-  np.testing.assert_array_equal(clustering.adaptive_window_matrix(7, 2),
-                                [[1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(
+      clustering.adaptive_window_matrix(7, 2), [[1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+  )
 
 
 def test_fold_unfold_roundtrip_and_region_order():
@@ -83,16 +89,19 @@ def test_aggregations_agree_in_outputs_and_gradients(assign_grad):
   for aggregation in ("onehot", "auto"):
     for g_seg, g_other in zip(grad(args, "segment_sum"), grad(args, aggregation)):
       np.testing.assert_allclose(g_seg, g_other, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_encode(*args, aggregation, assign_grad), expected, rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        _encode(*args, aggregation, assign_grad), expected, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_onehot_dispatch_is_bit_identical_to_the_gather():
   values, value_centers, similarity = _random_cluster_inputs(3)
   assignment = clustering.assign(similarity)
   reps = clustering.representatives(values, value_centers, assignment, "segment_sum")
-  np.testing.assert_array_equal(clustering.dispatch(reps, similarity, assignment, "onehot"),
-                                clustering.dispatch(reps, similarity, assignment, "segment_sum"))
+  np.testing.assert_array_equal(
+      clustering.dispatch(reps, similarity, assignment, "onehot"),
+      clustering.dispatch(reps, similarity, assignment, "segment_sum"),
+  )
 
 
 def _stablehlo_ops(platform, aggregation):

@@ -32,8 +32,14 @@ def small_state():
 
 def run_cli(*args):
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), *args],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "convert_torch_weights.py"), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+  )
 
 
 def test_cli_roundtrip_is_bit_exact_and_loads_strictly(tmp_path, small_state):
@@ -42,8 +48,15 @@ def test_cli_roundtrip_is_bit_exact_and_loads_strictly(tmp_path, small_state):
   torch.save({"state_dict": small_state, "epoch": 3, "arch": "fec_small"}, src)
   out = run_cli("--model", "fec_small", "--input", str(src), "--output", str(tmp_path / "orbax"))
   assert out.returncode == 0, out.stderr
-  back = run_cli("--model", "fec_small", "--input", str(tmp_path / "orbax"),
-                 "--output", str(tmp_path / "back.pth"), "--to-torch")
+  back = run_cli(
+      "--model",
+      "fec_small",
+      "--input",
+      str(tmp_path / "orbax"),
+      "--output",
+      str(tmp_path / "back.pth"),
+      "--to-torch",
+  )
   assert back.returncode == 0, back.stderr
   # no Orbax "Given directory is read only", no torch "NumPy array is not writable" warning
   assert out.stderr == back.stderr == "", (out.stderr, back.stderr)
@@ -110,8 +123,9 @@ def test_strict_errors_list_every_bad_key(tmp_path, small_state, capsys):
   state["head.bias"] = torch.zeros(7)
   path = tmp_path / "bad.pth"
   torch.save(state, path)
-  code, _, err = convert_cli(capsys, "--model", "fec_small", "--input", path,
-                             "--output", tmp_path / "o")
+  code, _, err = convert_cli(
+      capsys, "--model", "fec_small", "--input", path, "--output", tmp_path / "o"
+  )
   assert code == 2
   assert "missing     network.0.1.norm1.weight  expected shape [32]" in err
   assert "unexpected  network.9.foo  found shape [3]" in err
@@ -129,7 +143,9 @@ def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
   assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
 
   other = tmp_path / "resnet.pth"
-  torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, other)
+  torch.save(
+      {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, other
+  )
   code, _, err = convert_cli(capsys, "--input", other, "--output", tmp_path / "o2")
   assert code == 2 and "not an FEC state dict" in err
   assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
@@ -137,8 +153,10 @@ def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
 
 def test_wrong_variant_names_the_one_it_holds():
   """fec_base weights with --model fec_small: one line naming fec_base, 3 keys and a count."""
-  state = {k: np.zeros(shape, np.float32)
-           for k, shape in convert.expected_torch_shapes("fec_base").items()}
+  state = {
+      k: np.zeros(shape, np.float32)
+      for k, shape in convert.expected_torch_shapes("fec_base").items()
+  }
   with pytest.raises(convert.ConversionError) as e:
     convert.torch_to_flax(state, "fec_small")
   message = str(e.value)
@@ -152,47 +170,76 @@ def test_wrong_variant_names_the_one_it_holds():
 def orbax_small(tmp_path_factory, small_state):
   """A converter output of fec_small, and its params."""
   path = tmp_path_factory.mktemp("orbax") / "fec_small"
-  params, overrides = convert.torch_to_flax({k: v.numpy() for k, v in small_state.items()},
-                                            "fec_small")
+  params, overrides = convert.torch_to_flax(
+      {k: v.numpy() for k, v in small_state.items()}, "fec_small"
+  )
   fec_jax.checkpoint.save_params(str(path), params, "fec_small", overrides)
   return path
 
 
 def no_slow_work(monkeypatch):
   """Path mistakes are found before any checkpoint is read."""
+
   def slow(*args, **kwargs):
     raise AssertionError("a checkpoint was read before the paths were checked")
+
   for name in ("read_state_dict", "load_pretrained"):
     monkeypatch.setattr(convert, name, slow)
 
 
 PATH_MISTAKES = [
-    ("missing input", "--input {tmp}/nope.pth does not exist; expected a .pth / .pth.tar / "
-                      ".safetensors checkpoint file"),
-    ("directory as input", "--input {orbax} is a directory; expected a .pth / "
-                           ".pth.tar / .safetensors checkpoint file (to convert an Orbax "
-                           "directory to PyTorch, add --to-torch)"),
-    ("file as output", "--output {tmp}/w.pth is a file; expected a directory for the Orbax "
-                       "checkpoint"),
-    ("non-empty output", "--output directory {orbax} exists and is not empty; pass "
-                         "--overwrite to replace the checkpoint in it"),
-    ("missing orbax input", "--input {tmp}/nodir does not exist; expected an Orbax checkpoint "
-                            "directory (the --output of a conversion, or a train.py --workdir)"),
-    ("file as orbax input", "--input {tmp}/w.pth is a file; with --to-torch it must be an Orbax "
-                            "checkpoint directory"),
-    ("directory as .pth output", "--output {tmp} is a directory; with --to-torch it must be the "
-                                 "path of the .pth file to write"),
-    ("missing output parent", "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not "
-                              "exist"),
+    (
+        "missing input",
+        "--input {tmp}/nope.pth does not exist; expected a .pth / .pth.tar / "
+        ".safetensors checkpoint file",
+    ),
+    (
+        "directory as input",
+        "--input {orbax} is a directory; expected a .pth / "
+        ".pth.tar / .safetensors checkpoint file (to convert an Orbax "
+        "directory to PyTorch, add --to-torch)",
+    ),
+    (
+        "file as output",
+        "--output {tmp}/w.pth is a file; expected a directory for the Orbax " "checkpoint",
+    ),
+    (
+        "non-empty output",
+        "--output directory {orbax} exists and is not empty; pass "
+        "--overwrite to replace the checkpoint in it",
+    ),
+    (
+        "missing orbax input",
+        "--input {tmp}/nodir does not exist; expected an Orbax checkpoint "
+        "directory (the --output of a conversion, or a train.py --workdir)",
+    ),
+    (
+        "file as orbax input",
+        "--input {tmp}/w.pth is a file; with --to-torch it must be an Orbax "
+        "checkpoint directory",
+    ),
+    (
+        "directory as .pth output",
+        "--output {tmp} is a directory; with --to-torch it must be the "
+        "path of the .pth file to write",
+    ),
+    (
+        "missing output parent",
+        "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not " "exist",
+    ),
     ("existing .pth output", "--output {tmp}/w.pth exists; pass --overwrite to replace it"),
-    ("overwrite of a non-checkpoint", "--output directory {tmp} holds more than an FEC checkpoint;"
-                                      " --overwrite replaces only a conversion's output"),
+    (
+        "overwrite of a non-checkpoint",
+        "--output directory {tmp} holds more than an FEC checkpoint;"
+        " --overwrite replaces only a conversion's output",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case, expected", PATH_MISTAKES, ids=[c for c, _ in PATH_MISTAKES])
-def test_path_mistakes_are_one_line_before_any_work(case, expected, orbax_small, tmp_path,
-                                                     monkeypatch, capsys):
+def test_path_mistakes_are_one_line_before_any_work(
+    case, expected, orbax_small, tmp_path, monkeypatch, capsys
+):
   tmp = tmp_path
   pth = tmp / "w.pth"
   pth.write_bytes(b"weights")
@@ -204,8 +251,13 @@ def test_path_mistakes_are_one_line_before_any_work(case, expected, orbax_small,
       "missing orbax input": ["--input", tmp / "nodir", "--output", tmp / "b.pth", "--to-torch"],
       "file as orbax input": ["--input", pth, "--output", tmp / "b.pth", "--to-torch"],
       "directory as .pth output": ["--input", orbax_small, "--output", tmp, "--to-torch"],
-      "missing output parent": ["--input", orbax_small, "--output", tmp / "nodir" / "back.pth",
-                                "--to-torch"],
+      "missing output parent": [
+          "--input",
+          orbax_small,
+          "--output",
+          tmp / "nodir" / "back.pth",
+          "--to-torch",
+      ],
       "existing .pth output": ["--input", orbax_small, "--output", pth, "--to-torch"],
       "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
   }[case]
@@ -222,14 +274,26 @@ def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
   """--overwrite replaces a .pth file and a converter output; a wrong --model for --to-torch
   is refused first."""
   orbax_small = shutil.copytree(orbax_small, tmp_path / "orbax" / "fec_small")
-  code, _, err = convert_cli(capsys, "--model", "fec_base", "--input", orbax_small,
-                             "--output", tmp_path / "x.pth", "--to-torch")
-  assert code == 2 and err == (f"error: {orbax_small} holds fec_small, not fec_base: pass --model "
-                               "fec_small or leave out --model\n")
+  code, _, err = convert_cli(
+      capsys,
+      "--model",
+      "fec_base",
+      "--input",
+      orbax_small,
+      "--output",
+      tmp_path / "x.pth",
+      "--to-torch",
+  )
+  assert code == 2 and err == (
+      f"error: {orbax_small} holds fec_small, not fec_base: pass --model "
+      "fec_small or leave out --model\n"
+  )
   old = tmp_path / "old.pth"
   old.write_bytes(b"old")
-  assert convert_cli(capsys, "--input", orbax_small, "--output", old, "--to-torch",
-                     "--overwrite")[0] == 0
+  assert (
+      convert_cli(capsys, "--input", orbax_small, "--output", old, "--to-torch", "--overwrite")[0]
+      == 0
+  )
   assert set(torch.load(old, weights_only=True)) == set(small_state)
 
   changed = {k: v + 1 for k, v in small_state.items()}
@@ -257,10 +321,12 @@ def test_num_classes_is_taken_from_the_head(small_state):
   assert overrides == {"num_classes": 10}
   assert params["head"]["kernel"].shape == (320, 10)
   assert jax.tree.structure(params) == jax.tree.structure(
-      convert.abstract_params("fec_small", num_classes=10))
+      convert.abstract_params("fec_small", num_classes=10)
+  )
 
 
 # --- Semantic FPN (mmseg checkpoints) ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fpn_model():
@@ -268,8 +334,14 @@ def fpn_model():
 
 
 def mmseg_checkpoint(path, model):
-  torch.save({"meta": {"mmseg_version": "0.24.0", "iter": 80_000}, "state_dict": model.state_dict(),
-              "optimizer": {}}, path)
+  torch.save(
+      {
+          "meta": {"mmseg_version": "0.24.0", "iter": 80_000},
+          "state_dict": model.state_dict(),
+          "optimizer": {},
+      },
+      path,
+  )
 
 
 def test_fpn_roundtrip_is_bit_exact_and_load_pretrained_restores_batch_stats(tmp_path, fpn_model):
@@ -279,8 +351,20 @@ def test_fpn_roundtrip_is_bit_exact_and_load_pretrained_restores_batch_stats(tmp
   src = tmp_path / "fpn_fec_small_ade20k_80k.pth"
   mmseg_checkpoint(src, fpn_model)
   assert convert.main(["--input", str(src), "--output", str(tmp_path / "orbax")]) == 0
-  assert convert.main(["--model", "fpn_fec_small", "--input", str(tmp_path / "orbax"),
-                       "--output", str(tmp_path / "back.pth"), "--to-torch"]) == 0
+  assert (
+      convert.main(
+          [
+              "--model",
+              "fpn_fec_small",
+              "--input",
+              str(tmp_path / "orbax"),
+              "--output",
+              str(tmp_path / "back.pth"),
+              "--to-torch",
+          ]
+      )
+      == 0
+  )
   restored = torch.load(tmp_path / "back.pth", weights_only=True)
   original = fpn_model.state_dict()
   assert set(restored) == set(original)
@@ -306,8 +390,11 @@ def test_fpn_roundtrip_is_bit_exact_and_load_pretrained_restores_batch_stats(tmp
     return model.apply(v, images), model.apply(v, images, train=True, mutable=["batch_stats"])
 
   images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-  got, (got_train, updated) = jax.jit(both).lower(variables, images).compile(
-      {"xla_backend_optimization_level": 0})(variables, images)
+  got, (got_train, updated) = (
+      jax.jit(both)
+      .lower(variables, images)
+      .compile({"xla_backend_optimization_level": 0})(variables, images)
+  )
   for e, g in ((expected, got), (expected_train, got_train)):
     assert np.abs(np.asarray(g) - e).max() <= 1e-4 * np.abs(e).max()
   state = convert.variables_to_torch({"params": {}, **updated})
@@ -327,8 +414,10 @@ def test_fpn_strict_errors_list_every_bad_key(fpn_model):
   message = str(e.value)
   assert "does not match fpn_fec_small (3 problems)" in message
   assert "missing     decode_head.scale_heads.3.2.bn.running_var  expected shape [128]" in message
-  assert ("mis-shaped  neck.lateral_convs.0.conv.weight  expected shape [256, 32, 1, 1], "
-          "found [256, 3, 1, 1]") in message
+  assert (
+      "mis-shaped  neck.lateral_convs.0.conv.weight  expected shape [256, 32, 1, 1], "
+      "found [256, 3, 1, 1]"
+  ) in message
   assert "unexpected  decode_head.conv_seg.foo  found shape [3]" in message
   with pytest.raises(convert.ConversionError, match="use torch_to_variables"):
     convert.torch_to_flax(state, "fpn_fec_small")
@@ -348,7 +437,8 @@ def test_mmseg_checkpoint_whole_or_backbone(tmp_path, fpn_model):
   params, _ = convert.torch_to_flax(backbone, "fec_small_seg")
   assert jax.tree.structure(params) == jax.tree.structure(convert.abstract_params("fec_small_seg"))
   nineteen = torch_reference_fpn.create_torch_segmenter("fpn_fec_small", 19).state_dict()
-  variables, overrides = convert.torch_to_variables({k: v.numpy() for k, v in nineteen.items()},
-                                                    "fpn_fec_small")
+  variables, overrides = convert.torch_to_variables(
+      {k: v.numpy() for k, v in nineteen.items()}, "fpn_fec_small"
+  )
   assert overrides == {"num_classes": 19}
   assert variables["params"]["decode_head"]["conv_seg"]["kernel"].shape == (128, 19)

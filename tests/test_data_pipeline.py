@@ -1,4 +1,5 @@
 """Sources, loader determinism/resume/sharding, bad input, eval transform, mixup properties."""
+
 import io
 import os
 
@@ -13,280 +14,320 @@ from imagenet_fixture import WNIDS, make_imagenet_folder
 
 
 def _cfg(root, **kw):
-    cfg = fd.default_config()
-    cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = str(root), 3, 32, 0
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+  cfg = fd.default_config()
+  cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = str(root), 3, 32, 0
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return cfg
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_imagenet_folder(tmp_path_factory.mktemp('imagenet'), num_classes=3,
-                                per_class=6, val_per_class=3)
+  return make_imagenet_folder(
+      tmp_path_factory.mktemp("imagenet"), num_classes=3, per_class=6, val_per_class=3
+  )
 
 
 def _take(it, n):
-    return [next(it) for _ in range(n)]
+  return [next(it) for _ in range(n)]
 
 
 def test_folder_source_layout(folder):
-    src = sources.FolderSource(folder, 'val', 3)
-    assert src.classes == WNIDS[:3] and len(src) == 9
-    assert [src[i]['label'] for i in range(len(src))] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert fd.num_examples(_cfg(folder), 'train') == 18
-    assert fd.steps_per_epoch(_cfg(folder), 4) == 4
-    with pytest.raises(ValueError, match='num_classes'):
-        sources.FolderSource(folder, 'val', 5)
+  src = sources.FolderSource(folder, "val", 3)
+  assert src.classes == WNIDS[:3] and len(src) == 9
+  assert [src[i]["label"] for i in range(len(src))] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert fd.num_examples(_cfg(folder), "train") == 18
+  assert fd.steps_per_epoch(_cfg(folder), 4) == 4
+  with pytest.raises(ValueError, match="num_classes"):
+    sources.FolderSource(folder, "val", 5)
 
 
 def test_train_batches_deterministic_and_per_epoch_shuffled(folder):
-    cfg = _cfg(folder)
-    a = list(fd.create_loader(cfg, 'train', 4, seed=3, num_epochs=2))
-    b = list(fd.create_loader(cfg, 'train', 4, seed=3, num_epochs=2))
-    c = list(fd.create_loader(cfg, 'train', 4, seed=4, num_epochs=2))
-    assert len(a) == 8 and a[0]['image'].shape == (4, 32, 32, 3)
-    assert a[0]['image'].dtype == np.uint8 and a[0]['label'].dtype == np.int32
-    assert set(a[0]) == {'image', 'label', 'erase'}
-    assert a[0]['erase'].shape == (4, 4) and a[0]['erase'].dtype == np.int32
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x['image'], y['image'])
-    assert any(not np.array_equal(x['image'], y['image']) for x, y in zip(a, c))
-    epoch0 = np.concatenate([x['label'] for x in a[:4]])
-    epoch1 = np.concatenate([x['label'] for x in a[4:]])
-    assert sorted(np.bincount(epoch0, minlength=3)) == sorted(np.bincount(epoch1, minlength=3)) \
-        or not np.array_equal(epoch0, epoch1)
+  cfg = _cfg(folder)
+  a = list(fd.create_loader(cfg, "train", 4, seed=3, num_epochs=2))
+  b = list(fd.create_loader(cfg, "train", 4, seed=3, num_epochs=2))
+  c = list(fd.create_loader(cfg, "train", 4, seed=4, num_epochs=2))
+  assert len(a) == 8 and a[0]["image"].shape == (4, 32, 32, 3)
+  assert a[0]["image"].dtype == np.uint8 and a[0]["label"].dtype == np.int32
+  assert set(a[0]) == {"image", "label", "erase"}
+  assert a[0]["erase"].shape == (4, 4) and a[0]["erase"].dtype == np.int32
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+  epoch0 = np.concatenate([x["label"] for x in a[:4]])
+  epoch1 = np.concatenate([x["label"] for x in a[4:]])
+  assert sorted(np.bincount(epoch0, minlength=3)) == sorted(
+      np.bincount(epoch1, minlength=3)
+  ) or not np.array_equal(epoch0, epoch1)
 
 
 def test_resume_from_state_continues_exactly(folder, tmp_path):
-    import grain
-    import orbax.checkpoint as ocp
-    cfg = _cfg(folder)
-    ref = _take(fd.create_loader(cfg, 'train', 4, seed=0), 7)
-    it = fd.create_loader(cfg, 'train', 4, seed=0)
-    _take(it, 5)  # into the second epoch
-    with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
-        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-        mngr.wait_until_finished()
-        fresh = fd.create_loader(cfg, 'train', 4, seed=0)
-        mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-    for want, got in zip(ref[5:], _take(fresh, 2)):
-        np.testing.assert_array_equal(got['image'], want['image'])
-        np.testing.assert_array_equal(got['label'], want['label'])
+  import grain
+  import orbax.checkpoint as ocp
+
+  cfg = _cfg(folder)
+  ref = _take(fd.create_loader(cfg, "train", 4, seed=0), 7)
+  it = fd.create_loader(cfg, "train", 4, seed=0)
+  _take(it, 5)  # into the second epoch
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    fresh = fd.create_loader(cfg, "train", 4, seed=0)
+    mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for want, got in zip(ref[5:], _take(fresh, 2)):
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
 
 
 def test_shards_are_disjoint_and_augmentation_independent_of_sharding(folder):
-    cfg = _cfg(folder, rand_augment='', reprob=0.0)
-    one = fd.create_loader(cfg, 'train', 4, seed=1, num_epochs=1)
-    whole = np.concatenate([b['image'] for b in one])
-    parts = [np.concatenate([b['image'] for b in fd.create_loader(
-        cfg, 'train', 4, seed=1, shard_index=h, shard_count=2, num_epochs=1)])
-        for h in range(2)]
-    # host h holds global positions h, h + 2, ...: same images, same augmentation
-    np.testing.assert_array_equal(parts[0], whole[0::2])
-    np.testing.assert_array_equal(parts[1], whole[1::2])
+  cfg = _cfg(folder, rand_augment="", reprob=0.0)
+  one = fd.create_loader(cfg, "train", 4, seed=1, num_epochs=1)
+  whole = np.concatenate([b["image"] for b in one])
+  parts = [
+      np.concatenate(
+          [
+              b["image"]
+              for b in fd.create_loader(
+                  cfg, "train", 4, seed=1, shard_index=h, shard_count=2, num_epochs=1
+              )
+          ]
+      )
+      for h in range(2)
+  ]
+  # host h holds global positions h, h + 2, ...: same images, same augmentation
+  np.testing.assert_array_equal(parts[0], whole[0::2])
+  np.testing.assert_array_equal(parts[1], whole[1::2])
 
 
 def test_val_in_order_padded_and_masked(folder):
-    cfg = _cfg(folder)
-    batches = list(fd.create_loader(cfg, 'val', 4, seed=0))
-    assert len(batches) == fd.num_eval_batches(cfg, 4) == 3
-    mask = np.concatenate([b['mask'] for b in batches])
-    labels = np.concatenate([b['label'] for b in batches])
-    assert mask.tolist() == [True] * 9 + [False] * 3
-    assert labels[:9].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    two = [list(fd.create_loader(cfg, 'val', 4, seed=0, shard_index=h, shard_count=2))
-           for h in range(2)]
-    assert all(len(t) == 3 for t in two)
-    assert sum(int(b['mask'].sum()) for t in two for b in t) == 9
+  cfg = _cfg(folder)
+  batches = list(fd.create_loader(cfg, "val", 4, seed=0))
+  assert len(batches) == fd.num_eval_batches(cfg, 4) == 3
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert mask.tolist() == [True] * 9 + [False] * 3
+  assert labels[:9].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  two = [
+      list(fd.create_loader(cfg, "val", 4, seed=0, shard_index=h, shard_count=2)) for h in range(2)
+  ]
+  assert all(len(t) == 3 for t in two)
+  assert sum(int(b["mask"].sum()) for t in two for b in t) == 9
 
 
 def test_loader_with_worker_processes_matches_in_process(folder):
-    cfg = _cfg(folder)
-    want = np.concatenate([b['label'] for b in fd.create_loader(cfg, 'val', 4, seed=0)])
-    cfg.num_workers = 2
-    it = fd.create_loader(cfg, 'val', 4, seed=0)
-    got = list(it)
-    it.close()
-    mask = np.concatenate([b['mask'] for b in got])
-    labels = np.concatenate([b['label'] for b in got])
-    assert sorted(labels[mask].tolist()) == sorted(want[:9].tolist())
+  cfg = _cfg(folder)
+  want = np.concatenate([b["label"] for b in fd.create_loader(cfg, "val", 4, seed=0)])
+  cfg.num_workers = 2
+  it = fd.create_loader(cfg, "val", 4, seed=0)
+  got = list(it)
+  it.close()
+  mask = np.concatenate([b["mask"] for b in got])
+  labels = np.concatenate([b["label"] for b in got])
+  assert sorted(labels[mask].tolist()) == sorted(want[:9].tolist())
 
 
 def _write_bad_files(root):
-    """Adds bad and odd files to class 0 (n01440764) of train and val."""
-    rng = np.random.default_rng(0)
-    for split in ('train', 'val'):
-        d = os.path.join(root, split, WNIDS[0])
-        good = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
-        Image.fromarray(good).convert('CMYK').save(os.path.join(d, 'cmyk.jpg'))
-        Image.fromarray(good[..., 0]).save(os.path.join(d, 'gray.JPEG'))
-        Image.fromarray(good).convert('RGBA').save(os.path.join(d, 'rgba.png'))
-        Image.fromarray(good[..., 0].astype(np.uint16) * 257).save(
-            os.path.join(d, 'deep16.png'))
-        Image.fromarray(good).convert('P').save(os.path.join(d, 'palette.png'))
-        with open(os.path.join(d, 'empty.JPEG'), 'wb'):
-            pass
-        with open(os.path.join(d, 'garbage.JPEG'), 'wb') as f:
-            f.write(rng.bytes(3000))
-        buf = open(os.path.join(d, f'{WNIDS[0]}_0.JPEG'), 'rb').read()
-        with open(os.path.join(d, 'truncated.JPEG'), 'wb') as f:
-            f.write(buf[:len(buf) // 2])
+  """Adds bad and odd files to class 0 (n01440764) of train and val."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "val"):
+    d = os.path.join(root, split, WNIDS[0])
+    good = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(good).convert("CMYK").save(os.path.join(d, "cmyk.jpg"))
+    Image.fromarray(good[..., 0]).save(os.path.join(d, "gray.JPEG"))
+    Image.fromarray(good).convert("RGBA").save(os.path.join(d, "rgba.png"))
+    Image.fromarray(good[..., 0].astype(np.uint16) * 257).save(os.path.join(d, "deep16.png"))
+    Image.fromarray(good).convert("P").save(os.path.join(d, "palette.png"))
+    with open(os.path.join(d, "empty.JPEG"), "wb"):
+      pass
+    with open(os.path.join(d, "garbage.JPEG"), "wb") as f:
+      f.write(rng.bytes(3000))
+    buf = open(os.path.join(d, f"{WNIDS[0]}_0.JPEG"), "rb").read()
+    with open(os.path.join(d, "truncated.JPEG"), "wb") as f:
+      f.write(buf[: len(buf) // 2])
 
 
 def test_bad_and_odd_images_are_converted_or_skipped(tmp_path):
-    root = make_imagenet_folder(tmp_path, num_classes=2, per_class=4, val_per_class=2)
-    _write_bad_files(root)
-    cfg = _cfg(root, num_classes=2)
-    val = sources.FolderSource(root, 'val', 2)
-    bad_keys = {'empty.JPEG', 'garbage.JPEG', 'truncated.JPEG'}
-    it = fd.create_loader(cfg, 'val', 4, seed=0)
-    batches = list(it)
-    mask = np.concatenate([b['mask'] for b in batches])
-    labels = np.concatenate([b['label'] for b in batches])
-    keys = [val[i]['key'] for i in range(len(val))]
-    for i, key in enumerate(keys):  # bad files are masked, every other label is its own
-        assert mask[i] == (os.path.basename(key) not in bad_keys), key
-        if mask[i]:
-            assert labels[i] == val[i]['label']
-    assert it.stats() == {'bad': 3, 'converted': 5}
-    assert all(np.isfinite(b['image']).all() for b in batches)
-    # train: 8 readable class-0 images + 4 class-1, bad ones skipped, labels intact
-    train = fd.create_loader(cfg, 'train', 2, seed=0, num_epochs=1)
-    got = list(train)
-    assert fd.num_examples(cfg, 'train') == 16 and fd.steps_per_epoch(cfg, 2) == 8
-    labels = np.concatenate([b['label'] for b in got])
-    assert len(labels) == 12 and sorted(np.bincount(labels).tolist()) == [4, 8]
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=4, val_per_class=2)
+  _write_bad_files(root)
+  cfg = _cfg(root, num_classes=2)
+  val = sources.FolderSource(root, "val", 2)
+  bad_keys = {"empty.JPEG", "garbage.JPEG", "truncated.JPEG"}
+  it = fd.create_loader(cfg, "val", 4, seed=0)
+  batches = list(it)
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  keys = [val[i]["key"] for i in range(len(val))]
+  for i, key in enumerate(keys):  # bad files are masked, every other label is its own
+    assert mask[i] == (os.path.basename(key) not in bad_keys), key
+    if mask[i]:
+      assert labels[i] == val[i]["label"]
+  assert it.stats() == {"bad": 3, "converted": 5}
+  assert all(np.isfinite(b["image"]).all() for b in batches)
+  # train: 8 readable class-0 images + 4 class-1, bad ones skipped, labels intact
+  train = fd.create_loader(cfg, "train", 2, seed=0, num_epochs=1)
+  got = list(train)
+  assert fd.num_examples(cfg, "train") == 16 and fd.steps_per_epoch(cfg, 2) == 8
+  labels = np.concatenate([b["label"] for b in got])
+  assert len(labels) == 12 and sorted(np.bincount(labels).tolist()) == [4, 8]
 
 
 def _encode(img, fmt):
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
+  buf = io.BytesIO()
+  img.save(buf, fmt)
+  return buf.getvalue()
 
 
 def test_decode_modes():
-    rgb = np.random.default_rng(0).integers(0, 255, (8, 9, 3), dtype=np.uint8)
-    odd = [(Image.fromarray(rgb).convert('CMYK'), 'JPEG'), (Image.fromarray(rgb[..., 0]), 'PNG'),
-           (Image.fromarray(rgb).convert('RGBA'), 'PNG'),
-           (Image.fromarray(np.full((8, 9), 40000, np.uint16)), 'PNG')]
-    for img, fmt in odd:
-        out, converted = transforms.decode(_encode(img, fmt))
-        assert out.shape == (8, 9, 3) and out.dtype == np.uint8 and converted, img.mode
-    assert out[0, 0, 0] == round(40000 / 257)  # 16-bit scaled, not clipped
-    out, converted = transforms.decode(_encode(Image.fromarray(rgb), 'PNG'))
-    assert not converted and np.array_equal(out, rgb)
-    with pytest.raises(transforms.BadImageError):
-        transforms.decode(b'not an image')
+  rgb = np.random.default_rng(0).integers(0, 255, (8, 9, 3), dtype=np.uint8)
+  odd = [
+      (Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+      (Image.fromarray(rgb[..., 0]), "PNG"),
+      (Image.fromarray(rgb).convert("RGBA"), "PNG"),
+      (Image.fromarray(np.full((8, 9), 40000, np.uint16)), "PNG"),
+  ]
+  for img, fmt in odd:
+    out, converted = transforms.decode(_encode(img, fmt))
+    assert out.shape == (8, 9, 3) and out.dtype == np.uint8 and converted, img.mode
+  assert out[0, 0, 0] == round(40000 / 257)  # 16-bit scaled, not clipped
+  out, converted = transforms.decode(_encode(Image.fromarray(rgb), "PNG"))
+  assert not converted and np.array_equal(out, rgb)
+  with pytest.raises(transforms.BadImageError):
+    transforms.decode(b"not an image")
 
 
 def test_jpeg_decode_matches_pil():
-    """The simplejpeg fast path gives PIL's pixels for the JPEG kinds of real datasets; CMYK and
-    damaged files go through PIL (converted, or BadImageError for a truncated file)."""
-    rng = np.random.default_rng(1)
-    base = Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).resize(
-        (101, 77), Image.Resampling.BICUBIC)
-    kinds = {'4:2:0': dict(quality=90), '4:4:4': dict(subsampling=0), '4:2:2': dict(subsampling=1),
-             'progressive': dict(progressive=True), 'optimized': dict(optimize=True)}
-    for name, options in kinds.items():
-        buf = io.BytesIO()
-        base.save(buf, 'JPEG', **options)
-        out, converted = transforms.decode(buf.getvalue())
-        want = Image.open(io.BytesIO(buf.getvalue())).convert('RGB')
-        np.testing.assert_array_equal(out, np.asarray(want), err_msg=name)
-        assert not converted, name
-    for img in (base.convert('L'), base.convert('CMYK')):
-        encoded = _encode(img, 'JPEG')
-        out, converted = transforms.decode(encoded)
-        want = Image.open(io.BytesIO(encoded)).convert('RGB')
-        np.testing.assert_array_equal(out, np.asarray(want), err_msg=img.mode)
-        assert converted, img.mode
-    encoded = _encode(base, 'JPEG')
-    with pytest.raises(transforms.BadImageError, match='truncated'):
-        transforms.decode(encoded[:len(encoded) // 2])
+  """The simplejpeg fast path gives PIL's pixels for the JPEG kinds of real datasets; CMYK and
+  damaged files go through PIL (converted, or BadImageError for a truncated file)."""
+  rng = np.random.default_rng(1)
+  base = Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).resize(
+      (101, 77), Image.Resampling.BICUBIC
+  )
+  kinds = {
+      "4:2:0": dict(quality=90),
+      "4:4:4": dict(subsampling=0),
+      "4:2:2": dict(subsampling=1),
+      "progressive": dict(progressive=True),
+      "optimized": dict(optimize=True),
+  }
+  for name, options in kinds.items():
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", **options)
+    out, converted = transforms.decode(buf.getvalue())
+    want = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    np.testing.assert_array_equal(out, np.asarray(want), err_msg=name)
+    assert not converted, name
+  for img in (base.convert("L"), base.convert("CMYK")):
+    encoded = _encode(img, "JPEG")
+    out, converted = transforms.decode(encoded)
+    want = Image.open(io.BytesIO(encoded)).convert("RGB")
+    np.testing.assert_array_equal(out, np.asarray(want), err_msg=img.mode)
+    assert converted, img.mode
+  encoded = _encode(base, "JPEG")
+  with pytest.raises(transforms.BadImageError, match="truncated"):
+    transforms.decode(encoded[: len(encoded) // 2])
 
 
 def test_device_normalize_and_erase_modes():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
-    mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
-    x = np.asarray(device_transforms.normalize(images, mean, std))
-    want = (images.astype(np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
-    np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)  # torchvision's formula, float32
-    boxes = np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.int32)  # image 1: no box
-    inside = np.zeros((2, 6, 7, 1), bool)
-    inside[0, 1:4, 2:6] = True
-    for mode in ('pixel', 'rand', 'const'):
-        out = np.asarray(device_transforms.erase(jax.random.key(0), x, boxes, mode))
-        np.testing.assert_array_equal(np.where(inside, 0, out), np.where(inside, 0, x))
-        fill = out[0, 1:4, 2:6]  # [3, 4, 3]
-        assert (fill != x[0, 1:4, 2:6]).all(), mode
-        if mode == 'rand':  # one value per channel
-            np.testing.assert_array_equal(fill, np.broadcast_to(fill[:1, :1], fill.shape))
-        if mode == 'const':
-            assert not fill.any()
-    with pytest.raises(ValueError, match="'pixel', 'rand' or 'const'"):
-        device_transforms.erase(jax.random.key(0), x, boxes, 'noise')
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
+  mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+  x = np.asarray(device_transforms.normalize(images, mean, std))
+  want = (images.astype(np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
+  np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)  # torchvision's formula, float32
+  boxes = np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.int32)  # image 1: no box
+  inside = np.zeros((2, 6, 7, 1), bool)
+  inside[0, 1:4, 2:6] = True
+  for mode in ("pixel", "rand", "const"):
+    out = np.asarray(device_transforms.erase(jax.random.key(0), x, boxes, mode))
+    np.testing.assert_array_equal(np.where(inside, 0, out), np.where(inside, 0, x))
+    fill = out[0, 1:4, 2:6]  # [3, 4, 3]
+    assert (fill != x[0, 1:4, 2:6]).all(), mode
+    if mode == "rand":  # one value per channel
+      np.testing.assert_array_equal(fill, np.broadcast_to(fill[:1, :1], fill.shape))
+    if mode == "const":
+      assert not fill.any()
+  with pytest.raises(ValueError, match="'pixel', 'rand' or 'const'"):
+    device_transforms.erase(jax.random.key(0), x, boxes, "noise")
 
 
 def test_missing_data_errors(tmp_path):
-    with pytest.raises(fd.DataNotFoundError, match='train/<class>'):
-        fd.create_loader(_cfg(tmp_path / 'nowhere'), 'train', 4, seed=0)
-    os.makedirs(tmp_path / 'empty' / 'train' / 'n0')
-    with pytest.raises(FileNotFoundError, match='no images'):
-        fd.num_examples(_cfg(tmp_path / 'empty'), 'train')
-    pytest.importorskip('tensorflow_datasets')
-    cfg = _cfg('', source='tfds', tfds_data_dir=str(tmp_path / 'tfds'))
-    with pytest.raises(fd.DataNotFoundError, match='tfds build imagenet2012'):
-        fd.num_examples(cfg, 'train')
+  with pytest.raises(fd.DataNotFoundError, match="train/<class>"):
+    fd.create_loader(_cfg(tmp_path / "nowhere"), "train", 4, seed=0)
+  os.makedirs(tmp_path / "empty" / "train" / "n0")
+  with pytest.raises(FileNotFoundError, match="no images"):
+    fd.num_examples(_cfg(tmp_path / "empty"), "train")
+  pytest.importorskip("tensorflow_datasets")
+  cfg = _cfg("", source="tfds", tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(fd.DataNotFoundError, match="tfds build imagenet2012"):
+    fd.num_examples(cfg, "train")
 
 
 def test_unknown_config_fields_fail(folder):
-    cfg = _cfg(folder)
-    cfg.mixup_alhpa = 0.5
-    with pytest.raises(ValueError, match='mixup_alhpa'):
-        fd.create_loader(cfg, 'train', 4, seed=0)
-    cfg = _cfg(folder, rand_augment='rand-m9-bogus1')
-    with pytest.raises(ValueError, match='bogus'):
-        fd.validate(cfg)
+  cfg = _cfg(folder)
+  cfg.mixup_alhpa = 0.5
+  with pytest.raises(ValueError, match="mixup_alhpa"):
+    fd.create_loader(cfg, "train", 4, seed=0)
+  cfg = _cfg(folder, rand_augment="rand-m9-bogus1")
+  with pytest.raises(ValueError, match="bogus"):
+    fd.validate(cfg)
 
 
 def test_eval_transform_resize_and_center_crop():
-    """Shorter side to floor(224 / 0.9) = 248 bicubic, center crop with torchvision's rounding."""
-    cfg = fd.default_config()
-    rng = np.random.default_rng(0)
-    src = Image.fromarray(rng.integers(0, 255, (333, 500, 3), dtype=np.uint8))
-    x = transforms.eval_transform(np.asarray(src), cfg)
-    resized = src.resize((372, 248), Image.Resampling.BICUBIC)  # int(248 * 500 / 333) = 372
-    want = resized.crop((74, 12, 298, 236))  # round(148 / 2), round(24 / 2)
-    np.testing.assert_array_equal(x, np.asarray(want))
-    assert x.shape == (224, 224, 3) and x.dtype == np.uint8
+  """Shorter side to floor(224 / 0.9) = 248 bicubic, center crop with torchvision's rounding."""
+  cfg = fd.default_config()
+  rng = np.random.default_rng(0)
+  src = Image.fromarray(rng.integers(0, 255, (333, 500, 3), dtype=np.uint8))
+  x = transforms.eval_transform(np.asarray(src), cfg)
+  resized = src.resize((372, 248), Image.Resampling.BICUBIC)  # int(248 * 500 / 333) = 372
+  want = resized.crop((74, 12, 298, 236))  # round(148 / 2), round(24 / 2)
+  np.testing.assert_array_equal(x, np.asarray(want))
+  assert x.shape == (224, 224, 3) and x.dtype == np.uint8
 
 
 def test_demo_source_split_and_loader():
-    cfg = fd.demo_config()
-    assert fd.num_examples(cfg, 'train') + fd.num_examples(cfg, 'val') == 1797
-    tr = sources.DemoSource('train', 32, 0.2)
-    va = sources.DemoSource('val', 32, 0.2)
-    counts = np.bincount([va[i]['label'] for i in range(len(va))], minlength=10)
-    assert counts.min() >= 35 and len(va) == 359
-    assert tr[0]['encoded'].shape == (32, 32, 3)
-    batch = next(fd.create_loader(cfg, 'train', 64, seed=0))
-    assert batch['image'].shape == (64, 32, 32, 3) and batch['label'].max() < 10
+  cfg = fd.demo_config()
+  assert fd.num_examples(cfg, "train") + fd.num_examples(cfg, "val") == 1797
+  tr = sources.DemoSource("train", 32, 0.2)
+  va = sources.DemoSource("val", 32, 0.2)
+  counts = np.bincount([va[i]["label"] for i in range(len(va))], minlength=10)
+  assert counts.min() >= 35 and len(va) == 359
+  assert tr[0]["encoded"].shape == (32, 32, 3)
+  batch = next(fd.create_loader(cfg, "train", 64, seed=0))
+  assert batch["image"].shape == (64, 32, 32, 3) and batch["label"].max() < 10
 
 
 def test_mixup_cutmix_properties():
-    images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
-    labels = jax.numpy.arange(8) % 5
-    fn = jax.jit(lambda r, x, y: mixup.mixup_cutmix(
-        r, x, y, 5, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
-        label_smoothing=0.1))
-    for seed in range(6):
-        mixed, targets = fn(jax.random.PRNGKey(seed), images, labels)
-        np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, atol=1e-5)
-        assert not np.allclose(mixed, images)
-    same, targets = jax.jit(lambda r, x, y: mixup.mixup_cutmix(
-        r, x, y, 5, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, switch_prob=0.5,
-        label_smoothing=0.1))(jax.random.PRNGKey(0), images, labels)
-    np.testing.assert_array_equal(same, images)
-    np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)
+  images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
+  labels = jax.numpy.arange(8) % 5
+  fn = jax.jit(
+      lambda r, x, y: mixup.mixup_cutmix(
+          r,
+          x,
+          y,
+          5,
+          mixup_alpha=0.8,
+          cutmix_alpha=1.0,
+          prob=1.0,
+          switch_prob=0.5,
+          label_smoothing=0.1,
+      )
+  )
+  for seed in range(6):
+    mixed, targets = fn(jax.random.PRNGKey(seed), images, labels)
+    np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, atol=1e-5)
+    assert not np.allclose(mixed, images)
+  same, targets = jax.jit(
+      lambda r, x, y: mixup.mixup_cutmix(
+          r,
+          x,
+          y,
+          5,
+          mixup_alpha=0.8,
+          cutmix_alpha=1.0,
+          prob=0.0,
+          switch_prob=0.5,
+          label_smoothing=0.1,
+      )
+  )(jax.random.PRNGKey(0), images, labels)
+  np.testing.assert_array_equal(same, images)
+  np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)

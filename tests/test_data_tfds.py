@@ -6,6 +6,7 @@ its split generators replaced: the real ones read the ImageNet tars through tf.i
 is mocked on the reading side: the loader and train.py open it with tfds.data_source exactly as
 `tfds build imagenet2012 --file_format=array_record` output would be opened.
 """
+
 import importlib
 import importlib.resources
 import os
@@ -15,7 +16,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip('tensorflow_datasets')
+tfds = pytest.importorskip("tensorflow_datasets")
 
 import fec_jax.data as fd  # noqa: E402
 from fec_jax.data import sources, transforms  # noqa: E402
@@ -28,114 +29,124 @@ PER_CLASS, VAL_PER_CLASS, NUM_CLASSES = 4, 2, 3
 IMAGENET_CLASSES = 1000  # imagenet2012's label feature; WNIDS are its first classes in order
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    """data_dir holding imagenet2012/<version>/imagenet2012-{train,validation}.array_record-*."""
-    folder = make_imagenet_folder(tmp_path_factory.mktemp('jpegs'), num_classes=NUM_CLASSES,
-                                  per_class=PER_CLASS, val_per_class=VAL_PER_CLASS)
-    data_dir = str(tmp_path_factory.mktemp('tfds'))
+  """data_dir holding imagenet2012/<version>/imagenet2012-{train,validation}.array_record-*."""
+  folder = make_imagenet_folder(
+      tmp_path_factory.mktemp("jpegs"),
+      num_classes=NUM_CLASSES,
+      per_class=PER_CLASS,
+      val_per_class=VAL_PER_CLASS,
+  )
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
 
-    def split_generators(self, dl_manager):
-        return [tfds.core.SplitGenerator(name=s, gen_kwargs={'split_dir': os.path.join(folder, d)})
-                for s, d in (('train', 'train'), ('validation', 'val'))]
+  def split_generators(self, dl_manager):
+    return [
+        tfds.core.SplitGenerator(name=s, gen_kwargs={"split_dir": os.path.join(folder, d)})
+        for s, d in (("train", "train"), ("validation", "val"))
+    ]
 
-    def generate_examples(self, split_dir):
-        for wnid in sorted(os.listdir(split_dir)):
-            for fname in sorted(os.listdir(os.path.join(split_dir, wnid))):
-                with open(os.path.join(split_dir, wnid, fname), 'rb') as f:
-                    yield fname, {'image': f.read(), 'label': wnid, 'file_name': fname}
+  def generate_examples(self, split_dir):
+    for wnid in sorted(os.listdir(split_dir)):
+      for fname in sorted(os.listdir(os.path.join(split_dir, wnid))):
+        with open(os.path.join(split_dir, wnid, fname), "rb") as f:
+          yield fname, {"image": f.read(), "label": wnid, "file_name": fname}
 
-    builder_cls = type(tfds.builder('imagenet2012', data_dir=data_dir))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(builder_cls, '_split_generators', split_generators)
-        mp.setattr(builder_cls, '_generate_examples', generate_examples)
-        try:
-            importlib.import_module('importlib_resources')
-        except ImportError:  # TFDS's builder uses the backport, a dependency only below Python 3.9
-            mp.setitem(sys.modules, 'importlib_resources', importlib.resources)
-        builder = tfds.builder('imagenet2012', data_dir=data_dir, file_format='array_record')
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    return data_dir
+  builder_cls = type(tfds.builder("imagenet2012", data_dir=data_dir))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(builder_cls, "_split_generators", split_generators)
+    mp.setattr(builder_cls, "_generate_examples", generate_examples)
+    try:
+      importlib.import_module("importlib_resources")
+    except ImportError:  # TFDS's builder uses the backport, a dependency only below Python 3.9
+      mp.setitem(sys.modules, "importlib_resources", importlib.resources)
+    builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP
+        )
+    )
+  return data_dir
 
 
 def _cfg(data_dir, **kw):
-    """The full official recipe (RandAugment, random erasing, Mixup/CutMix), 32x32, in-process."""
-    cfg = fd.default_config()
-    cfg.source, cfg.tfds_data_dir, cfg.image_size = 'tfds', data_dir, 32
-    cfg.num_classes, cfg.num_workers = IMAGENET_CLASSES, 0
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+  """The full official recipe (RandAugment, random erasing, Mixup/CutMix), 32x32, in-process."""
+  cfg = fd.default_config()
+  cfg.source, cfg.tfds_data_dir, cfg.image_size = "tfds", data_dir, 32
+  cfg.num_classes, cfg.num_workers = IMAGENET_CLASSES, 0
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return cfg
 
 
 def _label(key: str) -> int:
-    return WNIDS.index(key.split('_')[0])
+  return WNIDS.index(key.split("_")[0])
 
 
 def test_records_and_counts(tfds_dir):
-    cfg = _cfg(tfds_dir)
-    assert fd.num_examples(cfg, 'train') == NUM_CLASSES * PER_CLASS
-    assert fd.num_examples(cfg, 'val') == NUM_CLASSES * VAL_PER_CLASS
-    assert fd.steps_per_epoch(cfg, 4) == 3 and fd.num_eval_batches(cfg, 4) == 2
-    src = sources.make_source(cfg, 'train')
-    records = [src[i] for i in range(len(src))]
-    assert sorted(r['key'] for r in records) == sorted(
-        f'{w}_{i}.JPEG' for w in WNIDS[:NUM_CLASSES] for i in range(PER_CLASS))
-    for r in records:
-        assert isinstance(r['encoded'], bytes) and r['label'] == _label(r['key'])
-        img, converted = transforms.decode(r['encoded'])
-        assert img.shape == (64, 80, 3) and not converted
-    with pytest.raises(ValueError, match='1000 classes but config.data.num_classes is 3'):
-        fd.create_loader(_cfg(tfds_dir, num_classes=3), 'train', 4, seed=0)
+  cfg = _cfg(tfds_dir)
+  assert fd.num_examples(cfg, "train") == NUM_CLASSES * PER_CLASS
+  assert fd.num_examples(cfg, "val") == NUM_CLASSES * VAL_PER_CLASS
+  assert fd.steps_per_epoch(cfg, 4) == 3 and fd.num_eval_batches(cfg, 4) == 2
+  src = sources.make_source(cfg, "train")
+  records = [src[i] for i in range(len(src))]
+  assert sorted(r["key"] for r in records) == sorted(
+      f"{w}_{i}.JPEG" for w in WNIDS[:NUM_CLASSES] for i in range(PER_CLASS)
+  )
+  for r in records:
+    assert isinstance(r["encoded"], bytes) and r["label"] == _label(r["key"])
+    img, converted = transforms.decode(r["encoded"])
+    assert img.shape == (64, 80, 3) and not converted
+  with pytest.raises(ValueError, match="1000 classes but config.data.num_classes is 3"):
+    fd.create_loader(_cfg(tfds_dir, num_classes=3), "train", 4, seed=0)
 
 
 def test_train_loader_full_recipe(tfds_dir):
-    cfg = _cfg(tfds_dir)
-    assert cfg.rand_augment and cfg.reprob > 0 and cfg.interpolation == 'random'
-    it = fd.create_loader(cfg, 'train', 4, seed=0)
-    batches = [next(it) for _ in range(fd.steps_per_epoch(cfg, 4))]  # one epoch
-    for b in batches:
-        assert set(b) == {'image', 'label', 'erase'}
-        assert b['image'].shape == (4, 32, 32, 3) and b['image'].dtype == np.uint8
-        assert b['label'].shape == (4,) and b['label'].dtype == np.int32
-        assert b['erase'].shape == (4, 4) and (b['erase'][:, 2:] <= 32).all()
-    labels = np.concatenate([b['label'] for b in batches])
-    assert Counter(labels.tolist()) == {c: PER_CLASS for c in range(NUM_CLASSES)}
-    assert it.stats() == {'bad': 0, 'converted': 0}
+  cfg = _cfg(tfds_dir)
+  assert cfg.rand_augment and cfg.reprob > 0 and cfg.interpolation == "random"
+  it = fd.create_loader(cfg, "train", 4, seed=0)
+  batches = [next(it) for _ in range(fd.steps_per_epoch(cfg, 4))]  # one epoch
+  for b in batches:
+    assert set(b) == {"image", "label", "erase"}
+    assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8
+    assert b["label"].shape == (4,) and b["label"].dtype == np.int32
+    assert b["erase"].shape == (4, 4) and (b["erase"][:, 2:] <= 32).all()
+  labels = np.concatenate([b["label"] for b in batches])
+  assert Counter(labels.tolist()) == {c: PER_CLASS for c in range(NUM_CLASSES)}
+  assert it.stats() == {"bad": 0, "converted": 0}
 
 
 def test_val_loader_matches_records(tfds_dir):
-    cfg = _cfg(tfds_dir)
-    src = sources.make_source(cfg, 'val')
-    it = fd.create_loader(cfg, 'val', 4, seed=0)
-    batches = [next(it) for _ in range(fd.num_eval_batches(cfg, 4))]
-    images = np.concatenate([b['image'] for b in batches])
-    labels = np.concatenate([b['label'] for b in batches])
-    mask = np.concatenate([b['mask'] for b in batches])
-    n = len(src)
-    assert images.shape == (8, 32, 32, 3) and mask.tolist() == [True] * n + [False] * (8 - n)
-    for i in range(n):  # source order; each image is the eval transform of its own record
-        rec = src[i]
-        assert labels[i] == _label(rec['key'])
-        expected = transforms.eval_transform(transforms.decode(rec['encoded'])[0], cfg)
-        np.testing.assert_array_equal(images[i], expected)
-    assert not images[n:].any() and not labels[n:].any()
+  cfg = _cfg(tfds_dir)
+  src = sources.make_source(cfg, "val")
+  it = fd.create_loader(cfg, "val", 4, seed=0)
+  batches = [next(it) for _ in range(fd.num_eval_batches(cfg, 4))]
+  images = np.concatenate([b["image"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  n = len(src)
+  assert images.shape == (8, 32, 32, 3) and mask.tolist() == [True] * n + [False] * (8 - n)
+  for i in range(n):  # source order; each image is the eval transform of its own record
+    rec = src[i]
+    assert labels[i] == _label(rec["key"])
+    expected = transforms.eval_transform(transforms.decode(rec["encoded"])[0], cfg)
+    np.testing.assert_array_equal(images[i], expected)
+  assert not images[n:].any() and not labels[n:].any()
 
 
 @pytest.mark.xdist_group("train")
 def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path):
-    """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
-    process; float32 compute compiles about a third faster on CPU than bfloat16."""
-    config = fec_small.get_config()
-    config.data.source, config.data.tfds_data_dir = 'tfds', tfds_dir
-    config.data.image_size, config.data.num_workers, config.model.dtype = 32, 1, 'float32'
-    config.global_batch_size, config.eval_batch_size = 4, 4
-    config.max_steps, config.log_every_steps = 2, 1
-    workdir = tmp_path / 'w'
-    assert train(config, workdir).step == 2
-    records = reporting.read_metrics(str(workdir))
-    assert [r['step'] for r in records] == [1, 2]
-    assert all(np.isfinite(r['train_loss']) for r in records)
-    assert {'val_top1', 'val_loss', 'ema_val_top1'} <= records[-1].keys()
-    assert saved_steps(workdir) == [2]
+  """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
+  process; float32 compute compiles about a third faster on CPU than bfloat16."""
+  config = fec_small.get_config()
+  config.data.source, config.data.tfds_data_dir = "tfds", tfds_dir
+  config.data.image_size, config.data.num_workers, config.model.dtype = 32, 1, "float32"
+  config.global_batch_size, config.eval_batch_size = 4, 4
+  config.max_steps, config.log_every_steps = 2, 1
+  workdir = tmp_path / "w"
+  assert train(config, workdir).step == 2
+  records = reporting.read_metrics(str(workdir))
+  assert [r["step"] for r in records] == [1, 2]
+  assert all(np.isfinite(r["train_loss"]) for r in records)
+  assert {"val_top1", "val_loss", "ema_val_top1"} <= records[-1].keys()
+  assert saved_steps(workdir) == [2]

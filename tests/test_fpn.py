@@ -53,13 +53,23 @@ def run_both(dtype, size=512):
     expected = torch_model.decode_head(torch_model.neck(maps))
   jax_dtype = jnp.float64 if dtype == torch.float64 else jnp.float32
   model, variables = converted(torch_model, dtype=jax_dtype)
-  got, state = compile_o0(lambda v, im: model.apply(v, im, mutable=["intermediates"]),
-                          variables, jnp.asarray(nhwc(x)))
+  got, state = compile_o0(
+      lambda v, im: model.apply(v, im, mutable=["intermediates"]), variables, jnp.asarray(nhwc(x))
+  )
   backbone = torch_model.backbone
-  return (nhwc(expected), {k: v.numpy() for k, v in backbone.assignments},
-          {k: v.numpy() for k, v in backbone.margins}, [nhwc(m) for m in maps], np.asarray(got),
-          {k: np.asarray(v) for k, v in fec_jax.cluster_assignments(
-              state["intermediates"]["backbone"]).items()}, model, variables)
+  return (
+      nhwc(expected),
+      {k: v.numpy() for k, v in backbone.assignments},
+      {k: v.numpy() for k, v in backbone.margins},
+      [nhwc(m) for m in maps],
+      np.asarray(got),
+      {
+          k: np.asarray(v)
+          for k, v in fec_jax.cluster_assignments(state["intermediates"]["backbone"]).items()
+      },
+      model,
+      variables,
+  )
 
 
 def neck_and_head(model, variables, maps, train=False):
@@ -70,8 +80,12 @@ def neck_and_head(model, variables, maps, train=False):
 
   def apply(p, s, maps):
     feats = neck.apply({"params": p["neck"]}, maps)
-    return head.apply({"params": p["decode_head"], "batch_stats": s["decode_head"]}, feats, train,
-                      mutable=["batch_stats"])
+    return head.apply(
+        {"params": p["decode_head"], "batch_stats": s["decode_head"]},
+        feats,
+        train,
+        mutable=["batch_stats"],
+    )
 
   logits, updated = compile_o0(apply, params, stats, [jnp.asarray(m) for m in maps])
   return np.asarray(logits), updated["batch_stats"]
@@ -97,8 +111,10 @@ def test_parity_fp32_512():
     assert err <= 1e-4
   else:  # only near-ties may differ; everything downstream inherits the difference
     flipped = ref_assign[flipped_layer] != jax_assign[flipped_layer]
-    print(f"{NAME} 512x512 fp32: first divergence in {flipped_layer}: {flipped.sum()} points, "
-          f"reference margins {margins[flipped_layer][flipped].tolist()}")
+    print(
+        f"{NAME} 512x512 fp32: first divergence in {flipped_layer}: {flipped.sum()} points, "
+        f"reference margins {margins[flipped_layer][flipped].tolist()}"
+    )
     assert margins[flipped_layer][flipped].max() <= TIE_MARGIN, "a non-tie point flipped"
   logits, _ = neck_and_head(model, variables, maps)  # the reference backbone's maps
   err = relative_error(expected, logits)
@@ -113,8 +129,10 @@ def test_train_mode_batch_statistics_fp64():
     torch_model = torch_reference_fpn.perturbed_segmenter(NAME, torch.float64)
     model, variables = converted(torch_model, dtype=jnp.float64)
     g = torch.Generator().manual_seed(2)
-    maps = [torch.randn(2, c, 128 // s, 96 // s, generator=g, dtype=torch.float64)
-            for c, s in zip((32, 64, 196, 320), (4, 8, 16, 32))]
+    maps = [
+        torch.randn(2, c, 128 // s, 96 // s, generator=g, dtype=torch.float64)
+        for c, s in zip((32, 64, 196, 320), (4, 8, 16, 32))
+    ]
     torch_model.train()
     torch_model.decode_head.dropout.p = 0.0
     expected = torch_model.decode_head(torch_model.neck(maps))
@@ -166,8 +184,9 @@ def test_resize_is_mmseg_bilinear_without_antialiasing():
   """fpn.resize_bilinear == F.interpolate(bilinear, align_corners=False), up and down."""
   x = np.random.default_rng(0).standard_normal((2, 5, 12, 20))
   for size in ((48, 80), (37, 61), (5, 7)):
-    expected = nhwc(F.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
-                                  align_corners=False))
+    expected = nhwc(
+        F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False)
+    )
     with jax.enable_x64(True):
       got = np.asarray(fpn.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), size))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13, err_msg=str(size))
@@ -199,8 +218,10 @@ def test_predict_is_mmseg_whole_inference(out_hw):
   np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("name,count", [
-    ("fpn_fec_small", 9_568_286), ("fpn_fec_base", 18_841_518), ("fpn_fec_large", 33_475_014)])
+@pytest.mark.parametrize(
+    "name,count",
+    [("fpn_fec_small", 9_568_286), ("fpn_fec_base", 18_841_518), ("fpn_fec_large", 33_475_014)],
+)
 def test_parameter_counts(name, count):
   """The exact counts behind the paper's 9.1M / 18.0M / 31.9M (/ 2^20); BN statistics excluded."""
   variables = convert.abstract_variables(name)

@@ -42,9 +42,13 @@ def random_variables(model, shape, seed=0):
 
 def sample_images(size):
   """scikit-learn's two sample photos resized to (H, W), ImageNet-normalized: [2, H, W, 3]."""
-  photos = [Image.fromarray(load_sample_image(n)).resize(size[::-1], Image.Resampling.BICUBIC)
-            for n in ("china.jpg", "flower.jpg")]
-  return np.asarray(normalize(np.stack([np.asarray(p) for p in photos]), IMAGENET_MEAN, IMAGENET_STD))
+  photos = [
+      Image.fromarray(load_sample_image(n)).resize(size[::-1], Image.Resampling.BICUBIC)
+      for n in ("china.jpg", "flower.jpg")
+  ]
+  return np.asarray(
+      normalize(np.stack([np.asarray(p) for p in photos]), IMAGENET_MEAN, IMAGENET_STD)
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +109,12 @@ def numpy_last_pool(x, params):
 def forward(model, variables, images, capture):
   """(cluster_maps with encodings, sown state plus the output of layer `capture`): one compile."""
   clusters = interpret.cluster_maps(model, variables, images, encodings=True)
-  _, state = model.apply(variables, images, mutable=["intermediates"],
-                         capture_intermediates=lambda mdl, _: mdl.name == capture)
+  _, state = model.apply(
+      variables,
+      images,
+      mutable=["intermediates"],
+      capture_intermediates=lambda mdl, _: mdl.name == capture,
+  )
   return clusters, state
 
 
@@ -137,8 +145,9 @@ def test_last_pool_features_match_numpy(small):
     centers, assignment, reps = numpy_last_pool(x[b], pool)
     np.testing.assert_array_equal(cluster_assignments(state)["network.5"][b], assignment)
     np.testing.assert_allclose(clusters.centers[b].reshape(49, -1), centers, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(clusters.representatives[b].reshape(49, -1), reps, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        clusters.representatives[b].reshape(49, -1), reps, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("feature", ["centers", "representatives"])
@@ -182,8 +191,16 @@ def test_encoding_clusters_follow_their_level(small):
 # Any resolution and fold: a tiny variant, non-square input, fold 2 in the first two pools
 # ---------------------------------------------------------------------------------------------
 def test_non_square_input_with_folds():
-  model = FEC(Variant(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), heads=(1, 1, 2, 2), head_dim=4,
-                      folds=(2, 2, 1, 1)), num_classes=10)
+  model = FEC(
+      Variant(
+          depths=(1, 1, 1, 1),
+          dims=(8, 16, 16, 16),
+          heads=(1, 1, 2, 2),
+          head_dim=4,
+          folds=(2, 2, 1, 1),
+      ),
+      num_classes=10,
+  )
   images = sample_images((64, 96))
   clusters, state = forward(model, random_variables(model, images.shape, 1), images, "")
   sown = cluster_assignments(state)
@@ -227,19 +244,43 @@ def test_group_clusters_drops_empty_clusters():
 # ---------------------------------------------------------------------------------------------
 def test_visualize_command(tmp_path, capsys):
   model = create_model("fec_small")
-  save_params(str(tmp_path / "ckpt"), random_variables(model, (1, 64, 64, 3))["params"],
-              "fec_small", {"num_classes": 1000})
+  save_params(
+      str(tmp_path / "ckpt"),
+      random_variables(model, (1, 64, 64, 3))["params"],
+      "fec_small",
+      {"num_classes": 1000},
+  )
   paths = []
   for i, name in enumerate(["china.jpg", "flower.jpg", "china.jpg"]):
     paths.append(tmp_path / f"{i}" / name)
     paths[-1].parent.mkdir()
     Image.fromarray(load_sample_image(name)).save(paths[-1])
   out = tmp_path / "vis"
-  assert visualize.main(["--checkpoint", str(tmp_path / "ckpt"), "--image", *map(str, paths),
-                         "--num-clusters", "3", "5", "--image-size", "64", "--batch-size", "2",
-                         "--median-filter", "3", "--out", str(out)]) == 0
+  assert (
+      visualize.main(
+          [
+              "--checkpoint",
+              str(tmp_path / "ckpt"),
+              "--image",
+              *map(str, paths),
+              "--num-clusters",
+              "3",
+              "5",
+              "--image-size",
+              "64",
+              "--batch-size",
+              "2",
+              "--median-filter",
+              "3",
+              "--out",
+              str(out),
+          ]
+      )
+      == 0
+  )
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      f"{s}_{t}.png" for s in ("china", "flower", "china_1") for t in ("k3", "k5", "levels"))
+      f"{s}_{t}.png" for s in ("china", "flower", "china_1") for t in ("k3", "k5", "levels")
+  )
   with Image.open(out / "china_k3.png") as overlay:
     assert overlay.size == (640, 427)  # the image's own size
   with Image.open(out / "china_levels.png") as strip:

@@ -19,19 +19,33 @@ def shapes(name, height, width, **overrides):
 def test_registry():
   assert fec_jax.list_models() == sorted(
       [f"fec_{s}{k}" for s in ("small", "base", "large") for k in ("", "_seg", "_det")]
-      + [f"fpn_fec_{s}" for s in ("small", "base", "large")])
+      + [f"fpn_fec_{s}" for s in ("small", "base", "large")]
+  )
   with pytest.raises(ValueError, match="unknown model 'fec_tiny'"):
     fec_jax.create_model("fec_tiny")
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
     fec_jax.create_model("fec_small", num_class=10)
 
 
-@pytest.mark.parametrize("name,height,width,expected", [
-    ("fec_small", 224, 224, (1, 1000)),
-    ("fec_small", 256, 320, (1, 1000)),
-    ("fec_base_seg", 512, 512, [(1, 128, 128, 64), (1, 64, 64, 128), (1, 32, 32, 320), (1, 16, 16, 512)]),
-    ("fec_large_det", 320, 448, [(1, 80, 112, 64), (1, 40, 56, 128), (1, 20, 28, 320), (1, 10, 14, 512)]),
-])
+@pytest.mark.parametrize(
+    "name,height,width,expected",
+    [
+        ("fec_small", 224, 224, (1, 1000)),
+        ("fec_small", 256, 320, (1, 1000)),
+        (
+            "fec_base_seg",
+            512,
+            512,
+            [(1, 128, 128, 64), (1, 64, 64, 128), (1, 32, 32, 320), (1, 16, 16, 512)],
+        ),
+        (
+            "fec_large_det",
+            320,
+            448,
+            [(1, 80, 112, 64), (1, 40, 56, 128), (1, 20, 28, 320), (1, 10, 14, 512)],
+        ),
+    ],
+)
 def test_output_shapes(name, height, width, expected):
   out = shapes(name, height, width)
   got = [o.shape for o in out] if isinstance(out, list) else out.shape
@@ -40,19 +54,25 @@ def test_output_shapes(name, height, width, expected):
 
 def test_odd_map_before_a_pool_names_the_layer():
   # 200 -> 50 -> 25 at stage 1: the official code crashes in network.3
-  with pytest.raises(ValueError, match=r"network\.3: ClusterPool needs an even feature map .* 25x25"):
+  with pytest.raises(
+      ValueError, match=r"network\.3: ClusterPool needs an even feature map .* 25x25"
+  ):
     shapes("fec_small", 200, 200)
 
 
 def test_fold_that_does_not_divide_names_the_layer():
-  with pytest.raises(ValueError, match=r"network\.0\.0\.token_mixer: feature map 25x25 .* 2x2 fold"):
+  with pytest.raises(
+      ValueError, match=r"network\.0\.0\.token_mixer: feature map 25x25 .* 2x2 fold"
+  ):
     shapes("fec_small_det", 100, 100)
 
 
 def test_nchw_input_gets_a_hint():
   model = fec_jax.create_model("fec_small")
   with pytest.raises(ValueError, match="NCHW: transpose to NHWC"):
-    jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 3, 64, 64), jnp.float32))
+    jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 3, 64, 64), jnp.float32)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +92,11 @@ def test_official_initialization(small_init):
   np.testing.assert_array_equal(block["mlp"]["fc1"]["bias"], 0.0)
   fc1 = np.asarray(p["network_4_0"]["mlp"]["fc1"]["kernel"])  # 196 x 784 draws
   assert abs(fc1.std() - 0.02) < 0.001 and np.abs(fc1).max() > 0.04  # normal, not cut at 2 std
-  for kernel, bias, fan_in in [(block["token_mixer"]["f"]["kernel"], block["token_mixer"]["f"]["bias"], 32),
-                               (p["network_1"]["conv_skip"]["kernel"], p["network_1"]["conv_skip"]["bias"], 9 * 32),
-                               (p["patch_embed"]["proj"]["kernel"], p["patch_embed"]["proj"]["bias"], 80)]:
+  for kernel, bias, fan_in in [
+      (block["token_mixer"]["f"]["kernel"], block["token_mixer"]["f"]["bias"], 32),
+      (p["network_1"]["conv_skip"]["kernel"], p["network_1"]["conv_skip"]["bias"], 9 * 32),
+      (p["patch_embed"]["proj"]["kernel"], p["patch_embed"]["proj"]["bias"], 80),
+  ]:
     bound = 1 / np.sqrt(fan_in)
     for t in (np.asarray(kernel), np.asarray(bias)):
       assert np.abs(t).max() <= bound and np.abs(t).max() > 0.8 * bound  # uniform(+-1/sqrt(fan_in))
@@ -111,7 +133,10 @@ def test_bf16_compute_keeps_fp32_params_and_clustering(small_init):
   logits = jax.jit(model.apply)({"params": small_init}, x)
   reference = jax.jit(fec_jax.create_model("fec_small").apply)({"params": small_init}, x)
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-  assert np.abs(np.asarray(logits) - np.asarray(reference)).max() < 0.05 * np.abs(reference).max() + 1e-3
+  assert (
+      np.abs(np.asarray(logits) - np.asarray(reference)).max()
+      < 0.05 * np.abs(reference).max() + 1e-3
+  )
 
 
 def test_summary_reports_macs_close_to_the_paper():
@@ -136,7 +161,9 @@ def test_aggregation_paths_and_straight_through_at_model_level(small_init):
   st_logits, st_grads = logits_and_grads(assign_grad="straight_through")
   np.testing.assert_allclose(hot_logits, seg_logits, rtol=1e-5, atol=1e-6)
   for g_seg, g_hot in zip(jax.tree.leaves(seg_grads), jax.tree.leaves(hot_grads)):
-    np.testing.assert_allclose(g_hot, g_seg, rtol=1e-4, atol=1e-6 * float(np.abs(g_seg).max()) + 1e-12)
+    np.testing.assert_allclose(
+        g_hot, g_seg, rtol=1e-4, atol=1e-6 * float(np.abs(g_seg).max()) + 1e-12
+    )
   np.testing.assert_array_equal(st_logits, seg_logits)
   for pool in ("network_1", "network_3", "network_5"):
     assert not np.asarray(seg_grads[pool]["conv_f"]["kernel"]).any()

@@ -55,7 +55,8 @@ def run_both(name, height, width, batch=2, dtype=torch.float32):
   model, params = converted(torch_model, name, dtype=jax_dtype)
   images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
   got, state = jax.jit(lambda p, im: model.apply({"params": p}, im, mutable=["intermediates"]))(
-      params, images)
+      params, images
+  )
   nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
   expected = [nhwc(t) for t in expected] if isinstance(expected, list) else expected.numpy()
   got = [np.asarray(t) for t in got] if isinstance(got, list) else np.asarray(got)
@@ -84,8 +85,9 @@ def outputs(result) -> list[np.ndarray]:
   return result if isinstance(result, list) else [result]
 
 
-@pytest.mark.parametrize("name,height,width", [
-    ("fec_small", 224, 224), ("fec_base", 224, 224), ("fec_large", 224, 224)])
+@pytest.mark.parametrize(
+    "name,height,width", [("fec_small", 224, 224), ("fec_base", 224, 224), ("fec_large", 224, 224)]
+)
 def test_classification_parity(name, height, width):
   expected, ref_assign, got, jax_assign, _ = run_both(name, height, width)
   assert_same_assignments(ref_assign, jax_assign)
@@ -114,8 +116,10 @@ def test_tied_cases_fp32(name, height, width):
   for layer in ref_assign:
     flipped = ref_assign[layer] != jax_assign[layer]
     if flipped.any():  # the first divergence: only near-ties may differ; later layers inherit it
-      print(f"{name} fp32: first divergence in {layer}: {flipped.sum()} points, reference margins "
-            f"{margins[layer][flipped].tolist()}")
+      print(
+          f"{name} fp32: first divergence in {layer}: {flipped.sum()} points, reference margins "
+          f"{margins[layer][flipped].tolist()}"
+      )
       assert margins[layer][flipped].max() <= TIE_MARGIN, f"{layer}: a non-tie point flipped"
       return
   for e, g in zip(outputs(expected), outputs(got)):
@@ -132,14 +136,18 @@ def test_gradients_match_autograd():
   expected = {k: p.grad for k, p in torch_model.named_parameters()}
 
   def loss(p):
-    return jnp.sum(model.apply({"params": p}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
-                   * jnp.asarray(weights.numpy()))
+    return jnp.sum(
+        model.apply({"params": p}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+        * jnp.asarray(weights.numpy())
+    )
 
   grads = convert.flax_to_torch(jax.jit(jax.grad(loss))(params))
   assert set(grads) == set(expected)
   worst = 0.0
   for key, g in grads.items():
-    if ".conv_f." in key:  # only feeds the argmax: no gradient at all (docs/official-code.md Sec. 4)
+    if (
+        ".conv_f." in key
+    ):  # only feeds the argmax: no gradient at all (docs/official-code.md Sec. 4)
       assert expected[key] is None or not expected[key].any()
       assert not g.any(), f"{key} has a gradient"
       continue
@@ -150,8 +158,9 @@ def test_gradients_match_autograd():
   print(f"largest relative gradient error over {len(grads)} tensors: {worst:.2e}")
 
 
-@pytest.mark.parametrize("name,count", [
-    ("fec_small", 5_727_528), ("fec_base", 15_086_848), ("fec_large", 29_720_344)])
+@pytest.mark.parametrize(
+    "name,count", [("fec_small", 5_727_528), ("fec_base", 15_086_848), ("fec_large", 29_720_344)]
+)
 def test_parameter_counts(name, count):
   params = convert.abstract_params(name)
   assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count

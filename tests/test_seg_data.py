@@ -98,8 +98,14 @@ def mmseg_random_flip(random, results, prob):
     results["gt"] = np.flip(results["gt"], axis=1).copy()
 
 
-def mmseg_photometric(random, img, brightness_delta=32, contrast_range=(0.5, 1.5),
-                      saturation_range=(0.5, 1.5), hue_delta=18):
+def mmseg_photometric(
+    random,
+    img,
+    brightness_delta=32,
+    contrast_range=(0.5, 1.5),
+    saturation_range=(0.5, 1.5),
+    hue_delta=18,
+):
   def convert(img, alpha=1, beta=0):
     img = img.astype(np.float32) * alpha + beta
     img = np.clip(img, 0, 255)
@@ -215,8 +221,12 @@ def test_ratio_resize_matches_mmseg():
 def test_image_decode_matches_mmseg_cv2_loader():
   """mmseg's LoadImageFromFile decodes with cv2.imdecode (BGR); ours gives the same RGB."""
   base = Image.fromarray(_random_image(np.random.default_rng(7), 61, 83))
-  for mode, options in [("RGB", {}), ("RGB", {"subsampling": 0}), ("RGB", {"progressive": True}),
-                        ("L", {})]:
+  for mode, options in [
+      ("RGB", {}),
+      ("RGB", {"subsampling": 0}),
+      ("RGB", {"progressive": True}),
+      ("L", {}),
+  ]:
     buf = io.BytesIO()
     base.convert(mode).save(buf, "JPEG", quality=90, **options)
     ours, _ = transforms.decode(buf.getvalue())

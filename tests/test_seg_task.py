@@ -1,5 +1,6 @@
 """The segmentation task on the training library (fec_jax.tasks.segmentation), its schedule and
 optimizer options (fec_jax.training), in-process runs on the synthetic demo data at 32x32."""
+
 import os
 import subprocess
 import sys
@@ -64,8 +65,10 @@ def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
   model, variables = fec_jax.load_pretrained(seg_run)
   init = fec_jax.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
   # The trained BatchNorm statistics were saved (not the init's zeros and ones).
-  assert not np.allclose(variables["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"],
-                         init["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"])
+  assert not np.allclose(
+      variables["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"],
+      init["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"],
+  )
   config = seg_tiny()
   task = tasks.get(config)
   evaluator = task.evaluator(model, training.create_mesh())
@@ -73,8 +76,9 @@ def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
     metrics = evaluator(variables)
   finally:
     evaluator.close()
-  assert metrics == pytest.approx({k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc")},
-                                  abs=1e-9)
+  assert metrics == pytest.approx(
+      {k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc")}, abs=1e-9
+  )
   assert task.describe(metrics).startswith(f"mIoU {metrics['mIoU']:.2f}%  mAcc ")
 
 
@@ -99,8 +103,7 @@ def test_init_from_classifier_loads_the_backbone(reference, fresh):
   for name in ("patch_embed", "network_0_0", "network_5"):
     jax.tree.map(np.testing.assert_array_equal, backbone[name], pretrained["params"][name])
   for name in ("norm0", "norm6"):
-    jax.tree.map(np.testing.assert_array_equal, backbone[name],
-                 fresh["params"]["backbone"][name])
+    jax.tree.map(np.testing.assert_array_equal, backbone[name], fresh["params"]["backbone"][name])
   jax.tree.map(np.testing.assert_array_equal, variables["params"]["neck"], fresh["params"]["neck"])
   jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"], fresh["batch_stats"])
   assert len(notes) == 1 and "head/kernel" in notes[0] and "norm/scale" in notes[0]
@@ -118,23 +121,32 @@ def test_init_from_misfits_are_listed(reference, fresh):
     task.adopt_pretrained(fresh, broken, "BROKEN")
   message = str(e.value)
   assert "BROKEN do not fit this model (3 problems)" in message
-  for name in ("backbone/patch_embed/proj/bias", "backbone/network_0_0/extra",
-               "backbone/network_1/conv_f/kernel"):
+  for name in (
+      "backbone/patch_embed/proj/bias",
+      "backbone/network_0_0/extra",
+      "backbone/network_1/conv_f/kernel",
+  ):
     assert name in message
 
 
 def test_init_from_segmenter_reinitializes_conv_seg_for_other_classes(fresh):
   task, fresh = fresh  # 5 classes
   source = jax.tree.map(lambda a: np.asarray(a) + 1.0, fresh)  # a segmenter with 7 classes
-  source["params"]["decode_head"]["conv_seg"] = {"kernel": np.ones((128, 7), np.float32),
-                                                 "bias": np.ones(7, np.float32)}
+  source["params"]["decode_head"]["conv_seg"] = {
+      "kernel": np.ones((128, 7), np.float32),
+      "bias": np.ones(7, np.float32),
+  }
   variables, notes = task.adopt_pretrained(fresh, source, "SEG7")
   assert notes == ["decode_head/conv_seg re-initialized for 5 classes (SEG7 has 7)"]
   head = variables["params"]["decode_head"]
-  jax.tree.map(np.testing.assert_array_equal, head["conv_seg"],
-               fresh["params"]["decode_head"]["conv_seg"])
-  jax.tree.map(np.testing.assert_array_equal, head["scale_heads_0_0"],
-               source["params"]["decode_head"]["scale_heads_0_0"])
+  jax.tree.map(
+      np.testing.assert_array_equal, head["conv_seg"], fresh["params"]["decode_head"]["conv_seg"]
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      head["scale_heads_0_0"],
+      source["params"]["decode_head"]["scale_heads_0_0"],
+  )
   jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"], source["batch_stats"])
   with pytest.raises(checkpoint.CheckpointError, match="batch_stats/decode_head"):
     task.adopt_pretrained(fresh, {"params": fresh["params"], "batch_stats": {}}, "NOSTATS")
@@ -148,8 +160,12 @@ def test_cross_entropy_is_mmseg_decode_head_loss():
   labels = rng.integers(0, 6, (2, 16, 20))
   labels[rng.random(labels.shape) < 0.3] = 255
   ours = segmentation.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
-  up = F.interpolate(torch.from_numpy(logits).permute(0, 3, 1, 2), size=(16, 20),
-                     mode="bilinear", align_corners=False)
+  up = F.interpolate(
+      torch.from_numpy(logits).permute(0, 3, 1, 2),
+      size=(16, 20),
+      mode="bilinear",
+      align_corners=False,
+  )
   per_pixel = F.cross_entropy(up, torch.from_numpy(labels), ignore_index=255, reduction="none")
   np.testing.assert_allclose(float(ours), float(per_pixel.mean()), rtol=1e-5)
   assert abs(float(per_pixel.mean()) - float(per_pixel[labels != 255].mean())) > 1e-3
@@ -170,10 +186,12 @@ def test_poly_schedule_and_run_length():
   assert due == [8000, 16000, 24000]
   # Classification keeps its per-epoch cosine, scaled by batch / 1024, eval every epoch.
   from configs import fec_small
+
   k = fec_small.get_config()
   k.global_batch_size = 512
   assert float(training.lr_schedule(k, 10)(1234)) == pytest.approx(
-      float(training.epoch_lr(123, 5e-4, 5, 300, 1e-6, 1e-6)))
+      float(training.epoch_lr(123, 5e-4, 5, 300, 1e-6, 1e-6))
+  )
   assert [s for s in range(1, 31) if training.eval_due(k, s, 10)] == [10, 20, 30]
 
 
@@ -190,14 +208,17 @@ def test_weight_decay_on_all_params_or_matrices():
     assert (float(new["bias"][0]) < 1.0) == bias_decays
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.name", "fec_small", "is not a segmenter"),
-    ("data.crop_size", (48, 64), "must be multiples of 32"),
-    ("data.size_divisor", 16, "size_divisor 16 must be a multiple of 32"),
-    ("lr_schedule", "cosine", "lr_schedule must be one of"),
-    ("schedule_steps", 0, "schedule_steps must be > 0"),
-    ("weight_decay_on", "some", "weight_decay_on must be one of"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.name", "fec_small", "is not a segmenter"),
+        ("data.crop_size", (48, 64), "must be multiples of 32"),
+        ("data.size_divisor", 16, "size_divisor 16 must be a multiple of 32"),
+        ("lr_schedule", "cosine", "lr_schedule must be one of"),
+        ("schedule_steps", 0, "schedule_steps must be > 0"),
+        ("weight_decay_on", "some", "weight_decay_on must be one of"),
+    ],
+)
 def test_config_checks(field, value, message):
   c = seg_tiny(**{field: value})
   with pytest.raises(ValueError, match=message):
@@ -207,9 +228,19 @@ def test_config_checks(field, value, message):
 
 def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, "visualize_seg.py", f"--workdir={tmp_path}",
-       f"--output={tmp_path}/missing/seg.png"], cwd=ROOT, capture_output=True, text=True,
-      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, timeout=120)
+      [
+          sys.executable,
+          "visualize_seg.py",
+          f"--workdir={tmp_path}",
+          f"--output={tmp_path}/missing/seg.png",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      timeout=120,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      f"error: --output {tmp_path}/missing/seg.png: directory {tmp_path}/missing does not exist"]
+      f"error: --output {tmp_path}/missing/seg.png: directory {tmp_path}/missing does not exist"
+  ]

@@ -35,13 +35,16 @@ def test_reference_run_writes_metrics_checkpoints_and_plot(reference):
   assert {"val_top1", "val_top5", "val_loss", "ema_val_top1"} <= records[-1].keys()
   assert all(np.isfinite(losses(reference)))
   assert os.path.exists(os.path.join(reference, "curves.png"))
-  assert any(f.startswith("events.out.tfevents")
-             for f in os.listdir(os.path.join(reference, "tensorboard")))
+  assert any(
+      f.startswith("events.out.tfevents")
+      for f in os.listdir(os.path.join(reference, "tensorboard"))
+  )
   assert saved_steps(reference) == [4, 6]  # keep_checkpoints=2
 
 
 def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference):
   import fec_jax
+
   model, variables = fec_jax.load_pretrained(reference)
   _, ema = fec_jax.load_pretrained(reference, ema=True)
   leaf = lambda v: np.asarray(v["params"]["head"]["kernel"])
@@ -85,8 +88,10 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, t
   second = train(tiny(), workdir)
   assert second.step == STEPS and not second.preempted
   assert losses(workdir) == losses(reference)  # bit-identical
-  assert reporting.read_metrics(workdir)[-1]["val_top1"] == reporting.read_metrics(
-      reference)[-1]["val_top1"]
+  assert (
+      reporting.read_metrics(workdir)[-1]["val_top1"]
+      == reporting.read_metrics(reference)[-1]["val_top1"]
+  )
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
@@ -117,6 +122,7 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(reference, tmp_pat
   assert result.step == 2
   assert "head re-initialized for 3 classes" in caplog.text
   import fec_jax
+
   _, source = fec_jax.load_pretrained(reference)
   _, tuned = fec_jax.load_pretrained(str(workdir))
   assert tuned["params"]["head"]["kernel"].shape == (320, 3)
@@ -161,9 +167,13 @@ def test_bad_input_fails_before_compiling(case, tmp_path):
   if case == "task":
     config.task = "detection"
   error = ValueError if case in ("image_size", "task", "num_classes") else data.DataNotFoundError
-  expected = {"missing": "expected the ImageNet folder layout",
-              "empty": "expected the ImageNet folder layout", "num_classes": "num_classes is 1000",
-              "image_size": "multiple of 32", "task": "not a task"}[case]
+  expected = {
+      "missing": "expected the ImageNet folder layout",
+      "empty": "expected the ImageNet folder layout",
+      "num_classes": "num_classes is 1000",
+      "image_size": "multiple of 32",
+      "task": "not a task",
+  }[case]
   start = time.perf_counter()
   with pytest.raises(error, match=expected):
     train(config, tmp_path / "w")
@@ -181,8 +191,11 @@ def command_line(process: psutil.Process) -> str:
 def loader_workers(before: set[int]) -> list[psutil.Process]:
   """Child processes started since `before`, less multiprocessing's resource tracker (one per
   interpreter, it lives as long as the interpreter)."""
-  return [p for p in psutil.Process().children(recursive=True) if p.pid not in before
-          and "resource_tracker" not in command_line(p)]
+  return [
+      p
+      for p in psutil.Process().children(recursive=True)
+      if p.pid not in before and "resource_tracker" not in command_line(p)
+  ]
 
 
 def test_no_loader_worker_outlives_the_run(tmp_path):

@@ -6,6 +6,7 @@ train step (optax AdamW + weight-decay mask + per-epoch warmup/cosine/cooldown s
 the PyTorch reference model trained with torch.optim.AdamW on timm's parameter groups, with the
 lr set once per epoch as timm's CosineLRScheduler does, give the same per-step losses.
 """
+
 import math
 
 import jax
@@ -54,7 +55,10 @@ def timm_param_groups(model, weight_decay: float):
   decay, no_decay = [], []
   for name, p in model.named_parameters():
     (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-  return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+  return [
+      {"params": no_decay, "weight_decay": 0.0},
+      {"params": decay, "weight_decay": weight_decay},
+  ]
 
 
 def torch_losses(state_dict, batches, c) -> list[float]:
@@ -62,8 +66,9 @@ def torch_losses(state_dict, batches, c) -> list[float]:
   model = create_torch_model("fec_small", num_classes=CLASSES)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
   model.train()
-  opt = torch.optim.AdamW(timm_param_groups(model, c.weight_decay), lr=1.0,
-                          betas=(c.b1, c.b2), eps=c.eps)
+  opt = torch.optim.AdamW(
+      timm_param_groups(model, c.weight_decay), lr=1.0, betas=(c.b1, c.b2), eps=c.eps
+  )
   losses = []
   for step, (images, labels) in enumerate(batches):
     for group in opt.param_groups:
@@ -83,9 +88,14 @@ def jax_losses(params, batches, c) -> list[float]:
   mesh = training.create_mesh()
   schedule = training.lr_schedule(c, STEPS_PER_EPOCH)
   tx = training.create_optimizer(c, schedule)
-  state = training.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                              model_state={}, opt_state=tx.init(params), ema_params=None,
-                              rng=jax.random.key_data(jax.random.key(0)))
+  state = training.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      params=params,
+      model_state={},
+      opt_state=tx.init(params),
+      ema_params=None,
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
   sharding = jax.tree.map(lambda _: training.replicated(mesh), state)
   state = jax.device_put(state, sharding)
   loss_fn = Classification(c).loss_fn(model, mesh)
@@ -96,20 +106,28 @@ def jax_losses(params, batches, c) -> list[float]:
     state, metrics = step(state, training.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
     lrs.append(float(metrics["lr"]))
-  np.testing.assert_allclose(lrs, [timm_epoch_lr(s // STEPS_PER_EPOCH, c) for s in range(STEPS)],
-                             rtol=1e-5)  # the schedule runs in float32
+  np.testing.assert_allclose(
+      lrs, [timm_epoch_lr(s // STEPS_PER_EPOCH, c) for s in range(STEPS)], rtol=1e-5
+  )  # the schedule runs in float32
   return losses
 
 
 def test_twenty_steps_match_torch_adamw_with_timm_groups():
   c = parity_config()
   rng = np.random.default_rng(0)
-  distinct = [(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
-               rng.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(2)]
+  distinct = [
+      (
+          rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+          rng.integers(0, CLASSES, BATCH).astype(np.int32),
+      )
+      for _ in range(2)
+  ]
   batches = [distinct[i % 2] for i in range(STEPS)]  # cycled, so that the loss can fall
   torch.manual_seed(0)
-  state_dict = {k: v.detach().numpy().copy()
-                for k, v in create_torch_model("fec_small", num_classes=CLASSES).state_dict().items()}
+  state_dict = {
+      k: v.detach().numpy().copy()
+      for k, v in create_torch_model("fec_small", num_classes=CLASSES).state_dict().items()
+  }
   params, _ = convert.torch_to_flax(state_dict, "fec_small", num_classes=CLASSES)
 
   ours = jax_losses(jax.tree.map(jax.numpy.asarray, params), batches, c)

@@ -5,6 +5,7 @@ The runs use the tiny demo config of tests/train_fixture.py, XLA's backend optim
 the in-process runs) and the session's persistent compilation cache; the in-process `reference`
 run (tests/conftest.py) is what they are compared with.
 """
+
 import os
 import signal
 import socket
@@ -20,22 +21,39 @@ from tests.train_fixture import STEPS, losses, saved_steps
 
 pytestmark = pytest.mark.xdist_group("train")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/demo.py", "--config.global_batch_size=8", "--config.eval_batch_size=120",
-        "--config.model.dtype=float32", f"--config.max_steps={STEPS}",
-        "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-        "--config.keep_checkpoints=2"]
+TINY = [
+    "--config=configs/demo.py",
+    "--config.global_batch_size=8",
+    "--config.eval_batch_size=120",
+    "--config.model.dtype=float32",
+    f"--config.max_steps={STEPS}",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=2",
+    "--config.keep_checkpoints=2",
+]
 
 
 def env(cache_dir: str, devices: int) -> dict:
-  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                       "--xla_backend_optimization_level=0",
-          "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {
+      **os.environ,
+      "PYTHONPATH": REPO,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+      "--xla_backend_optimization_level=0",
+      "JAX_COMPILATION_CACHE_DIR": cache_dir,
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
 
 
 def start(script: str, args: list[str], cache_dir: str, devices: int = 1) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=env(cache_dir, devices),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      [sys.executable, script, *args],
+      cwd=REPO,
+      env=env(cache_dir, devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def run(script: str, args: list[str], cache_dir: str, devices: int = 1, timeout: float = 900):
@@ -58,7 +76,8 @@ def interrupt(proc: subprocess.Popen, workdir: str, records: int, sig) -> str:
 
 
 def test_sigterm_then_kill9_then_the_same_command_gives_the_reference_losses(
-    reference, compilation_cache, tmp_path):
+    reference, compilation_cache, tmp_path
+):
   """On one CPU device (no cross-device all-reduce, whose summation order on CPU can vary from
   run to run in the last bit) the twice interrupted run equals the uninterrupted one bit for bit."""
   workdir = str(tmp_path / "interrupted")
@@ -75,8 +94,10 @@ def test_sigterm_then_kill9_then_the_same_command_gives_the_reference_losses(
   assert rc == 0, err[-3000:]
   assert "resumed at step" in err  # it did resume, not start over
   assert losses(workdir) == losses(reference)  # bit-identical
-  assert reporting.read_metrics(workdir)[-1]["val_top1"] == reporting.read_metrics(
-      reference)[-1]["val_top1"]
+  assert (
+      reporting.read_metrics(workdir)[-1]["val_top1"]
+      == reporting.read_metrics(reference)[-1]["val_top1"]
+  )
 
 
 def free_port() -> int:
@@ -88,10 +109,17 @@ def free_port() -> int:
 def test_two_processes_match_one_process(reference, compilation_cache, tmp_path):
   """2 processes x 2 CPU devices (gloo) = the reference, for 3 demo steps."""
   workdir = str(tmp_path / "multi")
-  common = TINY + [f"--workdir={workdir}", "--config.max_steps=3", "--multihost",
-                   f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
-  procs = [start("train.py", common + [f"--process_id={i}"], compilation_cache, devices=2)
-           for i in range(2)]
+  common = TINY + [
+      f"--workdir={workdir}",
+      "--config.max_steps=3",
+      "--multihost",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+      "--num_processes=2",
+  ]
+  procs = [
+      start("train.py", common + [f"--process_id={i}"], compilation_cache, devices=2)
+      for i in range(2)
+  ]
   results = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
@@ -102,22 +130,39 @@ def test_two_processes_match_one_process(reference, compilation_cache, tmp_path)
 
 
 def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache):
-  rc, out, err = run("eval.py", ["--config=configs/demo.py", "--config.eval_batch_size=120",
-                                 "--config.model.dtype=float32", f"--workdir={reference}"],
-                     compilation_cache)
+  rc, out, err = run(
+      "eval.py",
+      [
+          "--config=configs/demo.py",
+          "--config.eval_batch_size=120",
+          "--config.model.dtype=float32",
+          f"--workdir={reference}",
+      ],
+      compilation_cache,
+  )
   assert rc == 0, err[-3000:]
   assert not err.strip() and len(out.splitlines()) == 1  # the result, nothing else
   top1 = float(out.split("top-1 ")[1].split("%")[0])
   assert top1 == pytest.approx(reporting.read_metrics(reference)[-1]["val_top1"], abs=0.01)
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--config.base_lrr=1e-3"], "error: unknown config field 'base_lrr'; did you mean 'base_lr'?"),
-    (["--config.data.root=/nonexistent", "--config.data.source=folder"],
-     "expected the ImageNet folder layout")])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--config.base_lrr=1e-3"],
+            "error: unknown config field 'base_lrr'; did you mean 'base_lr'?",
+        ),
+        (
+            ["--config.data.root=/nonexistent", "--config.data.source=folder"],
+            "expected the ImageNet folder layout",
+        ),
+    ],
+)
 def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp_path):
-  rc, _, err = run("train.py", [f"--workdir={tmp_path / 'w'}", *TINY, *args], compilation_cache,
-                   timeout=300)
+  rc, _, err = run(
+      "train.py", [f"--workdir={tmp_path / 'w'}", *TINY, *args], compilation_cache, timeout=300
+  )
   assert rc == 2
   lines = [line for line in err.splitlines() if line.strip()]
   assert lines[-1].startswith("error: ") and expected in lines[-1], err[-3000:]
@@ -127,13 +172,18 @@ def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp
 
 @pytest.mark.parametrize("case", ["both", "missing", "batch", "classes"])
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
-  args = {"both": [f"--workdir={reference}", f"--checkpoint={reference}"],
-          "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
-          "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
-          "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"]}[case]
-  expected = {"both": "exactly one of --workdir and --checkpoint", "missing": "does not exist",
-              "batch": "--batch and --iters must be > 0",
-              "classes": "the model has 10 classes but config.data.num_classes is 1000"}[case]
+  args = {
+      "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
+      "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
+      "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
+      "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
+  }[case]
+  expected = {
+      "both": "exactly one of --workdir and --checkpoint",
+      "missing": "does not exist",
+      "batch": "--batch and --iters must be > 0",
+      "classes": "the model has 10 classes but config.data.num_classes is 1000",
+  }[case]
   rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
   assert rc == 2 and not out
   lines = [line for line in err.splitlines() if line.strip()]

@@ -1,5 +1,6 @@
 """Fast checks of the training pieces against the official recipe (docs/official-code.md Sec. 8); no
 model compilation."""
+
 import math
 import os
 import subprocess
@@ -19,14 +20,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_official_configs_hold_the_recipe():
-  for get_config, name in ((fec_small.get_config, "fec_small"), (fec_base.get_config, "fec_base"),
-                           (fec_large.get_config, "fec_large")):
+  for get_config, name in (
+      (fec_small.get_config, "fec_small"),
+      (fec_base.get_config, "fec_base"),
+      (fec_large.get_config, "fec_large"),
+  ):
     c = get_config()
     assert c.model.name == name and c.model.dtype == "bfloat16"
     assert (c.base_lr, c.global_batch_size, c.weight_decay) == (1e-3, 1024, 0.05)
     assert (c.b1, c.b2, c.eps) == (0.9, 0.999, 1e-8)
     assert (c.epochs, c.warmup_epochs, c.cooldown_epochs, c.warmup_lr, c.min_lr) == (
-        300, 5, 10, 1e-6, 1e-6)
+        300,
+        5,
+        10,
+        1e-6,
+        1e-6,
+    )
     assert c.ema_decay == 0.9998 and c.model.drop_path_rate == 0.1
     assert c.data.to_dict() == data.default_config().to_dict()
   assert demo.get_config().data.source == "demo"
@@ -43,10 +52,16 @@ def test_schedule_is_per_epoch_warmup_cosine_cooldown():
   c.global_batch_size = 2048  # peak 2e-3
   peak, spe = 2e-3, 7
   sched = training.lr_schedule(c, steps_per_epoch=spe)
-  expected = {0: 1e-6, 1: 1e-6 + (peak - 1e-6) / 5, 4: 1e-6 + 4 * (peak - 1e-6) / 5,
-              5: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * 5 / 300)),
-              150: 1e-6 + 0.5 * (peak - 1e-6), 299: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(
-                  math.pi * 299 / 300)), 300: 1e-6, 309: 1e-6}
+  expected = {
+      0: 1e-6,
+      1: 1e-6 + (peak - 1e-6) / 5,
+      4: 1e-6 + 4 * (peak - 1e-6) / 5,
+      5: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * 5 / 300)),
+      150: 1e-6 + 0.5 * (peak - 1e-6),
+      299: 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * 299 / 300)),
+      300: 1e-6,
+      309: 1e-6,
+  }
   for epoch, lr in expected.items():
     for step in (epoch * spe, epoch * spe + spe - 1):  # constant within the epoch
       assert float(sched(step)) == pytest.approx(lr, rel=1e-5), (epoch, step)
@@ -61,8 +76,11 @@ def test_weight_decay_mask_is_timms_groups():
   decayed = {"/".join(k) for k, v in mask.items() if v}
   kept = {"/".join(k) for k, v in mask.items() if not v}
   assert decayed and all(k.endswith("kernel") for k in decayed)
-  assert all(k.rsplit("/", 1)[1] in ("bias", "scale", "layer_scale_1", "layer_scale_2",
-                                     "sim_alpha", "sim_beta") for k in kept)
+  assert all(
+      k.rsplit("/", 1)[1]
+      in ("bias", "scale", "layer_scale_1", "layer_scale_2", "sim_alpha", "sim_beta")
+      for k in kept
+  )
   assert "network_1/conv_f/kernel" in decayed  # no gradient, but decayed, as in the official run
   assert len(decayed) + len(kept) == len(mask)
 
@@ -77,7 +95,9 @@ def test_soft_target_cross_entropy_and_eval_sums():
   logits = jnp.array([[2.0, 1.0, 0.0, -1.0, -2.0, -3.0], [0.0, 3.0, 1.0, 0.5, 0.2, 0.1]])
   targets = jax.nn.one_hot(jnp.array([0, 2]), 6)
   ce = -np.mean([jax.nn.log_softmax(logits[0])[0], jax.nn.log_softmax(logits[1])[2]])
-  assert float(classification.soft_target_cross_entropy(logits, targets)) == pytest.approx(ce, rel=1e-6)
+  assert float(classification.soft_target_cross_entropy(logits, targets)) == pytest.approx(
+      ce, rel=1e-6
+  )
   sums = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, True]))
   assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
   masked = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
@@ -118,10 +138,20 @@ print("ok")
 
 
 def test_augment_normalizes_erases_and_mixes_within_each_device_shard():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-  out = subprocess.run([sys.executable, "-c", AUGMENT_ON_4_DEVICES], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+  env = {
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "JAX_PLATFORMS": "cpu",
+      "PYTHONPATH": REPO,
+  }
+  out = subprocess.run(
+      [sys.executable, "-c", AUGMENT_ON_4_DEVICES],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
@@ -129,13 +159,15 @@ def test_check_config_rejects_what_cannot_run():
   c = demo.get_config()
   training.check_config(c)
   tasks.get(c).check_config()
-  for field, value, message in (("data.image_size", 48, "multiple of 32"),
-                                ("model.name", "fec_small_seg", "classification"),
-                                ("model.dtype", "bf16", "dtype"),
-                                ("data.remode", "noise", "remode"),
-                                ("global_batch_size", 0, "positive multiple"),
-                                ("log_every_steps", 0, "log_every_steps"),
-                                ("task", "detection", "not a task")):
+  for field, value, message in (
+      ("data.image_size", 48, "multiple of 32"),
+      ("model.name", "fec_small_seg", "classification"),
+      ("model.dtype", "bf16", "dtype"),
+      ("data.remode", "noise", "remode"),
+      ("global_batch_size", 0, "positive multiple"),
+      ("log_every_steps", 0, "log_every_steps"),
+      ("task", "detection", "not a task"),
+  ):
     bad = demo.get_config()
     section, _, key = field.rpartition(".")
     (bad[section] if section else bad)[key] = value

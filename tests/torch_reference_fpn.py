@@ -30,8 +30,15 @@ FEATURE_STRIDES = (4, 8, 16, 32)
 class ConvModule(nn.Module):
   """mmcv ConvModule (conv, norm, act order); bias='auto': a bias only without a norm."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
-               norm: bool = False, act: bool = False):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      kernel_size: int,
+      padding: int = 0,
+      norm: bool = False,
+      act: bool = False,
+  ):
     super().__init__()
     self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not norm)
     if norm:
@@ -52,7 +59,8 @@ class FPN(nn.Module):
     super().__init__()
     self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1) for c in in_channels)
     self.fpn_convs = nn.ModuleList(
-        ConvModule(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        ConvModule(out_channels, out_channels, 3, padding=1) for _ in in_channels
+    )
 
   def forward(self, inputs):
     laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
@@ -78,8 +86,14 @@ class Upsample(nn.Module):
 class FPNHead(nn.Module):
   """mmseg FPNHead (input_transform 'multiple_select') with BaseDecodeHead's cls_seg."""
 
-  def __init__(self, in_channels: List[int], num_classes: int, channels: int = HEAD_CHANNELS,
-               feature_strides=FEATURE_STRIDES, dropout_ratio: float = 0.1):
+  def __init__(
+      self,
+      in_channels: List[int],
+      num_classes: int,
+      channels: int = HEAD_CHANNELS,
+      feature_strides=FEATURE_STRIDES,
+      dropout_ratio: float = 0.1,
+  ):
     super().__init__()
     self.feature_strides = feature_strides
     self.scale_heads = nn.ModuleList()
@@ -87,8 +101,11 @@ class FPNHead(nn.Module):
       length = max(1, int(np.log2(stride) - np.log2(feature_strides[0])))
       layers = []
       for k in range(length):
-        layers.append(ConvModule(in_channels[i] if k == 0 else channels, channels, 3, padding=1,
-                                 norm=True, act=True))
+        layers.append(
+            ConvModule(
+                in_channels[i] if k == 0 else channels, channels, 3, padding=1, norm=True, act=True
+            )
+        )
         if stride != feature_strides[0]:
           layers.append(Upsample(2))
       self.scale_heads.append(nn.Sequential(*layers))
@@ -98,8 +115,12 @@ class FPNHead(nn.Module):
   def forward(self, inputs):
     output = self.scale_heads[0](inputs[0])
     for i in range(1, len(self.feature_strides)):
-      output = output + F.interpolate(self.scale_heads[i](inputs[i]), size=output.shape[2:],
-                                      mode="bilinear", align_corners=False)
+      output = output + F.interpolate(
+          self.scale_heads[i](inputs[i]),
+          size=output.shape[2:],
+          mode="bilinear",
+          align_corners=False,
+      )
     return self.conv_seg(self.dropout(output))
 
 

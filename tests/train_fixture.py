@@ -1,4 +1,5 @@
 """Small training runs shared by the training tests (tests/conftest.py's `reference` run)."""
+
 import os
 
 from configs import demo

@@ -105,8 +105,10 @@ def main():
   )
   for name, split, train in (("train", "train", True), ("eval", "val", False)):
     rate, decode_share = time_transform(_files(os.path.join(root, split)), cfg, train)
-    print(f"{name} transform: {rate:7.1f} images/s/core ({1e3 / rate:.2f} ms/image, "
-          f"{100 * decode_share:.0f}% of it JPEG decoding)")
+    print(
+        f"{name} transform: {rate:7.1f} images/s/core ({1e3 / rate:.2f} ms/image, "
+        f"{100 * decode_share:.0f}% of it JPEG decoding)"
+    )
   if args.loader_workers > 0:
     cfg.root, cfg.num_classes, cfg.num_workers = root, 4, args.loader_workers
     rate = time_loader(cfg, "train", 32, max(1, len(train_files) // 32))

@@ -60,13 +60,15 @@ class Task(abc.ABC):
     the jitted train step; per-device augmentation goes here (jax.shard_map over `data`)."""
 
   @abc.abstractmethod
-  def evaluator(self, model: nn.Module, mesh: Mesh,
-                compiler_options: dict | None = None) -> Evaluator:
+  def evaluator(
+      self, model: nn.Module, mesh: Mesh, compiler_options: dict | None = None
+  ) -> Evaluator:
     """The held-out evaluation of this task (compiler_options: XLA options for its steps)."""
 
   @abc.abstractmethod
-  def adopt_pretrained(self, variables: dict, pretrained: dict,
-                       source: str) -> tuple[dict, list[str]]:
+  def adopt_pretrained(
+      self, variables: dict, pretrained: dict, source: str
+  ) -> tuple[dict, list[str]]:
     """Fine-tuning start (config.init_from): fresh `variables` ({'params', ...model state})
     with the matching leaves of `pretrained` (the variables of a checkpoint; `source` names it in
     messages) put in. -> (variables, one line per deliberate change, e.g. a re-initialized head);
@@ -82,10 +84,12 @@ def get(config) -> Task:
   """The task that config.task names."""
   from fec_jax.tasks import classification, segmentation  # imported here: loaded on demand
 
-  registry = {"classification": classification.Classification,
-              "segmentation": segmentation.Segmentation}
+  registry = {
+      "classification": classification.Classification,
+      "segmentation": segmentation.Segmentation,
+  }
   if config.task not in registry:
-    raise ValueError(f"config.task {config.task!r} is not a task; choose one of "
-                     f"{sorted(registry)}")
+    raise ValueError(
+        f"config.task {config.task!r} is not a task; choose one of " f"{sorted(registry)}"
+    )
   return registry[config.task](config)
-

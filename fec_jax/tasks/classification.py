@@ -36,18 +36,27 @@ def per_device_augment(data_config, mesh: Mesh):
 
   def augment(key, images, boxes, labels):  # [B / devices, ...]
     erase_key, mix_key = jax.random.split(
-        jax.random.fold_in(key, jax.lax.axis_index(training.DATA_AXIS)))
+        jax.random.fold_in(key, jax.lax.axis_index(training.DATA_AXIS))
+    )
     x = device_transforms.normalize(images, d.mean, d.std)
     if d.reprob > 0:
       x = device_transforms.erase(erase_key, x, boxes, d.remode)
-    return mixup.mixup_cutmix(mix_key, x, labels, d.num_classes, mixup_alpha=d.mixup_alpha,
-                              cutmix_alpha=d.cutmix_alpha, prob=d.mixup_prob,
-                              switch_prob=d.mixup_switch_prob,
-                              label_smoothing=d.label_smoothing)
+    return mixup.mixup_cutmix(
+        mix_key,
+        x,
+        labels,
+        d.num_classes,
+        mixup_alpha=d.mixup_alpha,
+        cutmix_alpha=d.cutmix_alpha,
+        prob=d.mixup_prob,
+        switch_prob=d.mixup_switch_prob,
+        label_smoothing=d.label_smoothing,
+    )
 
   shard = P(training.DATA_AXIS)
-  return jax.shard_map(augment, mesh=mesh, in_specs=(P(), shard, shard, shard),
-                       out_specs=(shard, shard))
+  return jax.shard_map(
+      augment, mesh=mesh, in_specs=(P(), shard, shard, shard), out_specs=(shard, shard)
+  )
 
 
 def eval_sums(logits, labels, mask):
@@ -58,8 +67,12 @@ def eval_sums(logits, labels, mask):
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
   hit1 = (top5[:, 0] == labels).astype(jnp.float32)
   hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
-  return {"loss": jnp.sum(loss * weight), "top1": jnp.sum(hit1 * weight),
-          "top5": jnp.sum(hit5 * weight), "count": jnp.sum(weight)}
+  return {
+      "loss": jnp.sum(loss * weight),
+      "top1": jnp.sum(hit1 * weight),
+      "top5": jnp.sum(hit5 * weight),
+      "count": jnp.sum(weight),
+  }
 
 
 class TopK(Evaluator):
@@ -68,17 +81,25 @@ class TopK(Evaluator):
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
     self._mesh, self._compiler_options = mesh, compiler_options
-    self._dataset = data.create_dataset(config.data, "val", config.eval_batch_size, config.seed,
-                                        jax.process_index(), jax.process_count())
+    self._dataset = data.create_dataset(
+        config.data,
+        "val",
+        config.eval_batch_size,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
 
     def step_fn(variables, batch):
       images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
       logits = model.apply(variables, images, train=False)
       return eval_sums(logits, batch["label"], batch["mask"])
 
-    self._jitted = jax.jit(step_fn, in_shardings=(training.replicated(mesh),
-                                                  training.batch_sharded(mesh)),
-                           out_shardings=training.replicated(mesh))
+    self._jitted = jax.jit(
+        step_fn,
+        in_shardings=(training.replicated(mesh), training.batch_sharded(mesh)),
+        out_shardings=training.replicated(mesh),
+    )
     self._step = None  # compiled at the first batch (every val batch has the same shape)
 
   def __call__(self, variables) -> dict[str, float]:
@@ -95,8 +116,11 @@ class TopK(Evaluator):
       batches.close()  # its worker processes end here
     totals = jax.device_get(totals)
     n = max(float(totals["count"]), 1.0)
-    return {"loss": float(totals["loss"]) / n, "top1": 100.0 * float(totals["top1"]) / n,
-            "top5": 100.0 * float(totals["top5"]) / n}
+    return {
+        "loss": float(totals["loss"]) / n,
+        "top1": 100.0 * float(totals["top1"]) / n,
+        "top5": 100.0 * float(totals["top5"]) / n,
+    }
 
 
 class Classification(Task):
@@ -107,11 +131,15 @@ class Classification(Task):
     name, size = c.model.name, c.data.image_size
     if name not in VARIANTS or VARIANTS[name].dense_outputs:
       classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
-      raise ValueError(f"config.model.name {name!r} is not a classification variant; "
-                       f"choose one of {classifiers}")
+      raise ValueError(
+          f"config.model.name {name!r} is not a classification variant; "
+          f"choose one of {classifiers}"
+      )
     if size % 32:
-      raise ValueError(f"config.data.image_size {size} must be a multiple of 32 (every "
-                       "ClusterPool needs an even feature map: the maps are size/4, /8, /16, /32)")
+      raise ValueError(
+          f"config.data.image_size {size} must be a multiple of 32 (every "
+          "ClusterPool needs an even feature map: the maps are size/4, /8, /16, /32)"
+      )
     data.validate(c.data)
 
   def create_model(self):
@@ -126,8 +154,9 @@ class Classification(Task):
   def train_loader(self, process_index: int, process_count: int):
     c = self.config
     steps = data.steps_per_epoch(c.data, c.global_batch_size, process_count)
-    loader = data.create_loader(c.data, "train", c.global_batch_size, c.seed, process_index,
-                                process_count)
+    loader = data.create_loader(
+        c.data, "train", c.global_batch_size, c.seed, process_index, process_count
+    )
     return loader, steps
 
   def loss_fn(self, model, mesh: Mesh):
@@ -137,16 +166,19 @@ class Classification(Task):
     def loss_fn(params, model_state, batch, key):
       augment_key, drop_key = jax.random.split(key)
       images, targets = augment(augment_key, batch["image"], batch["erase"], batch["label"])
-      logits = model.apply({"params": params, **model_state}, images, train=True,
-                           rngs={"dropout": drop_key})
+      logits = model.apply(
+          {"params": params, **model_state}, images, train=True, rngs={"dropout": drop_key}
+      )
       return soft_target_cross_entropy(logits, targets), model_state
 
     return loss_fn
 
   def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> TopK:
     if model.num_classes != self.config.data.num_classes:
-      raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
-                       f"is {self.config.data.num_classes}")
+      raise ValueError(
+          f"the model has {model.num_classes} classes but config.data.num_classes "
+          f"is {self.config.data.num_classes}"
+      )
     return TopK(model, self.config, mesh, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
@@ -164,11 +196,15 @@ class Classification(Task):
       reinit = set()
     checkpoint.raise_for_mismatch(missing, unexpected, mismatched, source)
     loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
-    merged = {k: v if k in reinit else loaded[k]
-              for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    merged = {
+        k: v if k in reinit else loaded[k]
+        for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
+    }
     return {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}, notes
 
   def describe(self, metrics: dict[str, float]) -> str:
-    return (f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"loss {metrics['loss']:.4f}  ({data.num_examples(self.config.data, 'val')} "
-            f"{self.config.data.source} val images)")
+    return (
+        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+        f"loss {metrics['loss']:.4f}  ({data.num_examples(self.config.data, 'val')} "
+        f"{self.config.data.source} val images)"
+    )

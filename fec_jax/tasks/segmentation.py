@@ -57,8 +57,7 @@ class MeanIoU(Evaluator):
       valid = jnp.array([image.shape[1:3]], jnp.int32)  # [1, 2]: nothing is padded
       x = seg_device_transforms.normalize(image, valid, config.data.mean, config.data.std)
       pred = fpn.predict(model, variables, x, label.shape)[0]  # [H0, W0]
-      return miou.intersect_and_union(pred, label, self._num_classes,
-                                      config.data.ignore_index)
+      return miou.intersect_and_union(pred, label, self._num_classes, config.data.ignore_index)
 
     self._jitted = jax.jit(step_fn)
     self._steps = {}  # (image shape, label shape) -> compiled step
@@ -66,20 +65,25 @@ class MeanIoU(Evaluator):
   def _step(self, variables, image, label):
     key = (image.shape, label.shape)
     if key not in self._steps:
-      self._steps[key] = self._jitted.lower(variables, image, label).compile(
-          self._compiler_options)
+      self._steps[key] = self._jitted.lower(variables, image, label).compile(self._compiler_options)
     return self._steps[key](variables, image, label)
 
   def __call__(self, variables) -> dict[str, float]:
     # The replicated variables' copy on this host's first device (numpy leaves are put there).
     variables = jax.tree.map(
-        lambda a: (a.addressable_data(0) if isinstance(a, jax.Array)
-                   else jax.device_put(a, self._device)), variables)
-    totals = {k: np.zeros(self._num_classes, np.int64)
-              for k in ("area_intersect", "area_union", "area_pred", "area_label")}
+        lambda a: (
+            a.addressable_data(0) if isinstance(a, jax.Array) else jax.device_put(a, self._device)
+        ),
+        variables,
+    )
+    totals = {
+        k: np.zeros(self._num_classes, np.int64)
+        for k in ("area_intersect", "area_union", "area_pred", "area_label")
+    }
     pending = []  # device results not yet fetched: the next image is dispatched meanwhile
-    examples = data.create_seg_loader(self._config.data, "val", 1, self._config.seed,
-                                      jax.process_index(), jax.process_count())
+    examples = data.create_seg_loader(
+        self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
+    )
     try:
       for example in examples:
         if not example["mask"]:  # padding of the last host's share, or a bad file
@@ -117,15 +121,21 @@ class Segmentation(Task):
   def check_config(self) -> None:
     c = self.config
     if c.model.name not in SEGMENTERS:
-      raise ValueError(f"config.model.name {c.model.name!r} is not a segmenter; choose one of "
-                       f"{sorted(SEGMENTERS)}")
+      raise ValueError(
+          f"config.model.name {c.model.name!r} is not a segmenter; choose one of "
+          f"{sorted(SEGMENTERS)}"
+      )
     data.seg_validate(c.data)
     if c.data.crop_size[0] % 32 or c.data.crop_size[1] % 32:
-      raise ValueError(f"config.data.crop_size {tuple(c.data.crop_size)} must be multiples of 32 "
-                       "(the FPN's maps are the crop's size /4, /8, /16, /32)")
+      raise ValueError(
+          f"config.data.crop_size {tuple(c.data.crop_size)} must be multiples of 32 "
+          "(the FPN's maps are the crop's size /4, /8, /16, /32)"
+      )
     if c.data.size_divisor % 32:
-      raise ValueError(f"config.data.size_divisor {c.data.size_divisor} must be a multiple of 32 "
-                       "(val images are resized to multiples of it and fed whole to the model)")
+      raise ValueError(
+          f"config.data.size_divisor {c.data.size_divisor} must be a multiple of 32 "
+          "(val images are resized to multiples of it and fed whole to the model)"
+      )
     data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
 
   def create_model(self):
@@ -140,8 +150,9 @@ class Segmentation(Task):
   def train_loader(self, process_index: int, process_count: int):
     c = self.config
     steps = data.seg_steps_per_epoch(c.data, c.global_batch_size, process_count)
-    loader = data.create_seg_loader(c.data, "train", c.global_batch_size, c.seed, process_index,
-                                    process_count)
+    loader = data.create_seg_loader(
+        c.data, "train", c.global_batch_size, c.seed, process_index, process_count
+    )
     return loader, steps
 
   def loss_fn(self, model, mesh: Mesh):
@@ -151,8 +162,13 @@ class Segmentation(Task):
 
     def loss_fn(params, model_state, batch, key):
       images = seg_device_transforms.normalize(batch["image"], batch["valid"], d.mean, d.std)
-      logits, model_state = model.apply({"params": params, **model_state}, images, train=True,
-                                        mutable=["batch_stats"], rngs={"dropout": key})
+      logits, model_state = model.apply(
+          {"params": params, **model_state},
+          images,
+          train=True,
+          mutable=["batch_stats"],
+          rngs={"dropout": key},
+      )
       labels = batch["label"].astype(jnp.int32)  # [B, S, S]
       return cross_entropy(logits, labels, d.ignore_index), dict(model_state)
 
@@ -160,11 +176,15 @@ class Segmentation(Task):
 
   def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> MeanIoU:
     if not isinstance(model, fpn.SemanticFPN):
-      raise ValueError(f"the checkpoint holds {model_name(model)}, not a segmenter; "
-                       f"config.task 'segmentation' evaluates {sorted(SEGMENTERS)}")
+      raise ValueError(
+          f"the checkpoint holds {model_name(model)}, not a segmenter; "
+          f"config.task 'segmentation' evaluates {sorted(SEGMENTERS)}"
+      )
     if model.num_classes != self.config.data.num_classes:
-      raise ValueError(f"the model has {model.num_classes} classes but config.data.num_classes "
-                       f"is {self.config.data.num_classes}")
+      raise ValueError(
+          f"the model has {model.num_classes} classes but config.data.num_classes "
+          f"is {self.config.data.num_classes}"
+      )
     return MeanIoU(model, self.config, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
@@ -185,17 +205,22 @@ class Segmentation(Task):
     ignored = sorted(k for k in loaded if k.split("/")[0] in CLASSIFIER_ONLY)
     kept = {k for k in backbone if k.split("/")[0] in OUTPUT_NORMS}
     missing, unexpected, mismatched = checkpoint.compare_params(
-        flax.traverse_util.unflatten_dict({k: v for k, v in backbone.items() if k not in kept},
-                                          sep="/"),
-        flax.traverse_util.unflatten_dict({k: v for k, v in loaded.items() if k not in ignored},
-                                          sep="/"))
+        flax.traverse_util.unflatten_dict(
+            {k: v for k, v in backbone.items() if k not in kept}, sep="/"
+        ),
+        flax.traverse_util.unflatten_dict(
+            {k: v for k, v in loaded.items() if k not in ignored}, sep="/"
+        ),
+    )
     prefix = lambda d: {f"backbone/{k}": v for k, v in d.items()}
     checkpoint.raise_for_mismatch(prefix(missing), prefix(unexpected), prefix(mismatched), source)
     merged = {k: v if k in kept else loaded[k] for k, v in backbone.items()}
     params = {**variables["params"], "backbone": flax.traverse_util.unflatten_dict(merged, sep="/")}
-    note = (f"backbone: {len(merged) - len(kept)} params loaded from the classifier {source}; "
-            f"ignored: {', '.join(ignored) or 'nothing'}; kept their init: "
-            f"{', '.join(OUTPUT_NORMS)}, neck, decode_head, batch_stats")
+    note = (
+        f"backbone: {len(merged) - len(kept)} params loaded from the classifier {source}; "
+        f"ignored: {', '.join(ignored) or 'nothing'}; kept their init: "
+        f"{', '.join(OUTPUT_NORMS)}, neck, decode_head, batch_stats"
+    )
     return {**variables, "params": params}, [note]
 
   @staticmethod
@@ -206,8 +231,10 @@ class Segmentation(Task):
     notes = []
     if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
       expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
-      notes.append(f"decode_head/conv_seg re-initialized for {expected[-1]} classes ({source} "
-                   f"has {found[-1]})")
+      notes.append(
+          f"decode_head/conv_seg re-initialized for {expected[-1]} classes ({source} "
+          f"has {found[-1]})"
+      )
       mismatched = {k: v for k, v in mismatched.items() if k not in reinit}
     else:
       reinit = set()
@@ -215,18 +242,25 @@ class Segmentation(Task):
     found_stats = pretrained.get("batch_stats", {})
     s_missing, s_unexpected, s_mismatched = checkpoint.compare_params(stats, found_stats)
     prefix = lambda d: {f"batch_stats/{k}": v for k, v in d.items()}
-    checkpoint.raise_for_mismatch({**missing, **prefix(s_missing)},
-                                  {**unexpected, **prefix(s_unexpected)},
-                                  {**mismatched, **prefix(s_mismatched)}, source)
+    checkpoint.raise_for_mismatch(
+        {**missing, **prefix(s_missing)},
+        {**unexpected, **prefix(s_unexpected)},
+        {**mismatched, **prefix(s_mismatched)},
+        source,
+    )
     loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
-    merged = {k: v if k in reinit else loaded[k]
-              for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
+    merged = {
+        k: v if k in reinit else loaded[k]
+        for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
+    }
     out = {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}
     if stats:
       out["batch_stats"] = found_stats
     return out, notes
 
   def describe(self, metrics: dict[str, float]) -> str:
-    return (f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
-            f"aAcc {metrics['aAcc']:.2f}%  ({data.seg_num_examples(self.config.data, 'val')} "
-            f"{self.config.data.source} val images)")
+    return (
+        f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
+        f"aAcc {metrics['aAcc']:.2f}%  ({data.seg_num_examples(self.config.data, 'val')} "
+        f"{self.config.data.source} val images)"
+    )
