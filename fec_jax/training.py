@@ -268,8 +268,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
   if schedule == "poly" and config.schedule_steps <= 0:
     raise ValueError(
-        f"config.schedule_steps must be > 0 for the poly schedule, got "
-        f"{recipe_value(config, 'schedule_steps')}"
+        f"config.schedule_steps must be > 0 for the poly schedule, got " f"{config.schedule_steps}"
     )
   cosine = schedule == "cosine_epochs"
   if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):
@@ -277,7 +276,7 @@ def check_config(config) -> None:
   if config.weight_decay_on not in WEIGHT_DECAY_ON:
     raise ValueError(
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
-        f"{recipe_value(config, 'weight_decay_on')!r}"
+        f"{config.weight_decay_on!r}"
     )
   if config.lr_base_batch_size < 0 or config.eval_every_steps < 0:
     raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
