@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -38,6 +38,23 @@ class RunResult:
   step: int  # optimizer steps done when the run returned
   preempted: bool  # stopped by SIGTERM/SIGINT; the same call resumes it
   record: dict[str, Any]  # the last metrics record written (empty if none)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the step loop works with, besides the state and the step function."""
+
+  config: Any
+  workdir: str
+  train_iter: Any  # the task's checkpointable train iterator
+  evaluator: tasks.Evaluator
+  writer: reporting.MetricsWriter
+  save: Callable[[training.TrainState], None]  # starts an asynchronous checkpoint of a state
+  mngr: Any  # the orbax CheckpointManager
+  preemption: Preemption
+  mesh: Any
+  steps_per_epoch: int
+  num_steps: int
 
 
 def train_and_evaluate(config, workdir: str, compiler_options: dict | None = None) -> RunResult:
@@ -124,11 +141,9 @@ def _run(
         task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding
     )
     save = lambda s: checkpoint.save_training(mngr, s, model_name, overrides, train_iter)
-    result = _loop(
+    run = _Run(
         config,
         workdir,
-        state,
-        train_step,
         train_iter,
         evaluator,
         writer,
@@ -138,8 +153,8 @@ def _run(
         mesh,
         steps_per_epoch,
         num_steps,
-        compiler_options,
     )
+    result = _loop(run, state, train_step, compiler_options)
     mngr.wait_until_finished()
   finally:
     mngr.close()
@@ -181,59 +196,44 @@ def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.Trai
   )
 
 
-def _loop(
-    config,
-    workdir,
-    state,
-    train_step,
-    train_iter,
-    evaluator,
-    writer,
-    save,
-    mngr,
-    preemption: Preemption,
-    mesh,
-    steps_per_epoch: int,
-    num_steps: int,
-    compiler_options,
-) -> RunResult:
-  """Steps start+1 .. num_steps; `step` is the number of optimizer steps done after each."""
+def _loop(run: _Run, state, train_step, compiler_options) -> RunResult:
+  """Steps start+1 .. run.num_steps; `step` is the number of optimizer steps done after each."""
   start = int(state.step)
   record: dict[str, Any] = {}
-  if start >= num_steps:
-    logging.info("nothing to train: %s is at step %d of %d", workdir, start, num_steps)
+  if start >= run.num_steps:
+    logging.info("nothing to train: %s is at step %d of %d", run.workdir, start, run.num_steps)
     return RunResult(start, False, record)
-  batch = training.global_batch(next(train_iter), mesh)
+  batch = training.global_batch(next(run.train_iter), run.mesh)
   train_step = _timed(
       "compiling the train step (first call)",
       lambda: train_step.lower(state, batch).compile(compiler_options),
   )
   clock, pending = None, []  # pending: per-step metrics not yet fetched from the device
   evaluated = False
-  for step in range(start + 1, num_steps + 1):
+  for step in range(start + 1, run.num_steps + 1):
     if step > start + 1:
-      batch = training.global_batch(next(train_iter), mesh)
+      batch = training.global_batch(next(run.train_iter), run.mesh)
     state, metrics = train_step(state, batch)
     pending.append(metrics)
     if clock is None:  # the rate leaves out the first step (and any compile before it)
       jax.block_until_ready(metrics)
-      clock = reporting.Throughput(step, num_steps, config.global_batch_size)
-    epoch = (step - 1) // steps_per_epoch
-    eval_now = step == num_steps or training.eval_due(config, step, steps_per_epoch)
-    save_now = step == num_steps or step % config.checkpoint_every_steps == 0
-    stop = step < num_steps and preemption.stop_now(step)
-    if not (eval_now or save_now or stop or step % config.log_every_steps == 0):
+      clock = reporting.Throughput(step, run.num_steps, run.config.global_batch_size)
+    epoch = (step - 1) // run.steps_per_epoch
+    eval_now = step == run.num_steps or training.eval_due(run.config, step, run.steps_per_epoch)
+    save_now = step == run.num_steps or step % run.config.checkpoint_every_steps == 0
+    stop = step < run.num_steps and run.preemption.stop_now(step)
+    if not (eval_now or save_now or stop or step % run.config.log_every_steps == 0):
       continue
     pending = jax.device_get(pending)
     losses = [float(m["loss"]) for m in pending]
     # A finite loss with a non-finite gradient would still poison the params: check both.
     bad = [i for i, m in enumerate(pending) if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
     if bad:
-      mngr.wait_until_finished()
+      run.mngr.wait_until_finished()
       raise TrainingDiverged(
           f"non-finite training loss ({losses[bad[0]]}, gradient norm "
           f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
-          f"stopped, the last good checkpoint is step {mngr.latest_step()} in {workdir}"
+          f"stopped, the last good checkpoint is step {run.mngr.latest_step()} in {run.workdir}"
       )
     record = {
         "step": step,
@@ -246,30 +246,30 @@ def _loop(
     img_per_s, eta = clock.update(step)
     logging.info(
         reporting.progress_line(
-            step, num_steps, epoch, record["train_loss"], record["lr"], img_per_s, eta
+            step, run.num_steps, epoch, record["train_loss"], record["lr"], img_per_s, eta
         )
     )
     if eval_now and stop:
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
-      record.update(_evaluate(evaluator, state, step, first=not evaluated))
+      record.update(_evaluate(run.evaluator, state, step, first=not evaluated))
       evaluated = True
       clock.update(step)  # the next rate counts training only, not this evaluation
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
-    writer.write(record)
+    run.writer.write(record)
     if save_now or stop:
-      save(state)
+      run.save(state)
     if stop:
-      _timed(f"writing checkpoint step {step}", mngr.wait_until_finished)
+      _timed(f"writing checkpoint step {step}", run.mngr.wait_until_finished)
       logging.info(
-          "%s: stopped at step %d; checkpoint saved in %s; run the same command to " "resume",
-          preemption.signal_name,
+          "%s: stopped at step %d; checkpoint saved in %s; run the same command to resume",
+          run.preemption.signal_name,
           step,
-          workdir,
+          run.workdir,
       )
       return RunResult(step, True, record)
-  return RunResult(num_steps, False, record)
+  return RunResult(run.num_steps, False, record)
 
 
 def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
