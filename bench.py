@@ -15,8 +15,9 @@ tests/torch_reference.py on CUDA (eager, bf16 autocast, torch.compile) or, witho
 
 --tpu TOPOLOGY compiles instead for a TPU slice that need not be attached (libtpu's compiler,
 `pip install -e ".[tpu]"`), --batch images per chip, and prints per model, mode and dtype the
-compile time, the per-chip memory against the chip's HBM, flops and bytes accessed per image and
-the ten fusions that move the most bytes. --max-batch: the largest training batch that fits
+compile time and per-chip memory (against the chip's HBM) of the program train.py runs, then, from
+a second compile with each stage's blocks unrolled (XLA's cost analysis counts a loop body once),
+flops and bytes accessed per image and the ten fusions that move the most bytes. --max-batch: the largest training batch that fits
 (per chip with --tpu, else on the attached devices).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -59,12 +61,15 @@ def train_config(name: str, batch: int, dtype: str):
   return config
 
 
-def infer_program(name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool):
+def infer_program(
+    name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool, unroll=False
+):
   """(jitted forward, its arguments, state init seconds) for `batch` images over `devices`.
 
-  concrete: real params and images; otherwise ShapeDtypeStructs (to compile without running)."""
+  concrete: real params and images; otherwise ShapeDtypeStructs (to compile without running).
+  unroll: the stages' blocks unrolled (the model's `unroll_stages`), for cost analysis."""
   mesh = Mesh(np.asarray(devices), ("batch",))
-  model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation)
+  model = create_model(name, dtype=jnp.dtype(dtype), aggregation=aggregation, unroll_stages=unroll)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   forward = jax.jit(
       lambda p, x: model.apply({"params": p}, x),
@@ -84,9 +89,11 @@ def infer_program(name: str, batch: int, dtype: str, aggregation: str, devices, 
   return forward, (params, images), time.perf_counter() - start
 
 
-def train_program(name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool):
+def train_program(
+    name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool, unroll=False
+):
   """(train.py's jitted step, its arguments (state, batch), state init seconds) for a global
-  `batch` over `devices`; concrete as in infer_program. The one use of fec_jax.training here:
+  `batch` over `devices`; concrete and unroll as in infer_program. The one use of fec_jax.training here:
   the classification task's loss on the training library's step."""
   from fec_jax import training
   from fec_jax.tasks.classification import Classification
@@ -98,6 +105,7 @@ def train_program(name: str, batch: int, dtype: str, aggregation: str, devices, 
       dtype=jnp.dtype(dtype),
       aggregation=aggregation,
       drop_path_rate=config.model.drop_path_rate,
+      unroll_stages=unroll,
   )
   schedule = training.lr_schedule(config, steps_per_epoch=1000)
   tx = training.create_optimizer(config, schedule)
@@ -184,29 +192,39 @@ def tpu_devices(topology: str):
 
 
 def tpu_compile(
-    mode: str, name: str, batch: int, dtype: str, aggregation: str, devices, top: int = 10
+    mode: str, name: str, batch: int, dtype: str, aggregation: str, devices, describe: bool = True
 ) -> dict:
-  """Compiles `mode` for `batch` images per chip on `devices` and describes the program."""
-  jitted, args, _ = PROGRAMS[mode](name, batch * len(devices), dtype, aggregation, devices, False)
+  """Compiles `mode` for `batch` images per chip on `devices`: compile time and memory of the
+  program train.py runs. describe: also flops, bytes and the largest fusions, from a second
+  compile with the stages' blocks unrolled (XLA's cost analysis counts a loop body once)."""
+  program = functools.partial(PROGRAMS[mode], name, batch * len(devices), dtype, aggregation)
+  jitted, args, _ = program(devices, False)
   compiled, times = compile_timed(jitted, args)
   hbm = throughput.TPU_HBM_BYTES.get(devices[0].device_kind)
   memory = throughput.memory_report(compiled)
-  hlo = compiled.as_text()
-  fusions = throughput.fusion_bytes(hlo)
-  return {
+  report = {
       **times,
       "memory_per_chip": {**memory, "hbm": hbm},
       "fits_hbm": None if hbm is None else memory["total"] <= hbm,
-      **throughput.cost_report(compiled, batch),
+      "scatters": compiled.as_text().count(" scatter("),
+  }
+  if not describe:
+    return report
+  jitted, args, _ = program(devices, False, unroll=True)
+  unrolled, unrolled_times = compile_timed(jitted, args)
+  fusions = throughput.fusion_bytes(unrolled.as_text())
+  return {
+      **report,
+      "unrolled_compile_s": unrolled_times["compile_s"],
+      **throughput.cost_report(unrolled, batch),
       "fusions": len(fusions),
       # what the TPU layouts' tile padding adds, over all fusions
       "fusion_padding_factor": round(
           sum(f["bytes"] for f in fusions) / max(1, sum(f["unpadded_bytes"] for f in fusions)), 2
       ),
-      "scatters": hlo.count(" scatter("),
       "top_fusions_by_bytes": [
           {"name": f["name"], "kind": f["kind"], "bytes": f["bytes"], "output": f["output"]}
-          for f in fusions[:top]
+          for f in fusions[:10]
       ],
   }
 
@@ -217,7 +235,7 @@ def tpu_fits(
   """(whether a training batch per chip fits the chip's HBM, its total bytes per chip, or None
   where the TPU compiler refused the program for its size)."""
   try:
-    report = tpu_compile("train", name, batch, dtype, aggregation, devices, top=0)
+    report = tpu_compile("train", name, batch, dtype, aggregation, devices, describe=False)
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM
     if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
       return False, None

@@ -17,15 +17,17 @@ inference ignores:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import flax
 import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from fec_jax.model import create_model, variable_shapes
+from fec_jax.model import create_model, is_stage, variable_shapes
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -123,10 +125,14 @@ def load_pretrained(
       items = {"params": item}  # collection -> checkpoint item
       if "batch_stats" in shapes:
         items["batch_stats"] = BATCH_STATS_ITEM
+      per_block = _has_per_block_layout(directory, step, item)
+      targets = {c: _local_target(shapes[c]) for c in items}
+      if per_block:
+        targets["params"] = per_block_layout(targets["params"])
       restored = mngr.restore(
           step,
           args=ocp.args.Composite(
-              **{i: ocp.args.StandardRestore(_local_target(shapes[c])) for c, i in items.items()}
+              **{i: ocp.args.StandardRestore(targets[c]) for c, i in items.items()}
           ),
       )
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -134,7 +140,59 @@ def load_pretrained(
           f"{directory} step {step} is not an FEC checkpoint with items "
           f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}"
       ) from e
-  return model, {c: restored[i] for c, i in items.items()}
+  variables = {c: restored[i] for c, i in items.items()}
+  if per_block:
+    variables["params"] = stacked_layout(variables["params"], shapes["params"])
+  return model, variables
+
+
+# A stage's blocks run as one nn.scan (fec_jax.model), with their params stacked on a leading
+# block axis under the stage's name (`network_0/mlp/fc1/kernel` [depth, ...]). Checkpoints written
+# before that (fec-jax up to 2026-11-26) hold one module per block (`network_0_2/mlp/fc1/kernel`):
+# load_pretrained reads them (so eval.py, visualize.py, --to-torch and init_from do), a training
+# run does not resume from them.
+_PER_BLOCK_NAME = re.compile(r"network_\d*[02468]_\d+")
+
+
+def _has_per_block_layout(directory, step: int, item: str) -> bool:
+  """Whether a saved params item has that layout (read from its metadata, no arrays)."""
+  saved = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), item))
+  names = flax.traverse_util.flatten_dict(dict(saved.item_metadata.tree))
+  return any(_PER_BLOCK_NAME.fullmatch(name) for path in names for name in path)
+
+
+def per_block_layout(tree):
+  """Stacked stage variables (arrays or ShapeDtypeStructs) -> one subtree per block."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for name, subtree in tree.items():
+    if not is_stage(name):
+      out[name] = per_block_layout(subtree)
+      continue
+    for j in range(jax.tree.leaves(subtree)[0].shape[0]):
+      out[f"{name}_{j}"] = jax.tree.map(lambda a: _block(a, j), subtree)
+  return out
+
+
+def _block(a, j: int):
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=a.sharding)
+  return a[j]
+
+
+def stacked_layout(tree, like):
+  """Inverse of per_block_layout: `tree` in the per-block layout, stacked as `like` is."""
+  if not isinstance(like, dict):
+    return tree
+  out = {}
+  for name, subtree in like.items():
+    if is_stage(name):
+      blocks = [tree[f"{name}_{j}"] for j in range(jax.tree.leaves(subtree)[0].shape[0])]
+      out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    else:
+      out[name] = stacked_layout(tree[name], subtree)
+  return out
 
 
 def _local_target(shapes):
@@ -193,6 +251,11 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
   targets = _training_items(abstract_state)
+  if _has_per_block_layout(mngr.directory, step, PARAMS_ITEM):
+    raise CheckpointError(
+        f"step {step} was written by an earlier fec-jax (one module per block, e.g. network_0_2): "
+        "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
+    )
   restored = mngr.restore(
       step,
       args=ocp.args.Composite(

@@ -1,7 +1,8 @@
 """Strict conversion between the official PyTorch state dicts and Flax params.
 
 The Flax modules carry the official names (see fec_jax.model), so a key maps by renaming and each
-weight by a layout change:
+weight by a layout change. A stage's blocks are stacked on a leading axis (flax
+`network_0/mlp/fc1/kernel` [depth, ...]); block j of it is torch `network.0.{j}.mlp.fc1.weight`.
   Conv2d k x k   torch [O, I, kh, kw]  <->  flax Conv kernel [kh, kw, I, O]
   Conv2d 1x1     torch [O, I, 1, 1]    <->  flax Dense kernel [I, O]
   nn.Linear      torch [O, I]          <->  flax Dense kernel [I, O]
@@ -31,6 +32,7 @@ from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained, sav
 from fec_jax.model import (
     SEGMENTERS,
     VARIANTS,
+    block_axis,
     create_model,
     list_models,
     model_name,
@@ -50,15 +52,17 @@ class ConversionError(ValueError):
 # --- key and layout mapping ------------------------------------------------------------------
 
 
-def torch_key(flax_path: tuple[str, ...]) -> str:
-  """('network_0_2', 'mlp', 'fc1', 'kernel') -> 'network.0.2.mlp.fc1.weight'; a batch_stats path
-  ('decode_head', 'scale_heads_0_0', 'bn', 'mean') -> 'decode_head.scale_heads.0.0.bn.running_mean'.
+def torch_key(flax_path: tuple[str, ...], block: int | None = None) -> str:
+  """('network_1', 'conv_f', 'kernel') -> 'network.1.conv_f.weight'; a stage's variable takes the
+  block: ('network_0', 'mlp', 'fc1', 'kernel'), 2 -> 'network.0.2.mlp.fc1.weight'; a batch_stats
+  path ('decode_head', 'scale_heads_0_0', 'bn', 'mean') -> 'decode_head.scale_heads.0.0.bn.running_mean'.
   """
   *modules, leaf = flax_path
-  return ".".join(torch_module_path(modules) + [TORCH_LEAF.get(leaf, leaf)])
+  return ".".join(torch_module_path(modules, block) + [TORCH_LEAF.get(leaf, leaf)])
 
 
 def flax_to_torch_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """One block's (or layer's) flax array -> its torch layout."""
   if flax_path[-1] != "kernel":
     return value
   if value.ndim == 4:
@@ -72,6 +76,26 @@ def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
   if flax_path[-2] in LINEAR_MODULES:
     return value.T
   return value.transpose(2, 3, 1, 0) if value.shape[2:] != (1, 1) else value[:, :, 0, 0].T
+
+
+def torch_entries(flax_path: tuple[str, ...], value: np.ndarray) -> dict[str, np.ndarray]:
+  """One flax variable -> its official state-dict entries: one per block for a stage's variable."""
+  if not block_axis(flax_path):
+    return {torch_key(flax_path): flax_to_torch_array(flax_path, value)}
+  return {
+      torch_key(flax_path, j): flax_to_torch_array(flax_path, value[j])
+      for j in range(value.shape[0])
+  }
+
+
+def flax_value(flax_path: tuple[str, ...], shape: tuple[int, ...], state: dict) -> np.ndarray:
+  """The flax variable of `shape` at flax_path from an official state dict (inverse of
+  torch_entries): a stage's blocks are stacked."""
+  if not block_axis(flax_path):
+    return torch_to_flax_array(flax_path, state[torch_key(flax_path)])
+  return np.stack(
+      [torch_to_flax_array(flax_path, state[torch_key(flax_path, j)]) for j in range(shape[0])]
+  )
 
 
 def abstract_variables(name: str, **overrides) -> dict[str, Any]:
@@ -94,7 +118,7 @@ def _torch_shapes(variables) -> dict[str, tuple[int, ...]]:
   shapes = {}
   for (_, *path), leaf in flax.traverse_util.flatten_dict(variables).items():
     zeros = np.broadcast_to(np.float32(0), leaf.shape)
-    shapes[torch_key(tuple(path))] = flax_to_torch_array(tuple(path), zeros).shape
+    shapes.update({k: v.shape for k, v in torch_entries(tuple(path), zeros).items()})
   return shapes
 
 
@@ -328,8 +352,8 @@ def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> 
   if problems:
     raise ConversionError(_mismatch_message(state, name, problems))
   variables = {
-      path: np.ascontiguousarray(torch_to_flax_array(path[1:], state[torch_key(path[1:])]))
-      for path in flax.traverse_util.flatten_dict(abstract)
+      path: np.ascontiguousarray(flax_value(path[1:], leaf.shape, state))
+      for path, leaf in flax.traverse_util.flatten_dict(abstract).items()
   }
   return flax.traverse_util.unflatten_dict(variables), overrides
 
@@ -346,8 +370,9 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
   """Flax params -> official state dict as writable numpy arrays (exact: layout changes only)."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(params))
   return {
-      torch_key(path): np.array(flax_to_torch_array(path, np.asarray(v)), order="C")
+      key: np.array(value, order="C")
       for path, v in flat.items()
+      for key, value in torch_entries(path, np.asarray(v)).items()
   }
 
 

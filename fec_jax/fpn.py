@@ -3,7 +3,7 @@
 The official segmentation models are mmsegmentation 0.24's EncoderDecoder with the `fec_*_seg`
 backbone, the FPN neck and the FPNHead decode head (docs/official-code.md Sec. 6 for the backbone's
 four maps). Module names mirror mmseg's state-dict keys so that conversion is a renaming:
-  backbone.network.0.2.token_mixer.f        flax backbone/network_0_2/token_mixer/f
+  backbone.network.0.2.token_mixer.f        flax backbone/network_0/token_mixer/f, block 2
   neck.lateral_convs.{i}.conv               flax neck/lateral_convs_{i}/conv
   neck.fpn_convs.{i}.conv                   flax neck/fpn_convs_{i}/conv
   decode_head.scale_heads.{i}.{j}.conv/.bn  flax decode_head/scale_heads_{i}_{j}/conv, /bn
@@ -201,15 +201,17 @@ class SemanticFPN(nn.Module):
   sides are multiples of 32; returns the logits at stride 4, [B, H/4, W/4, num_classes].
 
   `train=True` uses batch statistics in the head's BatchNorms (pass mutable=["batch_stats"] to get
-  the updated running statistics), dropout and drop path (rng "dropout").
+  the updated running statistics), dropout and drop path (rng "dropout"). `unroll_stages` as in
+  fec_jax.model.FEC.
   """
 
   variant: Variant
   num_classes: int = 150
   drop_path_rate: float = 0.0
   dropout_rate: float = 0.1
-  aggregation: Aggregation = "segment_sum"
+  aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
+  unroll_stages: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -219,6 +221,7 @@ class SemanticFPN(nn.Module):
         drop_path_rate=self.drop_path_rate,
         aggregation=self.aggregation,
         assign_grad=self.assign_grad,
+        unroll_stages=self.unroll_stages,
         dtype=self.dtype,
         name="backbone",
     )(images, train)

@@ -1,11 +1,13 @@
 """FEC in Flax (linen), NHWC: ClusterPool, Cluster, Mlp, ClusterBlock, FEC and the variant table.
 
 Module and parameter names mirror the official PyTorch state dict (docs/official-code.md
-Sec. 1) so that conversion is a renaming: torch `network.0.2.token_mixer.f` is
-flax `network_0_2/token_mixer/f`, torch `network.1.conv_f` is flax `network_1/conv_f`.
+Sec. 1) so that conversion is a renaming: torch `network.1.conv_f` is flax `network_1/conv_f`.
+The blocks of a stage run as one `nn.scan` with their params stacked on a leading block axis:
+torch `network.0.2.token_mixer.f` is block 2 of flax `network_0/token_mixer/f`.
 
 Every clustering layer sows its hard assignment into the `intermediates` collection:
-  Cluster      [B, heads, H, W] int32: fold_region * M + center index within the region
+  Cluster      [B, heads, H, W] int32: fold_region * M + center index within the region (stacked
+               per stage, [depth, B, heads, H, W])
   ClusterPool  [B, H, W] int32: row-major index of the output pixel (the center) in [H/2, W/2]
 `cluster_assignments` collects them from `model.apply(..., mutable=["intermediates"])`.
 """
@@ -56,8 +58,9 @@ def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
 
 
 def layer_name(module: nn.Module) -> str:
-  """The official module name of a bound layer (e.g. 'network.0.2.token_mixer'), for messages."""
-  return ".".join(torch_module_path(module.path)) if module.path else type(module).__name__
+  """The official module name of a bound layer, for messages: 'network.1', or 'network.0.*.token_mixer'
+  for a layer of every block of a stage."""
+  return ".".join(torch_module_path(module.path, "*")) if module.path else type(module).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,35 +259,38 @@ class ClusterPool(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep."""
+  """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep.
 
-  rate: float
+  The rate is a call argument, not an attribute, so that it can be an input scanned over a stage's
+  blocks (see `FEC`); a rate of 0 keeps every sample and leaves x unchanged.
+  """
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
+  def __call__(self, x, rate):
+    keep = 1.0 - jnp.asarray(rate, clustering.at_least_f32(x).dtype)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return x * mask.astype(x.dtype) / keep
+    return x * mask.astype(x.dtype) / keep.astype(x.dtype)
 
 
 class ClusterBlock(nn.Module):
-  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (docs/official-code.md Sec. 3)."""
+  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (docs/official-code.md Sec. 3).
+
+  `stochastic_depth=False` skips drop path (evaluation, or a drop path rate of 0).
+  """
 
   mlp_ratio: int
   heads: int
   head_dim: int
   centers: tuple[int, int]
   fold: int = 1
-  drop_path: float = 0.0
   layer_scale_init: float = 1e-5
+  stochastic_depth: bool = False
   aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):  # [B, H, W, C]
+  def __call__(self, x, drop_path=0.0):  # x [B, H, W, C]; drop_path: this block's rate
     dim = x.shape[-1]
     ls1 = self.param("layer_scale_1", nn.initializers.constant(self.layer_scale_init), (dim,))
     ls2 = self.param("layer_scale_2", nn.initializers.constant(self.layer_scale_init), (dim,))
@@ -298,10 +304,44 @@ class ClusterBlock(nn.Module):
         self.dtype,
         name="token_mixer",
     )
+    drop = DropPath() if self.stochastic_depth else lambda y, _: y
     y = mixer(group_norm("norm1", self.dtype)(x))
-    x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, deterministic=not train)
+    x = x + drop(ls1.astype(y.dtype) * y, drop_path)
     y = Mlp(self.mlp_ratio * dim, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x))
-    return x + DropPath(self.drop_path)(ls2.astype(y.dtype) * y, deterministic=not train)
+    return x + drop(ls2.astype(y.dtype) * y, drop_path)
+
+
+def _stage_step(block: ClusterBlock, x, drop_path):
+  """One iteration of a stage's scan: (carry, scanned input) -> (carry, no output)."""
+  return block(x, drop_path), None
+
+
+# A stage's blocks have identical shapes, so they run as one nn.scan: one compiled block per stage
+# instead of depth unrolled copies (a smaller program, compiled in a fraction of the time; README,
+# Performance). The scan stacks the blocks' params (and sown assignments) on a leading block axis:
+# flax `network_0/token_mixer/f/kernel` [depth, ...] holds torch `network.0.{j}.token_mixer.f.weight`
+# for every block j (`torch_module_path`). `unroll=True` gives the same computation and params
+# as straight-line code: XLA's cost analysis counts a loop body once, unrolled it counts every block.
+def _stage_scan(unroll: bool):
+  return nn.scan(
+      _stage_step,
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True, "dropout": True},
+      unroll=True if unroll else 1,
+  )
+
+
+STAGE_NAME = re.compile(r"network_(\d*[02468])")  # stage s is network_{2s}; pools are odd
+
+
+def is_stage(module: str) -> bool:
+  """Whether a flax module name is a scanned stage, whose variables have a leading block axis."""
+  return STAGE_NAME.fullmatch(module) is not None
+
+
+def block_axis(flax_path: Sequence[str]) -> bool:
+  """Whether a variable at this flax path (within a model, a backbone, ...) is stacked per block."""
+  return any(is_stage(name) for name in flax_path[:-1])
 
 
 def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
@@ -340,7 +380,8 @@ class FEC(nn.Module):
   """The FEC backbone. Takes NHWC images normalized with the ImageNet mean/std.
 
   Returns logits [B, num_classes], or for dense variants the four normalized stage maps
-  (strides 4, 8, 16, 32, NHWC).
+  (strides 4, 8, 16, 32, NHWC). `unroll_stages` unrolls each stage's scan of its blocks (same
+  params and results; for XLA's cost analysis, which counts a loop body once).
   """
 
   variant: Variant
@@ -349,6 +390,7 @@ class FEC(nn.Module):
   layer_scale_init: float = 1e-5
   aggregation: Aggregation = "auto"
   assign_grad: AssignGrad = "official"
+  unroll_stages: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -358,24 +400,25 @@ class FEC(nn.Module):
     total = sum(v.depths)
     common = dict(aggregation=self.aggregation, assign_grad=self.assign_grad, dtype=self.dtype)
     x = PatchEmbed(v.dims[0], self.dtype, name="patch_embed")(images)
-    features, k = [], 0
+    rates = np.linspace(0.0, self.drop_path_rate, total)  # stochastic depth, rising per block
+    features = []
     for s, depth in enumerate(v.depths):
       if s > 0:  # network.{2s-1}: the pool consumes stage s-1's map with its fold
         x = ClusterPool(v.dims[s], v.folds[s - 1], name=f"network_{2 * s - 1}", **common)(x)
-      for j in range(depth):
-        rate = self.drop_path_rate * k / (total - 1)
-        x = ClusterBlock(
-            v.mlp_ratios[s],
-            v.heads[s],
-            v.head_dim,
-            v.centers[s],
-            v.folds[s],
-            rate,
-            self.layer_scale_init,
-            name=f"network_{2 * s}_{j}",
-            **common,
-        )(x, train)
-        k += 1
+      block = ClusterBlock(
+          v.mlp_ratios[s],
+          v.heads[s],
+          v.head_dim,
+          v.centers[s],
+          v.folds[s],
+          self.layer_scale_init,
+          stochastic_depth=train and self.drop_path_rate > 0,
+          name=f"network_{2 * s}",
+          **common,
+      )
+      first = sum(v.depths[:s])
+      scan = _stage_scan(self.unroll_stages)
+      x, _ = scan(block, x, jnp.asarray(rates[first : first + depth], jnp.float32))
       if v.dense_outputs:  # docs/official-code.md Sec. 6
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
     if v.dense_outputs:
@@ -395,7 +438,8 @@ def _check_images(images) -> None:
 
 
 def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
-  """Sown assignments in forward order, keyed by the official module name (e.g. 'network.1').
+  """Sown assignments in forward order, keyed by the official module name (e.g. 'network.1',
+  'network.0.2.token_mixer'): a stage's stacked assignments are split into its blocks.
 
   `intermediates` is the collection from `model.apply(v, x, mutable=["intermediates"])[1]`.
   """
@@ -406,14 +450,27 @@ def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
     keys = [p.key for p in path]
     if keys[-1] != "assignment":
       continue
-    out[".".join(torch_module_path(keys[:-1]))] = value[0]
+    if block_axis(keys):
+      for j in range(value[0].shape[0]):
+        out[".".join(torch_module_path(keys[:-1], j))] = value[0][j]
+    else:
+      out[".".join(torch_module_path(keys[:-1]))] = value[0]
   return dict(sorted(out.items(), key=lambda kv: _forward_order(kv[0])))
 
 
-def torch_module_path(flax_path: Sequence[str]) -> list[str]:
-  """('network_0_2', 'token_mixer') -> ['network', '0', '2', 'token_mixer'];
+def torch_module_path(flax_path: Sequence[str], block: int | str | None = None) -> list[str]:
+  """The official module path of a flax one. A stage's path takes the block index of its scan:
+  ('network_0', 'token_mixer'), block 2 -> ['network', '0', '2', 'token_mixer'];
+  ('network_1', 'conv_f') -> ['network', '1', 'conv_f'];
   ('decode_head', 'scale_heads_3_2') -> ['decode_head', 'scale_heads', '3', '2']."""
-  return [part for name in flax_path for part in re.sub(r"_(\d+)(?=_|$)", r".\1", name).split(".")]
+  out = []
+  for name in flax_path:
+    out += re.sub(r"_(\d+)(?=_|$)", r".\1", name).split(".")
+    if is_stage(name):
+      if block is None:
+        raise ValueError(f"{'/'.join(flax_path)} is a stage of stacked blocks: give the block")
+      out.append(str(block))
+  return out
 
 
 def _forward_order(name: str) -> tuple[int, int]:

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fec_jax.model import block_axis
+
 DATA_AXIS = "data"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -133,8 +135,14 @@ WEIGHT_DECAY_ON = ("matrices", "all")
 
 def weight_decay_mask(params) -> Any:
   """timm's param_groups_weight_decay: no decay for 1-D params (norms, layer scales,
-  sim_alpha/beta) and biases (all 1-D here); conv and dense kernels decay."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  sim_alpha/beta) and biases (all 1-D here); conv and dense kernels decay. A stage's params are
+  stacked per block (fec_jax.model.block_axis), so their leading axis does not count."""
+
+  def decays(path, p):
+    names = [k.key for k in path]
+    return p.ndim - block_axis(names) > 1
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:

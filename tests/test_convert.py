@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import fec_jax
 import torch_reference
 import torch_reference_fpn
-from fec_jax import convert
+from fec_jax import checkpoint, convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +89,20 @@ def test_load_pretrained_gives_reference_logits(tmp_path, small_state, capsys):
     expected = reference(x).numpy()
   got = np.asarray(model.apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_checkpoints_with_one_module_per_block_still_load(tmp_path, small_state):
+  """Orbax checkpoints written before a stage's blocks were scanned (network_0_2/..., one module
+  per block) load into the stacked layout, every value in place."""
+  state = {k: v.numpy() for k, v in small_state.items()}
+  params, overrides = convert.torch_to_flax(state, "fec_small")
+  legacy = checkpoint.per_block_layout(params)
+  assert "network_0_2" in legacy and "network_0" not in legacy
+  assert legacy["network_0_2"]["mlp"]["fc1"]["kernel"].shape == (32, 256)
+  checkpoint.save_params(tmp_path / "old", legacy, "fec_small", overrides)
+  _, variables = fec_jax.load_pretrained(tmp_path / "old")
+  jax.tree.map(np.testing.assert_array_equal, variables["params"], params)
+  assert convert.flax_to_torch(variables["params"]).keys() == state.keys()
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])

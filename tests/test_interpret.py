@@ -126,7 +126,7 @@ def small():
   model = create_model("fec_small")
   images = sample_images((224, 224))
   variables = random_variables(model, images.shape)
-  return (model, variables, *forward(model, variables, images, "network_4_4"))
+  return (model, variables, *forward(model, variables, images, "network_4"))
 
 
 def test_cluster_assignments_still_only_assignments(small):
@@ -138,7 +138,7 @@ def test_cluster_assignments_still_only_assignments(small):
 
 def test_last_pool_features_match_numpy(small):
   model, variables, clusters, state = small
-  x = np.asarray(state["intermediates"]["network_4_4"]["__call__"][0], np.float64)
+  x = np.asarray(state["intermediates"]["network_4"]["__call__"][0][-1], np.float64)  # last block
   pool = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]["network_5"])
   assert clusters.centers.shape == clusters.representatives.shape == (2, 7, 7, 320)
   for b in range(2):

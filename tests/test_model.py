@@ -62,7 +62,7 @@ def test_odd_map_before_a_pool_names_the_layer():
 
 def test_fold_that_does_not_divide_names_the_layer():
   with pytest.raises(
-      ValueError, match=r"network\.0\.0\.token_mixer: feature map 25x25 .* 2x2 fold"
+      ValueError, match=r"network\.0\.\*\.token_mixer: feature map 25x25 .* 2x2 fold"
   ):
     shapes("fec_small_det", 100, 100)
 
@@ -84,13 +84,13 @@ def small_init():
 def test_official_initialization(small_init):
   """docs/official-code.md Sec. 5."""
   p = small_init
-  block = p["network_0_0"]
+  block = jax.tree.map(lambda a: a[0], p["network_0"])  # block 0 of stage 0
   np.testing.assert_array_equal(block["layer_scale_1"], np.float32(1e-5))
   np.testing.assert_array_equal(block["token_mixer"]["sim_alpha"], 1.0)
   np.testing.assert_array_equal(block["token_mixer"]["sim_beta"], 0.0)
   np.testing.assert_array_equal(block["norm1"]["scale"], 1.0)
   np.testing.assert_array_equal(block["mlp"]["fc1"]["bias"], 0.0)
-  fc1 = np.asarray(p["network_4_0"]["mlp"]["fc1"]["kernel"])  # 196 x 784 draws
+  fc1 = np.asarray(p["network_4"]["mlp"]["fc1"]["kernel"][0])  # 196 x 784 draws
   assert abs(fc1.std() - 0.02) < 0.001 and np.abs(fc1).max() > 0.04  # normal, not cut at 2 std
   for kernel, bias, fan_in in [
       (block["token_mixer"]["f"]["kernel"], block["token_mixer"]["f"]["bias"], 32),
@@ -117,14 +117,44 @@ def test_assignments_are_sown_for_every_clustering_layer(small_init):
 
 
 def test_drop_path_drops_whole_samples_and_rescales():
-  layer = fec_model.DropPath(0.5)
+  layer = fec_model.DropPath()
   x = jnp.ones((512, 2, 2, 3))
-  y = np.asarray(layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+  rngs = {"dropout": jax.random.PRNGKey(0)}
+  y = np.asarray(layer.apply({}, x, 0.5, rngs=rngs))
   per_sample = y.reshape(512, -1)
   assert set(np.unique(per_sample)) == {0.0, 2.0}
   assert (per_sample.min(1) == per_sample.max(1)).all()  # a sample is dropped as a whole
   assert 0.4 < (per_sample[:, 0] == 0).mean() < 0.6
-  np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(layer.apply({}, x, 0.0, rngs=rngs), x)  # the first block's rate
+
+
+def test_stage_scan_gives_each_block_its_drop_path_rate(small_init):
+  """Stochastic depth rises linearly over the 14 blocks (timm's rule), each block with its own draws:
+  with rate 0.5 and 64 samples, block 0 drops none, the last block about half."""
+  model = fec_jax.create_model("fec_small", drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 64, 64, 3))
+
+  @jax.jit
+  def drop_path_outputs(params):
+    _, state = model.apply(
+        {"params": params},
+        x,
+        train=True,
+        rngs={"dropout": jax.random.PRNGKey(2)},
+        capture_intermediates=lambda mdl, _: isinstance(mdl, fec_model.DropPath),
+        mutable=["intermediates"],
+    )
+    return {
+        s: state["intermediates"][s]["DropPath_0"]["__call__"] for s in ("network_0", "network_6")
+    }
+
+  outputs = drop_path_outputs(small_init)
+  dropped = lambda y: np.asarray((y == 0).reshape(*y.shape[:2], -1).all(-1))  # [blocks, B]
+  first, last = dropped(outputs["network_0"][0]), dropped(outputs["network_6"][1])
+  assert first.shape == (3, 64) and last.shape == (2, 64)
+  assert not first[0].any()  # rate 0
+  assert 16 < last[1].sum() < 48  # rate 0.5
+  assert not np.array_equal(last[0], last[1])  # the blocks draw independently
 
 
 def test_bf16_compute_keeps_fp32_params_and_clustering(small_init):

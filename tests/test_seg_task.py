@@ -100,7 +100,7 @@ def test_init_from_classifier_loads_the_backbone(reference, fresh):
   _, pretrained = fec_jax.load_pretrained(reference)
   variables, notes = task.adopt_pretrained(fresh, pretrained, "REF")
   backbone = variables["params"]["backbone"]
-  for name in ("patch_embed", "network_0_0", "network_5"):
+  for name in ("patch_embed", "network_0", "network_5"):
     jax.tree.map(np.testing.assert_array_equal, backbone[name], pretrained["params"][name])
   for name in ("norm0", "norm6"):
     jax.tree.map(np.testing.assert_array_equal, backbone[name], fresh["params"]["backbone"][name])
@@ -114,7 +114,7 @@ def test_init_from_misfits_are_listed(reference, fresh):
   _, pretrained = fec_jax.load_pretrained(reference)
   flat = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
   flat.pop("patch_embed/proj/bias")
-  flat["network_0_0/extra"] = np.zeros(3)
+  flat["network_0/extra"] = np.zeros(3)
   flat["network_1/conv_f/kernel"] = np.zeros((1, 1))
   broken = {"params": flax.traverse_util.unflatten_dict(flat, sep="/")}
   with pytest.raises(checkpoint.CheckpointError) as e:
@@ -123,7 +123,7 @@ def test_init_from_misfits_are_listed(reference, fresh):
   assert "BROKEN do not fit this model (3 problems)" in message
   for name in (
       "backbone/patch_embed/proj/bias",
-      "backbone/network_0_0/extra",
+      "backbone/network_0/extra",
       "backbone/network_1/conv_f/kernel",
   ):
     assert name in message

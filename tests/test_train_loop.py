@@ -146,7 +146,7 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
     train(config, tmp_path / "w")
   message = str(e.value)
   assert "do not fit this model" in message and "mis-shaped" in message
-  assert "network_0_0/mlp/fc1/kernel: expected (64, 512), found (32, 256)" in message
+  assert "network_0/mlp/fc1/kernel: expected (2, 64, 512), found (3, 32, 256)" in message
   assert "... and" in message  # long lists are cut
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):

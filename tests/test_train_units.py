@@ -82,6 +82,7 @@ def test_weight_decay_mask_is_timms_groups():
       for k in kept
   )
   assert "network_1/conv_f/kernel" in decayed  # no gradient, but decayed, as in the official run
+  assert "network_0/layer_scale_1" in kept  # [3, 32]: stacked over the stage's blocks, still 1-D
   assert len(decayed) + len(kept) == len(mask)
 
 
