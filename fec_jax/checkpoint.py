@@ -26,6 +26,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fec_jax.model import create_model, is_stage, variable_shapes
 
@@ -156,8 +157,8 @@ _PER_BLOCK_NAME = re.compile(r"network_\d*[02468]_\d+")
 
 def _has_per_block_layout(directory, step: int, item: str) -> bool:
   """Whether a saved params item has that layout (read from its metadata, no arrays)."""
-  saved = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), item))
-  names = flax.traverse_util.flatten_dict(dict(saved.item_metadata.tree))
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item)
+  names = flax.traverse_util.flatten_dict(dict(saved.tree))
   return any(_PER_BLOCK_NAME.fullmatch(name) for path in names for name in path)
 
 
@@ -250,12 +251,12 @@ def save_training(
 def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
-  targets = _training_items(abstract_state)
   if _has_per_block_layout(mngr.directory, step, PARAMS_ITEM):
     raise CheckpointError(
         f"step {step} was written by an earlier fec-jax (one module per block, e.g. network_0_2): "
         "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
     )
+  targets = _training_items(abstract_state)
   restored = mngr.restore(
       step,
       args=ocp.args.Composite(

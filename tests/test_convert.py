@@ -103,6 +103,9 @@ def test_checkpoints_with_one_module_per_block_still_load(tmp_path, small_state)
   _, variables = fec_jax.load_pretrained(tmp_path / "old")
   jax.tree.map(np.testing.assert_array_equal, variables["params"], params)
   assert convert.flax_to_torch(variables["params"]).keys() == state.keys()
+  with pytest.raises(checkpoint.CheckpointError, match="--config.init_from=<this workdir>"):
+    with checkpoint.training_manager(tmp_path / "old", keep=1) as mngr:  # resuming a run there
+      checkpoint.restore_training(mngr, None, None, 0)
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])
