@@ -157,6 +157,22 @@ def test_stage_scan_gives_each_block_its_drop_path_rate(small_init):
   assert not np.array_equal(last[0], last[1])  # the blocks draw independently
 
 
+def test_unrolled_stages_compute_the_same(small_init):
+  """unroll_stages (for XLA's cost analysis) takes the same params and gives the same clusters."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 64, 64, 3))
+  outputs = []
+  for unroll in (False, True):
+    model = fec_jax.create_model("fec_small", unroll_stages=unroll)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["intermediates"]))
+    logits, state = apply(small_init, x)
+    outputs.append((np.asarray(logits), fec_jax.cluster_assignments(state)))
+  (scanned, a), (unrolled, b) = outputs
+  assert a.keys() == b.keys() and len(a) == 17
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  np.testing.assert_allclose(unrolled, scanned, rtol=0, atol=1e-5 * np.abs(scanned).max())
+
+
 def test_bf16_compute_keeps_fp32_params_and_clustering(small_init):
   model = fec_jax.create_model("fec_small", dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
