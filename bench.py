@@ -17,8 +17,8 @@ tests/torch_reference.py on CUDA (eager, bf16 autocast, torch.compile) or, witho
 `pip install -e ".[tpu]"`), --batch images per chip, and prints per model, mode and dtype the
 compile time and per-chip memory (against the chip's HBM) of the program train.py runs, then, from
 a second compile with each stage's blocks unrolled (XLA's cost analysis counts a loop body once),
-flops and bytes accessed per image and the ten fusions that move the most bytes. --max-batch: the largest training batch that fits
-(per chip with --tpu, else on the attached devices).
+flops and bytes accessed per image and the ten fusions that move the most bytes. --max-batch: the
+largest training batch that fits (per chip with --tpu, else on the attached devices).
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def train_program(
     name: str, batch: int, dtype: str, aggregation: str, devices, concrete: bool, unroll=False
 ):
   """(train.py's jitted step, its arguments (state, batch), state init seconds) for a global
-  `batch` over `devices`; concrete and unroll as in infer_program. The one use of fec_jax.training here:
-  the classification task's loss on the training library's step."""
+  `batch` over `devices`; concrete and unroll as in infer_program. The one use of
+  fec_jax.training here: the classification task's loss on the training library's step."""
   from fec_jax import training
   from fec_jax.tasks.classification import Classification
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fec_jax.model import create_model, is_stage, variable_shapes
+from fec_jax.model import STAGE_NAME, create_model, is_stage, variable_shapes
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -152,7 +152,7 @@ def load_pretrained(
 # before that (fec-jax up to 2026-11-26) hold one module per block (`network_0_2/mlp/fc1/kernel`):
 # load_pretrained reads them (so eval.py, visualize.py, --to-torch and init_from do), a training
 # run does not resume from them.
-_PER_BLOCK_NAME = re.compile(r"network_\d*[02468]_\d+")
+_PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 
 def _has_per_block_layout(directory, step: int, item: str) -> bool:

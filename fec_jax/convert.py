@@ -55,7 +55,8 @@ class ConversionError(ValueError):
 def torch_key(flax_path: tuple[str, ...], block: int | None = None) -> str:
   """('network_1', 'conv_f', 'kernel') -> 'network.1.conv_f.weight'; a stage's variable takes the
   block: ('network_0', 'mlp', 'fc1', 'kernel'), 2 -> 'network.0.2.mlp.fc1.weight'; a batch_stats
-  path ('decode_head', 'scale_heads_0_0', 'bn', 'mean') -> 'decode_head.scale_heads.0.0.bn.running_mean'.
+  path ('decode_head', 'scale_heads_0_0', 'bn', 'mean') ->
+  'decode_head.scale_heads.0.0.bn.running_mean'.
   """
   *modules, leaf = flax_path
   return ".".join(torch_module_path(modules, block) + [TORCH_LEAF.get(leaf, leaf)])

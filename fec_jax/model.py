@@ -58,8 +58,8 @@ def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
 
 
 def layer_name(module: nn.Module) -> str:
-  """The official module name of a bound layer, for messages: 'network.1', or 'network.0.*.token_mixer'
-  for a layer of every block of a stage."""
+  """The official module name of a bound layer, for messages: 'network.1', or
+  'network.0.*.token_mixer' for a layer of every block of a stage."""
   return ".".join(torch_module_path(module.path, "*")) if module.path else type(module).__name__
 
 
@@ -273,7 +273,8 @@ class DropPath(nn.Module):
 
 
 class ClusterBlock(nn.Module):
-  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x))) (docs/official-code.md Sec. 3).
+  """x + drop_path(ls1 * Cluster(GN(x))), then x + drop_path(ls2 * Mlp(GN(x)))
+  (docs/official-code.md Sec. 3).
 
   `stochastic_depth=False` skips drop path (evaluation, or a drop path rate of 0).
   """
@@ -410,6 +411,7 @@ class FEC(nn.Module):
     common = dict(aggregation=self.aggregation, assign_grad=self.assign_grad, dtype=self.dtype)
     x = PatchEmbed(v.dims[0], self.dtype, name="patch_embed")(images)
     rates = np.linspace(0.0, self.drop_path_rate, total)  # stochastic depth, rising per block
+    scan = _stage_scan(self.unroll_stages)
     features = []
     for s, depth in enumerate(v.depths):
       if s > 0:  # network.{2s-1}: the pool consumes stage s-1's map with its fold
@@ -426,7 +428,6 @@ class FEC(nn.Module):
           **common,
       )
       first = sum(v.depths[:s])
-      scan = _stage_scan(self.unroll_stages)
       x, _ = scan(block, x, jnp.asarray(rates[first : first + depth], jnp.float32))
       if v.dense_outputs:  # docs/official-code.md Sec. 6
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))

@@ -129,8 +129,8 @@ def test_drop_path_drops_whole_samples_and_rescales():
 
 
 def test_stage_scan_gives_each_block_its_drop_path_rate(small_init):
-  """Stochastic depth rises linearly over the 14 blocks (timm's rule), each block with its own draws:
-  with rate 0.5 and 64 samples, block 0 drops none, the last block about half."""
+  """Stochastic depth rises linearly over the 14 blocks (timm's rule), each block with its own
+  draws: with rate 0.5 and 64 samples, block 0 drops none, the last block about half."""
   model = fec_jax.create_model("fec_small", drop_path_rate=0.5)
   x = jax.random.normal(jax.random.PRNGKey(1), (64, 64, 64, 3))
 

@@ -12,8 +12,10 @@ import abc
 from typing import Any, Iterator
 
 import flax.linen as nn
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from fec_jax.model import create_model
 from fec_jax.training import LossFn
 
 
@@ -41,10 +43,16 @@ class Task(abc.ABC):
   def check_config(self) -> None:
     """Raises ValueError for a config this task cannot run, before anything slow."""
 
-  @abc.abstractmethod
   def create_model(self) -> tuple[nn.Module, str, dict[str, Any]]:
     """-> (model, registered model name, the overrides that rebuild it: create_model(name,
-    **overrides); stored in checkpoints so that load_pretrained rebuilds the model)."""
+    **overrides); stored in checkpoints so that load_pretrained rebuilds the model).
+
+    By default config.model.name with config.data.num_classes, config.model.drop_path_rate and
+    the compute dtype config.model.dtype (not stored: a runtime option)."""
+    c = self.config
+    overrides = dict(num_classes=c.data.num_classes, drop_path_rate=c.model.drop_path_rate)
+    model = create_model(c.model.name, dtype=jnp.dtype(c.model.dtype), **overrides)
+    return model, c.model.name, overrides
 
   @abc.abstractmethod
   def input_shape(self) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, training
 from fec_jax.data import device_transforms, mixup
-from fec_jax.model import VARIANTS, create_model
+from fec_jax.model import VARIANTS
 from fec_jax.tasks import Evaluator, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
@@ -141,12 +141,6 @@ class Classification(Task):
           "ClusterPool needs an even feature map: the maps are size/4, /8, /16, /32)"
       )
     data.validate(c.data)
-
-  def create_model(self):
-    c = self.config
-    overrides = dict(num_classes=c.data.num_classes, drop_path_rate=c.model.drop_path_rate)
-    model = create_model(c.model.name, dtype=jnp.dtype(c.model.dtype), **overrides)
-    return model, c.model.name, overrides
 
   def input_shape(self) -> tuple[int, ...]:
     return (1, self.config.data.image_size, self.config.data.image_size, 3)

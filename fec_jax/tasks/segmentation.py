@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
 from fec_jax.data import seg_device_transforms
-from fec_jax.model import SEGMENTERS, create_model, model_name
+from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import Evaluator, Task
 
 CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
@@ -137,12 +137,6 @@ class Segmentation(Task):
           "(val images are resized to multiples of it and fed whole to the model)"
       )
     data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
-
-  def create_model(self):
-    c = self.config
-    overrides = dict(num_classes=c.data.num_classes, drop_path_rate=c.model.drop_path_rate)
-    model = create_model(c.model.name, dtype=jnp.dtype(c.model.dtype), **overrides)
-    return model, c.model.name, overrides
 
   def input_shape(self) -> tuple[int, ...]:
     return (1, *self.config.data.crop_size, 3)
