@@ -276,9 +276,15 @@ def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
   """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
   logging.info("evaluating step %d%s ...", step, " (and compiling the eval step)" if first else "")
   start = time.perf_counter()
-  record = {f"val_{k}": v for k, v in evaluator(state.variables()).items()}
+  prefixes, variable_sets = ["val_"], [state.variables()]
   if state.ema_params is not None:
-    record.update({f"ema_val_{k}": v for k, v in evaluator(state.variables(ema=True)).items()})
+    prefixes.append("ema_val_")
+    variable_sets.append(state.variables(ema=True))
+  record = {
+      prefix + k: v
+      for prefix, metrics in zip(prefixes, evaluator.evaluate(variable_sets))
+      for k, v in metrics.items()
+  }
   logging.info(
       "eval at step %d (%.1f s): %s",
       step,

@@ -42,7 +42,7 @@ def test_reference_run_writes_metrics_checkpoints_and_plot(reference):
   assert saved_steps(reference) == [4, 6]  # keep_checkpoints=2
 
 
-def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference):
+def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, caplog):
   import fec_jax
 
   model, variables = fec_jax.load_pretrained(reference)
@@ -54,8 +54,15 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference):
   try:
     metrics = evaluator(variables)
     metrics_ema = evaluator(ema)
+    with caplog.at_level(logging.INFO, logger="fec_jax.data.pipeline"):
+      both = evaluator.evaluate([variables, ema])
   finally:
     evaluator.close()
+  # The params and their EMA in one pass over the val split: read once, each set's own metrics.
+  assert both == [metrics, metrics_ema]
+  assert [r.getMessage() for r in caplog.records] == [
+      "val: 0 bad images masked out, 0 images converted to RGB"
+  ]
   last = reporting.read_metrics(reference)[-1]
   assert metrics["top1"] == pytest.approx(last["val_top1"], abs=0.01)
   assert metrics_ema["top1"] == pytest.approx(last["ema_val_top1"], abs=0.01)

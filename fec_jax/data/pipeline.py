@@ -181,10 +181,13 @@ class _ReportIterator(grain.DatasetIterator):
     self._step += 1
     if self._step % self._steps_per_epoch == 0:
       bad, converted = self._bad - self._epoch_start[0], self._converted - self._epoch_start[1]
+      if self._split == "train":
+        what = f"train epoch {self._step // self._steps_per_epoch - 1}"
+      else:  # each evaluation reads the split once, with a fresh iterator
+        what = self._split
       log.info(
-          "%s epoch %d: %d bad images %s, %d images converted to RGB",
-          self._split,
-          self._step // self._steps_per_epoch - 1,
+          "%s: %d bad images %s, %d images converted to RGB",
+          what,
           bad,
           "skipped" if self._split == "train" else "masked out",
           converted,

@@ -9,7 +9,7 @@ loop brings the mesh, state, optimizer, EMA, checkpoints, preemption, NaN stop a
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,11 +21,17 @@ from fec_jax.training import LossFn
 
 class Evaluator(abc.ABC):
   """Runs a model over the task's held-out data. Built once per run (data sources, jitted
-  step); each call iterates the data afresh and releases its loader before returning."""
+  step); each call reads the data afresh, once for all the weight sets it is given, and
+  releases its loader before returning."""
 
-  @abc.abstractmethod
   def __call__(self, variables: dict) -> dict[str, float]:
     """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
+    return self.evaluate([variables])[0]
+
+  @abc.abstractmethod
+  def evaluate(self, variable_sets: Sequence[dict]) -> list[dict[str, float]]:
+    """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
+    data: each batch is read and decoded once and run through every set."""
 
   def close(self) -> None:
     """Releases what the evaluator holds between calls (nothing by default)."""

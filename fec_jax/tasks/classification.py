@@ -102,25 +102,30 @@ class TopK(Evaluator):
     )
     self._step = None  # compiled at the first batch (every val batch has the same shape)
 
-  def __call__(self, variables) -> dict[str, float]:
-    totals = None
+  def evaluate(self, variable_sets) -> list[dict[str, float]]:
+    totals = [None] * len(variable_sets)
     batches = iter(self._dataset)
     try:
       for local in batches:
         batch = training.global_batch(local, self._mesh)
         if self._step is None:
-          self._step = self._jitted.lower(variables, batch).compile(self._compiler_options)
-        sums = self._step(variables, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+          self._step = self._jitted.lower(variable_sets[0], batch).compile(self._compiler_options)
+        for i, variables in enumerate(variable_sets):
+          sums = self._step(variables, batch)
+          totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
     finally:
       batches.close()  # its worker processes end here
-    totals = jax.device_get(totals)
-    n = max(float(totals["count"]), 1.0)
-    return {
-        "loss": float(totals["loss"]) / n,
-        "top1": 100.0 * float(totals["top1"]) / n,
-        "top5": 100.0 * float(totals["top5"]) / n,
-    }
+    return [_summarize(sums) for sums in jax.device_get(totals)]
+
+
+def _summarize(totals: dict) -> dict[str, float]:
+  """The val metrics from the sums of eval_sums over the split."""
+  n = max(float(totals["count"]), 1.0)
+  return {
+      "loss": float(totals["loss"]) / n,
+      "top1": 100.0 * float(totals["top1"]) / n,
+      "top5": 100.0 * float(totals["top5"]) / n,
+  }
 
 
 class Classification(Task):

@@ -5,6 +5,8 @@ whole-image inference at each image's own size."""
 
 from __future__ import annotations
 
+import collections
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -68,19 +70,26 @@ class MeanIoU(Evaluator):
       self._steps[key] = self._jitted.lower(variables, image, label).compile(self._compiler_options)
     return self._steps[key](variables, image, label)
 
-  def __call__(self, variables) -> dict[str, float]:
-    # The replicated variables' copy on this host's first device (numpy leaves are put there).
-    variables = jax.tree.map(
+  def _local(self, variables):
+    """The replicated variables' copy on this host's first device (numpy leaves are put there)."""
+    return jax.tree.map(
         lambda a: (
             a.addressable_data(0) if isinstance(a, jax.Array) else jax.device_put(a, self._device)
         ),
         variables,
     )
-    totals = {
-        k: np.zeros(self._num_classes, np.int64)
-        for k in ("area_intersect", "area_union", "area_pred", "area_label")
-    }
-    pending = []  # device results not yet fetched: the next image is dispatched meanwhile
+
+  def evaluate(self, variable_sets) -> list[dict[str, float]]:
+    local_sets = [self._local(variables) for variables in variable_sets]
+    totals = [
+        {
+            k: np.zeros(self._num_classes, np.int64)
+            for k in ("area_intersect", "area_union", "area_pred", "area_label")
+        }
+        for _ in local_sets
+    ]
+    # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
+    pending = collections.deque()
     examples = data.create_seg_loader(
         self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
     )
@@ -90,16 +99,22 @@ class MeanIoU(Evaluator):
           continue
         image = jax.device_put(example["image"][None], self._device)
         label = jax.device_put(example["label"], self._device)
-        pending.append(self._step(variables, image, label))
-        if len(pending) > 2:
-          for k, v in jax.device_get(pending.pop(0)).items():
-            totals[k] += v
+        for i, variables in enumerate(local_sets):
+          pending.append((i, self._step(variables, image, label)))
+        while len(pending) > 2 * len(local_sets):
+          i, areas = pending.popleft()
+          _add(totals[i], jax.device_get(areas))
     finally:
       examples.close()  # its worker processes end here
-    for areas in jax.device_get(pending):
-      for k, v in areas.items():
-        totals[k] += v
-    return miou.summarize(_sum_over_hosts(totals))
+    for i, areas in pending:
+      _add(totals[i], jax.device_get(areas))
+    return [miou.summarize(_sum_over_hosts(t)) for t in totals]
+
+
+def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
+  """Adds one image's per-class areas (fetched from the device) to the running totals."""
+  for k, v in areas.items():
+    totals[k] += v
 
 
 def _sum_over_hosts(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
