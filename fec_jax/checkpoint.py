@@ -291,6 +291,31 @@ def compare_params(expected, found) -> tuple[dict, dict, dict]:
   )
 
 
+def reinit_classifier(
+    mismatched: dict, keys: tuple[str, ...], name: str, source: str
+) -> tuple[set[str], dict, list[str]]:
+  """The classifier's params `keys` (e.g. 'head/kernel') are re-initialized when only their
+  number of classes (the last dim) differs from `source`'s. `mismatched` as compare_params gives
+  it -> (the re-initialized keys, the other mismatches, a note on the change if any)."""
+  reinit = set(keys) & set(mismatched)
+  if not reinit or any(mismatched[k][0][:-1] != mismatched[k][1][:-1] for k in reinit):
+    return set(), mismatched, []
+  expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
+  note = f"{name} re-initialized for {expected[-1]} classes ({source} has {found[-1]})"
+  return reinit, {k: v for k, v in mismatched.items() if k not in reinit}, [note]
+
+
+def merge_params(params, loaded, keep: set[str]):
+  """`params` with each leaf taken from `loaded` (same names; `loaded` may hold more) except
+  the names 'a/b/kernel' in `keep`, which keep their value in `params`."""
+  found = flax.traverse_util.flatten_dict(loaded, sep="/")
+  merged = {
+      k: v if k in keep else found[k]
+      for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
+  }
+  return flax.traverse_util.unflatten_dict(merged, sep="/")
+
+
 def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source: str) -> None:
   """Raises CheckpointError listing every missing, unexpected and mis-shaped param (one line
   each: name, expected, found); nothing when all three are empty."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -185,21 +184,10 @@ class Classification(Task):
     its number of classes differs; anything else missing, unexpected or mis-shaped is an error."""
     params = variables["params"]
     missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained["params"])
-    reinit = set(HEAD) & set(mismatched)
-    notes = []
-    if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
-      expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
-      notes.append(f"head re-initialized for {expected[-1]} classes ({source} has {found[-1]})")
-      mismatched = {k: v for k, v in mismatched.items() if k not in reinit}
-    else:
-      reinit = set()
+    reinit, mismatched, notes = checkpoint.reinit_classifier(mismatched, HEAD, "head", source)
     checkpoint.raise_for_mismatch(missing, unexpected, mismatched, source)
-    loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
-    merged = {
-        k: v if k in reinit else loaded[k]
-        for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
-    }
-    return {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}, notes
+    params = checkpoint.merge_params(params, pretrained["params"], keep=reinit)
+    return {**variables, "params": params}, notes
 
   def describe(self, metrics: dict[str, float]) -> str:
     return (

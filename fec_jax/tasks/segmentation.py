@@ -223,10 +223,10 @@ class Segmentation(Task):
     )
     prefix = lambda d: {f"backbone/{k}": v for k, v in d.items()}
     checkpoint.raise_for_mismatch(prefix(missing), prefix(unexpected), prefix(mismatched), source)
-    merged = {k: v if k in kept else loaded[k] for k, v in backbone.items()}
-    params = {**variables["params"], "backbone": flax.traverse_util.unflatten_dict(merged, sep="/")}
+    merged = checkpoint.merge_params(variables["params"]["backbone"], pretrained["params"], kept)
+    params = {**variables["params"], "backbone": merged}
     note = (
-        f"backbone: {len(merged) - len(kept)} params loaded from the classifier {source}; "
+        f"backbone: {len(backbone) - len(kept)} params loaded from the classifier {source}; "
         f"ignored: {', '.join(ignored) or 'nothing'}; kept their init: "
         f"{', '.join(OUTPUT_NORMS)}, neck, decode_head, batch_stats"
     )
@@ -236,17 +236,9 @@ class Segmentation(Task):
   def _from_segmenter(variables, pretrained, source: str):
     params = variables["params"]
     missing, unexpected, mismatched = checkpoint.compare_params(params, pretrained["params"])
-    reinit = set(CONV_SEG) & set(mismatched)
-    notes = []
-    if reinit and all(mismatched[k][0][:-1] == mismatched[k][1][:-1] for k in reinit):
-      expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
-      notes.append(
-          f"decode_head/conv_seg re-initialized for {expected[-1]} classes ({source} "
-          f"has {found[-1]})"
-      )
-      mismatched = {k: v for k, v in mismatched.items() if k not in reinit}
-    else:
-      reinit = set()
+    reinit, mismatched, notes = checkpoint.reinit_classifier(
+        mismatched, CONV_SEG, "decode_head/conv_seg", source
+    )
     stats = variables.get("batch_stats", {})
     found_stats = pretrained.get("batch_stats", {})
     s_missing, s_unexpected, s_mismatched = checkpoint.compare_params(stats, found_stats)
@@ -257,12 +249,7 @@ class Segmentation(Task):
         {**mismatched, **prefix(s_mismatched)},
         source,
     )
-    loaded = flax.traverse_util.flatten_dict(pretrained["params"], sep="/")
-    merged = {
-        k: v if k in reinit else loaded[k]
-        for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()
-    }
-    out = {**variables, "params": flax.traverse_util.unflatten_dict(merged, sep="/")}
+    out = {**variables, "params": checkpoint.merge_params(params, pretrained["params"], reinit)}
     if stats:
       out["batch_stats"] = found_stats
     return out, notes
