@@ -276,14 +276,12 @@ def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
   """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
   logging.info("evaluating step %d%s ...", step, " (and compiling the eval step)" if first else "")
   start = time.perf_counter()
-  prefixes, variable_sets = ["val_"], [state.variables()]
+  variable_sets = {"val_": state.variables()}  # metric prefix -> weights
   if state.ema_params is not None:
-    prefixes.append("ema_val_")
-    variable_sets.append(state.variables(ema=True))
+    variable_sets["ema_val_"] = state.variables(ema=True)
+  results = evaluator.evaluate(list(variable_sets.values()))
   record = {
-      prefix + k: v
-      for prefix, metrics in zip(prefixes, evaluator.evaluate(variable_sets))
-      for k, v in metrics.items()
+      prefix + k: v for prefix, metrics in zip(variable_sets, results) for k, v in metrics.items()
   }
   logging.info(
       "eval at step %d (%.1f s): %s",

@@ -103,7 +103,5 @@ def get(config) -> Task:
       "segmentation": segmentation.Segmentation,
   }
   if config.task not in registry:
-    raise ValueError(
-        f"config.task {config.task!r} is not a task; choose one of " f"{sorted(registry)}"
-    )
+    raise ValueError(f"config.task {config.task!r} is not a task; choose one of {sorted(registry)}")
   return registry[config.task](config)
