@@ -1,5 +1,6 @@
 """Sources, loader determinism/resume/sharding, bad input, eval transform, mixup properties."""
 
+import functools
 import io
 import os
 
@@ -299,35 +300,22 @@ def test_demo_source_split_and_loader():
 def test_mixup_cutmix_properties():
   images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
   labels = jax.numpy.arange(8) % 5
-  fn = jax.jit(
-      lambda r, x, y: mixup.mixup_cutmix(
-          r,
-          x,
-          y,
-          5,
+  mix = lambda prob: jax.jit(
+      functools.partial(
+          mixup.mixup_cutmix,
+          num_classes=5,
           mixup_alpha=0.8,
           cutmix_alpha=1.0,
-          prob=1.0,
+          prob=prob,
           switch_prob=0.5,
           label_smoothing=0.1,
       )
   )
+  fn = mix(1.0)
   for seed in range(6):
     mixed, targets = fn(jax.random.PRNGKey(seed), images, labels)
     np.testing.assert_allclose(np.asarray(targets).sum(-1), 1.0, atol=1e-5)
     assert not np.allclose(mixed, images)
-  same, targets = jax.jit(
-      lambda r, x, y: mixup.mixup_cutmix(
-          r,
-          x,
-          y,
-          5,
-          mixup_alpha=0.8,
-          cutmix_alpha=1.0,
-          prob=0.0,
-          switch_prob=0.5,
-          label_smoothing=0.1,
-      )
-  )(jax.random.PRNGKey(0), images, labels)
+  same, targets = mix(0.0)(jax.random.PRNGKey(0), images, labels)
   np.testing.assert_array_equal(same, images)
   np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)
