@@ -96,13 +96,12 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FE
     if step not in steps:
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     try:
-      meta = mngr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
-          MODEL_ITEM
-      ]
+      args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
+      meta = mngr.restore(step, args=args)[MODEL_ITEM]
       model = create_model(meta["name"], **{**meta["overrides"], **overrides})
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise CheckpointError(
-          f"{directory} step {step} is not an FEC checkpoint with an item " f"'{MODEL_ITEM}': {e}"
+          f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
       ) from e
   return model, step
 

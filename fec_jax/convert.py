@@ -392,7 +392,7 @@ def variables_to_torch(variables) -> dict[str, np.ndarray]:
 
 CHECKPOINT_FILE = "a .pth / .pth.tar / .safetensors checkpoint file"
 ORBAX_DIRECTORY = (
-    "an Orbax checkpoint directory (the --output of a conversion, or a train.py " "--workdir)"
+    "an Orbax checkpoint directory (the --output of a conversion, or a train.py --workdir)"
 )
 
 
@@ -472,7 +472,7 @@ def check_paths(args: argparse.Namespace) -> None:
     return
   if os.path.exists(dst) and not os.path.isdir(dst):
     raise ConversionError(
-        f"--output {dst} is a file; expected a directory for the Orbax " "checkpoint"
+        f"--output {dst} is a file; expected a directory for the Orbax checkpoint"
     )
   if os.path.isdir(dst) and os.listdir(dst):
     if not args.overwrite:

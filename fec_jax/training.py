@@ -276,7 +276,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
   if schedule == "poly" and config.schedule_steps <= 0:
     raise ValueError(
-        f"config.schedule_steps must be > 0 for the poly schedule, got " f"{config.schedule_steps}"
+        f"config.schedule_steps must be > 0 for the poly schedule, got {config.schedule_steps}"
     )
   cosine = schedule == "cosine_epochs"
   if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):

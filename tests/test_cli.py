@@ -113,7 +113,7 @@ def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
   code, _, err, _ = parse(capsys, "--config=configs/demo.py", "--config.data.zzzzzz=1")
   assert (
       code == 2
-      and err.startswith("error: unknown config field 'data.zzzzzz'; the fields of " "'data' are: ")
+      and err.startswith("error: unknown config field 'data.zzzzzz'; the fields of 'data' are: ")
       and err.count("\n") == 1
   ), err
 
@@ -246,7 +246,7 @@ VISUALIZE_MISTAKES = [
     (
         "even median filter",
         ["--median-filter", "4"],
-        "--median-filter must be odd (or 0 = off), " "got 4",
+        "--median-filter must be odd (or 0 = off), got 4",
     ),
     ("no clusters", ["--num-clusters", "0"], "--num-clusters must be at least 1, got 0"),
     ("alpha", ["--alpha", "2"], "--alpha is an opacity between 0 and 1, got 2.0"),
@@ -254,27 +254,27 @@ VISUALIZE_MISTAKES = [
     (
         "directory as image",
         ["--image", "{root}"],
-        "--image {root} is a directory; expected image " "files",
+        "--image {root} is a directory; expected image files",
     ),
     (
         "truncated image",
         ["--image", "{root}/truncated.jpg"],
-        "--image {root}/truncated.jpg is not " "a readable image (OSError: ",
+        "--image {root}/truncated.jpg is not a readable image (OSError: ",
     ),
     (
         "not an image",
         ["--image", "{root}/notes.jpg"],
-        "--image {root}/notes.jpg is not a readable " "image (UnidentifiedImageError: ",
+        "--image {root}/notes.jpg is not a readable image (UnidentifiedImageError: ",
     ),
     (
         "file as output",
         ["--out", "{root}/photo.jpg"],
-        "--out {root}/photo.jpg is a file; expected " "a directory for the PNGs",
+        "--out {root}/photo.jpg is a file; expected a directory for the PNGs",
     ),
     (
         "missing checkpoint",
         ["--checkpoint", "{root}/nockpt"],
-        "checkpoint directory " "{root}/nockpt does not exist",
+        "checkpoint directory {root}/nockpt does not exist",
     ),
     ("missing step", ["--step", "7"], "{root}/ckpt has no step 7; saved steps: [0]"),
 ]

@@ -58,9 +58,7 @@ def _num_workers(data_config) -> int:
 
 def _local_batch(global_batch_size: int, shard_count: int) -> int:
   if global_batch_size % shard_count:
-    raise ValueError(
-        f"global batch {global_batch_size} is not divisible by " f"{shard_count} shards"
-    )
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {shard_count} shards")
   return global_batch_size // shard_count
 
 
@@ -267,9 +265,7 @@ def create_dataset(
   if train:
     per_host_epoch = (n // shard_count) // local_batch * local_batch
     if per_host_epoch == 0:
-      raise ValueError(
-          f"{n} train examples are fewer than one global batch " f"({global_batch_size})"
-      )
+      raise ValueError(f"{n} train examples are fewer than one global batch ({global_batch_size})")
     total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
     order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
     steps = per_host_epoch // local_batch

@@ -118,7 +118,7 @@ class TfdsSource:
     classes = getattr(self._ds.dataset_info.features["label"], "num_classes", None)
     if num_classes is not None and classes is not None and classes != num_classes:
       raise ValueError(
-          f"TFDS {name} has {classes} classes but config.data.num_classes " f"is {num_classes}"
+          f"TFDS {name} has {classes} classes but config.data.num_classes is {num_classes}"
       )
 
   def __len__(self) -> int:
