@@ -6,7 +6,8 @@ aggregated into *representatives* (Eq. 6), and the encoding layer *dispatches* e
 back to the points of its cluster (Eq. 7). Where the released code differs from the paper, these
 functions follow the code (docs/official-code.md).
 
-Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M centers, D channels.
+Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M centers,
+D channels.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Kernels(NamedTuple):
 
 
 def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
-  """0/1 matrix [out_size, in_size] of PyTorch's adaptive-pool windows (docs/official-code.md Sec. 3, Cluster 2).
+  """0/1 matrix [out_size, in_size] of PyTorch's adaptive-pool windows (docs/official-code.md
+  Sec. 3, Cluster 2).
 
   Output i averages input [floor(i*L/n), ceil((i+1)*L/n)): windows overlap when L % n != 0, and
   out_size may exceed in_size.
@@ -100,15 +102,17 @@ def cosine_similarity(centers: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
 
 
 def assign(similarity: jnp.ndarray) -> jnp.ndarray:
-  """Hard assignment [G, N]: argmax over the M centers of similarity [G, M, N], ties to the lowest."""
+  """Hard assignment [G, N]: argmax over the M centers of similarity [G, M, N], ties to the
+  lowest."""
   return jnp.argmax(similarity, axis=1).astype(jnp.int32)
 
 
 def straight_through_residual(similarity: jnp.ndarray, assign_grad: AssignGrad):
   """The part of the assignment matrix [G, M, N] that is zero forward and carries gradient.
 
-  "official": None (the one-hot is a constant, docs/official-code.md Sec. 4). "straight_through": softmax over
-  the centers minus its stop-gradient copy, so d(one-hot) is taken as d(softmax(similarity)).
+  "official": None (the one-hot is a constant, docs/official-code.md Sec. 4).
+  "straight_through": softmax over the centers minus its stop-gradient copy, so d(one-hot) is
+  taken as d(softmax(similarity)).
   """
   if assign_grad == "official":
     return None

@@ -159,7 +159,8 @@ def _load_file(path: str) -> Any:
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
     raise ConversionError(
-        f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        f"{path} is not a readable PyTorch checkpoint "
+        f"({type(e).__name__}: {str(e).splitlines()[0]}); "
         "expected a state dict saved with torch.save (.pth / .pth.tar) or a .safetensors file; "
         "the file may be truncated or corrupt"
     ) from e
@@ -399,7 +400,9 @@ ORBAX_DIRECTORY = (
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="convert_torch_weights.py",
-      description="Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch).",
+      description=(
+          "Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch)."
+      ),
   )
   p.add_argument(
       "--model",

@@ -109,7 +109,8 @@ def cluster_maps(model: FEC, variables, images: jax.Array, encodings: bool = Fal
 
 
 def group_clusters(final: np.ndarray, features: np.ndarray, num_clusters: int) -> np.ndarray:
-  """K-Means grouping of the final clusters of one image (paper Sec. 5.2, docs/official-code.md Sec. 9).
+  """K-Means grouping of the final clusters of one image (paper Sec. 5.2,
+  docs/official-code.md Sec. 9).
 
   final [H, W] int: cluster index into features [M, D] (the last level). Empty clusters are dropped,
   the others grouped by scikit-learn KMeans (random_state=0, n_init="auto") in ascending cluster

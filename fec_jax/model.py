@@ -30,8 +30,9 @@ from fec_jax.clustering import Aggregation, AssignGrad
 Dtype = Any
 
 
-# Initialization (docs/official-code.md Sec. 5). PyTorch's default Conv2d init is uniform(+-1/sqrt(fan_in)) for
-# weights and biases; nn.Linear weights are trunc_normal(std .02) cut at +-2 absolute (= 100 std).
+# Initialization (docs/official-code.md Sec. 5). PyTorch's default Conv2d init is
+# uniform(+-1/sqrt(fan_in)) for weights and biases; nn.Linear weights are trunc_normal(std .02)
+# cut at +-2 absolute (= 100 std).
 torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 linear_kernel_init = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 
@@ -114,7 +115,8 @@ class Mlp(nn.Module):
 
 
 class Cluster(nn.Module):
-  """Clustering-based feature encoding, the token mixer of a ClusterBlock (docs/official-code.md Sec. 3)."""
+  """Clustering-based feature encoding, the token mixer of a ClusterBlock
+  (docs/official-code.md Sec. 3)."""
 
   heads: int
   head_dim: int
@@ -187,8 +189,8 @@ class ClusterPool(nn.Module):
 
   Centers are the 2x2 average of `conv_f` features; each point joins its most similar center
   (cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the output map, added to
-  a strided 3x3 conv skip (docs/official-code.md Sec. 3). `conv_f` only feeds the argmax, so in the official
-  gradient semantics it receives no gradient at all (Sec. 4).
+  a strided 3x3 conv skip (docs/official-code.md Sec. 3). `conv_f` only feeds the argmax, so in
+  the official gradient semantics it receives no gradient at all (Sec. 4).
   """
 
   dim_out: int
@@ -250,7 +252,8 @@ class ClusterPool(nn.Module):
     return identity + group_norm("norm2", self.dtype)(reps)
 
   def _output_index(self, assignment, b, hr, wr):
-    """Region-local center index [G, N] -> row-major index into the stitched output map, [B, H, W]."""
+    """Region-local center index [G, N] -> row-major index into the stitched output map,
+    [B, H, W]."""
     r, (oh, ow) = self.fold, (hr // 2, wr // 2)
     i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)
     i = i + oh * jnp.arange(r, dtype=jnp.int32).reshape(1, r, 1, 1, 1)
@@ -355,7 +358,8 @@ def block_axis(flax_path: Sequence[str]) -> bool:
 
 
 def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
-  """The two position channels appended to the image: i/(H-1) - 0.5 and j/(W-1) - 0.5, [B, H, W, 2]."""
+  """The two position channels appended to the image: i/(H-1) - 0.5 and j/(W-1) - 0.5,
+  [B, H, W, 2]."""
   # Host-side numpy: IEEE division like torch's (XLA may turn x / c into x * (1 / c), 1 ulp off).
   rows = np.arange(h, dtype=np.float32) / np.float32(h - 1) - np.float32(0.5)
   cols = np.arange(w, dtype=np.float32) / np.float32(w - 1) - np.float32(0.5)

@@ -10,9 +10,10 @@ The dense-prediction variants have many more centers per point (49 or 100), and 
 sizes some points sit on genuine fp32 near-ties: two centers whose scores differ by one ulp, which
 two fp32 implementations with different summation orders may break differently; fec_small at
 256x320 has one such point too (the reference's top-2 margin is exactly 0 in network.0.2). Those
-cases are therefore checked twice: in fp64, where everything above must hold exactly as stated, and in fp32,
-where every layer must agree exactly up to the first layer with a differing assignment, and every
-differing point there must be a near-tie (reference score margin <= TIE_MARGIN).
+cases are therefore checked twice: in fp64, where everything above must hold exactly as stated,
+and in fp32, where every layer must agree exactly up to the first layer with a differing
+assignment, and every differing point there must be a near-tie (reference score margin <=
+TIE_MARGIN).
 """
 
 import jax

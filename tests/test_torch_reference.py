@@ -443,7 +443,8 @@ def test_ties_go_to_lowest_index():
 
 
 def test_adaptive_pool_windows_overlap():
-  # the reference uses F.adaptive_avg_pool2d; check it has the documented windows (7 -> 2: [0,4), [3,7))
+  # the reference uses F.adaptive_avg_pool2d; check it has the documented windows
+  # (7 -> 2: [0,4), [3,7))
   assert _windows(7, 2) == [(0, 4), (3, 7)]
   t = torch.arange(7.0).reshape(1, 1, 7, 1)
   out = torch.nn.functional.adaptive_avg_pool2d(t, (2, 1)).flatten()

@@ -2,8 +2,9 @@
 
 This is NOT part of the fec_jax package. It was written only from the facts of
 the released code that ``docs/official-code.md`` sets out (cited below as "doc §N",
-that document's sections), so that the JAX port can be checked against an independent rendition: forward parity, identical
-cluster assignments, gradient parity and weight-conversion round trips.
+that document's sections), so that the JAX port can be checked against an independent
+rendition: forward parity, identical cluster assignments, gradient parity and
+weight-conversion round trips.
 
 Public API
 ----------

@@ -1,4 +1,5 @@
-"""RandAugment as timm implements it, on PIL images (docs/official-code.md Sec. 8: "rand-m9-mstd0.5-inc1").
+"""RandAugment as timm implements it, on PIL images (docs/official-code.md Sec. 8:
+"rand-m9-mstd0.5-inc1").
 
 Written to reproduce timm's `auto_augment.rand_augment_transform` number for number
 rather than using a generic RandAugment, because the recipe depends on timm's

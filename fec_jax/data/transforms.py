@@ -91,7 +91,8 @@ def decode(encoded) -> tuple[np.ndarray, bool]:
 
 
 def rrc_params(rng, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-  """Random resized crop box (top, left, h, w): timm RandomResizedCropAndInterpolation.get_params."""
+  """Random resized crop box (top, left, h, w): timm
+  RandomResizedCropAndInterpolation.get_params."""
   area = width * height
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
