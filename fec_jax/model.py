@@ -505,9 +505,8 @@ def model_name(model: nn.Module) -> str:
 def variable_shapes(model: nn.Module) -> dict[str, Any]:
   """The model's variables ({"params"}, and "batch_stats" for segmenters) as ShapeDtypeStructs,
   computed without running anything."""
-  images = jax.ShapeDtypeStruct(
-      (1, 64, 64, 3), jnp.float32
-  )  # any valid size: shapes do not depend on it
+  # Any valid size: the variables' shapes do not depend on it.
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
 
 
