@@ -1,5 +1,5 @@
-"""The README against the code, read statically (nothing is run): every flag a README command
-passes is defined by its script, every --config field it sets exists in the config it names, every
+"""The README against the code, read statically (nothing is run): every flag a README command or
+a docstring's usage line passes is defined by its script, every --config field it sets exists in the config it names, every
 repository path it mentions exists, every fec_jax name it uses is there and every call in its
 Python examples fits the function's signature. A renamed flag, field or function fails here, not
 in a user's shell."""
@@ -62,6 +62,26 @@ def test_readme_bash_lines_continue_where_meant():
         assert above.endswith("\\"), f"README: {above!r} does not continue to {line!r}"
 
 
+def usage_commands() -> list[list[str]]:
+  """The `python ...` usage lines of the module docstrings of the scripts, configs and fec_jax
+  modules (an option on the next line continues the line above)."""
+  paths = [p for p in os.listdir(ROOT) if p.endswith(".py")]
+  for folder in ("configs", "fec_jax"):
+    for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+      paths += [
+          os.path.relpath(os.path.join(directory, f), ROOT) for f in files if f.endswith(".py")
+      ]
+  found = []
+  for path in sorted(paths):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      docstring = ast.get_docstring(ast.parse(f.read())) or ""
+    text = re.sub(r"\\?\n\s*(?=\[?--)", " ", docstring)
+    for line in text.splitlines():
+      if line.strip().startswith("python "):
+        found.append([t.strip("[]") for t in shlex.split(line, comments=True)])
+  return found
+
+
 def repo_command(tokens: list[str]) -> str | None:
   """The file of the repository that a command runs (None for pip, venv, pytest)."""
   if tokens[1] == "-m":
@@ -106,26 +126,30 @@ def has_field(cfg, field: str) -> bool:
   return True
 
 
-def test_readme_commands_use_defined_flags_and_config_fields():
+def test_commands_use_defined_flags_and_config_fields():
+  """The README's commands and the usage lines of the docstrings."""
   checked = 0
-  for tokens in commands():
+  for tokens in commands() + usage_commands():
     path = repo_command(tokens)
     if path is None:
       continue
-    assert os.path.isfile(os.path.join(ROOT, path)), f"{path} (README: {' '.join(tokens)})"
+    assert os.path.isfile(os.path.join(ROOT, path)), f"{path} (in: {' '.join(tokens)})"
     known = defined_flags(path)
-    flags = [t[2:].split("=")[0] for t in tokens if t.startswith("--")]
+    # train.py's usage line names any field as `--config.field=value`
+    flags = [
+        t[2:].split("=")[0] for t in tokens if t.startswith("--") and t != "--config.field=value"
+    ]
     config_file = next((t.split("=", 1)[1] for t in tokens if t.startswith("--config=")), None)
     for flag in flags:
       if flag.startswith("config."):
-        assert config_file, f"--{flag} without --config= (README: {' '.join(tokens)})"
+        assert config_file, f"--{flag} without --config= (in: {' '.join(tokens)})"
         assert has_field(
             config(config_file), flag[len("config.") :]
-        ), f"--{flag}: no such field in {config_file} (README: {' '.join(tokens)})"
+        ), f"--{flag}: no such field in {config_file} (in: {' '.join(tokens)})"
       else:
-        assert flag in known, f"--{flag}: {path} defines no such flag (README: {' '.join(tokens)})"
+        assert flag in known, f"--{flag}: {path} defines no such flag (in: {' '.join(tokens)})"
       checked += 1
-  assert checked > 70  # the README's commands were found
+  assert checked > 100  # the README's commands were found
 
 
 def test_readme_config_fields_exist():
