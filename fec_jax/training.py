@@ -229,7 +229,7 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
   (augmentation, dropout), so a resumed run draws exactly what the uninterrupted one drew.
   """
 
-  def step_fn(state: TrainState, batch):
+  def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     objective = lambda params: loss_fn(params, state.model_state, batch, key)
     (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -251,7 +251,7 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
     )
 
   return jax.jit(
-      step_fn,
+      train_step,
       in_shardings=(state_sharding, batch_sharded(mesh)),
       out_shardings=(state_sharding, replicated(mesh)),
   )

@@ -89,13 +89,13 @@ class TopK(Evaluator):
         jax.process_count(),
     )
 
-    def step_fn(variables, batch):
+    def eval_step(variables, batch):
       images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
       logits = model.apply(variables, images, train=False)
       return eval_sums(logits, batch["label"], batch["mask"])
 
     self._jitted = jax.jit(
-        step_fn,
+        eval_step,
         in_shardings=(training.replicated(mesh), training.batch_sharded(mesh)),
         out_shardings=training.replicated(mesh),
     )

@@ -55,13 +55,13 @@ class MeanIoU(Evaluator):
     self._num_classes = config.data.num_classes
     self._device = jax.local_devices()[0]
 
-    def step_fn(variables, image, label):  # uint8 [1, h, w, 3], uint8 [H0, W0]
+    def eval_step(variables, image, label):  # uint8 [1, h, w, 3], uint8 [H0, W0]
       valid = jnp.array([image.shape[1:3]], jnp.int32)  # [1, 2]: nothing is padded
       x = seg_device_transforms.normalize(image, valid, config.data.mean, config.data.std)
       pred = fpn.predict(model, variables, x, label.shape)[0]  # [H0, W0]
       return miou.intersect_and_union(pred, label, self._num_classes, config.data.ignore_index)
 
-    self._jitted = jax.jit(step_fn)
+    self._jitted = jax.jit(eval_step)
     self._steps = {}  # (image shape, label shape) -> compiled step
 
   def _step(self, variables, image, label):
