@@ -11,6 +11,7 @@ checkpoint at the current step and exits 0 (a second one exits at once). Fine-tu
 its own share of the data.
 """
 
+import os
 import sys
 
 import jax
@@ -34,10 +35,22 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
+def use_compilation_cache(workdir: str) -> None:
+  """Keeps the compiled train and eval steps in WORKDIR/compilation_cache (JAX's persistent
+  compilation cache), so that the same command run again, to resume, loads them instead of
+  compiling them anew. The workdir is shared by all hosts, and JAX writes entries from process 0
+  only. A cache the user chose (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+        "jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "compilation_cache")
+    )
+
+
 def main(argv):
   del argv
   if FLAGS.multihost:
     initialize_distributed()
+  use_compilation_cache(FLAGS.workdir)
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.TrainingDiverged as e:

@@ -33,8 +33,9 @@ TINY = [
 ]
 
 
-def env(cache_dir: str, devices: int) -> dict:
-  return {
+def env(cache_dir: str | None, devices: int) -> dict:
+  """cache_dir None: no JAX_COMPILATION_CACHE_DIR, train.py's own choice."""
+  variables = {
       **os.environ,
       "PYTHONPATH": REPO,
       "JAX_PLATFORMS": "cpu",
@@ -43,9 +44,12 @@ def env(cache_dir: str, devices: int) -> dict:
       "JAX_COMPILATION_CACHE_DIR": cache_dir,
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   }
+  return {k: v for k, v in variables.items() if v is not None}
 
 
-def start(script: str, args: list[str], cache_dir: str, devices: int = 1) -> subprocess.Popen:
+def start(
+    script: str, args: list[str], cache_dir: str | None, devices: int = 1
+) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, script, *args],
       cwd=REPO,
@@ -56,7 +60,9 @@ def start(script: str, args: list[str], cache_dir: str, devices: int = 1) -> sub
   )
 
 
-def run(script: str, args: list[str], cache_dir: str, devices: int = 1, timeout: float = 900):
+def run(
+    script: str, args: list[str], cache_dir: str | None, devices: int = 1, timeout: float = 900
+):
   proc = start(script, args, cache_dir, devices)
   out, err = proc.communicate(timeout=timeout)
   return proc.returncode, out, err
@@ -98,6 +104,26 @@ def test_sigterm_then_kill9_then_the_same_command_gives_the_reference_losses(
       reporting.read_metrics(workdir)[-1]["val_top1"]
       == reporting.read_metrics(reference)[-1]["val_top1"]
   )
+
+
+def test_the_same_command_again_loads_the_compiled_steps_from_the_workdir(tmp_path, monkeypatch):
+  """train.py keeps JAX's persistent compilation cache in the workdir: resuming compiles neither
+  the train step nor the eval step again (JAX logs each cache hit and miss at debug level)."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("JAX_DEBUG_LOG_MODULES", "jax._src.compiler")
+  workdir = tmp_path / "w"
+  args = TINY + [f"--workdir={workdir}", "--config.eval_every_steps=2"]
+  rc, _, err = run("train.py", args + ["--config.max_steps=2"], None)
+  assert rc == 0, err[-3000:]
+  for step in ("jit_train_step", "jit_eval_step"):
+    assert f"PERSISTENT COMPILATION CACHE MISS for '{step}'" in err, err[-3000:]
+  assert os.listdir(workdir / "compilation_cache")
+  rc, _, err = run("train.py", args + ["--config.max_steps=4"], None)
+  assert rc == 0, err[-3000:]
+  assert "resumed at step 2" in err
+  for step in ("jit_train_step", "jit_eval_step"):
+    assert f"Persistent compilation cache hit for '{step}'" in err, err[-3000:]
+  assert "MISS for 'jit_train_step'" not in err and "MISS for 'jit_eval_step'" not in err
 
 
 def free_port() -> int:
