@@ -9,7 +9,8 @@ Every clustering layer sows its hard assignment into the `intermediates` collect
   Cluster      [B, heads, H, W] int32: fold_region * M + center index within the region (stacked
                per stage, [depth, B, heads, H, W])
   ClusterPool  [B, H, W] int32: row-major index of the output pixel (the center) in [H/2, W/2]
-`cluster_assignments` collects them from `model.apply(..., mutable=["intermediates"])`.
+ClusterPool also sows its `centers` and `representatives` (Eq. 6), both [B, H/2, W/2, D].
+`cluster_assignments` collects the assignments from `model.apply(..., mutable=["intermediates"])`.
 """
 
 from __future__ import annotations

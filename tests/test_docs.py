@@ -30,9 +30,9 @@ def blocks(language: str) -> list[str]:
   ]
 
 
-def inline_code() -> list[str]:
-  """The README's inline code spans, outside the fenced blocks."""
-  prose = re.sub(r"```.*?```", "", README, flags=re.S)
+def inline_code(text: str | None = None) -> list[str]:
+  """The inline code spans of `text` (default: the README), outside the fenced blocks."""
+  prose = re.sub(r"```.*?```", "", README if text is None else text, flags=re.S)
   return re.findall(r"`([^`\n]+)`", prose)
 
 
@@ -209,9 +209,12 @@ def resolve(dotted: str):
   return obj
 
 
-def test_readme_names_fec_jax_things_that_exist():
-  names = {m for span in inline_code() for m in re.findall(r"\bfec_jax(?:\.\w+)+", span)}
-  assert len(names) >= 8
+def test_docs_name_fec_jax_things_that_exist():
+  """The fec_jax names of the README and docs/official-code.md."""
+  with open(os.path.join(ROOT, "docs", "official-code.md"), encoding="utf-8") as f:
+    spans = inline_code() + inline_code(f.read())
+  names = {m for span in spans for m in re.findall(r"\bfec_jax(?:\.\w+)+", span)}
+  assert len(names) >= 40
   for name in sorted(names):
     resolve(name)  # raises where a module or attribute is missing
 

@@ -22,7 +22,7 @@ points row-major over (dim2, dim3) (doc, preamble).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn

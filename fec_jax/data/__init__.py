@@ -1,4 +1,4 @@
-"""Input pipelines: ImageNet classification (issue 4) and semantic segmentation (issue 13).
+"""Input pipelines: ImageNet classification and ADE20K semantic segmentation.
 
 Public API, classification:
   default_config(), demo_config(), validate(cfg)      -- config.data fields (config.py)

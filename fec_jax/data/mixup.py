@@ -1,6 +1,6 @@
 """Mixup / CutMix with label smoothing on device, timm's `Mixup` in 'batch' mode.
 
-Reference section 8: Mixup alpha 0.8 / CutMix alpha 1.0, prob 1, switch 0.5, one lambda
+docs/official-code.md Sec. 8: Mixup alpha 0.8 / CutMix alpha 1.0, prob 1, switch 0.5, one lambda
 per batch, the partner of image i is image B-1-i (the batch reversed), the CutMix box
 from `rand_bbox` with the lambda corrected to the pasted area, targets from timm's
 `mixup_target` (smoothed one-hots mixed with lambda). Written in jax (not timm's numpy

@@ -15,7 +15,6 @@ the sign of signed ops, integers(0, 2) for the resample filter of geometric ops.
 import re
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 _LEVEL_DENOM = 10.0
