@@ -73,6 +73,7 @@ def main(argv):
   if FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
   task = tasks.get(config)
+  training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
   task.check_config()
   directory = FLAGS.workdir or FLAGS.checkpoint
   model, variables = fec_jax.load_pretrained(
@@ -88,12 +89,7 @@ def main(argv):
         f"{jax.devices()[0].platform} device(s))"
     )
     return
-  evaluator = task.evaluator(model, mesh)
-  try:
-    metrics = evaluator(variables)
-  finally:
-    evaluator.close()
-  print(task.describe(metrics))
+  print(task.describe(task.evaluator(model, mesh)(variables)))
 
 
 if __name__ == "__main__":

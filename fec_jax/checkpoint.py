@@ -4,11 +4,11 @@
 A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at least) the items
   model   JSON {"name": "fec_small", "overrides": {"num_classes": 1000, ...}}
   params  the Flax params PyTree
-  batch_stats  the BatchNorm running statistics (segmenters, fec_jax.fpn)
+  batch_stats  the BatchNorm running statistics (segmenters, fec_jax.fpn); any other variable
+               collection of a model would be one item of its own too
 and, from train.py (`training_manager`, `save_training`, `restore_training`), more items that
 inference ignores:
   ema_params      the EMA of the params (when the run keeps one)
-  batch_stats     and any other variable collection of the model, one item each (when it has any)
   opt_state       the optax state
   progress        {"step": int32 [], "rng": uint32 key data}
   data_iterator   the grain train iterator state, one JSON file per process
@@ -76,15 +76,20 @@ def _read_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
-def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FEC, int]:
+def _check_directory(directory: str) -> None:
+  if not os.path.isdir(directory):
+    problem = "is a file" if os.path.exists(directory) else "does not exist"
+    raise CheckpointError(
+        f"checkpoint directory {directory} {problem}; expected the --output "
+        "of convert_torch_weights.py or a train.py --workdir"
+    )
+
+
+def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn.Module, int]:
   """The model a checkpoint describes and its step (default: the latest), without the params:
   fast, so that a command checks its inputs against the model before the slow restore."""
   directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise CheckpointError(
-        f"checkpoint directory {directory} does not exist; expected the --output "
-        "of convert_torch_weights.py or a train.py --workdir"
-    )
+  _check_directory(directory)
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:
@@ -98,12 +103,11 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[FE
     try:
       args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
       meta = mngr.restore(step, args=args)[MODEL_ITEM]
-      model = create_model(meta["name"], **{**meta["overrides"], **overrides})
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise CheckpointError(
           f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
       ) from e
-  return model, step
+  return create_model(meta["name"], **{**meta["overrides"], **overrides}), step
 
 
 def load_pretrained(
@@ -119,12 +123,17 @@ def load_pretrained(
   model, step = load_model(directory, step, **overrides)
   directory = os.path.abspath(os.fspath(directory))
   item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
+  if ema and EMA_PARAMS_ITEM not in saved_items(directory, step):
+    raise CheckpointError(
+        f"{directory} step {step} holds no EMA weights (a converter output, or a train.py run "
+        "with ema_decay 0); leave out --ema / init_from_ema"
+    )
+  shapes = variable_shapes(model)
+  items = {"params": item}  # collection -> checkpoint item
+  if "batch_stats" in shapes:
+    items["batch_stats"] = BATCH_STATS_ITEM
   with _read_manager(directory) as mngr:
     try:
-      shapes = variable_shapes(model)
-      items = {"params": item}  # collection -> checkpoint item
-      if "batch_stats" in shapes:
-        items["batch_stats"] = BATCH_STATS_ITEM
       per_block = _has_per_block_layout(directory, step, item)
       targets = {c: _local_target(shapes[c]) for c in items}
       if per_block:
@@ -144,6 +153,57 @@ def load_pretrained(
   if per_block:
     variables["params"] = stacked_layout(variables["params"], shapes["params"])
   return model, variables
+
+
+def saved_items(directory: str, step: int) -> set[str]:
+  """The item names a saved step holds ('model', 'params', 'ema_params', ...): its folders."""
+  path = os.path.join(directory, str(step))
+  return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
+
+
+def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool) -> int | None:
+  """The latest step of a train.py workdir that a run of model `name` (create_model overrides,
+  with or without EMA) can resume from; None for a new or empty workdir. Reads
+  only the model item and the item names, so that a misfit stops the run before anything slow."""
+  directory = os.path.abspath(workdir)
+  existing = directory  # the workdir, or the folder it will be created in
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise CheckpointError(f"--workdir {directory}: {existing} is a file; expected a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise CheckpointError(f"--workdir {directory}: {existing} is not writable")
+  if existing != directory:
+    return None
+  with _read_manager(directory) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    meta = mngr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+  items = saved_items(directory, step)
+  if not {OPT_STATE_ITEM, PROGRESS_ITEM, DATA_ITER_ITEM} <= items:
+    raise CheckpointError(
+        f"{directory} holds weights (step {step}: {sorted(items)}), not a train.py run to resume; "
+        f"to start from them, use a new --workdir with --config.init_from={directory}"
+    )
+  saved = model_metadata(meta[MODEL_ITEM]["name"], meta[MODEL_ITEM]["overrides"])
+  wanted = model_metadata(name, overrides)
+  if saved != wanted:
+    raise CheckpointError(
+        f"{directory} holds a run of {_describe(saved)}; the config asks for {_describe(wanted)}. "
+        "Resume it with its own config, or start a new --workdir (--config.init_from="
+        f"{directory} to fine-tune from it)"
+    )
+  if ema and EMA_PARAMS_ITEM not in items:
+    raise CheckpointError(
+        f"the run in {directory} kept no EMA weights; resume it with --config.ema_decay=0"
+    )
+  return step
+
+
+def _describe(meta: dict[str, Any]) -> str:
+  options = ", ".join(f"{k} {v}" for k, v in sorted(meta["overrides"].items()))
+  return f"{meta['name']} ({options})"
 
 
 # A stage's blocks run as one nn.scan (fec_jax.model), with their params stacked on a leading

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
 
 
@@ -38,6 +39,19 @@ class RunResult:
   step: int  # optimizer steps done when the run returned
   preempted: bool  # stopped by SIGTERM/SIGINT; the same call resumes it
   record: dict[str, Any]  # the last metrics record written (empty if none)
+
+
+@dataclasses.dataclass
+class _Start:
+  """Where a run starts, settled before anything slow: the model, and the step to resume from
+  or the pretrained variables to start from (neither: a fresh start from config.seed)."""
+
+  model: Any
+  model_name: str
+  overrides: dict[str, Any]  # create_model options stored in the checkpoints
+  resume: int | None  # the workdir's latest step
+  pretrained: dict[str, Any] | None  # config.init_from's variables, checked against the model
+  source: str  # config.init_from, as the notes name it
 
 
 @dataclasses.dataclass
@@ -71,16 +85,39 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   task = tasks.get(config)
   training.check_config(config)
   task.check_config()
+  start = _start(config, workdir, task)
   with Preemption() as preemption:
-    # Data first: a missing dataset or one that does not fit the config stops here.
+    # Then the data: a missing dataset or one that does not fit the config stops here.
     train_iter, steps_per_epoch = _timed(
         f"{config.task}: opening the train data",
         lambda: task.train_loader(jax.process_index(), jax.process_count()),
     )
     try:
-      return _run(config, workdir, task, train_iter, steps_per_epoch, preemption, compiler_options)
+      return _run(
+          config, workdir, task, start, train_iter, steps_per_epoch, preemption, compiler_options
+      )
     finally:
       train_iter.close()  # ends the loader's worker processes
+
+
+def _start(config, workdir: str, task: tasks.Task) -> _Start:
+  """The model, and a workdir run it can resume or init_from weights that fit it: a misfit
+  (another model in the workdir, a converter output as workdir, init_from weights of another
+  shape) stops here, before the data is opened or anything is compiled."""
+  model, model_name, overrides = task.create_model()
+  ema = config.ema_decay > 0
+  resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
+  pretrained, source = None, ""
+  if resume is not None and config.init_from:
+    logging.info("resuming: config.init_from is used only for a fresh workdir")
+  elif config.init_from:
+    source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
+    _, pretrained = _timed(
+        f"loading init_from {source}",
+        lambda: checkpoint.load_pretrained(config.init_from, ema=config.init_from_ema),
+    )
+    task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
+  return _Start(model, model_name, overrides, resume, pretrained, source)
 
 
 def _timed(message: str, fn):
@@ -96,6 +133,7 @@ def _run(
     config,
     workdir,
     task: tasks.Task,
+    start: _Start,
     train_iter,
     steps_per_epoch: int,
     preemption: Preemption,
@@ -104,27 +142,23 @@ def _run(
   primary = jax.process_index() == 0
   num_steps = training.total_steps(config, steps_per_epoch)
   mesh = training.create_mesh()
-  model, model_name, overrides = task.create_model()
+  model, model_name, resume = start.model, start.model_name, start.resume
   schedule = training.lr_schedule(config, steps_per_epoch)
   tx = training.create_optimizer(config, schedule)
   abstract = training.abstract_state(model, tx, config, task.input_shape(), mesh)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   evaluator = _timed("opening the val data", lambda: task.evaluator(model, mesh, compiler_options))
+  state = None if resume is not None else _fresh_state(config, task, start, tx, abstract)
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
   writer = None
   try:
-    resume = mngr.latest_step()
     if resume is not None:
-      if config.init_from:
-        logging.info("resuming: config.init_from is used only for a fresh workdir")
       state = _timed(
           f"restoring checkpoint step {resume} from {workdir}",
           lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume),
       )
       logging.info("resumed at step %d from %s", resume, workdir)
-    else:
-      state = _fresh_state(config, task, model, tx, abstract)
-    start = int(state.step)
+    first_step = int(state.step)
     logging.info(
         "%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
         "peak lr %.3g",
@@ -136,11 +170,11 @@ def _run(
         config.global_batch_size,
         training.peak_lr(config),
     )
-    writer = reporting.MetricsWriter(workdir, start, active=primary)
+    writer = reporting.MetricsWriter(workdir, first_step, active=primary)
     train_step = training.make_train_step(
         task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding
     )
-    save = lambda s: checkpoint.save_training(mngr, s, model_name, overrides, train_iter)
+    save = lambda s: checkpoint.save_training(mngr, s, model_name, start.overrides, train_iter)
     run = _Run(
         config,
         workdir,
@@ -158,7 +192,6 @@ def _run(
     mngr.wait_until_finished()
   finally:
     mngr.close()
-    evaluator.close()
     if writer is not None:
       writer.close()
   if primary and not result.preempted:
@@ -166,21 +199,14 @@ def _run(
   return result
 
 
-def _fresh_state(config, task: tasks.Task, model, tx, abstract) -> training.TrainState:
+def _fresh_state(config, task: tasks.Task, start: _Start, tx, abstract) -> training.TrainState:
   """State from config.seed, then config.init_from's variables put in (the task's rules)."""
-  pretrained, source = None, ""
-  if config.init_from:
-    source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
-    _, pretrained = _timed(
-        f"loading init_from {source}",
-        lambda: checkpoint.load_pretrained(config.init_from, ema=config.init_from_ema),
-    )
-    task.adopt_pretrained(abstract.variables(), pretrained, source)  # a misfit stops here
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = _timed(
       "initializing the train state",
-      lambda: training.create_state(model, tx, config, task.input_shape(), shardings),
+      lambda: training.create_state(start.model, tx, config, task.input_shape(), shardings),
   )
+  pretrained, source = start.pretrained, start.source
   if pretrained is None:
     return state
   variables, notes = task.adopt_pretrained(jax.device_get(state.variables()), pretrained, source)
@@ -254,7 +280,7 @@ def _loop(run: _Run, state, train_step, compiler_options) -> RunResult:
     elif eval_now:
       record.update(_evaluate(run.evaluator, state, step, first=not evaluated))
       evaluated = True
-      clock.update(step)  # the next rate counts training only, not this evaluation
+      clock.restart()  # the next rate counts training only, not this evaluation
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
     run.writer.write(record)

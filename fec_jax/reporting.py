@@ -33,6 +33,10 @@ class Throughput:
     self._step, self._time = step, now
     return rate * self._batch, (self._total - step) / max(rate, 1e-9)
 
+  def restart(self) -> None:
+    """The next rate counts from now (e.g. after an evaluation, which is not training)."""
+    self._time = time.perf_counter()
+
 
 def progress_line(
     step: int,
@@ -54,11 +58,23 @@ def progress_line(
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl. A last line without its newline is a record cut off by a
+  kill during its write, and is left out (resuming drops it anyway: the checkpoint of its step
+  was not written); any other line that is not JSON is an error naming the file and line."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  lines = text.split("\n")[:-1]  # complete lines; the rest, if any, was cut off
+  records = []
+  for number, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {number} is not a JSON record ({e}); expected one per line")
+  return records
 
 
 class MetricsWriter:
@@ -71,8 +87,10 @@ class MetricsWriter:
     if not active:
       return
     kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+    path = os.path.join(workdir, METRICS_FILE)
+    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here loses no record
       f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
     from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
 
     self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)

@@ -260,17 +260,23 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
 # ----------------------------------------------------------------------------- config checks
 
 
-def check_config(config) -> None:
-  """The task-neutral checks: fails before anything slow when the config cannot run on these
-  devices (the task checks its own fields, Task.check_config)."""
+def check_compute(config, batch_fields=("global_batch_size", "eval_batch_size")) -> None:
+  """config.model.dtype is a compute dtype, and each of `batch_fields` (eval.py: only
+  eval_batch_size) a positive multiple of the device count."""
   if config.model.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
-  for field in ("global_batch_size", "eval_batch_size"):
+  for field in batch_fields:
     if config[field] <= 0 or config[field] % jax.device_count():
       raise ValueError(
           f"config.{field} {config[field]} must be a positive multiple of the "
           f"{jax.device_count()} devices"
       )
+
+
+def check_config(config) -> None:
+  """The task-neutral checks: fails before anything slow when the config cannot run on these
+  devices (the task checks its own fields, Task.check_config)."""
+  check_compute(config)
   schedule = config.lr_schedule
   if schedule not in LR_SCHEDULES:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
@@ -279,8 +285,19 @@ def check_config(config) -> None:
         f"config.schedule_steps must be > 0 for the poly schedule, got {config.schedule_steps}"
     )
   cosine = schedule == "cosine_epochs"
-  if cosine and (config.warmup_epochs > config.epochs or config.epochs <= 0):
-    raise ValueError("need 0 <= warmup_epochs <= epochs and epochs > 0")
+  if cosine and not (0 <= config.warmup_epochs <= config.epochs and config.epochs > 0):
+    raise ValueError(
+        "config: need 0 <= warmup_epochs <= epochs and epochs > 0, got warmup_epochs "
+        f"{config.warmup_epochs}, epochs {config.epochs}"
+    )
+  if config.cooldown_epochs < 0 or config.max_steps < 0:
+    raise ValueError("config.cooldown_epochs and config.max_steps must be >= 0")
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f"config.ema_decay must be in [0, 1) (0: no EMA), got {config.ema_decay}")
+  if config.init_from_ema and not config.init_from:
+    raise ValueError(
+        "config.init_from_ema takes the EMA weights of config.init_from, which is not set"
+    )
   if config.weight_decay_on not in WEIGHT_DECAY_ON:
     raise ValueError(
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "

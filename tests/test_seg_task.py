@@ -72,13 +72,10 @@ def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
   config = seg_tiny()
   task = tasks.get(config)
   evaluator = task.evaluator(model, training.create_mesh())
-  try:
-    metrics = evaluator(variables)
-    metrics_init = evaluator(init)
-    # Two weight sets in one pass over the images: each set's own metrics.
-    assert evaluator.evaluate([variables, init]) == [metrics, metrics_init]
-  finally:
-    evaluator.close()
+  metrics = evaluator(variables)
+  metrics_init = evaluator(init)
+  # Two weight sets in one pass over the images: each set's own metrics.
+  assert evaluator.evaluate([variables, init]) == [metrics, metrics_init]
   assert metrics_init != metrics
   assert metrics == pytest.approx(
       {k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc")}, abs=1e-9

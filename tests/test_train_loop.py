@@ -10,6 +10,7 @@ runs with the same shapes compile once.
 
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
+import fec_jax
 from configs import fec_base, finetune
 from fec_jax import checkpoint, data, loop, reporting, tasks
 from tests.imagenet_fixture import make_imagenet_folder
@@ -51,14 +53,11 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
   assert not np.array_equal(leaf(variables), leaf(ema))  # two different weight sets
   config = tiny()
   evaluator = tasks.get(config).evaluator(model, jax.sharding.Mesh(jax.devices(), ("data",)))
-  try:
-    metrics = evaluator(variables)
-    metrics_ema = evaluator(ema)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="fec_jax.data.pipeline"):
-      both = evaluator.evaluate([variables, ema])
-  finally:
-    evaluator.close()
+  metrics = evaluator(variables)
+  metrics_ema = evaluator(ema)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="fec_jax.data.pipeline"):
+    both = evaluator.evaluate([variables, ema])
   # The params and their EMA in one pass over the val split: read once, each set's own metrics.
   assert both == [metrics, metrics_ema]
   assert [r.getMessage() for r in caplog.records if r.name == "fec_jax.data.pipeline"] == [
@@ -129,8 +128,6 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(reference, tmp_pat
     result = train(finetune_config(root, reference), workdir)
   assert result.step == 2
   assert "head re-initialized for 3 classes" in caplog.text
-  import fec_jax
-
   _, source = fec_jax.load_pretrained(reference)
   _, tuned = fec_jax.load_pretrained(str(workdir))
   assert tuned["params"]["head"]["kernel"].shape == (320, 3)
@@ -159,6 +156,46 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("other_model", "holds a run of fec_small (drop_path_rate 0.0, num_classes 10); the"),
+        ("weights_only", "holds weights (step 0: ['model', 'params']), not a train.py run"),
+        ("no_ema", "kept no EMA weights; resume it with --config.ema_decay=0"),
+        ("init_from_no_ema", "holds no EMA weights (a converter output"),
+        ("file", "is a file; expected a directory"),
+        ("under_a_file", "is a file; expected a directory"),
+    ],
+)
+def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
+    case, expected, reference, tmp_path, monkeypatch
+):
+  """Checked from the checkpoints' model item and item names, before the data is opened."""
+
+  def open_data(*_):
+    raise AssertionError("the data was opened")
+
+  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
+  workdir, config = tmp_path / "w", tiny()
+  if case in ("other_model", "no_ema"):
+    shutil.copytree(reference, workdir)
+  if case == "other_model":
+    config.model.name = "fec_base"
+  if case == "no_ema":
+    shutil.rmtree(workdir / str(saved_steps(workdir)[-1]) / checkpoint.EMA_PARAMS_ITEM)
+  if case in ("weights_only", "init_from_no_ema"):
+    model, variables = fec_jax.load_pretrained(reference)
+    converted = tmp_path / "converted"
+    checkpoint.save_params(str(converted), variables["params"], "fec_small", {"num_classes": 10})
+    workdir = converted if case == "weights_only" else workdir
+    config.init_from, config.init_from_ema = str(converted), case == "init_from_no_ema"
+  if case in ("file", "under_a_file"):
+    workdir.write_text("not a directory")
+    workdir = workdir / "sub" if case == "under_a_file" else workdir
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)):
+    train(config, workdir)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "num_classes", "image_size", "task"])

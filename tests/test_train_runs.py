@@ -196,19 +196,23 @@ def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
 
 
-@pytest.mark.parametrize("case", ["both", "missing", "batch", "classes"])
+@pytest.mark.parametrize("case", ["both", "missing", "batch", "classes", "dtype", "eval_batch"])
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
+      "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
+      "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
   }[case]
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
       "missing": "does not exist",
       "batch": "--batch and --iters must be > 0",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
+      "dtype": "config.model.dtype must be one of",
+      "eval_batch": "config.eval_batch_size 0 must be a positive multiple",
   }[case]
   rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
   assert rc == 2 and not out

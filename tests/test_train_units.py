@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fec_jax
 from configs import demo, fec_base, fec_large, fec_small
-from fec_jax import convert, data, tasks, training
+from fec_jax import convert, data, reporting, tasks, training
 from fec_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,6 +169,10 @@ def test_check_config_rejects_what_cannot_run():
       ("global_batch_size", 0, "positive multiple"),
       ("log_every_steps", 0, "log_every_steps"),
       ("task", "detection", "not a task"),
+      ("warmup_epochs", -1, "0 <= warmup_epochs"),
+      ("cooldown_epochs", -1, "cooldown_epochs"),
+      ("ema_decay", 1.0, "ema_decay"),
+      ("init_from_ema", True, "init_from, which is not set"),
   ):
     bad = demo.get_config()
     section, _, key = field.rpartition(".")
@@ -175,3 +180,33 @@ def test_check_config_rejects_what_cannot_run():
     with pytest.raises(ValueError, match=message):
       training.check_config(bad)
       tasks.get(bad).check_config()
+
+
+def test_throughput_restarts_its_clock_after_an_evaluation(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
+  clock = reporting.Throughput(1, 101, global_batch_size=10)
+  now[0] = 1.0
+  assert clock.update(11) == (100.0, 9.0)  # 10 steps of 10 images in 1 s; 90 steps left
+  now[0] = 6.0  # a 5 s evaluation
+  clock.restart()
+  now[0] = 7.0
+  assert clock.update(21) == (100.0, 8.0)  # the evaluation's 5 s are not in the rate
+
+
+def test_read_metrics_leaves_out_a_record_cut_off_by_a_kill(tmp_path):
+  path = tmp_path / reporting.METRICS_FILE
+  path.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_lo')
+  assert reporting.read_metrics(str(tmp_path)) == [{"step": 1, "train_loss": 2.0}]
+  writer = reporting.MetricsWriter(str(tmp_path), resume_step=1)  # a resume at step 1
+  writer.close()
+  assert path.read_text() == '{"step": 1, "train_loss": 2.0}\n'
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match="metrics.jsonl line 2 is not a JSON record"):
+    reporting.read_metrics(str(tmp_path))
+
+
+def test_the_classification_evaluator_takes_classifiers_only():
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  with pytest.raises(ValueError, match="holds fec_small_seg, not a classifier"):
+    tasks.get(demo.get_config()).evaluator(fec_jax.create_model("fec_small_seg"), mesh)

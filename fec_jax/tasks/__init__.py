@@ -33,14 +33,12 @@ class Evaluator(abc.ABC):
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
     data: each batch is read and decoded once and run through every set."""
 
-  def close(self) -> None:
-    """Releases what the evaluator holds between calls (nothing by default)."""
-
 
 class Task(abc.ABC):
-  """One task on the training library. Methods are called in this order by the loop:
-  check_config, create_model, input_shape, train_loader, [adopt_pretrained], loss_fn, evaluator.
-  """
+  """One task on the training library. The loop calls check_config and create_model first,
+  then (with init_from) adopt_pretrained on the variables' shapes, so that a misfit stops the
+  run before anything slow; then train_loader, input_shape, evaluator, adopt_pretrained on the
+  initialized variables and loss_fn."""
 
   def __init__(self, config):
     self.config = config

@@ -4,7 +4,6 @@ per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, training
 from fec_jax.data import device_transforms, mixup
-from fec_jax.model import VARIANTS
+from fec_jax.model import FEC, VARIANTS, model_name
 from fec_jax.tasks import Evaluator, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
+
+
+def classifiers() -> list[str]:
+  """The variants with a classification head (not the seg/det backbones)."""
+  return sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
 
 
 def soft_target_cross_entropy(logits, targets):
@@ -133,11 +137,10 @@ class Classification(Task):
   def check_config(self) -> None:
     c = self.config
     name, size = c.model.name, c.data.image_size
-    if name not in VARIANTS or VARIANTS[name].dense_outputs:
-      classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+    if name not in classifiers():
       raise ValueError(
           f"config.model.name {name!r} is not a classification variant; "
-          f"choose one of {classifiers}"
+          f"choose one of {classifiers()}"
       )
     if size % 32:
       raise ValueError(
@@ -172,6 +175,11 @@ class Classification(Task):
     return loss_fn
 
   def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> TopK:
+    if not isinstance(model, FEC) or model.variant.dense_outputs:
+      raise ValueError(
+          f"the checkpoint holds {model_name(model)}, not a classifier; config.task "
+          f"'classification' evaluates {classifiers()}"
+      )
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(
           f"the model has {model.num_classes} classes but config.data.num_classes "
