@@ -356,6 +356,11 @@ def parse_args(argv):
       raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")
   if args.warmup < 0:
     raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+  if not args.tpu and args.batch % jax.device_count():  # with --tpu, --batch is per chip
+    raise UsageError(
+        f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices (each step's "
+        "images are split evenly over them)"
+    )
   return args
 
 

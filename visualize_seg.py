@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, fpn
+from fec_jax import checkpoint, cli, data, fpn, training
 from fec_jax.data import seg_device_transforms
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.model import SEGMENTERS, model_name
@@ -107,6 +107,8 @@ def check_arguments(config):
         f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
         "configs/demo_seg.py)"
     )
+  with cli.user_errors(ValueError):
+    training.check_compute(config, batch_fields=())
   if not 1 <= FLAGS.num <= 16:
     cli.fail(f"--num {FLAGS.num} must be in [1, 16]")
   if not 32 <= FLAGS.size <= 1024:
@@ -134,14 +136,43 @@ def check_arguments(config):
   return output, min(FLAGS.num, num_val)
 
 
+def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The first `num` readable validation examples of data config `d`: (uint8 [h, w, 3] image at
+  the test size, uint8 [H0, W0] label at the original size); fails if none is readable."""
+  examples, tried = [], 0
+  loader = data.create_seg_loader(d, "val", 1, seed)
+  try:
+    for example in loader:
+      if len(examples) == num:
+        break
+      tried += 1
+      if example["mask"]:  # False for a bad file (the loader logs which and why)
+        examples.append((example["image"], example["label"]))
+  finally:
+    loader.close()
+  if not examples:
+    where = (
+        f"{os.path.join(d.root, 'images', d.val_split)} (annotations in "
+        f"{os.path.join(d.root, 'annotations', d.val_split)})"
+        if d.source == "ade20k"
+        else f"the {d.source} val split"
+    )
+    cli.fail(
+        f"no readable validation image in {where}: all {tried} failed to load (unreadable or "
+        "corrupt files, or an annotation not the image's size; the warnings above name them)"
+    )
+  return examples
+
+
 def main(argv):
   del argv
   config = FLAGS.config
   output, num = check_arguments(config)
+  d = config.data
+  examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
   model, variables = fec_jax.load_pretrained(
       FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )
-  d = config.data
 
   def predict(variables, image, out_hw):  # uint8 [1, h, w, 3] -> int32 [1, *out_hw]
     x = seg_device_transforms.normalize(image, jnp.array([image.shape[1:3]]), d.mean, d.std)
@@ -150,22 +181,11 @@ def main(argv):
   predict = jax.jit(predict, static_argnums=2)  # compiled once per image and annotation size
 
   rows = []
-  examples = data.create_seg_loader(d, "val", 1, config.seed)
-  try:
-    for example in examples:
-      if len(rows) == num:
-        break
-      if not example["mask"]:
-        continue
-      label = example["label"]  # [H0, W0] at the original size
-      pred = predict(variables, example["image"][None], label.shape)[0]
-      # The image at the annotation's size, for the overlay (the model saw the test resize).
-      image = np.asarray(
-          Image.fromarray(example["image"]).resize(label.shape[::-1], Image.BILINEAR)
-      )
-      rows.append((image, label, np.asarray(pred)))
-  finally:
-    examples.close()
+  for image, label in examples:
+    pred = predict(variables, image[None], label.shape)[0]
+    # The image at the annotation's size, for the overlay (the model saw the test resize).
+    image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
+    rows.append((image, label, np.asarray(pred)))
   names = DEMO_CLASS_NAMES if d.source == "demo" else None
   draw(rows, palette(d.num_classes), names, FLAGS.size).save(output)
   print(f"wrote {output} ({len(rows)} {d.source} val images)")

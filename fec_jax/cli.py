@@ -29,7 +29,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from fec_jax.model import param_shapes
+from fec_jax.model import variable_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
 
@@ -50,11 +50,12 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
 
 
 def check_input_size(model, size: tuple[int, int], flag: str) -> None:
-  """fail() unless `model` (an FEC) takes images of `size` (H, W): traced with shapes only (fast,
-  no weights), the model says which layer cannot take the size and why."""
+  """fail() unless `model` takes images of `size` (H, W): traced with shapes only (fast, no
+  weights; every variable collection, as fpn_* have batch_stats), the model says which layer
+  cannot take the size and why."""
   images = jax.ShapeDtypeStruct((1, *size, 3), jax.numpy.float32)
   try:
-    jax.eval_shape(lambda p, x: model.apply({"params": p}, x), param_shapes(model), images)
+    jax.eval_shape(model.apply, variable_shapes(model), images)
   except ValueError as e:
     fail(f"{flag} {size[0]} {size[1]}: {e}")
 

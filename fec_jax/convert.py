@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
+import re
 import shutil
-import tempfile
+import uuid
+import warnings
 from typing import Any, Iterable
 
 import flax
@@ -155,12 +158,28 @@ def _load_file(path: str) -> Any:
   import argparse as _argparse  # timm checkpoints pickle their command-line args
 
   try:
-    with torch.serialization.safe_globals([_argparse.Namespace]):
+    with torch.serialization.safe_globals([_argparse.Namespace]), warnings.catch_warnings():
+      # "Detected pickle protocol N": torch's note on a pickle that torch.save did not write
+      warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
       return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+  except pickle.UnpicklingError as e:  # its text is advice on weights_only=False: not repeated
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused:  # a pickled object that a weights-only load does not rebuild
+      raise ConversionError(
+          f"{path} holds a pickled {refused.group(1)}, which fec-jax does not unpickle (it loads "
+          ".pth files with torch.load(weights_only=True), which runs no code from the file); "
+          "expected a state dict of tensors: save model.state_dict() with torch.save, or as "
+          ".safetensors"
+      ) from e
+    raise ConversionError(
+        f"{path} is not a readable PyTorch checkpoint: the file is truncated or corrupt, or was "
+        "not written by torch.save; expected a state dict saved with torch.save (.pth / "
+        ".pth.tar) or a .safetensors file"
+    ) from e
+  except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for other bad files
     raise ConversionError(
         f"{path} is not a readable PyTorch checkpoint "
-        f"({type(e).__name__}: {str(e).splitlines()[0]}); "
+        f"({type(e).__name__}{': ' + str(e).splitlines()[0] if str(e).strip() else ''}); "
         "expected a state dict saved with torch.save (.pth / .pth.tar) or a .safetensors file; "
         "the file may be truncated or corrupt"
     ) from e
@@ -503,8 +522,13 @@ def to_orbax(args) -> None:
   if os.path.isdir(args.output) and os.listdir(args.output):  # --overwrite, checked by check_paths
     # the new checkpoint is complete before the old one goes: a failed save loses nothing
     parent = os.path.dirname(os.path.abspath(args.output))
-    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    save(staging)
+    staging = os.path.join(parent, f".converting-{uuid.uuid4().hex}")
+    os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
+    try:
+      save(staging)
+    except BaseException:  # a failed (or interrupted) save leaves the old checkpoint, nothing else
+      shutil.rmtree(staging, ignore_errors=True)
+      raise
     shutil.rmtree(args.output)
     os.rename(staging, args.output)
   else:

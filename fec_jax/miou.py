@@ -52,15 +52,24 @@ def intersect_and_union(pred, label, num_classes: int, ignore_index: int = 255) 
 
 def summarize(totals: dict) -> dict:
   """{'mIoU', 'mAcc', 'aAcc'} in percent (floats, unrounded; mmseg prints them rounded to
-  2 decimals) from the per-class areas of intersect_and_union summed over the whole set."""
+  2 decimals) from the per-class areas of intersect_and_union summed over the whole set.
+
+  A set with no labeled pixel (nothing evaluated) gives NaN for all three, as mmseg's 0 / 0 and
+  nanmean of nothing do, without numpy's RuntimeWarnings."""
   inter = np.asarray(totals["area_intersect"], np.float64)  # [K]
   union = np.asarray(totals["area_union"], np.float64)  # [K]
   label = np.asarray(totals["area_label"], np.float64)  # [K]
   with np.errstate(divide="ignore", invalid="ignore"):
     iou = inter / union  # [K], nan where union is 0
     acc = inter / label  # [K], nan where label is 0
+    a_acc = inter.sum() / label.sum()  # nan where no pixel is labeled
   return {
-      "mIoU": 100.0 * float(np.nanmean(iou)),
-      "mAcc": 100.0 * float(np.nanmean(acc)),
-      "aAcc": 100.0 * float(inter.sum() / label.sum()),
+      "mIoU": 100.0 * _nanmean(iou),
+      "mAcc": 100.0 * _nanmean(acc),
+      "aAcc": 100.0 * float(a_acc),
   }
+
+
+def _nanmean(x: np.ndarray) -> float:
+  """np.nanmean, NaN without its "Mean of empty slice" warning where every entry is NaN."""
+  return float("nan") if np.isnan(x).all() else float(np.nanmean(x))

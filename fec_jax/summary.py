@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fec_jax import cli
-from fec_jax.convert import abstract_params
+from fec_jax.convert import abstract_params, abstract_variables
 from fec_jax.model import create_model, list_models
 
 PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": (28.3, 6.5)}  # M, G
@@ -28,14 +28,9 @@ def count_params(name: str) -> int:
 
 def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
   model = create_model(name, unroll_stages=True)  # cost analysis counts a loop body once
-  params = abstract_params(name)
+  variables = abstract_variables(name)  # every collection: fpn_* have batch_stats too
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-  cost = (
-      jax.jit(lambda p, x: model.apply({"params": p}, x))
-      .lower(params, images)
-      .compile()
-      .cost_analysis()
-  )
+  cost = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / 2
 

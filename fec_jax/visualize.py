@@ -25,6 +25,7 @@ from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fec_jax.imagenet_classes import imagenet_class_names
+from fec_jax.model import FEC, VARIANTS, model_name
 
 GROUP_COLORS = np.array(
     [
@@ -102,13 +103,19 @@ def class_name(index: int, num_classes: int) -> str:
 
 
 def unique_stems(paths: list[str]) -> list[str]:
-  """File stems, suffixed _1, _2, ... where two images share one."""
-  seen: dict[str, int] = {}
+  """File stems, distinct: where two images share one, the later ones are suffixed _1, _2, ...,
+  skipping any name already taken and any other image's own stem (a/cat.jpg b/cat.png cat_1.png
+  -> cat, cat_2, cat_1), so that no image's PNGs overwrite another's."""
+  own = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+  reserved, taken = set(own), set()
   stems = []
-  for path in paths:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    seen[stem] = seen.get(stem, -1) + 1
-    stems.append(stem if seen[stem] == 0 else f"{stem}_{seen[stem]}")
+  for stem in own:
+    name, n = stem, 0
+    while name in taken or (n and name in reserved):
+      n += 1
+      name = f"{stem}_{n}"
+    taken.add(name)
+    stems.append(name)
   return stems
 
 
@@ -245,12 +252,25 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
   return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
 
 
+def check_model(checkpoint: str, model) -> None:
+  """cli.fail() unless `model` is an FEC (a classifier, or a dense backbone: its clusters are
+  drawn, no class is printed); a Semantic FPN segmenter (fpn_*) is not one."""
+  if not isinstance(model, FEC):
+    cli.fail(
+        f"--checkpoint {checkpoint} holds {model_name(model)}, a segmenter; expected an FEC "
+        f"classifier or backbone ({', '.join(sorted(VARIANTS))}); visualize_seg.py draws a "
+        "segmenter's predictions"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size = check_args(args)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
-    cli.check_input_size(load_model(args.checkpoint, step=args.step)[0], size, "--image-size")
+    model = load_model(args.checkpoint, step=args.step)[0]
+    check_model(args.checkpoint, model)
+    cli.check_input_size(model, size, "--image-size")
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   os.makedirs(args.out, exist_ok=True)

@@ -58,6 +58,27 @@ def test_bad_arguments_give_one_error_line(argv, message, capsys, monkeypatch):
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_batch_must_split_evenly_over_the_devices(capsys, monkeypatch):
+  """--batch 3 on 2 devices: one error line before any model is built (not an IndivisibleError
+  after the state's init); with --tpu, --batch is per chip and any size splits."""
+
+  def slow(*args, **kwargs):
+    raise AssertionError("a model was built before --batch was checked")
+
+  monkeypatch.setattr(bench.jax, "device_count", lambda: 2)
+  monkeypatch.setattr(bench, "run_jax", slow)
+  argv = ["--models", "fec_small", "--modes", "infer", "--dtypes", "float32", "--torch", "off"]
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main([*argv, "--batch", "3"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == (
+      "error: --batch 3 must be a multiple of the 2 devices (each step's images are split evenly "
+      "over them)\n"
+  )
+  assert bench.parse_args([*argv, "--batch", "4"]).batch == 4
+  assert bench.parse_args([*argv, "--batch", "3", "--tpu", "v5e:2x2"]).batch == 3
+
+
 def test_fusion_bytes_pads_to_the_tpu_tile():
   big = "f32[4096,24]{1,0:T(8,128)}"  # 24 lanes padded to 128 on a TPU
   hlo = f"""HloModule m

@@ -4,6 +4,8 @@ visualize.py and python -m fec_jax.summary on bad input; the converter's are in 
 
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from fec_jax import checkpoint, cli, create_model, summary, visualize
-from fec_jax.model import param_shapes
+from fec_jax.model import param_shapes, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,17 +217,40 @@ def test_summary_mistakes(capsys, args, message):
   assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
+def test_summary_of_a_segmenter(monkeypatch, capsys):
+  """fpn_* apply with their batch_stats too: the size check and the MACs' compile take them."""
+  compile_lowered = jax.stages.Lowered.compile
+
+  def quick(lowered, compiler_options=None):  # the same cost analysis, 2x faster to compile
+    return compile_lowered(lowered, {"xla_backend_optimization_level": 0})
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", quick)
+  code, out, err = outcome(capsys, summary.main, ["fpn_fec_small", "--size", "32"])
+  assert (code, err) == (0, ""), err
+  assert out.splitlines()[1].split()[:3] == ["fpn_fec_small", "9,568,286", "9.13"], out
+  code, out, err = outcome(capsys, summary.main, ["fpn_fec_small", "--size", "60"])
+  assert (code, out) == (2, "") and err.count("\n") == 1, err
+  assert err.startswith("error: --size 60 60: backbone.network.1: ClusterPool needs an even"), err
+
+
 # --- visualize.py ----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """A converter-style checkpoint of fec_small, a photo, a truncated and a non-image file."""
+  """Converter-style checkpoints of fec_small and of the segmenter fpn_fec_small, a photo, a
+  truncated and a non-image file."""
   root = tmp_path_factory.mktemp("vis")
   params = jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small"))
   )
   checkpoint.save_params(str(root / "ckpt"), params, "fec_small", {"num_classes": 1000})
+  fpn = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), variable_shapes(create_model("fpn_fec_small"))
+  )
+  checkpoint.save_params(
+      str(root / "fpn"), fpn["params"], "fpn_fec_small", {}, batch_stats=fpn["batch_stats"]
+  )
   Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(root / "photo.jpg")
   (root / "truncated.jpg").write_bytes((root / "photo.jpg").read_bytes()[:300])
   (root / "notes.jpg").write_text("not an image")
@@ -277,6 +302,12 @@ VISUALIZE_MISTAKES = [
         "checkpoint directory {root}/nockpt does not exist",
     ),
     ("missing step", ["--step", "7"], "{root}/ckpt has no step 7; saved steps: [0]"),
+    (
+        "segmenter checkpoint",
+        ["--checkpoint", "{root}/fpn"],
+        "--checkpoint {root}/fpn holds fpn_fec_small, a segmenter; expected an FEC classifier or "
+        "backbone (fec_base, fec_base_det, ",
+    ),
 ]
 
 
@@ -332,3 +363,71 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   assert printed.splitlines()[-1].startswith("1 image(s) in ")
   assert sorted(os.listdir(out)) == ["photo_k3.png", "photo_levels.png"]
   assert (out / "photo_k3.png").read_bytes() != b"mine"
+
+
+@pytest.mark.parametrize(
+    "paths, stems",
+    [
+        (["a/cat.jpg", "b/cat.png", "cat_1.png"], ["cat", "cat_2", "cat_1"]),
+        (["cat_1.png", "a/cat.jpg", "b/cat.png"], ["cat_1", "cat", "cat_2"]),
+        (["cat.jpg", "cat.png", "cat.gif", "cat_2.png"], ["cat", "cat_1", "cat_3", "cat_2"]),
+        (["x.jpg", "x.jpg", "x_1.jpg", "x_1.png"], ["x", "x_2", "x_1", "x_1_1"]),
+        (["dog.jpg", "cat.jpg"], ["dog", "cat"]),
+    ],
+)
+def test_visualize_gives_every_image_its_own_files(paths, stems):
+  """Stems are distinct from each other and from every image's own stem: no PNG of one image is
+  written over by another's."""
+  assert visualize.unique_stems(paths) == stems
+  names = visualize._output_names(stems, [2, 3])
+  assert len(set(names)) == len(names) == 3 * len(paths)
+
+
+# --- visualize_seg.py ------------------------------------------------------------------------
+
+
+def visualize_seg(*args):
+  """visualize_seg.py in a subprocess (its absl flags are global): (status, stdout, stderr)."""
+  result = subprocess.run(
+      [sys.executable, "visualize_seg.py", *map(str, args)],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  return result.returncode, result.stdout, result.stderr
+
+
+def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
+  code, out, err = visualize_seg(
+      f"--workdir={tmp_path}", f"--output={tmp_path}/seg.png", "--config.model.dtype=foo"
+  )
+  assert (code, out, err) == (
+      2,
+      "",
+      "error: config.model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'foo'\n",
+  )
+
+
+def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
+  """Every validation file is corrupt: one error line names the folder (after the loader's
+  warnings naming the files), before the weights are restored; no picture is written."""
+  for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
+    (tmp_path / kind / "validation").mkdir(parents=True)
+    (tmp_path / kind / "validation" / f"ADE_val_00000001{suffix}").write_bytes(b"not an image")
+  code, out, err = visualize_seg(
+      "--config=configs/fpn_fec_small_ade20k.py",
+      f"--config.data.root={tmp_path}",
+      "--config.data.num_workers=0",
+      f"--checkpoint={files}/fpn",
+      f"--output={tmp_path}/seg.png",
+  )
+  assert (code, out) == (2, ""), err
+  assert "Traceback" not in err, err
+  assert err.splitlines()[-1] == (
+      f"error: no readable validation image in {tmp_path}/images/validation (annotations in "
+      f"{tmp_path}/annotations/validation): all 1 failed to load (unreadable or corrupt files, "
+      "or an annotation not the image's size; the warnings above name them)"
+  ), err
+  assert not (tmp_path / "seg.png").exists()

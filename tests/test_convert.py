@@ -1,6 +1,7 @@
 """convert_torch_weights.py: checkpoint formats, strictness, clear errors, exact round trips."""
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,43 @@ def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
   assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
 
 
+def test_unreadable_files_are_one_line_without_torch_advice(tmp_path, small_state, capsys):
+  """Random bytes, a pickle torch.save did not write, an empty file: not a readable checkpoint
+  (torch's "Re-running torch.load with weights_only set to False will likely succeed" is not
+  passed on); a checkpoint pickling another object names it."""
+  not_readable = (
+      "is not a readable PyTorch checkpoint: the file is truncated or corrupt, or was not written "
+      "by torch.save; expected a state dict saved with torch.save (.pth / .pth.tar) or a "
+      ".safetensors file"
+  )
+  files = {
+      "random.pth": (np.random.default_rng(0).bytes(5000), not_readable),
+      "pickle.pth": (pickle.dumps({"x": 1}, protocol=4), not_readable),
+      "empty.pth": (
+          b"",
+          "is not a readable PyTorch checkpoint (EOFError); expected a state dict saved with "
+          "torch.save (.pth / .pth.tar) or a .safetensors file; the file may be truncated or "
+          "corrupt",
+      ),
+  }
+  for name, (content, message) in files.items():
+    (tmp_path / name).write_bytes(content)
+  torch.save({**small_state, "best_metric": np.float64(80.0)}, tmp_path / "numpy.pth")
+  scalar = np.float64(80.0).__reduce__()[0]  # numpy._core.multiarray.scalar in numpy 2
+  files["numpy.pth"] = (
+      None,
+      f"holds a pickled {scalar.__module__}.{scalar.__name__}, which fec-jax does not unpickle "
+      "(it loads .pth files with torch.load(weights_only=True), which runs no code from the "
+      "file); "
+      "expected a state dict of tensors: save model.state_dict() with torch.save, or as "
+      ".safetensors",
+  )
+  for name, (_, message) in files.items():
+    code, out, err = convert_cli(capsys, "--input", tmp_path / name, "--output", tmp_path / "o")
+    assert (code, out, err) == (2, "", f"error: {tmp_path / name} {message}\n"), name
+  assert not os.path.exists(tmp_path / "o")
+
+
 def test_wrong_variant_names_the_one_it_holds():
   """fec_base weights with --model fec_small: one line naming fec_base, 3 keys and a count."""
   state = {
@@ -318,10 +356,40 @@ def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
   torch.save(changed, src)
   code, out, err = convert_cli(capsys, "--input", src, "--output", orbax_small, "--overwrite")
   assert (code, err) == (0, ""), err
-  assert out.startswith(f"wrote fec_small (5,727,528 parameters, {{'num_classes': 1000}}) to ")
+  assert out.startswith("wrote fec_small (5,727,528 parameters, {'num_classes': 1000}) to ")
   assert os.listdir(orbax_small.parent) == ["fec_small"]  # the staging directory is gone
   _, variables = fec_jax.load_pretrained(orbax_small)
   np.testing.assert_array_equal(variables["params"]["head"]["bias"], changed["head.bias"].numpy())
+
+
+def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
+    tmp_path, small_state, orbax_small, capsys, monkeypatch
+):
+  """The replaced output has the mode a fresh one gets (the umask's, not mkdtemp's 0700); a save
+  that fails leaves the old checkpoint and no staging directory."""
+  src = tmp_path / "w.pth"
+  torch.save(small_state, src)
+  replaced = shutil.copytree(orbax_small, tmp_path / "out" / "fec_small")
+  umask = os.umask(0o027)
+  try:
+    assert convert_cli(capsys, "--input", src, "--output", tmp_path / "fresh")[0] == 0
+    assert convert_cli(capsys, "--input", src, "--output", replaced, "--overwrite")[0] == 0
+  finally:
+    os.umask(umask)
+  mode = lambda path: os.stat(path).st_mode & 0o777
+  assert mode(tmp_path / "fresh") == mode(replaced) == 0o750
+
+  def full_disk(directory, *args, **kwargs):
+    with open(os.path.join(directory, "partial"), "wb") as f:
+      f.write(b"half a checkpoint")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(convert, "save_params", full_disk)
+  with pytest.raises(OSError, match="No space left on device"):
+    convert.main(["--input", str(src), "--output", str(replaced), "--overwrite"])
+  assert os.listdir(replaced.parent) == ["fec_small"]  # no .converting-* left behind
+  assert sorted(os.listdir(replaced)) == ["0"]
+  assert fec_jax.checkpoint.load_model(replaced)[0].num_classes == 1000
 
 
 def test_variant_inference(small_state):

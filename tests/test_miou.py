@@ -1,5 +1,7 @@
 """fec_jax.miou against a NumPy rendition of mmseg 0.24's metric (mmseg/core/evaluation)."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -97,3 +99,15 @@ def test_out_of_range_and_ignored_pixels_count_nowhere():
   assert got["area_pred"] == want[2].tolist() == [1, 0, 1]
   assert got["area_intersect"] == want[0].tolist() == [1, 0, 0]
   assert got["area_union"] == want[1].tolist() == [1, 1, 2]
+
+
+def test_summary_of_nothing_is_nan_without_warnings():
+  """A set with no labeled pixel (nothing evaluated) gives NaN for every metric, quietly; a set
+  whose only labeled pixels are another class's predictions gives 0 IoU."""
+  zeros = {n: np.zeros(4, np.int64) for n in ("area_intersect", "area_union", "area_label")}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # numpy's RuntimeWarnings would fail here
+    got = miou.summarize(zeros)
+    assert set(got) == {"mIoU", "mAcc", "aAcc"} and all(np.isnan(v) for v in got.values()), got
+    wrong = miou.summarize(miou.intersect_and_union(np.ones((2, 2)), np.zeros((2, 2)), 4))
+    assert wrong == {"mIoU": 0.0, "mAcc": 0.0, "aAcc": 0.0}
