@@ -2,10 +2,17 @@
 
 import functools
 import io
+import multiprocessing
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -127,6 +134,83 @@ def test_loader_with_worker_processes_matches_in_process(folder):
   assert sorted(labels[mask].tolist()) == sorted(want[:9].tolist())
 
 
+def test_val_batches_do_not_grow_with_worker_processes(folder):
+  """9 val images at batch 8 are 2 batches; 4 worker processes (each batches its own slice)
+  must not round that up to 4 batches, 2 of them all padding: at most one worker per batch."""
+  cfg = _cfg(folder)
+  want = list(fd.create_loader(cfg, "val", 8, seed=0))
+  cfg.num_workers = 4
+  assert fd.num_eval_batches(cfg, 8) == 2
+  it = fd.create_loader(cfg, "val", 8, seed=0)
+  got = list(it)
+  it.close()
+  assert len(got) == len(want) == 2
+  real = lambda batches: sorted(
+      (int(label), image.tobytes())
+      for b in batches
+      for image, label, mask in zip(b["image"], b["label"], b["mask"])
+      if mask
+  )
+  assert len(real(got)) == 9 and real(got) == real(want)
+
+
+def test_worker_processes_ignore_sigint_and_sigterm(folder):
+  """Ctrl-C and SIGTERM reach the loader's workers too (the whole process group); the training
+  loop then finishes its step and saves a checkpoint, so the loader must go on; close() ends
+  the workers."""
+  before = set(multiprocessing.active_children())
+  it = fd.create_loader(_cfg(folder, num_workers=2), "train", 4, seed=0)
+  _take(it, 2)  # one batch from each worker: both have started
+  workers = [p for p in multiprocessing.active_children() if p not in before]
+  assert len(workers) == 2
+  for worker, sig in zip(workers, (signal.SIGINT, signal.SIGTERM)):
+    os.kill(worker.pid, sig)
+  batches = _take(it, 12)  # 3 epochs: past what the workers had buffered
+  assert all(b["image"].shape == (4, 32, 32, 3) for b in batches)
+  assert all(w.is_alive() for w in workers)
+  it.close()
+  assert not any(w.is_alive() for w in workers)
+
+
+def test_worker_processes_end_with_the_main_process(folder, tmp_path):
+  """Workers that ignore SIGINT/SIGTERM must still end when the main process exits without
+  closing the loader (a second Ctrl-C exits at once with os._exit)."""
+  pids = tmp_path / "pids"
+  script = f"""
+import multiprocessing, os
+import fec_jax.data as fd
+cfg = fd.default_config()
+cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = {folder!r}, 3, 32, 1
+it = fd.create_loader(cfg, "train", 4, seed=0)
+next(it)
+with open({str(pids)!r}, "w") as f:
+  f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+os._exit(1)
+"""
+  # output to a file, not a pipe: a worker that outlived the script would hold a pipe open
+  with open(tmp_path / "log", "w") as log:
+    done = subprocess.run([sys.executable, "-c", script], stdout=log, stderr=log, timeout=120)
+  assert done.returncode == 1, (tmp_path / "log").read_text()
+  workers = [psutil.Process(int(pid)) for pid in pids.read_text().split()]
+  assert len(workers) == 1
+  deadline = time.monotonic() + 20
+  try:
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not any(map(_running, workers))
+  finally:
+    for w in filter(_running, workers):
+      w.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+  """Not ended (a zombie counts as ended: whether an orphan is reaped is up to the init process)."""
+  try:
+    return process.status() != psutil.STATUS_ZOMBIE
+  except psutil.NoSuchProcess:
+    return False
+
+
 def _write_bad_files(root):
   """Adds bad and odd files to class 0 (n01440764) of train and val."""
   rng = np.random.default_rng(0)
@@ -170,6 +254,25 @@ def test_bad_and_odd_images_are_converted_or_skipped(tmp_path):
   assert fd.num_examples(cfg, "train") == 16 and fd.steps_per_epoch(cfg, 2) == 8
   labels = np.concatenate([b["label"] for b in got])
   assert len(labels) == 12 and sorted(np.bincount(labels).tolist()) == [4, 8]
+
+
+def test_train_with_no_readable_image_raises(tmp_path):
+  """An endless train stream would skip bad images forever; a whole epoch's worth of them in a
+  row (6 here) is an error that names the data root, in the main process or a worker."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "val"):
+    for wnid in WNIDS[:3]:
+      os.makedirs(tmp_path / split / wnid)
+      for i in range(2):
+        (tmp_path / split / wnid / f"{i}.JPEG").write_bytes(rng.bytes(100))
+  for workers in (0, 1):
+    # 2 epochs, so that without the check the stream ends (StopIteration) instead of hanging
+    it = fd.create_loader(_cfg(tmp_path, num_workers=workers), "train", 2, seed=0, num_epochs=2)
+    with pytest.raises(
+        fd.DataNotFoundError, match=re.escape(f"6 consecutive train examples of {tmp_path}")
+    ):
+      next(it)
+    it.close()
 
 
 def _encode(img, fmt):

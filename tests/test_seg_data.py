@@ -4,6 +4,7 @@ the loader (determinism, resume, host sharding, bad files), the synthetic demo."
 import io
 import json
 import os
+import re
 
 import cv2
 import jax
@@ -501,6 +502,21 @@ def test_bad_files_skipped_and_counted(tmp_path):
   got = list(it)
   assert len(got) == 3 and it.stats()["bad"] == 3  # 6 train, 3 bad: skipped, counted
   assert fd.seg_steps_per_epoch(cfg, 1) == 6  # counted with the bad files
+
+
+def test_train_with_no_readable_image_raises(tmp_path):
+  """As in classification: a whole epoch's worth of bad examples in a row raises, naming the
+  root, where an endless train stream would skip them forever."""
+  root = make_ade20k_folder(tmp_path, num_train=4, num_val=1)
+  for i in range(4):
+    with open(os.path.join(root, "images", "training", f"ADE_train_{i + 1:08d}.jpg"), "wb") as f:
+      f.write(b"\xff\xd8 not a jpeg")
+  # 2 epochs, so that without the check the stream ends (StopIteration) instead of hanging
+  it = fd.create_seg_loader(_cfg(root), "train", 2, seed=0, num_epochs=2)
+  with pytest.raises(
+      fd.DataNotFoundError, match=re.escape(f"4 consecutive train examples of {root}")
+  ):
+    next(it)
 
 
 def test_demo_source_deterministic_and_loader():

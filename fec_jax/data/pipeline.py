@@ -12,15 +12,19 @@ examples (mask False, image 0, label 0) to a whole number of global batches, so 
 host runs the same number of eval steps and each real example is counted exactly once.
 
 Bad input (unreadable, truncated, corrupt files): train skips the example (the batch is
-filled with the next ones; labels travel with their images, never shift); val keeps its
-slot with mask False. Odd modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted to
-RGB. Both are counted; the counts are logged once per epoch and kept in the iterator
+filled with the next ones; labels travel with their images, never shift) and raises
+DataNotFoundError after as many bad examples in a row as the split has records; val keeps
+its slot with mask False. Odd modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted
+to RGB. Both are counted; the counts are logged once per epoch and kept in the iterator
 state (`stats()` returns them).
 """
 
 import logging
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 
 import grain
 from absl import flags
@@ -45,11 +49,21 @@ def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -
 
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:
-  """Val batches per host: ceil(N / global_batch_size), rounded up to a multiple of the
-  worker processes (each worker batches its own slice); padding is masked."""
-  workers = max(1, _num_workers(data_config))
-  batches = -(-num_examples(data_config, "val") // global_batch_size)
-  return -(-batches // workers) * workers
+  """Val batches per host: ceil(N / global_batch_size), rounded up to a multiple of the val
+  worker processes (see _val_layout); padding is masked."""
+  return _val_layout(data_config, num_examples(data_config, "val"), global_batch_size)[0]
+
+
+def _val_layout(data_config, n: int, global_batch_size: int) -> tuple[int, int]:
+  """(val batches per host, worker processes) for n val records. Each worker batches its own
+  slice, so the batches are rounded up to a multiple of the workers, and every batch of that
+  rounding runs through the model: at most one worker per batch keeps the count at
+  ceil(n / global_batch_size) when there are no more batches than workers (one per core by
+  default), and adds at most workers - 1 all-padding batches otherwise."""
+  batches = -(-n // global_batch_size)
+  workers = min(_num_workers(data_config), batches)
+  rounding = max(1, workers)
+  return -(-batches // rounding) * rounding, workers
 
 
 def _num_workers(data_config) -> int:
@@ -127,13 +141,23 @@ class _MakeExample:
 
 
 class _SkipBad(grain.IterDataset):
-  """Drops examples whose image failed to decode; their count rides on the next example."""
+  """Drops examples whose image failed to decode; their count rides on the next example.
+  `limit` bad examples in a row (the number of records: an epoch's worth) raise
+  DataNotFoundError naming `where`, since an endless stream would skip them forever."""
+
+  def __init__(self, parent, limit: int, where: str):
+    super().__init__(parent)
+    self._limit, self._where = limit, where
 
   def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__())
+    return _SkipBadIterator(self._parent.__iter__(), self._limit, self._where)
 
 
 class _SkipBadIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, limit: int, where: str):
+    super().__init__(parent)
+    self._limit, self._where = limit, where
 
   def __next__(self):
     num_bad = 0
@@ -143,6 +167,11 @@ class _SkipBadIterator(grain.DatasetIterator):
         example["num_bad"] = np.int32(example["num_bad"] + num_bad)
         return example
       num_bad += int(example["num_bad"])
+      if num_bad >= self._limit:
+        raise sources.DataNotFoundError(
+            f"no readable image in {num_bad} consecutive train examples of {self._where}; "
+            "expected image files that decode (the warnings above name the bad ones)"
+        )
 
   def get_state(self):
     return self._parent.get_state()
@@ -251,7 +280,8 @@ def create_dataset(
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
   requires the same config, seed, batch size, shards and num_workers.
   Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
-  Call `it.close()` when done: it ends the iterator's worker processes.
+  Call `it.close()` when done: it ends the iterator's worker processes. They ignore SIGINT and
+  SIGTERM (the caller handles them, see _init_worker) and end if the calling process does.
   """
   config_lib.validate(data_config)
   if split not in ("train", "val"):
@@ -269,8 +299,9 @@ def create_dataset(
     total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
     order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
     steps = per_host_epoch // local_batch
+    workers = _num_workers(data_config)
   else:
-    steps = num_eval_batches(data_config, global_batch_size)
+    steps, workers = _val_layout(data_config, n, global_batch_size)
     total = steps * local_batch
     order = _ValOrder(n, shard_index, shard_count)
   ds = grain.MapDataset.range(total).map(order).map(_MakeExample(source, data_config, seed, train))
@@ -278,14 +309,20 @@ def create_dataset(
       grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch)
   )
   if train:
-    ds = _SkipBad(ds)
+    ds = _SkipBad(ds, n, _data_location(data_config))
   ds = ds.batch(local_batch, drop_remainder=train)
-  return _Report(_prefetch(ds, data_config), steps, split)
+  return _Report(_prefetch(ds, data_config, workers), steps, split)
 
 
-def _prefetch(ds, data_config):
-  """`ds` run in num_workers worker processes (grain mp_prefetch); as is for 0 workers."""
-  workers = _num_workers(data_config)
+def _data_location(data_config) -> str:
+  """Where a (classification or segmentation) data config's records live, for messages."""
+  if data_config.source == "tfds":
+    return f"TFDS {data_config.tfds_name} (data_dir {data_config.tfds_data_dir or 'default'})"
+  return data_config.root or f"the {data_config.source} data"
+
+
+def _prefetch(ds, data_config, workers: int):
+  """`ds` run in `workers` worker processes (grain mp_prefetch); as is for 0 workers."""
   if workers == 0:
     return ds
   if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
@@ -293,5 +330,23 @@ def _prefetch(ds, data_config):
   return ds.mp_prefetch(
       grain.MultiprocessingOptions(
           num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
-      )
+      ),
+      worker_init_fn=_init_worker,
   )
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in each worker process. SIGINT/SIGTERM (Ctrl-C, a scheduler) reach the whole
+  process group but are the main process's to handle (fec_jax.preemption finishes the step and
+  saves a checkpoint, then the loader's close() ends the workers), so workers ignore them; and
+  since no signal ends them now, they end with the main process if it exits without close()
+  (a second signal's os._exit, a crash), which grain's workers do not do by themselves."""
+  del worker_index, worker_count
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_main_process, daemon=True).start()
+
+
+def _exit_with_main_process() -> None:
+  multiprocessing.parent_process().join()  # returns when the main process has ended
+  os._exit(1)
