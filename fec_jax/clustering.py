@@ -32,11 +32,11 @@ AUTO_AGGREGATION = {"cpu": "segment_sum", "default": "onehot"}
 class Kernels(NamedTuple):
   """One aggregation implementation (M centers fixed):
   sums(values [G, N, D], assignment [G, N]) -> (sums [G, M, D], counts [G, M]) of Eq. 6;
-  spread(reps [G, M, D], similarity [G, M, N], assignment [G, N]) -> [G, N, D], Eq. 7's
+  dispatch(reps [G, M, D], similarity [G, M, N], assignment [G, N]) -> [G, N, D], Eq. 7's
   R[a_n] * sim[a_n, n]."""
 
   sums: Callable
-  spread: Callable
+  dispatch: Callable
 
 
 def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
@@ -132,12 +132,12 @@ def _segment_sum_kernels(m: int) -> Kernels:
     counts = jax.ops.segment_sum(jnp.ones((g * n,), values.dtype), segments, num_segments=g * m)
     return sums.reshape(g, m, d), counts.reshape(g, m)
 
-  def spread(reps, similarity, assignment):
+  def dispatch(reps, similarity, assignment):
     weight = jnp.take_along_axis(similarity, assignment[:, None, :], axis=1)[:, 0]  # [G, N]
     gathered = jnp.take_along_axis(reps, assignment[..., None], axis=1)  # [G, N, D]
     return gathered * weight[..., None].astype(reps.dtype)
 
-  return Kernels(sums, spread)
+  return Kernels(sums, dispatch)
 
 
 def _onehot_kernels(m: int) -> Kernels:
@@ -157,7 +157,7 @@ def _onehot_kernels(m: int) -> Kernels:
     sums = jnp.einsum("gmn,gnd->gmd", onehot, values, precision=jax.lax.Precision.HIGHEST)
     return sums, onehot.sum(axis=-1)
 
-  def spread(reps, similarity, assignment):
+  def dispatch(reps, similarity, assignment):
     is_member = member(assignment)
     weight = jnp.sum(jnp.where(is_member, similarity, 0), axis=1)  # [G, N], sim[a_n, n]
     # Picking the weight before the matmul keeps its gradient elementwise (no [G, M, N] matmul).
@@ -166,7 +166,7 @@ def _onehot_kernels(m: int) -> Kernels:
     )  # R[a_n], exact
     return gathered * weight[..., None].astype(reps.dtype)
 
-  return Kernels(sums, spread)
+  return Kernels(sums, dispatch)
 
 
 _KERNELS = {"segment_sum": _segment_sum_kernels, "onehot": _onehot_kernels}
@@ -201,6 +201,8 @@ def representatives(
 
   values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
   with a scatter-add; "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
+  st: straight_through_residual's [G, M, N] (zero forward; it carries the assignment's gradient
+  under assign_grad="straight_through"), or None.
   """
   sums, counts = _run_kernel(aggregation, "sums", value_centers.shape[1], values, assignment)
   if st is not None:  # zero forward; gradient of the assignment (straight-through), [G, M, N]
@@ -218,9 +220,10 @@ def dispatch(
 ) -> jnp.ndarray:
   """Eq. 7 (dispatch factor as in the code): point n receives R[a_n] * sim[a_n, n].
 
-  reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D].
+  reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D]. st: as in
+  representatives.
   """
-  out = _run_kernel(aggregation, "spread", reps.shape[1], reps, similarity, assignment)
+  out = _run_kernel(aggregation, "dispatch", reps.shape[1], reps, similarity, assignment)
   if st is not None:
     out = out + jnp.einsum("gmn,gmd->gnd", (st * similarity).astype(reps.dtype), reps)
   return out

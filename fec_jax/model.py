@@ -516,6 +516,11 @@ def param_shapes(model: nn.Module) -> dict[str, Any]:
   return variable_shapes(model)["params"]
 
 
+# Compiler options for programs that run once (init): without XLA's backend optimizations, the
+# CPU compile is about 4x faster and the run no slower that matters.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def init_variables(model: nn.Module, rng, image_shape=(1, 224, 224, 3)) -> dict[str, Any]:
   """`model.init` for images of `image_shape`, compiled without XLA's backend optimizations.
 
@@ -523,11 +528,7 @@ def init_variables(model: nn.Module, rng, image_shape=(1, 224, 224, 3)) -> dict[
   fec_small on 2 cores) for no gain.
   """
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  init = (
-      jax.jit(model.init)
-      .lower(rng, images)
-      .compile(compiler_options={"xla_backend_optimization_level": 0})
-  )
+  init = jax.jit(model.init).lower(rng, images).compile(compiler_options=FAST_COMPILE)
   return init(rng, jnp.zeros(image_shape, jnp.float32))
 
 

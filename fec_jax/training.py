@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax.model import block_axis
+from fec_jax.model import FAST_COMPILE, block_axis
 
 DATA_AXIS = "data"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -215,7 +215,7 @@ def create_state(model, tx, config, input_shape: tuple[int, ...], shardings) -> 
   without XLA's backend optimizations (as fec_jax.init_variables: the fully optimized CPU
   compile of init takes ~4x longer)."""
   init = jax.jit(lambda: init_state(model, tx, config, input_shape), out_shardings=shardings)
-  return init.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
+  return init.lower().compile(compiler_options=FAST_COMPILE)()
 
 
 # ----------------------------------------------------------------------------- step

@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from fec_jax import checkpoint, cli, create_model, summary, visualize
-from fec_jax.model import param_shapes, variable_shapes
+from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,7 +222,7 @@ def test_summary_of_a_segmenter(monkeypatch, capsys):
   compile_lowered = jax.stages.Lowered.compile
 
   def quick(lowered, compiler_options=None):  # the same cost analysis, 2x faster to compile
-    return compile_lowered(lowered, {"xla_backend_optimization_level": 0})
+    return compile_lowered(lowered, FAST_COMPILE)
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", quick)
   code, out, err = outcome(capsys, summary.main, ["fpn_fec_small", "--size", "32"])

@@ -17,6 +17,7 @@ import fec_jax
 import torch_reference
 import torch_reference_fpn
 from fec_jax import checkpoint, convert
+from fec_jax.model import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -476,9 +477,7 @@ def test_fpn_roundtrip_is_bit_exact_and_load_pretrained_restores_batch_stats(tmp
 
   images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
   got, (got_train, updated) = (
-      jax.jit(both)
-      .lower(variables, images)
-      .compile({"xla_backend_optimization_level": 0})(variables, images)
+      jax.jit(both).lower(variables, images).compile(FAST_COMPILE)(variables, images)
   )
   for e, g in ((expected, got), (expected_train, got_train)):
     assert np.abs(np.asarray(g) - e).max() <= 1e-4 * np.abs(e).max()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import fec_jax
 import torch_reference_fpn
 from fec_jax import convert, fpn
+from fec_jax.model import FAST_COMPILE
 from test_parity import TIE_MARGIN, assert_same_assignments, relative_error
 
 FP64_RTOL = 1e-12
@@ -30,7 +31,7 @@ NAME = "fpn_fec_small"
 
 
 def compile_o0(fn, *args):
-  return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def converted(torch_model, **overrides):

@@ -8,6 +8,7 @@ import pytest
 import fec_jax
 from fec_jax import model as fec_model
 from fec_jax import summary
+from fec_jax.model import FAST_COMPILE
 
 
 def shapes(name, height, width, **overrides):
@@ -200,7 +201,7 @@ def test_aggregation_paths_and_straight_through_at_model_level(small_init):
     loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
     fn = jax.jit(lambda p: (model.apply({"params": p}, x), jax.grad(loss)(p)))
     # Compiled without LLVM optimizations: this small program's cost is all compile time.
-    return fn.lower(small_init).compile({"xla_backend_optimization_level": 0})(small_init)
+    return fn.lower(small_init).compile(FAST_COMPILE)(small_init)
 
   seg_logits, seg_grads = logits_and_grads(aggregation="segment_sum")
   hot_logits, hot_grads = logits_and_grads(aggregation="onehot")

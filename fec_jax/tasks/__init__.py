@@ -71,6 +71,14 @@ class Task(abc.ABC):
     """(params, model_state, global batch, step key) -> (loss, new model_state), traced inside
     the jitted train step; per-device augmentation goes here (jax.shard_map over `data`)."""
 
+  def check_num_classes(self, model: nn.Module) -> None:
+    """ValueError unless `model` (e.g. a checkpoint's) has config.data.num_classes classes."""
+    if model.num_classes != self.config.data.num_classes:
+      raise ValueError(
+          f"the model has {model.num_classes} classes but config.data.num_classes "
+          f"is {self.config.data.num_classes}"
+      )
+
   @abc.abstractmethod
   def evaluator(
       self, model: nn.Module, mesh: Mesh, compiler_options: dict | None = None

@@ -180,11 +180,7 @@ class Classification(Task):
           f"the checkpoint holds {model_name(model)}, not a classifier; config.task "
           f"'classification' evaluates {classifiers()}"
       )
-    if model.num_classes != self.config.data.num_classes:
-      raise ValueError(
-          f"the model has {model.num_classes} classes but config.data.num_classes "
-          f"is {self.config.data.num_classes}"
-      )
+    self.check_num_classes(model)
     return TopK(model, self.config, mesh, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):

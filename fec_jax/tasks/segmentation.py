@@ -189,11 +189,7 @@ class Segmentation(Task):
           f"the checkpoint holds {model_name(model)}, not a segmenter; "
           f"config.task 'segmentation' evaluates {sorted(SEGMENTERS)}"
       )
-    if model.num_classes != self.config.data.num_classes:
-      raise ValueError(
-          f"the model has {model.num_classes} classes but config.data.num_classes "
-          f"is {self.config.data.num_classes}"
-      )
+    self.check_num_classes(model)
     return MeanIoU(model, self.config, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
