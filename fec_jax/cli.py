@@ -1,6 +1,7 @@
 """What every fec-jax command shares: one-line errors for a user's mistakes, and quiet logs.
 
   fail(message)             prints `error: <message>` to stderr and exits with status 2
+  ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
@@ -15,6 +16,7 @@ is one line saying what was expected.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import importlib.util
@@ -38,6 +40,18 @@ def fail(message: str) -> NoReturn:
   """Prints `error: <message>` to stderr and exits with status 2."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USAGE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser, with a mistake on the command line (an unknown or missing option, a bad
+  value) reported by fail(), pointing to --help instead of printing the usage block. Long options
+  must be spelt out: an abbreviation of one (--siz for --size) is a mistake too."""
+
+  def __init__(self, **kwargs):
+    super().__init__(allow_abbrev=False, **kwargs)
+
+  def error(self, message: str) -> NoReturn:
+    fail(f"{message} (see {self.prog} --help)")
 
 
 @contextlib.contextmanager

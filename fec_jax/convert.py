@@ -417,7 +417,7 @@ ORBAX_DIRECTORY = (
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog="convert_torch_weights.py",
       description=(
           "Convert official FEC PyTorch checkpoints to Orbax (default) or back (--to-torch)."

@@ -9,7 +9,6 @@ unrolled for it (`unroll_stages`): the cost analysis counts a loop body once.
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,7 @@ def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m fec_jax.summary", description=__doc__.splitlines()[0]
-  )
+  parser = cli.ArgumentParser(prog="python -m fec_jax.summary", description=__doc__.splitlines()[0])
   parser.add_argument(
       "models",
       nargs="*",

@@ -150,8 +150,8 @@ cluster_maps = jax.jit(interpret.cluster_maps, static_argnums=(0, 3))
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  p = cli.ArgumentParser(
+      prog="visualize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--checkpoint", required=True, help="converter output or train.py workdir (Orbax)")
   p.add_argument("--image", required=True, nargs="+", help="image file(s)")

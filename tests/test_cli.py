@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging as absl_logging
 from PIL import Image
 
-from fec_jax import checkpoint, cli, create_model, summary, visualize
+from fec_jax import checkpoint, cli, convert, create_model, summary, visualize
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +45,32 @@ def test_fail_and_user_errors(capsys):
   )
   with pytest.raises(KeyError):  # not a user error: propagates as a traceback
     raises(KeyError("bug"))
+
+
+@pytest.mark.parametrize(
+    "main,argv,expected",
+    [
+        (
+            visualize.main,
+            ["--checkpoint", "c", "--image", "a.jpg", "--out", "o", "--image-size", "abc"],
+            "argument --image-size: invalid int value: 'abc' (see visualize.py --help)",
+        ),
+        (
+            convert.main,
+            ["--input", "a.pth", "--output", "o", "--model", "fec_smal"],
+            "argument --model: invalid choice: 'fec_smal'",
+        ),
+        (
+            summary.main,
+            ["fec_small", "--siz", "224"],
+            "unrecognized arguments: --siz 224 (see python -m fec_jax.summary --help)",
+        ),
+    ],
+)
+def test_argparse_mistakes_are_one_error_line(capsys, main, argv, expected):
+  code, out, err = outcome(capsys, main, argv)
+  assert (code, out) == (2, "") and err.startswith("error: ") and err.count("\n") == 1, err
+  assert expected in err
 
 
 # --- config flags ----------------------------------------------------------------------------

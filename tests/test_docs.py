@@ -1,8 +1,8 @@
 """The README against the code, read statically (nothing is run): every flag a README command or
-a docstring's usage line passes is defined by its script, every --config field it sets exists in the config it names, every
-repository path it mentions exists, every fec_jax name it uses is there and every call in its
-Python examples fits the function's signature. A renamed flag, field or function fails here, not
-in a user's shell."""
+a docstring's usage line passes is defined by its script, every --config field it sets exists in
+the config it names, every repository path it mentions exists, every fec_jax name it (or
+docs/official-code.md) uses is there and every call in its Python examples fits the function's
+signature. A renamed flag, field or function fails here, not in a user's shell."""
 
 import ast
 import functools
