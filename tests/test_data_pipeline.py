@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import fec_jax.data as fd
-from fec_jax.data import device_transforms, mixup, sources, transforms
+from fec_jax.data import device_transforms, mixup, pipeline, sources, transforms
 from imagenet_fixture import WNIDS, make_imagenet_folder
 
 
@@ -152,6 +152,19 @@ def test_val_batches_do_not_grow_with_worker_processes(folder):
       if mask
   )
   assert len(real(got)) == 9 and real(got) == real(want)
+
+
+@pytest.mark.parametrize(
+    "n,batch,workers,expected",
+    [
+        (50000, 1024, 16, (52, 13)),  # 49 batches of images: 4 rounds of 13 workers, not 16
+        (50000, 1024, 0, (49, 0)),
+        (360, 128, 16, (3, 3)),  # fewer batches than workers: one worker per batch
+        (100, 10, 4, (12, 4)),  # 10 batches: 3 rounds need all 4 workers
+    ],
+)
+def test_val_layout_keeps_the_padding_batches_below_a_round(n, batch, workers, expected):
+  assert pipeline._val_layout(_cfg("x", num_workers=workers), n, batch) == expected
 
 
 def test_worker_processes_ignore_sigint_and_sigterm(folder):
