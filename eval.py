@@ -76,8 +76,9 @@ def main(argv):
   training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
   task.check_config()
   directory = FLAGS.workdir or FLAGS.checkpoint
+  step = checkpoint.load_model(directory, FLAGS.step)[1]
   model, variables = fec_jax.load_pretrained(
-      directory, step=FLAGS.step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
+      directory, step=step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )
   variables = jax.device_put(variables, training.replicated(mesh))
   if FLAGS.throughput:
@@ -89,7 +90,8 @@ def main(argv):
         f"{jax.devices()[0].platform} device(s))"
     )
     return
-  print(task.describe(task.evaluator(model, mesh)(variables)))
+  weights = f"step {step}{', EMA weights' if FLAGS.ema else ''}"
+  print(f"{task.describe(task.evaluator(model, mesh)(variables))}  [{weights}]")
 
 
 if __name__ == "__main__":
