@@ -519,20 +519,20 @@ def to_orbax(args) -> None:
   save = lambda directory: save_params(
       directory, variables["params"], name, overrides, batch_stats=variables.get("batch_stats")
   )
-  if os.path.isdir(args.output) and os.listdir(args.output):  # --overwrite, checked by check_paths
-    # the new checkpoint is complete before the old one goes: a failed save loses nothing
-    parent = os.path.dirname(os.path.abspath(args.output))
-    staging = os.path.join(parent, f".converting-{uuid.uuid4().hex}")
-    os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
-    try:
-      save(staging)
-    except BaseException:  # a failed (or interrupted) save leaves the old checkpoint, nothing else
-      shutil.rmtree(staging, ignore_errors=True)
-      raise
-    shutil.rmtree(args.output)
-    os.rename(staging, args.output)
-  else:
-    save(args.output)
+  # Written next to the output and renamed into place when complete: a failed (or interrupted)
+  # save leaves the old checkpoint (--overwrite) or nothing, never half a checkpoint.
+  output = os.path.abspath(args.output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  staging = os.path.join(os.path.dirname(output), f".converting-{uuid.uuid4().hex}")
+  os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
+  try:
+    save(staging)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if os.path.isdir(output):  # --overwrite (check_paths allows it), or an empty folder
+    shutil.rmtree(output)
+  os.rename(staging, output)
   count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
   print(f"wrote {name} ({count:,} parameters, {overrides}) to {args.output}")
 

@@ -367,7 +367,7 @@ def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
     tmp_path, small_state, orbax_small, capsys, monkeypatch
 ):
   """The replaced output has the mode a fresh one gets (the umask's, not mkdtemp's 0700); a save
-  that fails leaves the old checkpoint and no staging directory."""
+  that fails leaves the old checkpoint, or no output, and no staging directory."""
   src = tmp_path / "w.pth"
   torch.save(small_state, src)
   replaced = shutil.copytree(orbax_small, tmp_path / "out" / "fec_small")
@@ -391,6 +391,9 @@ def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
   assert os.listdir(replaced.parent) == ["fec_small"]  # no .converting-* left behind
   assert sorted(os.listdir(replaced)) == ["0"]
   assert fec_jax.checkpoint.load_model(replaced)[0].num_classes == 1000
+  with pytest.raises(OSError, match="No space left on device"):
+    convert.main(["--input", str(src), "--output", str(replaced.parent / "new")])
+  assert os.listdir(replaced.parent) == ["fec_small"]  # no half-written "new"
 
 
 def test_variant_inference(small_state):
