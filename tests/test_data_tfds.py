@@ -101,6 +101,20 @@ def test_records_and_counts(tfds_dir):
     fd.create_loader(_cfg(tfds_dir, num_classes=3), "train", 4, seed=0)
 
 
+def test_a_data_dir_without_the_dataset_says_how_to_build_it(tmp_path, monkeypatch, caplog):
+  """One line: where it looked (TFDS's default for an empty data_dir) and the build command; not
+  TFDS's own note on a TFRECORD copy 'already prepared' there, nor its warning on the folder."""
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "default"))
+  for data_dir, shown in ((str(tmp_path / "nowhere"), "nowhere"), ("", "default")):
+    with pytest.raises(fd.DataNotFoundError) as e:
+      sources.make_source(_cfg(data_dir), "train")
+    message = str(e.value)
+    assert f"not found in data_dir '{tmp_path / shown}'" in message
+    assert "tfds build imagenet2012" in message and "TFRECORD" not in message
+    assert "\n" not in message
+  assert not caplog.records
+
+
 def test_train_loader_full_recipe(tfds_dir):
   cfg = _cfg(tfds_dir)
   assert cfg.rand_augment and cfg.reprob > 0 and cfg.interpolation == "random"

@@ -101,6 +101,10 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str = "", num_classes=None):
     import tensorflow_datasets as tfds
 
+    root = data_dir or tfds.core.constants.DATA_DIR  # TFDS's default: $TFDS_DATA_DIR or ~/...
+    if not os.path.isdir(os.path.join(os.path.expanduser(root), name.split(":")[0])):
+      # Not prepared there: TFDS's own errors would speak of file formats or a TFRECORD copy
+      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=root))
     try:
       self._ds = tfds.data_source(
           name,
@@ -110,11 +114,12 @@ class TfdsSource:
           decoders={"image": tfds.decode.SkipDecoding()},
       )
     except Exception as e:  # TFDS raises AssertionError/FileNotFoundError/DatasetNotFoundError
+      cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
       raise DataNotFoundError(
-          TFDS_HELP.format(name=name, data_dir=data_dir) + f" ({type(e).__name__}: {e})"
+          TFDS_HELP.format(name=name, data_dir=root) + f" ({type(e).__name__}: {cause})"
       ) from e
     if len(self._ds) == 0:
-      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=data_dir))
+      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=root))
     classes = getattr(self._ds.dataset_info.features["label"], "num_classes", None)
     if num_classes is not None and classes is not None and classes != num_classes:
       raise ValueError(
