@@ -17,6 +17,7 @@ brings what every task needs:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from typing import Any, Callable
@@ -148,7 +149,12 @@ def _run(
   abstract = training.abstract_state(model, tx, config, task.input_shape(), mesh)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
   evaluator = _timed("opening the val data", lambda: task.evaluator(model, mesh, compiler_options))
-  state = None if resume is not None else _fresh_state(config, task, start, tx, abstract)
+  if resume is None:
+    # The state's initialization (a compile of its own, then the run) goes on in a thread while
+    # _loop compiles the train step for the abstract state: the two compiles overlap.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="init")
+    state = pool.submit(_fresh_state, config, task, start, tx, abstract)
+    pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
   writer = None
   try:
@@ -158,7 +164,7 @@ def _run(
           lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume),
       )
       logging.info("resumed at step %d from %s", resume, workdir)
-    first_step = int(state.step)
+    first_step = resume or 0
     logging.info(
         "%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
         "peak lr %.3g",
@@ -188,7 +194,7 @@ def _run(
         steps_per_epoch,
         num_steps,
     )
-    result = _loop(run, state, train_step, compiler_options)
+    result = _loop(run, first_step, state, abstract, train_step, compiler_options)
     mngr.wait_until_finished()
   finally:
     mngr.close()
@@ -222,9 +228,9 @@ def _fresh_state(config, task: tasks.Task, start: _Start, tx, abstract) -> train
   )
 
 
-def _loop(run: _Run, state, train_step, compiler_options) -> RunResult:
-  """Steps start+1 .. run.num_steps; `step` is the number of optimizer steps done after each."""
-  start = int(state.step)
+def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) -> RunResult:
+  """Steps start+1 .. run.num_steps; `step` is the number of optimizer steps done after each.
+  state: the TrainState at `start`, or a Future of it (a fresh state being initialized)."""
   record: dict[str, Any] = {}
   if start >= run.num_steps:
     logging.info("nothing to train: %s is at step %d of %d", run.workdir, start, run.num_steps)
@@ -232,8 +238,10 @@ def _loop(run: _Run, state, train_step, compiler_options) -> RunResult:
   batch = training.global_batch(next(run.train_iter), run.mesh)
   train_step = _timed(
       "compiling the train step (first call)",
-      lambda: train_step.lower(state, batch).compile(compiler_options),
+      lambda: train_step.lower(abstract, batch).compile(compiler_options),
   )
+  if isinstance(state, concurrent.futures.Future):
+    state = state.result()
   clock, pending = None, []  # pending: per-step metrics not yet fetched from the device
   evaluated = False
   for step in range(start + 1, run.num_steps + 1):
