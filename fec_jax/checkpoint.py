@@ -100,14 +100,19 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
     step = max(steps) if step is None else step
     if step not in steps:
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
-    try:
-      args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
-      meta = mngr.restore(step, args=args)[MODEL_ITEM]
-    except (FileNotFoundError, KeyError, ValueError) as e:
-      raise CheckpointError(
-          f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
-      ) from e
+    meta = _read_model_item(mngr, directory, step)
   return create_model(meta["name"], **{**meta["overrides"], **overrides}), step
+
+
+def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict[str, Any]:
+  """The model item of a saved step, {"name", "overrides"} (model_metadata)."""
+  try:
+    args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
+    return mngr.restore(step, args=args)[MODEL_ITEM]
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise CheckpointError(
+        f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
+    ) from e
 
 
 def load_pretrained(
@@ -179,14 +184,13 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
     step = mngr.latest_step()
     if step is None:
       return None
-    meta = mngr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+    saved = _read_model_item(mngr, directory, step)
   items = saved_items(directory, step)
   if not {OPT_STATE_ITEM, PROGRESS_ITEM, DATA_ITER_ITEM} <= items:
     raise CheckpointError(
         f"{directory} holds weights (step {step}: {sorted(items)}), not a train.py run to resume; "
         f"to start from them, use a new --workdir with --config.init_from={directory}"
     )
-  saved = model_metadata(meta[MODEL_ITEM]["name"], meta[MODEL_ITEM]["overrides"])
   wanted = model_metadata(name, overrides)
   if saved != wanted:
     raise CheckpointError(

@@ -9,7 +9,6 @@ unrolled for it (`unroll_stages`): the cost analysis counts a loop body once.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

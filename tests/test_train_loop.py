@@ -45,8 +45,6 @@ def test_reference_run_writes_metrics_checkpoints_and_plot(reference):
 
 
 def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, caplog):
-  import fec_jax
-
   model, variables = fec_jax.load_pretrained(reference)
   _, ema = fec_jax.load_pretrained(reference, ema=True)
   leaf = lambda v: np.asarray(v["params"]["head"]["kernel"])

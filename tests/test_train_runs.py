@@ -109,7 +109,6 @@ def test_sigterm_then_kill9_then_the_same_command_gives_the_reference_losses(
 def test_the_same_command_again_loads_the_compiled_steps_from_the_workdir(tmp_path, monkeypatch):
   """train.py keeps JAX's persistent compilation cache in the workdir: resuming compiles neither
   the train step nor the eval step again (JAX logs each cache hit and miss at debug level)."""
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   monkeypatch.setenv("JAX_DEBUG_LOG_MODULES", "jax._src.compiler")
   workdir = tmp_path / "w"
   args = TINY + [f"--workdir={workdir}", "--config.eval_every_steps=2"]

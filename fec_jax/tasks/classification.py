@@ -4,7 +4,6 @@ per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax
