@@ -139,16 +139,22 @@ def load_pretrained(
     items["batch_stats"] = BATCH_STATS_ITEM
   with _read_manager(directory) as mngr:
     try:
-      per_block = _has_per_block_layout(directory, step, item)
+      saved = _saved_params(directory, step, item)
+      per_block = _has_per_block_layout(saved)
       targets = {c: _local_target(shapes[c]) for c in items}
       if per_block:
         targets["params"] = per_block_layout(targets["params"])
+      # Before any array is read: a model option that changes shapes (num_classes=...) is
+      # one error naming the params, not Orbax's "Requested shape ... is not compatible".
+      raise_for_mismatch(*compare_params(targets["params"], saved), f"{directory} step {step}")
       restored = mngr.restore(
           step,
           args=ocp.args.Composite(
               **{i: ocp.args.StandardRestore(targets[c]) for c, i in items.items()}
           ),
       )
+    except CheckpointError:
+      raise
     except (FileNotFoundError, KeyError, ValueError) as e:
       raise CheckpointError(
           f"{directory} step {step} is not an FEC checkpoint with items "
@@ -218,10 +224,16 @@ def _describe(meta: dict[str, Any]) -> str:
 _PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 
-def _has_per_block_layout(directory, step: int, item: str) -> bool:
-  """Whether a saved params item has that layout (read from its metadata, no arrays)."""
-  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item)
-  names = flax.traverse_util.flatten_dict(dict(saved.tree))
+def _saved_params(directory, step: int, item: str) -> dict[str, Any]:
+  """A saved params item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
+  return dict(
+      ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
+  )
+
+
+def _has_per_block_layout(saved: dict[str, Any]) -> bool:
+  """Whether a saved params tree (_saved_params) has that layout."""
+  names = flax.traverse_util.flatten_dict(saved)
   return any(_PER_BLOCK_NAME.fullmatch(name) for path in names for name in path)
 
 
@@ -314,7 +326,7 @@ def save_training(
 def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
-  if _has_per_block_layout(mngr.directory, step, PARAMS_ITEM):
+  if _has_per_block_layout(_saved_params(mngr.directory, step, PARAMS_ITEM)):
     raise CheckpointError(
         f"step {step} was written by an earlier fec-jax (one module per block, e.g. network_0_2): "
         "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"

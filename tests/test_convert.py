@@ -110,6 +110,25 @@ def test_checkpoints_with_one_module_per_block_still_load(tmp_path, small_state)
       checkpoint.restore_training(mngr, None, None, 0)
 
 
+@pytest.mark.parametrize("per_block", [False, True])
+def test_load_pretrained_names_the_params_an_override_reshapes(tmp_path, small_state, per_block):
+  """An override that changes shapes (num_classes) is one error naming each mis-shaped param,
+  in either layout; not Orbax's "Requested shape ... is not compatible"."""
+  params, overrides = convert.torch_to_flax(
+      {k: v.numpy() for k, v in small_state.items()}, "fec_small"
+  )
+  if per_block:
+    params = checkpoint.per_block_layout(params)
+  checkpoint.save_params(tmp_path / "ckpt", params, "fec_small", overrides)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    fec_jax.load_pretrained(tmp_path / "ckpt", num_classes=5)
+  assert str(error.value) == (
+      f"the params of {tmp_path / 'ckpt'} step 0 do not fit this model (2 problems):\n"
+      "  mis-shaped head/bias: expected (5,), found (1000,)\n"
+      "  mis-shaped head/kernel: expected (320, 5), found (320, 1000)"
+  )
+
+
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])
 def test_checkpoint_layouts(tmp_path, small_state, wrap):
   path = tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pth")
