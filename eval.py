@@ -7,6 +7,7 @@ or measures inference throughput with the paper's protocol.
   python eval.py --config=configs/fec_small.py --checkpoint=DIR --throughput [--batch=256]
 """
 
+import os
 import sys
 import time
 
@@ -19,7 +20,10 @@ from fec_jax import checkpoint, cli, data, tasks, throughput, training
 from fec_jax.model import model_name
 
 cli.define_config_file(
-    "config", "configs/demo.py", "Config: task, data, eval batch.", lock_config=True
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "demo.py"),
+    "Config: task, data, eval batch.",
+    lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")

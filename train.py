@@ -19,7 +19,12 @@ from absl import flags
 
 from fec_jax import checkpoint, cli, data, loop
 
-cli.define_config_file("config", "configs/demo.py", "Training config file.", lock_config=True)
+cli.define_config_file(
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "demo.py"),
+    "Training config file.",
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and plot go here.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one process per host).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multihost, optional).")

@@ -22,7 +22,10 @@ from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.model import SEGMENTERS, model_name
 
 cli.define_config_file(
-    "config", "configs/demo_seg.py", "Segmentation config: data, model dtype.", lock_config=True
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "demo_seg.py"),
+    "Segmentation config: data, model dtype.",
+    lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")

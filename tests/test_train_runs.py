@@ -48,11 +48,11 @@ def env(cache_dir: str | None, devices: int) -> dict:
 
 
 def start(
-    script: str, args: list[str], cache_dir: str | None, devices: int = 1
+    script: str, args: list[str], cache_dir: str | None, devices: int = 1, cwd: str = REPO
 ) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, script, *args],
-      cwd=REPO,
+      [sys.executable, os.path.join(REPO, script), *args],
+      cwd=cwd,
       env=env(cache_dir, devices),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
@@ -61,9 +61,14 @@ def start(
 
 
 def run(
-    script: str, args: list[str], cache_dir: str | None, devices: int = 1, timeout: float = 900
+    script: str,
+    args: list[str],
+    cache_dir: str | None,
+    devices: int = 1,
+    timeout: float = 900,
+    cwd: str = REPO,
 ):
-  proc = start(script, args, cache_dir, devices)
+  proc = start(script, args, cache_dir, devices, cwd)
   out, err = proc.communicate(timeout=timeout)
   return proc.returncode, out, err
 
@@ -154,16 +159,13 @@ def test_two_processes_match_one_process(reference, compilation_cache, tmp_path)
   np.testing.assert_allclose(losses(workdir), losses(reference)[:3], rtol=1e-5)
 
 
-def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache):
+def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache, tmp_path):
+  """Run from another directory: the default --config is the repository's configs/demo.py."""
   rc, out, err = run(
       "eval.py",
-      [
-          "--config=configs/demo.py",
-          "--config.eval_batch_size=120",
-          "--config.model.dtype=float32",
-          f"--workdir={reference}",
-      ],
+      ["--config.eval_batch_size=120", "--config.model.dtype=float32", f"--workdir={reference}"],
       compilation_cache,
+      cwd=tmp_path,
   )
   assert rc == 0, err[-3000:]
   assert not err.strip() and len(out.splitlines()) == 1  # the result, nothing else
