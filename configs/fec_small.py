@@ -57,4 +57,4 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.eval_every_steps = 0  # > 0: evaluate every this many steps instead of every N epochs
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
-  return c
+  return c.lock()  # a misspelt field (c.max_step = 3) fails, in Python as on the command line

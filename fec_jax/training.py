@@ -303,6 +303,24 @@ def check_config(config) -> None:
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
         f"{config.weight_decay_on!r}"
     )
+  ranges = {  # field: (test, what it must be); a value outside trains, on nonsense
+      "base_lr": (lambda v: v > 0, "> 0"),
+      "warmup_lr": (lambda v: v >= 0, ">= 0"),
+      "min_lr": (lambda v: v >= 0, ">= 0"),
+      "poly_power": (lambda v: v > 0, "> 0"),
+      "weight_decay": (lambda v: v >= 0, ">= 0"),
+      "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      "eps": (lambda v: v > 0, "> 0"),
+      "grad_clip_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+      "model.drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+  }
+  for field, (ok, expected) in ranges.items():
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if not ok(value):
+      raise ValueError(f"config.{field} must be {expected}, got {value}")
   if config.lr_base_batch_size < 0 or config.eval_every_steps < 0:
     raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
   for field in (

@@ -1,8 +1,10 @@
 """Fast checks of the training pieces against the official recipe (docs/official-code.md Sec. 8); no
 model compilation."""
 
+import importlib
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -173,6 +175,18 @@ def test_check_config_rejects_what_cannot_run():
       ("cooldown_epochs", -1, "cooldown_epochs"),
       ("ema_decay", 1.0, "ema_decay"),
       ("init_from_ema", True, "init_from, which is not set"),
+      ("base_lr", -1.0, r"config.base_lr must be > 0, got -1.0"),
+      ("warmup_lr", -1e-6, "warmup_lr must be >= 0"),
+      ("min_lr", -1e-6, "min_lr must be >= 0"),
+      ("poly_power", 0.0, "poly_power must be > 0"),
+      ("weight_decay", -0.5, "weight_decay must be >= 0"),
+      ("b1", 1.5, r"b1 must be in \[0, 1\)"),
+      ("b2", -1.0, r"b2 must be in \[0, 1\)"),
+      ("eps", 0.0, "eps must be > 0"),
+      ("grad_clip_norm", -1.0, "grad_clip_norm must be >= 0"),
+      ("model.drop_path_rate", 1.5, r"config.model.drop_path_rate must be in \[0, 1\)"),
+      ("data.std", (0.0, 0.0, 0.0), "std must be > 0"),
+      ("data.mixup_alpha", -1.0, "mixup_alpha, cutmix_alpha must be >= 0"),
   ):
     bad = demo.get_config()
     section, _, key = field.rpartition(".")
@@ -180,6 +194,17 @@ def test_check_config_rejects_what_cannot_run():
     with pytest.raises(ValueError, match=message):
       training.check_config(bad)
       tasks.get(bad).check_config()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in pathlib.Path(REPO, "configs").glob("*.py")))
+def test_a_misspelt_config_field_fails_in_python_too(name):
+  """The configs are locked, so a typo in a script that calls the library fails at once (on the
+  command line, config_flags locks them)."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  with pytest.raises(AttributeError, match="max_step"):
+    c.max_step = 3
+  with pytest.raises(AttributeError, match="drop_path"):
+    c.model.drop_path = 0.2
 
 
 def test_throughput_restarts_its_clock_after_an_evaluation(monkeypatch):

@@ -129,6 +129,8 @@ def validate(cfg) -> None:
       (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1], "bad scale range"),
       (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], "bad ratio range"),
       (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
+      (min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "mixup_alpha, cutmix_alpha must be >= 0"),
       (
           cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,
           "num_workers >= -1, prefetch_buffer_size >= 1, read_threads >= 1",

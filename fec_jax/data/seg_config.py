@@ -127,6 +127,7 @@ def validate(cfg) -> None:
       (0 <= cfg.hue_delta <= 180, "hue_delta must be in [0, 180]"),
       (cfg.size_divisor >= 1, "size_divisor must be >= 1"),
       (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
+      (min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
       (
           cfg.demo_image_size >= 16 and cfg.demo_num_train > 0 and cfg.demo_num_val > 0,
           "demo_image_size >= 16, demo_num_train > 0, demo_num_val > 0",
