@@ -321,6 +321,6 @@ def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
       "eval at step %d (%.1f s): %s",
       step,
       time.perf_counter() - start,
-      ", ".join(f"{k} {v:.4f}" for k, v in record.items()),
+      ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in record.items()),
   )
   return record

@@ -132,7 +132,9 @@ def plot_metrics(workdir: str) -> str | None:
   axes[0].set_title("loss")
   axes[1].plot(*series("lr"))
   axes[1].set_title("learning rate")
-  metrics = sorted({k for r in records for k in r if "val_" in k and not k.endswith("loss")})
+  metrics = sorted(
+      {k for r in records for k in r if "val_" in k and not k.endswith(("loss", "images"))}
+  )
   for key in metrics:
     axes[2].plot(*series(key), "o-", label=key)
   axes[2].set_title("held-out metrics")

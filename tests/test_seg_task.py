@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
-from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax import checkpoint, data, reporting, tasks, training
 from fec_jax.tasks import segmentation
+from tests.ade20k_fixture import make_ade20k_folder
 from tests.train_fixture import losses, train
 
 pytestmark = pytest.mark.xdist_group("train")
@@ -78,9 +79,22 @@ def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
   assert evaluator.evaluate([variables, init]) == [metrics, metrics_init]
   assert metrics_init != metrics
   assert metrics == pytest.approx(
-      {k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc")}, abs=1e-9
+      {k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc", "val_images")}, abs=1e-9
   )
   assert task.describe(metrics).startswith(f"mIoU {metrics['mIoU']:.2f}%  mAcc ")
+  assert task.describe(metrics).endswith("(6 demo val images)") and last["val_images"] == 6
+
+
+def test_evaluator_refuses_a_val_split_with_no_readable_image(fresh, tmp_path):
+  root = make_ade20k_folder(tmp_path / "ade")
+  for path in (tmp_path / "ade" / "images" / "validation").iterdir():
+    path.write_bytes(b"")
+  config = seg_tiny(**{"data": data.ade20k_config()})
+  config.data.root, config.data.num_classes = root, 5
+  task, variables = tasks.get(config), fresh[1]
+  model = task.create_model()[0]
+  with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):
+    task.evaluator(model, training.create_mesh())(variables)
 
 
 def test_resume_restores_batch_stats(seg_run, tmp_path):

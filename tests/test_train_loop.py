@@ -64,6 +64,26 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
   last = reporting.read_metrics(reference)[-1]
   assert metrics["top1"] == pytest.approx(last["val_top1"], abs=0.01)
   assert metrics_ema["top1"] == pytest.approx(last["ema_val_top1"], abs=0.01)
+  assert metrics["images"] == last["val_images"] == data.num_examples(config.data, "val")
+
+
+def test_evaluator_counts_the_readable_images_and_refuses_none(tmp_path):
+  """An unreadable val image is left out of the metrics and of their count; with none
+  readable, an error, not 0% (or NaN) over nothing."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=1, size=(40, 48))
+  val = sorted(str(p) for p in (tmp_path / "data" / "val").rglob("*.JPEG"))  # 6 images
+  open(val[0], "wb").write(b"not a JPEG")
+  config = finetune_config(root, "")
+  task, mesh = tasks.get(config), jax.sharding.Mesh(jax.devices(), ("data",))
+  model = task.create_model()[0]
+  variables = fec_jax.init_variables(model, jax.random.key(0), task.input_shape())
+  metrics = task.evaluator(model, mesh)(variables)
+  assert metrics["images"] == 5
+  assert task.describe(metrics).endswith("(5 folder val images)")
+  for path in val[1:]:
+    open(path, "wb").write(b"")
+  with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):
+    task.evaluator(model, mesh)(variables)
 
 
 class SignalAt:

@@ -5,7 +5,9 @@ Public API, classification:
   create_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
   create_dataset(...)  -- the same as a re-iterable dataset (one pass per iter())
   num_examples(cfg, split), steps_per_epoch(cfg, global_batch_size, shard_count),
-  num_eval_batches(cfg, global_batch_size)             -- pipeline.py
+  num_eval_batches(cfg, global_batch_size),
+  data_location(cfg)                                   -- where the records are, for messages
+                                                       -- pipeline.py
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -24,6 +26,7 @@ from fec_jax.data.config import default_config, demo_config, validate
 from fec_jax.data.pipeline import (
     create_dataset,
     create_loader,
+    data_location,
     num_eval_batches,
     num_examples,
     steps_per_epoch,
@@ -48,6 +51,7 @@ __all__ = [
     "num_examples",
     "steps_per_epoch",
     "num_eval_batches",
+    "data_location",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",

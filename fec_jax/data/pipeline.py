@@ -313,12 +313,12 @@ def create_dataset(
       grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch)
   )
   if train:
-    ds = _SkipBad(ds, n, _data_location(data_config))
+    ds = _SkipBad(ds, n, data_location(data_config))
   ds = ds.batch(local_batch, drop_remainder=train)
   return _Report(_prefetch(ds, data_config, workers), steps, split)
 
 
-def _data_location(data_config) -> str:
+def data_location(data_config) -> str:
   """Where a (classification or segmentation) data config's records live, for messages."""
   if data_config.source == "tfds":
     return f"TFDS {data_config.tfds_name} (data_dir {data_config.tfds_data_dir or 'default'})"

@@ -160,7 +160,7 @@ def create_seg_loader(
       grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=buffer)
   )
   if train:
-    ds = pipeline._SkipBad(ds, n, pipeline._data_location(data_config))
+    ds = pipeline._SkipBad(ds, n, pipeline.data_location(data_config))
     ds = ds.batch(local_batch, drop_remainder=True)
   workers = pipeline._num_workers(data_config)
   return iter(pipeline._Report(pipeline._prefetch(ds, data_config, workers), steps, split))

@@ -31,7 +31,9 @@ class Evaluator(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, variable_sets: Sequence[dict]) -> list[dict[str, float]]:
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
-    data: each batch is read and decoded once and run through every set."""
+    data: each batch is read and decoded once and run through every set. Each set's metrics
+    hold 'images', the number of images they cover (an unreadable one is left out); with
+    none, fec_jax.data.DataNotFoundError."""
 
 
 class Task(abc.ABC):

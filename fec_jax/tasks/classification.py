@@ -83,6 +83,7 @@ class TopK(Evaluator):
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
     self._mesh, self._compiler_options = mesh, compiler_options
+    self._where = data.data_location(config.data)
     self._dataset = data.create_dataset(
         config.data,
         "val",
@@ -117,16 +118,24 @@ class TopK(Evaluator):
           totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
     finally:
       batches.close()  # its worker processes end here
-    return [_summarize(sums) for sums in jax.device_get(totals)]
+    totals = jax.device_get(totals)
+    if totals[0] is None or not totals[0]["count"]:
+      raise data.DataNotFoundError(
+          f"no readable val image in {self._where}: nothing to "
+          "evaluate (the loader logged why each image failed)"
+      )
+    return [_summarize(sums) for sums in totals]
 
 
 def _summarize(totals: dict) -> dict[str, float]:
-  """The val metrics from the sums of eval_sums over the split."""
-  n = max(float(totals["count"]), 1.0)
+  """The val metrics from the sums of eval_sums over the split (images: how many it counted;
+  an unreadable image is left out)."""
+  n = float(totals["count"])
   return {
       "loss": float(totals["loss"]) / n,
       "top1": 100.0 * float(totals["top1"]) / n,
       "top5": 100.0 * float(totals["top5"]) / n,
+      "images": int(totals["count"]),
   }
 
 
@@ -195,6 +204,5 @@ class Classification(Task):
   def describe(self, metrics: dict[str, float]) -> str:
     return (
         f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-        f"loss {metrics['loss']:.4f}  ({data.num_examples(self.config.data, 'val')} "
-        f"{self.config.data.source} val images)"
+        f"loss {metrics['loss']:.4f}  ({metrics['images']} {self.config.data.source} val images)"
     )

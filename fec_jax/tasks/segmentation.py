@@ -89,6 +89,7 @@ class MeanIoU(Evaluator):
         for _ in local_sets
     ]
     # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
+    images = np.zeros(1, np.int64)  # [1]: the images this host evaluated
     pending = collections.deque()
     examples = data.create_seg_loader(
         self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
@@ -97,6 +98,7 @@ class MeanIoU(Evaluator):
       for example in examples:
         if not example["mask"]:  # padding of the last host's share, or a bad file
           continue
+        images += 1
         image = jax.device_put(example["image"][None], self._device)
         label = jax.device_put(example["label"], self._device)
         for i, variables in enumerate(local_sets):
@@ -108,7 +110,13 @@ class MeanIoU(Evaluator):
       examples.close()  # its worker processes end here
     for i, areas in pending:
       _add(totals[i], jax.device_get(areas))
-    return [miou.summarize(_sum_over_hosts(t)) for t in totals]
+    count = int(_sum_over_hosts({"images": images})["images"][0])
+    if not count:
+      raise data.DataNotFoundError(
+          f"no readable val image in {data.data_location(self._config.data)}: nothing to "
+          "evaluate (the loader logged why each image failed)"
+      )
+    return [{**miou.summarize(_sum_over_hosts(t)), "images": count} for t in totals]
 
 
 def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
@@ -253,6 +261,5 @@ class Segmentation(Task):
   def describe(self, metrics: dict[str, float]) -> str:
     return (
         f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
-        f"aAcc {metrics['aAcc']:.2f}%  ({data.seg_num_examples(self.config.data, 'val')} "
-        f"{self.config.data.source} val images)"
+        f"aAcc {metrics['aAcc']:.2f}%  ({metrics['images']} {self.config.data.source} val images)"
     )
