@@ -67,6 +67,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # print only the result (--verbosity=0 shows the logs)
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
+  cli.check_paths_given(
+      [
+          ("--workdir", FLAGS.workdir, "a train.py workdir"),
+          ("--checkpoint", FLAGS.checkpoint, "a convert_torch_weights.py output (or a workdir)"),
+      ]
+  )
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:

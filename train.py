@@ -53,6 +53,7 @@ def use_compilation_cache(workdir: str) -> None:
 
 def main(argv):
   del argv
+  cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
   if FLAGS.multihost:
     initialize_distributed()
   use_compilation_cache(FLAGS.workdir)

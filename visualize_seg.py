@@ -103,6 +103,13 @@ def draw(
 
 def check_arguments(config):
   """Every user mistake is one error line here, before the weights are restored."""
+  cli.check_paths_given(
+      [
+          ("--workdir", FLAGS.workdir, "a train.py workdir"),
+          ("--checkpoint", FLAGS.checkpoint, "a convert_torch_weights.py output (or a workdir)"),
+          ("--output", FLAGS.output, "the PNG to write"),
+      ]
+  )
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   if config.task != "segmentation":
@@ -119,8 +126,15 @@ def check_arguments(config):
   output = os.path.abspath(FLAGS.output)
   if not output.lower().endswith(".png"):
     cli.fail(f"--output {FLAGS.output} must end with .png")
-  if not os.path.isdir(os.path.dirname(output)):
-    cli.fail(f"--output {FLAGS.output}: directory {os.path.dirname(output)} does not exist")
+  if os.path.isdir(output):
+    cli.fail(f"--output {FLAGS.output} is a directory; expected the path of a PNG file")
+  folder = os.path.dirname(output)
+  blocker = cli.not_a_directory(folder)
+  if blocker is not None:
+    kind = "is a file" if os.path.isfile(blocker) else "is not a directory"
+    cli.fail(f"--output {FLAGS.output}: {blocker} {kind}; expected a directory for the PNG")
+  if not os.path.isdir(folder):
+    cli.fail(f"--output {FLAGS.output}: directory {folder} does not exist")
   if os.path.exists(output) and not FLAGS.overwrite:
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
   data.seg_validate(config.data)

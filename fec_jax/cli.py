@@ -3,6 +3,8 @@
   fail(message)             prints `error: <message>` to stderr and exits with status 2
   ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
+  check_paths_given(...)    fail() for a path option given as an empty string
+  not_a_directory(path)     the file (if any) that keeps `path` from being a directory
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
@@ -61,6 +63,23 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     yield
   except types as e:
     fail(str(e))
+
+
+def check_paths_given(paths: Sequence[tuple[str, str | None, str]]) -> None:
+  """fail() for a path option given as an empty string (`--workdir=$UNSET`), which would mean
+  the current directory or fail after the slow work. paths: (option, value, what it names)."""
+  for flag, value, expected in paths:
+    if value == "":
+      fail(f"{flag} is empty; expected the path of {expected}")
+
+
+def not_a_directory(path: str) -> str | None:
+  """The absolute path of `path`, or of its nearest existing parent, when that one is not a
+  directory (a file: os.makedirs(path) would fail); None when `path` is or can become one."""
+  path = os.path.abspath(path)
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return None if os.path.isdir(path) else path
 
 
 def check_input_size(model, size: tuple[int, int], flag: str) -> None:

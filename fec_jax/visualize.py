@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from fec_jax import cli, interpret
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
-from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.imagenet_classes import imagenet_class_names
 from fec_jax.model import FEC, VARIANTS, model_name
 
@@ -71,10 +71,16 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
 
 
 def median_filter(labels: np.ndarray, size: int) -> np.ndarray:
-  """The paper's "medium filtering" of a group map [H, W] (< 256 groups); size 0 = off."""
+  """The paper's "medium filtering" of a group map [H, W] (int ids); size 0 = off.
+
+  PIL filters the ids as int32 (mode 'I'), not uint8: with more than 256 groups (e.g.
+  --num-clusters 300) uint8 would wrap the ids and merge different groups. The median of a window
+  is one of its ids, so no new group is made up; borders repeat the edge pixels.
+  """
   if size <= 1:
     return labels
-  return np.asarray(Image.fromarray(labels.astype(np.uint8)).filter(ImageFilter.MedianFilter(size)))
+  ids = Image.fromarray(np.ascontiguousarray(labels, np.int32))  # group ids < H * W fit int32
+  return np.asarray(ids.filter(ImageFilter.MedianFilter(size))).astype(labels.dtype)
 
 
 def strip(panels: list[np.ndarray], titles: list[str]) -> Image.Image:
@@ -91,11 +97,14 @@ def strip(panels: list[np.ndarray], titles: list[str]) -> Image.Image:
 
 
 def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8: resized directly, no crop)."""
-  with Image.open(path) as img:
-    img = img.convert("RGB")
-  resized = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-  return np.asarray(img), np.asarray(resized)
+  """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8: resized directly, no crop).
+
+  Decoded as the training data is (transforms.decode): a 16-bit image is scaled to 8 bits, where
+  PIL's convert("RGB") would clip it to white."""
+  with open(path, "rb") as f:
+    original = decode(f.read())[0]
+  resized = Image.fromarray(original).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+  return original, np.asarray(resized)
 
 
 def class_name(index: int, num_classes: int) -> str:
@@ -221,6 +230,11 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
     cli.fail(f"--median-filter must be odd (or 0 = off), got {args.median_filter}")
   if not 0 <= args.alpha <= 1:
     cli.fail(f"--alpha is an opacity between 0 and 1, got {args.alpha}")
+  cli.check_paths_given(
+      [("--checkpoint", args.checkpoint, "a checkpoint directory")]
+      + [("--image", path, "an image file") for path in args.image]
+      + [("--out", args.out, "an output directory")]
+  )
   for path in args.image:
     if not os.path.isfile(path):
       cli.fail(
@@ -236,8 +250,11 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    cli.fail(f"--out {args.out} is a file; expected a directory for the PNGs")
+  blocker = cli.not_a_directory(args.out)
+  if blocker is not None:
+    where = "" if blocker == os.path.abspath(args.out) else f": {blocker}"
+    kind = "is a file" if os.path.isfile(blocker) else "is not a directory"
+    cli.fail(f"--out {args.out}{where} {kind}; expected a directory for the PNGs")
   existing = [
       name
       for name in _output_names(unique_stems(args.image), args.num_clusters)

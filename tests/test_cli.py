@@ -15,6 +15,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from fec_jax import checkpoint, cli, convert, create_model, summary, visualize
+from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -323,6 +324,26 @@ VISUALIZE_MISTAKES = [
         "--out {root}/photo.jpg is a file; expected a directory for the PNGs",
     ),
     (
+        "file as a parent of the output",
+        ["--out", "{root}/photo.jpg/sub"],
+        "--out {root}/photo.jpg/sub: {root}/photo.jpg is a file; expected a directory for the PNGs",
+    ),
+    (
+        "empty output",
+        ["--out", ""],
+        "--out is empty; expected the path of an output directory",
+    ),
+    (
+        "empty image",
+        ["--image", "{root}/photo.jpg", ""],
+        "--image is empty; expected the path of an image file",
+    ),
+    (
+        "empty checkpoint",
+        ["--checkpoint", ""],
+        "--checkpoint is empty; expected the path of a checkpoint directory",
+    ),
+    (
         "missing checkpoint",
         ["--checkpoint", "{root}/nockpt"],
         "checkpoint directory {root}/nockpt does not exist",
@@ -409,6 +430,36 @@ def test_visualize_gives_every_image_its_own_files(paths, stems):
   assert len(set(names)) == len(names) == 3 * len(paths)
 
 
+def test_visualize_loads_16_bit_images_as_training_does(tmp_path):
+  """A 16-bit PNG is scaled to 8 bits as transforms.decode does for training, not clipped to
+  white by PIL's convert("RGB")."""
+  values = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+  Image.fromarray(values).save(tmp_path / "deep.png")
+  with Image.open(tmp_path / "deep.png") as img:
+    assert img.mode in ("I;16", "I")
+  original, resized = visualize.load_image(str(tmp_path / "deep.png"), (16, 8))
+  expected = decode((tmp_path / "deep.png").read_bytes())[0]  # uint8 [24, 32, 3]
+  assert original.dtype == np.uint8 and original.shape == (24, 32, 3)
+  np.testing.assert_array_equal(original, expected)
+  assert len(np.unique(original)) == 256  # every 8-bit level, not nearly all white (255)
+  bicubic = Image.fromarray(expected).resize((8, 16), Image.Resampling.BICUBIC)
+  np.testing.assert_array_equal(resized, np.asarray(bicubic))
+
+
+def test_visualize_median_filter_keeps_more_than_256_groups():
+  """Group ids above 255 are filtered as they are (no uint8 wrap merging groups 0 and 256)."""
+  rng = np.random.default_rng(0)
+  blocks = rng.permutation(300).reshape(15, 20).astype(np.int32)
+  labels = np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)  # [60, 80]: 4x4 blocks, 300 ids
+  labels[rng.random(labels.shape) < 0.1] = 299  # salt the filter removes
+  filtered = visualize.median_filter(labels, 3)
+  assert filtered.dtype == np.int32
+  window = np.lib.stride_tricks.sliding_window_view(np.pad(labels, 1, mode="edge"), (3, 3))
+  np.testing.assert_array_equal(filtered, np.median(window.reshape(60, 80, 9), axis=-1))
+  assert len(np.unique(filtered)) == 300  # every block's inner 2x2 keeps its own id
+  assert visualize.median_filter(labels, 0) is labels
+
+
 # --- visualize_seg.py ------------------------------------------------------------------------
 
 
@@ -434,6 +485,42 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
       "",
       "error: config.model.dtype must be one of ('float32', 'bfloat16', 'float16'), got 'foo'\n",
   )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--workdir=", "--output={tmp}/seg.png"],
+            "--workdir is empty; expected the path of a train.py workdir",
+        ),
+        (
+            ["--checkpoint=", "--output={tmp}/seg.png"],
+            "--checkpoint is empty; expected the path of a convert_torch_weights.py output (or a "
+            "workdir)",
+        ),
+        (
+            ["--workdir={tmp}", "--output="],
+            "--output is empty; expected the path of the PNG to write",
+        ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/photo.jpg/seg.png"],
+            "--output {tmp}/photo.jpg/seg.png: {tmp}/photo.jpg is a file; expected a directory for "
+            "the PNG",
+        ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/folder.png"],
+            "--output {tmp}/folder.png is a directory; expected the path of a PNG file",
+        ),
+    ],
+    ids=["empty workdir", "empty checkpoint", "empty output", "file as folder", "folder as output"],
+)
+def test_visualize_seg_path_mistakes(tmp_path, args, message):
+  """Empty paths, and an --output whose folder is a file or which is a folder: one error line."""
+  (tmp_path / "photo.jpg").write_bytes(b"a file")
+  (tmp_path / "folder.png").mkdir()
+  code, out, err = visualize_seg(*(a.format(tmp=tmp_path) for a in args))
+  assert (code, out, err) == (2, "", f"error: {message.format(tmp=tmp_path)}\n")
 
 
 def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):

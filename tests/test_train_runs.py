@@ -185,6 +185,7 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
             ["--config.data.root=/nonexistent", "--config.data.source=folder"],
             "expected the ImageNet folder layout",
         ),
+        (["--workdir="], "error: --workdir is empty; expected the path of the run's directory"),
     ],
 )
 def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp_path):
@@ -198,11 +199,14 @@ def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
 
 
-@pytest.mark.parametrize("case", ["both", "missing", "batch", "classes", "dtype", "eval_batch"])
+@pytest.mark.parametrize(
+    "case", ["both", "missing", "empty", "batch", "classes", "dtype", "eval_batch"]
+)
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
+      "empty": ["--checkpoint="],
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
@@ -211,6 +215,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
       "missing": "does not exist",
+      "empty": "--checkpoint is empty; expected the path of a convert_torch_weights.py output",
       "batch": "--batch and --iters must be > 0",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
       "dtype": "config.model.dtype must be one of",
