@@ -519,6 +519,23 @@ def test_train_with_no_readable_image_raises(tmp_path):
     next(it)
 
 
+def test_train_labels_outside_the_classes_raise(ade):
+  """The fixture's labels are 0..5, 1..5 after reduce_zero_label -> classes 0..4: with
+  num_classes 4, class 4 would make the loss NaN; the loader says why. Val keeps mmseg's metric,
+  which leaves such labels out (fec_jax.miou)."""
+  cfg = _cfg(ade, num_classes=4)
+  with pytest.raises(
+      ValueError,
+      match=re.escape(
+          "the annotation of images/training/ADE_train_00000001.jpg has class ids [4] after "
+          "reduce_zero_label outside [0, config.data.num_classes 4) and not ignore_index 255"
+      ),
+  ):
+    next(fd.create_seg_loader(cfg, "train", 2, seed=0))
+  assert len(list(fd.create_seg_loader(cfg, "val", 1, seed=0))) == 5
+  next(fd.create_seg_loader(_cfg(ade), "train", 2, seed=0))  # 5 classes: fine
+
+
 def test_demo_source_deterministic_and_loader():
   cfg = fd.seg_demo_config()
   a, b = seg_sources.demo_example(0, "train", 7, 64), seg_sources.demo_example(0, "train", 7, 64)

@@ -16,7 +16,9 @@ ignore_index only, so it adds nothing to the metric's sums even if it is not ski
 Bad input (unreadable or corrupt image or annotation, an annotation that is not 8-bit
 single-channel or not the image's size): train skips the example, val keeps its slot with
 mask False; odd image modes (grayscale, CMYK, ...) are converted to RGB. Both are counted
-and logged once per epoch; `it.stats()` returns the counts.
+and logged once per epoch; `it.stats()` returns the counts. A train annotation with a class id
+outside [0, num_classes) (other than ignore_index) is a config that does not fit the data: an
+error, not a skipped example.
 """
 
 import logging
@@ -63,6 +65,20 @@ def _decode(record, cfg):
   return image, label, converted
 
 
+def _check_label_range(label, cfg, key) -> None:
+  """ValueError for a class id >= num_classes that is not ignore_index in a train annotation:
+  the loss would be NaN (PyTorch's cross_entropy, which the official code trains with, raises
+  "Target 4 is out of bounds"). Val labels are not checked: mmseg's metric leaves them out."""
+  outside = np.unique(label[(label >= cfg.num_classes) & (label != cfg.ignore_index)])
+  if outside.size:
+    zero = "after reduce_zero_label " if cfg.reduce_zero_label else ""
+    raise ValueError(
+        f"the annotation of {key} has class ids {outside.tolist()} {zero}outside [0, "
+        f"config.data.num_classes {cfg.num_classes}) and not ignore_index {cfg.ignore_index}: "
+        "config.data.num_classes (or reduce_zero_label) does not fit the data"
+    )
+
+
 class _MakeExample:
   """(record index or -1, epoch, position) -> an example; never raises on bad files.
 
@@ -97,6 +113,7 @@ class _MakeExample:
       log.warning("bad example %s skipped: %s", record["key"], e)
       return {**self._empty(), **out, "num_bad": np.int32(1)}
     if self._train:
+      _check_label_range(label, self._cfg, record["key"])
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
       out["image"], out["label"], out["valid"] = seg_transforms.train_transform(
           rng, image, label, self._cfg
