@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Callable, Iterator, NoReturn, Sequence
 
@@ -173,17 +174,23 @@ def _config_problem(
 ) -> str | None:
   """Why config file `source` of flag --name cannot be loaded, or the first --name.a.b=VALUE of
   argv that names no field of it; None if neither."""
-  config = parser.parse(source)
-  try:  # ml_collections defers a config file's load error to the first use of the config
-    getattr(config, "keys", None)
-  except OSError as e:
-    path = source.split(":", 1)[0]
-    reason = (
-        "no such file"
-        if not os.path.exists(path)
-        else str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    )
+  path = source.split(":", 1)[0]
+  try:
+    config = parser.parse(source)
+    getattr(config, "keys", None)  # ml_collections defers some load errors to the first use
+  except Exception as e:  # a config file is the user's code: loading it can raise anything
+    if not os.path.exists(path):
+      reason = "no such file"
+    elif isinstance(e, OSError):
+      reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...
+      reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
     return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
+  if not hasattr(config, "keys"):
+    return (
+        f"--{name}={source}: its get_config() returned an object of type "
+        f"{type(config).__name__}; expected an ml_collections.ConfigDict"
+    )
   for arg in argv:
     for prefix in (f"--{name}.", f"-{name}."):
       if arg.startswith(prefix):
@@ -191,9 +198,6 @@ def _config_problem(
         if problem:
           return problem
   return None
-
-
-_CONFIG_ERRORS = (AttributeError, KeyError, TypeError, OSError)  # ml_collections' on a bad config
 
 
 def define_config_file(
@@ -208,7 +212,7 @@ def define_config_file(
   mistake there is one `error:` line too (parse_flags reports the others)."""
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
-  except _CONFIG_ERRORS:
+  except Exception:  # a config file is the user's code (see _config_problem)
     problem = _config_problem(
         name, ConfigFileFlagParser(name), default, kwargs.get("sys_argv") or sys.argv
     )
@@ -222,18 +226,31 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   try:
     rest = flag_values(argv)
     for flag in _config_file_flags(flag_values).values():
-      getattr(flag.value, "keys", None)  # raises here if the config file did not load
+      if not hasattr(flag.value, "keys"):  # raises here if the config file did not load
+        _fail_for_config_problem(argv, flag_values)  # get_config() returned no ConfigDict
   except flags.Error as e:  # unknown flag (absl's "Did you mean" included), bad value
+    if isinstance(e, flags.DuplicateFlagError):  # a config file given twice, or one that is not
+      _fail_for_config_problem(argv, flag_values, once=True)  # a config (it defines flags)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")  # a traceback inside
-  except _CONFIG_ERRORS:
-    for name, flag in _config_file_flags(flag_values).items():
-      source = _flag_argument(argv, name) or flag.default_unparsed
-      problem = _config_problem(name, flag.parser, source, argv)
-      if problem:
-        fail(problem)
+  except Exception:  # a config file is the user's code (see _config_problem)
+    _fail_for_config_problem(argv, flag_values)
     raise
   return rest
+
+
+def _fail_for_config_problem(argv: list[str], flag_values: flags.FlagValues, once=False) -> None:
+  """fail() with the first config file flag's problem (_config_problem) if it has one; with
+  `once`, a config file flag given more than once is one (absl lets the last one win, but the
+  second defines each --name.field override again)."""
+  for name, flag in _config_file_flags(flag_values).items():
+    given = [a for a in argv if re.match(rf"--?{name}(=|$)", a)]
+    if once and len(given) > 1:
+      fail(f"--{name} is given {len(given)} times; give one config file")
+    source = _flag_argument(argv, name) or flag.default_unparsed
+    problem = _config_problem(name, flag.parser, source, argv)
+    if problem:
+      fail(problem)
 
 
 def run(main: Callable[[list[str]], object], errors: tuple[type[BaseException], ...] = ()):

@@ -138,6 +138,49 @@ def test_config_mistakes_are_one_line(parse, capsys, args, message):
   assert (code, out, err) == (2, "", f"error: {message}\n")
 
 
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("x = 1\n", "AttributeError: module 'config_config' has no attribute 'get_config'"),
+        ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
+        ("def get_config():\n  return undefined\n", "NameError: name 'undefined' is not defined"),
+    ],
+)
+def test_a_file_that_is_not_a_config_is_one_line(
+    parse, capsys, tmp_path, monkeypatch, source, reason
+):
+  """Loading a config file runs the user's code: whatever it raises is one line naming it."""
+  (tmp_path / "bad.py").write_text(source)
+  for args in ([], ["--config.seed=1"]):
+    # ml_collections loads every config file as module 'config_config', into the namespace of
+    # the one loaded before in this process (a command loads one)
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
+    code, out, err, _ = parse(capsys, f"--config={tmp_path / 'bad.py'}", *args)
+    assert (code, out, err) == (
+        2,
+        "",
+        f"error: --config={tmp_path / 'bad.py'}: cannot load it ({reason}); expected a Python "
+        "file with get_config()\n",
+    )
+
+
+def test_a_config_that_is_no_configdict_or_given_twice_is_one_line(parse, capsys, tmp_path):
+  (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")
+  assert parse(capsys, f"--config={tmp_path / 'five.py'}")[:3] == (
+      2,
+      "",
+      f"error: --config={tmp_path / 'five.py'}: its get_config() returned an object of type "
+      "int; expected an ml_collections.ConfigDict\n",
+  )
+  # absl lets the last one win, but ml_collections defines every override flag a second time
+  twice = ["--config=configs/demo.py", "--config", "configs/demo.py", "--config.seed=3"]
+  assert parse(capsys, *twice)[:3] == (
+      2,
+      "",
+      "error: --config is given 2 times; give one config file\n",
+  )
+
+
 def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
   code, _, err, _ = parse(capsys, "--config=configs/demo.py", "--config.data.zzzzzz=1")
   assert (
