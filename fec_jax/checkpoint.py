@@ -376,7 +376,10 @@ def reinit_classifier(
   if not reinit or any(mismatched[k][0][:-1] != mismatched[k][1][:-1] for k in reinit):
     return set(), mismatched, []
   expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
-  note = f"{name} re-initialized for {expected[-1]} classes ({source} has {found[-1]})"
+  note = (
+      f"{name} re-initialized for {expected[-1]} classes ({source} has {found[-1]}); the other "
+      "weights come from it"
+  )
   return reinit, {k: v for k, v in mismatched.items() if k not in reinit}, [note]
 
 

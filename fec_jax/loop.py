@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
 
@@ -113,11 +114,19 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
   elif config.init_from:
     source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
-    _, pretrained = _timed(
+    found, pretrained = _timed(
         f"loading init_from {source}",
         lambda: checkpoint.load_pretrained(config.init_from, ema=config.init_from_ema),
     )
-    task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
+    try:
+      task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
+    except checkpoint.CheckpointError as e:
+      if name_of(found) == model_name:
+        raise
+      raise checkpoint.CheckpointError(
+          f"config.init_from {config.init_from} holds {name_of(found)}, which does not "
+          f"fit the config's {model_name}: {e}"
+      ) from e
   return _Start(model, model_name, overrides, resume, pretrained, source)
 
 
@@ -216,9 +225,8 @@ def _fresh_state(config, task: tasks.Task, start: _Start, tx, abstract) -> train
   if pretrained is None:
     return state
   variables, notes = task.adopt_pretrained(jax.device_get(state.variables()), pretrained, source)
-  for note in notes:
+  for note in notes or [f"every weight comes from {source}"]:
     logging.info("init_from: %s", note)
-  logging.info("init_from: the other weights come from %s", source)
   variables = jax.device_put(variables, shardings.variables())
   params = variables.pop("params")
   return state.replace(
@@ -267,7 +275,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       raise TrainingDiverged(
           f"non-finite training loss ({losses[bad[0]]}, gradient norm "
           f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
-          f"stopped, the last good checkpoint is step {run.mngr.latest_step()} in {run.workdir}"
+          f"stopped, {_last_good(run.mngr.latest_step(), run.workdir)}"
       )
     record = {
         "step": step,
@@ -304,6 +312,12 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       )
       return RunResult(step, True, record)
   return RunResult(run.num_steps, False, record)
+
+
+def _last_good(step: int | None, workdir: str) -> str:
+  if step is None:
+    return f"no checkpoint was saved yet in {workdir}"
+  return f"the last good checkpoint is step {step} in {workdir}"
 
 
 def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:

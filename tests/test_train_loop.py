@@ -17,6 +17,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import psutil
 import pytest
@@ -24,6 +25,7 @@ import pytest
 import fec_jax
 from configs import fec_base, finetune
 from fec_jax import checkpoint, data, loop, reporting, tasks
+from fec_jax.data import device_transforms
 from tests.imagenet_fixture import make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
 
@@ -119,12 +121,19 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, t
   )
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
+  # Infinite images from here on: the next loss is NaN.
+  monkeypatch.setattr(
+      device_transforms, "normalize", lambda images, mean, std: jnp.full(images.shape, jnp.inf)
+  )
+  with pytest.raises(
+      loop.TrainingDiverged, match=f"at step 1; stopped, no checkpoint was saved yet in {tmp_path}"
+  ):
+    train(tiny(), tmp_path)
   workdir = tmp_path / "diverged"
   shutil.copytree(reference, workdir)
-  # Resume at step 6 with std 0: the images become infinite and so does the next loss.
   with pytest.raises(loop.TrainingDiverged, match="at step 7.*last good checkpoint is step 6"):
-    train(tiny(max_steps=8, **{"data.std": (0.0, 0.0, 0.0)}), workdir)
+    train(tiny(max_steps=8), workdir)  # resumed at step 6
   assert saved_steps(workdir) == [4, 6]
 
 
@@ -168,7 +177,11 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
   with pytest.raises(checkpoint.CheckpointError) as e:
     train(config, tmp_path / "w")
   message = str(e.value)
-  assert "do not fit this model" in message and "mis-shaped" in message
+  assert message.startswith(
+      f"config.init_from {reference} holds fec_small, which does not fit the config's fec_base: "
+      f"the params of {reference} do not fit this model"
+  )
+  assert "mis-shaped" in message
   assert "network_0/mlp/fc1/kernel: expected (2, 64, 512), found (3, 32, 256)" in message
   assert "... and" in message  # long lists are cut
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
