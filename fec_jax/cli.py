@@ -30,7 +30,6 @@ from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
@@ -116,10 +115,16 @@ def _not_harmless(record: logging.LogRecord) -> bool:
   return not _harmless(record)
 
 
+_NOISY_LOGGERS = ("absl", "jax._src.xla_bridge")  # orbax logs through absl's logger
+
+
 def quiet() -> None:
-  """Drops the log records of `_harmless` from absl's handler (the one absl.app.run installs, where
-  INFO lines are printed). Idempotent."""
-  absl_logging.get_absl_handler().addFilter(_not_harmless)
+  """Drops the log records of `_harmless` at the loggers that emit them, so under absl.app.run
+  and in a script or notebook that calls the library alike. Idempotent."""
+  for name in _NOISY_LOGGERS:
+    logger = logging.getLogger(name)
+    if _not_harmless not in logger.filters:
+      logger.addFilter(_not_harmless)
 
 
 # --- absl flags and ml_collections config overrides ------------------------------------------

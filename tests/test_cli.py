@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from absl import logging as absl_logging
 from PIL import Image
 
 from fec_jax import checkpoint, cli, convert, create_model, summary, visualize
@@ -231,7 +230,8 @@ def record(name, level, message, pathname=__file__):
 
 def test_quiet_drops_only_the_harmless_lines():
   cli.quiet()
-  handler = absl_logging.get_absl_handler()
+  cli.quiet()  # idempotent
+  assert logging.getLogger("absl").filters.count(cli._not_harmless) == 1
   orbax_file = os.path.join(cli._ORBAX_DIR, "checkpoint_manager.py")
   tpu = "Unable to initialize backend 'tpu': NOT_FOUND: TPU initialization failed"
   dropped = [
@@ -244,12 +244,14 @@ def test_quiet_drops_only_the_harmless_lines():
       record("jax._src.xla_bridge", logging.WARNING, tpu),
       record("absl", logging.INFO, "step 10: loss 2.3"),
   ]  # our own progress lines
-  assert [bool(handler.filter(r)) for r in dropped + kept] == [False] * 2 + [True] * 4
+  passes = [bool(logging.getLogger(r.name).filter(r)) for r in dropped + kept]
+  assert passes == [False] * 2 + [True] * 4
 
 
-def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog):
+def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
   """load_pretrained: no "Given directory is read only" warning; its INFO lines are orbax's,
-  which quiet() drops."""
+  which quiet() drops, in a script too (outside absl.app.run)."""
+  monkeypatch.setattr(logging.getLogger("absl"), "filters", [])  # without quiet()
   params = jax.tree.map(
       lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small", num_classes=3))
   )
@@ -260,6 +262,11 @@ def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog):
   assert caplog.records and not [r for r in caplog.records if r.levelno >= logging.WARNING]
   assert all(cli._harmless(r) for r in caplog.records), [r.getMessage() for r in caplog.records]
   assert sorted(os.listdir(tmp_path / "c")) == ["0"]  # loading writes nothing
+  cli.quiet()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    checkpoint.load_pretrained(tmp_path / "c")
+  assert not caplog.records
 
 
 # --- python -m fec_jax.summary ---------------------------------------------------------------
