@@ -12,6 +12,7 @@ its own share of the data.
 """
 
 import os
+import shutil
 import sys
 
 import jax
@@ -56,11 +57,24 @@ def main(argv):
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
   if FLAGS.multihost:
     initialize_distributed()
+  new_workdir = not os.path.exists(FLAGS.workdir)
   use_compilation_cache(FLAGS.workdir)
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.TrainingDiverged as e:
     sys.exit(f"error: {e}")
+  except BaseException:  # a mistake found before the first step (reported by cli.run)
+    if new_workdir:
+      remove_cache_only_workdir(FLAGS.workdir)
+    raise
+
+
+def remove_cache_only_workdir(workdir: str) -> None:
+  """Removes a workdir that this run created and that holds nothing but the compilation cache
+  (JAX makes it at the first compile, which can come before a check fails), so that a failed
+  start leaves nothing behind."""
+  if os.path.isdir(workdir) and os.listdir(workdir) == ["compilation_cache"]:
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

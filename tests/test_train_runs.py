@@ -196,7 +196,16 @@ def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp
   lines = [line for line in err.splitlines() if line.strip()]
   assert lines[-1].startswith("error: ") and expected in lines[-1], err[-3000:]
   assert "Traceback" not in err
-  assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
+  assert not os.path.exists(tmp_path / "w")  # nothing was trained, nothing is left
+
+
+def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_path):
+  """The init_from check comes after JAX's first compile, which makes the workdir's
+  compilation_cache/ (cache_dir None: train.py's own cache); the failed run removes it."""
+  args = [f"--config.init_from={reference}", "--config.model.name=fec_base"]
+  rc, _, err = run("train.py", [f"--workdir={tmp_path / 'w'}", *TINY, *args], None, timeout=300)
+  assert rc == 2 and "holds fec_small, which does not fit the config's fec_base" in err, err
+  assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.parametrize(
