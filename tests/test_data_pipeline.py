@@ -381,9 +381,15 @@ def test_missing_data_errors(tmp_path):
 
 def test_unknown_config_fields_fail(folder):
   cfg = _cfg(folder)
-  cfg.mixup_alhpa = 0.5
+  with pytest.raises(AttributeError, match="mixup_alhpa"):
+    cfg.mixup_alhpa = 0.5  # the config is locked
+  with cfg.unlocked():
+    cfg.mixup_alhpa = 0.5  # a config built by hand is checked too
   with pytest.raises(ValueError, match="mixup_alhpa"):
     fd.create_loader(cfg, "train", 4, seed=0)
+  cfg = _cfg(folder, std=())
+  with pytest.raises(ValueError, match="mean and std need 3 values"):
+    fd.validate(cfg)
   cfg = _cfg(folder, rand_augment="rand-m9-bogus1")
   with pytest.raises(ValueError, match="bogus"):
     fd.validate(cfg)

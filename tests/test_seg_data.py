@@ -396,7 +396,10 @@ def test_missing_annotation_and_layout_errors(tmp_path):
 def test_config_validation():
   cfg = fd.ade20k_config()
   fd.seg_validate(cfg)
-  cfg.crop_szie = (512, 512)
+  with pytest.raises(AttributeError, match="crop_szie"):
+    cfg.crop_szie = (512, 512)  # the config is locked
+  with cfg.unlocked():
+    cfg.crop_szie = (512, 512)  # a config built by hand is checked too
   with pytest.raises(ValueError, match="crop_szie"):
     fd.seg_validate(cfg)
   cfg = fd.ade20k_config()
@@ -406,6 +409,10 @@ def test_config_validation():
   cfg = fd.seg_demo_config()
   cfg.num_classes = 150
   with pytest.raises(ValueError, match="demo has 5 classes"):
+    fd.seg_validate(cfg)
+  cfg = fd.seg_demo_config()
+  cfg.std = ()
+  with pytest.raises(ValueError, match="mean and std need 3 values"):
     fd.seg_validate(cfg)
 
 

@@ -205,6 +205,8 @@ def test_a_misspelt_config_field_fails_in_python_too(name):
     c.max_step = 3
   with pytest.raises(AttributeError, match="drop_path"):
     c.model.drop_path = 0.2
+  with pytest.raises(AttributeError, match="num_clases"):
+    c.data.num_clases = 1  # the derived configs replace config.data after fec_small locks it
 
 
 def test_throughput_restarts_its_clock_after_an_evaluation(monkeypatch):

@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_workers = -1
   c.prefetch_buffer_size = 2
   c.read_threads = 2
-  return c
+  return c.lock()  # locked like the configs/ files that replace theirs with it: typos fail
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -129,7 +129,7 @@ def validate(cfg) -> None:
       (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1], "bad scale range"),
       (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], "bad ratio range"),
       (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
-      (min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
       (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "mixup_alpha, cutmix_alpha must be >= 0"),
       (
           cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,

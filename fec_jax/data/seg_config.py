@@ -77,7 +77,7 @@ def ade20k_config() -> ml_collections.ConfigDict:
   c.num_workers = -1
   c.prefetch_buffer_size = 2
   c.read_threads = 2
-  return c
+  return c.lock()  # locked like the configs/ files that replace theirs with it: typos fail
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -127,7 +127,7 @@ def validate(cfg) -> None:
       (0 <= cfg.hue_delta <= 180, "hue_delta must be in [0, 180]"),
       (cfg.size_divisor >= 1, "size_divisor must be >= 1"),
       (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
-      (min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
       (
           cfg.demo_image_size >= 16 and cfg.demo_num_train > 0 and cfg.demo_num_val > 0,
           "demo_image_size >= 16, demo_num_train > 0, demo_num_val > 0",
