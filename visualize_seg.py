@@ -129,10 +129,9 @@ def check_arguments(config):
   if os.path.isdir(output):
     cli.fail(f"--output {FLAGS.output} is a directory; expected the path of a PNG file")
   folder = os.path.dirname(output)
-  blocker = cli.not_a_directory(folder)
-  if blocker is not None:
-    kind = "is a file" if os.path.isfile(blocker) else "is not a directory"
-    cli.fail(f"--output {FLAGS.output}: {blocker} {kind}; expected a directory for the PNG")
+  problem = cli.not_a_directory(folder)
+  if problem is not None:
+    cli.fail(f"--output {FLAGS.output}: {problem}; expected a directory for the PNG")
   if not os.path.isdir(folder):
     cli.fail(f"--output {FLAGS.output}: directory {folder} does not exist")
   if os.path.exists(output) and not FLAGS.overwrite:

@@ -4,7 +4,7 @@
   ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   check_paths_given(...)    fail() for a path option given as an empty string
-  not_a_directory(path)     the file (if any) that keeps `path` from being a directory
+  not_a_directory(path)     what (if anything) keeps `path` from being a directory
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
@@ -74,12 +74,15 @@ def check_paths_given(paths: Sequence[tuple[str, str | None, str]]) -> None:
 
 
 def not_a_directory(path: str) -> str | None:
-  """The absolute path of `path`, or of its nearest existing parent, when that one is not a
-  directory (a file: os.makedirs(path) would fail); None when `path` is or can become one."""
+  """What keeps `path` from being a directory (os.makedirs(path) would fail): '<path> is a file'
+  or, where the blocker is a parent, '<parent> is a file' (absolute paths; 'is not a directory'
+  for a non-file such as a broken link); None when `path` is or can become one."""
   path = os.path.abspath(path)
   while not os.path.lexists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
-  return None if os.path.isdir(path) else path
+  if os.path.isdir(path):
+    return None
+  return f"{path} {'is a file' if os.path.isfile(path) else 'is not a directory'}"
 
 
 def check_input_size(model, size: tuple[int, int], flag: str) -> None:
@@ -217,6 +220,8 @@ def define_config_file(
   mistake there is one `error:` line too (parse_flags reports the others)."""
   try:
     return config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
+  except flags.DuplicateFlagError:  # a script given as the config file: its loader reports it
+    raise
   except Exception:  # a config file is the user's code (see _config_problem)
     problem = _config_problem(
         name, ConfigFileFlagParser(name), default, kwargs.get("sys_argv") or sys.argv

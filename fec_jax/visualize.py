@@ -250,11 +250,9 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
-  blocker = cli.not_a_directory(args.out)
-  if blocker is not None:
-    where = "" if blocker == os.path.abspath(args.out) else f": {blocker}"
-    kind = "is a file" if os.path.isfile(blocker) else "is not a directory"
-    cli.fail(f"--out {args.out}{where} {kind}; expected a directory for the PNGs")
+  problem = cli.not_a_directory(args.out)
+  if problem is not None:
+    cli.fail(f"--out {args.out}: {problem}; expected a directory for the PNGs")
   existing = [
       name
       for name in _output_names(unique_stems(args.image), args.num_clusters)

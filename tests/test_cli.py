@@ -163,6 +163,24 @@ def test_a_file_that_is_not_a_config_is_one_line(
     )
 
 
+def test_a_script_given_as_the_config_is_one_line(parse, capsys, tmp_path, monkeypatch):
+  """A script (train.py as --config) defines its own --config on loading: the error names the
+  file, not an override checked against the script's default config."""
+  (tmp_path / "script.py").write_text(
+      "from absl import flags\n"
+      "from fec_jax import cli\n"
+      "values = flags.FlagValues()\n"
+      "flags.DEFINE_string('config', None, '', flag_values=values)\n"
+      "cli.define_config_file('config', 'configs/demo.py', '', flag_values=values)\n"
+  )
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  code, out, err, _ = parse(capsys, f"--config={tmp_path / 'script.py'}", "--config.sed=1")
+  assert (code, out) == (2, "") and err.count("\n") == 1, err
+  assert err.startswith(
+      f"error: --config={tmp_path / 'script.py'}: cannot load it (DuplicateFlagError: "
+  ), err
+
+
 def test_a_config_that_is_no_configdict_or_given_twice_is_one_line(parse, capsys, tmp_path):
   (tmp_path / "five.py").write_text("def get_config():\n  return 5\n")
   assert parse(capsys, f"--config={tmp_path / 'five.py'}")[:3] == (
@@ -371,7 +389,7 @@ VISUALIZE_MISTAKES = [
     (
         "file as output",
         ["--out", "{root}/photo.jpg"],
-        "--out {root}/photo.jpg is a file; expected a directory for the PNGs",
+        "--out {root}/photo.jpg: {root}/photo.jpg is a file; expected a directory for the PNGs",
     ),
     (
         "file as a parent of the output",
