@@ -63,7 +63,7 @@ def main(argv):
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.TrainingDiverged as e:
     sys.exit(f"error: {e}")
-  except BaseException:  # a mistake found before the first step (reported by cli.run)
+  except BaseException:  # any failure (cli.run reports a user's mistake as one line)
     if new_workdir:
       remove_cache_only_workdir(FLAGS.workdir)
     raise

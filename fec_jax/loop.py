@@ -81,7 +81,7 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   compiler_options: XLA options for the train and eval steps (e.g. the tests' faster CPU
   compile {'xla_backend_optimization_level': 0}).
   User errors (a bad config, missing data, an unfit init_from checkpoint) raise ValueError,
-  fec_jax.data.DataNotFoundError or fec_jax.checkpoint.CheckpointError before anything is
+  fec_jax.data.DataNotFoundError or fec_jax.checkpoint.CheckpointError before the train step is
   compiled; a non-finite loss raises TrainingDiverged.
   """
   task = tasks.get(config)
@@ -105,7 +105,7 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
 def _start(config, workdir: str, task: tasks.Task) -> _Start:
   """The model, and a workdir run it can resume or init_from weights that fit it: a misfit
   (another model in the workdir, a converter output as workdir, init_from weights of another
-  shape) stops here, before the data is opened or anything is compiled."""
+  shape) stops here, before the data is opened or the train step is compiled."""
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)

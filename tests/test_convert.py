@@ -276,7 +276,7 @@ PATH_MISTAKES = [
     ),
     (
         "file as output",
-        "--output {tmp}/w.pth is a file; expected a directory for the Orbax " "checkpoint",
+        "--output {tmp}/w.pth is a file; expected a directory for the Orbax checkpoint",
     ),
     (
         "non-empty output",
@@ -300,7 +300,7 @@ PATH_MISTAKES = [
     ),
     (
         "missing output parent",
-        "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not " "exist",
+        "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not exist",
     ),
     ("existing .pth output", "--output {tmp}/w.pth exists; pass --overwrite to replace it"),
     (

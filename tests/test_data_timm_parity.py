@@ -27,7 +27,7 @@ def _load_timm(module: str):
   spec = importlib.util.find_spec("timm")
   if spec is None:
     pytest.skip(
-        "timm not installed (pip install --no-deps timm==1.0.31): " "timm parity tests skipped"
+        "timm not installed (pip install --no-deps timm==1.0.31): timm parity tests skipped"
     )
   path = os.path.join(spec.submodule_search_locations[0], "data", f"{module}.py")
   mod_spec = importlib.util.spec_from_file_location(f"_timm_{module}", path)
