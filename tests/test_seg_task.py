@@ -152,7 +152,10 @@ def test_init_from_segmenter_reinitializes_conv_seg_for_other_classes(fresh):
       "bias": np.ones(7, np.float32),
   }
   variables, notes = task.adopt_pretrained(fresh, source, "SEG7")
-  assert notes == ["decode_head/conv_seg re-initialized for 5 classes (SEG7 has 7)"]
+  assert notes == [
+      "decode_head/conv_seg re-initialized for 5 classes (SEG7 has 7); the other weights come "
+      "from it"
+  ]
   head = variables["params"]["decode_head"]
   jax.tree.map(
       np.testing.assert_array_equal, head["conv_seg"], fresh["params"]["decode_head"]["conv_seg"]
