@@ -37,6 +37,10 @@ from fec_jax.model import variable_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
 
+# The flags define_config_file defines belong to the script that calls it, so that its --help
+# lists --config (absl gives a flag to the module that defines it, and --help shows the main's).
+flags.disclaim_key_flags()
+
 
 def fail(message: str) -> NoReturn:
   """Prints `error: <message>` to stderr and exits with status 2."""

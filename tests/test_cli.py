@@ -612,3 +612,11 @@ def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
       "or an annotation not the image's size; the warnings above name them)"
   ), err
   assert not (tmp_path / "seg.png").exists()
+
+
+def test_the_config_flag_is_the_scripts_own(monkeypatch):
+  """--config belongs to the module that calls define_config_file, so its --help lists it."""
+  monkeypatch.setattr("sys.argv", ["prog"])
+  values = flags.FlagValues()
+  cli.define_config_file("config", None, "", flag_values=values)
+  assert [f.name for f in values.get_key_flags_for_module(__name__)] == ["config"]
