@@ -8,7 +8,8 @@ brings what every task needs:
 - a fresh start from config.seed, or from pretrained weights (config.init_from: a converter
   output or a train.py workdir; config.init_from_ema for its EMA weights), or a resume from the
   latest checkpoint in the workdir (init_from is then not used): params, model state, optimizer
-  state, EMA, step, RNG and the train iterator's position, bit-identical on one CPU device;
+  state, EMA, step, RNG and the train iterator's position, bit-identical on one CPU device, with
+  the config the run started with (config.json; only _FREE_ON_RESUME's fields may change);
 - periodic asynchronous checkpoints (a half-written one of a killed run is cleaned up);
 - preemption: SIGTERM/SIGINT finish the step, checkpoint and return (fec_jax.preemption);
 - a stop on a non-finite loss or gradient, keeping the last good checkpoint;
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import os
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from fec_jax import checkpoint, reporting, tasks, training
 from fec_jax.model import model_name as name_of
@@ -109,6 +113,8 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
+  if resume is not None:
+    _check_same_run(config, workdir)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
@@ -128,6 +134,51 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"fit the config's {model_name}: {e}"
       ) from e
   return _Start(model, model_name, overrides, resume, pretrained, source)
+
+
+# The fields a resumed run may change: where the data lies, how the loader runs, what
+# init_from names (a resume does not read it), how often to log, evaluate and save, and where to
+# stop. A change to any other field would continue the checkpoints as another run than theirs.
+_FREE_ON_RESUME = frozenset(
+    {
+        "max_steps",
+        "init_from",
+        "init_from_ema",
+        "eval_batch_size",
+        "log_every_steps",
+        "eval_every_epochs",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "data.root",
+        "data.tfds_data_dir",
+        "data.num_workers",
+        "data.prefetch_buffer_size",
+        "data.read_threads",
+    }
+)
+
+
+def _check_same_run(config, workdir: str) -> None:
+  """CheckpointError unless `config` is the one the workdir's run started with (its
+  config.json), up to the fields of _FREE_ON_RESUME. Fields that only one of the two has (a
+  workdir of an earlier fec-jax) are not compared."""
+  saved = reporting.read_config(workdir)
+  if saved is None:
+    return
+  saved = traverse_util.flatten_dict(saved, sep=".")
+  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+  changed = sorted(
+      key for key in (saved.keys() & now.keys()) - _FREE_ON_RESUME if saved[key] != now[key]
+  )
+  if changed:
+    listed = ", ".join(f"{key} {saved[key]!r} (now {now[key]!r})" for key in changed[:5])
+    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+    raise checkpoint.CheckpointError(
+        f"--workdir {workdir} holds a run started with another config: {listed}{more}. Resume "
+        f"it with the config it started with ({os.path.join(workdir, reporting.CONFIG_FILE)}), "
+        f"or start a new --workdir (--config.init_from={workdir} to start from its weights)"
+    )
 
 
 def _timed(message: str, fn):
@@ -165,6 +216,8 @@ def _run(
     state = pool.submit(_fresh_state, config, task, start, tx, abstract)
     pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
+  if resume is None and primary:
+    reporting.write_config(workdir, config)
   writer = None
   try:
     if resume is not None:

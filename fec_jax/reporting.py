@@ -1,5 +1,6 @@
-"""What a training run shows and leaves in its workdir: the progress line, metrics.jsonl,
-TensorBoard event files (tensorboardX) and a PNG plot of the curves (matplotlib Agg).
+"""What a training run shows and leaves in its workdir: the progress line, the config it started
+with (config.json), metrics.jsonl, TensorBoard event files (tensorboardX) and a PNG plot of the
+curves (matplotlib Agg).
 
 Only process 0 writes (`MetricsWriter(..., active=jax.process_index() == 0)`).
 """
@@ -11,6 +12,7 @@ import json
 import os
 import time
 
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -55,6 +57,29 @@ def progress_line(
       f"step {step}/{total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.3e} | "
       f"{rate} img/s | ETA {eta}"
   )
+
+
+def write_config(workdir: str, config) -> None:
+  """Writes the config a run starts with to <workdir>/config.json (a resume is checked against
+  it, fec_jax.loop; visualize.py takes the run's image size and normalization from it)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def read_config(workdir: str) -> dict | None:
+  """The config.json of a train.py workdir as nested dicts (tuples read back as lists); None
+  where there is none (a converter output, a workdir of an earlier fec-jax)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not JSON ({e}); expected the config the run started with")
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -8,6 +8,7 @@ compiles without XLA's backend optimizations and goes through a persistent compi
 runs with the same shapes compile once.
 """
 
+import json
 import logging
 import os
 import re
@@ -189,12 +190,19 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
     train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
 
 
+def test_a_resume_may_change_where_to_stop_and_how_often_to_log(reference):
+  config = tiny(max_steps=99, log_every_steps=5, eval_every_steps=7, **{"data.num_workers": 2})
+  loop._check_same_run(config, str(reference))  # raises for any other field (below)
+  assert reporting.read_config(str(reference)) == json.loads(tiny().to_json())
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [
         ("other_model", "holds a run of fec_small (drop_path_rate 0.0, num_classes 10); the"),
         ("weights_only", "holds weights (step 0: ['model', 'params']), not a train.py run"),
         ("no_ema", "kept no EMA weights; resume it with --config.ema_decay=0"),
+        ("other_config", "holds a run started with another config: base_lr 0.008 (now 0.1), "),
         ("init_from_no_ema", "holds no EMA weights (a converter output"),
         ("file", "is a file; expected a directory"),
         ("under_a_file", "is a file; expected a directory"),
@@ -210,10 +218,12 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
 
   monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
   workdir, config = tmp_path / "w", tiny()
-  if case in ("other_model", "no_ema"):
+  if case in ("other_model", "no_ema", "other_config"):
     shutil.copytree(reference, workdir)
   if case == "other_model":
     config.model.name = "fec_base"
+  if case == "other_config":  # and fields a resume may change
+    config = tiny(base_lr=0.1, global_batch_size=16, max_steps=99, **{"data.num_workers": 2})
   if case == "no_ema":
     shutil.rmtree(workdir / str(saved_steps(workdir)[-1]) / checkpoint.EMA_PARAMS_ITEM)
   if case in ("weights_only", "init_from_no_ema"):
