@@ -20,13 +20,14 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from fec_jax import cli, interpret
+from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.imagenet_classes import imagenet_class_names
 from fec_jax.model import FEC, VARIANTS, model_name
 
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
 GROUP_COLORS = np.array(
     [
         [230, 25, 75],
@@ -183,9 +184,10 @@ def _parser() -> argparse.ArgumentParser:
       "--image-size",
       type=int,
       nargs="+",
-      default=[224],
+      default=None,
       help="model input size: S or H W (images are resized to it without cropping); "
-      "must give even maps at every pool, e.g. a multiple of 32",
+      "must give even maps at every pool, e.g. a multiple of 32 (default: the image size of "
+      f"a train.py workdir's run, else {DEFAULT_IMAGE_SIZE})",
   )
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument(
@@ -214,9 +216,17 @@ def _output_names(stems: list[str], num_clusters: list[int]) -> list[str]:
   ]
 
 
+def trained_data_config(checkpoint: str) -> dict:
+  """The data section of a train.py workdir's config.json: the image size and normalization
+  its model was trained with; {} for a converter output (ImageNet's, DEFAULT_IMAGE_SIZE)."""
+  with cli.user_errors(ValueError):
+    saved = reporting.read_config(checkpoint) if os.path.isdir(checkpoint) else None
+  return (saved or {}).get("data", {})
+
+
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
   """Every mistake in the arguments, found before the checkpoint is read: returns (H, W)."""
-  if len(args.image_size) > 2 or min(args.image_size) < 1:
+  if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
     cli.fail(f"--image-size takes S or H W (positive), got {' '.join(map(str, args.image_size))}")
   for flag, values, low in (
       ("--num-clusters", args.num_clusters, 1),
@@ -264,7 +274,10 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
         f"{'them' if more else 'it'}, or choose another --out"
     )
-  return tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+  size = args.image_size or [
+      trained_data_config(args.checkpoint).get("image_size", DEFAULT_IMAGE_SIZE)
+  ]
+  return tuple(size * 2 if len(size) == 1 else size)
 
 
 def check_model(checkpoint: str, model) -> None:
@@ -281,6 +294,8 @@ def check_model(checkpoint: str, model) -> None:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size = check_args(args)
+  trained = trained_data_config(args.checkpoint)
+  mean, std = trained.get("mean", IMAGENET_MEAN), trained.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
     model = load_model(args.checkpoint, step=args.step)[0]
@@ -295,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.image[first : first + batch]
     loaded = [load_image(p, size) for p in paths]
     pixels = np.stack([np.asarray(r) for _, r in loaded])  # uint8 [n, H, W, 3]
-    x = np.asarray(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD))
+    x = np.asarray(normalize(pixels, mean, std))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
     clusters = cluster_maps(model, variables, x, False)
     clusters = jax.tree.map(lambda a: np.asarray(a)[: len(paths)], clusters)  # drop the padding
@@ -309,5 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))
         print(f"{path}: {class_name(top, model.num_classes)} ({probs[top]:.1%})")
-  print(f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out}")
+  print(
+      f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out} "
+      f"(model input {size[0]}x{size[1]})"
+  )
   return 0

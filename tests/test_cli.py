@@ -4,6 +4,7 @@ visualize.py and python -m fec_jax.summary on bad input; the converter's are in 
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from fec_jax import checkpoint, cli, convert, create_model, summary, visualize
+from configs import demo
+from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
 from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 
@@ -450,6 +452,19 @@ def test_visualize_mistakes_before_the_checkpoint_load(
   assert (code, out) == (2, ""), err
   assert err.startswith("error: " + message.format(root=files)) and err.count("\n") == 1, err
   assert not (files / "out").exists()  # no empty output directory left behind
+
+
+def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
+  """A train.py workdir's config.json gives the default --image-size (the demo's 32, not 224)."""
+  workdir = tmp_path / "workdir"
+  shutil.copytree(files / "ckpt", workdir)
+  config = demo.get_config()
+  config.data.image_size = 64
+  reporting.write_config(str(workdir), config)
+  args = ["--checkpoint", str(workdir), "--image", str(files / "photo.jpg")]
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "vis")])
+  assert (code, err) == (0, ""), err
+  assert printed.splitlines()[-1].endswith(" (model input 64x64)")
 
 
 def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
