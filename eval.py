@@ -86,7 +86,14 @@ def main(argv):
   training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
   task.check_config()
   directory = FLAGS.workdir or FLAGS.checkpoint
-  step = checkpoint.load_model(directory, FLAGS.step)[1]
+  found, step = checkpoint.load_model(directory, FLAGS.step)
+  if model_name(found) != config.model.name:
+    flag = "--workdir" if FLAGS.workdir else "--checkpoint"
+    cli.fail(
+        f"{flag} {directory} holds {model_name(found)}; the config's model is "
+        f"{config.model.name}: give that model's config (--config.model.name="
+        f"{model_name(found)})"
+    )
   model, variables = fec_jax.load_pretrained(
       directory, step=step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )

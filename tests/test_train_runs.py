@@ -209,7 +209,7 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "case", ["both", "missing", "empty", "batch", "classes", "dtype", "eval_batch"]
+    "case", ["both", "missing", "empty", "batch", "classes", "model", "dtype", "eval_batch"]
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
   args = {
@@ -218,6 +218,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "empty": ["--checkpoint="],
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
+      "model": [f"--workdir={reference}", "--config.model.name=fec_base"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
       "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
   }[case]
@@ -227,6 +228,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "empty": "--checkpoint is empty; expected the path of a convert_torch_weights.py output",
       "batch": "--batch and --iters must be > 0",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
+      "model": "holds fec_small; the config's model is fec_base: give that model's config",
       "dtype": "config.model.dtype must be one of",
       "eval_batch": "config.eval_batch_size 0 must be a positive multiple",
   }[case]
