@@ -23,7 +23,6 @@ largest training batch that fits (per chip with --tpu, else on the attached devi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import importlib
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax import throughput
+from fec_jax import cli, throughput
 from fec_jax.clustering import AGGREGATIONS
 from fec_jax.model import VARIANTS, create_model, init_variables, param_shapes
 
@@ -304,6 +303,10 @@ def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int)
       continue
     model.train(mode == "train")
     for dtype, label, net in runs:
+      progress(
+          f"timing the PyTorch reference {name} {label} {dtype} {mode} ({device}, batch {batch}, "
+          f"{warmup} warm-up + {iters} timed iterations) ..."
+      )
       try:
         yield mode, dtype, label, timed(lambda: fn(net, precisions[dtype]))
       except Exception as e:  # torch.compile needs a working C++ toolchain on CPU
@@ -314,9 +317,21 @@ def emit(record: dict) -> None:
   print(json.dumps(record), flush=True)
 
 
+def progress(message: str) -> None:
+  """One line on stderr before a slow step (results stay on stdout)."""
+  print(message, file=sys.stderr, flush=True)
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", nargs="+", default=["fec_small", "fec_base", "fec_large"])
+  classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+  p = cli.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=cli.HelpFormatter)
+  p.add_argument(
+      "--models",
+      nargs="+",
+      default=["fec_small", "fec_base", "fec_large"],
+      metavar="MODEL",
+      help=f"classification variants to time, of: {', '.join(classifiers)}",
+  )
   p.add_argument(
       "--batch",
       type=int,
@@ -324,17 +339,35 @@ def parse_args(argv):
       help="images per step over all devices; with --tpu, per chip",
   )
   p.add_argument(
-      "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"]
+      "--dtypes",
+      nargs="+",
+      default=["float32", "bfloat16"],
+      choices=["float32", "bfloat16"],
+      help="compute dtypes",
   )
-  p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--iters", type=int, default=100)
-  p.add_argument("--aggregation", default="auto", choices=AGGREGATIONS)
+  p.add_argument(
+      "--modes",
+      nargs="+",
+      default=["infer", "train"],
+      choices=["infer", "train"],
+      help="infer: the forward pass; train: train.py's whole training step",
+  )
+  p.add_argument("--warmup", type=int, default=20, help="untimed iterations before the timing")
+  p.add_argument("--iters", type=int, default=100, help="timed iterations, whose mean is reported")
+  p.add_argument(
+      "--aggregation",
+      default="auto",
+      choices=AGGREGATIONS,
+      help="the clustering's aggregation (auto: segment_sum on CPU, onehot on GPU and TPU)",
+  )
   p.add_argument(
       "--torch",
       default="auto",
       choices=["auto", "off"],
-      help="auto: also time the PyTorch reference when torch is importable",
+      help=(
+          "auto: also time the PyTorch reference when torch is importable (on CUDA eager fp32, "
+          "bf16 autocast and bf16 torch.compile; on CPU eager fp32 and fp32 torch.compile)"
+      ),
   )
   p.add_argument(
       "--tpu",
@@ -347,7 +380,8 @@ def parse_args(argv):
       help="also find the largest training batch that fits (per chip with --tpu)",
   )
   args = p.parse_args(argv)
-  classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+  if args.tpu == "":
+    raise UsageError("--tpu is empty; expected a TPU topology such as v5e:2x2")
   unknown = [m for m in args.models if m not in classifiers]
   if unknown:
     raise UsageError(f"unknown model(s) {unknown}; bench.py takes {', '.join(classifiers)}")
@@ -388,10 +422,16 @@ def main(argv=None) -> None:
     for name in args.models:
       for mode in args.modes:
         for dtype in args.dtypes:
+          progress(
+              f"compiling {name} {dtype} {mode} for TPU {args.tpu} (batch {args.batch} per chip) ..."
+          )
           report = tpu_compile(mode, name, args.batch, dtype, args.aggregation, devices)
           emit({**common, "model": name, "mode": mode, "dtype": dtype, **report})
       if args.max_batch:
         for dtype in args.dtypes:
+          progress(
+              f"searching the largest {name} {dtype} train batch per chip on TPU {args.tpu} ..."
+          )
           emit(
               {
                   **common,
@@ -409,6 +449,10 @@ def main(argv=None) -> None:
     jax_times = {}
     for mode in args.modes:
       for dtype in args.dtypes:
+        progress(
+            f"timing {name} {dtype} {mode} (jax, batch {args.batch}, {args.warmup} warm-up + "
+            f"{args.iters} timed iterations) ..."
+        )
         seconds, startup = run_jax(
             mode, name, args.batch, dtype, args.aggregation, args.warmup, args.iters
         )
@@ -441,6 +485,7 @@ def main(argv=None) -> None:
         emit(record)
     if args.max_batch:
       for dtype in args.dtypes:
+        progress(f"searching the largest {name} {dtype} train batch that fits ...")
         emit(
             {
                 **common,
@@ -454,7 +499,11 @@ def main(argv=None) -> None:
 
 def largest_train_batch(name: str, dtype: str, aggregation: str, start: int = 256) -> int:
   """Largest power-of-two-then-bisected training batch that fits in device memory."""
-  fits = lambda b: _try(lambda: run_jax("train", name, b, dtype, aggregation, 1, 1))
+
+  def fits(b: int) -> bool:
+    progress(f"  trying batch {b} ...")
+    return _try(lambda: run_jax("train", name, b, dtype, aggregation, 1, 1))
+
   lo, hi = 0, start
   while fits(hi):
     lo, hi = hi, hi * 2

@@ -2,6 +2,7 @@
 
   fail(message)             prints `error: <message>` to stderr and exits with status 2
   ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
+  HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   check_paths_given(...)    fail() for a path option given as an empty string
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
@@ -46,6 +47,18 @@ def fail(message: str) -> NoReturn:
   """Prints `error: <message>` to stderr and exits with status 2."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(EXIT_USAGE)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """--help with the description as written and each option's default after its help (a list
+  as the values one would type; none for an option without a default, or a flag)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+      return action.help
+    if isinstance(action.default, (list, tuple)):
+      return f"{action.help} (default: {' '.join(map(str, action.default))})"
+    return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

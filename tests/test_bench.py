@@ -1,13 +1,35 @@
 """bench.py runs end to end and prints one JSON line per measurement (numbers are not judged here);
-bad arguments stop it with one `error:` line and exit code 2 before any compile."""
+bad arguments stop it with one `error:` line and exit code 2 before any compile; --help shows the
+defaults; a line on stderr announces each timed configuration. The loader benchmarks
+(fec_jax.data.bench, fec_jax.data.seg_bench) report bad arguments and folders alike, before
+writing or timing anything."""
 
 import json
+import os
 import sys
 
 import pytest
 
 import bench
 from fec_jax import throughput
+from fec_jax.data import bench as data_bench
+from fec_jax.data import seg_bench, seg_sources
+
+
+def _not_run(*args, **kwargs):
+  raise AssertionError("the benchmark ran before its arguments were checked")
+
+
+def _one_error_line(capsys, main, argv) -> str:
+  """The `error:` line of main(argv), which must exit with status 2 and print nothing else."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), captured.err
+  assert captured.out == ""
+  return err[0]
 
 
 def test_bench_prints_one_json_line_per_measurement(capsys):
@@ -47,15 +69,80 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
         (["--batch", "0"], "--batch must be a positive integer, got 0"),
         (["--iters", "-1"], "--iters must be a positive integer"),
         (["--tpu", "v5e:2x2"], '--tpu needs libtpu: pip install -e ".[tpu]"'),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--tpu", ""], "--tpu is empty; expected a TPU topology such as v5e:2x2"),
+        # an abbreviation of --models is not taken for it
+        (
+            ["--model", "fec_small"],
+            "unrecognized arguments: --model fec_small (see bench.py --help)",
+        ),
+        (["--modes", "infr"], "argument --modes: invalid choice: 'infr'"),
+        (["--batch", "two"], "argument --batch: invalid int value: 'two'"),
     ],
 )
 def test_bad_arguments_give_one_error_line(argv, message, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # as in CI: the [tpu] extra not installed
+  monkeypatch.setattr(bench, "run_jax", _not_run)
+  monkeypatch.setattr(bench, "tpu_compile", _not_run)
+  assert message in _one_error_line(capsys, bench.main, argv)
+
+
+def test_help_shows_the_defaults(capsys):
   with pytest.raises(SystemExit) as exit_info:
-    bench.main(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    bench.main(["--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())  # the same at any terminal width
+  assert text.startswith("usage: bench.py ")
+  for default in [
+      "--models MODEL [MODEL ...] classification variants to time, of: fec_base, fec_large, "
+      "fec_small (default: fec_small fec_base fec_large)",
+      "(default: 256)",
+      "compute dtypes (default: float32 bfloat16)",
+      "training step (default: infer train)",
+      "before the timing (default: 20)",
+      "whose mean is reported (default: 100)",
+      "fp32 torch.compile) (default: auto)",
+  ]:
+    assert default in text
+
+
+def test_a_progress_line_on_stderr_before_each_timing(capsys, monkeypatch):
+  """JAX and the PyTorch reference: each configuration is announced on stderr (flushed) before it
+  runs; stdout keeps the JSON lines only. The timings themselves are replaced by fakes."""
+  pytest.importorskip("torch")
+  announced, out = [], []
+
+  def read():
+    captured = capsys.readouterr()
+    announced.append(captured.err)
+    out.extend(captured.out.splitlines())
+
+  def fake_run_jax(mode, name, batch, dtype, aggregation, warmup, iters):
+    read()
+    return 0.5, {}
+
+  def fake_measure(step, carry, warmup, iters, sync=None):
+    read()
+    return 0.25
+
+  monkeypatch.setattr(bench, "run_jax", fake_run_jax)
+  monkeypatch.setattr(bench.throughput, "measure", fake_measure)
+  common = ["--models", "fec_small", "--batch", "2", "--warmup", "1", "--iters", "3"]
+  bench.main([*common, "--dtypes", "float32", "--modes", "infer", "--torch", "auto"])
+  assert announced == [
+      "timing fec_small float32 infer (jax, batch 2, 1 warm-up + 3 timed iterations) ...\n",
+      "timing the PyTorch reference fec_small eager float32 infer (cpu, batch 2, 1 warm-up + 3 "
+      "timed iterations) ...\n",
+      "timing the PyTorch reference fec_small torch.compile float32 infer (cpu, batch 2, 1 "
+      "warm-up + 3 timed iterations) ...\n",
+  ]
+  read()
+  assert announced.pop() == ""  # nothing after the last timing
+  assert [json.loads(line)["impl"] for line in out] == [
+      "jax",
+      "torch eager",
+      "torch torch.compile",
+  ]
 
 
 def test_batch_must_split_evenly_over_the_devices(capsys, monkeypatch):
@@ -125,3 +212,138 @@ def test_largest_tpu_batch_on_a_linear_memory_model(monkeypatch, fixed, per_imag
   device = type("Device", (), {"device_kind": "TPU v5 lite"})()
   assert bench.largest_tpu_batch("fec_small", "bfloat16", "auto", [device]) == expected
   assert len(compiled) <= 6
+
+
+# --- python -m fec_jax.data.bench and python -m fec_jax.data.seg_bench ------------------------
+
+
+@pytest.fixture
+def nothing_slow(monkeypatch):
+  """The loader benchmarks with their folder writers and timings replaced: a test that reaches
+  them fails (an argument was not checked first)."""
+  for name in ("make_jpeg_folder", "time_transform", "time_loader"):
+    monkeypatch.setattr(data_bench, name, _not_run)
+  for name in ("make_ade20k_like", "time_examples"):
+    monkeypatch.setattr(seg_bench, name, _not_run)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--images", "0"], "--images must be at least 1, got 0"),
+        (["--images", "-5"], "--images must be at least 1, got -5"),
+        (["--loader-workers", "-2"], "--loader-workers must be 0 (no loader timing) or more"),
+        (["--batch-size", "0", "--loader-workers", "1"], "--batch-size must be at least 1, got 0"),
+        (
+            ["--images", "20", "--loader-workers", "1"],
+            "--images 20: the grain loader needs at least one batch of them (--batch-size 32); "
+            "give more images or a smaller --batch-size",
+        ),
+        (["--dir="], "--dir is empty"),
+        (["--image", "3"], "unrecognized arguments: --image 3 (see python -m fec_jax.data.bench"),
+    ],
+)
+def test_data_bench_bad_arguments(argv, message, capsys, nothing_slow):
+  assert message in _one_error_line(capsys, data_bench.main, argv)
+
+
+@pytest.mark.parametrize("main", [data_bench.main, seg_bench.main])
+def test_loader_benchmarks_want_a_folder_for_dir(main, tmp_path, capsys, nothing_slow):
+  file = tmp_path / "file"
+  file.write_text("")
+  for path in (file, file / "sub"):
+    assert _one_error_line(capsys, main, ["--dir", str(path)]) == (
+        f"error: --dir {path}: {file} is a file; expected a folder to create or reuse"
+    )
+
+
+def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
+  """A folder written earlier with 3 images per split, given --images 2: a note on stderr, the 3
+  timed; the loader's batch is --batch-size, and a folder smaller than one batch is an error."""
+  root = str(tmp_path / "jpegs")
+  data_bench.make_jpeg_folder(root, 3)
+  timed, loaded = [], []
+  monkeypatch.setattr(data_bench, "make_jpeg_folder", _not_run)
+  monkeypatch.setattr(
+      data_bench, "time_transform", lambda files, cfg, train: timed.append(len(files)) or (50, 0.5)
+  )
+  monkeypatch.setattr(
+      data_bench,
+      "time_loader",
+      lambda cfg, split, batch, n: loaded.append((cfg.num_classes, batch, n)) or 40.0,
+  )
+  data_bench.main(["--images", "2", "--dir", root, "--loader-workers", "1", "--batch-size", "2"])
+  captured = capsys.readouterr()
+  assert captured.err == (
+      f"note: --dir {root} was written earlier and holds 3 train and 3 val JPEGs: timing those "
+      "(--images 2 is for a new folder)\n"
+  )
+  assert captured.out.startswith(f"3 JPEGs per split in {root}")
+  assert timed == [3, 3] and loaded == [(3, 2, 1)]  # 3 images: 3 class folders
+  assert _one_error_line(capsys, data_bench.main, ["--dir", root, "--loader-workers", "1"]) == (
+      f"error: --dir {root} holds 3 train JPEGs: the grain loader needs at least one batch of "
+      "them (--batch-size 32); give more images or a smaller --batch-size"
+  )
+  os.makedirs(tmp_path / "other" / "train")  # not one this command wrote
+  assert _one_error_line(capsys, data_bench.main, ["--dir", str(tmp_path / "other")]) == (
+      f"error: --dir {tmp_path / 'other'}: no images found under {tmp_path / 'other' / 'train'}; "
+      "expected a folder this command wrote (train/<class>/*.JPEG and val/<class>/*.JPEG), or "
+      "give a new or empty --dir"
+  )
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--images", "0"], "--images must be at least 1, got 0"),
+        (["--images", "-3"], "--images must be at least 1, got -3"),
+        (["--dir="], "--dir is empty"),
+        (["--imag", "2"], "unrecognized arguments: --imag 2 (see python -m fec_jax.data.seg_bench"),
+    ],
+)
+def test_seg_bench_bad_arguments(argv, message, capsys, nothing_slow):
+  assert message in _one_error_line(capsys, seg_bench.main, argv)
+
+
+def test_seg_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
+  """A folder written earlier with 2 images, given --images 1: a note on stderr, the 2 timed and
+  counted; a folder with an image but no annotations is an error."""
+  root = str(tmp_path / "ade")
+  seg_bench.make_ade20k_like(root, 2)
+  monkeypatch.setattr(seg_bench, "make_ade20k_like", _not_run)
+  monkeypatch.setattr(seg_bench, "time_examples", lambda root, train: 10.0)
+  seg_bench.main(["--images", "1", "--dir", root])
+  captured = capsys.readouterr()
+  assert captured.err == (
+      f"note: --dir {root} was written earlier and holds 2 images: timing those (--images 1 is "
+      "for a new folder)\n"
+  )
+  assert captured.out.startswith(f"2 ADE20K-like images in {root}")
+  os.remove(os.path.join(root, "annotations", "training", "ADE_train_00000002.png"))
+  seg_sources.scan_ade20k.cache_clear()  # a new command would list the folder anew
+  assert _one_error_line(capsys, seg_bench.main, ["--dir", root]).startswith(
+      f"error: --dir {root}: 1 image(s) without annotation"
+  )
+
+
+def test_seg_bench_rewrites_its_own_incomplete_folder(tmp_path, capsys, monkeypatch):
+  """The default folder (named by --images, in the temporary directory) that an interrupted run
+  left with fewer images is written again (and timed whole), then reused as it is."""
+  monkeypatch.setattr(seg_bench.tempfile, "gettempdir", lambda: str(tmp_path))
+  root = str(tmp_path / "fec_jax_seg_bench_2")
+  make = seg_bench.make_ade20k_like
+  make(root, 1)
+  written, timed = [], []
+  monkeypatch.setattr(seg_bench, "make_ade20k_like", lambda *a: written.append(a) or make(*a))
+  monkeypatch.setattr(  # as the real one, times the examples of a fresh ADE20KSource
+      seg_bench,
+      "time_examples",
+      lambda root, train: timed.append(len(seg_sources.ADE20KSource(root, "training"))) or 10.0,
+  )
+  for _ in range(2):
+    seg_sources.scan_ade20k.cache_clear()
+    seg_bench.main(["--images", "2"])
+  captured = capsys.readouterr()
+  assert written == [(root, 2)] and timed == [2, 2, 2, 2]
+  assert captured.err == f"writing 2 ADE20K-like images to {root} ...\n"
+  assert captured.out.count(f"2 ADE20K-like images in {root}") == 2

@@ -1,6 +1,6 @@
 """Loader benchmark: decoded + augmented images per second per CPU core.
 
-    python -m fec_jax.data.bench [--images 200] [--dir DIR] [--loader-workers 0]
+    python -m fec_jax.data.bench [--images 200] [--dir DIR] [--loader-workers 0] [--batch-size 32]
 
 Writes (or reuses) a generated JPEG folder with ImageNet-like sizes (mostly 500x375 /
 375x500 / 500x333 / 500x500, some larger; textured content, quality 90, about 110 KB on
@@ -13,14 +13,16 @@ the whole host).
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+from fec_jax import cli
 from fec_jax.data import config as config_lib
-from fec_jax.data import pipeline, transforms
+from fec_jax.data import pipeline, sources, transforms
 
 _SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (800, 600), (1024, 768))
 _SIZE_WEIGHTS = (0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05)
@@ -80,27 +82,91 @@ def time_loader(cfg, split: str, batch: int, num_batches: int) -> float:
   return rate
 
 
-def main():
-  parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _parser() -> argparse.ArgumentParser:
+  p = cli.ArgumentParser(
+      prog="python -m fec_jax.data.bench",
+      description=__doc__,
+      formatter_class=cli.HelpFormatter,
   )
-  parser.add_argument("--images", type=int, default=200, help="images per split")
-  parser.add_argument("--dir", default="", help="JPEG folder to create or reuse")
-  parser.add_argument(
+  p.add_argument("--images", type=int, default=200, help="images per split of a new folder")
+  p.add_argument(
+      "--dir",
+      help="JPEG folder to create, or to reuse as it is (default: a new temporary folder)",
+  )
+  p.add_argument(
       "--loader-workers",
       type=int,
       default=0,
-      help="also time the grain loader with this many worker processes",
+      help="also time the grain loader with this many worker processes (0: none)",
   )
-  args = parser.parse_args()
-  root = args.dir or tempfile.mkdtemp(prefix="fec_bench_")
-  if not os.path.isdir(os.path.join(root, "train")):
+  p.add_argument(
+      "--batch-size", type=int, default=32, help="the grain loader's batch (with --loader-workers)"
+  )
+  return p
+
+
+def _check_args(args) -> None:
+  """fail() for a bad value, before any file is written or timed."""
+  cli.check_paths_given([("--dir", args.dir, "a folder to create or reuse")])
+  if args.images < 1:
+    cli.fail(f"--images must be at least 1, got {args.images}")
+  if args.batch_size < 1:
+    cli.fail(f"--batch-size must be at least 1, got {args.batch_size}")
+  if args.loader_workers < 0:
+    cli.fail(f"--loader-workers must be 0 (no loader timing) or more, got {args.loader_workers}")
+  if args.dir is not None:
+    blocker = cli.not_a_directory(args.dir)
+    if blocker:
+      cli.fail(f"--dir {args.dir}: {blocker}; expected a folder to create or reuse")
+
+
+def _reused_folder(root: str) -> tuple[int, int]:
+  """(train, val JPEGs) of a folder made earlier, after checking its layout."""
+  counts = []
+  for split in ("train", "val"):
+    try:
+      sources.scan_folder(os.path.join(root, split))
+    except sources.DataNotFoundError as e:
+      cli.fail(
+          f"--dir {root}: {str(e).split(';')[0]}; expected a folder this command wrote "
+          "(train/<class>/*.JPEG and val/<class>/*.JPEG), or give a new or empty --dir"
+      )
+    counts.append(len(_files(os.path.join(root, split))))
+  return counts[0], counts[1]
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  _check_args(args)
+  root = args.dir
+  reused = root is not None and os.path.isdir(os.path.join(root, "train"))
+  num_train, num_val = _reused_folder(root) if reused else (args.images, args.images)
+  if args.loader_workers and num_train < args.batch_size:
+    held = f"--dir {root} holds {num_train} train JPEGs" if reused else f"--images {num_train}"
+    cli.fail(
+        f"{held}: the grain loader needs at least one batch of them (--batch-size "
+        f"{args.batch_size}); give more images or a smaller --batch-size"
+    )
+  if (num_train, num_val) != (args.images, args.images):  # a folder written earlier: as it is
+    print(
+        f"note: --dir {root} was written earlier and holds {num_train} train and {num_val} val "
+        f"JPEGs: timing those (--images {args.images} is for a new folder)",
+        file=sys.stderr,
+        flush=True,
+    )
+  root = root or tempfile.mkdtemp(prefix="fec_bench_")
+  if not reused:
+    print(f"writing {args.images} JPEGs per split to {root} ...", file=sys.stderr, flush=True)
     make_jpeg_folder(root, args.images)
   train_files = _files(os.path.join(root, "train"))
+  num_val = len(_files(os.path.join(root, "val")))
+  held = f"{len(train_files)} JPEGs per split"
+  if num_val != len(train_files):
+    held = f"{len(train_files)} train and {num_val} val JPEGs"
   mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
   cfg = config_lib.default_config()
   print(
-      f"{len(train_files)} JPEGs per split in {root}, mean {mean_kb:.0f} KB; "
+      f"{held} in {root}, mean {mean_kb:.0f} KB; "
       f"recipe: {cfg.rand_augment}, reprob {cfg.reprob} {cfg.remode}, {cfg.image_size}px"
   )
   for name, split, train in (("train", "train", True), ("eval", "val", False)):
@@ -110,8 +176,9 @@ def main():
         f"{100 * decode_share:.0f}% of it JPEG decoding)"
     )
   if args.loader_workers > 0:
-    cfg.root, cfg.num_classes, cfg.num_workers = root, 4, args.loader_workers
-    rate = time_loader(cfg, "train", 32, max(1, len(train_files) // 32))
+    classes = sources.scan_folder(os.path.join(root, "train"))[0]
+    cfg.root, cfg.num_classes, cfg.num_workers = root, len(classes), args.loader_workers
+    rate = time_loader(cfg, "train", args.batch_size, max(1, len(train_files) // args.batch_size))
     print(
         f"grain loader, {args.loader_workers} workers: {rate:7.1f} train images/s "
         f"({rate / args.loader_workers:.1f} per worker)"

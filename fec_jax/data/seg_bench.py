@@ -13,6 +13,7 @@ test pipeline (keep-ratio resize and AlignResize; the label kept at full size).
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -20,7 +21,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from fec_jax import cli
 from fec_jax.data import seg_config, seg_pipeline, seg_sources
+from fec_jax.data.sources import DataNotFoundError
 
 _SIZES = ((683, 512), (512, 683), (512, 384), (640, 480), (512, 512), (1024, 768))  # (w, h)
 _SIZE_WEIGHTS = (0.45, 0.2, 0.1, 0.1, 0.1, 0.05)
@@ -57,16 +60,72 @@ def time_examples(root: str, train: bool, repeats: int = 2) -> float:
   return count / (time.perf_counter() - start)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--images", type=int, default=40)
-  parser.add_argument("--dir", default="", help="folder for the generated images (reused)")
-  args = parser.parse_args()
+def _parser() -> argparse.ArgumentParser:
+  p = cli.ArgumentParser(
+      prog="python -m fec_jax.data.seg_bench",
+      description=__doc__,
+      formatter_class=cli.HelpFormatter,
+  )
+  p.add_argument("--images", type=int, default=40, help="images of a new folder")
+  p.add_argument(
+      "--dir",
+      help=(
+          "folder to create, or to reuse as it is (default: fec_jax_seg_bench_<images> in the "
+          "temporary directory, reused)"
+      ),
+  )
+  return p
+
+
+def _reused_folder(args, root: str) -> int:
+  """The examples of a folder made earlier, after checking its layout; a note on stderr where it
+  holds another number than --images (it is timed as it is)."""
+  try:
+    held = len(seg_sources.scan_ade20k(root, "training")[0])
+  except DataNotFoundError as e:
+    cli.fail(
+        f"--dir {root}: {str(e).split(';')[0]}; expected a folder this command wrote "
+        "(images/training/*.jpg and annotations/training/*.png), or give a new or empty --dir"
+    )
+  if held != args.images:
+    print(
+        f"note: --dir {root} was written earlier and holds {held} images: timing those "
+        f"(--images {args.images} is for a new folder)",
+        file=sys.stderr,
+        flush=True,
+    )
+  return held
+
+
+def _complete(root: str, num_images: int) -> bool:
+  """Whether the default folder holds all it should (not an interrupted run's part of it)."""
+  try:
+    return len(seg_sources.scan_ade20k(root, "training")[0]) == num_images
+  except DataNotFoundError:
+    return False
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  cli.check_paths_given([("--dir", args.dir, "a folder to create or reuse")])
+  if args.images < 1:
+    cli.fail(f"--images must be at least 1, got {args.images}")
   root = args.dir or os.path.join(tempfile.gettempdir(), f"fec_jax_seg_bench_{args.images}")
-  if not os.path.isdir(os.path.join(root, "annotations", "training")):
+  blocker = cli.not_a_directory(root)
+  if blocker:
+    where = f"--dir {root}" if args.dir else f"the default folder {root} (give --dir)"
+    cli.fail(f"{where}: {blocker}; expected a folder to create or reuse")
+  if args.dir is not None:
+    reused = any(os.path.isdir(os.path.join(root, sub)) for sub in ("images", "annotations"))
+  else:  # ours, named by --images: reused when complete, else (re)written
+    reused = _complete(root, args.images)
+  num_images = _reused_folder(args, root) if reused else args.images
+  if not reused:
+    print(f"writing {args.images} ADE20K-like images to {root} ...", file=sys.stderr, flush=True)
     make_ade20k_like(root, args.images)
+    seg_sources.scan_ade20k.cache_clear()  # it may have listed an incomplete folder above
   cv2.setNumThreads(1)
-  print(f"{args.images} ADE20K-like images in {root}, one core (cv2 with 1 thread):")
+  print(f"{num_images} ADE20K-like images in {root}, one core (cv2 with 1 thread):")
   for train in (True, False):
     rate = time_examples(root, train)
     name = "train (ratio resize, crop, flip, photometric, pad)" if train else "test (align resize)"
