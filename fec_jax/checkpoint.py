@@ -79,9 +79,11 @@ def _read_manager(directory: str) -> ocp.CheckpointManager:
 def _check_directory(directory: str) -> None:
   if not os.path.isdir(directory):
     problem = "is a file" if os.path.exists(directory) else "does not exist"
+    torch_file = os.path.isfile(directory) and directory.endswith((".pth", ".pt", ".tar"))
     raise CheckpointError(
         f"checkpoint directory {directory} {problem}; expected the --output "
         "of convert_torch_weights.py or a train.py --workdir"
+        + (f" (convert_torch_weights.py --input {directory} makes one)" if torch_file else "")
     )
 
 
@@ -131,7 +133,7 @@ def load_pretrained(
   if ema and EMA_PARAMS_ITEM not in saved_items(directory, step):
     raise CheckpointError(
         f"{directory} step {step} holds no EMA weights (a converter output, or a train.py run "
-        "with ema_decay 0); leave out --ema / init_from_ema"
+        "with ema_decay 0); leave out the EMA option (--ema; for init_from, init_from_ema)"
     )
   shapes = variable_shapes(model)
   items = {"params": item}  # collection -> checkpoint item

@@ -227,12 +227,15 @@ def _run(
       )
       logging.info("resumed at step %d from %s", resume, workdir)
     first_step = resume or 0
+    devices, processes = jax.device_count(), jax.process_count()
     logging.info(
-        "%s on %d devices (%d processes): %d steps of %d per epoch, global batch %d, "
+        "%s on %d device%s (%d process%s): %d steps of %d per epoch, global batch %d, "
         "peak lr %.3g",
         model_name,
-        jax.device_count(),
-        jax.process_count(),
+        devices,
+        "s" if devices > 1 else "",
+        processes,
+        "es" if processes > 1 else "",
         num_steps,
         steps_per_epoch,
         config.global_batch_size,
@@ -294,7 +297,13 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   state: the TrainState at `start`, or a Future of it (a fresh state being initialized)."""
   record: dict[str, Any] = {}
   if start >= run.num_steps:
-    logging.info("nothing to train: %s is at step %d of %d", run.workdir, start, run.num_steps)
+    logging.info(
+        "nothing to train: %s is at step %d, and this run ends at step %d (max_steps or the "
+        "schedule)",
+        run.workdir,
+        start,
+        run.num_steps,
+    )
     return RunResult(start, False, record)
   batch = training.global_batch(next(run.train_iter), run.mesh)
   train_step = _timed(

@@ -415,6 +415,14 @@ def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
   assert os.listdir(replaced.parent) == ["fec_small"]  # no half-written "new"
 
 
+def test_a_torch_file_given_as_a_checkpoint_is_pointed_to_the_converter(tmp_path):
+  (tmp_path / "w.pth").write_bytes(b"weights")
+  for load in (checkpoint.load_model, fec_jax.load_pretrained):
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      load(str(tmp_path / "w.pth"))
+    assert str(e.value).endswith(f"(convert_torch_weights.py --input {tmp_path}/w.pth makes one)")
+
+
 def test_variant_inference(small_state):
   state = {k: v.numpy() for k, v in small_state.items()}
   assert convert.infer_model_name(state) == "fec_small"
