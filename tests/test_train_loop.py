@@ -196,6 +196,17 @@ def test_a_resume_may_change_where_to_stop_and_how_often_to_log(reference):
   assert reporting.read_config(str(reference)) == json.loads(tiny().to_json())
 
 
+def test_a_resume_with_another_number_of_loader_workers_is_refused(reference, tmp_path):
+  """The iterator state is per worker process: grain fails on another count, or reads on in
+  another order."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  with pytest.raises(ValueError) as e:
+    train(tiny(**{"data.num_workers": 1}), workdir)
+  assert "saved with 0 loader worker processes per host and this run has 1" in str(e.value)
+  assert str(e.value).endswith("resume with --config.data.num_workers=0")
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [

@@ -185,21 +185,24 @@ class _SkipBadIterator(grain.DatasetIterator):
 
 
 class _Report(grain.IterDataset):
-  """Removes the bad/converted counts from the batches and logs them once per epoch."""
+  """Removes the bad/converted counts from the batches and logs them once per epoch; its state
+  holds the number of worker processes, which a restore must match."""
 
-  def __init__(self, parent, steps_per_epoch: int, split: str):
+  def __init__(self, parent, steps_per_epoch: int, split: str, workers: int):
     super().__init__(parent)
-    self._steps_per_epoch, self._split = steps_per_epoch, split
+    self._steps_per_epoch, self._split, self._workers = steps_per_epoch, split, workers
 
   def __iter__(self):
-    return _ReportIterator(self._parent.__iter__(), self._steps_per_epoch, self._split)
+    return _ReportIterator(
+        self._parent.__iter__(), self._steps_per_epoch, self._split, self._workers
+    )
 
 
 class _ReportIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, steps_per_epoch: int, split: str):
+  def __init__(self, parent, steps_per_epoch: int, split: str, workers: int):
     super().__init__(parent)
-    self._steps_per_epoch, self._split = steps_per_epoch, split
+    self._steps_per_epoch, self._split, self._workers = steps_per_epoch, split, workers
     self._step, self._bad, self._converted = 0, 0, 0
     self._epoch_start = (0, 0)
 
@@ -237,9 +240,19 @@ class _ReportIterator(grain.DatasetIterator):
         "bad": self._bad,
         "converted": self._converted,
         "epoch_start": list(self._epoch_start),
+        "workers": self._workers,
     }
 
   def set_state(self, state):
+    # grain's state is per worker: another count fails in grain or, worse, reads another order
+    saved = state.get("workers", self._workers)  # unchecked for a state of an earlier fec-jax
+    if saved != self._workers:
+      raise ValueError(
+          f"the checkpoint's {self._split} data iterator was saved with {saved} loader worker "
+          f"processes per host and this run has {self._workers} (config.data.num_workers; -1 = "
+          f"one per core): the data order depends on it, so resume with "
+          f"--config.data.num_workers={saved}"
+      )
     self._parent.set_state(state["parent"])
     self._step, self._bad, self._converted = state["step"], state["bad"], state["converted"]
     self._epoch_start = tuple(state["epoch_start"])
@@ -282,7 +295,8 @@ def create_dataset(
 
   Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
-  requires the same config, seed, batch size, shards and num_workers.
+  requires the same config, seed, batch size, shards and number of workers (set_state raises
+  ValueError for another number of workers).
   Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
   Call `it.close()` when done: it ends the iterator's worker processes. They ignore SIGINT and
   SIGTERM (the caller handles them, see _init_worker) and end if the calling process does.
@@ -315,7 +329,7 @@ def create_dataset(
   if train:
     ds = _SkipBad(ds, n, data_location(data_config))
   ds = ds.batch(local_batch, drop_remainder=train)
-  return _Report(_prefetch(ds, data_config, workers), steps, split)
+  return _Report(_prefetch(ds, data_config, workers), steps, split, workers)
 
 
 def data_location(data_config) -> str:

@@ -180,4 +180,4 @@ def create_seg_loader(
     ds = pipeline._SkipBad(ds, n, pipeline.data_location(data_config))
     ds = ds.batch(local_batch, drop_remainder=True)
   workers = pipeline._num_workers(data_config)
-  return iter(pipeline._Report(pipeline._prefetch(ds, data_config, workers), steps, split))
+  return iter(pipeline._Report(pipeline._prefetch(ds, data_config, workers), steps, split, workers))
