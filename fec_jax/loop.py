@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shlex
 import time
 from typing import Any, Callable
 
@@ -138,19 +139,25 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the number of
 # worker processes num_workers resolves to must stay: the iterator's restore checks it), what
-# init_from names (a resume does not read it), how often to log, evaluate and save, and where to
-# stop. A change to any other field would continue the checkpoints as another run than theirs.
+# init_from names (a resume does not read it), how often to log, evaluate and save, how to
+# evaluate, and where to stop. A change to any other field would continue the checkpoints as
+# another run than theirs.
 _FREE_ON_RESUME = frozenset(
     {
         "max_steps",
         "init_from",
         "init_from_ema",
-        "eval_batch_size",
         "log_every_steps",
         "eval_every_epochs",
         "eval_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
+        "eval_batch_size",
+        "data.val_split",
+        "data.crop_pct",  # classification
+        "data.eval_interpolation",
+        "data.size_divisor",  # segmentation
+        "data.demo_num_val",
         "data.root",
         "data.tfds_data_dir",
         "data.num_workers",
@@ -158,28 +165,54 @@ _FREE_ON_RESUME = frozenset(
         "data.read_threads",
     }
 )
+_LISTED_CHANGES = 8  # at most this many changed fields are named, with the overrides that undo them
 
 
 def _check_same_run(config, workdir: str) -> None:
   """CheckpointError unless `config` is the one the workdir's run started with (its
   config.json), up to the fields of _FREE_ON_RESUME. Fields that only one of the two has (a
-  workdir of an earlier fec-jax) are not compared."""
+  workdir of an earlier fec-jax) and objects JSON cannot hold are not compared."""
   saved = reporting.read_config(workdir)
-  if saved is None:
+  now = reporting.config_data(config)
+  if saved is None or now is None:
     return
   saved = traverse_util.flatten_dict(saved, sep=".")
-  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+  now = traverse_util.flatten_dict(now, sep=".")
   changed = sorted(
-      key for key in (saved.keys() & now.keys()) - _FREE_ON_RESUME if saved[key] != now[key]
+      key
+      for key in (saved.keys() & now.keys()) - _FREE_ON_RESUME
+      if not _same_value(saved[key], now[key])
   )
-  if changed:
-    listed = ", ".join(f"{key} {saved[key]!r} (now {now[key]!r})" for key in changed[:5])
-    more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-    raise checkpoint.CheckpointError(
-        f"--workdir {workdir} holds a run started with another config: {listed}{more}. Resume "
-        f"it with the config it started with ({os.path.join(workdir, reporting.CONFIG_FILE)}), "
-        f"or start a new --workdir (--config.init_from={workdir} to start from its weights)"
+  if not changed:
+    return
+  listed = ", ".join(
+      f"{key} {saved[key]!r} (now {now[key]!r})" for key in changed[:_LISTED_CHANGES]
+  )
+  if len(changed) > _LISTED_CHANGES:  # another config file, rather than a few overrides
+    advice = (
+        f" and {len(changed) - _LISTED_CHANGES} more. Resume it with the config file it started "
+        f"with ({os.path.join(workdir, reporting.CONFIG_FILE)} lists its fields)"
     )
+  else:
+    overrides = " ".join(shlex.quote(_override(key, saved[key])) for key in changed)
+    advice = f". Resume it with its values ({overrides})"
+  raise checkpoint.CheckpointError(
+      f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
+      f"a new --workdir (--config.init_from={workdir} to start from its weights)"
+  )
+
+
+def _same_value(saved, now) -> bool:
+  """Equal as JSON (NaN is NaN); a value JSON could not hold (written with its address) is not
+  compared."""
+  if any(isinstance(v, str) and v.startswith(reporting.UNSERIALIZABLE) for v in (saved, now)):
+    return True
+  return saved == now or json.dumps(saved) == json.dumps(now)
+
+
+def _override(key: str, value) -> str:
+  """The command-line override that sets config field `key` to a config.json value."""
+  return f"--config.{key}={repr(tuple(value)) if isinstance(value, list) else value}"
 
 
 def _timed(message: str, fn):
@@ -217,7 +250,9 @@ def _run(
     state = pool.submit(_fresh_state, config, task, start, tx, abstract)
     pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
-  if resume is None and primary:
+  if primary and (resume is None or reporting.read_config(workdir) is None):
+    if resume is not None:
+      logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
     reporting.write_config(workdir, config)
   writer = None
   try:

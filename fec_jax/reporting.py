@@ -12,6 +12,8 @@ import json
 import os
 import time
 
+from absl import logging
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -59,13 +61,30 @@ def progress_line(
   )
 
 
+UNSERIALIZABLE = "unserializable object"  # how ml_collections writes what JSON cannot hold
+
+
+def config_data(config) -> dict | None:
+  """The config as JSON data: tuples become lists, an object of the user's that JSON cannot
+  hold becomes its repr marked UNSERIALIZABLE (ConfigDict.to_json_best_effort); None where
+  the config cannot be written at all (a dict with keys that are not strings)."""
+  try:
+    return json.loads(config.to_json_best_effort())
+  except (TypeError, ValueError):
+    return None
+
+
 def write_config(workdir: str, config) -> None:
   """Writes the config a run starts with to <workdir>/config.json (a resume is checked against
   it, fec_jax.loop; visualize.py takes the run's image size and normalization from it)."""
+  data = config_data(config)
+  if data is None:
+    logging.warning("%s not written: the config does not go into JSON", CONFIG_FILE)
+    return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
 
 

@@ -113,8 +113,10 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, t
   assert first.preempted and 2 <= first.step < STEPS
   assert saved_steps(workdir)[-1] == first.step  # the step it stopped at was saved
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  (workdir / reporting.CONFIG_FILE).unlink()  # as a workdir of an earlier fec-jax
   second = train(tiny(), workdir)
   assert second.step == STEPS and not second.preempted
+  assert reporting.read_config(str(workdir)) == reporting.config_data(tiny())  # written again
   assert losses(workdir) == losses(reference)  # bit-identical
   assert (
       reporting.read_metrics(workdir)[-1]["val_top1"]
@@ -207,13 +209,37 @@ def test_a_resume_with_another_number_of_loader_workers_is_refused(reference, tm
   assert str(e.value).endswith("resume with --config.data.num_workers=0")
 
 
+def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
+  """A field of the user's own: an object (saved as its repr, with an address), NaN; a dict
+  with keys that are not strings leaves no config.json at all."""
+  config, again = tiny(), tiny()
+  for c in (config, again):
+    with c.unlocked():
+      c.mine, c.nan = object(), float("nan")
+  reporting.write_config(str(tmp_path), config)
+  assert "unserializable object" in (tmp_path / reporting.CONFIG_FILE).read_text()
+  loop._check_same_run(again, str(tmp_path))
+  again.seed = 1
+  with pytest.raises(checkpoint.CheckpointError, match=r"seed 0 \(now 1\)"):
+    loop._check_same_run(again, str(tmp_path))
+  with config.unlocked():
+    config.table = {(1, 2): 3}
+  reporting.write_config(str(tmp_path / "w"), config)
+  assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [
         ("other_model", "holds a run of fec_small (drop_path_rate 0.0, num_classes 10); the"),
         ("weights_only", "holds weights (step 0: ['model', 'params']), not a train.py run"),
         ("no_ema", "kept no EMA weights; resume it with --config.ema_decay=0"),
-        ("other_config", "holds a run started with another config: base_lr 0.008 (now 0.1), "),
+        (
+            "other_config",
+            "holds a run started with another config: base_lr 0.008 (now 0.1), global_batch_size "
+            "8 (now 16). Resume it with its values (--config.base_lr=0.008 "
+            "--config.global_batch_size=8), or start a new --workdir",
+        ),
         ("init_from_no_ema", "holds no EMA weights (a converter output"),
         ("file", "is a file; expected a directory"),
         ("under_a_file", "is a file; expected a directory"),

@@ -250,7 +250,7 @@ class _ReportIterator(grain.DatasetIterator):
       raise ValueError(
           f"the checkpoint's {self._split} data iterator was saved with {saved} loader worker "
           f"processes per host and this run has {self._workers} (config.data.num_workers; -1 = "
-          f"one per core): the data order depends on it, so resume with "
+          f"one per core): the saved position is per worker, so resume with "
           f"--config.data.num_workers={saved}"
       )
     self._parent.set_state(state["parent"])
