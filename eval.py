@@ -17,7 +17,7 @@ from absl import flags, logging
 
 import fec_jax
 from fec_jax import checkpoint, cli, data, tasks, throughput, training
-from fec_jax.model import model_name
+from fec_jax.model import SEGMENTERS, model_name
 
 cli.define_config_file(
     "config",
@@ -87,13 +87,16 @@ def main(argv):
   task.check_config()
   directory = FLAGS.workdir or FLAGS.checkpoint
   found, step = checkpoint.load_model(directory, FLAGS.step)
-  if model_name(found) != config.model.name:
+  held = model_name(found)
+  if held != config.model.name:
     flag = "--workdir" if FLAGS.workdir else "--checkpoint"
-    cli.fail(
-        f"{flag} {directory} holds {model_name(found)}; the config's model is "
-        f"{config.model.name}: give that model's config (--config.model.name="
-        f"{model_name(found)})"
-    )
+    if (held in SEGMENTERS) == (config.model.name in SEGMENTERS):
+      fix = f"give that model's config (--config.model.name={held})"
+    elif held in SEGMENTERS:  # a checkpoint of the other task
+      fix = f"give a segmentation config (configs/{held}_ade20k.py, configs/demo_seg.py)"
+    else:
+      fix = f"give a classification config (configs/{held}.py, configs/demo.py)"
+    cli.fail(f"{flag} {directory} holds {held}; the config's model is {config.model.name}: {fix}")
   model, variables = fec_jax.load_pretrained(
       directory, step=step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )

@@ -209,7 +209,8 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "case", ["both", "missing", "empty", "batch", "classes", "model", "dtype", "eval_batch"]
+    "case",
+    ["both", "missing", "empty", "batch", "classes", "model", "task", "dtype", "eval_batch"],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
   args = {
@@ -219,6 +220,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
       "model": [f"--workdir={reference}", "--config.model.name=fec_base"],
+      "task": [f"--workdir={reference}", "--config=configs/demo_seg.py"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
       "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
   }[case]
@@ -229,6 +231,8 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "batch": "--batch and --iters must be > 0",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
       "model": "holds fec_small; the config's model is fec_base: give that model's config",
+      "task": "the config's model is fpn_fec_small: give a classification config "
+      "(configs/fec_small.py, configs/demo.py)",
       "dtype": "config.model.dtype must be one of",
       "eval_batch": "config.eval_batch_size 0 must be a positive multiple",
   }[case]
