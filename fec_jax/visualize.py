@@ -13,7 +13,10 @@ and prints the predicted class with its probability.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
+import sys
 import time
 
 import jax
@@ -25,7 +28,7 @@ from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.imagenet_classes import imagenet_class_names
-from fec_jax.model import FEC, VARIANTS, model_name
+from fec_jax.model import FEC, VARIANTS, model_name, variable_shapes
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
 GROUP_COLORS = np.array(
@@ -291,6 +294,25 @@ def check_model(checkpoint: str, model) -> None:
     )
 
 
+def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> None:
+  """A note on stderr where K-Means is asked for more groups than the model has final clusters
+  at this input size (the last ClusterPool's centers, e.g. 7x7 at 224; traced with shapes only):
+  that picture shows fewer groups than asked."""
+  images = jax.ShapeDtypeStruct((1, *size, 3), jax.numpy.float32)
+  clusters = jax.eval_shape(
+      functools.partial(interpret.cluster_maps, model), variable_shapes(model), images
+  )
+  final = math.prod(clusters.centers.shape[1:-1])  # [1, h, w, D]
+  over = [k for k in num_clusters if k > final]
+  if over:
+    print(
+        f"note: at {size[0]}x{size[1]} the model has {final} final cluster"
+        f"{'s' if final > 1 else ''} (the last ClusterPool's centers), so the k{over[0]} picture "
+        f"shows at most {final} group{'s' if final > 1 else ''} (a larger --image-size has more)",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size = check_args(args)
@@ -301,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint, step=args.step)[0]
     check_model(args.checkpoint, model)
     cli.check_input_size(model, size, "--image-size")
+    note_num_clusters(model, size, args.num_clusters)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   os.makedirs(args.out, exist_ok=True)

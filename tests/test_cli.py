@@ -467,6 +467,17 @@ def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
   assert printed.splitlines()[-1].endswith(" (model input 64x64)")
 
 
+def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys):
+  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
+  args += ["--image-size", "64", "--num-clusters", "3", "5", "--out", str(tmp_path / "vis")]
+  code, _, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (
+      0,
+      "note: at 64x64 the model has 4 final clusters (the last ClusterPool's centers), so the k5 "
+      "picture shows at most 4 groups (a larger --image-size has more)\n",
+  )
+
+
 def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   out = tmp_path / "vis"
   out.mkdir()
