@@ -275,21 +275,39 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   data_bench.main(["--images", "2", "--dir", root, "--loader-workers", "1", "--batch-size", "2"])
   captured = capsys.readouterr()
   assert captured.err == (
-      f"note: --dir {root} was written earlier and holds 3 train and 3 val JPEGs: timing those "
+      f"note: --dir {root} holds 3 train and 3 val images: timing those "
       "(--images 2 is for a new folder)\n"
   )
-  assert captured.out.startswith(f"3 JPEGs per split in {root}")
+  assert captured.out.startswith(f"3 images per split in {root}")
   assert timed == [3, 3] and loaded == [(3, 2, 1)]  # 3 images: 3 class folders
   assert _one_error_line(capsys, data_bench.main, ["--dir", root, "--loader-workers", "1"]) == (
-      f"error: --dir {root} holds 3 train JPEGs: the grain loader needs at least one batch of "
+      f"error: --dir {root} holds 3 train images: the grain loader needs at least one batch of "
       "them (--batch-size 32); give more images or a smaller --batch-size"
   )
-  os.makedirs(tmp_path / "other" / "train")  # not one this command wrote
+  os.makedirs(tmp_path / "other" / "train")  # no class folder
   assert _one_error_line(capsys, data_bench.main, ["--dir", str(tmp_path / "other")]) == (
       f"error: --dir {tmp_path / 'other'}: no images found under {tmp_path / 'other' / 'train'}; "
-      "expected a folder this command wrote (train/<class>/*.JPEG and val/<class>/*.JPEG), or "
-      "give a new or empty --dir"
+      "expected a class folder (train/<class>/*, val/<class>/*), or give a new or empty --dir"
   )
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")
+  assert _one_error_line(capsys, data_bench.main, ["--dir", str(tmp_path / "mine")]) == (
+      f"error: --dir {tmp_path / 'mine'} holds files but no train/ folder; expected a class "
+      "folder (train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
+  )
+  assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # nothing written into it
+
+
+def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):
+  root = tmp_path / "jpegs"
+  data_bench.make_jpeg_folder(str(root), 2)
+  bad = root / "train" / "n00000000" / "img_0.JPEG"
+  bad.write_bytes(bad.read_bytes()[:300])  # truncated
+  cfg = data_bench.config_lib.default_config()
+  files = data_bench._files(str(root / "train"))
+  rate, _ = data_bench.time_transform(files, cfg, train=True, repeats=1)
+  assert rate > 0
+  assert capsys.readouterr().err == f"note: 1 unreadable image(s) skipped, e.g. {bad}\n"
 
 
 @pytest.mark.parametrize(

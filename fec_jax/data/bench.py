@@ -53,21 +53,28 @@ def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[flo
   the share of that time spent decoding)."""
   ra = transforms.randaugment_setup(cfg)
   rng = np.random.default_rng(0)
-  decoding = 0.0
+  decoding, bad = 0.0, set()
   start = time.perf_counter()
   for _ in range(repeats):
     for path in files:
       with open(path, "rb") as f:
         encoded = f.read()
       t = time.perf_counter()
-      image, _ = transforms.decode(encoded)
-      decoding += time.perf_counter() - t
+      try:
+        image, _ = transforms.decode(encoded)
+      except transforms.BadImageError:  # skipped, as training skips it
+        bad.add(path)
+        continue
+      finally:
+        decoding += time.perf_counter() - t
       if train:
         transforms.train_transform(rng, image, cfg, *ra)
       else:
         transforms.eval_transform(image, cfg)
   seconds = time.perf_counter() - start
-  return repeats * len(files) / seconds, decoding / seconds
+  if bad:
+    print(f"note: {len(bad)} unreadable image(s) skipped, e.g. {min(bad)}", file=sys.stderr)
+  return repeats * (len(files) - len(bad)) / seconds, decoding / seconds
 
 
 def time_loader(cfg, split: str, batch: int, num_batches: int) -> float:
@@ -121,15 +128,15 @@ def _check_args(args) -> None:
 
 
 def _reused_folder(root: str) -> tuple[int, int]:
-  """(train, val JPEGs) of a folder made earlier, after checking its layout."""
+  """(train, val images) of a class folder given as --dir, after checking its layout."""
   counts = []
   for split in ("train", "val"):
     try:
       sources.scan_folder(os.path.join(root, split))
     except sources.DataNotFoundError as e:
       cli.fail(
-          f"--dir {root}: {str(e).split(';')[0]}; expected a folder this command wrote "
-          "(train/<class>/*.JPEG and val/<class>/*.JPEG), or give a new or empty --dir"
+          f"--dir {root}: {str(e).split(';')[0]}; expected a class folder "
+          "(train/<class>/*, val/<class>/*), or give a new or empty --dir"
       )
     counts.append(len(_files(os.path.join(root, split))))
   return counts[0], counts[1]
@@ -140,17 +147,22 @@ def main(argv=None):
   _check_args(args)
   root = args.dir
   reused = root is not None and os.path.isdir(os.path.join(root, "train"))
+  if root is not None and not reused and os.path.isdir(root) and os.listdir(root):
+    cli.fail(
+        f"--dir {root} holds files but no train/ folder; expected a class folder "
+        "(train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
+    )
   num_train, num_val = _reused_folder(root) if reused else (args.images, args.images)
   if args.loader_workers and num_train < args.batch_size:
-    held = f"--dir {root} holds {num_train} train JPEGs" if reused else f"--images {num_train}"
+    held = f"--dir {root} holds {num_train} train images" if reused else f"--images {num_train}"
     cli.fail(
         f"{held}: the grain loader needs at least one batch of them (--batch-size "
         f"{args.batch_size}); give more images or a smaller --batch-size"
     )
-  if (num_train, num_val) != (args.images, args.images):  # a folder written earlier: as it is
+  if (num_train, num_val) != (args.images, args.images):  # a folder given: timed as it is
     print(
-        f"note: --dir {root} was written earlier and holds {num_train} train and {num_val} val "
-        f"JPEGs: timing those (--images {args.images} is for a new folder)",
+        f"note: --dir {root} holds {num_train} train and {num_val} val images: timing those "
+        f"(--images {args.images} is for a new folder)",
         file=sys.stderr,
         flush=True,
     )
@@ -160,9 +172,9 @@ def main(argv=None):
     make_jpeg_folder(root, args.images)
   train_files = _files(os.path.join(root, "train"))
   num_val = len(_files(os.path.join(root, "val")))
-  held = f"{len(train_files)} JPEGs per split"
+  held = f"{len(train_files)} images per split"
   if num_val != len(train_files):
-    held = f"{len(train_files)} train and {num_val} val JPEGs"
+    held = f"{len(train_files)} train and {num_val} val images"
   mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
   cfg = config_lib.default_config()
   print(
