@@ -111,7 +111,9 @@ def main(argv):
     )
     return
   weights = f"step {step}{', EMA weights' if FLAGS.ema else ''}"
-  print(f"{task.describe(task.evaluator(model, mesh)(variables))}  [{weights}]")
+  evaluator = task.evaluator(model, mesh)
+  cli.note_config_differences(config, directory, default=not FLAGS["config"].present)
+  print(f"{task.describe(evaluator(variables))}  [{weights}]")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,9 @@ def main(argv):
   output, num = check_arguments(config)
   d = config.data
   examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
+  cli.note_config_differences(
+      config, FLAGS.workdir or FLAGS.checkpoint, default=not FLAGS["config"].present
+  )
   model, variables = fec_jax.load_pretrained(
       FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )

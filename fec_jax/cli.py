@@ -6,6 +6,7 @@
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   check_paths_given(...)    fail() for a path option given as an empty string
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
+  note_config_differences   a note where --config differs from a workdir's run in what it evaluates
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
@@ -31,9 +32,11 @@ from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
 from absl import app, flags
+from flax import traverse_util
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from fec_jax import reporting
 from fec_jax.model import variable_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
@@ -111,6 +114,41 @@ def check_input_size(model, size: tuple[int, int], flag: str) -> None:
     jax.eval_shape(model.apply, variable_shapes(model), images)
   except ValueError as e:
     fail(f"{flag} {size[0]} {size[1]}: {e}")
+
+
+# The config fields that decide what an evaluation of a trained model means: compared with the
+# run's config.json by note_config_differences.
+EVALUATION_FIELDS = (
+    "task",
+    "model.name",
+    "data.source",
+    "data.root",
+    "data.tfds_name",
+    "data.num_classes",
+    "data.image_size",
+    "data.crop_pct",
+    "data.img_scale",
+    "data.reduce_zero_label",
+    "data.mean",
+    "data.std",
+)
+
+
+def note_config_differences(config, workdir: str | None, default: bool) -> None:
+  """A note on stderr where `config` differs from the config the run in `workdir` started with
+  (its config.json) in EVALUATION_FIELDS, e.g. the data or the image size; `default`: --config
+  was not given, so the command's default config is in use."""
+  saved = reporting.read_config(workdir) if workdir else None
+  now = reporting.config_data(config)
+  if saved is None or now is None:
+    return
+  saved = traverse_util.flatten_dict(saved, sep=".")
+  now = traverse_util.flatten_dict(now, sep=".")
+  changed = [k for k in EVALUATION_FIELDS if k in saved and k in now and saved[k] != now[k]]
+  if changed:
+    which = "--config (not given: the default)" if default else "--config"
+    listed = ", ".join(f"{k} {now[k]!r} (the run's: {saved[k]!r})" for k in changed)
+    print(f"note: {which} differs from {workdir}'s config.json in {listed}", file=sys.stderr)
 
 
 # --- quiet logs ------------------------------------------------------------------------------

@@ -646,3 +646,19 @@ def test_the_config_flag_is_the_scripts_own(monkeypatch):
   values = flags.FlagValues()
   cli.define_config_file("config", None, "", flag_values=values)
   assert [f.name for f in values.get_key_flags_for_module(__name__)] == ["config"]
+
+
+def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsys):
+  """eval.py and visualize_seg.py on a workdir: --config against the run's config.json."""
+  reporting.write_config(str(tmp_path), demo.get_config())
+  config = demo.get_config()
+  config.eval_batch_size, config.seed = 8, 3  # not what an evaluation means
+  cli.note_config_differences(config, str(tmp_path), default=False)
+  cli.note_config_differences(config, str(tmp_path / "no_config_json"), default=True)
+  assert capsys.readouterr().err == ""
+  config.data.image_size, config.data.num_classes = 64, 4
+  cli.note_config_differences(config, str(tmp_path), default=True)
+  assert capsys.readouterr().err == (
+      f"note: --config (not given: the default) differs from {tmp_path}'s config.json in "
+      "data.num_classes 4 (the run's: 10), data.image_size 64 (the run's: 32)\n"
+  )
