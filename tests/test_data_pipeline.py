@@ -2,9 +2,11 @@
 
 import functools
 import io
+import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -441,3 +443,17 @@ def test_mixup_cutmix_properties():
   same, targets = mix(0.0)(jax.random.PRNGKey(0), images, labels)
   np.testing.assert_array_equal(same, images)
   np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)
+
+
+def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog):
+  """The labels index the train split's class folders: evaluating needs them; an empty class
+  folder is a class all the same, with a warning."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=2, per_class=2, val_per_class=1)
+  (tmp_path / "data" / "train" / "n99999999").mkdir()  # an empty class, sorted last
+  with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    source = sources.FolderSource(root, "train", 3)
+  assert source.classes[-1] == "n99999999"
+  assert "1 class folder(s) hold no image, e.g. n99999999" in caplog.text
+  shutil.rmtree(tmp_path / "data" / "train")
+  with pytest.raises(fd.DataNotFoundError, match="the val labels index the train split's class"):
+    sources.FolderSource(root, "val", 3)

@@ -132,7 +132,8 @@ class _MakeExample:
     try:
       image, converted = transforms.decode(record["encoded"])
     except transforms.BadImageError as e:
-      log.warning("bad image %s skipped: %s", record["key"], e)
+      what = "skipped (train)" if self._train else "masked out (val)"
+      log.warning("bad image %s %s: %s", record["key"], what, e)
       out["num_bad"] = np.int32(1)
       return out
     if self._train:

@@ -110,7 +110,8 @@ class _MakeExample:
     try:
       image, label, converted = _decode(record, self._cfg)
     except transforms.BadImageError as e:
-      log.warning("bad example %s skipped: %s", record["key"], e)
+      what = "skipped (train)" if self._train else "masked out (val)"
+      log.warning("bad example %s %s: %s", record["key"], what, e)
       return {**self._empty(), **out, "num_bad": np.int32(1)}
     if self._train:
       _check_label_range(label, self._cfg, record["key"])

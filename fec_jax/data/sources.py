@@ -6,6 +6,7 @@ in the pipeline's workers, so that a bad file is counted and skipped there.
 """
 
 import functools
+import logging
 import os
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 
 # torchvision's ImageFolder extensions (compared lower-case).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+log = logging.getLogger(__name__)
 
 FOLDER_LAYOUT_HELP = (
     "expected the ImageNet folder layout of the official README: <root>/train/<class>/*.JPEG "
@@ -64,8 +67,25 @@ class FolderSource:
   """
 
   def __init__(self, root: str, split: str, num_classes: int, train_split: str = "train"):
-    train_classes = scan_folder(os.path.join(root, train_split))[0]
+    train_dir = os.path.join(root, train_split)
+    if split != train_split and not os.path.isdir(train_dir):
+      raise DataNotFoundError(
+          f"{train_dir} is not a directory; the {split} labels index the train split's class "
+          f"folders, so it is needed to evaluate too; {FOLDER_LAYOUT_HELP}"
+      )
+    train_classes = scan_folder(train_dir)[0]
     classes, self._paths, labels = scan_folder(os.path.join(root, split))
+    if split == train_split:
+      counts = np.bincount(labels, minlength=len(classes))
+      empty = [c for c, n in zip(classes, counts) if n == 0]
+      if empty:
+        log.warning(
+            "%s: %d class folder(s) hold no image, e.g. %s; they are classes all the same "
+            "(labels index the class folders)",
+            train_dir,
+            len(empty),
+            empty[0],
+        )
     if len(train_classes) != num_classes:
       raise ValueError(
           f"{os.path.join(root, train_split)} has {len(train_classes)} class "
