@@ -5,7 +5,9 @@ epoch e draws a global permutation of the N records from (seed, e); host h of H 
 positions h, h + H, h + 2H, ... and the per-host epoch is cut to a whole number of
 local batches (drop remainder). Every example's augmentation draws from its own
 generator seeded with (seed, e, global position), so it does not depend on the number of
-hosts, worker processes or threads, nor on where a run was resumed.
+hosts, worker processes or threads, nor on where a run was resumed. With W > 1 worker
+processes each worker batches its own slice of the order, so the examples are grouped into
+batches differently than with W = 0 or 1.
 
 Val order: the records in source order, position p on host p % H, padded with masked
 examples (mask False, image 0, label 0) to a whole number of global batches, so every
