@@ -32,7 +32,6 @@ from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
 from absl import app, flags
-from flax import traverse_util
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
@@ -139,15 +138,11 @@ def note_config_differences(config, workdir: str | None, default: bool) -> None:
   (its config.json) in EVALUATION_FIELDS, e.g. the data or the image size; `default`: --config
   was not given, so the command's default config is in use."""
   saved = reporting.read_config(workdir) if workdir else None
-  now = reporting.config_data(config)
-  if saved is None or now is None:
-    return
-  saved = traverse_util.flatten_dict(saved, sep=".")
-  now = traverse_util.flatten_dict(now, sep=".")
-  changed = [k for k in EVALUATION_FIELDS if k in saved and k in now and saved[k] != now[k]]
+  changes = (reporting.config_changes(saved, config) if saved is not None else None) or {}
+  changed = [k for k in EVALUATION_FIELDS if k in changes]
   if changed:
     which = "--config (not given: the default)" if default else "--config"
-    listed = ", ".join(f"{k} {now[k]!r} (the run's: {saved[k]!r})" for k in changed)
+    listed = ", ".join(f"{k} {changes[k][1]!r} (the run's: {changes[k][0]!r})" for k in changed)
     print(f"note: {which} differs from {workdir}'s config.json in {listed}", file=sys.stderr)
 
 

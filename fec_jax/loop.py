@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import shlex
 import time
@@ -29,7 +28,6 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
 from fec_jax import checkpoint, reporting, tasks, training
 from fec_jax.model import model_name as name_of
@@ -59,6 +57,7 @@ class _Start:
   resume: int | None  # the workdir's latest step
   pretrained: dict[str, Any] | None  # config.init_from's variables, checked against the model
   source: str  # config.init_from, as the notes name it
+  record_config: bool  # the workdir has no config.json yet (a fresh start, an earlier fec-jax)
 
 
 @dataclasses.dataclass
@@ -114,8 +113,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
-  if resume is not None:
-    _check_same_run(config, workdir)
+  recorded = resume is not None and _check_same_run(config, workdir)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
@@ -134,7 +132,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"config.init_from {config.init_from} holds {name_of(found)}, which does not "
           f"fit the config's {model_name}: {e}"
       ) from e
-  return _Start(model, model_name, overrides, resume, pretrained, source)
+  return _Start(model, model_name, overrides, resume, pretrained, source, not recorded)
 
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the number of
@@ -168,25 +166,19 @@ _FREE_ON_RESUME = frozenset(
 _LISTED_CHANGES = 8  # at most this many changed fields are named, with the overrides that undo them
 
 
-def _check_same_run(config, workdir: str) -> None:
+def _check_same_run(config, workdir: str) -> bool:
   """CheckpointError unless `config` is the one the workdir's run started with (its
-  config.json), up to the fields of _FREE_ON_RESUME. Fields that only one of the two has (a
-  workdir of an earlier fec-jax) and objects JSON cannot hold are not compared."""
+  config.json; reporting.config_changes), up to the fields of _FREE_ON_RESUME. Returns whether
+  the workdir has a config.json."""
   saved = reporting.read_config(workdir)
-  now = reporting.config_data(config)
-  if saved is None or now is None:
-    return
-  saved = traverse_util.flatten_dict(saved, sep=".")
-  now = traverse_util.flatten_dict(now, sep=".")
-  changed = sorted(
-      key
-      for key in (saved.keys() & now.keys()) - _FREE_ON_RESUME
-      if not _same_value(saved[key], now[key])
-  )
+  if saved is None:
+    return False
+  changes = reporting.config_changes(saved, config) or {}
+  changed = sorted(changes.keys() - _FREE_ON_RESUME)
   if not changed:
-    return
+    return True
   listed = ", ".join(
-      f"{key} {saved[key]!r} (now {now[key]!r})" for key in changed[:_LISTED_CHANGES]
+      f"{key} {changes[key][0]!r} (now {changes[key][1]!r})" for key in changed[:_LISTED_CHANGES]
   )
   if len(changed) > _LISTED_CHANGES:  # another config file, rather than a few overrides
     advice = (
@@ -194,20 +186,12 @@ def _check_same_run(config, workdir: str) -> None:
         f"with ({os.path.join(workdir, reporting.CONFIG_FILE)} lists its fields)"
     )
   else:
-    overrides = " ".join(shlex.quote(_override(key, saved[key])) for key in changed)
+    overrides = " ".join(shlex.quote(_override(key, changes[key][0])) for key in changed)
     advice = f". Resume it with its values ({overrides})"
   raise checkpoint.CheckpointError(
       f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
       f"a new --workdir (--config.init_from={workdir} to start from its weights)"
   )
-
-
-def _same_value(saved, now) -> bool:
-  """Equal as JSON (NaN is NaN); a value JSON could not hold (written with its address) is not
-  compared."""
-  if any(isinstance(v, str) and v.startswith(reporting.UNSERIALIZABLE) for v in (saved, now)):
-    return True
-  return saved == now or json.dumps(saved) == json.dumps(now)
 
 
 def _override(key: str, value) -> str:
@@ -250,7 +234,7 @@ def _run(
     state = pool.submit(_fresh_state, config, task, start, tx, abstract)
     pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
-  if primary and (resume is None or reporting.read_config(workdir) is None):
+  if primary and start.record_config:
     if resume is not None:
       logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
     reporting.write_config(workdir, config)

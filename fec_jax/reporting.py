@@ -13,6 +13,7 @@ import os
 import time
 
 from absl import logging
+from flax import traverse_util
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -86,6 +87,29 @@ def write_config(workdir: str, config) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
+
+
+def config_changes(saved: dict, config) -> dict[str, tuple] | None:
+  """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
+  config.json), each as (saved value, config's value). Fields that only one of the two has (a
+  workdir of an earlier fec-jax) and values JSON cannot hold (written with their address) are
+  not compared; NaN equals NaN. None where `config` cannot go into JSON at all."""
+  now = config_data(config)
+  if now is None:
+    return None
+  saved = traverse_util.flatten_dict(saved, sep=".")
+  now = traverse_util.flatten_dict(now, sep=".")
+  return {
+      key: (saved[key], now[key])
+      for key in saved.keys() & now.keys()
+      if not _same_value(saved[key], now[key])
+  }
+
+
+def _same_value(saved, now) -> bool:
+  if any(isinstance(v, str) and v.startswith(UNSERIALIZABLE) for v in (saved, now)):
+    return True
+  return saved == now or json.dumps(saved) == json.dumps(now)
 
 
 def read_config(workdir: str) -> dict | None:
