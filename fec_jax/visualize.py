@@ -227,8 +227,9 @@ def trained_data_config(checkpoint: str) -> dict:
   return (saved or {}).get("data", {})
 
 
-def check_args(args: argparse.Namespace) -> tuple[int, int]:
-  """Every mistake in the arguments, found before the checkpoint is read: returns (H, W)."""
+def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
+  """Every mistake in the arguments, found before the checkpoint is read: returns (H, W) and
+  trained_data_config(--checkpoint)."""
   if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
     cli.fail(f"--image-size takes S or H W (positive), got {' '.join(map(str, args.image_size))}")
   for flag, values, low in (
@@ -277,10 +278,9 @@ def check_args(args: argparse.Namespace) -> tuple[int, int]:
         f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
         f"{'them' if more else 'it'}, or choose another --out"
     )
-  size = args.image_size or [
-      trained_data_config(args.checkpoint).get("image_size", DEFAULT_IMAGE_SIZE)
-  ]
-  return tuple(size * 2 if len(size) == 1 else size)
+  trained = trained_data_config(args.checkpoint)
+  size = args.image_size or [trained.get("image_size", DEFAULT_IMAGE_SIZE)]
+  return tuple(size * 2 if len(size) == 1 else size), trained
 
 
 def check_model(checkpoint: str, model) -> None:
@@ -315,8 +315,7 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  size = check_args(args)
-  trained = trained_data_config(args.checkpoint)
+  size, trained = check_args(args)
   mean, std = trained.get("mean", IMAGENET_MEAN), trained.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
