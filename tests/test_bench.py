@@ -342,6 +342,14 @@ def test_seg_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   assert _one_error_line(capsys, seg_bench.main, ["--dir", root]).startswith(
       f"error: --dir {root}: 1 image(s) without annotation"
   )
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")
+  assert _one_error_line(capsys, seg_bench.main, ["--dir", str(tmp_path / "mine")]) == (
+      f"error: --dir {tmp_path / 'mine'} holds files but no images/ or annotations/ folder; "
+      "expected an ADE20K-like folder (images/training/*.jpg, annotations/training/*.png) to "
+      "time, or a new or empty folder to write one to"
+  )
+  assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # nothing written into it
 
 
 def test_seg_bench_rewrites_its_own_incomplete_folder(tmp_path, capsys, monkeypatch):

@@ -171,10 +171,9 @@ def main(argv=None):
     print(f"writing {args.images} JPEGs per split to {root} ...", file=sys.stderr, flush=True)
     make_jpeg_folder(root, args.images)
   train_files = _files(os.path.join(root, "train"))
-  num_val = len(_files(os.path.join(root, "val")))
-  held = f"{len(train_files)} images per split"
-  if num_val != len(train_files):
-    held = f"{len(train_files)} train and {num_val} val images"
+  held = f"{num_train} images per split"
+  if num_val != num_train:
+    held = f"{num_train} train and {num_val} val images"
   mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
   cfg = config_lib.default_config()
   print(

@@ -117,6 +117,12 @@ def main(argv=None):
     cli.fail(f"{where}: {blocker}; expected a folder to create or reuse")
   if args.dir is not None:
     reused = any(os.path.isdir(os.path.join(root, sub)) for sub in ("images", "annotations"))
+    if not reused and os.path.isdir(root) and os.listdir(root):  # as fec_jax.data.bench
+      cli.fail(
+          f"--dir {root} holds files but no images/ or annotations/ folder; expected an "
+          "ADE20K-like folder (images/training/*.jpg, annotations/training/*.png) to time, or a "
+          "new or empty folder to write one to"
+      )
   else:  # ours, named by --images: reused when complete, else (re)written
     reused = _complete(root, args.images)
   num_images = _reused_folder(args, root) if reused else args.images
