@@ -62,7 +62,7 @@ def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[flo
       t = time.perf_counter()
       try:
         image, _ = transforms.decode(encoded)
-      except transforms.BadImageError:  # skipped, as training skips it
+      except transforms.BadImageError:  # left out of the timing
         bad.add(path)
         continue
       finally:

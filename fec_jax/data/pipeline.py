@@ -4,21 +4,24 @@ Train order (like torch's DistributedSampler, which the official script uses): e
 epoch e draws a global permutation of the N records from (seed, e); host h of H takes
 positions h, h + H, h + 2H, ... and the per-host epoch is cut to a whole number of
 local batches (drop remainder). Every example's augmentation draws from its own
-generator seeded with (seed, e, global position), so it does not depend on the number of
-hosts, worker processes or threads, nor on where a run was resumed. With W > 1 worker
-processes each worker batches its own slice of the order, so the examples are grouped into
-batches differently than with W = 0 or 1.
+generator seeded with (seed, e, global position).
+
+Batches are made before the worker processes: the elements of the grain dataset are whole
+batches, grain hands batch i to worker i % W and takes them back in turn. So a batch does not
+depend on the number of hosts' worker processes or threads, nor on where a run was resumed, and
+the iterator's state is the number of batches read: a resume may use another number of
+workers.
 
 Val order: the records in source order, position p on host p % H, padded with masked
 examples (mask False, image 0, label 0) to a whole number of global batches, so every
 host runs the same number of eval steps and each real example is counted exactly once.
 
-Bad input (unreadable, truncated, corrupt files): train skips the example (the batch is
-filled with the next ones; labels travel with their images, never shift) and raises
-DataNotFoundError after as many bad examples in a row as the split has records; val keeps
-its slot with mask False. Odd modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted
-to RGB. Both are counted; the counts are logged once per epoch and kept in the iterator
-state (`stats()` returns them).
+Bad input (unreadable, truncated, corrupt files): in train, the next record in source order
+that decodes takes the bad one's place (with its own label), as in timm's ImageDataset, which
+the official script reads ImageNet with, so a batch keeps its size and an epoch its length; a
+split with no readable record is DataNotFoundError. Val keeps the slot with mask False. Odd
+modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted to RGB. Both are counted; the counts
+are logged once per epoch and kept in the iterator state (`stats()` returns them).
 """
 
 import logging
@@ -51,25 +54,8 @@ def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -
 
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:
-  """Val batches per host: ceil(N / global_batch_size), rounded up to a multiple of the val
-  worker processes (see _val_layout); padding is masked."""
-  return _val_layout(data_config, num_examples(data_config, "val"), global_batch_size)[0]
-
-
-def _val_layout(data_config, n: int, global_batch_size: int) -> tuple[int, int]:
-  """(val batches per host, worker processes) for n val records. Each worker batches its own
-  slice, so the batches are a multiple of the workers, and every all-padding batch of that
-  rounding still runs through the model. Each worker makes `rounds` batches, as few as the
-  configured workers allow; then as few workers as make the batches in that many rounds, which
-  leaves fewer than `rounds` padding batches (ImageNet's 50,000 at 1024 on 16 workers: 49
-  batches of images, 52 = 4 x 13 in all, where 16 workers would run 64)."""
-  batches = -(-n // global_batch_size)
-  most = _num_workers(data_config)
-  if most == 0:
-    return batches, 0
-  rounds = -(-batches // most)
-  workers = -(-batches // rounds)
-  return rounds * workers, workers
+  """Val batches per host: ceil(N / global_batch_size); padding is masked."""
+  return -(-num_examples(data_config, "val") // global_batch_size)
 
 
 def _num_workers(data_config) -> int:
@@ -107,13 +93,53 @@ class _ValOrder:
     return (position if position < self._n else -1), 0, position
 
 
+class _Reader:
+  """Reads record `index` of a source and decodes it with `decode(record)`, which raises
+  transforms.BadImageError for a bad file; shared by the classification and segmentation
+  pipelines. train: a bad record is replaced by the next one in source order that decodes,
+  wrapping at the end (timm's ImageDataset does the same), and a split without one is
+  DataNotFoundError naming `where`. val: a bad record decodes to None (the caller masks it out).
+  A bad file is logged the first time this process reads it and not read again by it."""
+
+  def __init__(self, source, decode, train: bool, where: str):
+    self._source, self._decode, self._train, self._where = source, decode, train, where
+    self._bad = set()  # record indices that failed to decode in this process
+
+  def __call__(self, index: int):
+    """(record, decode(record) or None, whether the record at `index` was bad)."""
+    n = len(self._source)
+    for tries in range(n if self._train else 1):
+      i = (index + tries) % n
+      record = self._source[i]
+      if i in self._bad:
+        continue
+      try:
+        return record, self._decode(record), tries > 0
+      except transforms.BadImageError as e:
+        self._bad.add(i)
+        what = "replaced by the next readable record (train)" if self._train else "masked out (val)"
+        log.warning("bad file %s %s: %s", record["key"], what, e)
+    if self._train:
+      raise sources.DataNotFoundError(
+          f"no readable image in the {n} train records of {self._where}; expected image files "
+          "that decode (the warnings above name the bad ones)"
+      )
+    return record, None, True
+
+
+def _decode(record) -> tuple[np.ndarray, bool]:
+  """(uint8 [H, W, 3] RGB image, converted) of a source record; transforms.decode."""
+  return transforms.decode(record["encoded"])
+
+
 class _MakeExample:
   """(record index, epoch, position) -> {'image' uint8 [S, S, 3], 'label' int32, 'mask' bool,
-  'num_bad' int32, 'num_converted' int32, train: 'erase' int32 [4]}; never raises on bad
-  images."""
+  'num_bad' int32, 'num_converted' int32, train: 'erase' int32 [4]}; a bad file is replaced
+  (train) or masked out (val), see _Reader."""
 
   def __init__(self, source, cfg, seed: int, train: bool):
-    self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
+    self._cfg, self._seed, self._train = cfg, seed, train
+    self._read = _Reader(source, _decode, train, data_location(cfg))
     self._ra = transforms.randaugment_setup(cfg) if train else (None, None)
 
   def __call__(self, item) -> dict:
@@ -130,14 +156,11 @@ class _MakeExample:
       out["erase"] = transforms.NO_ERASE
     if index < 0:
       return out
-    record = self._source[index]
-    try:
-      image, converted = transforms.decode(record["encoded"])
-    except transforms.BadImageError as e:
-      what = "skipped (train)" if self._train else "masked out (val)"
-      log.warning("bad image %s %s: %s", record["key"], what, e)
-      out["num_bad"] = np.int32(1)
+    record, decoded, bad = self._read(index)
+    out["num_bad"] = np.int32(bad)
+    if decoded is None:
       return out
+    image, converted = decoded
     if self._train:
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
       out["image"], out["erase"] = transforms.train_transform(rng, image, self._cfg, *self._ra)
@@ -147,72 +170,48 @@ class _MakeExample:
     return out
 
 
-class _SkipBad(grain.IterDataset):
-  """Drops examples whose image failed to decode; their count rides on the next example.
-  `limit` bad examples in a row (the number of records: an epoch's worth) raise
-  DataNotFoundError naming `where`, since an endless stream would skip them forever."""
+class _Loader(grain.IterDataset):
+  """The elements of `elements` (a grain MapDataset of batches, or of segmentation's val
+  examples) in `workers` worker processes, with the bad/converted counts taken out and logged
+  once per epoch of `steps_per_epoch` elements. Each `iter()` is a fresh pass with its own
+  worker processes."""
 
-  def __init__(self, parent, limit: int, where: str):
-    super().__init__(parent)
-    self._limit, self._where = limit, where
-
-  def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__(), self._limit, self._where)
-
-
-class _SkipBadIterator(grain.DatasetIterator):
-
-  def __init__(self, parent, limit: int, where: str):
-    super().__init__(parent)
-    self._limit, self._where = limit, where
-
-  def __next__(self):
-    num_bad = 0
-    while True:
-      example = next(self._parent)
-      if example["mask"]:
-        example["num_bad"] = np.int32(example["num_bad"] + num_bad)
-        return example
-      num_bad += int(example["num_bad"])
-      if num_bad >= self._limit:
-        raise sources.DataNotFoundError(
-            f"no readable image in {num_bad} consecutive train examples of {self._where}; "
-            "expected image files that decode (the warnings above name the bad ones)"
-        )
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-class _Report(grain.IterDataset):
-  """Removes the bad/converted counts from the batches and logs them once per epoch; its state
-  holds the number of worker processes, which a restore must match."""
-
-  def __init__(self, parent, steps_per_epoch: int, split: str, workers: int):
-    super().__init__(parent)
-    self._steps_per_epoch, self._split, self._workers = steps_per_epoch, split, workers
+  def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
+    super().__init__()
+    self._args = (elements, data_config, steps_per_epoch, split)
 
   def __iter__(self):
-    return _ReportIterator(
-        self._parent.__iter__(), self._steps_per_epoch, self._split, self._workers
-    )
+    return _LoaderIterator(*self._args)
 
 
-class _ReportIterator(grain.DatasetIterator):
+class _LoaderIterator(grain.DatasetIterator):
+  """Its state is the number of elements read (and the counts): a restore opens the grain
+  pipeline at that element, with any number of workers. A state of an earlier fec-jax, whose
+  batches depended on the workers, resumes at its step too."""
 
-  def __init__(self, parent, steps_per_epoch: int, split: str, workers: int):
-    super().__init__(parent)
-    self._steps_per_epoch, self._split, self._workers = steps_per_epoch, split, workers
+  def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
+    super().__init__()
+    self._elements, self._cfg = elements, data_config
+    self._steps_per_epoch, self._split = steps_per_epoch, split
     self._step, self._bad, self._converted = 0, 0, 0
     self._epoch_start = (0, 0)
+    self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
+
+  def _open(self):
+    ds = self._elements[self._step :].to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=self._cfg.read_threads, prefetch_buffer_size=self._cfg.read_threads
+        )
+    )
+    return iter(_prefetch(ds, self._cfg, _num_workers(self._cfg)))
 
   def __next__(self):
-    batch = dict(next(self._parent))
-    self._bad += int(batch.pop("num_bad").sum())
-    self._converted += int(batch.pop("num_converted").sum())
+    self._assert_not_closed()
+    if self._iterator is None:
+      self._iterator = self._open()
+    batch = dict(next(self._iterator))
+    self._bad += int(np.sum(batch.pop("num_bad")))
+    self._converted += int(np.sum(batch.pop("num_converted")))
     if self._split == "train":
       del batch["mask"]
     self._step += 1
@@ -226,39 +225,37 @@ class _ReportIterator(grain.DatasetIterator):
           "%s: %d bad images %s, %d images converted to RGB",
           what,
           bad,
-          "skipped" if self._split == "train" else "masked out",
+          "replaced" if self._split == "train" else "masked out",
           converted,
       )
       self._epoch_start = (self._bad, self._converted)
     return batch
 
   def stats(self) -> dict:
-    """Bad (skipped / masked out) and converted image counts since the loader started."""
+    """Bad (replaced / masked out) and converted image counts since the loader started."""
     return {"bad": self._bad, "converted": self._converted}
 
   def get_state(self):
     return {
-        "parent": self._parent.get_state(),
         "step": self._step,
         "bad": self._bad,
         "converted": self._converted,
         "epoch_start": list(self._epoch_start),
-        "workers": self._workers,
     }
 
   def set_state(self, state):
-    # grain's state is per worker: another count fails in grain or, worse, reads another order
-    saved = state.get("workers", self._workers)  # unchecked for a state of an earlier fec-jax
-    if saved != self._workers:
-      raise ValueError(
-          f"the checkpoint's {self._split} data iterator was saved with {saved} loader worker "
-          f"processes per host and this run has {self._workers} (config.data.num_workers; -1 = "
-          f"one per core): the saved position is per worker, so resume with "
-          f"--config.data.num_workers={saved}"
-      )
-    self._parent.set_state(state["parent"])
+    self._close_pipeline()
     self._step, self._bad, self._converted = state["step"], state["bad"], state["converted"]
     self._epoch_start = tuple(state["epoch_start"])
+
+  def _close_pipeline(self):
+    if self._iterator is not None:
+      self._iterator.close()  # its worker processes end here
+      self._iterator = None
+
+  def close(self):
+    self._close_pipeline()
+    super().close()
 
 
 def create_loader(*args, **kwargs):
@@ -289,8 +286,7 @@ def create_dataset(
     'mask':  bool [local_batch], val only: False for padding and bad images.
   train ('train'): shuffled per epoch from `seed`, drop remainder per epoch, the full
     train transform; `num_epochs` None = endless (recommended: count steps with
-    steps_per_epoch()), else that many epochs (with W > 1 worker processes each worker
-    drops its own remainder at the very end, so up to W - 1 batches fewer).
+    steps_per_epoch()), else that many epochs.
   val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
     padding masked (`num_epochs` is ignored).
   Normalization, the erasing fill and Mixup/CutMix run on device (device_transforms, mixup;
@@ -298,9 +294,8 @@ def create_dataset(
 
   Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming
-  requires the same config, seed, batch size, shards and number of workers (set_state raises
-  ValueError for another number of workers).
-  Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
+  requires the same config, seed, batch size and shards; the number of worker processes may
+  differ. Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
   Call `it.close()` when done: it ends the iterator's worker processes. They ignore SIGINT and
   SIGTERM (the caller handles them, see _init_worker) and end if the calling process does.
   """
@@ -314,25 +309,28 @@ def create_dataset(
   n = len(source)
   train = split == "train"
   if train:
-    per_host_epoch = (n // shard_count) // local_batch * local_batch
-    if per_host_epoch == 0:
-      raise ValueError(f"{n} train examples are fewer than one global batch ({global_batch_size})")
-    total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
-    order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
-    steps = per_host_epoch // local_batch
-    workers = _num_workers(data_config)
+    order, steps, total = _train_order(n, local_batch, shard_index, shard_count, seed, num_epochs)
   else:
-    steps, workers = _val_layout(data_config, n, global_batch_size)
+    steps = -(-n // global_batch_size)
     total = steps * local_batch
     order = _ValOrder(n, shard_index, shard_count)
-  ds = grain.MapDataset.range(total).map(order).map(_MakeExample(source, data_config, seed, train))
-  ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=2 * local_batch)
-  )
-  if train:
-    ds = _SkipBad(ds, n, data_location(data_config))
-  ds = ds.batch(local_batch, drop_remainder=train)
-  return _Report(_prefetch(ds, data_config, workers), steps, split, workers)
+  examples = grain.MapDataset.range(total).map(order)
+  batches = examples.map(_MakeExample(source, data_config, seed, train)).batch(local_batch)
+  return _Loader(batches, data_config, steps, split)
+
+
+def _train_order(n: int, local_batch: int, shard_index: int, shard_count: int, seed, num_epochs):
+  """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
+  for n records: whole epochs of whole local batches, `num_epochs` of them (None: as many as an
+  index holds, endless in practice)."""
+  per_host_epoch = (n // shard_count) // local_batch * local_batch
+  if per_host_epoch == 0:
+    raise ValueError(
+        f"{n} train examples are fewer than one global batch ({local_batch * shard_count})"
+    )
+  epochs = num_epochs or sys.maxsize // per_host_epoch
+  order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
+  return order, per_host_epoch // local_batch, per_host_epoch * epochs
 
 
 def data_location(data_config) -> str:

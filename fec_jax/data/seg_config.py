@@ -47,7 +47,8 @@ def ade20k_config() -> ml_collections.ConfigDict:
   num_workers: loader worker processes per host; 0 = in the calling process,
       -1 = one per CPU core.
   prefetch_buffer_size: batches buffered per worker process.
-  read_threads: threads per worker process fetching and transforming images.
+  read_threads: threads per worker process, each making one batch at a time (reading,
+      decoding and transforming its images).
   """
   c = ml_collections.ConfigDict()
   c.source = "ade20k"

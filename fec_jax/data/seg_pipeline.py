@@ -1,12 +1,11 @@
 """The grain segmentation pipeline: deterministic, resumable, sharded per host.
 
-Train order, per-example random draws, bad-file skipping and the per-epoch counts are those
-of the classification pipeline (fec_jax.data.pipeline, whose order, skip and report stages
-this module reuses): each epoch permutes the records from (seed, epoch), host h of H takes
-global positions h, h + H, ..., and every example draws from its own generator seeded
-with (seed, epoch, position), so an example does not depend on hosts, worker processes,
-threads or where a run was resumed (with W > 1 worker processes each worker batches its own
-slice, so the same examples are grouped into batches differently than with W = 0 or 1).
+Train order, per-example random draws, batching, bad-file handling and the per-epoch counts
+are those of the classification pipeline (fec_jax.data.pipeline, whose order, reader and
+loader this module reuses): each epoch permutes the records from (seed, epoch), host h of H
+takes global positions h, h + H, ..., every example draws from its own generator seeded with
+(seed, epoch, position), and batches are made before the worker processes, so a batch does not
+depend on the number of worker processes or threads, nor on where a run was resumed.
 
 Val: one example at a time (images differ in size). Host h of H takes the records at
 positions h, h + H, ...; the last, uneven share is padded: every host yields
@@ -14,23 +13,20 @@ ceil(N / H) examples, and the padding (like a bad file) has mask False and a lab
 ignore_index only, so it adds nothing to the metric's sums even if it is not skipped.
 
 Bad input (unreadable or corrupt image or annotation, an annotation that is not 8-bit
-single-channel or not the image's size): train skips the example, val keeps its slot with
-mask False; odd image modes (grayscale, CMYK, ...) are converted to RGB. Both are counted
+single-channel or not the image's size): in train the next readable record in source order
+takes its place, val keeps its slot with mask False; odd image modes (grayscale, CMYK, ...) are converted to RGB. Both are counted
 and logged once per epoch; `it.stats()` returns the counts. A train annotation with a class id
 outside [0, num_classes) (other than ignore_index) is a config that does not fit the data: an
 error, not a skipped example.
 """
 
-import logging
-import sys
+import functools
 
 import grain
 import numpy as np
 
 from fec_jax.data import pipeline, seg_sources, seg_transforms, transforms
 from fec_jax.data import seg_config as config_lib
-
-log = logging.getLogger(__name__)
 
 
 def seg_num_examples(data_config, split: str) -> int:
@@ -80,14 +76,17 @@ def _check_label_range(label, cfg, key) -> None:
 
 
 class _MakeExample:
-  """(record index or -1, epoch, position) -> an example; never raises on bad files.
+  """(record index or -1, epoch, position) -> an example; a bad file is replaced (train) or
+  masked out (val), see pipeline._Reader.
 
   train: {'image' uint8 [ch, cw, 3], 'label' uint8 [ch, cw], 'valid' int32 [2]};
   val: {'image' uint8 [h, w, 3], 'label' uint8 [H0, W0]}; both also 'mask' bool,
   'num_bad' int32, 'num_converted' int32."""
 
   def __init__(self, source, cfg, seed: int, train: bool):
-    self._source, self._cfg, self._seed, self._train = source, cfg, seed, train
+    self._cfg, self._seed, self._train = cfg, seed, train
+    decode = functools.partial(_decode, cfg=cfg)
+    self._read = pipeline._Reader(source, decode, train, pipeline.data_location(cfg))
 
   def _empty(self) -> dict:
     """Image 0 and label ignore_index, for padding and bad files."""
@@ -106,13 +105,11 @@ class _MakeExample:
     out = {"mask": False, "num_bad": np.int32(0), "num_converted": np.int32(0)}
     if index < 0:
       return {**self._empty(), **out}
-    record = self._source[index]
-    try:
-      image, label, converted = _decode(record, self._cfg)
-    except transforms.BadImageError as e:
-      what = "skipped (train)" if self._train else "masked out (val)"
-      log.warning("bad example %s %s: %s", record["key"], what, e)
-      return {**self._empty(), **out, "num_bad": np.int32(1)}
+    record, decoded, bad = self._read(index)
+    out["num_bad"] = np.int32(bad)
+    if decoded is None:
+      return {**self._empty(), **out}
+    image, label, converted = decoded
     if self._train:
       _check_label_range(label, self._cfg, record["key"])
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
@@ -150,7 +147,7 @@ def create_seg_loader(
     'label': uint8 [H0, W0], the annotation at its original size (reduced, 255 = ignore);
     'mask':  bool, False for padding and bad files.
   Checkpointing, resuming, worker processes, `stats()` and `close()` are as for
-  fec_jax.data.create_loader (same config, seed, batch size, shards and num_workers).
+  fec_jax.data.create_loader (same config, seed, batch size and shards; any num_workers).
   """
   config_lib.validate(data_config)
   if split not in ("train", "val"):
@@ -162,23 +159,14 @@ def create_seg_loader(
   train = split == "train"
   if train:
     local_batch = pipeline._local_batch(global_batch_size, shard_count)
-    per_host_epoch = (n // shard_count) // local_batch * local_batch
-    if per_host_epoch == 0:
-      raise ValueError(f"{n} train examples are fewer than one global batch ({global_batch_size})")
-    total = per_host_epoch * num_epochs if num_epochs else sys.maxsize
-    order = pipeline._TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
-    steps = per_host_epoch // local_batch
-    buffer = 2 * local_batch
+    order, steps, total = pipeline._train_order(
+        n, local_batch, shard_index, shard_count, seed, num_epochs
+    )
   else:
     total = steps = -(-n // shard_count)
     order = pipeline._ValOrder(n, shard_index, shard_count)
-    buffer = 2 * data_config.read_threads
-  ds = grain.MapDataset.range(total).map(order).map(_MakeExample(source, data_config, seed, train))
-  ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=buffer)
-  )
+  elements = grain.MapDataset.range(total).map(order)
+  elements = elements.map(_MakeExample(source, data_config, seed, train))
   if train:
-    ds = pipeline._SkipBad(ds, n, pipeline.data_location(data_config))
-    ds = ds.batch(local_batch, drop_remainder=True)
-  workers = pipeline._num_workers(data_config)
-  return iter(pipeline._Report(pipeline._prefetch(ds, data_config, workers), steps, split, workers))
+    elements = elements.batch(local_batch)
+  return iter(pipeline._Loader(elements, data_config, steps, split))

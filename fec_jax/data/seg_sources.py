@@ -3,7 +3,7 @@
 Every source yields records {'image': bytes (an encoded image file) or uint8 [H, W, 3],
 'label': bytes (an encoded PNG annotation) or uint8 [H, W], 'key': str (file name, for
 error reports)}. Decoding happens later in the pipeline's workers, so that a bad file is
-counted and skipped there.
+counted and replaced (train) or masked out (val) there.
 """
 
 import functools
@@ -80,7 +80,7 @@ class ADE20KSource:
       with open(os.path.join(self._root, rel.decode()), "rb") as f:
         return f.read()
     except OSError:
-      return b""  # unreadable: counted and skipped by the pipeline
+      return b""  # unreadable: counted and replaced or masked out by the pipeline
 
   def __getitem__(self, index: int) -> dict:
     return {

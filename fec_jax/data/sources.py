@@ -2,7 +2,7 @@
 
 Every source yields records {'encoded': bytes (an encoded image file) or uint8 [H, W(, 3)]
 array, 'label': int, 'key': str (file name, for error reports)}. Decoding happens later
-in the pipeline's workers, so that a bad file is counted and skipped there.
+in the pipeline's workers, so that a bad file is counted and replaced (train) or masked out (val) there.
 """
 
 import functools
@@ -108,7 +108,7 @@ class FolderSource:
       with open(os.path.join(self._dir, rel), "rb") as f:
         encoded = f.read()
     except OSError:
-      encoded = b""  # unreadable: counted and skipped by the pipeline
+      encoded = b""  # unreadable: counted and replaced or masked out by the pipeline
     return {"encoded": encoded, "label": int(self._labels[index]), "key": rel}
 
 
