@@ -136,9 +136,9 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
 
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
-# not depend on it: fec_jax.data.pipeline), what init_from names (a resume does not read it), how often to log, evaluate and save, how to
-# evaluate, and where to stop. A change to any other field would continue the checkpoints as
-# another run than theirs.
+# not depend on it: fec_jax.data.pipeline), what init_from names (a resume does not read it),
+# how often to log, evaluate and save, how to evaluate, and where to stop. A change to any other
+# field would continue the checkpoints as another run than theirs.
 _FREE_ON_RESUME = frozenset(
     {
         "max_steps",

@@ -1,5 +1,6 @@
 """Sources, loader determinism/resume/sharding, bad input, eval transform, mixup properties."""
 
+import collections
 import functools
 import io
 import logging
@@ -64,6 +65,8 @@ def test_train_batches_deterministic_and_per_epoch_shuffled(folder):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+  with pytest.raises(ValueError, match="num_epochs must be None"):
+    fd.create_loader(cfg, "train", 4, seed=3, num_epochs=0)
   epoch0 = np.concatenate([x["label"] for x in a[:4]])
   epoch1 = np.concatenate([x["label"] for x in a[4:]])
   assert sorted(np.bincount(epoch0, minlength=3)) == sorted(
@@ -87,6 +90,19 @@ def test_resume_from_state_continues_exactly(folder, tmp_path):
   for want, got in zip(ref[5:], _take(fresh, 2)):
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_a_state_of_an_earlier_fec_jax_resumes_at_its_step(folder):
+  """Before batches were made ahead of the workers, the state held grain's per-worker state
+  ('parent') and the number of workers; its step is what a restore now reads."""
+  cfg = _cfg(folder)
+  ref = _take(fd.create_loader(cfg, "train", 4, seed=0), 7)
+  old = {"parent": {"workers_state": {}}, "step": 5, "bad": 0, "converted": 0, "workers": 2}
+  fresh = fd.create_loader(cfg, "train", 4, seed=0)
+  fresh.set_state({**old, "epoch_start": [0, 0]})
+  for want, got in zip(ref[5:], _take(fresh, 2), strict=True):
+    np.testing.assert_array_equal(got["image"], want["image"])
+  assert fresh.get_state()["step"] == 7
 
 
 def test_shards_are_disjoint_and_augmentation_independent_of_sharding(folder):
@@ -246,7 +262,7 @@ def _write_bad_files(root):
       f.write(buf[: len(buf) // 2])
 
 
-def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog):
+def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypatch):
   root = make_imagenet_folder(tmp_path, num_classes=2, per_class=4, val_per_class=2)
   _write_bad_files(root)
   cfg = _cfg(root, num_classes=2)
@@ -270,6 +286,13 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog):
   assert takes != list(range(16))  # some bad record is replaced
   caplog.clear()
   cfg.read_threads = 1  # two threads may both read a bad file before either has logged it
+  reads = collections.Counter()
+  read = sources.FolderSource.__getitem__
+  monkeypatch.setattr(
+      sources.FolderSource,
+      "__getitem__",
+      lambda self, i: reads.update([os.path.basename(self._paths[i].decode())]) or read(self, i),
+  )
   with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
     it = fd.create_loader(cfg, "train", 2, seed=0, num_epochs=2)
     got = list(it)
@@ -280,7 +303,8 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog):
   labels = np.concatenate([b["label"] for b in got[:8]])
   assert sorted(labels.tolist()) == sorted(train[j]["label"] for j in takes)
   warned = [r.getMessage() for r in caplog.records]
-  assert len(warned) == 3  # each bad file once, though read in both epochs
+  assert len(warned) == 3  # each bad file once, though its place comes in both epochs
+  assert all(reads[key] == 1 for key in bad_keys), reads  # and read once
   assert all("replaced by the next readable record (train)" in m for m in warned)
 
 

@@ -43,7 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
       -1 = one per CPU core.
   prefetch_buffer_size: batches buffered per worker process.
   read_threads: threads per worker process, each making one batch at a time (reading,
-      decoding and transforming its images).
+      decoding and transforming its images): a worker holds up to read_threads +
+      prefetch_buffer_size batches.
   """
   c = ml_collections.ConfigDict()
   c.source = "folder"

@@ -98,21 +98,22 @@ class _Reader:
   transforms.BadImageError for a bad file; shared by the classification and segmentation
   pipelines. train: a bad record is replaced by the next one in source order that decodes,
   wrapping at the end (timm's ImageDataset does the same), and a split without one is
-  DataNotFoundError naming `where`. val: a bad record decodes to None (the caller masks it out).
-  A bad file is logged the first time this process reads it and not read again by it."""
+  DataNotFoundError naming `where`. val: the caller masks a bad record out. A bad file is logged
+  when this process first reads it (two threads may both log it) and not read again by it."""
 
   def __init__(self, source, decode, train: bool, where: str):
     self._source, self._decode, self._train, self._where = source, decode, train, where
     self._bad = set()  # record indices that failed to decode in this process
 
   def __call__(self, index: int):
-    """(record, decode(record) or None, whether the record at `index` was bad)."""
+    """(record, decode(record), whether the record at `index` was bad); (None, None, True)
+    for a bad val record."""
     n = len(self._source)
     for tries in range(n if self._train else 1):
       i = (index + tries) % n
-      record = self._source[i]
-      if i in self._bad:
+      if i in self._bad:  # a run of bad records costs set lookups, not file reads
         continue
+      record = self._source[i]
       try:
         return record, self._decode(record), tries > 0
       except transforms.BadImageError as e:
@@ -124,7 +125,7 @@ class _Reader:
           f"no readable image in the {n} train records of {self._where}; expected image files "
           "that decode (the warnings above name the bad ones)"
       )
-    return record, None, True
+    return None, None, True
 
 
 def _decode(record) -> tuple[np.ndarray, bool]:
@@ -172,9 +173,9 @@ class _MakeExample:
 
 class _Loader(grain.IterDataset):
   """The elements of `elements` (a grain MapDataset of batches, or of segmentation's val
-  examples) in `workers` worker processes, with the bad/converted counts taken out and logged
-  once per epoch of `steps_per_epoch` elements. Each `iter()` is a fresh pass with its own
-  worker processes."""
+  examples) made in data_config.num_workers worker processes, with the bad/converted counts
+  taken out and logged once per epoch of `steps_per_epoch` elements. Each `iter()` is a fresh
+  pass with its own worker processes."""
 
   def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
     super().__init__()
@@ -186,8 +187,9 @@ class _Loader(grain.IterDataset):
 
 class _LoaderIterator(grain.DatasetIterator):
   """Its state is the number of elements read (and the counts): a restore opens the grain
-  pipeline at that element, with any number of workers. A state of an earlier fec-jax, whose
-  batches depended on the workers, resumes at its step too."""
+  pipeline at that element, with any number of workers. A state of an earlier fec-jax resumes
+  at its step too; its batches depended on the number of workers, so with more than one worker
+  the batches from there on are grouped as this version groups them."""
 
   def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
     super().__init__()
@@ -328,6 +330,8 @@ def _train_order(n: int, local_batch: int, shard_index: int, shard_count: int, s
     raise ValueError(
         f"{n} train examples are fewer than one global batch ({local_batch * shard_count})"
     )
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
   epochs = num_epochs or sys.maxsize // per_host_epoch
   order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
   return order, per_host_epoch // local_batch, per_host_epoch * epochs

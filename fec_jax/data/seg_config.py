@@ -48,7 +48,8 @@ def ade20k_config() -> ml_collections.ConfigDict:
       -1 = one per CPU core.
   prefetch_buffer_size: batches buffered per worker process.
   read_threads: threads per worker process, each making one batch at a time (reading,
-      decoding and transforming its images).
+      decoding and transforming its images): a worker holds up to read_threads +
+      prefetch_buffer_size batches.
   """
   c = ml_collections.ConfigDict()
   c.source = "ade20k"
