@@ -64,7 +64,7 @@ def measure_throughput(model, variables, image_size: int, mesh) -> float:
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:  # print only the result (--verbosity=0 shows the logs)
+  if not FLAGS["verbosity"].present:  # a progress line, then the result (--verbosity=0: the logs)
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   cli.check_paths_given(
@@ -113,6 +113,12 @@ def main(argv):
   weights = f"step {step}{', EMA weights' if FLAGS.ema else ''}"
   evaluator = task.evaluator(model, mesh)
   cli.note_config_differences(config, directory, default=not FLAGS["config"].present)
+  where = data.data_location(config.data)
+  print(
+      f"evaluating {directory} ({weights}) on the val split of {where} ...",
+      file=sys.stderr,
+      flush=True,
+  )
   print(f"{task.describe(evaluator(variables))}  [{weights}]")
 
 

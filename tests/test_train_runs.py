@@ -168,7 +168,8 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
       cwd=tmp_path,
   )
   assert rc == 0, err[-3000:]
-  assert not err.strip() and len(out.splitlines()) == 1  # the result, nothing else
+  assert err == f"evaluating {reference} (step {STEPS}) on the val split of the demo data ...\n"
+  assert len(out.splitlines()) == 1  # the result, nothing else
   top1 = float(out.split("top-1 ")[1].split("%")[0])
   assert top1 == pytest.approx(reporting.read_metrics(reference)[-1]["val_top1"], abs=0.01)
   assert out.endswith(f"  [step {STEPS}]\n")  # which weights: the latest step, not the EMA
