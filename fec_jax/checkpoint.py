@@ -95,6 +95,12 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:
+      parent, name = os.path.split(directory)
+      if name.isdigit() and os.path.isdir(os.path.join(directory, MODEL_ITEM)):
+        raise CheckpointError(
+            f"{directory} is step {name} of the checkpoint {parent}: give that directory "
+            f"(and step {name} where the command takes a step, e.g. --step={name})"
+        )
       raise CheckpointError(
           f"{directory} holds no checkpoint steps; expected the --output of "
           "convert_torch_weights.py or a train.py --workdir with a saved step"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import pickle
 import re
@@ -287,6 +288,16 @@ def _shape_mismatches(
   return problems
 
 
+def _examples(problems: list[str], count: int) -> list[str]:
+  """`count` of `problems`, each kind (missing, mis-shaped, unexpected) in turn, so that the keys
+  of another network's checkpoint show among the missing FEC keys."""
+  kinds = {}
+  for problem in problems:
+    kinds.setdefault(problem.split()[0], []).append(problem)
+  turns = itertools.zip_longest(*kinds.values())
+  return [problem for turn in turns for problem in turn if problem][:count]
+
+
 def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
   """(the models whose state dict has exactly these keys and shapes, the class count aside; the
   mismatches of the closest model)."""
@@ -316,7 +327,7 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
     )
   raise ConversionError(
       f"the checkpoint is not an FEC state dict: the closest variant differs in "
-      f"{len(closest)} keys, e.g.\n  " + "\n  ".join(closest[:SHOWN_PROBLEMS])
+      f"{len(closest)} keys, e.g.\n  " + "\n  ".join(_examples(closest, SHOWN_PROBLEMS))
   )
 
 
@@ -325,7 +336,7 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
   else the list of bad keys (the first SHOWN_PROBLEMS, and how many more)."""
   matches = _matching_models(state)[0]
   if matches and name not in matches:
-    keys = "; ".join(" ".join(p.split()) for p in problems[:3])  # one line: spacing collapsed
+    keys = "; ".join(" ".join(p.split()) for p in _examples(problems, 3))  # spacing collapsed
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     return (
         f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
@@ -335,7 +346,7 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
   more = f"\n  ... and {rest} more" if rest > 0 else ""
   return (
       f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
-      + "\n  ".join(problems[:SHOWN_PROBLEMS])
+      + "\n  ".join(_examples(problems, SHOWN_PROBLEMS))
       + more
   )
 
@@ -468,6 +479,12 @@ def check_paths(args: argparse.Namespace) -> None:
   """Every mistake in --input / --output, found before any slow work (ConversionError)."""
   src, dst = args.input, args.output
   expected = ORBAX_DIRECTORY if args.to_torch else CHECKPOINT_FILE
+  written = "the .pth file to write" if args.to_torch else "the checkpoint directory to write"
+  # An empty path (`--output "$UNSET"`) is the current directory to os.path.abspath: the Orbax
+  # output would replace it, files and all.
+  for flag, value, what in (("--input", src, expected), ("--output", dst, written)):
+    if not value:
+      raise ConversionError(f"{flag} is empty; expected {what}")
   if not os.path.exists(src):
     raise ConversionError(f"--input {src} does not exist; expected {expected}")
   if args.to_torch and not os.path.isdir(src):
@@ -481,7 +498,7 @@ def check_paths(args: argparse.Namespace) -> None:
         "Orbax directory to PyTorch, add --to-torch)"
     )
   if args.to_torch:
-    if os.path.isdir(dst):
+    if os.path.isdir(dst) or dst.endswith(os.sep):
       raise ConversionError(
           f"--output {dst} is a directory; with --to-torch it must be the path "
           "of the .pth file to write"
@@ -539,7 +556,7 @@ def to_orbax(args) -> None:
 
 def to_torch(args) -> None:
   torch = _torch()
-  model, _ = load_model(args.input)
+  model, step = load_model(args.input)
   if args.model and args.model != model_name(model):
     raise ConversionError(
         f"{args.input} holds {model_name(model)}, not {args.model}: "
@@ -552,7 +569,8 @@ def to_torch(args) -> None:
       for k, v in variables_to_torch(variables).items()
   }
   torch.save(state, args.output)
-  print(f"wrote {len(state)} tensors of {model_name(model)} to {args.output}")
+  weights = f"the EMA weights of step {step}" if args.ema else f"step {step}"
+  print(f"wrote {len(state)} tensors of {model_name(model)} ({weights}) to {args.output}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,16 +50,18 @@ def test_cli_roundtrip_is_bit_exact_and_loads_strictly(tmp_path, small_state):
   torch.save({"state_dict": small_state, "epoch": 3, "arch": "fec_small"}, src)
   out = run_cli("--model", "fec_small", "--input", str(src), "--output", str(tmp_path / "orbax"))
   assert out.returncode == 0, out.stderr
+  back_path = tmp_path / "back.pth"
   back = run_cli(
       "--model",
       "fec_small",
       "--input",
       str(tmp_path / "orbax"),
       "--output",
-      str(tmp_path / "back.pth"),
+      str(back_path),
       "--to-torch",
   )
   assert back.returncode == 0, back.stderr
+  assert back.stdout == f"wrote {len(small_state)} tensors of fec_small (step 0) to {back_path}\n"
   # no Orbax "Given directory is read only", no torch "NumPy array is not writable" warning
   assert out.stderr == back.stderr == "", (out.stderr, back.stderr)
   restored = torch.load(tmp_path / "back.pth", weights_only=True)
@@ -171,6 +173,20 @@ def test_strict_errors_list_every_bad_key(tmp_path, small_state, capsys):
   assert not os.path.exists(tmp_path / "o")
 
 
+def test_another_network_with_model_shows_its_own_keys(tmp_path, capsys):
+  """A ResNet-like state dict with --model fec_small: the listing takes missing and unexpected
+  keys in turn, so the foreign keys show, not only 8 missing FEC keys."""
+  state = {f"layer{i}.conv.weight": torch.zeros(4, 4, 3, 3) for i in range(300)}
+  path = tmp_path / "resnet.pth"
+  torch.save(state, path)
+  code, _, err = convert_cli(
+      capsys, "--model", "fec_small", "--input", path, "--output", tmp_path / "o"
+  )
+  assert code == 2 and "does not match fec_small" in err
+  listed = [line.split()[0] for line in err.splitlines()[1:] if not line.startswith("  ...")]
+  assert listed == ["missing", "unexpected"] * 4, err
+
+
 def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
   full = tmp_path / "full.pth"
   torch.save(small_state, full)
@@ -237,7 +253,7 @@ def test_wrong_variant_names_the_one_it_holds():
   message = str(e.value)
   assert "\n" not in message
   assert message.startswith("the checkpoint holds fec_base, not fec_small (277 keys differ, e.g. ")
-  assert message.count("mis-shaped") + message.count("unexpected") == 3
+  assert [message.count(k) for k in ("missing", "mis-shaped", "unexpected")] == [1, 1, 1]
   assert message.endswith("; and 274 more): pass --model fec_base or leave out --model")
 
 
@@ -250,6 +266,16 @@ def orbax_small(tmp_path_factory, small_state):
   )
   fec_jax.checkpoint.save_params(str(path), params, "fec_small", overrides)
   return path
+
+
+def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small):
+  """`ckpt/fec_small/0` for `ckpt/fec_small`: the message names the directory to give."""
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(orbax_small / "0"))
+  assert str(e.value) == (
+      f"{orbax_small / '0'} is step 0 of the checkpoint {orbax_small}: give that directory "
+      "(and step 0 where the command takes a step, e.g. --step=0)"
+  )
 
 
 def no_slow_work(monkeypatch):
@@ -299,6 +325,16 @@ PATH_MISTAKES = [
         "path of the .pth file to write",
     ),
     (
+        "empty output",  # the current directory to os.path.abspath: it would be replaced
+        "--output is empty; expected the checkpoint directory to write",
+    ),
+    ("empty .pth output", "--output is empty; expected the .pth file to write"),
+    ("empty input", "--input is empty; expected a .pth / .pth.tar / .safetensors checkpoint"),
+    (
+        "directory path as .pth output",
+        "--output {tmp}/new/ is a directory; with --to-torch it must be the path of the .pth",
+    ),
+    (
         "missing output parent",
         "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not exist",
     ),
@@ -326,6 +362,16 @@ def test_path_mistakes_are_one_line_before_any_work(
       "missing orbax input": ["--input", tmp / "nodir", "--output", tmp / "b.pth", "--to-torch"],
       "file as orbax input": ["--input", pth, "--output", tmp / "b.pth", "--to-torch"],
       "directory as .pth output": ["--input", orbax_small, "--output", tmp, "--to-torch"],
+      "empty output": ["--input", pth, "--output", ""],
+      "empty .pth output": ["--input", orbax_small, "--output", "", "--to-torch"],
+      "empty input": ["--input", "", "--output", tmp / "o"],
+      "directory path as .pth output": [
+          "--input",
+          orbax_small,
+          "--output",
+          f"{tmp}/new/",
+          "--to-torch",
+      ],
       "missing output parent": [
           "--input",
           orbax_small,
@@ -337,6 +383,7 @@ def test_path_mistakes_are_one_line_before_any_work(
       "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
   }[case]
   no_slow_work(monkeypatch)
+  monkeypatch.chdir(tmp)  # an empty --output names the current directory
   before = sorted(os.walk(tmp))
   code, out, err = convert_cli(capsys, *args)
   assert (code, out) == (2, "")
