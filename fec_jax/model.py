@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+import typing
+from typing import Any, Literal, Sequence
 
 import flax.linen as nn
 import jax
@@ -551,4 +552,9 @@ def create_model(name: str, **overrides) -> nn.Module:
   unknown = set(overrides) - fields
   if unknown:
     raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; accepted: {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  for key, value in overrides.items():  # the choices (aggregation, assign_grad), checked now
+    choices = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else None
+    if choices and value not in choices:
+      raise ValueError(f"{key} must be one of {choices}, got {value!r}")
   return cls(variant, **overrides)

@@ -26,6 +26,10 @@ def test_registry():
     fec_jax.create_model("fec_tiny")
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
     fec_jax.create_model("fec_small", num_class=10)
+  with pytest.raises(ValueError, match=r"aggregation must be one of \('auto', 'segment_sum'"):
+    fec_jax.create_model("fec_small", aggregation="sum")  # at once, not at the first call
+  with pytest.raises(ValueError, match="assign_grad must be one of"):
+    fec_jax.create_model("fpn_fec_small", assign_grad="straight")
 
 
 @pytest.mark.parametrize(
