@@ -116,6 +116,8 @@ def group_clusters(final: np.ndarray, features: np.ndarray, num_clusters: int) -
   the others grouped by scikit-learn KMeans (random_state=0, n_init="auto") in ascending cluster
   order. Returns [H, W] int32 groups in [0, min(num_clusters, non-empty clusters)).
   """
+  if num_clusters < 1:
+    raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
   present = np.unique(final)
   kmeans = KMeans(min(num_clusters, len(present)), random_state=0, n_init="auto")
   groups = kmeans.fit_predict(np.asarray(features, np.float64)[present])

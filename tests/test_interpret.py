@@ -237,6 +237,8 @@ def test_group_clusters_drops_empty_clusters():
   assert interpret.group_clusters(final, features, 5).max() == 2  # at most the 3 non-empty ones
   with pytest.raises(ValueError, match="feature"):
     interpret.group_batch(interpret.Clusters(None, None, None, None, {}), 3, "values")
+  with pytest.raises(ValueError, match="num_clusters must be at least 1, got 0"):
+    interpret.group_clusters(final, features, 0)  # not scikit-learn's InvalidParameterError
 
 
 # ---------------------------------------------------------------------------------------------
