@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fec_jax import cli, throughput
 from fec_jax.clustering import AGGREGATIONS
-from fec_jax.model import VARIANTS, create_model, init_variables, param_shapes
+from fec_jax.model import VARIANTS, create_model, init_variables, list_models, param_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE = 224
@@ -384,7 +384,8 @@ def parse_args(argv):
     raise UsageError("--tpu is empty; expected a TPU topology such as v5e:2x2")
   unknown = [m for m in args.models if m not in classifiers]
   if unknown:
-    raise UsageError(f"unknown model(s) {unknown}; bench.py takes {', '.join(classifiers)}")
+    what = "not classifiers" if set(unknown) <= set(list_models()) else "unknown model(s)"
+    raise UsageError(f"{what}: {unknown}; bench.py times {', '.join(classifiers)}")
   for field in ("batch", "iters"):
     if getattr(args, field) <= 0:
       raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")

@@ -64,8 +64,8 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--models", "fec_tiny"], "unknown model(s) ['fec_tiny']"),
-        (["--models", "fec_small_seg"], "unknown model(s) ['fec_small_seg']"),
+        (["--models", "fec_tiny"], "unknown model(s): ['fec_tiny']; bench.py times fec_base,"),
+        (["--models", "fec_small_seg"], "not classifiers: ['fec_small_seg']; bench.py times"),
         (["--batch", "0"], "--batch must be a positive integer, got 0"),
         (["--iters", "-1"], "--iters must be a positive integer"),
         (["--tpu", "v5e:2x2"], '--tpu needs libtpu: pip install -e ".[tpu]"'),
