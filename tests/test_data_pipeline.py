@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -201,6 +202,43 @@ def test_worker_processes_ignore_sigint_and_sigterm(folder):
   assert all(w.is_alive() for w in workers)
   it.close()
   assert not any(w.is_alive() for w in workers)
+
+
+def test_a_signal_while_the_workers_start_kills_none(folder):
+  """SIGTERM or Ctrl-C reach the whole process group, also while an evaluation starts its
+  workers. A worker that died of it failed the evaluation, or hung it (multiprocessing blocks
+  writing to a child that is gone). Each worker here gets a signal as soon as it runs Python;
+  spawn's executable is the launcher while the loader is open, and restored after."""
+  want = list(fd.create_loader(_cfg(folder), "val", 4, seed=0))
+  signals, signaled, done = [signal.SIGTERM, signal.SIGINT], set(), threading.Event()
+
+  def signal_new_workers():
+    while signals and not done.is_set():
+      for child in psutil.Process().children():
+        try:
+          command = child.cmdline()  # Python's, not the launcher's /bin/sh (its first millisecond)
+          worker = "spawn_main" in " ".join(command) and "python" in os.path.basename(command[0])
+        except psutil.Error:  # ended meanwhile
+          continue
+        if worker and child.pid not in signaled and signals:
+          os.kill(child.pid, signals.pop())
+          signaled.add(child.pid)
+      time.sleep(0.001)
+
+  python = multiprocessing.spawn.get_executable()
+  watcher = threading.Thread(target=signal_new_workers, daemon=True)
+  watcher.start()
+  it = fd.create_loader(_cfg(folder, num_workers=2), "val", 4, seed=0)
+  try:
+    got = [next(it)]
+    assert multiprocessing.spawn.get_executable() != python  # the launcher
+    got += list(it)
+  finally:
+    done.set()
+    it.close()
+  assert not signals and len(signaled) == 2  # each worker got one
+  _assert_same_batches(got, want)
+  assert multiprocessing.spawn.get_executable() == python
 
 
 def test_worker_processes_end_with_the_main_process(folder, tmp_path):

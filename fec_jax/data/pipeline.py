@@ -24,11 +24,17 @@ modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted to RGB. Both are co
 are logged once per epoch and kept in the iterator state (`stats()` returns them).
 """
 
+import atexit
 import logging
 import multiprocessing
+from multiprocessing import spawn as mp_spawn
 import os
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 
 import grain
@@ -198,6 +204,14 @@ class _LoaderIterator(grain.DatasetIterator):
     self._step, self._bad, self._converted = 0, 0, 0
     self._epoch_start = (0, 0)
     self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
+    self._launcher_held = False  # whether this iterator holds _hold_launcher()
+
+  def _start(self):
+    """Opens the grain pipeline from self._step on and returns its first element."""
+    if _num_workers(self._cfg) and not self._launcher_held:
+      self._launcher_held = _hold_launcher()
+    self._iterator = self._open()
+    return next(self._iterator)
 
   def _open(self):
     ds = self._elements[self._step :].to_iter_dataset(
@@ -209,9 +223,7 @@ class _LoaderIterator(grain.DatasetIterator):
 
   def __next__(self):
     self._assert_not_closed()
-    if self._iterator is None:
-      self._iterator = self._open()
-    batch = dict(next(self._iterator))
+    batch = dict(self._start() if self._iterator is None else next(self._iterator))
     self._bad += int(np.sum(batch.pop("num_bad")))
     self._converted += int(np.sum(batch.pop("num_converted")))
     if self._split == "train":
@@ -254,6 +266,9 @@ class _LoaderIterator(grain.DatasetIterator):
     if self._iterator is not None:
       self._iterator.close()  # its worker processes end here
       self._iterator = None
+    if self._launcher_held:
+      _release_launcher()
+      self._launcher_held = False
 
   def close(self):
     self._close_pipeline()
@@ -358,11 +373,64 @@ def _prefetch(ds, data_config, workers: int):
   )
 
 
+# multiprocessing's spawn runs a launcher instead of Python while a loader with workers is open
+# (reference-counted: train and val loaders overlap). SIGINT/SIGTERM reach the whole process
+# group (Ctrl-C, `timeout`, Slurm), and a worker still starting up died of them: the evaluation
+# failed, or hung, since multiprocessing's Popen blocks writing the pickled dataset to a child
+# that is gone. The launcher sets both to ignored, which exec keeps (Python too, for SIGINT), so
+# a worker is immune from the launcher's second line on, about a millisecond after the fork;
+# _init_worker ignores them again where no launcher could be written. grain hardcodes the spawn start method, so there is no other hook.
+_launcher_lock = threading.Lock()
+_launcher = {"users": 0, "saved": None, "path": None}
+
+
+def _hold_launcher() -> bool:
+  """Makes spawn start Python through the launcher (written once per process, in the temp
+  directory); False where the launcher cannot run (e.g. a temp directory mounted noexec)."""
+  with _launcher_lock:
+    if _launcher["path"] is None:
+      _launcher["path"] = _write_launcher(mp_spawn.get_executable()) or ""
+    if not _launcher["path"]:
+      return False
+    if _launcher["users"] == 0:
+      _launcher["saved"] = mp_spawn.get_executable()
+      mp_spawn.set_executable(_launcher["path"])
+    _launcher["users"] += 1
+    return True
+
+
+def _release_launcher() -> None:
+  with _launcher_lock:
+    _launcher["users"] -= 1
+    if _launcher["users"] == 0:
+      mp_spawn.set_executable(_launcher["saved"])
+
+
+def _write_launcher(python) -> str | None:
+  """The path of a /bin/sh script that runs `python` (str or bytes, as spawn keeps it) with
+  SIGINT and SIGTERM ignored, or None (with a warning) where it does not run."""
+  path = os.path.join(tempfile.mkdtemp(prefix="fec-jax-"), "python")
+  with open(path, "w") as f:
+    f.write(f"#!/bin/sh\ntrap '' INT TERM\nexec {shlex.quote(os.fsdecode(python))} \"$@\"\n")
+  os.chmod(path, 0o700)
+  atexit.register(shutil.rmtree, os.path.dirname(path), ignore_errors=True)
+  try:
+    subprocess.run([path, "-c", ""], check=True, timeout=60, capture_output=True)
+  except (OSError, subprocess.SubprocessError) as e:
+    log.warning(
+        "loader workers start without the signal launcher (%s): a SIGINT or SIGTERM to the "
+        "process group while they start can end them",
+        e,
+    )
+    return None
+  return path
+
+
 def _init_worker(worker_index: int, worker_count: int) -> None:
   """Runs first in each worker process. SIGINT/SIGTERM (Ctrl-C, a scheduler) reach the whole
   process group but are the main process's to handle (fec_jax.preemption finishes the step and
-  saves a checkpoint, then the loader's close() ends the workers), so workers ignore them; and
-  since no signal ends them now, they end with the main process if it exits without close()
+  saves a checkpoint, then the loader's close() ends the workers), so workers ignore them (from
+  their start, with the launcher above); and since no signal ends them now, they end with the main process if it exits without close()
   (a second signal's os._exit, a crash), which grain's workers do not do by themselves."""
   del worker_index, worker_count
   for sig in (signal.SIGINT, signal.SIGTERM):
