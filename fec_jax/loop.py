@@ -375,8 +375,19 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     if eval_now and stop:
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
-      record.update(_evaluate(run.evaluator, state, step, first=not evaluated))
-      evaluated = True
+      try:
+        record.update(_evaluate(run.evaluator, state, step, first=not evaluated))
+        evaluated = True
+      except Exception as e:  # pylint: disable=broad-except
+        if not _skip_failed_evaluation(run.preemption):
+          raise
+        logging.warning(
+            "the evaluation of step %d failed after %s (%s); skipped: the run is stopping",
+            step,
+            run.preemption.signal_name,
+            e,
+        )
+        stop = True
       clock.restart()  # the next rate counts training only, not this evaluation
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
@@ -393,6 +404,16 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       )
       return RunResult(step, True, record)
   return RunResult(run.num_steps, False, record)
+
+
+def _skip_failed_evaluation(preemption) -> bool:
+  """Whether an evaluation that raised is skipped, and the step saved: with one process, after a
+  signal, which stops the run after this step anyway. The signal reaches the loader's worker
+  processes too (the whole process group), and a worker still starting up dies of it (it
+  ignores the signals from fec_jax.data.pipeline._init_worker on), which fails the evaluation;
+  every evaluation starts its workers afresh. Several processes evaluate together (collectives),
+  so there the error stands."""
+  return preemption.signal_name is not None and jax.process_count() == 1
 
 
 def _last_good(step: int | None, workdir: str) -> str:

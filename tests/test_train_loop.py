@@ -27,6 +27,7 @@ import fec_jax
 from configs import fec_base, finetune
 from fec_jax import checkpoint, data, loop, reporting, tasks
 from fec_jax.data import device_transforms
+from fec_jax.tasks import classification
 from tests.imagenet_fixture import make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
 
@@ -122,6 +123,28 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, t
       reporting.read_metrics(workdir)[-1]["val_top1"]
       == reporting.read_metrics(reference)[-1]["val_top1"]
   )
+
+
+def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path, monkeypatch):
+  """SIGTERM to the process group can kill an evaluation's loader worker that is still starting,
+  which fails the evaluation: the run is stopping anyway, so it skips the evaluation and saves
+  the step. Without a signal the error stands."""
+
+  def fails(signum):
+    def evaluate(self, variable_sets):
+      if signum:
+        os.kill(os.getpid(), signum)
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+
+    return evaluate
+
+  monkeypatch.setattr(classification.TopK, "evaluate", fails(signal.SIGTERM))
+  result = train(tiny(eval_every_steps=2), tmp_path / "w")
+  assert result.preempted and result.step == 2 and saved_steps(tmp_path / "w") == [2]
+  assert "val_top1" not in reporting.read_metrics(tmp_path / "w")[-1]
+  monkeypatch.setattr(classification.TopK, "evaluate", fails(None))
+  with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+    train(tiny(eval_every_steps=2), tmp_path / "w2")
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):
