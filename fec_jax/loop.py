@@ -260,6 +260,13 @@ def _run(
         config.global_batch_size,
         training.peak_lr(config),
     )
+    if training.peak_lr(config) < config.min_lr:
+      logging.warning(
+          "the peak lr %.3g (base_lr x global_batch_size / 1024) is below min_lr %.3g: the "
+          "schedule rises toward min_lr instead of decaying; raise base_lr or lower min_lr",
+          training.peak_lr(config),
+          config.min_lr,
+      )
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)
     train_step = training.make_train_step(
         task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding

@@ -385,8 +385,10 @@ def test_decode_modes():
   assert out[0, 0, 0] == round(40000 / 257)  # 16-bit scaled, not clipped
   out, converted = transforms.decode(_encode(Image.fromarray(rgb), "PNG"))
   assert not converted and np.array_equal(out, rgb)
-  with pytest.raises(transforms.BadImageError):
-    transforms.decode(b"not an image")
+  with pytest.raises(transforms.BadImageError, match="^not an image file PIL can read$"):
+    transforms.decode(b"not an image")  # not PIL's text, which names a BytesIO's address
+  with pytest.raises(transforms.BadImageError, match="^empty file$"):
+    transforms.decode(b"")
 
 
 def test_jpeg_decode_matches_pil():

@@ -181,6 +181,10 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(reference, tmp_pat
     result = train(finetune_config(root, reference), workdir)
   assert result.step == 2
   assert "head re-initialized for 3 classes" in caplog.text
+  # base_lr 1e-4 at batch 4 is a peak lr of 3.9e-7, which the cosine would raise to min_lr 1e-6
+  assert "the peak lr 3.91e-07 (base_lr x global_batch_size / 1024) is below min_lr 1e-06" in (
+      caplog.text
+  )
   _, source = fec_jax.load_pretrained(reference)
   _, tuned = fec_jax.load_pretrained(str(workdir))
   assert tuned["params"]["head"]["kernel"].shape == (320, 3)

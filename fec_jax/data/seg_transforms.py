@@ -15,11 +15,8 @@ The host ships uint8 images; normalization (after which mmseg pads with 0) runs 
 (seg_device_transforms.normalize).
 """
 
-import io
-
 import cv2
 import numpy as np
-from PIL import Image
 
 from fec_jax.data import transforms
 
@@ -30,11 +27,7 @@ def decode_label(encoded) -> np.ndarray:
   Raises transforms.BadImageError for corrupt data or a multi-channel / non-8-bit map."""
   if isinstance(encoded, np.ndarray):
     return encoded
-  try:
-    img = Image.open(io.BytesIO(encoded))
-    img.load()
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
-    raise transforms.BadImageError(f"{type(e).__name__}: {e}") from e
+  img = transforms.open_image(encoded)
   if img.mode not in ("L", "P"):
     raise transforms.BadImageError(f"annotation mode {img.mode}; expected 8-bit 'L' or 'P'")
   return np.asarray(img)

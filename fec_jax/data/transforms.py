@@ -57,12 +57,23 @@ def _decode_jpeg(encoded: bytes):
     return None
 
 
-def _decode_pil(encoded: bytes) -> tuple[np.ndarray, bool]:
+def open_image(encoded: bytes) -> Image.Image:
+  """The loaded PIL image of an encoded file; BadImageError for empty, unknown, truncated or
+  corrupt data."""
+  if not encoded:
+    raise BadImageError("empty file")
   try:
     img = Image.open(io.BytesIO(encoded))
     img.load()
+  except Image.UnidentifiedImageError as e:  # its text names a BytesIO object's address
+    raise BadImageError("not an image file PIL can read") from e
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
     raise BadImageError(f"{type(e).__name__}: {e}") from e
+  return img
+
+
+def _decode_pil(encoded: bytes) -> tuple[np.ndarray, bool]:
+  img = open_image(encoded)
   if img.mode == "RGB":
     return np.asarray(img), False
   if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
