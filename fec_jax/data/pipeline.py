@@ -379,7 +379,8 @@ def _prefetch(ds, data_config, workers: int):
 # failed, or hung, since multiprocessing's Popen blocks writing the pickled dataset to a child
 # that is gone. The launcher sets both to ignored, which exec keeps (Python too, for SIGINT), so
 # a worker is immune from the launcher's second line on, about a millisecond after the fork;
-# _init_worker ignores them again where no launcher could be written. grain hardcodes the spawn start method, so there is no other hook.
+# _init_worker ignores them again where no launcher could be written. grain hardcodes the spawn
+# start method, so there is no other hook.
 _launcher_lock = threading.Lock()
 _launcher = {"users": 0, "saved": None, "path": None}
 
@@ -430,8 +431,9 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   """Runs first in each worker process. SIGINT/SIGTERM (Ctrl-C, a scheduler) reach the whole
   process group but are the main process's to handle (fec_jax.preemption finishes the step and
   saves a checkpoint, then the loader's close() ends the workers), so workers ignore them (from
-  their start, with the launcher above); and since no signal ends them now, they end with the main process if it exits without close()
-  (a second signal's os._exit, a crash), which grain's workers do not do by themselves."""
+  their start, with the launcher above); and since no signal ends them now, they end with the
+  main process if it exits without close() (a second signal's os._exit, a crash), which grain's
+  workers do not do by themselves."""
   del worker_index, worker_count
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, signal.SIG_IGN)
