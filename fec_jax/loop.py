@@ -247,6 +247,7 @@ def _run(
       logging.info("resumed at step %d from %s", resume, workdir)
     first_step = resume or 0
     devices, processes = jax.device_count(), jax.process_count()
+    peak_lr = training.peak_lr(config)
     logging.info(
         "%s on %d device%s (%d process%s): %d steps of %d per epoch, global batch %d, "
         "peak lr %.3g",
@@ -258,13 +259,13 @@ def _run(
         num_steps,
         steps_per_epoch,
         config.global_batch_size,
-        training.peak_lr(config),
+        peak_lr,
     )
-    if training.peak_lr(config) < config.min_lr:
+    if peak_lr < config.min_lr:
       logging.warning(
           "the peak lr %.3g (base_lr x global_batch_size / 1024) is below min_lr %.3g: the "
           "schedule rises toward min_lr instead of decaying; raise base_lr or lower min_lr",
-          training.peak_lr(config),
+          peak_lr,
           config.min_lr,
       )
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)
@@ -416,10 +417,10 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
 def _skip_failed_evaluation(preemption) -> bool:
   """Whether an evaluation that raised is skipped, and the step saved: with one process, after a
   signal, which stops the run after this step anyway. The signal reaches the loader's worker
-  processes too (the whole process group), and a worker still starting up dies of it (it
-  ignores the signals from fec_jax.data.pipeline._init_worker on), which fails the evaluation;
-  every evaluation starts its workers afresh. Several processes evaluate together (collectives),
-  so there the error stands."""
+  processes too (the whole process group); they start ignoring it (fec_jax.data.pipeline's
+  launcher), but where no launcher could run, a worker still starting up dies of it, which fails
+  the evaluation; every evaluation starts its workers afresh. Several processes evaluate
+  together (collectives), so there the error stands."""
   return preemption.signal_name is not None and jax.process_count() == 1
 
 

@@ -208,18 +208,16 @@ class _LoaderIterator(grain.DatasetIterator):
 
   def _start(self):
     """Opens the grain pipeline from self._step on and returns its first element."""
-    if _num_workers(self._cfg) and not self._launcher_held:
+    workers = _num_workers(self._cfg)
+    if workers and not self._launcher_held:
       self._launcher_held = _hold_launcher()
-    self._iterator = self._open()
-    return next(self._iterator)
-
-  def _open(self):
     ds = self._elements[self._step :].to_iter_dataset(
         grain.ReadOptions(
             num_threads=self._cfg.read_threads, prefetch_buffer_size=self._cfg.read_threads
         )
     )
-    return iter(_prefetch(ds, self._cfg, _num_workers(self._cfg)))
+    self._iterator = iter(_prefetch(ds, self._cfg, workers))
+    return next(self._iterator)
 
   def __next__(self):
     self._assert_not_closed()
