@@ -25,6 +25,8 @@ are logged once per epoch and kept in the iterator state (`stats()` returns them
 """
 
 import atexit
+import functools
+import gc
 import logging
 import multiprocessing
 from multiprocessing import spawn as mp_spawn
@@ -39,6 +41,7 @@ import threading
 
 import grain
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
 from fec_jax.data import config as config_lib
@@ -205,12 +208,16 @@ class _LoaderIterator(grain.DatasetIterator):
     self._epoch_start = (0, 0)
     self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
     self._launcher_held = False  # whether this iterator holds _hold_launcher()
+    self._in_workers = False  # whether the open pipeline runs in worker processes
 
   def _start(self):
     """Opens the grain pipeline from self._step on and returns its first element."""
     workers = _num_workers(self._cfg)
     if workers and not self._launcher_held:
       self._launcher_held = _hold_launcher()
+    if workers:
+      _free_shared_memory_at_exit()
+    self._in_workers = bool(workers)
     ds = self._elements[self._step :].to_iter_dataset(
         grain.ReadOptions(
             num_threads=self._cfg.read_threads, prefetch_buffer_size=self._cfg.read_threads
@@ -267,6 +274,9 @@ class _LoaderIterator(grain.DatasetIterator):
     if self._launcher_held:
       _release_launcher()
       self._launcher_held = False
+    if self._in_workers:
+      self._in_workers = False
+      _free_shared_memory()
 
   def close(self):
     self._close_pipeline()
@@ -369,6 +379,25 @@ def _prefetch(ds, data_config, workers: int):
       ),
       worker_init_fn=_init_worker,
   )
+
+
+@functools.cache
+def _free_shared_memory_at_exit() -> None:
+  atexit.register(_free_shared_memory)
+
+
+def _free_shared_memory() -> None:
+  """Frees the batches that workers put in shared memory and nothing uses any more; also runs at
+  exit once a loader with workers has run. The last batches of a pass sit in reference cycles (a
+  StopIteration's traceback holds the frames that hold them), which only the cyclic collector
+  frees, and grain unlinks a freed batch in a thread pool (SharedMemoryArray.enable_async_del)
+  that multiprocessing's own exit handler terminates with its queue unrun. Unlinked by no one,
+  they were removed by Python's resource_tracker at exit, with a warning about "leaked
+  shared_memory objects" (google/grain#398)."""
+  gc.collect()
+  pool = getattr(SharedMemoryArray, "_del_thread_pool", None)  # grain's, one thread: FIFO
+  if pool is not None:
+    pool.apply(int)  # returns when the unlinks queued before it have run
 
 
 # multiprocessing's spawn runs a launcher instead of Python while a loader with workers is open
