@@ -420,8 +420,9 @@ class FEC(nn.Module):
     scan = _stage_scan(self.unroll_stages)
     features = []
     for s, depth in enumerate(v.depths):
-      if s > 0:  # network.{2s-1}: the pool consumes stage s-1's map with its fold
-        x = ClusterPool(v.dims[s], v.folds[s - 1], name=f"network_{2 * s - 1}", **common)(x)
+      if s > 0:  # network.{2s-1}: with the fold of the stage it leads into, as the official
+        # constructor's fold_w[i + 1] (docs/official-code.md Sec. 3)
+        x = ClusterPool(v.dims[s], v.folds[s], name=f"network_{2 * s - 1}", **common)(x)
       block = ClusterBlock(
           v.mlp_ratios[s],
           v.heads[s],

@@ -238,6 +238,13 @@ def test_det_shapes_and_fold_layout():
   row, col = p1 // 56, p1 % 56  # output map 40x56, regions 20x28
   assert torch.equal(row // 20, (torch.arange(80)[:, None] // 40).expand(1, 80, 112))
   assert torch.equal(col // 28, (torch.arange(112)[None, :] // 56).expand(1, 80, 112))
+  # the pools take the fold of the stage they lead into (official: fold_w[i + 1]), so network.3
+  # clusters its 40x56 map whole: points of the top-left quadrant join centers outside it
+  assert [m.network[i].fold for i in (1, 3, 5)] == [2, 1, 1]
+  p3 = a["network.3"]
+  assert p3.shape == (1, 40, 56) and p3.max() < 20 * 28
+  corner = p3[:, :20, :28]
+  assert ((corner // 28 >= 10) | (corner % 28 >= 14)).any()
   assert a["network.5"].shape == (1, 20, 28) and a["network.5"].max() < 10 * 14
 
 

@@ -252,8 +252,8 @@ class ClusterPool(nn.Module):
   ``last_assignment`` after forward: LongTensor [B, H, W] holding the row-major
   flat index into the output map [H/2, W/2] of the center each point joined.
 
-  Fold (doc leaves it open; chosen: the fold of the stage whose map this pool
-  consumes). Convs and GroupNorm act on the whole map; only the clustering runs
+  Fold: that of the stage the pool leads into (the official constructor passes
+  fold_w[i + 1]; doc §3 leaves it open). Convs and GroupNorm act on the whole map; only the clustering runs
   per region; the representatives are stitched back before norm2.
   """
 
@@ -381,7 +381,7 @@ class FEC(nn.Module):
         k += 1
       network.append(nn.Sequential(*blocks))
       if s < 3:
-        network.append(ClusterPool(dims[s], dims[s + 1], cfg.folds[s]))  # fold of consumed map
+        network.append(ClusterPool(dims[s], dims[s + 1], cfg.folds[s + 1]))  # next stage's fold
     self.network = nn.ModuleList(network)
     if self.fork_feat:
       for i in (0, 2, 4, 6):
