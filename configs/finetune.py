@@ -7,8 +7,8 @@ The data is the folder layout of configs/fec_small.py (root/train/<class>/*, roo
 the head is re-initialized for data.num_classes. Where the numbers come from: the FEC authors
 publish no fine-tuning recipe, so this follows ConvNeXt's ImageNet fine-tuning recipe (Liu et al.
 2022, Table A3 "fine-tuning": AdamW, lr 5e-5 at batch 512, weight decay 1e-8, 30 epochs, no
-warmup) with the linear scaling rule of the official FEC script (base_lr is the lr at batch
-1024), and keeps the official FEC augmentation and drop path. EMA is off: timm's 0.9998 averages
+warmup) with fec-jax's linear scaling rule (base_lr is the lr at batch 1024, as FEC's 1e-3), and
+keeps the official FEC augmentation and drop path. EMA is off: timm's 0.9998 averages
 over ~5,000 steps, more than a small dataset's whole fine-tune.
 """
 

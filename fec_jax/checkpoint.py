@@ -25,6 +25,7 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -340,13 +341,21 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
         "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
     )
   targets = _training_items(abstract_state)
-  restored = mngr.restore(
-      step,
-      args=ocp.args.Composite(
-          **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
-          **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)},
-      ),
-  )
+  try:
+    restored = _restore_items(mngr, step, targets, data_iter)
+  except ValueError as error:
+    # a run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had
+    # an AdamW without a mask: the same arrays, without the mask's (leaf-less) state node
+    opt_state = targets[OPT_STATE_ITEM]
+    unmasked = _without_masks(opt_state)
+    if jax.tree.structure(unmasked) == jax.tree.structure(opt_state):
+      raise
+    try:
+      restored = _restore_items(mngr, step, {**targets, OPT_STATE_ITEM: unmasked}, data_iter)
+    except ValueError:
+      raise error from None
+    leaves = jax.tree.leaves(restored[OPT_STATE_ITEM])
+    restored[OPT_STATE_ITEM] = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
   return abstract_state.replace(
       step=restored[PROGRESS_ITEM]["step"],
       rng=restored[PROGRESS_ITEM]["rng"],
@@ -355,6 +364,23 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
       model_state={c: restored[c] for c in abstract_state.model_state},
       ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None,
   )
+
+
+def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict, data_iter) -> dict:
+  restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
+          **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)},
+      ),
+  )
+  return {k: restored[k] for k in targets}
+
+
+def _without_masks(opt_state):
+  """An optax state with each optax.masked node replaced by the state it wraps."""
+  masked = lambda node: isinstance(node, optax.MaskedState)
+  return jax.tree.map(lambda n: n.inner_state if masked(n) else n, opt_state, is_leaf=masked)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

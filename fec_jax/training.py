@@ -55,7 +55,8 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
-  """Linear scaling rule of the official script: lr = base_lr * batch / 1024 (Sec. 8);
+  """The linear scaling rule: lr = base_lr * batch / 1024. fec-jax's: the released script takes
+  its lr (1e-3 at batch 1024) as given (docs/official-code.md Sec. 8), which this equals at 1024.
   base_batch_size 0 = no scaling (base_lr is the lr at any batch, as mmseg's configs)."""
   return base_lr * global_batch_size / base_batch_size if base_batch_size else base_lr
 
@@ -133,30 +134,37 @@ def eval_due(config, step: int, steps_per_epoch: int) -> bool:
 WEIGHT_DECAY_ON = ("matrices", "all")
 
 
-def weight_decay_mask(params) -> Any:
-  """timm's param_groups_weight_decay: no decay for 1-D params (norms, layer scales,
-  sim_alpha/beta) and biases (all 1-D here); conv and dense kernels decay. A stage's params are
-  stacked per block (fec_jax.model.block_axis), so their leading axis does not count."""
+def weight_decay_mask(params, weight_decay_on: str = "matrices") -> Any:
+  """Which params weight decay touches. 'matrices': timm's param_groups_weight_decay, no decay
+  for 1-D params (norms, layer scales, sim_alpha/beta) and biases (all 1-D here), conv and dense
+  kernels decay; 'all': every param (mmcv's DefaultOptimizerConstructor without paramwise_cfg).
+  A stage's params are stacked per block (fec_jax.model.block_axis), so their leading axis does
+  not count.
+
+  In neither does ClusterPool's `conv_f` decay: it only feeds the argmax, so it gets no gradient
+  (docs/official-code.md Sec. 4), its `.grad` stays None in the official training (DDP with
+  find_unused_parameters=True leaves a parameter that no rank used untouched), and torch's
+  AdamW skips such a parameter, weight decay included. The official runs never change it."""
 
   def decays(path, p):
     names = [k.key for k in path]
-    return p.ndim - block_axis(names) > 1
+    if "conv_f" in names:
+      return False
+    return weight_decay_on == "all" or p.ndim - block_axis(names) > 1
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """AdamW (betas 0.9/0.999, eps 1e-8) after optional global-norm clipping (timm --clip-grad,
-  mode 'norm'). config.weight_decay_on: 'matrices' = weight_decay_mask (the ImageNet recipe),
-  'all' = every parameter (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
-  mask = weight_decay_mask if config.weight_decay_on == "matrices" else None
+  mode 'norm'), weight decay on weight_decay_mask(params, config.weight_decay_on)."""
   adamw = optax.adamw(
       schedule,
       b1=config.b1,
       b2=config.b2,
       eps=config.eps,
       weight_decay=config.weight_decay,
-      mask=mask,
+      mask=lambda params: weight_decay_mask(params, config.weight_decay_on),
   )
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)

@@ -214,7 +214,7 @@ def test_poly_schedule_and_run_length():
 
 
 def test_weight_decay_on_all_params_or_matrices():
-  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "conv_f": {"kernel": jnp.ones(3)}}
   zero = jax.tree.map(jnp.zeros_like, params)
   for on, bias_decays in (("all", True), ("matrices", False)):
     c = fpn_fec_small_ade20k.get_config()
@@ -224,6 +224,41 @@ def test_weight_decay_on_all_params_or_matrices():
     new = optax.apply_updates(params, updates)
     assert float(new["kernel"][0, 0]) == pytest.approx(1 - 0.1 * 0.5)  # decoupled: lr * wd
     assert (float(new["bias"][0]) < 1.0) == bias_decays
+    assert float(new["conv_f"]["kernel"][0]) == 1.0  # no gradient, no decay (official AdamW)
+
+
+def test_a_run_saved_with_an_unmasked_adamw_resumes(tmp_path):
+  """Before ClusterPool's conv_f left weight decay, weight_decay_on="all" meant an AdamW without
+  a mask, whose state lacks the mask's node: such a run resumes with every array in place."""
+  import grain
+
+  c = fpn_fec_small_ade20k.get_config()
+  params = {"conv_f": {"kernel": jnp.ones((2, 3))}, "head": {"bias": jnp.arange(3.0)}}
+  old_tx = optax.adamw(lambda step: 0.1, weight_decay=c.weight_decay)  # as before, no mask
+  old_state = old_tx.init(params)
+  _, old_state = old_tx.update(jax.tree.map(jnp.ones_like, params), old_state, params)
+  state = training.TrainState(
+      step=jnp.array(3, jnp.int32),
+      params=params,
+      model_state={},
+      opt_state=old_state,
+      ema_params=None,
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(data_iter)
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    checkpoint.save_training(mngr, state, "fpn_fec_small", {}, data_iter)
+  new_opt_state = training.create_optimizer(c, lambda step: 0.1).init(params)
+  assert jax.tree.structure(new_opt_state) != jax.tree.structure(old_state)
+  abstract = jax.eval_shape(lambda: state.replace(opt_state=new_opt_state))
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    restored = checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  assert jax.tree.structure(restored.opt_state) == jax.tree.structure(new_opt_state)
+  jax.tree.map(
+      np.testing.assert_array_equal, jax.tree.leaves(restored.opt_state), jax.tree.leaves(old_state)
+  )
+  assert int(restored.step) == 3 and next(data_iter) == 1
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,11 @@ def torch_losses(state_dict, batches, c) -> list[float]:
     torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip_norm)
     opt.step()
     losses.append(loss.item())
-  return losses
+  unused = [n for n, p in model.named_parameters() if p.grad is None]
+  assert sorted(unused) == sorted(
+      f"network.{i}.conv_f.{p}" for i in (1, 3, 5) for p in ("weight", "bias")
+  )
+  return losses, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
 def jax_losses(params, batches, c) -> list[float]:
@@ -109,7 +113,7 @@ def jax_losses(params, batches, c) -> list[float]:
   np.testing.assert_allclose(
       lrs, [timm_epoch_lr(s // STEPS_PER_EPOCH, c) for s in range(STEPS)], rtol=1e-5
   )  # the schedule runs in float32
-  return losses
+  return losses, jax.device_get(state.params)
 
 
 def test_twenty_steps_match_torch_adamw_with_timm_groups():
@@ -130,9 +134,16 @@ def test_twenty_steps_match_torch_adamw_with_timm_groups():
   }
   params, _ = convert.torch_to_flax(state_dict, "fec_small", num_classes=CLASSES)
 
-  ours = jax_losses(jax.tree.map(jax.numpy.asarray, params), batches, c)
-  ref = torch_losses(state_dict, batches, c)
+  ours, our_params = jax_losses(jax.tree.map(jax.numpy.asarray, params), batches, c)
+  ref, ref_state = torch_losses(state_dict, batches, c)
   rel = np.abs(np.array(ours) - np.array(ref)) / np.abs(np.array(ref))
   print("max relative loss difference over 20 steps:", rel.max())
   assert rel.max() < 1e-4, (ours, ref)
   assert ref[-2] < ref[0] and ref[-1] < ref[1]  # it learns: not two flat curves compared
+  # conv_f gets no gradient, so torch's AdamW leaves it as it was, weight decay included
+  trained, _ = convert.torch_to_flax(ref_state, "fec_small", num_classes=CLASSES)
+  for i in (1, 3, 5):
+    for p in ("kernel", "bias"):
+      ours_p = our_params[f"network_{i}"]["conv_f"][p]
+      np.testing.assert_array_equal(ours_p, params[f"network_{i}"]["conv_f"][p])
+      np.testing.assert_array_equal(ours_p, trained[f"network_{i}"]["conv_f"][p])
