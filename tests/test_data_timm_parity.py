@@ -297,3 +297,52 @@ def test_mixup_matches_timm(monkeypatch, use_cutmix, lam):
   )
   np.testing.assert_allclose(np.asarray(got_x), want_x.numpy().transpose(0, 2, 3, 1), atol=1e-6)
   np.testing.assert_allclose(np.asarray(got_y), want_y.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "use_cutmix,lam", [(False, 0.37), (False, 0.5), (True, 0.61), (False, 1.0)]
+)
+def test_uint8_mixup_matches_timm_fast_collate(monkeypatch, use_cutmix, lam):
+  """timm FastCollateMixup, which the official training runs (its prefetcher is on), mixes
+  uint8 images and rounds Mixup's blend; mix_with_params(round_blend=True) on the same values
+  gives the same integers. Even box sides, as in test_mixup_matches_timm."""
+  import jax.numpy as jnp
+  from fec_jax.data import mixup
+
+  timm_mixup = _load_timm("mixup")
+  cy_u, cx_u = 0.3, 0.8
+  b, c, h, w, k = 6, 3, 20, 24, 5
+  rng = np.random.default_rng(5)
+  x = rng.integers(0, 256, (b, c, h, w), dtype=np.uint8)
+  labels = rng.integers(0, k, b)
+  draws = iter([0.0, 0.0 if use_cutmix else 0.99])  # apply; switch to CutMix or not
+  monkeypatch.setattr(np.random, "rand", lambda: next(draws))
+  monkeypatch.setattr(np.random, "beta", lambda a, b_: lam)
+  monkeypatch.setattr(
+      np.random,
+      "randint",
+      lambda lo, hi, size=None: lo + int((cy_u if hi == h else cx_u) * (hi - lo)),
+  )
+  mix = timm_mixup.FastCollateMixup(
+      mixup_alpha=0.8,
+      cutmix_alpha=1.0,
+      prob=1.0,
+      switch_prob=0.5,
+      mode="batch",
+      label_smoothing=0.1,
+      num_classes=k,
+  )
+  want_x, want_y = mix([(x[i], int(labels[i])) for i in range(b)])
+  got_x, got_y = mixup.mix_with_params(
+      jnp.asarray(x.transpose(0, 2, 3, 1).astype(np.float32)),
+      jnp.asarray(labels),
+      k,
+      lam,
+      use_cutmix,
+      int(cy_u * h),
+      int(cx_u * w),
+      0.1,
+      round_blend=True,
+  )
+  np.testing.assert_array_equal(np.asarray(got_x), want_x.numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(got_y), want_y.numpy(), atol=1e-6)

@@ -121,7 +121,7 @@ c.mean, c.std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalize(x) = x
 mesh = training.create_mesh()
 augment = jax.jit(per_device_augment(c, mesh))
 n = 8  # 2 images per device
-images = jnp.arange(n, dtype=jnp.uint8).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3), jnp.uint8)
+images = (jnp.arange(n, dtype=jnp.uint8) * 10).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3), jnp.uint8)
 labels, no_erase = jnp.arange(n) % 4, jnp.zeros((n, 4), jnp.int32)
 for seed in range(4):
   out, targets = augment(jax.random.key(seed), images, no_erase, labels)
@@ -129,7 +129,8 @@ for seed in range(4):
   assert bool(jnp.allclose(targets.sum(-1), 1.0, atol=1e-5))
   for d in range(4):  # each device mixes only its own two images (partner = its shard reversed)
     shard = out[2 * d:2 * d + 2]
-    assert float(shard.min()) >= 2 * d - 1e-4 and float(shard.max()) <= 2 * d + 1 + 1e-4, shard
+    assert float(shard.min()) >= 20 * d - 1e-4 and float(shard.max()) <= 20 * d + 10 + 1e-4, shard
+  assert bool(jnp.all(out == jnp.round(out)))  # mixed uint8 values, the blend rounded
   assert not bool(jnp.allclose(out, images))  # something was mixed
 c.reprob, c.mixup_prob = 1.0, 0.0  # erasing only: a 2x2 box at (1, 1) in every image
 erase = jax.jit(per_device_augment(c, mesh))
@@ -140,11 +141,19 @@ assert bool(jnp.allclose(jnp.where(inside, 0.0, out), jnp.where(inside, 0.0, ima
 fills = out[:, 1:3, 1:3]
 assert float(jnp.abs(fills - images[:, 1:3, 1:3]).min()) > 0  # every box pixel refilled
 assert len({tuple(f.ravel().tolist()) for f in fills}) == n  # a draw per image and device
+c.mixup_prob, c.cutmix_alpha = 1.0, 0.0  # Mixup only, and a box in image 0 of each device
+boxes = jnp.zeros((n, 4), jnp.int32).at[::2].set(jnp.array([1, 1, 2, 2]))
+both = jax.jit(per_device_augment(c, mesh))
+for seed in range(4):  # erasing follows mixing: the partner of an erased image has no noise
+  out, _ = both(jax.random.key(seed), images, boxes, labels)
+  partners = out[1::2]  # [4, 4, 4, 3]: each one value, the rounded blend of its two images
+  assert bool(jnp.all(partners == partners[:, :1, :1, :1])), partners[:, :, :, 0]
+  assert float(jnp.abs(out[::2, 1:3, 1:3] - jnp.round(out[::2, 1:3, 1:3])).max()) > 0
 print("ok")
 """
 
 
-def test_augment_normalizes_erases_and_mixes_within_each_device_shard():
+def test_augment_mixes_normalizes_and_erases_within_each_device_shard():
   env = {
       **os.environ,
       "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 
 def normalize(images, mean, std):
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std: torchvision ToTensor + Normalize."""
+  """uint8 (or float values in [0, 255]) [..., 3] -> float32 (x / 255 - mean) / std:
+  torchvision ToTensor + Normalize."""
   x = jnp.asarray(images).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 

@@ -1,4 +1,5 @@
-"""Mixup / CutMix with label smoothing on device, timm's `Mixup` in 'batch' mode.
+"""Mixup / CutMix with label smoothing on device, timm's `Mixup` / `FastCollateMixup` in 'batch'
+mode.
 
 docs/official-code.md Sec. 8: Mixup alpha 0.8 / CutMix alpha 1.0, prob 1, switch 0.5, one lambda
 per batch, the partner of image i is image B-1-i (the batch reversed), the CutMix box
@@ -39,13 +40,22 @@ def cutmix_box(height: int, width: int, lam, cy, cx):
 
 
 def mix_with_params(
-    images, labels, num_classes: int, lam, use_cutmix, cy, cx, label_smoothing: float
+    images,
+    labels,
+    num_classes: int,
+    lam,
+    use_cutmix,
+    cy,
+    cx,
+    label_smoothing: float,
+    round_blend: bool = False,
 ):
   """Mixes a batch with given parameters (timm Mixup._mix_batch + mixup_target).
 
   images [B, H, W, C] (any float dtype), labels [B] int; lam float scalar; use_cutmix
-  bool scalar; cy, cx int scalars (CutMix box centre). Returns (images, targets
-  [B, num_classes] float32).
+  bool scalar; cy, cx int scalars (CutMix box centre); round_blend: round Mixup's blend to
+  integers, as timm's FastCollateMixup does on uint8 images (np.rint, half to even). Returns
+  (images, targets [B, num_classes] float32).
   """
   height, width = images.shape[1], images.shape[2]
   (yl, yh, xl, xh), lam_cut = cutmix_box(height, width, lam, cy, cx)
@@ -56,6 +66,8 @@ def mix_with_params(
   cut = jnp.where(inside[None, :, :, None], partner, images)
   lam_mix = jnp.asarray(lam, jnp.float32)
   blend = images * lam_mix.astype(images.dtype) + partner * (1.0 - lam_mix).astype(images.dtype)
+  if round_blend:
+    blend = jnp.round(blend)
   lam = jnp.where(use_cutmix, lam_cut, lam_mix)
   mixed = jnp.where(use_cutmix, cut, blend)
   mixed = jnp.where(lam_mix == 1.0, images, mixed)  # timm returns early when lam == 1
@@ -74,10 +86,12 @@ def mixup_cutmix(
     prob: float,
     switch_prob: float,
     label_smoothing: float,
+    round_blend: bool = False,
 ):
   """timm Mixup(mode='batch') on one batch: pure jax, jittable.
 
-  rng: a jax PRNG key; images [B, H, W, C] normalized; labels [B] int. With
+  rng: a jax PRNG key; images [B, H, W, C] float; labels [B] int; round_blend: see
+  mix_with_params (the uint8 values of FastCollateMixup). With
   probability `prob` the batch is mixed: CutMix (lambda ~ Beta(cutmix_alpha)) with
   probability `switch_prob` when both alphas are > 0, else Mixup (lambda ~
   Beta(mixup_alpha)). Returns (images [B, H, W, C], soft targets [B, num_classes]
@@ -98,4 +112,6 @@ def mixup_cutmix(
   lam = jnp.where(apply, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0)
   cy = jax.random.randint(k_cy, (), 0, images.shape[1])
   cx = jax.random.randint(k_cx, (), 0, images.shape[2])
-  return mix_with_params(images, labels, num_classes, lam, use_cutmix, cy, cx, label_smoothing)
+  return mix_with_params(
+      images, labels, num_classes, lam, use_cutmix, cy, cx, label_smoothing, round_blend
+  )

@@ -314,8 +314,8 @@ def create_dataset(
     steps_per_epoch()), else that many epochs.
   val ('val'): source order, eval transform, one pass of num_eval_batches() batches,
     padding masked (`num_epochs` is ignored).
-  Normalization, the erasing fill and Mixup/CutMix run on device (device_transforms, mixup;
-  fec_jax.tasks.classification.per_device_augment applies them in timm's order).
+  Mixup/CutMix, normalization and the erasing fill run on device (mixup, device_transforms;
+  fec_jax.tasks.classification.per_device_augment applies them in the official training's order).
 
   Checkpointing: the iterator's state (get_state()/set_state(), a JSON-able dict) goes
   into Orbax with grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it). Resuming

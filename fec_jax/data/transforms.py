@@ -188,8 +188,8 @@ def train_transform(rng, image: np.ndarray, cfg, ra_spec, ra_hparams):
   """The host part of the official train transform (docs/official-code.md Sec. 8).
 
   uint8 [H, W, 3] -> (uint8 [S, S, 3], erase box int32 [4]): random resized crop ->
-  horizontal flip -> RandAugment; normalization and the erasing fill follow on device
-  (device_transforms.normalize, .erase), in timm's order. `cfg` is a validated data
+  horizontal flip -> RandAugment; Mixup/CutMix, normalization and the erasing fill follow on
+  device (fec_jax.tasks.classification.per_device_augment), in the official training's order. `cfg` is a validated data
   config; `ra_spec`/`ra_hparams` come from `randaugment_setup(cfg)` (None: RandAugment off).
   """
   img = random_resized_crop(

@@ -1,5 +1,5 @@
 """Image classification with the official ImageNet recipe (docs/official-code.md Sec. 8):
-timm's augmentation on the host (fec_jax.data), normalization, random erasing and Mixup/CutMix
+timm's augmentation on the host (fec_jax.data), Mixup/CutMix, normalization and random erasing
 per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
 
 from __future__ import annotations
@@ -30,22 +30,21 @@ def soft_target_cross_entropy(logits, targets):
 
 def per_device_augment(data_config, mesh: Mesh):
   """(key, images uint8 [B,S,S,3], erase boxes [B,4], labels [B]) -> (images f32, soft targets
-  [B, K]): the device part of the recipe in timm's order (normalize, erasing fill,
-  Mixup/CutMix), drawn separately on each device's shard (Mixup partner = that shard
-  reversed), as the official per-GPU pipeline does; the key is folded with the device's
-  position on the `data` axis."""
+  [B, K]): the device part of the recipe in the order of the official training, which runs
+  timm's prefetcher (docs/official-code.md Sec. 8): Mixup/CutMix on the uint8 values
+  (FastCollateMixup: the Mixup blend rounded to integers), then normalization, then the erasing
+  fill on the mixed batch. Drawn separately on each device's shard (Mixup partner = that shard
+  reversed), as the official per-GPU pipeline does; the key is folded with the device's position
+  on the `data` axis."""
   d = data_config
 
   def augment(key, images, boxes, labels):  # [B / devices, ...]
     erase_key, mix_key = jax.random.split(
         jax.random.fold_in(key, jax.lax.axis_index(training.DATA_AXIS))
     )
-    x = device_transforms.normalize(images, d.mean, d.std)
-    if d.reprob > 0:
-      x = device_transforms.erase(erase_key, x, boxes, d.remode)
-    return mixup.mixup_cutmix(
+    x, targets = mixup.mixup_cutmix(
         mix_key,
-        x,
+        images.astype(jnp.float32),  # [B, S, S, 3] in [0, 255]
         labels,
         d.num_classes,
         mixup_alpha=d.mixup_alpha,
@@ -53,7 +52,12 @@ def per_device_augment(data_config, mesh: Mesh):
         prob=d.mixup_prob,
         switch_prob=d.mixup_switch_prob,
         label_smoothing=d.label_smoothing,
+        round_blend=True,
     )
+    x = device_transforms.normalize(x, d.mean, d.std)
+    if d.reprob > 0:
+      x = device_transforms.erase(erase_key, x, boxes, d.remode)
+    return x, targets
 
   shard = P(training.DATA_AXIS)
   return jax.shard_map(
