@@ -124,6 +124,20 @@ def test_init_from_classifier_loads_the_backbone(reference, fresh):
   assert len(notes) == 1 and "head/kernel" in notes[0] and "norm/scale" in notes[0]
 
 
+def test_init_from_a_dense_backbone_loads_its_output_norms_too(fresh):
+  """A fec_small_seg (or _det) checkpoint, e.g. an mmseg backbone converted with --model
+  fec_small_seg, holds norm0/2/4/6: every backbone param comes from it."""
+  task, fresh = fresh
+  pretrained = {"params": jax.tree.map(lambda a: np.asarray(a) + 1.0, fresh["params"]["backbone"])}
+  variables, notes = task.adopt_pretrained(fresh, pretrained, "SEGBACKBONE")
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["backbone"], pretrained["params"])
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["neck"], fresh["params"]["neck"])
+  assert notes == [
+      f"backbone: {len(jax.tree.leaves(pretrained))} params loaded from SEGBACKBONE; ignored: "
+      "nothing; kept their init: neck, decode_head, batch_stats"
+  ]
+
+
 def test_init_from_misfits_are_listed(reference, fresh):
   task, fresh = fresh
   _, pretrained = fec_jax.load_pretrained(reference)

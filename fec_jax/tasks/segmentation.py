@@ -23,7 +23,8 @@ from fec_jax.tasks import Evaluator, Task
 CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
 # What mmseg's Pretrained init of the backbone leaves out of an ImageNet classifier checkpoint:
 # the classifier head and its final norm (the seg backbone has none; docs/official-code.md
-# Sec. 6); the backbone's output norms norm0/2/4/6 are not in such a checkpoint.
+# Sec. 6). The backbone's output norms norm0/2/4/6 are in a dense backbone's checkpoint
+# (fec_*_seg / fec_*_det), not in a classifier's.
 CLASSIFIER_ONLY = ("head", "norm")
 OUTPUT_NORMS = ("norm0", "norm2", "norm4", "norm6")
 
@@ -201,9 +202,10 @@ class Segmentation(Task):
     return MeanIoU(model, self.config, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
-    """From an ImageNet classifier (no 'backbone' in its params): as mmseg's Pretrained init of
-    the backbone, every backbone param is loaded, the classifier's head and norm are ignored,
-    norm0/2/4/6, the neck and the decode head keep their init. From a segmenter: all its
+    """From an ImageNet classifier or a dense backbone (fec_*_seg / fec_*_det; no 'backbone' in
+    its params): as mmseg's Pretrained init of the backbone, every backbone param is loaded, a
+    classifier's head and norm are ignored, the output norms norm0/2/4/6 (where the checkpoint
+    has none), the neck and the decode head keep their init. From a segmenter: all its
     variables (params and batch_stats); conv_seg is re-initialized when only its number of
     classes differs. Anything else missing, unexpected or mis-shaped is an error."""
     if "backbone" in pretrained["params"]:
@@ -216,7 +218,7 @@ class Segmentation(Task):
     backbone = flat(variables["params"]["backbone"])
     loaded = flat(pretrained["params"])
     ignored = sorted(k for k in loaded if k.split("/")[0] in CLASSIFIER_ONLY)
-    kept = {k for k in backbone if k.split("/")[0] in OUTPUT_NORMS}
+    kept = {k for k in backbone if k.split("/")[0] in OUTPUT_NORMS and k not in loaded}
     missing, unexpected, mismatched = checkpoint.compare_params(
         flax.traverse_util.unflatten_dict(
             {k: v for k, v in backbone.items() if k not in kept}, sep="/"
@@ -229,10 +231,11 @@ class Segmentation(Task):
     checkpoint.raise_for_mismatch(prefix(missing), prefix(unexpected), prefix(mismatched), source)
     merged = checkpoint.merge_params(variables["params"]["backbone"], pretrained["params"], kept)
     params = {**variables["params"], "backbone": merged}
+    norms = [n for n in OUTPUT_NORMS if any(k.startswith(f"{n}/") for k in kept)]
     note = (
-        f"backbone: {len(backbone) - len(kept)} params loaded from the classifier {source}; "
+        f"backbone: {len(backbone) - len(kept)} params loaded from {source}; "
         f"ignored: {', '.join(ignored) or 'nothing'}; kept their init: "
-        f"{', '.join(OUTPUT_NORMS)}, neck, decode_head, batch_stats"
+        f"{', '.join(norms + ['neck', 'decode_head', 'batch_stats'])}"
     )
     return {**variables, "params": params}, [note]
 
