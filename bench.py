@@ -37,8 +37,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fec_jax import cli, throughput
+from fec_jax.tasks import classification
 from fec_jax.clustering import AGGREGATIONS
-from fec_jax.model import VARIANTS, create_model, init_variables, list_models, param_shapes
+from fec_jax.model import create_model, init_variables, list_models, param_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE = 224
@@ -323,7 +324,7 @@ def progress(message: str) -> None:
 
 
 def parse_args(argv):
-  classifiers = sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+  classifiers = classification.classifiers()
   p = cli.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=cli.HelpFormatter)
   p.add_argument(
       "--models",

@@ -51,9 +51,9 @@ def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_params(
-    directory: str, params, name: str, overrides: dict[str, Any], step: int = 0, batch_stats=None
+    directory: str, params, name: str, overrides: dict[str, Any], batch_stats=None
 ) -> None:
-  """Writes a one-step checkpoint with the model description and its params (converter output),
+  """Writes a checkpoint of step 0 with the model description and its params (converter output),
   and the batch_stats of a model that has them."""
   directory = os.path.abspath(directory)
   items = {PARAMS_ITEM: params}
@@ -61,7 +61,7 @@ def save_params(
     items[BATCH_STATS_ITEM] = batch_stats
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     mngr.save(
-        step,
+        0,
         args=ocp.args.Composite(
             **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
             **{k: ocp.args.StandardSave(v) for k, v in items.items()},

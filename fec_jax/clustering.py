@@ -13,13 +13,14 @@ D channels.
 from __future__ import annotations
 
 import functools
+import typing
 from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Aggregation = Literal["auto", "segment_sum", "onehot"]
-AGGREGATIONS = ("auto", "segment_sum", "onehot")
+AGGREGATIONS = typing.get_args(Aggregation)
 AssignGrad = Literal["official", "straight_through"]
 
 # What "auto" runs per lowering platform (see README, Models). GPU and TPU: the dense one-hot
@@ -41,7 +42,7 @@ class Kernels(NamedTuple):
 
 def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
   """0/1 matrix [out_size, in_size] of PyTorch's adaptive-pool windows (docs/official-code.md
-  Sec. 3, Cluster 2).
+  Sec. 3, "Adaptive average pooling").
 
   Output i averages input [floor(i*L/n), ceil((i+1)*L/n)): windows overlap when L % n != 0, and
   out_size may exceed in_size.
@@ -55,17 +56,19 @@ def adaptive_window_matrix(in_size: int, out_size: int) -> jnp.ndarray:
 
 
 def adaptive_avg_pool(x: jnp.ndarray, out_hw: tuple[int, int]) -> jnp.ndarray:
-  """PyTorch-exact adaptive average pooling over the spatial axes of x [..., H, W, D].
+  """PyTorch-exact adaptive average pooling over the spatial axes of x [..., H, W, D], in at least
+  fp32 (at_least_f32): Eq. 4's centers of bf16 features are not rounded to bf16.
 
   Returns [..., oh, ow, D]. Sums each window, then divides by its size, as torch's CPU kernel does.
   """
+  x = at_least_f32(x)
   *lead, h, w, d = x.shape
   oh, ow = out_hw
   if h % oh == 0 and w % ow == 0:  # equal, disjoint windows: a reshape-sum (cheaper than matmuls)
     kh, kw = h // oh, w // ow
-    sums = x.reshape(*lead, oh, kh, ow, kw, d).sum(axis=(-4, -2))
+    sums = x.reshape(*lead, oh, kh, ow, kw, d).sum(axis=(-4, -2))  # [..., oh, ow, D]
     return sums / (kh * kw)
-  rows, cols = adaptive_window_matrix(h, oh), adaptive_window_matrix(w, ow)
+  rows, cols = adaptive_window_matrix(h, oh), adaptive_window_matrix(w, ow)  # [oh, H], [ow, W]
   sums = jnp.einsum("ih,jw,...hwd->...ijd", rows, cols, x, precision=jax.lax.Precision.HIGHEST)
   counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]  # [oh, ow]
   return sums / counts[:, :, None].astype(x.dtype)

@@ -31,9 +31,7 @@ import jax.numpy as jnp
 
 from fec_jax import clustering
 from fec_jax.clustering import Aggregation, AssignGrad
-from fec_jax.model import FEC, Variant
-
-Dtype = Any
+from fec_jax.model import FEC, Dtype, Variant
 
 NECK_CHANNELS = 256  # FPN out_channels of the official configs
 HEAD_CHANNELS = 128  # FPNHead channels
@@ -157,7 +155,8 @@ class FPN(nn.Module):
 
 class FPNHead(nn.Module):
   """mmseg FPNHead: per level, max(1, log2(stride / 4)) ConvModules (3x3, BN, ReLU), each followed
-  by a bilinear 2x upsampling for the levels below stride 4; the levels summed at stride 4; then
+  by a bilinear 2x upsampling for the coarser levels (strides 8, 16, 32); the levels summed at
+  stride 4; then
   cls_seg: Dropout2d (whole channels, as mmseg 0.24's BaseDecodeHead) and the 1x1 conv_seg."""
 
   num_classes: int

@@ -60,10 +60,10 @@ def link(pool_assignments: list[jax.Array]) -> jax.Array:
   b, h, w = pool_assignments[0].shape
   labels = jnp.broadcast_to(jnp.arange(h * w, dtype=jnp.int32), (b, h * w))
   levels = [labels]
-  for assignment in pool_assignments:
-    labels = jnp.take_along_axis(assignment.reshape(b, -1), labels, axis=1)
+  for assignment in pool_assignments:  # Eq. 8: each point follows its cluster to the next level
+    labels = jnp.take_along_axis(assignment.reshape(b, -1), labels, axis=1)  # [B, H*W]
     levels.append(labels)
-  return jnp.stack(levels, axis=1).reshape(b, -1, h, w)
+  return jnp.stack(levels, axis=1).reshape(b, -1, h, w)  # [B, levels, H, W]
 
 
 def link_encoding(assignment: jax.Array, level: jax.Array) -> jax.Array:
@@ -73,6 +73,7 @@ def link_encoding(assignment: jax.Array, level: jax.Array) -> jax.Array:
   pool; level [B, H_1, W_1], the blocks' clusters at that level. Returns [B, heads, H_1, W_1].
   """
   b, e = assignment.shape[:2]
+  # [B, heads, H_1 * W_1]: each point takes the assignment of the cell its cluster lies in
   flat = jnp.take_along_axis(assignment.reshape(b, e, -1), level.reshape(b, 1, -1), axis=2)
   return flat.reshape(b, e, *level.shape[1:])
 

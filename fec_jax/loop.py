@@ -225,7 +225,9 @@ def _run(
   tx = training.create_optimizer(config, schedule)
   abstract = training.abstract_state(model, tx, config, task.input_shape(), mesh)
   state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
-  evaluator = _timed("opening the val data", lambda: task.evaluator(model, mesh, compiler_options))
+  evaluator = _timed(
+      "preparing the evaluator", lambda: task.evaluator(model, mesh, compiler_options)
+  )
   if resume is None:
     # The state's initialization (a compile of its own, then the run) goes on in a thread while
     # _loop compiles the train step for the abstract state: the two compiles overlap.
@@ -263,9 +265,14 @@ def _run(
     )
     if peak_lr < config.min_lr:
       logging.warning(
-          "the peak lr %.3g (base_lr x global_batch_size / 1024) is below min_lr %.3g: the "
-          "schedule rises toward min_lr instead of decaying; raise base_lr or lower min_lr",
+          "the peak lr %.3g (%s) is below min_lr %.3g: the schedule rises toward min_lr "
+          "instead of decaying; raise base_lr or lower min_lr",
           peak_lr,
+          (
+              f"base_lr x global_batch_size / {config.lr_base_batch_size}"
+              if config.lr_base_batch_size
+              else "base_lr: lr_base_batch_size is 0"
+          ),
           config.min_lr,
       )
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)

@@ -158,15 +158,13 @@ class Cluster(nn.Module):
         self.aggregation,
         st,
     )  # Eq. 6, [G, M, D]
-    out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # [G, N, D]
+    out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # Eq. 7, [G, N, D]
 
-    region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, 1, r, r, 1, 1) * m
-    labels = assignment.reshape(b, self.heads, r, r, hr, wr) + region
-    self.sow(
-        "intermediates",
-        "assignment",
-        clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1)).transpose(0, 3, 1, 2),
-    )
+    # the sown assignment [B, E, H, W]: region index * M + center index within the region
+    region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, 1, r, r, 1, 1) * m  # [1, 1, r, r, 1, 1]
+    labels = assignment.reshape(b, self.heads, r, r, hr, wr) + region  # [B, E, r, r, hr, wr]
+    labels = clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1))  # [B, H, W, E]
+    self.sow("intermediates", "assignment", labels.transpose(0, 3, 1, 2))
     out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
     return conv1x1(dim, width, "proj", self.dtype)(out)
 
@@ -189,10 +187,11 @@ class Cluster(nn.Module):
 class ClusterPool(nn.Module):
   """Clustering-based feature pooling between stages: C_in x H x W -> C_out x H/2 x W/2.
 
-  Centers are the 2x2 average of `conv_f` features; each point joins its most similar center
-  (cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the output map, added to
-  a strided 3x3 conv skip (docs/official-code.md Sec. 3). `conv_f` only feeds the argmax, so in
-  the official gradient semantics it receives no gradient at all (Sec. 4).
+  Centers are the 2x2 average of `conv_f` features (Eq. 4); each point joins its most similar
+  center (Eq. 5's cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the
+  output map, normalized and added to a strided 3x3 conv skip (Eq. 9; docs/official-code.md
+  Sec. 3). With a fold, that of the stage the pool leads into. `conv_f` only feeds the argmax, so
+  in the official gradient semantics it receives no gradient at all (Sec. 4).
   """
 
   dim_out: int
@@ -214,7 +213,7 @@ class ClusterPool(nn.Module):
           f"{hr}x{wr}; the official code fails here too. Use an input size whose map "
           f"at this layer is even (e.g. a multiple of 32 pixels)."
       )
-    identity = nn.Conv(
+    skip = nn.Conv(  # the residual of Eq. 9 ("ResConn"): a strided 3x3 conv, [B, H/2, W/2, C_out]
         self.dim_out,
         (3, 3),
         strides=2,
@@ -230,10 +229,10 @@ class ClusterPool(nn.Module):
     feat = feat.reshape(-1, hr, wr, self.dim_out)
     g, m = feat.shape[0], (hr // 2) * (wr // 2)
 
-    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)
+    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)  # Eq. 4
     value_centers = clustering.adaptive_avg_pool(value, (hr // 2, wr // 2)).reshape(g, m, -1)
-    cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # [G, M, N]
-    assignment = clustering.assign(cosine)
+    cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # Eq. 5 [G,M,N]
+    assignment = clustering.assign(cosine)  # [G, N]
     st = clustering.straight_through_residual(cosine, self.assign_grad)
     reps = clustering.representatives(
         clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
@@ -241,7 +240,7 @@ class ClusterPool(nn.Module):
         assignment,
         self.aggregation,
         st,
-    )  # [G, M, D]
+    )  # Eq. 6, [G, M, D]
 
     self.sow("intermediates", "assignment", self._output_index(assignment, b, hr, wr))
     self.sow(
@@ -251,13 +250,14 @@ class ClusterPool(nn.Module):
     )
     reps = clustering.unfold(reps.reshape(b, r, r, hr // 2, wr // 2, -1)).astype(self.dtype)
     self.sow("intermediates", "representatives", reps)  # Eq. 6, [B, H/2, W/2, D], before norm2
-    return identity + group_norm("norm2", self.dtype)(reps)
+    # Eq. 9, with the GroupNorm the paper leaves out (docs/official-code.md Sec. 3, ClusterPool)
+    return skip + group_norm("norm2", self.dtype)(reps)
 
   def _output_index(self, assignment, b, hr, wr):
     """Region-local center index [G, N] -> row-major index into the stitched output map,
     [B, H, W]."""
     r, (oh, ow) = self.fold, (hr // 2, wr // 2)
-    i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)
+    i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)  # region-local row, col
     i = i + oh * jnp.arange(r, dtype=jnp.int32).reshape(1, r, 1, 1, 1)
     j = j + ow * jnp.arange(r, dtype=jnp.int32).reshape(1, 1, r, 1, 1)
     return clustering.unfold(i * (r * ow) + j)

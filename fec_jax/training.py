@@ -197,8 +197,7 @@ def init_state(model, tx, config, input_shape: tuple[int, ...]) -> TrainState:
   """Initial state from config.seed (run under jit with replicated out_shardings)."""
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   variables = dict(model.init(init_key, jnp.zeros(input_shape, jnp.float32)))
-  params = variables.pop("params")
-  variables.pop("intermediates", None)  # sown assignments, not state
+  params = variables.pop("params")  # the rest: other collections (init leaves out intermediates)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

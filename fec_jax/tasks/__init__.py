@@ -99,7 +99,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def describe(self, metrics: dict[str, float]) -> str:
-    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876 (50000 images)'."""
+    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876  (50000 folder val
+    images)'."""
 
 
 def get(config) -> Task:

@@ -31,7 +31,7 @@ OUTPUT_NORMS = ("norm0", "norm2", "norm4", "norm6")
 
 def cross_entropy(logits, labels, ignore_index: int):
   """mmseg 0.24's decode-head loss: `resize(seg_logit, size=label size, mode='bilinear',
-  align_corners=False)`, then CrossEntropyLoss(ignore_index=255) with its default
+  align_corners=False)`, then CrossEntropyLoss(ignore_index) (255 in the configs) with its default
   avg_non_ignore=False: the per-pixel losses (0 at ignored pixels) averaged over ALL label
   pixels, ignored ones included (weight_reduce_loss(reduction='mean')). The same mean over the
   global batch as the official per-GPU means averaged by DDP (every GPU has as many pixels).
@@ -89,8 +89,8 @@ class MeanIoU(Evaluator):
         }
         for _ in local_sets
     ]
-    # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
     images = np.zeros(1, np.int64)  # [1]: the images this host evaluated
+    # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
     pending = collections.deque()
     examples = data.create_seg_loader(
         self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
