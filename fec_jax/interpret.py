@@ -115,13 +115,13 @@ def group_clusters(final: np.ndarray, features: np.ndarray, num_clusters: int) -
 
   final [H, W] int: cluster index into features [M, D] (the last level). Empty clusters are dropped,
   the others grouped by scikit-learn KMeans (random_state=0, n_init="auto") in ascending cluster
-  order. Returns [H, W] int32 groups in [0, min(num_clusters, non-empty clusters)).
+  order, on float32 features as the official script's (KMeans computes in their dtype). Returns [H, W] int32 groups in [0, min(num_clusters, non-empty clusters)).
   """
   if num_clusters < 1:
     raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")
   present = np.unique(final)
   kmeans = KMeans(min(num_clusters, len(present)), random_state=0, n_init="auto")
-  groups = kmeans.fit_predict(np.asarray(features, np.float64)[present])
+  groups = kmeans.fit_predict(np.asarray(features, np.float32)[present])
   return groups[np.searchsorted(present, final)].astype(np.int32)
 
 

@@ -162,7 +162,7 @@ def test_label_maps_equal_official_algorithm(small, feature):
     levels = official_members([p[b] for p in pools])
     for level, members in enumerate(levels):
       np.testing.assert_array_equal(clusters.levels[b, level], to_map(members, (56, 56), 4))
-    features = np.asarray(getattr(clusters, feature)[b], np.float64).reshape(49, -1)
+    features = np.asarray(getattr(clusters, feature)[b], np.float32).reshape(49, -1)
     expected = to_map(official_groups(levels[-1], features, 3), (56, 56), 4)
     np.testing.assert_array_equal(grouped[b], expected)
     assert len(np.unique(grouped[b])) == 3
