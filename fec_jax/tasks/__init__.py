@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from fec_jax import data
 from fec_jax.model import create_model
 from fec_jax.training import LossFn
 
@@ -33,7 +34,15 @@ class Evaluator(abc.ABC):
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
     data: each batch is read and decoded once and run through every set. Each set's metrics
     hold 'images', the number of images they cover (an unreadable one is left out); with
-    none, fec_jax.data.DataNotFoundError."""
+    none, fec_jax.data.DataNotFoundError (nothing_to_evaluate)."""
+
+  @staticmethod
+  def nothing_to_evaluate(data_config) -> Exception:
+    """The error of an evaluation that found no readable image."""
+    return data.DataNotFoundError(
+        f"no readable val image in {data.data_location(data_config)}: nothing to evaluate (the "
+        "loader logged why each image failed)"
+    )
 
 
 class Task(abc.ABC):

@@ -87,7 +87,7 @@ class TopK(Evaluator):
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
     self._mesh, self._compiler_options = mesh, compiler_options
-    self._where = data.data_location(config.data)
+    self._data_config = config.data
     self._dataset = data.create_dataset(
         config.data,
         "val",
@@ -124,10 +124,7 @@ class TopK(Evaluator):
       batches.close()  # its worker processes end here
     totals = jax.device_get(totals)
     if totals[0] is None or not totals[0]["count"]:
-      raise data.DataNotFoundError(
-          f"no readable val image in {self._where}: nothing to "
-          "evaluate (the loader logged why each image failed)"
-      )
+      raise self.nothing_to_evaluate(self._data_config)
     return [_summarize(sums) for sums in totals]
 
 

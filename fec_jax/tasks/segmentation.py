@@ -113,10 +113,7 @@ class MeanIoU(Evaluator):
       _add(totals[i], jax.device_get(areas))
     count = int(_sum_over_hosts({"images": images})["images"][0])
     if not count:
-      raise data.DataNotFoundError(
-          f"no readable val image in {data.data_location(self._config.data)}: nothing to "
-          "evaluate (the loader logged why each image failed)"
-      )
+      raise self.nothing_to_evaluate(self._config.data)
     return [{**miou.summarize(_sum_over_hosts(t)), "images": count} for t in totals]
 
 
