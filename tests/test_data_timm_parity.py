@@ -246,10 +246,14 @@ def test_rrc_params_match_timm():
 
 
 @pytest.mark.parametrize(
-    "use_cutmix,lam", [(False, 0.37), (True, 0.61), (True, 0.75), (True, 0.0), (False, 1.0)]
+    "use_cutmix,lam",
+    [(False, 0.37), (False, 0.5), (True, 0.61), (True, 0.75), (True, 0.0), (False, 1.0)],
 )
-def test_mixup_matches_timm(monkeypatch, use_cutmix, lam):
-  """timm Mixup(mode='batch') with mocked numpy draws vs mix_with_params (1e-6).
+@pytest.mark.parametrize("fast_collate", [False, True])
+def test_mixup_matches_timm(monkeypatch, fast_collate, use_cutmix, lam):
+  """With mocked numpy draws, mix_with_params against timm's Mixup(mode='batch') on a float
+  batch (1e-6), and against its FastCollateMixup, which the official training runs (its
+  prefetcher is on), on a uint8 batch with Mixup's blend rounded (round_blend; exact).
 
   CutMix cases use even box sides: timm >= 1.0.10 ends the box at cy + (cut + 1) // 2,
   the timm the official code ran (< 1.0) at cy + cut // 2, which we keep; they differ
@@ -262,58 +266,10 @@ def test_mixup_matches_timm(monkeypatch, use_cutmix, lam):
   cy_u, cx_u = 0.3, 0.8
   b, c, h, w, k = 6, 3, 20, 24, 5
   rng = np.random.default_rng(4)
-  x = rng.standard_normal((b, c, h, w)).astype(np.float32)
-  labels = rng.integers(0, k, b)
-  draws = iter([0.0, 0.0 if use_cutmix else 0.99])  # apply; switch to CutMix or not
-  fake_np = types.SimpleNamespace(
-      sqrt=np.sqrt,
-      clip=np.clip,
-      random=types.SimpleNamespace(
-          rand=lambda: next(draws),
-          beta=lambda a, b_: lam,
-          randint=lambda lo, hi, size=None: lo + int((cy_u if hi == h else cx_u) * (hi - lo)),
-      ),
-  )
-  monkeypatch.setattr(timm_mixup, "np", fake_np)
-  mix = timm_mixup.Mixup(
-      mixup_alpha=0.8,
-      cutmix_alpha=1.0,
-      prob=1.0,
-      switch_prob=0.5,
-      mode="batch",
-      label_smoothing=0.1,
-      num_classes=k,
-  )
-  want_x, want_y = mix(torch.from_numpy(x.copy()), torch.from_numpy(labels))
-  got_x, got_y = mixup.mix_with_params(
-      jnp.asarray(x.transpose(0, 2, 3, 1)),
-      jnp.asarray(labels),
-      k,
-      lam,
-      use_cutmix,
-      int(cy_u * h),
-      int(cx_u * w),
-      0.1,
-  )
-  np.testing.assert_allclose(np.asarray(got_x), want_x.numpy().transpose(0, 2, 3, 1), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(got_y), want_y.numpy(), atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "use_cutmix,lam", [(False, 0.37), (False, 0.5), (True, 0.61), (False, 1.0)]
-)
-def test_uint8_mixup_matches_timm_fast_collate(monkeypatch, use_cutmix, lam):
-  """timm FastCollateMixup, which the official training runs (its prefetcher is on), mixes
-  uint8 images and rounds Mixup's blend; mix_with_params(round_blend=True) on the same values
-  gives the same integers. Even box sides, as in test_mixup_matches_timm."""
-  import jax.numpy as jnp
-  from fec_jax.data import mixup
-
-  timm_mixup = _load_timm("mixup")
-  cy_u, cx_u = 0.3, 0.8
-  b, c, h, w, k = 6, 3, 20, 24, 5
-  rng = np.random.default_rng(5)
-  x = rng.integers(0, 256, (b, c, h, w), dtype=np.uint8)
+  if fast_collate:
+    x = rng.integers(0, 256, (b, c, h, w), dtype=np.uint8)
+  else:
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
   labels = rng.integers(0, k, b)
   draws = iter([0.0, 0.0 if use_cutmix else 0.99])  # apply; switch to CutMix or not
   monkeypatch.setattr(np.random, "rand", lambda: next(draws))
@@ -323,7 +279,7 @@ def test_uint8_mixup_matches_timm_fast_collate(monkeypatch, use_cutmix, lam):
       "randint",
       lambda lo, hi, size=None: lo + int((cy_u if hi == h else cx_u) * (hi - lo)),
   )
-  mix = timm_mixup.FastCollateMixup(
+  settings = dict(
       mixup_alpha=0.8,
       cutmix_alpha=1.0,
       prob=1.0,
@@ -332,7 +288,12 @@ def test_uint8_mixup_matches_timm_fast_collate(monkeypatch, use_cutmix, lam):
       label_smoothing=0.1,
       num_classes=k,
   )
-  want_x, want_y = mix([(x[i], int(labels[i])) for i in range(b)])
+  if fast_collate:
+    mix = timm_mixup.FastCollateMixup(**settings)
+    want_x, want_y = mix([(x[i], int(labels[i])) for i in range(b)])
+  else:
+    mix = timm_mixup.Mixup(**settings)
+    want_x, want_y = mix(torch.from_numpy(x.copy()), torch.from_numpy(labels))
   got_x, got_y = mixup.mix_with_params(
       jnp.asarray(x.transpose(0, 2, 3, 1).astype(np.float32)),
       jnp.asarray(labels),
@@ -342,7 +303,11 @@ def test_uint8_mixup_matches_timm_fast_collate(monkeypatch, use_cutmix, lam):
       int(cy_u * h),
       int(cx_u * w),
       0.1,
-      round_blend=True,
+      round_blend=fast_collate,
   )
-  np.testing.assert_array_equal(np.asarray(got_x), want_x.numpy().transpose(0, 2, 3, 1))
+  want_x = want_x.numpy().transpose(0, 2, 3, 1)
+  if fast_collate:
+    np.testing.assert_array_equal(np.asarray(got_x), want_x)
+  else:
+    np.testing.assert_allclose(np.asarray(got_x), want_x, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got_y), want_y.numpy(), atol=1e-6)
