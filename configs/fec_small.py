@@ -30,7 +30,8 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.init_from_ema = False  # take init_from's EMA weights (a train.py workdir that kept them)
   c.global_batch_size = 1024  # across all devices and hosts
   c.eval_batch_size = 1024
-  # Optimizer: AdamW, lr = base_lr * global_batch_size / lr_base_batch_size, wd on >1-D params.
+  # Optimizer: AdamW, lr = base_lr * global_batch_size / lr_base_batch_size, wd on >1-D params
+  # but ClusterPool's conv_f (no gradient: the official training never changes it).
   c.base_lr = 1e-3
   c.lr_base_batch_size = 1024  # the linear scaling rule's base; 0 = base_lr unscaled
   c.b1 = 0.9

@@ -341,32 +341,15 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
         "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
     )
   targets = _training_items(abstract_state)
-  try:
-    restored = _restore_items(mngr, step, targets, data_iter)
-  except ValueError as error:
-    # a run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had
-    # an AdamW without a mask: the same arrays, without the mask's (leaf-less) state node
-    opt_state = targets[OPT_STATE_ITEM]
-    unmasked = _without_masks(opt_state)
-    if jax.tree.structure(unmasked) == jax.tree.structure(opt_state):
-      raise
-    try:
-      restored = _restore_items(mngr, step, {**targets, OPT_STATE_ITEM: unmasked}, data_iter)
-    except ValueError:
-      raise error from None
-    leaves = jax.tree.leaves(restored[OPT_STATE_ITEM])
-    restored[OPT_STATE_ITEM] = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
-  return abstract_state.replace(
-      step=restored[PROGRESS_ITEM]["step"],
-      rng=restored[PROGRESS_ITEM]["rng"],
-      params=restored[PARAMS_ITEM],
-      opt_state=restored[OPT_STATE_ITEM],
-      model_state={c: restored[c] for c in abstract_state.model_state},
-      ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None,
+  opt_state = targets[OPT_STATE_ITEM]
+  # A run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had an
+  # AdamW without a mask: the same arrays, without the mask's (leaf-less) state node.
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(mngr.directory) / str(step) / OPT_STATE_ITEM
   )
-
-
-def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict, data_iter) -> dict:
+  unmasked = _count_masks(saved.tree) < _count_masks(opt_state)
+  if unmasked:
+    targets[OPT_STATE_ITEM] = _without_masks(opt_state)
   restored = mngr.restore(
       step,
       args=ocp.args.Composite(
@@ -374,13 +357,39 @@ def _restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict, data_i
           **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)},
       ),
   )
-  return {k: restored[k] for k in targets}
+  restored_opt_state = restored[OPT_STATE_ITEM]
+  if unmasked:
+    leaves = jax.tree.leaves(restored_opt_state)
+    restored_opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+  return abstract_state.replace(
+      step=restored[PROGRESS_ITEM]["step"],
+      rng=restored[PROGRESS_ITEM]["rng"],
+      params=restored[PARAMS_ITEM],
+      opt_state=restored_opt_state,
+      model_state={c: restored[c] for c in abstract_state.model_state},
+      ema_params=restored[EMA_PARAMS_ITEM] if EMA_PARAMS_ITEM in targets else None,
+  )
+
+
+def _masked(node) -> bool:
+  return isinstance(node, optax.MaskedState)
 
 
 def _without_masks(opt_state):
   """An optax state with each optax.masked node replaced by the state it wraps."""
-  masked = lambda node: isinstance(node, optax.MaskedState)
-  return jax.tree.map(lambda n: n.inner_state if masked(n) else n, opt_state, is_leaf=masked)
+  return jax.tree.map(lambda n: n.inner_state if _masked(n) else n, opt_state, is_leaf=_masked)
+
+
+def _count_masks(tree) -> int:
+  """The optax.masked nodes of an optax state, or of its saved metadata tree (where each is a
+  dict with the key 'inner_state')."""
+  if _masked(tree):
+    return 1 + _count_masks(tree.inner_state)
+  if isinstance(tree, dict):
+    return ("inner_state" in tree) + sum(_count_masks(v) for v in tree.values())
+  if isinstance(tree, (list, tuple)):
+    return sum(_count_masks(v) for v in tree)
+  return 0
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -115,7 +115,8 @@ def group_clusters(final: np.ndarray, features: np.ndarray, num_clusters: int) -
 
   final [H, W] int: cluster index into features [M, D] (the last level). Empty clusters are dropped,
   the others grouped by scikit-learn KMeans (random_state=0, n_init="auto") in ascending cluster
-  order, on float32 features as the official script's (KMeans computes in their dtype). Returns [H, W] int32 groups in [0, min(num_clusters, non-empty clusters)).
+  order, on float32 features as the official script's (KMeans computes in their dtype).
+  Returns [H, W] int32 groups in [0, min(num_clusters, non-empty clusters)).
   """
   if num_clusters < 1:
     raise ValueError(f"num_clusters must be at least 1, got {num_clusters}")

@@ -55,9 +55,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def scaled_lr(base_lr: float, global_batch_size: int, base_batch_size: int = 1024) -> float:
-  """The linear scaling rule: lr = base_lr * batch / 1024. fec-jax's: the released script takes
-  its lr (1e-3 at batch 1024) as given (docs/official-code.md Sec. 8), which this equals at 1024.
-  base_batch_size 0 = no scaling (base_lr is the lr at any batch, as mmseg's configs)."""
+  """The linear scaling rule: lr = base_lr * batch / base_batch_size (1024 in the ImageNet
+  configs). fec-jax's: the released script takes its lr (1e-3 at batch 1024) as given
+  (docs/official-code.md Sec. 8), which this equals at 1024. base_batch_size 0 = no scaling
+  (base_lr is the lr at any batch, as mmseg's configs)."""
   return base_lr * global_batch_size / base_batch_size if base_batch_size else base_lr
 
 
@@ -144,7 +145,9 @@ def weight_decay_mask(params, weight_decay_on: str = "matrices") -> Any:
   In neither does ClusterPool's `conv_f` decay: it only feeds the argmax, so it gets no gradient
   (docs/official-code.md Sec. 4), its `.grad` stays None in the official training (DDP with
   find_unused_parameters=True leaves a parameter that no rank used untouched), and torch's
-  AdamW skips such a parameter, weight decay included. The official runs never change it."""
+  AdamW skips such a parameter, weight decay included. The official runs never change it. (Under
+  assign_grad="straight_through", an fec-jax extension train.py does not use, conv_f does get a
+  gradient; it is still left out of weight decay.)"""
 
   def decays(path, p):
     names = [k.key for k in path]

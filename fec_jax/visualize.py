@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import math
 import os
 import sys
@@ -21,10 +22,11 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import ExifTags, Image, ImageDraw, ImageFilter, ImageFont
 
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
+from fec_jax.data import seg_transforms
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.imagenet_classes import imagenet_class_names
@@ -101,52 +103,38 @@ def strip(panels: list[np.ndarray], titles: list[str]) -> Image.Image:
 
 
 def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8: resized directly, no crop,
-  with resize_bilinear_like_opencv, as the official script's cv2.resize).
+  """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8), as the official script reads
+  and resizes (cv2.imread, cv2.resize; docs/official-code.md Sec. 9): upright by the EXIF
+  orientation, then resized directly (no crop) with OpenCV's bilinear.
 
   Decoded as the training data is (transforms.decode): a 16-bit image is scaled to 8 bits, where
   PIL's convert("RGB") would clip it to white."""
   with open(path, "rb") as f:
-    original = decode(f.read())[0]
-  return original, resize_bilinear_like_opencv(original, size)
+    encoded = f.read()
+  original = upright(decode(encoded)[0], encoded)
+  return original, seg_transforms.resize(original, *size)
 
 
-# OpenCV's fixed-point bilinear weights: 11 fractional bits per axis.
-_OPENCV_ONE = 2048
+# EXIF orientation (tag 274) -> the transpose that makes an image upright, as cv2.imread applies it
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
-def _opencv_taps(in_size: int, out_size: int, clamp: bool):
-  """Per output index: the two source indices and their fixed-point weights, as OpenCV computes
-  them (float32 source position (i + 0.5) * in / out - 0.5; the horizontal axis clamps a position
-  outside the image to its edge pixel, the vertical one clamps only the rows it reads)."""
-  scale = 1.0 / (out_size / in_size)
-  pos = ((np.arange(out_size) + 0.5) * scale - 0.5).astype(np.float32)
-  first = np.floor(pos).astype(np.int64)
-  frac = (pos - first.astype(np.float32)).astype(np.float32)
-  if clamp:
-    outside = (first < 0) | (first >= in_size - 1)
-    frac[outside] = 0
-    first = np.clip(first, 0, in_size - 1)
-  w0 = np.rint((np.float32(1) - frac) * np.float32(_OPENCV_ONE)).astype(np.int64)
-  w1 = np.rint(frac * np.float32(_OPENCV_ONE)).astype(np.int64)
-  return np.clip(first, 0, in_size - 1), np.clip(first + 1, 0, in_size - 1), w0, w1
-
-
-def resize_bilinear_like_opencv(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """uint8 [H, W, C] -> [h, w, C]: cv2.resize's default (INTER_LINEAR, no antialiasing), which
-  the official cluster_visualize.py feeds the model (docs/official-code.md Sec. 9). Written out
-  because OpenCV is not a dependency: integer weights with 11 fractional bits, a horizontal pass
-  in int32, then the vertical pass as OpenCV's SIMD kernel rounds it (each row pre-shifted by 4
-  bits, the products' high 16 bits, a final rounding shift by 2). Bit-exact with
-  opencv-python-headless 5.1.0 on x86-64 on the sizes tested (tests/test_cli.py)."""
-  h, w = size
-  x0, x1, a0, a1 = _opencv_taps(image.shape[1], w, clamp=True)
-  y0, y1, b0, b1 = _opencv_taps(image.shape[0], h, clamp=False)
-  src = image.astype(np.int64)
-  rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]  # [H, w, C]
-  top = ((rows[y0] >> 4) * b0[:, None, None]) >> 16  # [h, w, C]
-  bottom = ((rows[y1] >> 4) * b1[:, None, None]) >> 16
-  return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
+def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
+  """uint8 [H, W, 3] decoded from `encoded`, turned by the file's EXIF orientation (phone
+  photos); the training data is read as stored, as timm's loader does."""
+  with Image.open(io.BytesIO(encoded)) as img:
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+  if orientation not in _UPRIGHT:
+    return image
+  return np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
 
 
 def class_name(index: int, num_classes: int) -> str:

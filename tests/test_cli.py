@@ -8,11 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import cv2
 import jax
 import numpy as np
 import pytest
 from absl import flags
-from PIL import Image
+from PIL import ExifTags, Image
 
 from configs import demo
 from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
@@ -536,42 +537,26 @@ def test_visualize_loads_16_bit_images_as_training_does(tmp_path):
   assert original.dtype == np.uint8 and original.shape == (24, 32, 3)
   np.testing.assert_array_equal(original, expected)
   assert len(np.unique(original)) == 256  # every 8-bit level, not nearly all white (255)
-  np.testing.assert_array_equal(resized, visualize.resize_bilinear_like_opencv(expected, (16, 8)))
+  np.testing.assert_array_equal(resized, cv2.resize(expected, (8, 16)))  # the official resize
 
 
-# cv2.resize(image, (w, h)) of opencv-python-headless 5.1.0 (x86-64), the official script's resize
-OPENCV_3X4 = [
-    [[58, 95, 132], [160, 69, 106], [135, 108, 102], [109, 146, 76]],
-    [[80, 117, 154], [54, 91, 128], [157, 130, 167], [131, 104, 141]],
-    [[144, 181, 112], [119, 156, 150], [115, 152, 189], [153, 126, 163]],
-]
-OPENCV_7X9 = [
-    [[0, 37, 74], [55, 92, 129], [129, 124, 161], [203, 27, 64], [149, 58, 95], [95, 132, 127]]
-    + [[170, 206, 30], [115, 152, 61], [43, 80, 117]],
-    [[88, 125, 162], [70, 107, 144], [71, 90, 127], [145, 91, 128], [164, 73, 110], [159, 74, 93]]
-    + [[135, 148, 94], [130, 167, 76], [131, 168, 59]],
-    [[125, 162, 199], [89, 126, 163], [59, 96, 133], [85, 121, 158], [146, 92, 129], [190, 62, 99]]
-    + [[142, 87, 124], [149, 149, 95], [168, 205, 59]],
-    [[52, 89, 126], [108, 145, 182], [139, 176, 213], [42, 79, 116], [74, 111, 148]]
-    + [[147, 142, 179], [222, 45, 82], [168, 77, 114], [95, 132, 169]],
-    [[162, 199, 53], [126, 163, 109], [96, 133, 170], [122, 159, 196], [92, 129, 166]]
-    + [[74, 99, 136], [149, 125, 161], [186, 95, 132], [205, 59, 96]],
-    [[162, 199, 90], [145, 181, 90], [127, 164, 110], [128, 165, 184], [111, 147, 185]]
-    + [[93, 130, 167], [94, 131, 168], [150, 114, 150], [205, 96, 133]],
-    [[104, 141, 178], [159, 196, 105], [191, 228, 51], [94, 131, 125], [125, 162, 199]]
-    + [[157, 194, 231], [60, 97, 134], [91, 128, 165], [147, 184, 221]],
-]
-
-
-@pytest.mark.parametrize("size, want", [((3, 4), OPENCV_3X4), ((7, 9), OPENCV_7X9)])
-def test_visualize_resizes_as_opencv(size, want):
-  """The official cluster_visualize.py resizes with cv2.resize (bilinear, fixed-point, no
-  antialiasing); its outputs, down and up, are reproduced exactly (300 random sizes were checked
-  against cv2 when this was written)."""
-  image = (np.arange(5 * 6 * 3) * 37 % 256).astype(np.uint8).reshape(5, 6, 3)
-  np.testing.assert_array_equal(visualize.resize_bilinear_like_opencv(image, size), want)
-  same = visualize.resize_bilinear_like_opencv(image, (5, 6))
-  np.testing.assert_array_equal(same, image)
+@pytest.mark.parametrize("orientation", [1, 6, 3])
+def test_visualize_reads_and_resizes_as_the_official_script(tmp_path, orientation):
+  """The official cluster_visualize.py reads with cv2.imread (which turns a photo upright by its
+  EXIF orientation) and resizes with cv2.resize; load_image gives the same pixels."""
+  rng = np.random.default_rng(orientation)
+  pixels = (rng.random((1, 1, 3)) * 255 * np.linspace(0, 1, 60 * 80)[:, None, None]).reshape(
+      60, 80, 3
+  )
+  exif = Image.Exif()
+  exif[ExifTags.Base.Orientation] = orientation
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(pixels.astype(np.uint8)).save(path, exif=exif, quality=90)
+  official = cv2.imread(str(path))[..., ::-1]  # BGR -> RGB
+  original, resized = visualize.load_image(str(path), (32, 48))
+  assert original.shape == ((80, 60, 3) if orientation == 6 else (60, 80, 3))
+  np.testing.assert_array_equal(original, official)
+  np.testing.assert_array_equal(resized, cv2.resize(official, (48, 32)))
 
 
 def test_visualize_median_filter_keeps_more_than_256_groups():

@@ -61,7 +61,7 @@ def timm_param_groups(model, weight_decay: float):
   ]
 
 
-def torch_losses(state_dict, batches, c) -> list[float]:
+def torch_losses(state_dict, batches, c) -> tuple[list[float], dict]:
   torch.manual_seed(0)
   model = create_torch_model("fec_small", num_classes=CLASSES)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
@@ -87,7 +87,7 @@ def torch_losses(state_dict, batches, c) -> list[float]:
   return losses, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def jax_losses(params, batches, c) -> list[float]:
+def jax_losses(params, batches, c) -> tuple[list[float], dict]:
   model = create_model("fec_small", num_classes=CLASSES)
   mesh = training.create_mesh()
   schedule = training.lr_schedule(c, STEPS_PER_EPOCH)

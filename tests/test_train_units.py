@@ -121,7 +121,8 @@ c.mean, c.std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalize(x) = x
 mesh = training.create_mesh()
 augment = jax.jit(per_device_augment(c, mesh))
 n = 8  # 2 images per device
-images = (jnp.arange(n, dtype=jnp.uint8) * 10).reshape(n, 1, 1, 1) * jnp.ones((n, 4, 4, 3), jnp.uint8)
+images = (jnp.arange(n, dtype=jnp.uint8) * 10).reshape(n, 1, 1, 1)
+images = images * jnp.ones((n, 4, 4, 3), jnp.uint8)
 labels, no_erase = jnp.arange(n) % 4, jnp.zeros((n, 4), jnp.int32)
 for seed in range(4):
   out, targets = augment(jax.random.key(seed), images, no_erase, labels)

@@ -253,8 +253,8 @@ class ClusterPool(nn.Module):
   flat index into the output map [H/2, W/2] of the center each point joined.
 
   Fold: that of the stage the pool leads into (the official constructor passes
-  fold_w[i + 1]; doc §3 leaves it open). Convs and GroupNorm act on the whole map; only the clustering runs
-  per region; the representatives are stitched back before norm2.
+  fold_w[i + 1]; the reference doc's §3 leaves it open). Convs and GroupNorm act on the whole
+  map; only the clustering runs per region; the representatives are stitched back before norm2.
   """
 
   def __init__(self, in_dim: int, out_dim: int, fold_: int = 1):

@@ -189,8 +189,9 @@ def train_transform(rng, image: np.ndarray, cfg, ra_spec, ra_hparams):
 
   uint8 [H, W, 3] -> (uint8 [S, S, 3], erase box int32 [4]): random resized crop ->
   horizontal flip -> RandAugment; Mixup/CutMix, normalization and the erasing fill follow on
-  device (fec_jax.tasks.classification.per_device_augment), in the official training's order. `cfg` is a validated data
-  config; `ra_spec`/`ra_hparams` come from `randaugment_setup(cfg)` (None: RandAugment off).
+  device (fec_jax.tasks.classification.per_device_augment), in the official training's order.
+  `cfg` is a validated data config; `ra_spec`/`ra_hparams` come from `randaugment_setup(cfg)`
+  (None: RandAugment off).
   """
   img = random_resized_crop(
       rng, image, cfg.image_size, tuple(cfg.scale), tuple(cfg.ratio), cfg.interpolation
