@@ -551,7 +551,8 @@ def to_orbax(args) -> None:
     shutil.rmtree(output)
   os.rename(staging, output)
   count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
-  print(f"wrote {name} ({count:,} parameters, {overrides}) to {args.output}")
+  options = "".join(f", {k}={v}" for k, v in overrides.items())
+  print(f"wrote {name} ({count:,} parameters{options}) to {args.output}")
 
 
 def to_torch(args) -> None:

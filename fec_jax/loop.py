@@ -75,6 +75,8 @@ class _Run:
   mesh: Any
   steps_per_epoch: int
   num_steps: int
+  # the record of the last step when a signal stopped the run there, before its evaluation
+  unevaluated: dict[str, Any] | None = None
 
 
 def train_and_evaluate(config, workdir: str, compiler_options: dict | None = None) -> RunResult:
@@ -275,7 +277,9 @@ def _run(
           ),
           config.min_lr,
       )
-    writer = reporting.MetricsWriter(workdir, first_step, active=primary)
+    unevaluated = _unevaluated_last_step(workdir, first_step, num_steps)
+    # that record is written again with the evaluation's metrics
+    writer = reporting.MetricsWriter(workdir, first_step - bool(unevaluated), active=primary)
     train_step = training.make_train_step(
         task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding
     )
@@ -292,6 +296,7 @@ def _run(
         mesh,
         steps_per_epoch,
         num_steps,
+        unevaluated,
     )
     result = _loop(run, first_step, state, abstract, train_step, compiler_options)
     mngr.wait_until_finished()
@@ -330,6 +335,11 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   """Steps start+1 .. run.num_steps; `step` is the number of optimizer steps done after each.
   state: the TrainState at `start`, or a Future of it (a fresh state being initialized)."""
   record: dict[str, Any] = {}
+  if run.unevaluated is not None:
+    logging.info("step %d was saved without its evaluation (the run stopped there)", start)
+    record = {**run.unevaluated, **_evaluate(run.evaluator, state, start, first=True)}
+    run.writer.write(record)
+    return RunResult(start, False, record)
   if start >= run.num_steps:
     logging.info(
         "nothing to train: %s is at step %d, and this run ends at step %d (max_steps or the "
@@ -359,7 +369,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     epoch = (step - 1) // run.steps_per_epoch
     eval_now = step == run.num_steps or training.eval_due(run.config, step, run.steps_per_epoch)
     save_now = step == run.num_steps or step % run.config.checkpoint_every_steps == 0
-    stop = step < run.num_steps and run.preemption.stop_now(step)
+    stop = run.preemption.stop_now(step)
     if not (eval_now or save_now or stop or step % run.config.log_every_steps == 0):
       continue
     pending = jax.device_get(pending)
@@ -419,6 +429,16 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       )
       return RunResult(step, True, record)
   return RunResult(run.num_steps, False, record)
+
+
+def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str, Any] | None:
+  """The metrics record of `step` when it is the run's last and a signal stopped the run there:
+  its evaluation was skipped, and resuming runs it. None otherwise."""
+  records = reporting.read_metrics(workdir) if step == num_steps else []
+  if not records or records[-1]["step"] != step:
+    return None
+  last = records[-1]
+  return None if any(key.startswith("val_") for key in last) else last
 
 
 def _skip_failed_evaluation(preemption) -> bool:

@@ -423,7 +423,7 @@ def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
   torch.save(changed, src)
   code, out, err = convert_cli(capsys, "--input", src, "--output", orbax_small, "--overwrite")
   assert (code, err) == (0, ""), err
-  assert out.startswith("wrote fec_small (5,727,528 parameters, {'num_classes': 1000}) to ")
+  assert out.startswith("wrote fec_small (5,727,528 parameters, num_classes=1000) to ")
   assert os.listdir(orbax_small.parent) == ["fec_small"]  # the staging directory is gone
   _, variables = fec_jax.load_pretrained(orbax_small)
   np.testing.assert_array_equal(variables["params"]["head"]["bias"], changed["head.bias"].numpy())

@@ -25,7 +25,7 @@ import pytest
 
 import fec_jax
 from configs import fec_base, finetune
-from fec_jax import checkpoint, data, loop, reporting, tasks
+from fec_jax import checkpoint, data, loop, preemption, reporting, tasks
 from fec_jax.data import device_transforms
 from fec_jax.tasks import classification
 from tests.imagenet_fixture import make_imagenet_folder
@@ -123,6 +123,31 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_matches(reference, t
       reporting.read_metrics(workdir)[-1]["val_top1"]
       == reporting.read_metrics(reference)[-1]["val_top1"]
   )
+
+
+def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
+    reference, tmp_path, monkeypatch
+):
+  """A signal during the last step stops the run there as at any other step (the final
+  evaluation, which takes minutes on ImageNet, is skipped and the step saved); the same command
+  then runs that evaluation, and metrics.jsonl reads as the uninterrupted run's."""
+
+  def signal_at_last_step(self, step):
+    if step == STEPS:
+      self.signal_name = "SIGTERM"
+    return self.signal_name is not None
+
+  monkeypatch.setattr(preemption.Preemption, "stop_now", signal_at_last_step)
+  workdir = tmp_path / "w"
+  first = train(tiny(), workdir)
+  assert first.preempted and first.step == STEPS and saved_steps(workdir)[-1] == STEPS
+  assert "val_top1" not in reporting.read_metrics(workdir)[-1]
+  monkeypatch.undo()
+  second = train(tiny(), workdir)
+  assert second.step == STEPS and not second.preempted
+  assert reporting.read_metrics(workdir) == reporting.read_metrics(reference)
+  third = train(tiny(), workdir)  # now nothing is left to do
+  assert third.step == STEPS and third.record == {}
 
 
 def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path, monkeypatch):
