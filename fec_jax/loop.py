@@ -414,6 +414,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
         )
         stop = True
       clock.restart()  # the next rate counts training only, not this evaluation
+      stop = stop or run.preemption.stop_now(step)  # a signal during the evaluation: stop here
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
     run.writer.write(record)

@@ -150,6 +150,21 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   assert third.step == STEPS and third.record == {}
 
 
+def test_a_signal_during_an_evaluation_stops_the_run_after_it(tmp_path, monkeypatch):
+  """An evaluation is not cut short (it takes minutes on ImageNet), but the run stops right
+  after it, at its step, not one step later."""
+  evaluate = classification.TopK.evaluate
+
+  def signalled(self, variable_sets):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(self, variable_sets)
+
+  monkeypatch.setattr(classification.TopK, "evaluate", signalled)
+  result = train(tiny(eval_every_steps=2), tmp_path / "w")
+  assert result.preempted and result.step == 2 and saved_steps(tmp_path / "w") == [2]
+  assert "val_top1" in reporting.read_metrics(tmp_path / "w")[-1]
+
+
 def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path, monkeypatch):
   """SIGTERM to the process group can kill an evaluation's loader worker that is still starting,
   which fails the evaluation: the run is stopping anyway, so it skips the evaluation and saves
