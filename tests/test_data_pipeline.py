@@ -272,14 +272,17 @@ os._exit(1)
       w.kill()
 
 
-def test_a_run_with_workers_ends_without_leaked_shared_memory(folder):
+def test_a_run_with_workers_ends_without_leaked_shared_memory_and_logs_as_absl(tmp_path):
   """Workers hand batches over in shared memory; the last ones of a pass sat in reference cycles
   and grain's deletion queue, and Python's resource_tracker warned at exit of "leaked
-  shared_memory objects" (10 for one val pass on 2 workers)."""
+  shared_memory objects" (10 for one val pass on 2 workers). A worker's log line (a bad file)
+  has absl's format, as the main process's (it was 'WARNING:fec_jax.data.pipeline:...')."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=2, val_per_class=3)
+  (tmp_path / "data" / "val" / WNIDS[0] / "bad.JPEG").write_bytes(b"not a JPEG")
   script = f"""
 import fec_jax.data as fd
 cfg = fd.default_config()
-cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = {folder!r}, 3, 32, 2
+cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = {root!r}, 3, 32, 2
 def main():
   for _ in range(2):
     it = fd.create_loader(cfg, "val", 2, seed=0)
@@ -292,6 +295,8 @@ if __name__ == "__main__":
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert "leaked" not in done.stderr, done.stderr
+  bad = r"^W\d{4} [\d:.]+ +\d+ pipeline\.py:\d+\] bad file n01440764/bad\.JPEG masked out"
+  assert re.search(bad, done.stderr, re.MULTILINE), done.stderr
 
 
 def _running(process: psutil.Process) -> bool:

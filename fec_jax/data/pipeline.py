@@ -41,6 +41,7 @@ import threading
 
 import grain
 from absl import flags
+from absl import logging as absl_logging
 from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
@@ -462,9 +463,21 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   main process if it exits without close() (a second signal's os._exit, a crash), which grain's
   workers do not do by themselves."""
   del worker_index, worker_count
+  _log_as_absl()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, signal.SIG_IGN)
   threading.Thread(target=_exit_with_main_process, daemon=True).start()
+
+
+def _log_as_absl() -> None:
+  """A worker's log lines (bad files) in the main process's format, absl's: the root logger
+  has only absl's handler (a worker's Python logging printed 'WARNING:fec_jax...'), with absl's
+  formatter instead of grain's '[worker] message'."""
+  if not flags.FLAGS.is_parsed():  # else absl notes "Logging before flag parsing"
+    flags.FLAGS.mark_as_parsed()
+  handler = absl_logging.get_absl_handler()
+  handler.setFormatter(absl_logging.PythonFormatter())
+  logging.getLogger().handlers = [handler]
 
 
 def _exit_with_main_process() -> None:
