@@ -115,7 +115,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
-  recorded = resume is not None and _check_same_run(config, workdir)
+  recorded = resume is not None and _check_same_run(config, workdir, task.EVALUATION_ONLY)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
@@ -139,8 +139,9 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
 # not depend on it: fec_jax.data.pipeline), what init_from names (a resume does not read it),
-# how often to log, evaluate and save, how to evaluate, and where to stop. A change to any other
-# field would continue the checkpoints as another run than theirs.
+# how often to log, evaluate and save, how to evaluate (with the task's EVALUATION_ONLY fields),
+# and where to stop. A change to any other field would continue the checkpoints as another run
+# than theirs.
 _FREE_ON_RESUME = frozenset(
     {
         "max_steps",
@@ -153,9 +154,6 @@ _FREE_ON_RESUME = frozenset(
         "keep_checkpoints",
         "eval_batch_size",
         "data.val_split",
-        "data.crop_pct",  # classification
-        "data.eval_interpolation",
-        "data.size_divisor",  # segmentation
         "data.demo_num_val",
         "data.root",
         "data.tfds_data_dir",
@@ -167,15 +165,15 @@ _FREE_ON_RESUME = frozenset(
 _LISTED_CHANGES = 8  # at most this many changed fields are named, with the overrides that undo them
 
 
-def _check_same_run(config, workdir: str) -> bool:
+def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> bool:
   """CheckpointError unless `config` is the one the workdir's run started with (its
-  config.json; reporting.config_changes), up to the fields of _FREE_ON_RESUME. Returns whether
-  the workdir has a config.json."""
+  config.json; reporting.config_changes), up to the fields of _FREE_ON_RESUME and the task's
+  `evaluation_only` ones. Returns whether the workdir has a config.json."""
   saved = reporting.read_config(workdir)
   if saved is None:
     return False
   changes = reporting.config_changes(saved, config) or {}
-  changed = sorted(changes.keys() - _FREE_ON_RESUME)
+  changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
   if not changed:
     return True
   listed = ", ".join(

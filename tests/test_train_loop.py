@@ -259,9 +259,14 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
     train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
 
 
-def test_a_resume_may_change_where_to_stop_and_how_often_to_log(reference):
+def test_a_resume_may_change_where_to_stop_how_often_to_log_and_how_to_evaluate(reference):
   config = tiny(max_steps=99, log_every_steps=5, eval_every_steps=7, **{"data.num_workers": 2})
-  loop._check_same_run(config, str(reference))  # raises for any other field (below)
+  with config.unlocked():
+    config.data.crop_pct = 0.875  # one of the task's EVALUATION_ONLY fields
+  evaluation_only = tasks.get(config).EVALUATION_ONLY
+  loop._check_same_run(config, str(reference), evaluation_only)  # raises for others (below)
+  with pytest.raises(checkpoint.CheckpointError, match=r"data.crop_pct 1.0 \(now 0.875\)"):
+    loop._check_same_run(config, str(reference), frozenset())  # another task's fields
   assert reporting.read_config(str(reference)) == json.loads(tiny().to_json())
 
 
@@ -286,10 +291,10 @@ def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
       c.mine, c.nan = object(), float("nan")
   reporting.write_config(str(tmp_path), config)
   assert "unserializable object" in (tmp_path / reporting.CONFIG_FILE).read_text()
-  loop._check_same_run(again, str(tmp_path))
+  loop._check_same_run(again, str(tmp_path), frozenset())
   again.seed = 1
   with pytest.raises(checkpoint.CheckpointError, match=r"seed 0 \(now 1\)"):
-    loop._check_same_run(again, str(tmp_path))
+    loop._check_same_run(again, str(tmp_path), frozenset())
   with config.unlocked():
     config.table = {(1, 2): 3}
   reporting.write_config(str(tmp_path / "w"), config)

@@ -51,6 +51,10 @@ class Task(abc.ABC):
   run before anything slow; then train_loader, input_shape, evaluator, adopt_pretrained on the
   initialized variables and loss_fn."""
 
+  # Task-specific config fields that only change how the task evaluates, not what is trained: a
+  # resumed run may change them (fec_jax.loop's _FREE_ON_RESUME has the task-neutral ones).
+  EVALUATION_ONLY: frozenset[str] = frozenset()
+
   def __init__(self, config):
     self.config = config
 

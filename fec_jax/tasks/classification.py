@@ -143,6 +143,8 @@ def _summarize(totals: dict) -> dict[str, float]:
 class Classification(Task):
   """config.model.name is a classification variant; config.data is fec_jax.data's config."""
 
+  EVALUATION_ONLY = frozenset({"data.crop_pct", "data.eval_interpolation"})
+
   def check_config(self) -> None:
     c = self.config
     name, size = c.model.name, c.data.image_size

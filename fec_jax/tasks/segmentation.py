@@ -139,6 +139,8 @@ def _sum_over_hosts(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Segmentation(Task):
   """config.model.name is an fpn_* segmenter; config.data is fec_jax.data.ade20k_config()."""
 
+  EVALUATION_ONLY = frozenset({"data.size_divisor"})
+
   def check_config(self) -> None:
     c = self.config
     if c.model.name not in SEGMENTERS:
