@@ -9,7 +9,8 @@ brings what every task needs:
   output or a train.py workdir; config.init_from_ema for its EMA weights), or a resume from the
   latest checkpoint in the workdir (init_from is then not used): params, model state, optimizer
   state, EMA, step, RNG and the train iterator's position, bit-identical on one CPU device, with
-  the config the run started with (config.json; only _FREE_ON_RESUME's fields may change);
+  the config the run started with (config.json; only _FREE_ON_RESUME's fields and the task's
+  EVALUATION_ONLY ones may change);
 - periodic asynchronous checkpoints (a half-written one of a killed run is cleaned up);
 - preemption: SIGTERM/SIGINT finish the step, checkpoint and return (fec_jax.preemption);
 - a stop on a non-finite loss or gradient, keeping the last good checkpoint;
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, reporting, tasks, training
 from fec_jax.model import model_name as name_of
@@ -276,8 +278,7 @@ def _run(
           config.min_lr,
       )
     unevaluated = _unevaluated_last_step(workdir, first_step, num_steps)
-    # that record is written again with the evaluation's metrics
-    writer = reporting.MetricsWriter(workdir, first_step - bool(unevaluated), active=primary)
+    writer = reporting.MetricsWriter(workdir, first_step, active=primary)
     train_step = training.make_train_step(
         task.loss_fn(model, mesh), tx, schedule, config, mesh, state_sharding
     )
@@ -336,7 +337,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   if run.unevaluated is not None:
     logging.info("step %d was saved without its evaluation (the run stopped there)", start)
     record = {**run.unevaluated, **_evaluate(run.evaluator, state, start, first=True)}
-    run.writer.write(record)
+    run.writer.replace_last(record)  # only now: a failed evaluation leaves the record as it was
     return RunResult(start, False, record)
   if start >= run.num_steps:
     logging.info(
@@ -367,7 +368,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     epoch = (step - 1) // run.steps_per_epoch
     eval_now = step == run.num_steps or training.eval_due(run.config, step, run.steps_per_epoch)
     save_now = step == run.num_steps or step % run.config.checkpoint_every_steps == 0
-    stop = run.preemption.stop_now(step)
+    stop = run.preemption.stop_now(step, agree=step == run.num_steps)
     if not (eval_now or save_now or stop or step % run.config.log_every_steps == 0):
       continue
     pending = jax.device_get(pending)
@@ -412,7 +413,8 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
         )
         stop = True
       clock.restart()  # the next rate counts training only, not this evaluation
-      stop = stop or run.preemption.stop_now(step)  # a signal during the evaluation: stop here
+      if step < run.num_steps:  # a signal during the evaluation: stop here (every process)
+        stop = stop or run.preemption.stop_now(step, agree=True)
     # The record goes out before the checkpoint: a run killed in between resumes from an
     # earlier step and the writer drops the records after it, so none is lost or doubled.
     run.writer.write(record)
@@ -432,12 +434,18 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
 
 def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str, Any] | None:
   """The metrics record of `step` when it is the run's last and a signal stopped the run there:
-  its evaluation was skipped, and resuming runs it. None otherwise."""
+  its evaluation was skipped, and resuming runs it. None otherwise. Process 0 decides for all
+  (the evaluation is collective)."""
   records = reporting.read_metrics(workdir) if step == num_steps else []
-  if not records or records[-1]["step"] != step:
-    return None
-  last = records[-1]
-  return None if any(key.startswith("val_") for key in last) else last
+  last = records[-1] if records and records[-1]["step"] == step else None
+  if last is not None and any(key.startswith("val_") for key in last):
+    last = None
+  if jax.process_count() > 1:
+    found = multihost_utils.broadcast_one_to_all(np.int32(last is not None))
+    if not found:
+      return None
+    last = last or {}  # the record is process 0's to write again
+  return last
 
 
 def _skip_failed_evaluation(preemption) -> bool:

@@ -63,11 +63,13 @@ class Preemption:
         f"(send it again to exit at once)\n".encode(),
     )
 
-  def stop_now(self, step: int) -> bool:
-    """True when every process is to stop after `step` (the same answer on every process)."""
+  def stop_now(self, step: int, agree: bool = False) -> bool:
+    """True when every process is to stop after `step` (the same answer on every process).
+    With several processes they agree every SYNC_EVERY_STEPS steps, and where every process
+    passes agree=True (the run's last step, after an evaluation); elsewhere it is False."""
     if jax.process_count() == 1:
       return self.signal_name is not None
-    if step % SYNC_EVERY_STEPS:
+    if step % SYNC_EVERY_STEPS and not agree:
       return False
     flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
     return bool(np.max(flags))

@@ -174,6 +174,23 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, record["step"])
     self._tb.flush()
 
+  def replace_last(self, record: dict) -> None:
+    """Writes `record` in place of the file's last record (of the same step), e.g. with the
+    metrics of an evaluation that was skipped; TensorBoard gets its new values."""
+    if not self._active:
+      return
+    records = read_metrics(self._workdir)
+    if not records or records[-1]["step"] != record["step"]:
+      raise ValueError(f"the last record of {self._workdir} is not of step {record['step']}")
+    path = os.path.join(self._workdir, METRICS_FILE)
+    with open(path + ".tmp", "w") as f:  # replaced in one step, as in __init__
+      f.writelines(json.dumps(r) + "\n" for r in records[:-1] + [record])
+    os.replace(path + ".tmp", path)
+    for key, value in record.items():
+      if key != "step" and key not in records[-1]:
+        self._tb.add_scalar(key, value, record["step"])
+    self._tb.flush()
+
   def close(self) -> None:
     if self._active:
       self._tb.close()

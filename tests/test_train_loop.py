@@ -132,7 +132,7 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   evaluation, which takes minutes on ImageNet, is skipped and the step saved); the same command
   then runs that evaluation, and metrics.jsonl reads as the uninterrupted run's."""
 
-  def signal_at_last_step(self, step):
+  def signal_at_last_step(self, step, agree=False):
     if step == STEPS:
       self.signal_name = "SIGTERM"
     return self.signal_name is not None
@@ -142,6 +142,16 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   first = train(tiny(), workdir)
   assert first.preempted and first.step == STEPS and saved_steps(workdir)[-1] == STEPS
   assert "val_top1" not in reporting.read_metrics(workdir)[-1]
+  monkeypatch.undo()
+  stopped = reporting.read_metrics(workdir)
+
+  def fails(self, variable_sets):
+    raise RuntimeError("the evaluation failed")
+
+  monkeypatch.setattr(classification.TopK, "evaluate", fails)
+  with pytest.raises(RuntimeError, match="the evaluation failed"):
+    train(tiny(), workdir)
+  assert reporting.read_metrics(workdir) == stopped  # kept for the next try
   monkeypatch.undo()
   second = train(tiny(), workdir)
   assert second.step == STEPS and not second.preempted

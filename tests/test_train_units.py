@@ -16,7 +16,7 @@ import pytest
 
 import fec_jax
 from configs import demo, fec_base, fec_large, fec_small
-from fec_jax import convert, data, reporting, tasks, training
+from fec_jax import convert, data, preemption, reporting, tasks, training
 from fec_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +90,23 @@ def test_weight_decay_mask_is_timms_groups_without_conv_f():
   assert len(decayed) + len(kept) == len(mask)
   every = flax.traverse_util.flatten_dict(training.weight_decay_mask(params, "all"))
   assert {"/".join(k) for k, v in every.items() if not v} == conv_f
+
+
+def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch):
+  """With several processes, stop_now all-gathers the signal flags every SYNC_EVERY_STEPS steps,
+  and at any step where every process asks (the run's last step, after an evaluation)."""
+  gathered = []
+
+  def allgather(flag):
+    gathered.append(int(flag))
+    return np.array([flag, 0])  # this process got the signal, the other did not
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  p = preemption.Preemption()
+  p.signal_name = "SIGTERM"
+  assert not p.stop_now(7) and gathered == []
+  assert p.stop_now(7, agree=True) and p.stop_now(10) and gathered == [1, 1]
 
 
 def test_ema_is_timm_model_ema_v2():

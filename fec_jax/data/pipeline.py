@@ -463,10 +463,10 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
   main process if it exits without close() (a second signal's os._exit, a crash), which grain's
   workers do not do by themselves."""
   del worker_index, worker_count
-  _log_as_absl()
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, signal.SIG_IGN)
   threading.Thread(target=_exit_with_main_process, daemon=True).start()
+  _log_as_absl()
 
 
 def _log_as_absl() -> None:

@@ -231,12 +231,10 @@ class Segmentation(Task):
     merged = checkpoint.merge_params(variables["params"]["backbone"], pretrained["params"], kept)
     params = {**variables["params"], "backbone": merged}
     norms = [n for n in OUTPUT_NORMS if any(k.startswith(f"{n}/") for k in kept)]
-    if norms:
-      loaded_from = f"the classifier {source}" if ignored else source
-    else:
-      loaded_from = f"the dense backbone {source}, {'/'.join(OUTPUT_NORMS)} included"
+    kind = "the classifier " if ignored else "" if norms else "the dense backbone "
+    with_norms = "" if norms else f", {'/'.join(OUTPUT_NORMS)} included"
     note = (
-        f"backbone: loaded from {loaded_from}; ignored: "
+        f"backbone: loaded from {kind}{source}{with_norms}; ignored: "
         f"{', '.join(ignored) or 'nothing'}; kept their init: "
         f"{', '.join(norms + ['neck', 'decode_head', 'batch_stats'])}"
     )
