@@ -233,11 +233,14 @@ def _describe(meta: dict[str, Any]) -> str:
 _PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 
+def _saved_tree(directory, step: int, item: str) -> Any:
+  """A saved item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
+
+
 def _saved_params(directory, step: int, item: str) -> dict[str, Any]:
-  """A saved params item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
-  return dict(
-      ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
-  )
+  """A saved params item's tree of array metadata."""
+  return dict(_saved_tree(directory, step, item))
 
 
 def _has_per_block_layout(saved: dict[str, Any]) -> bool:
@@ -344,10 +347,8 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   opt_state = targets[OPT_STATE_ITEM]
   # A run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had an
   # AdamW without a mask: the same arrays, without the mask's (leaf-less) state node.
-  saved = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(mngr.directory) / str(step) / OPT_STATE_ITEM
-  )
-  unmasked = _count_masks(saved.tree) < _count_masks(opt_state)
+  saved = _saved_tree(mngr.directory, step, OPT_STATE_ITEM)
+  unmasked = _count_masks(saved) < _count_masks(opt_state)
   if unmasked:
     targets[OPT_STATE_ITEM] = _without_masks(opt_state)
   restored = mngr.restore(

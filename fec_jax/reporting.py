@@ -154,11 +154,7 @@ class MetricsWriter:
     self._workdir, self._active = workdir, active
     if not active:
       return
-    kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here loses no record
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
+    self._rewrite([r for r in read_metrics(workdir) if r["step"] <= resume_step])
     from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
 
     self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
@@ -169,10 +165,7 @@ class MetricsWriter:
       return
     with open(os.path.join(self._workdir, METRICS_FILE), "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key != "step":
-        self._tb.add_scalar(key, value, record["step"])
-    self._tb.flush()
+    self._add_scalars(record)
 
   def replace_last(self, record: dict) -> None:
     """Writes `record` in place of the file's last record (of the same step), e.g. with the
@@ -182,12 +175,20 @@ class MetricsWriter:
     records = read_metrics(self._workdir)
     if not records or records[-1]["step"] != record["step"]:
       raise ValueError(f"the last record of {self._workdir} is not of step {record['step']}")
+    self._rewrite(records[:-1] + [record])
+    self._add_scalars(record, skip=records[-1].keys())  # only the new values
+
+  def _rewrite(self, records: list[dict]) -> None:
+    """metrics.jsonl holds `records`, replaced in one step: a kill here loses no record."""
     path = os.path.join(self._workdir, METRICS_FILE)
-    with open(path + ".tmp", "w") as f:  # replaced in one step, as in __init__
-      f.writelines(json.dumps(r) + "\n" for r in records[:-1] + [record])
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
     os.replace(path + ".tmp", path)
+
+  def _add_scalars(self, record: dict, skip=()) -> None:
+    """TensorBoard: the values of `record` at its step, but those in `skip`."""
     for key, value in record.items():
-      if key != "step" and key not in records[-1]:
+      if key != "step" and key not in skip:
         self._tb.add_scalar(key, value, record["step"])
     self._tb.flush()
 
