@@ -156,8 +156,8 @@ class FPN(nn.Module):
 class FPNHead(nn.Module):
   """mmseg FPNHead: per level, max(1, log2(stride / 4)) ConvModules (3x3, BN, ReLU), each followed
   by a bilinear 2x upsampling for the coarser levels (strides 8, 16, 32); the levels summed at
-  stride 4; then
-  cls_seg: Dropout2d (whole channels, as mmseg 0.24's BaseDecodeHead) and the 1x1 conv_seg."""
+  stride 4; then cls_seg: Dropout2d (whole channels, as mmseg 0.24's BaseDecodeHead) and the 1x1
+  conv_seg."""
 
   num_classes: int
   channels: int = HEAD_CHANNELS

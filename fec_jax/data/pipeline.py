@@ -209,7 +209,6 @@ class _LoaderIterator(grain.DatasetIterator):
     self._epoch_start = (0, 0)
     self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
     self._launcher_held = False  # whether this iterator holds _hold_launcher()
-    self._in_workers = False  # whether the open pipeline runs in worker processes
 
   def _start(self):
     """Opens the grain pipeline from self._step on and returns its first element."""
@@ -218,7 +217,6 @@ class _LoaderIterator(grain.DatasetIterator):
       self._launcher_held = _hold_launcher()
     if workers:
       _free_shared_memory_at_exit()
-    self._in_workers = bool(workers)
     ds = self._elements[self._step :].to_iter_dataset(
         grain.ReadOptions(
             num_threads=self._cfg.read_threads, prefetch_buffer_size=self._cfg.read_threads
@@ -272,12 +270,11 @@ class _LoaderIterator(grain.DatasetIterator):
     if self._iterator is not None:
       self._iterator.close()  # its worker processes end here
       self._iterator = None
+      if _num_workers(self._cfg):
+        _free_shared_memory()
     if self._launcher_held:
       _release_launcher()
       self._launcher_held = False
-    if self._in_workers:
-      self._in_workers = False
-      _free_shared_memory()
 
   def close(self):
     self._close_pipeline()
@@ -372,8 +369,7 @@ def _prefetch(ds, data_config, workers: int):
   """`ds` run in `workers` worker processes (grain mp_prefetch); as is for 0 workers."""
   if workers == 0:
     return ds
-  if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags
-    flags.FLAGS.mark_as_parsed()
+  _mark_flags_parsed()  # grain's worker code reads its absl flags
   return ds.mp_prefetch(
       grain.MultiprocessingOptions(
           num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
@@ -473,11 +469,16 @@ def _log_as_absl() -> None:
   """A worker's log lines (bad files) in the main process's format, absl's: the root logger
   has only absl's handler (a worker's Python logging printed 'WARNING:fec_jax...'), with absl's
   formatter instead of grain's '[worker] message'."""
-  if not flags.FLAGS.is_parsed():  # else absl notes "Logging before flag parsing"
-    flags.FLAGS.mark_as_parsed()
+  _mark_flags_parsed()  # else absl notes "Logging before flag parsing"
   handler = absl_logging.get_absl_handler()
   handler.setFormatter(absl_logging.PythonFormatter())
   logging.getLogger().handlers = [handler]
+
+
+def _mark_flags_parsed() -> None:
+  """absl's flags as parsed where no absl.app parsed them (a script, a notebook, a worker)."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def _exit_with_main_process() -> None:
