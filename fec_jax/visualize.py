@@ -22,7 +22,7 @@ import time
 
 import jax
 import numpy as np
-from PIL import ExifTags, Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
@@ -115,26 +115,15 @@ def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
   return original, seg_transforms.resize(original, *size)
 
 
-# EXIF orientation (tag 274) -> the transpose that makes an image upright, as cv2.imread applies it
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
 def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
   """uint8 [H, W, 3] decoded from `encoded`, turned by the file's EXIF orientation (phone
-  photos); the training data is read as stored, as timm's loader does."""
+  photos) as cv2.imread does, with Pillow's exif_transpose; the training data is read as
+  stored, as timm's loader does."""
   with Image.open(io.BytesIO(encoded)) as img:
-    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-  if orientation not in _UPRIGHT:
-    return image
-  return np.asarray(Image.fromarray(image).transpose(_UPRIGHT[orientation]))
+    exif = img.getexif()
+  turned = Image.fromarray(image)
+  turned.info["exif"] = exif.tobytes()  # what exif_transpose reads the orientation from
+  return np.asarray(ImageOps.exif_transpose(turned))
 
 
 def class_name(index: int, num_classes: int) -> str:
