@@ -293,7 +293,7 @@ def test_a_batch_from_workers_is_unlinked_from_shared_memory_when_it_arrives(fol
 def test_a_run_with_workers_ends_without_leaked_shared_memory_and_logs_as_absl(tmp_path):
   """No shared memory outlives a program that read batches from workers, whether a pass ran to
   its end or was closed early, and Python's resource_tracker does not warn at exit of "leaked
-  shared_memory objects" (10 for one val pass on 2 workers at first, then 1 in about 10 runs
+  shared_memory objects" (10 for one val pass on 2 workers at first, then 1 in about 20 runs
   under load). A worker's log line (a bad file) has absl's format, as the main process's (it
   was 'WARNING:fec_jax.data.pipeline:...')."""
   root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=2, val_per_class=3)

@@ -390,7 +390,7 @@ def _unlink_now(batch: dict) -> None:
   grain unlinks when the arrays are freed (SharedMemoryArray's unlink-on-del), and the last
   batches of a pass are freed late: grain's prefetch threads keep them in reference cycles. A
   garbage collection and a wait for grain's unlink queue at close and at exit did not cover
-  every case: under load, about 1 run in 10 of two val passes still ended with one array's
+  every case: under load, 3 of about 60 runs of two val passes still ended with one array's
   memory never unlinked, and Python's resource_tracker warned at exit of "leaked
   shared_memory objects" (google/grain#398 is the same warning)."""
   for leaf in batch.values():
