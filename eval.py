@@ -2,7 +2,7 @@ r"""Evaluates an FEC checkpoint with the evaluator of the config's task (classif
 top-1, top-5 and loss on the validation split, with the official evaluation preprocessing),
 or measures inference throughput with the paper's protocol.
 
-  python eval.py --config=configs/fec_small.py --workdir=DIR [--ema] [--step=N]
+  python eval.py --workdir=DIR [--ema] [--step=N]   # the config the run started with
   python eval.py --config=configs/fec_small.py --checkpoint=CONVERTER_OUTPUT
   python eval.py --config=configs/fec_small.py --checkpoint=DIR --throughput [--batch=256]
 """
@@ -21,8 +21,11 @@ from fec_jax.model import SEGMENTERS, model_name
 
 cli.define_config_file(
     "config",
-    os.path.join(os.path.dirname(__file__), "configs", "demo.py"),
-    "Config: task, data, eval batch.",
+    cli.default_config_file(
+        os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir", "checkpoint")
+    ),
+    "Config: task, data, eval batch. Default: the run's own (configs/workdir.py) where "
+    "--workdir or --checkpoint holds a config.json, else configs/demo.py.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
@@ -112,7 +115,7 @@ def main(argv):
     return
   weights = f"step {step}{', EMA weights' if FLAGS.ema else ''}"
   evaluator = task.evaluator(model, mesh)
-  cli.note_config_differences(config, directory, default=not FLAGS["config"].present)
+  cli.note_config_differences(config, directory, given=FLAGS["config"].present)
   where = data.data_location(config.data)
   print(
       f"evaluating {directory} ({weights}) on the val split of {where} ...",

@@ -4,7 +4,8 @@ data-parallel mesh of all devices: fec_jax.loop.train_and_evaluate.
   python train.py --config=configs/fec_small.py --workdir=DIR [--config.field=value ...]
 
 Running the same command again resumes from the latest checkpoint in DIR (params, optimizer
-state, EMA, step, RNG and the data iterator), bit-identically on CPU. SIGTERM or Ctrl-C saves a
+state, EMA, step, RNG and the data iterator), bit-identically on CPU; without --config, a
+workdir's run resumes with the config it started with (DIR/config.json). SIGTERM or Ctrl-C saves a
 checkpoint at the current step and exits 0 (a second one exits at once). Fine-tuning:
 --config.init_from=CKPT (configs/finetune.py). Multi-host: run one process per host with
 --multihost (and, where jax cannot detect the cluster, the coordinator flags); each host reads
@@ -22,8 +23,11 @@ from fec_jax import checkpoint, cli, data, loop
 
 cli.define_config_file(
     "config",
-    os.path.join(os.path.dirname(__file__), "configs", "demo.py"),
-    "Training config file.",
+    cli.default_config_file(
+        os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir",)
+    ),
+    "Training config file. Default: the run's own (configs/workdir.py) where --workdir holds a "
+    "config.json, else configs/demo.py.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and plot go here.")

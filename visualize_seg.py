@@ -2,7 +2,7 @@ r"""Draws a segmenter's predictions on the first validation images of a config's
 per image with the image, the ground truth and the prediction (class colours over the image),
 and a legend of the demo's classes. The README's picture is this command on the demo run.
 
-  python visualize_seg.py --config=configs/demo_seg.py --workdir=DIR --output=seg.png [--num=4]
+  python visualize_seg.py --workdir=DIR --output=seg.png [--num=4]   # the run's own config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
       --config.data.root=/data/ADEChallengeData2016 --output=ade.png
 """
@@ -23,8 +23,11 @@ from fec_jax.model import SEGMENTERS, model_name
 
 cli.define_config_file(
     "config",
-    os.path.join(os.path.dirname(__file__), "configs", "demo_seg.py"),
-    "Segmentation config: data, model dtype.",
+    cli.default_config_file(
+        os.path.join(os.path.dirname(__file__), "configs"), "demo_seg.py", ("workdir", "checkpoint")
+    ),
+    "Segmentation config: data, model dtype. Default: the run's own (configs/workdir.py) where "
+    "--workdir or --checkpoint holds a config.json, else configs/demo_seg.py.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
@@ -187,7 +190,7 @@ def main(argv):
   d = config.data
   examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
   cli.note_config_differences(
-      config, FLAGS.workdir or FLAGS.checkpoint, default=not FLAGS["config"].present
+      config, FLAGS.workdir or FLAGS.checkpoint, given=FLAGS["config"].present
   )
   model, variables = fec_jax.load_pretrained(
       FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)

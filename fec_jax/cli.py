@@ -10,6 +10,7 @@
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
+  default_config_file(...)  a --config default: the run's own config where the command names one
   run(main, errors=())      absl.app.run(main), with flag and --config.field mistakes reported as
                             one line (the did-you-mean hint included), then quiet() and
                             user_errors(*errors) around main
@@ -133,17 +134,17 @@ EVALUATION_FIELDS = (
 )
 
 
-def note_config_differences(config, workdir: str | None, default: bool) -> None:
+def note_config_differences(config, workdir: str | None, given: bool) -> None:
   """A note on stderr where `config` differs from the config the run in `workdir` started with
-  (its config.json) in EVALUATION_FIELDS, e.g. the data or the image size; `default`: --config
-  was not given, so the command's default config is in use."""
+  (its config.json) in EVALUATION_FIELDS, e.g. the data or the image size; `given`: --config
+  was given (else the default config, the run's own, differs by the command line's overrides)."""
   saved = reporting.read_config(workdir) if workdir else None
   changes = (reporting.config_changes(saved, config) if saved is not None else None) or {}
   changed = [k for k in EVALUATION_FIELDS if k in changes]
   if changed:
-    which = "--config (not given: the default)" if default else "--config"
+    which = "--config differs" if given else "the --config.* overrides differ"
     listed = ", ".join(f"{k} {changes[k][1]!r} (the run's: {changes[k][0]!r})" for k in changed)
-    print(f"note: {which} differs from {workdir}'s config.json in {listed}", file=sys.stderr)
+    print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
 
 
 # --- quiet logs ------------------------------------------------------------------------------
@@ -227,11 +228,17 @@ def _unknown_field(config, path: str) -> str | None:
   return None
 
 
+# ml_collections raises get_config's TypeError or ValueError again with this message and the
+# traceback, whose last line is the original error.
+_WRAPPED = "Error whilst parsing config file"
+
+
 def _config_problem(
-    name: str, parser: ConfigFileFlagParser, source: str, argv: Sequence[str]
+    name: str, parser: ConfigFileFlagParser, source: str, argv: Sequence[str], given: bool = True
 ) -> str | None:
-  """Why config file `source` of flag --name cannot be loaded, or the first --name.a.b=VALUE of
-  argv that names no field of it; None if neither."""
+  """Why config file `source` of flag --name (`given` on the command line, or its default)
+  cannot be loaded, or the first --name.a.b=VALUE of argv that names no field of it; None if
+  neither."""
   path = source.split(":", 1)[0]
   try:
     config = parser.parse(source)
@@ -242,7 +249,12 @@ def _config_problem(
     elif isinstance(e, OSError):
       reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...
-      reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+      lines = str(e).strip().splitlines()
+      reason = lines[-1] if lines[0].startswith(_WRAPPED) else f"{type(e).__name__}: {lines[0]}"
+    if not given:
+      return (
+          f"--{name} not given, and its default {source} cannot be loaded ({reason}); give --{name}"
+      )
     return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
   if not hasattr(config, "keys"):
     return (
@@ -274,11 +286,24 @@ def define_config_file(
     raise
   except Exception:  # a config file is the user's code (see _config_problem)
     problem = _config_problem(
-        name, ConfigFileFlagParser(name), default, kwargs.get("sys_argv") or sys.argv
+        name, ConfigFileFlagParser(name), default, kwargs.get("sys_argv") or sys.argv, given=False
     )
     if problem is None:
       raise
     fail(problem)
+
+
+def default_config_file(
+    configs: str, fallback: str, run_flags: Sequence[str], argv: Sequence[str] | None = None
+) -> str:
+  """The --config default of a command that takes a run's directory: `configs`/workdir.py:DIR,
+  the config the run started with (its config.json), where one of `run_flags` (--workdir, ...)
+  names a directory DIR that holds a config.json; else `configs`/`fallback`."""
+  for flag in run_flags:
+    directory = _flag_argument(sys.argv if argv is None else argv, flag)
+    if directory and os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
+      return f"{os.path.join(configs, 'workdir.py')}:{directory}"
+  return os.path.join(configs, fallback)
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -291,6 +316,8 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   except flags.Error as e:  # unknown flag (absl's "Did you mean" included), bad value
     if isinstance(e, flags.DuplicateFlagError):  # a config file given twice, or one that is not
       _fail_for_config_problem(argv, flag_values, once=True)  # a config (it defines flags)
+    if _WRAPPED in str(e):  # get_config raised a TypeError or ValueError
+      _fail_for_config_problem(argv, flag_values)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")  # a traceback inside
   except Exception:  # a config file is the user's code (see _config_problem)
@@ -307,8 +334,10 @@ def _fail_for_config_problem(argv: list[str], flag_values: flags.FlagValues, onc
     given = [a for a in argv if re.match(rf"--?{name}(=|$)", a)]
     if once and len(given) > 1:
       fail(f"--{name} is given {len(given)} times; give one config file")
-    source = _flag_argument(argv, name) or flag.default_unparsed
-    problem = _config_problem(name, flag.parser, source, argv)
+    source = _flag_argument(argv, name)
+    on_command_line = source is not None
+    source = source if on_command_line else flag.default_unparsed
+    problem = _config_problem(name, flag.parser, source, argv, on_command_line)
     if problem:
       fail(problem)
 

@@ -183,8 +183,8 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> bo
   )
   if len(changed) > _LISTED_CHANGES:  # another config file, rather than a few overrides
     advice = (
-        f" and {len(changed) - _LISTED_CHANGES} more. Resume it with the config file it started "
-        f"with ({os.path.join(workdir, reporting.CONFIG_FILE)} lists its fields)"
+        f" and {len(changed) - _LISTED_CHANGES} more. Resume it with the config it started with "
+        f"(train.py without --config reads it from {os.path.join(workdir, reporting.CONFIG_FILE)})"
     )
   else:
     overrides = " ".join(shlex.quote(_override(key, changes[key][0])) for key in changed)

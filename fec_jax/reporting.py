@@ -125,6 +125,54 @@ def read_config(workdir: str) -> dict | None:
       raise ValueError(f"{path} is not JSON ({e}); expected the config the run started with")
 
 
+_LISTED = 5  # restore_config names at most this many missing (or unknown) fields
+
+
+def restore_config(saved: dict, template, where: str):
+  """The config a run started with: `template`, a config of the run's task (its fields and
+  types), with the values of `saved` (the run's config.json, read_config), lists read back as the
+  template's tuples. ValueError naming `where` where the two differ in their fields (a
+  config.json of another fec-jax version), or where a value is one JSON could not hold or one
+  of another type."""
+  saved = traverse_util.flatten_dict(saved, sep=".")
+  fields = traverse_util.flatten_dict(template.to_dict(), sep=".")
+  missing, unknown = sorted(fields.keys() - saved.keys()), sorted(saved.keys() - fields.keys())
+  if missing or unknown:
+    differences = [
+        f"{label} {_listed(keys)}"
+        for label, keys in (("lacks", missing), ("has the unknown", unknown))
+        if keys
+    ]
+    raise ValueError(
+        f"{where} {' and '.join(differences)}: it is not a config of this fec-jax's "
+        f"{template.task!r} task"
+    )
+  config = template.copy_and_resolve_references()
+  for key, value in saved.items():
+    if isinstance(value, str) and value.startswith(UNSERIALIZABLE):
+      raise ValueError(f"{where} holds {key} as {value!r}, a value JSON cannot hold")
+    if isinstance(fields[key], tuple):
+      value = _tuples(value)
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (TypeError, ValueError):
+      kind = type(fields[key]).__name__
+      raise ValueError(
+          f"{where} holds {key} as {value!r}, not of the field's type ({kind})"
+      ) from None
+  return config
+
+
+def _listed(keys: list[str]) -> str:
+  more = len(keys) - _LISTED
+  return ", ".join(keys[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _tuples(value):
+  """A JSON list (lists within included) as the tuple the config held."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The records of metrics.jsonl. A last line without its newline is a record cut off by a
   kill during its write, and is left out (resuming drops it anyway: the checkpoint of its step

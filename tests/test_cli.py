@@ -2,6 +2,8 @@
 line with exit status 2 before any slow work; known-harmless log lines are dropped, nothing else.
 visualize.py and python -m fec_jax.summary on bad input; the converter's are in test_convert.py."""
 
+import importlib
+import json
 import logging
 import os
 import shutil
@@ -13,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from flax import traverse_util
 from PIL import ExifTags, Image
 
-from configs import demo
+from configs import demo, workdir
 from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
 from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
@@ -146,6 +149,7 @@ def test_config_mistakes_are_one_line(parse, capsys, args, message):
         ("x = 1\n", "AttributeError: module 'config_config' has no attribute 'get_config'"),
         ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
         ("def get_config():\n  return undefined\n", "NameError: name 'undefined' is not defined"),
+        ("def get_config():\n  raise ValueError('no good')\n", "ValueError: no good"),
     ],
 )
 def test_a_file_that_is_not_a_config_is_one_line(
@@ -219,6 +223,83 @@ def test_good_overrides_apply(parse, capsys):
   )
   assert (code, err) == (0, "")
   assert (config.global_batch_size, config.model.drop_path_rate) == (8, 0.2)
+
+
+STANDALONE_CONFIGS = sorted(  # workdir.py reads back a run's config (below)
+    n.removesuffix(".py") for n in os.listdir(os.path.join(ROOT, "configs")) if n != "workdir.py"
+)
+
+
+@pytest.mark.parametrize("name", STANDALONE_CONFIGS)
+def test_a_run_config_comes_back_from_its_config_json(name, tmp_path):
+  """configs/workdir.py:DIR is the config the run in DIR started with: the same fields, values
+  and types (the tuples that config.json holds as lists included)."""
+  started = importlib.import_module(f"configs.{name}").get_config()
+  reporting.write_config(str(tmp_path), started)
+  restored = workdir.get_config(str(tmp_path))
+
+  def typed(config):
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {key: (type(value), value) for key, value in flat.items()}
+
+  assert typed(restored) == typed(started)
+  assert restored.is_locked
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+  """A workdir of a demo run (its config.json only) and the config.json's data."""
+  reporting.write_config(str(tmp_path), demo.get_config())
+  return tmp_path, json.loads((tmp_path / reporting.CONFIG_FILE).read_text())
+
+
+def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, capsys, run_dir):
+  directory, saved = run_dir
+  saved["seed"], saved["data"]["mean"] = 7, [0.5, 0.5, 0.5]  # a run of other values
+  (directory / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+  for argv in (["--workdir", str(directory)], [f"--checkpoint={directory}"]):
+    assert cli.default_config_file("configs", "demo.py", ("workdir", "checkpoint"), argv) == (
+        f"configs/workdir.py:{directory}"
+    )
+  for argv in ([], [f"--workdir={directory / 'new'}"], [f"--checkpoint={directory}"]):
+    assert cli.default_config_file("configs", "demo.py", ("workdir",), argv) == "configs/demo.py"
+  default = cli.default_config_file("configs", "demo.py", ("workdir",), [f"--workdir={directory}"])
+  code, _, err, config = parse(capsys, "--config.eval_batch_size=8", default=default)
+  assert (code, err) == (0, "")
+  assert (config.seed, config.data.mean, config.eval_batch_size) == (7, (0.5, 0.5, 0.5), 8)
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("earlier", "config.json lacks data.mean, data.std: it is not a config of this fec-jax's "),
+        ("later", "config.json has the unknown data.new_field: it is not a config of this fec-jax"),
+        ("task", "config.json holds the task 'detection'; expected one of ['classification', "),
+        ("type", "config.json holds epochs as 'many', not of the field's type (int)"),
+        ("unserializable", "config.json holds data.root as 'unserializable object: <object>', a"),
+        ("not_json", "config.json is not JSON (Expecting property name enclosed in double quotes"),
+    ],
+)
+def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir, case, reason):
+  directory, saved = run_dir
+  if case == "earlier":
+    del saved["data"]["mean"], saved["data"]["std"]
+  elif case == "later":
+    saved["data"]["new_field"] = 1
+  elif case == "task":
+    saved["task"] = "detection"
+  elif case == "type":
+    saved["epochs"] = "many"
+  elif case == "unserializable":
+    saved["data"]["root"] = f"{reporting.UNSERIALIZABLE}: <object>"
+  path = directory / reporting.CONFIG_FILE
+  path.write_text("{" if case == "not_json" else json.dumps(saved))
+  default = f"configs/workdir.py:{directory}"
+  code, out, err, _ = parse(capsys, default=default)
+  assert (code, out) == (2, "") and err.count("\n") == 1, err
+  start = f"error: --config not given, and its default {default} cannot be loaded (ValueError: "
+  assert err.startswith(start + f"{path.parent}/{reason}"), err
+  assert err.endswith("); give --config\n"), err
 
 
 def test_run_reports_mistakes_and_user_errors(monkeypatch, capsys):
@@ -672,12 +753,16 @@ def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsy
   reporting.write_config(str(tmp_path), demo.get_config())
   config = demo.get_config()
   config.eval_batch_size, config.seed = 8, 3  # not what an evaluation means
-  cli.note_config_differences(config, str(tmp_path), default=False)
-  cli.note_config_differences(config, str(tmp_path / "no_config_json"), default=True)
+  cli.note_config_differences(config, str(tmp_path), given=True)
+  cli.note_config_differences(config, str(tmp_path / "no_config_json"), given=False)
   assert capsys.readouterr().err == ""
   config.data.image_size, config.data.num_classes = 64, 4
-  cli.note_config_differences(config, str(tmp_path), default=True)
+  cli.note_config_differences(config, str(tmp_path), given=True)
+  listed = "data.num_classes 4 (the run's: 10), data.image_size 64 (the run's: 32)\n"
+  assert (
+      capsys.readouterr().err == f"note: --config differs from {tmp_path}'s config.json in {listed}"
+  )
+  cli.note_config_differences(config, str(tmp_path), given=False)  # the run's, with overrides
   assert capsys.readouterr().err == (
-      f"note: --config (not given: the default) differs from {tmp_path}'s config.json in "
-      "data.num_classes 4 (the run's: 10), data.image_size 64 (the run's: 32)\n"
+      f"note: the --config.* overrides differ from {tmp_path}'s config.json in {listed}"
   )

@@ -7,6 +7,7 @@ run (tests/conftest.py) is what they are compared with.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,14 +160,21 @@ def test_two_processes_match_one_process(reference, compilation_cache, tmp_path)
   np.testing.assert_allclose(losses(workdir), losses(reference)[:3], rtol=1e-5)
 
 
+def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
+    reference, compilation_cache, tmp_path
+):
+  """The default --config is the run's own (configs/workdir.py reads its config.json); the demo
+  config, the default elsewhere, differs from the run in its batch size, dtype and length."""
+  workdir = shutil.copytree(reference, tmp_path / "copy")
+  rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
+  assert rc == 0, err[-3000:]
+  assert f"resumed at step {STEPS}" in err and "nothing to train" in err, err[-3000:]
+
+
 def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache, tmp_path):
-  """Run from another directory: the default --config is the repository's configs/demo.py."""
-  rc, out, err = run(
-      "eval.py",
-      ["--config.eval_batch_size=120", "--config.model.dtype=float32", f"--workdir={reference}"],
-      compilation_cache,
-      cwd=tmp_path,
-  )
+  """Run from another directory, without --config: the run's own config, its eval batch and
+  dtype included, from its config.json."""
+  rc, out, err = run("eval.py", [f"--workdir={reference}"], compilation_cache, cwd=tmp_path)
   assert rc == 0, err[-3000:]
   assert err == f"evaluating {reference} (step {STEPS}) on the val split of the demo data ...\n"
   assert len(out.splitlines()) == 1  # the result, nothing else

@@ -1,0 +1,30 @@
+"""The config a train.py run started with, read back from its workdir's config.json.
+
+  python eval.py --workdir=DIR                     # the default where DIR holds a config.json
+  python train.py --config=configs/workdir.py:DIR --workdir=NEW_DIR   # a new run, DIR's config
+
+train.py, eval.py and visualize_seg.py use it as their --config default when --workdir (or
+--checkpoint) names a workdir with a config.json, so a run is resumed and evaluated with the
+config it started with; --config.field=value overrides apply as to any config file.
+"""
+
+import os
+
+from configs import fec_small, fpn_fec_small_ade20k
+from fec_jax import reporting
+
+TEMPLATES = {  # each task's fields and their types (every config of a task has the same fields)
+    "classification": fec_small.get_config,
+    "segmentation": fpn_fec_small_ade20k.get_config,
+}
+
+
+def get_config(workdir: str):
+  where = os.path.join(workdir, reporting.CONFIG_FILE)
+  saved = reporting.read_config(workdir)
+  if saved is None:
+    raise ValueError(f"{where} does not exist; expected a train.py workdir")
+  task = saved.get("task")
+  if task not in TEMPLATES:
+    raise ValueError(f"{where} holds the task {task!r}; expected one of {sorted(TEMPLATES)}")
+  return reporting.restore_config(saved, TEMPLATES[task](), where)
