@@ -424,7 +424,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       _timed(f"writing checkpoint step {step}", run.mngr.wait_until_finished)
       logging.info(
           "%s: stopped at step %d; checkpoint saved in %s; run the same command to resume",
-          run.preemption.signal_name,
+          run.preemption.reason,
           step,
           run.workdir,
       )

@@ -3,8 +3,9 @@
 wait for it, exit 0. A second signal exits at once.
 
 Several processes must stop at the same step (each saves its share of the same checkpoint), but
-a signal may reach only some of them: the processes agree on "stop" with an all-gather of their
-flags every SYNC_EVERY_STEPS steps; with one process the flag is read at every step. (JAX's own
+a signal may reach only some of them: the processes agree on "stop" with an all-gather of the
+signal each received (or none) every SYNC_EVERY_STEPS steps; with one process the flag is read at
+every step. (JAX's own
 `multihost_utils.reached_preemption_sync_point` listens to SIGTERM only and needs the
 coordination service's notifier; this agreement also covers SIGINT and one-process runs.)
 """
@@ -35,8 +36,16 @@ class Preemption:
   """
 
   def __init__(self):
-    self.signal_name: str | None = None  # the first signal received
+    self.signal_name: str | None = None  # the first signal this process received
+    self._peer_signal: str | None = None  # one that only another process received
     self._previous = {}
+
+  @property
+  def reason(self) -> str | None:
+    """Why the run stops: 'SIGTERM', 'SIGTERM (received by another process)'; None: it does not."""
+    if self.signal_name is None and self._peer_signal is not None:
+      return f"{self._peer_signal} (received by another process)"
+    return self.signal_name
 
   def __enter__(self) -> Preemption:
     if threading.current_thread() is threading.main_thread():
@@ -71,5 +80,8 @@ class Preemption:
       return self.signal_name is not None
     if step % SYNC_EVERY_STEPS and not agree:
       return False
-    flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
-    return bool(np.max(flags))
+    mine = signal.Signals[self.signal_name].value if self.signal_name else 0
+    received = int(np.max(multihost_utils.process_allgather(np.int32(mine))))  # 0: no signal
+    if received and self.signal_name is None:
+      self._peer_signal = signal.Signals(received).name
+    return bool(received)

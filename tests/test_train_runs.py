@@ -1,5 +1,6 @@
 """train.py / eval.py as the user runs them (subprocesses): SIGTERM and kill -9 then the same
-command again, two processes against one, eval.py on a workdir, and one-line errors.
+command again, two processes against one (and a SIGTERM to one of them), train.py and eval.py on
+a workdir without --config, and one-line errors.
 
 The runs use the tiny demo config of tests/train_fixture.py, XLA's backend optimization off (as
 the in-process runs) and the session's persistent compilation cache; the in-process `reference`
@@ -137,29 +138,6 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(reference, compilation_cache, tmp_path):
-  """2 processes x 2 CPU devices (gloo) = the reference, for 3 demo steps."""
-  workdir = str(tmp_path / "multi")
-  common = TINY + [
-      f"--workdir={workdir}",
-      "--config.max_steps=3",
-      "--multihost",
-      f"--coordinator_address=127.0.0.1:{free_port()}",
-      "--num_processes=2",
-  ]
-  procs = [
-      start("train.py", common + [f"--process_id={i}"], compilation_cache, devices=2)
-      for i in range(2)
-  ]
-  results = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
-  assert "on 4 devices (2 processes)" in results[0][1]
-  # The same examples form each global batch; only their order across devices differs, so the
-  # means differ by float summation order at most.
-  np.testing.assert_allclose(losses(workdir), losses(reference)[:3], rtol=1e-5)
-
-
 def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
     reference, compilation_cache, tmp_path
 ):
@@ -169,6 +147,39 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
   assert rc == 0, err[-3000:]
   assert f"resumed at step {STEPS}" in err and "nothing to train" in err, err[-3000:]
+
+
+def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
+    reference, compilation_cache, tmp_path
+):
+  """2 processes x 2 CPU devices (gloo) = the reference, for its 6 demo steps. They agree on
+  stopping every preemption.SYNC_EVERY_STEPS (10) steps: a SIGTERM to process 1 alone, at step
+  2 or so, stops both after step 10, each with its share of checkpoint 10 written, and both
+  exit 0."""
+  workdir = str(tmp_path / "multi")
+  common = TINY + [
+      f"--workdir={workdir}",
+      "--config.max_steps=14",
+      "--multihost",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+      "--num_processes=2",
+  ]
+  procs = [
+      start("train.py", common + [f"--process_id={i}"], compilation_cache, devices=2)
+      for i in range(2)
+  ]
+  err_1 = interrupt(procs[1], workdir, 2, signal.SIGTERM)
+  _, err_0 = procs[0].communicate(timeout=300)
+  assert [p.returncode for p in procs] == [0, 0], (err_0[-3000:], err_1[-3000:])
+  assert "on 4 devices (2 processes)" in err_0
+  # The same examples form each global batch; only their order across devices differs, so the
+  # means differ by float summation order at most.
+  np.testing.assert_allclose(losses(workdir)[:STEPS], losses(reference), rtol=1e-5)
+  assert "SIGTERM received" in err_1 and "SIGTERM received" not in err_0
+  assert "SIGTERM: stopped at step 10;" in err_1, err_1[-3000:]
+  assert "SIGTERM (received by another process): stopped at step 10;" in err_0, err_0[-3000:]
+  assert saved_steps(workdir)[-1] == 10
+  assert [r["step"] for r in reporting.read_metrics(workdir)] == list(range(1, 11))
 
 
 def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache, tmp_path):

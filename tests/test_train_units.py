@@ -5,6 +5,7 @@ import importlib
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -93,20 +94,27 @@ def test_weight_decay_mask_is_timms_groups_without_conv_f():
 
 
 def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch):
-  """With several processes, stop_now all-gathers the signal flags every SYNC_EVERY_STEPS steps,
-  and at any step where every process asks (the run's last step, after an evaluation)."""
-  gathered = []
+  """With several processes, stop_now all-gathers the signals received every SYNC_EVERY_STEPS
+  steps, and at any step where every process asks (the run's last step, after an evaluation).
+  (tests/test_train_runs.py runs two processes.)"""
+  gathered, other = [], [0]
 
-  def allgather(flag):
-    gathered.append(int(flag))
-    return np.array([flag, 0])  # this process got the signal, the other did not
+  def allgather(signum):
+    gathered.append(int(signum))
+    return np.array([signum, other[0]])
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
   p = preemption.Preemption()
-  p.signal_name = "SIGTERM"
-  assert not p.stop_now(7) and gathered == []
-  assert p.stop_now(7, agree=True) and p.stop_now(10) and gathered == [1, 1]
+  assert not p.stop_now(10) and p.reason is None
+  p.signal_name = "SIGTERM"  # this process got the signal, the other did not
+  assert not p.stop_now(7) and gathered == [0]
+  assert p.stop_now(7, agree=True) and p.stop_now(10) and gathered == [0, 15, 15]
+  assert p.reason == "SIGTERM"
+  q = preemption.Preemption()  # the other process got SIGINT, this one none
+  other[0] = signal.SIGINT.value
+  assert q.stop_now(20) and q.reason == "SIGINT (received by another process)"
+  assert q.signal_name is None  # a signal of its own still stops it cleanly, not at once
 
 
 def test_ema_is_timm_model_ema_v2():
