@@ -59,7 +59,7 @@ class _Start:
   resume: int | None  # the workdir's latest step
   pretrained: dict[str, Any] | None  # config.init_from's variables, checked against the model
   source: str  # config.init_from, as the notes name it
-  record_config: bool  # the workdir has no config.json yet (a fresh start, an earlier fec-jax)
+  saved_config: dict | None  # a resumed run's config.json (None: a fresh start, an earlier fec-jax)
 
 
 @dataclasses.dataclass
@@ -117,7 +117,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
-  recorded = resume is not None and _check_same_run(config, workdir, task.EVALUATION_ONLY)
+  saved = None if resume is None else _check_same_run(config, workdir, task.EVALUATION_ONLY)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
@@ -136,7 +136,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"config.init_from {config.init_from} holds {name_of(found)}, which does not "
           f"fit the config's {model_name}: {e}"
       ) from e
-  return _Start(model, model_name, overrides, resume, pretrained, source, not recorded)
+  return _Start(model, model_name, overrides, resume, pretrained, source, saved)
 
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
@@ -167,17 +167,17 @@ _FREE_ON_RESUME = frozenset(
 _LISTED_CHANGES = 8  # at most this many changed fields are named, with the overrides that undo them
 
 
-def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> bool:
+def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> dict | None:
   """CheckpointError unless `config` is the one the workdir's run started with (its
   config.json; reporting.config_changes), up to the fields of _FREE_ON_RESUME and the task's
-  `evaluation_only` ones. Returns whether the workdir has a config.json."""
+  `evaluation_only` ones. Returns the config.json (None: the workdir has none)."""
   saved = reporting.read_config(workdir)
   if saved is None:
-    return False
+    return None
   changes = reporting.config_changes(saved, config) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
   if not changed:
-    return True
+    return saved
   listed = ", ".join(
       f"{key} {changes[key][0]!r} (now {changes[key][1]!r})" for key in changed[:_LISTED_CHANGES]
   )
@@ -193,6 +193,22 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> bo
       f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
       f"a new --workdir (--config.init_from={workdir} to start from its weights)"
   )
+
+
+def _record_config(config, workdir: str, start: _Start) -> None:
+  """Writes config.json: a fresh start's config, or on a resume the config with the fields of
+  _FREE_ON_RESUME it changed (where the run stops, where the data lies, ...), so that
+  `train.py --workdir=DIR` alone goes on as the last command did; init_from and init_from_ema
+  stay as the run started (a resume does not read them)."""
+  saved = start.saved_config
+  if start.resume is not None and saved is None:
+    logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
+  elif saved is not None:
+    config = config.copy_and_resolve_references()
+    for key in ("init_from", "init_from_ema"):
+      if key in saved and key in config:
+        config[key] = saved[key]
+  reporting.write_config(workdir, config)
 
 
 def _override(key: str, value) -> str:
@@ -237,10 +253,8 @@ def _run(
     state = pool.submit(_fresh_state, config, task, start, tx, abstract)
     pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
-  if primary and start.record_config:
-    if resume is not None:
-      logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
-    reporting.write_config(workdir, config)
+  if primary:
+    _record_config(config, workdir, start)
   writer = None
   try:
     if resume is not None:

@@ -282,14 +282,18 @@ def test_a_resume_may_change_where_to_stop_how_often_to_log_and_how_to_evaluate(
 
 def test_a_resume_with_another_number_of_loader_workers_continues_the_run(reference, tmp_path):
   """The reference trained in-process; resumed at step 4 with 2 loader worker processes, steps
-  5 and 6 are the reference's: the batches do not depend on the workers."""
+  5 and 6 are the reference's: the batches do not depend on the workers. config.json records
+  the worker count, so that train.py --workdir=DIR alone goes on with it, but not the init_from
+  that a resume does not read."""
   workdir = tmp_path / "w"
   shutil.copytree(reference, workdir)
   shutil.rmtree(workdir / str(STEPS))
   assert saved_steps(workdir) == [4]
-  result = train(tiny(**{"data.num_workers": 2}), workdir)
+  result = train(tiny(**{"data.num_workers": 2, "init_from": str(tmp_path / "unread")}), workdir)
   assert result.step == STEPS
   assert losses(workdir) == losses(reference)  # bit-identical
+  expected = reporting.config_data(tiny(**{"data.num_workers": 2}))
+  assert reporting.read_config(str(workdir)) == expected
 
 
 def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
