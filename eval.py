@@ -91,8 +91,9 @@ def main(argv):
   directory = FLAGS.workdir or FLAGS.checkpoint
   found, step = checkpoint.load_model(directory, FLAGS.step)
   held = model_name(found)
+  flag = "--workdir" if FLAGS.workdir else "--checkpoint"
+  cli.check_config_found(directory, flag, held, given=FLAGS["config"].present)
   if held != config.model.name:
-    flag = "--workdir" if FLAGS.workdir else "--checkpoint"
     if (held in SEGMENTERS) == (config.model.name in SEGMENTERS):
       fix = f"give that model's config (--config.model.name={held})"
     elif held in SEGMENTERS:  # a checkpoint of the other task

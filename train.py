@@ -19,7 +19,8 @@ import sys
 import jax
 from absl import flags
 
-from fec_jax import checkpoint, cli, data, loop
+from fec_jax import checkpoint, cli, data, loop, reporting
+from fec_jax.model import model_name
 
 cli.define_config_file(
     "config",
@@ -59,6 +60,8 @@ def use_compilation_cache(workdir: str) -> None:
 def main(argv):
   del argv
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
+  if not FLAGS["config"].present:
+    check_config_found(FLAGS.workdir)
   if FLAGS.multihost:
     initialize_distributed()
   new_workdir = not os.path.exists(FLAGS.workdir)
@@ -71,6 +74,18 @@ def main(argv):
     if new_workdir:
       remove_cache_only_workdir(FLAGS.workdir)
     raise
+
+
+def check_config_found(workdir: str) -> None:
+  """Without --config, a workdir that holds a run but no config.json (one of an earlier fec-jax)
+  is an error: the default, configs/demo.py, is not that run's config."""
+  if not os.path.isdir(workdir) or os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
+    return
+  try:
+    held = model_name(checkpoint.load_model(workdir)[0])
+  except checkpoint.CheckpointError:  # no checkpoint: a fresh start
+    return
+  cli.check_config_found(workdir, "--workdir", held, given=False)
 
 
 def remove_cache_only_workdir(workdir: str) -> None:

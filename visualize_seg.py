@@ -115,6 +115,14 @@ def check_arguments(config):
   )
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
+  directory, flag = (
+      (FLAGS.workdir, "--workdir") if FLAGS.workdir else (FLAGS.checkpoint, "--checkpoint")
+  )
+  if config.task != "segmentation" and not FLAGS["config"].present:  # the run's config.json
+    cli.fail(
+        f"{flag} {directory} holds a {config.task} run; visualize_seg.py draws a segmenter's "
+        "predictions (visualize.py: a classifier's clusters)"
+    )
   if config.task != "segmentation":
     cli.fail(
         f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
@@ -141,12 +149,12 @@ def check_arguments(config):
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
   data.seg_validate(config.data)
   num_val = data.seg_num_examples(config.data, "val")  # missing data stops here
-  model, _ = checkpoint.load_model(FLAGS.workdir or FLAGS.checkpoint)
+  model, _ = checkpoint.load_model(directory)
   if model_name(model) not in SEGMENTERS:
     cli.fail(
-        f"{FLAGS.workdir or FLAGS.checkpoint} holds {model_name(model)}, not a segmenter "
-        f"({', '.join(sorted(SEGMENTERS))})"
+        f"{directory} holds {model_name(model)}, not a segmenter ({', '.join(sorted(SEGMENTERS))})"
     )
+  cli.check_config_found(directory, flag, model_name(model), given=FLAGS["config"].present)
   if model.num_classes != config.data.num_classes:
     cli.fail(
         f"the checkpoint's model has {model.num_classes} classes, config.data "

@@ -19,7 +19,9 @@ TEMPLATES = {  # each task's fields and their types (every config of a task has 
 }
 
 
-def get_config(workdir: str):
+def get_config(workdir: str = ""):
+  if not workdir:
+    raise ValueError("expected --config=configs/workdir.py:DIR, DIR a train.py workdir")
   where = os.path.join(workdir, reporting.CONFIG_FILE)
   saved = reporting.read_config(workdir)
   if saved is None:

@@ -7,6 +7,7 @@
   check_paths_given(...)    fail() for a path option given as an empty string
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
+  check_config_found(...)   fail() where no --config was given and the checkpoint has no config.json
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
@@ -37,7 +38,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from fec_jax import reporting
-from fec_jax.model import variable_shapes
+from fec_jax.model import SEGMENTERS, variable_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
 
@@ -124,13 +125,21 @@ EVALUATION_FIELDS = (
     "data.source",
     "data.root",
     "data.tfds_name",
+    "data.val_split",
     "data.num_classes",
     "data.image_size",
     "data.crop_pct",
+    "data.eval_interpolation",
     "data.img_scale",
+    "data.size_divisor",
     "data.reduce_zero_label",
+    "data.ignore_index",
     "data.mean",
     "data.std",
+    "data.demo_image_size",
+    "data.demo_val_fraction",
+    "data.demo_num_val",
+    "data.demo_seed",
 )
 
 
@@ -138,13 +147,31 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
   """A note on stderr where `config` differs from the config the run in `workdir` started with
   (its config.json) in EVALUATION_FIELDS, e.g. the data or the image size; `given`: --config
   was given (else the default config, the run's own, differs by the command line's overrides)."""
-  saved = reporting.read_config(workdir) if workdir else None
+  try:
+    saved = reporting.read_config(workdir) if workdir else None
+  except ValueError as e:  # the evaluation does not need it: say so and go on
+    print(f"note: not compared with the run's config: {e}", file=sys.stderr)
+    return
   changes = (reporting.config_changes(saved, config) if saved is not None else None) or {}
   changed = [k for k in EVALUATION_FIELDS if k in changes]
   if changed:
     which = "--config differs" if given else "the --config.* overrides differ"
     listed = ", ".join(f"{k} {changes[k][1]!r} (the run's: {changes[k][0]!r})" for k in changed)
     print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
+
+
+def check_config_found(directory: str, flag: str, held: str, given: bool) -> None:
+  """fail() where --config was not `given` and `directory` (holding model `held`) has no
+  config.json to take it from (a convert_torch_weights.py output, a run of an earlier fec-jax):
+  the command's fallback, a demo config, is not the checkpoint's."""
+  if given or os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
+    return
+  suggested = f"configs/{held}_ade20k.py" if held in SEGMENTERS else f"configs/{held}.py"
+  fail(
+      f"{flag} {directory} has no {reporting.CONFIG_FILE} (a convert_torch_weights.py output, or "
+      f"a run of an earlier fec-jax) to take the config from; give --config, the config of its "
+      f"{held} (e.g. {suggested})"
+  )
 
 
 # --- quiet logs ------------------------------------------------------------------------------
@@ -244,18 +271,23 @@ def _config_problem(
     config = parser.parse(source)
     getattr(config, "keys", None)  # ml_collections defers some load errors to the first use
   except Exception as e:  # a config file is the user's code: loading it can raise anything
+    lines = str(e).strip().splitlines()
+    if os.path.exists(path) and lines and lines[0].startswith(_WRAPPED):
+      # get_config's own complaint about its argument or the files it reads (configs/workdir.py)
+      complaint = lines[-1].removeprefix("ValueError: ")
+      if not given:
+        return f"--{name} not given, and its default cannot be loaded: {complaint}"
+      return f"--{name}={source}: {complaint}"
     if not os.path.exists(path):
       reason = "no such file"
     elif isinstance(e, OSError):
       reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...
-      lines = str(e).strip().splitlines()
-      reason = lines[-1] if lines[0].startswith(_WRAPPED) else f"{type(e).__name__}: {lines[0]}"
-    if not given:
-      return (
-          f"--{name} not given, and its default {source} cannot be loaded ({reason}); give --{name}"
-      )
-    return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
+      reason = f"{type(e).__name__}: {lines[0]}"
+    return (
+        f"--{name}{'=' if given else ' not given, and its default '}{source}: cannot load it "
+        f"({reason}); expected a Python file with get_config()"
+    )
   if not hasattr(config, "keys"):
     return (
         f"--{name}={source}: its get_config() returned an object of type "

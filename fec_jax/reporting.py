@@ -76,8 +76,9 @@ def config_data(config) -> dict | None:
 
 
 def write_config(workdir: str, config) -> None:
-  """Writes the config a run starts with to <workdir>/config.json (a resume is checked against
-  it, fec_jax.loop; visualize.py takes the run's image size and normalization from it)."""
+  """Writes a run's config to <workdir>/config.json, at its start and at each resume (a resume
+  is checked against it, fec_jax.loop; visualize.py takes the run's image size and
+  normalization from it; configs/workdir.py reads it back)."""
   data = config_data(config)
   if data is None:
     logging.warning("%s not written: the config does not go into JSON", CONFIG_FILE)
@@ -120,9 +121,15 @@ def read_config(workdir: str) -> dict | None:
     return None
   with open(path) as f:
     try:
-      return json.load(f)
+      saved = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not JSON ({e}); expected the config the run started with")
+  if not isinstance(saved, dict):
+    raise ValueError(
+        f"{path} holds a JSON {type(saved).__name__}; expected an object, the config the run "
+        "started with"
+    )
+  return saved
 
 
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
@@ -153,19 +160,34 @@ def restore_config(saved: dict, template, where: str):
       raise ValueError(f"{where} holds {key} as {value!r}, a value JSON cannot hold")
     if isinstance(fields[key], tuple):
       value = _tuples(value)
-    try:
-      config.update_from_flattened_dict({key: value})
-    except (TypeError, ValueError):
-      kind = type(fields[key]).__name__
-      raise ValueError(
-          f"{where} holds {key} as {value!r}, not of the field's type ({kind})"
-      ) from None
+    if not _fits(value, fields[key]):
+      raise ValueError(f"{where} holds {key} as {value!r}; expected {_kind(fields[key])}")
+    config.update_from_flattened_dict({key: value})
   return config
 
 
 def _listed(keys: list[str]) -> str:
   more = len(keys) - _LISTED
   return ", ".join(keys[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _fits(value, like) -> bool:
+  """Whether a config.json value can stand for the template's `like`: the same kind of value
+  (an int for a float, not the reverse), tuples element by element."""
+  if isinstance(like, tuple):
+    return isinstance(value, tuple) and (not like or all(_fits(v, like[0]) for v in value))
+  if isinstance(like, bool) or not isinstance(like, (int, float)):
+    return type(value) is type(like)
+  kinds = (int, float) if isinstance(like, float) else (int,)
+  return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def _kind(like) -> str:
+  """What _fits takes for `like`, in words: 'an int', 'a tuple of float values', ..."""
+  if isinstance(like, tuple) and like:
+    return f"a tuple of {type(like[0]).__name__} values"
+  name = type(like).__name__
+  return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _tuples(value):

@@ -149,7 +149,6 @@ def test_config_mistakes_are_one_line(parse, capsys, args, message):
         ("x = 1\n", "AttributeError: module 'config_config' has no attribute 'get_config'"),
         ("def get_config(:\n", "SyntaxError: invalid syntax (bad.py, line 1)"),
         ("def get_config():\n  return undefined\n", "NameError: name 'undefined' is not defined"),
-        ("def get_config():\n  raise ValueError('no good')\n", "ValueError: no good"),
     ],
 )
 def test_a_file_that_is_not_a_config_is_one_line(
@@ -168,6 +167,26 @@ def test_a_file_that_is_not_a_config_is_one_line(
         f"error: --config={tmp_path / 'bad.py'}: cannot load it ({reason}); expected a Python "
         "file with get_config()\n",
     )
+
+
+def test_a_config_that_refuses_its_argument_says_why_in_one_line(parse, capsys, tmp_path):
+  """get_config's own ValueError (ml_collections raises it again with the traceback in its
+  message) is the error line: configs/workdir.py without a workdir, or a file of the user's."""
+  (tmp_path / "picky.py").write_text(
+      "def get_config(size=''):\n  raise ValueError(f'size {size!r} is not one of: 1, 2')\n"
+  )
+  for source, message in (
+      (f"{tmp_path / 'picky.py'}:3", "size '3' is not one of: 1, 2"),
+      ("configs/workdir.py", "expected --config=configs/workdir.py:DIR, DIR a train.py workdir"),
+      (
+          f"configs/workdir.py:{tmp_path}",
+          f"{tmp_path}/config.json does not exist; expected a train.py workdir",
+      ),
+  ):
+    for args in ([], ["--config.seed=1"]):
+      sys.modules.pop("config_config", None)
+      code, out, err, _ = parse(capsys, f"--config={source}", *args)
+      assert (code, out, err) == (2, "", f"error: --config={source}: {message}\n")
 
 
 def test_a_script_given_as_the_config_is_one_line(parse, capsys, tmp_path, monkeypatch):
@@ -272,12 +291,15 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
 @pytest.mark.parametrize(
     "case, reason",
     [
-        ("earlier", "config.json lacks data.mean, data.std: it is not a config of this fec-jax's "),
-        ("later", "config.json has the unknown data.new_field: it is not a config of this fec-jax"),
-        ("task", "config.json holds the task 'detection'; expected one of ['classification', "),
-        ("type", "config.json holds epochs as 'many', not of the field's type (int)"),
-        ("unserializable", "config.json holds data.root as 'unserializable object: <object>', a"),
-        ("not_json", "config.json is not JSON (Expecting property name enclosed in double quotes"),
+        ("earlier", "lacks data.mean, data.std: it is not a config of this fec-jax's "),
+        ("later", "has the unknown data.new_field: it is not a config of this fec-jax"),
+        ("task", "holds the task 'detection'; expected one of ['classification', "),
+        ("type", "holds epochs as 'many'; expected an int"),
+        ("null", "holds seed as None; expected an int"),
+        ("nested", "holds data.mean as ((0.5,), (0.5,), (0.5,)); expected a tuple of float values"),
+        ("unserializable", "holds data.root as 'unserializable object: <object>', a value JSON"),
+        ("not_json", "is not JSON (Expecting property name enclosed in double quotes"),
+        ("list", "holds a JSON list; expected an object, the config the run started with"),
     ],
 )
 def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir, case, reason):
@@ -290,16 +312,20 @@ def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir
     saved["task"] = "detection"
   elif case == "type":
     saved["epochs"] = "many"
+  elif case == "null":
+    saved["seed"] = None
+  elif case == "nested":
+    saved["data"]["mean"] = [[0.5], [0.5], [0.5]]
+  elif case == "list":
+    saved = [saved]
   elif case == "unserializable":
     saved["data"]["root"] = f"{reporting.UNSERIALIZABLE}: <object>"
   path = directory / reporting.CONFIG_FILE
   path.write_text("{" if case == "not_json" else json.dumps(saved))
-  default = f"configs/workdir.py:{directory}"
-  code, out, err, _ = parse(capsys, default=default)
+  code, out, err, _ = parse(capsys, default=f"configs/workdir.py:{directory}")
   assert (code, out) == (2, "") and err.count("\n") == 1, err
-  start = f"error: --config not given, and its default {default} cannot be loaded (ValueError: "
-  assert err.startswith(start + f"{path.parent}/{reason}"), err
-  assert err.endswith("); give --config\n"), err
+  start = "error: --config not given, and its default cannot be loaded: "
+  assert err.startswith(f"{start}{path} {reason}"), err
 
 
 def test_run_reports_mistakes_and_user_errors(monkeypatch, capsys):
@@ -706,13 +732,27 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
             ["--workdir={tmp}", "--output={tmp}/folder.png"],
             "--output {tmp}/folder.png is a directory; expected the path of a PNG file",
         ),
+        (
+            ["--workdir={tmp}/classifier", "--output={tmp}/seg.png"],
+            "--workdir {tmp}/classifier holds a classification run; visualize_seg.py draws a "
+            "segmenter's predictions (visualize.py: a classifier's clusters)",
+        ),
     ],
-    ids=["empty workdir", "empty checkpoint", "empty output", "file as folder", "folder as output"],
+    ids=[
+        "empty workdir",
+        "empty checkpoint",
+        "empty output",
+        "file as folder",
+        "folder as output",
+        "classifier run",
+    ],
 )
 def test_visualize_seg_path_mistakes(tmp_path, args, message):
-  """Empty paths, and an --output whose folder is a file or which is a folder: one error line."""
+  """Empty paths, an --output whose folder is a file or which is a folder, a workdir whose
+  config.json (the default config) is a classification run's: one error line."""
   (tmp_path / "photo.jpg").write_bytes(b"a file")
   (tmp_path / "folder.png").mkdir()
+  reporting.write_config(str(tmp_path / "classifier"), demo.get_config())
   code, out, err = visualize_seg(*(a.format(tmp=tmp_path) for a in args))
   assert (code, out, err) == (2, "", f"error: {message.format(tmp=tmp_path)}\n")
 
@@ -766,3 +806,31 @@ def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsy
   assert capsys.readouterr().err == (
       f"note: the --config.* overrides differ from {tmp_path}'s config.json in {listed}"
   )
+  (tmp_path / reporting.CONFIG_FILE).write_text("{")  # a note, not an error: the command goes on
+  cli.note_config_differences(config, str(tmp_path), given=True)
+  assert capsys.readouterr().err.startswith(
+      f"note: not compared with the run's config: {tmp_path}/config.json is not JSON ("
+  )
+
+
+@pytest.mark.parametrize("held", ["fec_base", "fpn_fec_small"])
+def test_without_config_a_checkpoint_without_config_json_is_one_line(tmp_path, capsys, held):
+  """A converter output (or a run of an earlier fec-jax) to eval.py or visualize_seg.py, or a
+  run without config.json to train.py, without --config: the fallback, a demo config, is not its
+  config."""
+  suggested = {
+      "fec_base": "configs/fec_base.py",
+      "fpn_fec_small": "configs/fpn_fec_small_ade20k.py",
+  }
+  code, out, err = outcome(
+      capsys, cli.check_config_found, str(tmp_path), "--checkpoint", held, False
+  )
+  assert (code, out) == (2, "")
+  assert err == (
+      f"error: --checkpoint {tmp_path} has no config.json (a convert_torch_weights.py output, or "
+      "a run of an earlier fec-jax) to take the config from; give --config, the config of its "
+      f"{held} (e.g. {suggested[held]})\n"
+  )
+  cli.check_config_found(str(tmp_path), "--checkpoint", held, given=True)  # --config given
+  reporting.write_config(str(tmp_path), demo.get_config())
+  cli.check_config_found(str(tmp_path), "--checkpoint", held, given=False)  # the run's own

@@ -147,6 +147,9 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
   assert rc == 0, err[-3000:]
   assert f"resumed at step {STEPS}" in err and "nothing to train" in err, err[-3000:]
+  (workdir / reporting.CONFIG_FILE).unlink()  # a run of an earlier fec-jax: the demo's is not its
+  rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
+  assert rc == 2 and err.startswith(f"error: --workdir {workdir} has no config.json"), err
 
 
 def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
@@ -230,9 +233,22 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
 
 @pytest.mark.parametrize(
     "case",
-    ["both", "missing", "empty", "batch", "classes", "model", "task", "dtype", "eval_batch"],
+    [
+        "both",
+        "missing",
+        "empty",
+        "batch",
+        "classes",
+        "model",
+        "task",
+        "dtype",
+        "eval_batch",
+        "no_config",
+    ],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
+  if case == "no_config":  # a run of an earlier fec-jax, without --config
+    (shutil.copytree(reference, tmp_path / "old") / reporting.CONFIG_FILE).unlink()
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
@@ -243,6 +259,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "task": [f"--workdir={reference}", "--config=configs/demo_seg.py"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
       "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
+      "no_config": [f"--workdir={tmp_path / 'old'}"],
   }[case]
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
@@ -255,6 +272,8 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "(configs/fec_small.py, configs/demo.py)",
       "dtype": "config.model.dtype must be one of",
       "eval_batch": "config.eval_batch_size 0 must be a positive multiple",
+      "no_config": "has no config.json (a convert_torch_weights.py output, or a run of an earlier "
+      "fec-jax) to take the config from; give --config, the config of its fec_small",
   }[case]
   rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
   assert rc == 2 and not out
