@@ -19,13 +19,15 @@ import fec_jax
 from fec_jax import checkpoint, cli, data, tasks, throughput, training
 from fec_jax.model import SEGMENTERS, model_name
 
+# Without a run's config.json the fallback (demo.py) only lets --config.* overrides parse: a
+# checkpoint without one needs --config (cli.check_config_found).
 cli.define_config_file(
     "config",
     cli.default_config_file(
         os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir", "checkpoint")
     ),
-    "Config: task, data, eval batch. Default: the run's own (configs/workdir.py) where "
-    "--workdir or --checkpoint holds a config.json, else configs/demo.py.",
+    "Config: task, data, eval batch. Default: the run's own (configs/workdir.py:DIR) where "
+    "--workdir or --checkpoint DIR holds a config.json; a converter output needs one.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")

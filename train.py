@@ -27,8 +27,8 @@ cli.define_config_file(
     cli.default_config_file(
         os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir",)
     ),
-    "Training config file. Default: the run's own (configs/workdir.py) where --workdir holds a "
-    "config.json, else configs/demo.py.",
+    "Training config file. Default: the run's own (configs/workdir.py:DIR) where --workdir DIR "
+    "holds a config.json, else configs/demo.py.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and plot go here.")

@@ -21,13 +21,15 @@ from fec_jax.data import seg_device_transforms
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.model import SEGMENTERS, model_name
 
+# Without a run's config.json the fallback (demo_seg.py) only lets --config.* overrides parse: a
+# checkpoint without one needs --config (cli.check_config_found).
 cli.define_config_file(
     "config",
     cli.default_config_file(
         os.path.join(os.path.dirname(__file__), "configs"), "demo_seg.py", ("workdir", "checkpoint")
     ),
-    "Segmentation config: data, model dtype. Default: the run's own (configs/workdir.py) where "
-    "--workdir or --checkpoint holds a config.json, else configs/demo_seg.py.",
+    "Segmentation config: data, model dtype. Default: the run's own (configs/workdir.py:DIR) "
+    "where --workdir or --checkpoint DIR holds a config.json; a converter output needs one.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
