@@ -21,11 +21,10 @@ from fec_jax.model import SEGMENTERS, model_name
 
 # Without a run's config.json the fallback (demo.py) only lets --config.* overrides parse: a
 # checkpoint without one needs --config (cli.check_config_found).
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 cli.define_config_file(
     "config",
-    cli.default_config_file(
-        os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir", "checkpoint")
-    ),
+    cli.default_config_file(CONFIGS, "demo.py", ("workdir", "checkpoint")),
     "Config: task, data, eval batch. Default: the run's own (configs/workdir.py:DIR) where "
     "--workdir or --checkpoint DIR holds a config.json; a converter output needs one.",
     lock_config=True,
@@ -80,6 +79,11 @@ def main(argv):
   )
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
+  directory = FLAGS.workdir or FLAGS.checkpoint
+  found, step = checkpoint.load_model(directory, FLAGS.step)  # the model only: fast
+  held = model_name(found)
+  flag = "--workdir" if FLAGS.workdir else "--checkpoint"
+  cli.check_config_found(directory, flag, held, FLAGS["config"].present, CONFIGS)
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.throughput and config.task != "classification":
@@ -90,11 +94,6 @@ def main(argv):
   task = tasks.get(config)
   training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
   task.check_config()
-  directory = FLAGS.workdir or FLAGS.checkpoint
-  found, step = checkpoint.load_model(directory, FLAGS.step)
-  held = model_name(found)
-  flag = "--workdir" if FLAGS.workdir else "--checkpoint"
-  cli.check_config_found(directory, flag, held, given=FLAGS["config"].present)
   if held != config.model.name:
     if (held in SEGMENTERS) == (config.model.name in SEGMENTERS):
       fix = f"give that model's config (--config.model.name={held})"

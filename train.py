@@ -22,11 +22,10 @@ from absl import flags
 from fec_jax import checkpoint, cli, data, loop, reporting
 from fec_jax.model import model_name
 
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 cli.define_config_file(
     "config",
-    cli.default_config_file(
-        os.path.join(os.path.dirname(__file__), "configs"), "demo.py", ("workdir",)
-    ),
+    cli.default_config_file(CONFIGS, "demo.py", ("workdir",)),
     "Training config file. Default: the run's own (configs/workdir.py:DIR) where --workdir DIR "
     "holds a config.json, else configs/demo.py.",
     lock_config=True,
@@ -85,7 +84,7 @@ def check_config_found(workdir: str) -> None:
     held = model_name(checkpoint.load_model(workdir)[0])
   except checkpoint.CheckpointError:  # no checkpoint: a fresh start
     return
-  cli.check_config_found(workdir, "--workdir", held, given=False)
+  cli.check_config_found(workdir, "--workdir", held, False, CONFIGS)
 
 
 def remove_cache_only_workdir(workdir: str) -> None:

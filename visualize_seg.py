@@ -23,11 +23,10 @@ from fec_jax.model import SEGMENTERS, model_name
 
 # Without a run's config.json the fallback (demo_seg.py) only lets --config.* overrides parse: a
 # checkpoint without one needs --config (cli.check_config_found).
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 cli.define_config_file(
     "config",
-    cli.default_config_file(
-        os.path.join(os.path.dirname(__file__), "configs"), "demo_seg.py", ("workdir", "checkpoint")
-    ),
+    cli.default_config_file(CONFIGS, "demo_seg.py", ("workdir", "checkpoint")),
     "Segmentation config: data, model dtype. Default: the run's own (configs/workdir.py:DIR) "
     "where --workdir or --checkpoint DIR holds a config.json; a converter output needs one.",
     lock_config=True,
@@ -156,7 +155,7 @@ def check_arguments(config):
     cli.fail(
         f"{directory} holds {model_name(model)}, not a segmenter ({', '.join(sorted(SEGMENTERS))})"
     )
-  cli.check_config_found(directory, flag, model_name(model), given=FLAGS["config"].present)
+  cli.check_config_found(directory, flag, model_name(model), FLAGS["config"].present, CONFIGS)
   if model.num_classes != config.data.num_classes:
     cli.fail(
         f"the checkpoint's model has {model.num_classes} classes, config.data "

@@ -210,8 +210,8 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
   if saved != wanted:
     raise CheckpointError(
         f"{directory} holds a run of {_describe(saved)}; the config asks for {_describe(wanted)}. "
-        "Resume it with its own config (leave out --config: train.py then takes the run's "
-        "config.json), or start a new --workdir (--config.init_from="
+        "Resume it with its own config (leave out --config where the workdir has a config.json: "
+        "train.py then takes it), or start a new --workdir (--config.init_from="
         f"{directory} to fine-tune from it)"
     )
   if ema and EMA_PARAMS_ITEM not in items:

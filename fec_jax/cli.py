@@ -125,6 +125,7 @@ EVALUATION_FIELDS = (
     "data.source",
     "data.root",
     "data.tfds_name",
+    "data.tfds_data_dir",
     "data.val_split",
     "data.num_classes",
     "data.image_size",
@@ -160,17 +161,19 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
     print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
 
 
-def check_config_found(directory: str, flag: str, held: str, given: bool) -> None:
+def check_config_found(directory: str, flag: str, held: str, given: bool, configs: str) -> None:
   """fail() where --config was not `given` and `directory` (holding model `held`) has no
   config.json to take it from (a convert_torch_weights.py output, a run of an earlier fec-jax):
-  the command's fallback, a demo config, is not the checkpoint's."""
+  the command's fallback, a demo config, is not the checkpoint's. The line names the config of
+  `held` in the folder `configs` where there is one."""
   if given or os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
     return
-  suggested = f"configs/{held}_ade20k.py" if held in SEGMENTERS else f"configs/{held}.py"
+  name = f"{held}_ade20k.py" if held in SEGMENTERS else f"{held}.py"
+  example = f" (e.g. configs/{name})" if os.path.isfile(os.path.join(configs, name)) else ""
   fail(
       f"{flag} {directory} has no {reporting.CONFIG_FILE} (a convert_torch_weights.py output, or "
       f"a run of an earlier fec-jax) to take the config from; give --config, the config of its "
-      f"{held} (e.g. {suggested})"
+      f"{held}{example}"
   )
 
 
@@ -276,7 +279,7 @@ def _config_problem(
       # get_config's own complaint about its argument or the files it reads (configs/workdir.py)
       complaint = lines[-1].removeprefix("ValueError: ")
       if not given:
-        return f"--{name} not given, and its default cannot be loaded: {complaint}"
+        return f"--{name} not given, and its default cannot be loaded: {complaint}; give --{name}"
       return f"--{name}={source}: {complaint}"
     if not os.path.exists(path):
       reason = "no such file"
@@ -284,10 +287,11 @@ def _config_problem(
       reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...
       reason = f"{type(e).__name__}: {lines[0]}"
-    return (
-        f"--{name}{'=' if given else ' not given, and its default '}{source}: cannot load it "
-        f"({reason}); expected a Python file with get_config()"
-    )
+    if not given:
+      return (
+          f"--{name} not given, and its default {source} cannot be loaded ({reason}); give --{name}"
+      )
+    return f"--{name}={source}: cannot load it ({reason}); expected a Python file with get_config()"
   if not hasattr(config, "keys"):
     return (
         f"--{name}={source}: its get_config() returned an object of type "
@@ -331,8 +335,13 @@ def default_config_file(
   """The --config default of a command that takes a run's directory: `configs`/workdir.py:DIR,
   the config the run started with (its config.json), where one of `run_flags` (--workdir, ...)
   names a directory DIR that holds a config.json; else `configs`/`fallback`."""
+  argv = sys.argv if argv is None else argv
+  try:  # --flagfile=FILE may give the directory (as ml_collections reads its overrides)
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  except flags.Error:  # an unreadable flag file: absl's parsing reports it
+    pass
   for flag in run_flags:
-    directory = _flag_argument(sys.argv if argv is None else argv, flag)
+    directory = _flag_argument(argv, flag)
     if directory and os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
       return f"{os.path.join(configs, 'workdir.py')}:{directory}"
   return os.path.join(configs, fallback)

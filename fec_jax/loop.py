@@ -196,10 +196,11 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
 
 
 def _record_config(config, workdir: str, start: _Start) -> None:
-  """Writes config.json: a fresh start's config, or on a resume the config with the fields of
-  _FREE_ON_RESUME it changed (where the run stops, where the data lies, ...), so that
-  `train.py --workdir=DIR` alone goes on as the last command did; init_from and init_from_ema
-  stay as the run started (a resume does not read them)."""
+  """Writes config.json: a fresh start's config, or on a resume the config with the fields it
+  changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
+  the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
+  last command did; init_from and init_from_ema stay as the run started (a resume does not read
+  them)."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
@@ -253,8 +254,6 @@ def _run(
     state = pool.submit(_fresh_state, config, task, start, tx, abstract)
     pool.shutdown(wait=False)  # the thread ends when the state is made
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
-  if primary:
-    _record_config(config, workdir, start)
   writer = None
   try:
     if resume is not None:
@@ -263,6 +262,8 @@ def _run(
           lambda: checkpoint.restore_training(mngr, abstract, train_iter, resume),
       )
       logging.info("resumed at step %d from %s", resume, workdir)
+    if primary:  # after the restore: a resume that fails there records nothing
+      _record_config(config, workdir, start)
     first_step = resume or 0
     devices, processes = jax.device_count(), jax.process_count()
     peak_lr = training.peak_lr(config)

@@ -119,10 +119,10 @@ def read_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     try:
       saved = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{path} is not JSON ({e}); expected the config the run started with")
   if not isinstance(saved, dict):
     raise ValueError(

@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -184,7 +185,6 @@ def test_a_config_that_refuses_its_argument_says_why_in_one_line(parse, capsys, 
       ),
   ):
     for args in ([], ["--config.seed=1"]):
-      sys.modules.pop("config_config", None)
       code, out, err, _ = parse(capsys, f"--config={source}", *args)
       assert (code, out, err) == (2, "", f"error: --config={source}: {message}\n")
 
@@ -245,7 +245,7 @@ def test_good_overrides_apply(parse, capsys):
 
 
 STANDALONE_CONFIGS = sorted(  # workdir.py reads back a run's config (below)
-    n.removesuffix(".py") for n in os.listdir(os.path.join(ROOT, "configs")) if n != "workdir.py"
+    p.stem for p in pathlib.Path(ROOT, "configs").glob("*.py") if p.name != "workdir.py"
 )
 
 
@@ -280,6 +280,11 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
     assert cli.default_config_file("configs", "demo.py", ("workdir", "checkpoint"), argv) == (
         f"configs/workdir.py:{directory}"
     )
+  (directory / "flags.txt").write_text(f"--workdir={directory}\n")
+  flagfile = [f"--flagfile={directory / 'flags.txt'}"]
+  assert cli.default_config_file("configs", "demo.py", ("workdir",), flagfile) == (
+      f"configs/workdir.py:{directory}"
+  )
   for argv in ([], [f"--workdir={directory / 'new'}"], [f"--checkpoint={directory}"]):
     assert cli.default_config_file("configs", "demo.py", ("workdir",), argv) == "configs/demo.py"
   default = cli.default_config_file("configs", "demo.py", ("workdir",), [f"--workdir={directory}"])
@@ -299,6 +304,7 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
         ("nested", "holds data.mean as ((0.5,), (0.5,), (0.5,)); expected a tuple of float values"),
         ("unserializable", "holds data.root as 'unserializable object: <object>', a value JSON"),
         ("not_json", "is not JSON (Expecting property name enclosed in double quotes"),
+        ("not_utf8", "is not JSON ('utf-8' codec can't decode byte 0xff in position 0"),
         ("list", "holds a JSON list; expected an object, the config the run started with"),
     ],
 )
@@ -321,11 +327,11 @@ def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir
   elif case == "unserializable":
     saved["data"]["root"] = f"{reporting.UNSERIALIZABLE}: <object>"
   path = directory / reporting.CONFIG_FILE
-  path.write_text("{" if case == "not_json" else json.dumps(saved))
+  path.write_bytes({"not_json": b"{", "not_utf8": b"\xff{}"}.get(case, json.dumps(saved).encode()))
   code, out, err, _ = parse(capsys, default=f"configs/workdir.py:{directory}")
   assert (code, out) == (2, "") and err.count("\n") == 1, err
   start = "error: --config not given, and its default cannot be loaded: "
-  assert err.startswith(f"{start}{path} {reason}"), err
+  assert err.startswith(f"{start}{path} {reason}") and err.endswith("; give --config\n"), err
 
 
 def test_run_reports_mistakes_and_user_errors(monkeypatch, capsys):
@@ -813,24 +819,25 @@ def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsy
   )
 
 
-@pytest.mark.parametrize("held", ["fec_base", "fpn_fec_small"])
+@pytest.mark.parametrize("held", ["fec_base", "fpn_fec_small", "fec_small_seg"])
 def test_without_config_a_checkpoint_without_config_json_is_one_line(tmp_path, capsys, held):
   """A converter output (or a run of an earlier fec-jax) to eval.py or visualize_seg.py, or a
   run without config.json to train.py, without --config: the fallback, a demo config, is not its
-  config."""
-  suggested = {
-      "fec_base": "configs/fec_base.py",
-      "fpn_fec_small": "configs/fpn_fec_small_ade20k.py",
-  }
-  code, out, err = outcome(
-      capsys, cli.check_config_found, str(tmp_path), "--checkpoint", held, False
-  )
+  config. The line names the model's config where configs/ has one."""
+  example = {
+      "fec_base": " (e.g. configs/fec_base.py)",
+      "fpn_fec_small": " (e.g. configs/fpn_fec_small_ade20k.py)",
+      "fec_small_seg": "",  # a dense backbone: no config of its own
+  }[held]
+  configs = os.path.join(ROOT, "configs")
+  check = cli.check_config_found
+  code, out, err = outcome(capsys, check, str(tmp_path), "--checkpoint", held, False, configs)
   assert (code, out) == (2, "")
   assert err == (
       f"error: --checkpoint {tmp_path} has no config.json (a convert_torch_weights.py output, or "
       "a run of an earlier fec-jax) to take the config from; give --config, the config of its "
-      f"{held} (e.g. {suggested[held]})\n"
+      f"{held}{example}\n"
   )
-  cli.check_config_found(str(tmp_path), "--checkpoint", held, given=True)  # --config given
+  check(str(tmp_path), "--checkpoint", held, True, configs)  # --config given
   reporting.write_config(str(tmp_path), demo.get_config())
-  cli.check_config_found(str(tmp_path), "--checkpoint", held, given=False)  # the run's own
+  check(str(tmp_path), "--checkpoint", held, False, configs)  # the run's own
