@@ -98,9 +98,9 @@ def main(argv):
     if (held in SEGMENTERS) == (config.model.name in SEGMENTERS):
       fix = f"give that model's config (--config.model.name={held})"
     elif held in SEGMENTERS:  # a checkpoint of the other task
-      fix = f"give a segmentation config (configs/{held}_ade20k.py, configs/demo_seg.py)"
+      fix = f"give a segmentation config (configs/{cli.config_name(held)}, configs/demo_seg.py)"
     else:
-      fix = f"give a classification config (configs/{held}.py, configs/demo.py)"
+      fix = f"give a classification config (configs/{cli.config_name(held)}, configs/demo.py)"
     cli.fail(f"{flag} {directory} holds {held}; the config's model is {config.model.name}: {fix}")
   model, variables = fec_jax.load_pretrained(
       directory, step=step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)

@@ -119,12 +119,12 @@ def check_arguments(config):
   directory, flag = (
       (FLAGS.workdir, "--workdir") if FLAGS.workdir else (FLAGS.checkpoint, "--checkpoint")
   )
-  if config.task != "segmentation" and not FLAGS["config"].present:  # the run's config.json
-    cli.fail(
-        f"{flag} {directory} holds a {config.task} run; visualize_seg.py draws a segmenter's "
-        "predictions (visualize.py: a classifier's clusters)"
-    )
   if config.task != "segmentation":
+    if not FLAGS["config"].present:  # the default: the run's config.json
+      cli.fail(
+          f"{flag} {directory} holds a {config.task} run; visualize_seg.py draws a segmenter's "
+          "predictions (visualize.py: a classifier's clusters)"
+      )
     cli.fail(
         f"--config is a {config.task!r} config; expected a segmentation config (e.g. "
         "configs/demo_seg.py)"

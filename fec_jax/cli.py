@@ -7,6 +7,7 @@
   check_paths_given(...)    fail() for a path option given as an empty string
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
+  config_name(model)        the file name of a model's config in configs/
   check_config_found(...)   fail() where no --config was given and the checkpoint has no config.json
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
@@ -161,6 +162,12 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
     print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
 
 
+def config_name(model: str) -> str:
+  """The file name of a model's config in configs/: a classifier's own (fec_small.py), a
+  segmenter's ADE20K recipe (fpn_fec_small_ade20k.py)."""
+  return f"{model}_ade20k.py" if model in SEGMENTERS else f"{model}.py"
+
+
 def check_config_found(directory: str, flag: str, held: str, given: bool, configs: str) -> None:
   """fail() where --config was not `given` and `directory` (holding model `held`) has no
   config.json to take it from (a convert_torch_weights.py output, a run of an earlier fec-jax):
@@ -168,7 +175,7 @@ def check_config_found(directory: str, flag: str, held: str, given: bool, config
   `held` in the folder `configs` where there is one."""
   if given or os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
     return
-  name = f"{held}_ade20k.py" if held in SEGMENTERS else f"{held}.py"
+  name = config_name(held)
   example = f" (e.g. configs/{name})" if os.path.isfile(os.path.join(configs, name)) else ""
   fail(
       f"{flag} {directory} has no {reporting.CONFIG_FILE} (a convert_torch_weights.py output, or "
