@@ -27,6 +27,7 @@ import fec_jax
 from configs import fec_base, finetune
 from fec_jax import checkpoint, data, loop, preemption, reporting, tasks
 from fec_jax.data import device_transforms
+from fec_jax.model import FAST_COMPILE
 from fec_jax.tasks import classification
 from tests.imagenet_fixture import make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
@@ -88,6 +89,23 @@ def test_evaluator_counts_the_readable_images_and_refuses_none(tmp_path):
     open(path, "wb").write(b"")
   with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):
     task.evaluator(model, mesh)(variables)
+
+
+def test_bf16_evaluation_does_not_depend_on_the_eval_batch_size():
+  """XLA may keep a fused bf16 intermediate in fp32, and what it fuses depends on the shapes;
+  the evaluator rounds as the program says, so 3 val batches of 120 give one batch of 360's
+  metrics (the loss up to the order of its fp32 sums)."""
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  metrics = []
+  for batch in (120, 360):
+    task = tasks.get(tiny(eval_batch_size=batch, **{"model.dtype": "bfloat16"}))
+    model = task.create_model()[0]
+    variables = fec_jax.init_variables(model, jax.random.key(0), task.input_shape())
+    metrics.append(task.evaluator(model, mesh, FAST_COMPILE)(variables))
+  assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-6)
+  assert {k: v for k, v in metrics[0].items() if k != "loss"} == {
+      k: v for k, v in metrics[1].items() if k != "loss"
+  }
 
 
 class SignalAt:

@@ -86,7 +86,11 @@ class TopK(Evaluator):
   preprocessing (resize, center crop) on the host and normalization on the device."""
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
-    self._mesh, self._compiler_options = mesh, compiler_options
+    # bf16 results rounded where the program says: by default XLA may keep a fused bf16
+    # intermediate in fp32, and what it fuses depends on the shapes, so an image's logits would
+    # depend on eval_batch_size and the device count (README, "Evaluation and restoring").
+    self._mesh = mesh
+    self._compiler_options = {**(compiler_options or {}), "xla_allow_excess_precision": False}
     self._data_config = config.data
     self._dataset = data.create_dataset(
         config.data,
