@@ -214,7 +214,7 @@ def _record_config(config, workdir: str, start: _Start) -> None:
 
 def _override(key: str, value) -> str:
   """The command-line override that sets config field `key` to a config.json value."""
-  return f"--config.{key}={repr(tuple(value)) if isinstance(value, list) else value}"
+  return f"--config.{key}={repr(value) if isinstance(value, tuple) else value}"
 
 
 def _timed(message: str, fn):

@@ -92,16 +92,17 @@ def write_config(workdir: str, config) -> None:
 
 def config_changes(saved: dict, config) -> dict[str, tuple] | None:
   """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
-  config.json), each as (saved value, config's value). Fields that only one of the two has (a
-  workdir of an earlier fec-jax) and values JSON cannot hold (written with their address) are
-  not compared; NaN equals NaN. None where `config` cannot go into JSON at all."""
+  config.json), each as (saved value, config's value), lists as the config's tuples. Fields that
+  only one of the two has (a workdir of an earlier fec-jax) and values JSON cannot hold (written
+  with their address) are not compared; NaN equals NaN. None where `config` cannot go into JSON
+  at all."""
   now = config_data(config)
   if now is None:
     return None
   saved = traverse_util.flatten_dict(saved, sep=".")
   now = traverse_util.flatten_dict(now, sep=".")
   return {
-      key: (saved[key], now[key])
+      key: (_tuples(saved[key]), _tuples(now[key]))
       for key in saved.keys() & now.keys()
       if not _same_value(saved[key], now[key])
   }

@@ -802,9 +802,12 @@ def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsy
   cli.note_config_differences(config, str(tmp_path), given=True)
   cli.note_config_differences(config, str(tmp_path / "no_config_json"), given=False)
   assert capsys.readouterr().err == ""
-  config.data.image_size, config.data.num_classes = 64, 4
+  config.data.image_size, config.data.num_classes, config.data.std = 64, 4, (0.5, 0.5, 0.5)
   cli.note_config_differences(config, str(tmp_path), given=True)
-  listed = "data.num_classes 4 (the run's: 10), data.image_size 64 (the run's: 32)\n"
+  listed = (
+      "data.num_classes 4 (the run's: 10), data.image_size 64 (the run's: 32), data.std (0.5, "
+      f"0.5, 0.5) (the run's: {demo.get_config().data.std!r})\n"
+  )
   assert (
       capsys.readouterr().err == f"note: --config differs from {tmp_path}'s config.json in {listed}"
   )
