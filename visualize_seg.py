@@ -16,10 +16,10 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, fpn, training
-from fec_jax.data import seg_device_transforms
+from fec_jax import checkpoint, cli, data, training
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.model import SEGMENTERS, model_name
+from fec_jax.tasks import segmentation
 
 # Without a run's config.json the fallback (demo_seg.py) only lets --config.* overrides parse: a
 # checkpoint without one needs --config (cli.check_config_found).
@@ -205,11 +205,10 @@ def main(argv):
       FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )
 
-  def predict(variables, image, out_hw):  # uint8 [1, h, w, 3] -> int32 [1, *out_hw]
-    x = seg_device_transforms.normalize(image, jnp.array([image.shape[1:3]]), d.mean, d.std)
-    return fpn.predict(model, variables, x, out_hw)
-
-  predict = jax.jit(predict, static_argnums=2)  # compiled once per image and annotation size
+  predict = jax.jit(  # compiled once per image and annotation size
+      lambda v, image, out_hw: segmentation.predict_labels(model, v, image, out_hw, d),
+      static_argnums=2,
+  )
 
   rows = []
   for image, label in examples:

@@ -43,6 +43,14 @@ def cross_entropy(logits, labels, ignore_index: int):
   return jnp.sum(jnp.where(valid, losses, 0.0)) / labels.size
 
 
+def predict_labels(model, variables, image, out_hw: tuple[int, int], data_config):
+  """uint8 [1, h, w, 3] at the test size -> int32 [1, *out_hw], each pixel's class: the
+  normalization of data_config (mean, std), then whole-image inference (fpn.predict)."""
+  valid = jnp.array([image.shape[1:3]], jnp.int32)  # [1, 2]: nothing is padded
+  x = seg_device_transforms.normalize(image, valid, data_config.mean, data_config.std)
+  return fpn.predict(model, variables, x, out_hw)
+
+
 class MeanIoU(Evaluator):
   """mIoU / mAcc / aAcc (%) over the val split as mmseg 0.24 computes them (fec_jax.miou):
   each image at its test size (keep-ratio resize, sides multiples of 32), whole-image inference
@@ -57,9 +65,7 @@ class MeanIoU(Evaluator):
     self._device = jax.local_devices()[0]
 
     def eval_step(variables, image, label):  # uint8 [1, h, w, 3], uint8 [H0, W0]
-      valid = jnp.array([image.shape[1:3]], jnp.int32)  # [1, 2]: nothing is padded
-      x = seg_device_transforms.normalize(image, valid, config.data.mean, config.data.std)
-      pred = fpn.predict(model, variables, x, label.shape)[0]  # [H0, W0]
+      pred = predict_labels(model, variables, image, label.shape, config.data)[0]  # [H0, W0]
       return miou.intersect_and_union(pred, label, self._num_classes, config.data.ignore_index)
 
     self._jitted = jax.jit(eval_step)
