@@ -161,9 +161,9 @@ class Cluster(nn.Module):
     out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # Eq. 7, [G, N, D]
 
     # the sown assignment [B, E, H, W]: region index * M + center index within the region
-    region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, 1, r, r, 1, 1) * m  # [1, 1, r, r, 1, 1]
-    labels = assignment.reshape(b, self.heads, r, r, hr, wr) + region  # [B, E, r, r, hr, wr]
-    labels = clustering.unfold(labels.transpose(0, 2, 3, 4, 5, 1))  # [B, H, W, E]
+    region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, r * r, 1) * m  # [1, r*r, 1]
+    labels = assignment.reshape(-1, r * r, hr * wr) + region  # [B*E, r*r, N]
+    labels = self._from_groups(labels.reshape(g, hr, wr, 1))  # [B, H, W, E]
     self.sow("intermediates", "assignment", labels.transpose(0, 3, 1, 2))
     out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
     return conv1x1(dim, width, "proj", self.dtype)(out)
