@@ -117,7 +117,11 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
-  saved = None if resume is None else _check_same_run(config, workdir, task.EVALUATION_ONLY)
+  if resume is None:
+    reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
+    saved = None
+  else:
+    saved = _check_same_run(config, workdir, task.EVALUATION_ONLY)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")

@@ -114,11 +114,20 @@ def _same_value(saved, now) -> bool:
   return saved == now or json.dumps(saved) == json.dumps(now)
 
 
+def config_file(workdir: str) -> str:
+  """The path of a workdir's config.json; ValueError where a directory stands in its place (one
+  that train.py could not write)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; expected the config the run started with, a file")
+  return path
+
+
 def read_config(workdir: str) -> dict | None:
   """The config.json of a train.py workdir as nested dicts (tuples read back as lists); None
   where there is none (a converter output, a workdir of an earlier fec-jax)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = config_file(workdir)
+  if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
     try:

@@ -306,6 +306,7 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
         ("not_json", "is not JSON (Expecting property name enclosed in double quotes"),
         ("not_utf8", "is not JSON ('utf-8' codec can't decode byte 0xff in position 0"),
         ("list", "holds a JSON list; expected an object, the config the run started with"),
+        ("directory", "is a directory; expected the config the run started with, a file"),
     ],
 )
 def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir, case, reason):
@@ -327,7 +328,13 @@ def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir
   elif case == "unserializable":
     saved["data"]["root"] = f"{reporting.UNSERIALIZABLE}: <object>"
   path = directory / reporting.CONFIG_FILE
-  path.write_bytes({"not_json": b"{", "not_utf8": b"\xff{}"}.get(case, json.dumps(saved).encode()))
+  path.unlink()
+  if case == "directory":
+    path.mkdir()
+  else:
+    path.write_bytes(
+        {"not_json": b"{", "not_utf8": b"\xff{}"}.get(case, json.dumps(saved).encode())
+    )
   code, out, err, _ = parse(capsys, default=f"configs/workdir.py:{directory}")
   assert (code, out) == (2, "") and err.count("\n") == 1, err
   start = "error: --config not given, and its default cannot be loaded: "

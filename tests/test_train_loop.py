@@ -381,6 +381,24 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
     train(config, workdir)
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_directory_where_config_json_goes_stops_before_the_data(
+    resume, reference, tmp_path, monkeypatch
+):
+  def open_data(*_):
+    raise AssertionError("the data was opened")
+
+  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
+  workdir = tmp_path / "w"
+  if resume:
+    shutil.copytree(reference, workdir)
+    (workdir / reporting.CONFIG_FILE).unlink()
+  (workdir / reporting.CONFIG_FILE).mkdir(parents=True)
+  expected = f"{workdir / reporting.CONFIG_FILE} is a directory; expected the config the run"
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    train(tiny(), workdir)
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "num_classes", "image_size", "task"])
 def test_bad_input_fails_before_compiling(case, tmp_path):
   root = tmp_path / "data"
