@@ -288,6 +288,7 @@ def test_a_run_saved_with_an_unmasked_adamw_resumes(tmp_path):
         ("lr_schedule", "cosine", "lr_schedule must be one of"),
         ("schedule_steps", 0, "schedule_steps must be > 0"),
         ("weight_decay_on", "some", "weight_decay_on must be one of"),
+        ("data.root", "/data/ade", "root '/data/ade' is read by source 'ade20k' only, and sou"),
     ],
 )
 def test_config_checks(field, value, message):

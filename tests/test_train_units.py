@@ -225,6 +225,7 @@ def test_check_config_rejects_what_cannot_run():
       ("model.drop_path_rate", 1.5, r"config.model.drop_path_rate must be in \[0, 1\)"),
       ("data.std", (0.0, 0.0, 0.0), "std must be > 0"),
       ("data.mixup_alpha", -1.0, "mixup_alpha, cutmix_alpha must be >= 0"),
+      ("data.root", "/data/pets", "root '/data/pets' is read by source 'folder' only, and sou"),
   ):
     bad = demo.get_config()
     section, _, key = field.rpartition(".")

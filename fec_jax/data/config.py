@@ -110,6 +110,11 @@ def validate(cfg) -> None:
     raise ValueError(f"config.data lacks fields {missing}; start from default_config()")
   checks = [
       (cfg.source in SOURCES, f"source must be one of {SOURCES}"),
+      (
+          cfg.source == "folder" or not cfg.root,
+          f"root {cfg.root!r} is read by source 'folder' only, and source is {cfg.source!r}: "
+          "give --config.data.source=folder to train on that folder",
+      ),
       (cfg.remode in ERASE_MODES, f"remode must be one of {ERASE_MODES}"),
       (
           cfg.interpolation in TRAIN_INTERPOLATIONS,

@@ -115,6 +115,11 @@ def validate(cfg) -> None:
     raise ValueError(f"config.data lacks fields {missing}; start from ade20k_config()")
   checks = [
       (cfg.source in SEG_SOURCES, f"source must be one of {SEG_SOURCES}"),
+      (
+          cfg.source == "ade20k" or not cfg.root,
+          f"root {cfg.root!r} is read by source 'ade20k' only, and source is {cfg.source!r}: "
+          "give --config.data.source=ade20k to train on that folder",
+      ),
       (0 < cfg.num_classes < 255, "num_classes must be in [1, 254] (labels are uint8)"),
       (0 <= cfg.ignore_index <= 255, "ignore_index must be in [0, 255]"),
       (cfg.ignore_index >= cfg.num_classes, "ignore_index must not be a class (>= num_classes)"),
