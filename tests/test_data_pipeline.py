@@ -330,7 +330,7 @@ def _running(process: psutil.Process) -> bool:
 
 
 def _write_bad_files(root):
-  """Adds bad and odd files to class 0 (n01440764) of train and val."""
+  """Adds bad and odd files to class 0 (n01440764) of train and val, and a broken link to val's."""
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
     d = os.path.join(root, split, WNIDS[0])
@@ -347,6 +347,8 @@ def _write_bad_files(root):
     buf = open(os.path.join(d, f"{WNIDS[0]}_0.JPEG"), "rb").read()
     with open(os.path.join(d, "truncated.JPEG"), "wb") as f:
       f.write(buf[: len(buf) // 2])
+    if split == "val":  # a broken link
+      os.symlink(os.path.join(d, "moved.JPEG"), os.path.join(d, "gone.JPEG"))
 
 
 def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypatch):
@@ -354,17 +356,20 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypa
   _write_bad_files(root)
   cfg = _cfg(root, num_classes=2)
   val = sources.FolderSource(root, "val", 2)
-  bad_keys = {"empty.JPEG", "garbage.JPEG", "truncated.JPEG"}
-  it = fd.create_loader(cfg, "val", 4, seed=0)
-  batches = list(it)
+  bad_keys = {"empty.JPEG", "garbage.JPEG", "truncated.JPEG"}  # and val's gone.JPEG
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
+    it = fd.create_loader(cfg, "val", 4, seed=0)
+    batches = list(it)
+  gone = f"bad file {WNIDS[0]}/gone.JPEG masked out (val): cannot be read (No such file or dire"
+  assert any(r.getMessage().startswith(gone) for r in caplog.records), caplog.records
   mask = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   keys = [val[i]["key"] for i in range(len(val))]
   for i, key in enumerate(keys):  # bad files are masked, every other label is its own
-    assert mask[i] == (os.path.basename(key) not in bad_keys), key
+    assert mask[i] == (os.path.basename(key) not in bad_keys | {"gone.JPEG"}), key
     if mask[i]:
       assert labels[i] == val[i]["label"]
-  assert it.stats() == {"bad": 3, "converted": 5}
+  assert it.stats() == {"bad": 4, "converted": 5}
   assert all(np.isfinite(b["image"]).all() for b in batches)
   # train: a bad record's place goes to the next readable one in source order, with its label
   train = sources.FolderSource(root, "train", 2)
@@ -438,6 +443,8 @@ def test_decode_modes():
     transforms.decode(b"not an image")  # not PIL's text, which names a BytesIO's address
   with pytest.raises(transforms.BadImageError, match="^empty file$"):
     transforms.decode(b"")
+  with pytest.raises(transforms.BadImageError, match=r"^cannot be read \(Permission denied\)$"):
+    transforms.decode(PermissionError(13, "Permission denied"))
 
 
 def test_jpeg_decode_matches_pil():
@@ -571,6 +578,27 @@ def test_mixup_cutmix_properties():
   np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["loose_val", "renamed_val_class", "num_classes"])
+def test_a_folder_that_does_not_fit_is_named_with_what_is_wrong(tmp_path, case):
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=1, val_per_class=1)
+  val = tmp_path / "val"
+  if case == "loose_val":  # the val images not yet sorted into class folders
+    for image in sorted(val.rglob("*.JPEG")):
+      image.rename(val / image.name)
+      image.parent.rmdir()
+  if case == "renamed_val_class":
+    (val / WNIDS[1]).rename(val / WNIDS[1].upper())
+  expected = {
+      "loose_val": f"{val} holds 2 images (e.g. {WNIDS[0]}_0.JPEG) outside class folders; sort",
+      "renamed_val_class": f"{val} has class folders that {tmp_path / 'train'} lacks: "
+      f"['{WNIDS[1].upper()}']; expected the train split's class names (case included)",
+      "num_classes": f"{tmp_path / 'train'} has 2 class folders ({WNIDS[0]}, {WNIDS[1]}) but "
+      "config.data.num_classes is 3",
+  }[case]
+  with pytest.raises((ValueError, fd.DataNotFoundError), match=re.escape(expected)):
+    sources.FolderSource(root, "val", 3 if case == "num_classes" else 2)
+
+
 def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog):
   """The labels index the train split's class folders: evaluating needs them; an empty class
   folder is a class all the same, with a warning."""
@@ -578,8 +606,9 @@ def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog
   (tmp_path / "data" / "train" / "n99999999").mkdir()  # an empty class, sorted last
   with caplog.at_level(logging.WARNING, logger=sources.__name__):
     source = sources.FolderSource(root, "train", 3)
+    sources.FolderSource(root, "train", 3)  # a run opens the split more than once
   assert source.classes[-1] == "n99999999"
-  assert "1 class folder(s) hold no image, e.g. n99999999" in caplog.text
+  assert caplog.text.count("1 class folder(s) hold no image, e.g. n99999999") == 1
   shutil.rmtree(tmp_path / "data" / "train")
   with pytest.raises(fd.DataNotFoundError, match="the val labels index the train split's class"):
     sources.FolderSource(root, "val", 3)

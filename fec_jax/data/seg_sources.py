@@ -75,12 +75,12 @@ class ADE20KSource:
   def __len__(self) -> int:
     return len(self._images)
 
-  def _read(self, rel: bytes) -> bytes:
+  def _read(self, rel: bytes) -> bytes | OSError:
     try:
       with open(os.path.join(self._root, rel.decode()), "rb") as f:
         return f.read()
-    except OSError:
-      return b""  # unreadable: counted and replaced or masked out by the pipeline
+    except OSError as e:  # a broken link, no permission, ...: transforms.open_image says
+      return e  # which, and the pipeline replaces or masks the record out
 
   def __getitem__(self, index: int) -> dict:
     return {

@@ -24,7 +24,8 @@ from fec_jax.data import transforms
 def decode_label(encoded) -> np.ndarray:
   """A PNG annotation (bytes) or uint8 [H, W] array -> uint8 [H, W] class indices, as mmseg's
   LoadAnnotations reads it (Pillow, 'unchanged': palette images give their indices).
-  Raises transforms.BadImageError for corrupt data or a multi-channel / non-8-bit map."""
+  Raises transforms.BadImageError for an unreadable file (an OSError in place of the bytes),
+  corrupt data or a multi-channel / non-8-bit map."""
   if isinstance(encoded, np.ndarray):
     return encoded
   img = transforms.open_image(encoded)

@@ -1,7 +1,8 @@
 """Random-access sources (grain.sources.RandomAccessDataSource protocol: __len__, __getitem__).
 
-Every source yields records {'encoded': bytes (an encoded image file) or uint8 [H, W(, 3)]
-array, 'label': int, 'key': str (file name, for error reports)}. Decoding happens later
+Every source yields records {'encoded': bytes (an encoded image file), uint8 [H, W(, 3)] array
+or the OSError met reading the file, 'label': int, 'key': str (file name, for error reports)}.
+Decoding happens later
 in the pipeline's workers, so that a bad file is counted and replaced (train) or masked out
 (val) there.
 """
@@ -55,8 +56,31 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
           paths.append(os.path.join(rel, f))
           labels.append(label)
   if not paths:
-    raise DataNotFoundError(f"no images found under {split_dir}; {FOLDER_LAYOUT_HELP}")
+    loose = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMG_EXTENSIONS))
+    where = (
+        f"{split_dir} holds {len(loose)} images (e.g. {loose[0]}) outside class folders; sort "
+        f"them into {split_dir}/<class>/"
+        if loose
+        else f"no images found under {split_dir}"
+    )
+    raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
   return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_empty_classes(train_dir: str) -> None:
+  """Warns once per process and folder (a run opens the train split more than once) of the
+  train class folders without an image."""
+  classes, _, labels = scan_folder(train_dir)
+  empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
+  if empty:
+    log.warning(
+        "%s: %d class folder(s) hold no image, e.g. %s; they are classes all the same "
+        "(labels index the class folders)",
+        train_dir,
+        len(empty),
+        empty[0],
+    )
 
 
 class FolderSource:
@@ -77,24 +101,19 @@ class FolderSource:
     train_classes = scan_folder(train_dir)[0]
     classes, self._paths, labels = scan_folder(os.path.join(root, split))
     if split == train_split:
-      counts = np.bincount(labels, minlength=len(classes))
-      empty = [c for c, n in zip(classes, counts) if n == 0]
-      if empty:
-        log.warning(
-            "%s: %d class folder(s) hold no image, e.g. %s; they are classes all the same "
-            "(labels index the class folders)",
-            train_dir,
-            len(empty),
-            empty[0],
-        )
+      _warn_empty_classes(train_dir)
     if len(train_classes) != num_classes:
+      listed = ", ".join(train_classes[:5]) + (", ..." if len(train_classes) > 5 else "")
       raise ValueError(
-          f"{os.path.join(root, train_split)} has {len(train_classes)} class "
-          f"folders but config.data.num_classes is {num_classes}"
+          f"{train_dir} has {len(train_classes)} class folders ({listed}) but "
+          f"config.data.num_classes is {num_classes}"
       )
     unknown = sorted(set(classes) - set(train_classes))
     if unknown:
-      raise ValueError(f"{split} has classes not in {train_split}: {unknown[:5]}")
+      raise ValueError(
+          f"{os.path.join(root, split)} has class folders that {train_dir} lacks: {unknown[:5]}; "
+          "expected the train split's class names (case included)"
+      )
     to_train = np.array([train_classes.index(c) for c in classes], dtype=np.int32)
     self._labels = to_train[labels]
     self._dir = os.path.join(root, split)
@@ -108,8 +127,8 @@ class FolderSource:
     try:
       with open(os.path.join(self._dir, rel), "rb") as f:
         encoded = f.read()
-    except OSError:
-      encoded = b""  # unreadable: counted and replaced or masked out by the pipeline
+    except OSError as e:  # a broken link, no permission, ...: transforms.decode says which,
+      encoded = e  # and the pipeline replaces or masks the record out
     return {"encoded": encoded, "label": int(self._labels[index]), "key": rel}
 
 

@@ -57,9 +57,11 @@ def _decode_jpeg(encoded: bytes):
     return None
 
 
-def open_image(encoded: bytes) -> Image.Image:
-  """The loaded PIL image of an encoded file; BadImageError for empty, unknown, truncated or
-  corrupt data."""
+def open_image(encoded: bytes | OSError) -> Image.Image:
+  """The loaded PIL image of an encoded file; BadImageError for a file that could not be read
+  (the OSError a source met reading it) and for empty, unknown, truncated or corrupt data."""
+  if isinstance(encoded, OSError):
+    raise BadImageError(f"cannot be read ({encoded.strerror or encoded})")
   if not encoded:
     raise BadImageError("empty file")
   try:
@@ -87,14 +89,14 @@ def decode(encoded) -> tuple[np.ndarray, bool]:
   """Decodes an encoded image (bytes) or a uint8 HW/HWC array to uint8 RGB [H, W, 3].
 
   Returns (image, converted) where `converted` says the input was not 8-bit RGB
-  (grayscale, palette, CMYK, RGBA, 16-bit, ...). Raises BadImageError for empty,
-  truncated or corrupt data. 16-bit images are scaled to 8 bits (PIL's own
+  (grayscale, palette, CMYK, RGBA, 16-bit, ...). Raises BadImageError for an unreadable file
+  (an OSError in place of the bytes) and for empty, truncated or corrupt data. 16-bit images are scaled to 8 bits (PIL's own
   convert('RGB') would clip them to white); other modes use PIL's convert('RGB'),
   as torchvision's ImageFolder loader does (alpha is dropped, CMYK converted naively).
   """
   if isinstance(encoded, np.ndarray):
     return np.asarray(Image.fromarray(encoded).convert("RGB")), encoded.ndim != 3
-  if encoded[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+  if isinstance(encoded, bytes) and encoded[:2] == b"\xff\xd8":  # JPEG start-of-image marker
     fast = _decode_jpeg(encoded)
     if fast is not None:
       return fast
