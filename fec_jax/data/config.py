@@ -113,7 +113,7 @@ def validate(cfg) -> None:
       (
           cfg.source == "folder" or not cfg.root,
           f"root {cfg.root!r} is read by source 'folder' only, and source is {cfg.source!r}: "
-          "give --config.data.source=folder to train on that folder",
+          "give --config.data.source=folder to read that folder, or --config.data.root=''",
       ),
       (cfg.remode in ERASE_MODES, f"remode must be one of {ERASE_MODES}"),
       (

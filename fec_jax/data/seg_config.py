@@ -118,7 +118,7 @@ def validate(cfg) -> None:
       (
           cfg.source == "ade20k" or not cfg.root,
           f"root {cfg.root!r} is read by source 'ade20k' only, and source is {cfg.source!r}: "
-          "give --config.data.source=ade20k to train on that folder",
+          "give --config.data.source=ade20k to read that folder, or --config.data.root=''",
       ),
       (0 < cfg.num_classes < 255, "num_classes must be in [1, 254] (labels are uint8)"),
       (0 <= cfg.ignore_index <= 255, "ignore_index must be in [0, 255]"),
