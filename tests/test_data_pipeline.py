@@ -612,3 +612,10 @@ def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog
   shutil.rmtree(tmp_path / "data" / "train")
   with pytest.raises(fd.DataNotFoundError, match="the val labels index the train split's class"):
     sources.FolderSource(root, "val", 3)
+
+
+def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
+  with pytest.raises(
+      ValueError, match=r"^18 train examples are fewer than one global batch \(32\); "
+  ):
+    fd.create_loader(_cfg(folder), "train", 32, seed=0)

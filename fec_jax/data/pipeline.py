@@ -350,7 +350,8 @@ def _train_order(n: int, local_batch: int, shard_index: int, shard_count: int, s
   per_host_epoch = (n // shard_count) // local_batch * local_batch
   if per_host_epoch == 0:
     raise ValueError(
-        f"{n} train examples are fewer than one global batch ({local_batch * shard_count})"
+        f"{n} train examples are fewer than one global batch ({local_batch * shard_count}); "
+        "lower config.global_batch_size"
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
