@@ -17,6 +17,7 @@ import functools
 import io
 import math
 import os
+import re
 import sys
 import time
 
@@ -28,6 +29,7 @@ from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data import seg_transforms
 from fec_jax.data.device_transforms import normalize
+from fec_jax.data.sources import class_folders
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.imagenet_classes import imagenet_class_names
 from fec_jax.model import FEC, VARIANTS, model_name, variable_shapes
@@ -126,8 +128,20 @@ def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
   return np.asarray(ImageOps.exif_transpose(turned))
 
 
-def class_name(index: int, num_classes: int) -> str:
-  return imagenet_class_names()[index] if num_classes == 1000 else f"class {index}"
+def class_names(num_classes: int, trained: dict) -> tuple[str, ...] | None:
+  """The names of a classifier's classes, from the data of its run (trained_data_config): a
+  folder run's class folders where they still are, unless they are ImageNet's wnids; the digits
+  of the demo; ImageNet's names for 1000 classes. None where they are not known."""
+  folders = None
+  if trained.get("source") == "folder":
+    train_dir = os.path.join(trained.get("root", ""), trained.get("train_split") or "train")
+    if os.path.isdir(train_dir) and len(class_folders(train_dir)) == num_classes:
+      folders = class_folders(train_dir)
+  if folders and not all(re.fullmatch(r"n\d{8}", f) for f in folders):
+    return folders
+  if trained.get("source") == "demo" and num_classes == 10:
+    return tuple(f"digit {i}" for i in range(10))
+  return imagenet_class_names() if num_classes == 1000 else folders
 
 
 def unique_stems(paths: list[str]) -> list[str]:
@@ -340,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     note_num_clusters(model, size, args.num_clusters)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
+  classes = class_names(model.num_classes, trained)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
   batch = min(args.batch_size, len(args.image))
@@ -360,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
       if not model.variant.dense_outputs:
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))
-        print(f"{path}: {class_name(top, model.num_classes)} ({probs[top]:.1%})")
+        print(f"{path}: {classes[top] if classes else f'class {top}'} ({probs[top]:.1%})")
   print(
       f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out} "
       f"(model input {size[0]}x{size[1]})"

@@ -41,12 +41,18 @@ class DataNotFoundError(FileNotFoundError):
   """The configured data is missing or empty; the message says the expected layout."""
 
 
+def class_folders(split_dir: str) -> tuple[str, ...]:
+  """The class folders of a split, sorted by name (label i is the i-th), as torchvision's
+  ImageFolder finds them."""
+  return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+
+
 @functools.lru_cache(maxsize=8)
 def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
   """(classes sorted by folder name, relative file paths as bytes [N], labels int32 [N])."""
   if not os.path.isdir(split_dir):
     raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
-  classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
+  classes = class_folders(split_dir)
   paths, labels = [], []
   for label, cls in enumerate(classes):
     for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
