@@ -130,7 +130,7 @@ class Cluster(nn.Module):
 
   @nn.compact
   def __call__(self, x):  # [B, H, W, C]
-    b, h, w, dim = x.shape
+    _, h, w, dim = x.shape
     clustering.check_divisible(layer_name(self), (h, w), self.fold)
     width = self.heads * self.head_dim
     value = conv1x1(width, dim, "v", self.dtype)(x)

@@ -2,9 +2,8 @@
 
 Every source yields records {'encoded': bytes (an encoded image file), uint8 [H, W(, 3)] array
 or the OSError met reading the file, 'label': int, 'key': str (file name, for error reports)}.
-Decoding happens later
-in the pipeline's workers, so that a bad file is counted and replaced (train) or masked out
-(val) there.
+Decoding happens later in the pipeline's workers, so that a bad file is counted and replaced
+(train) or masked out (val) there.
 """
 
 import functools

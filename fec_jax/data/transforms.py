@@ -90,9 +90,10 @@ def decode(encoded) -> tuple[np.ndarray, bool]:
 
   Returns (image, converted) where `converted` says the input was not 8-bit RGB
   (grayscale, palette, CMYK, RGBA, 16-bit, ...). Raises BadImageError for an unreadable file
-  (an OSError in place of the bytes) and for empty, truncated or corrupt data. 16-bit images are scaled to 8 bits (PIL's own
-  convert('RGB') would clip them to white); other modes use PIL's convert('RGB'),
-  as torchvision's ImageFolder loader does (alpha is dropped, CMYK converted naively).
+  (an OSError in place of the bytes) and for empty, truncated or corrupt data. 16-bit images
+  are scaled to 8 bits (PIL's own convert('RGB') would clip them to white); other modes use
+  PIL's convert('RGB'), as torchvision's ImageFolder loader does (alpha is dropped, CMYK
+  converted naively).
   """
   if isinstance(encoded, np.ndarray):
     return np.asarray(Image.fromarray(encoded).convert("RGB")), encoded.ndim != 3
