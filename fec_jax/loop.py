@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from fec_jax import checkpoint, reporting, tasks, training
+from fec_jax import checkpoint, data, reporting, tasks, training
 from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
@@ -423,6 +423,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
         evaluated = True
       except Exception as e:  # pylint: disable=broad-except
         if not _skip_failed_evaluation(run.preemption):
+          _save_unevaluated(run, state, record, e)
           raise
         logging.warning(
             "the evaluation of step %d failed after %s (%s); skipped: the run is stopping",
@@ -465,6 +466,24 @@ def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str,
       return None
     last = last or {}  # the record is process 0's to write again
   return last
+
+
+def _save_unevaluated(run: _Run, state, record: dict[str, Any], error: Exception) -> None:
+  """Before an evaluation's error ends the run: the step's record (without val metrics) and its
+  checkpoint, so that the steps since the last checkpoint are not lost (e.g. a val split whose
+  every image is bad: found only when it is first read). With several processes only for
+  DataNotFoundError, which every process raises (the image count is global); another error may
+  be one process's alone, and a save is collective."""
+  if jax.process_count() > 1 and not isinstance(error, data.DataNotFoundError):
+    return
+  run.writer.write(record)
+  run.save(state)
+  _timed(f"writing checkpoint step {record['step']}", run.mngr.wait_until_finished)
+  logging.warning(
+      "the evaluation of step %d failed; the step is saved without it in %s",
+      record["step"],
+      run.workdir,
+  )
 
 
 def _skip_failed_evaluation(preemption) -> bool:

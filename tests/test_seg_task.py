@@ -2,6 +2,7 @@
 optimizer options (fec_jax.training), in-process runs on the synthetic demo data at 32x32."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,10 +14,12 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
 from fec_jax import checkpoint, data, reporting, tasks, training
+from fec_jax.data import seg_config
 from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
 from tests.train_fixture import losses, train
@@ -94,6 +97,22 @@ def test_evaluator_refuses_a_val_split_with_no_readable_image(fresh, tmp_path):
   task, variables = tasks.get(config), fresh[1]
   model = task.create_model()[0]
   with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):
+    task.evaluator(model, training.create_mesh())(variables)
+
+
+def test_evaluator_refuses_a_val_split_with_no_labelled_pixel(fresh, tmp_path):
+  """Annotations of 0 ('other') only, reduced to 255: the mIoU would be NaN."""
+  root = make_ade20k_folder(tmp_path / "ade")
+  for path in (tmp_path / "ade" / "annotations" / "validation").iterdir():
+    with Image.open(path) as label:
+      Image.fromarray(np.zeros_like(np.asarray(label))).save(path)
+  config = seg_tiny(**{"data": data.ade20k_config()})
+  config.data.root, config.data.num_classes = root, 5
+  task, variables = tasks.get(config), fresh[1]
+  model = task.create_model()[0]
+  expected = f"no labelled pixel in the 3 val images of {root}: every annotation pixel is "
+  expected += "ignore_index 255 after reduce_zero_label (0 -> 255) or a class id >= config"
+  with pytest.raises(data.DataNotFoundError, match=re.escape(expected)):
     task.evaluator(model, training.create_mesh())(variables)
 
 
@@ -296,6 +315,16 @@ def test_config_checks(field, value, message):
   with pytest.raises(ValueError, match=message):
     training.check_config(c)
     tasks.get(c).check_config()
+
+
+def test_reduce_zero_label_needs_ignore_index_255():
+  """mmseg's reduce_zero_label writes 255 for annotation 0, whatever the loss ignores."""
+  c = seg_config.ade20k_config()
+  c.ignore_index = 200
+  with pytest.raises(ValueError, match=r"needs ignore_index 255 \(got 200\); or give"):
+    seg_config.validate(c)
+  c.reduce_zero_label = False
+  seg_config.validate(c)
 
 
 def test_visualize_seg_bad_output_is_one_error_line(tmp_path):

@@ -196,7 +196,7 @@ def test_a_signal_during_an_evaluation_stops_the_run_after_it(tmp_path, monkeypa
 def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path, monkeypatch):
   """SIGTERM to the process group can kill an evaluation's loader worker that is still starting,
   which fails the evaluation: the run is stopping anyway, so it skips the evaluation and saves
-  the step. Without a signal the error stands."""
+  the step. Without a signal the error stands, once the step is saved."""
 
   def fails(signum):
     def evaluate(self, variable_sets):
@@ -210,9 +210,22 @@ def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path
   result = train(tiny(eval_every_steps=2), tmp_path / "w")
   assert result.preempted and result.step == 2 and saved_steps(tmp_path / "w") == [2]
   assert "val_top1" not in reporting.read_metrics(tmp_path / "w")[-1]
+  evaluate = classification.TopK.evaluate
   monkeypatch.setattr(classification.TopK, "evaluate", fails(None))
   with pytest.raises(RuntimeError, match="terminated unexpectedly"):
-    train(tiny(eval_every_steps=2), tmp_path / "w2")
+    train(tiny(eval_every_steps=1, checkpoint_every_steps=10), tmp_path / "w2")
+  # The error stands, after the step's record and checkpoint: the steps trained are kept.
+  assert saved_steps(tmp_path / "w2") == [1]
+  assert reporting.read_metrics(tmp_path / "w2")[-1].keys() == {
+      "step",
+      "epoch",
+      "train_loss",
+      "lr",
+      "grad_norm",
+  }
+  monkeypatch.setattr(classification.TopK, "evaluate", evaluate)
+  result = train(tiny(eval_every_steps=1, checkpoint_every_steps=10, max_steps=2), tmp_path / "w2")
+  assert result.step == 2 and [r["step"] for r in reporting.read_metrics(tmp_path / "w2")] == [1, 2]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch):

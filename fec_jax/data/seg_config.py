@@ -24,8 +24,9 @@ def ade20k_config() -> ml_collections.ConfigDict:
   train_split, val_split: sub-folder names of images/ and annotations/ ('training',
       'validation'); the demo's splits are always its own train and val sets.
   num_classes: classes after reduce_zero_label (150 for ADE20K).
-  reduce_zero_label: annotation 0 ('other') -> ignore_index, 1..K -> 0..K-1 (mmseg's
-      LoadAnnotations(reduce_zero_label=True)).
+  reduce_zero_label: annotation 0 ('other') -> 255, 1..K -> 0..K-1 (mmseg's
+      LoadAnnotations(reduce_zero_label=True), which writes 255 whatever the ignore index:
+      needs ignore_index 255).
   ignore_index: label value the loss and the metric ignore; also the label padding (255).
   img_scale: (long, short) edge bounds of the keep-ratio resize, mmseg's img_scale
       (2048, 512): scale factor min(long / max(h, w), short / min(h, w)).
@@ -123,6 +124,11 @@ def validate(cfg) -> None:
       (0 < cfg.num_classes < 255, "num_classes must be in [1, 254] (labels are uint8)"),
       (0 <= cfg.ignore_index <= 255, "ignore_index must be in [0, 255]"),
       (cfg.ignore_index >= cfg.num_classes, "ignore_index must not be a class (>= num_classes)"),
+      (
+          cfg.ignore_index == 255 or not cfg.reduce_zero_label,
+          f"reduce_zero_label turns annotation 0 into 255, so it needs ignore_index 255 (got "
+          f"{cfg.ignore_index}); or give --config.data.reduce_zero_label=False",
+      ),
       (len(cfg.img_scale) == 2 and min(cfg.img_scale) > 0, "img_scale needs 2 positive sides"),
       (_pair(cfg.ratio_range), "ratio_range must be (low, high) with 0 < low <= high"),
       (len(cfg.crop_size) == 2 and min(cfg.crop_size) > 0, "crop_size needs 2 positive sides"),

@@ -120,7 +120,16 @@ class MeanIoU(Evaluator):
     count = int(_sum_over_hosts({"images": images})["images"][0])
     if not count:
       raise self.nothing_to_evaluate(self._config.data)
-    return [{**miou.summarize(_sum_over_hosts(t)), "images": count} for t in totals]
+    totals = [_sum_over_hosts(t) for t in totals]
+    if not totals[0]["area_label"].sum():  # mIoU would be NaN (mmseg's 0 / 0)
+      d = self._config.data
+      zero = " after reduce_zero_label (0 -> 255)" if d.reduce_zero_label else ""
+      raise data.DataNotFoundError(
+          f"no labelled pixel in the {count} val images of {data.data_location(d)}: every "
+          f"annotation pixel is ignore_index {d.ignore_index}{zero} or a class id >= "
+          f"config.data.num_classes {d.num_classes}; nothing to score"
+      )
+    return [{**miou.summarize(t), "images": count} for t in totals]
 
 
 def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
