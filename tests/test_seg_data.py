@@ -3,6 +3,7 @@ the loader (determinism, resume, host sharding, bad files), the synthetic demo."
 
 import io
 import json
+import logging
 import os
 import re
 
@@ -488,7 +489,7 @@ def test_val_examples_shards_and_padding(ade):
         np.testing.assert_array_equal(e["image"], one[2 * j + h]["image"])
 
 
-def test_bad_files_replaced_or_masked_and_counted(tmp_path):
+def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
   root = make_ade20k_folder(tmp_path, num_train=6, num_val=3)
   for folder, prefix in (("training", "train"), ("validation", "val")):
     ann = os.path.join(root, "annotations", folder)
@@ -500,10 +501,19 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(
         os.path.join(ann, f"ADE_{prefix}_00000003.png")
     )  # wrong size
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(
+      os.path.join(root, "annotations", "validation", "ADE_val_00000003.png")
+  )  # a colour annotation in val
   cfg = _cfg(root)
-  it = fd.create_seg_loader(cfg, "val", 1, seed=0)
-  val = list(it)
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
+    it = fd.create_seg_loader(cfg, "val", 1, seed=0)
+    val = list(it)
   assert [bool(e["mask"]) for e in val] == [False, False, False]
+  assert sorted(r.getMessage().split(": ", 1)[1] for r in caplog.records) == [
+      "annotation: empty file",
+      "annotation: mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or 'P')",
+      "not an image file PIL can read",
+  ]
   assert it.stats() == {"bad": 3, "converted": 0}
   it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
   got = list(it)

@@ -51,7 +51,10 @@ def _decode(record, cfg):
   raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the
   pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this)."""
   image, converted = transforms.decode(record["image"])
-  label = seg_transforms.decode_label(record["label"])
+  try:
+    label = seg_transforms.decode_label(record["label"])
+  except transforms.BadImageError as e:  # the warning names the image: say which file failed
+    raise transforms.BadImageError(f"annotation: {e}") from e
   if label.shape != image.shape[:2]:
     raise transforms.BadImageError(
         f"annotation is {label.shape[1]}x{label.shape[0]}, image {image.shape[1]}x{image.shape[0]}"

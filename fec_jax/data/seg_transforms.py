@@ -30,7 +30,9 @@ def decode_label(encoded) -> np.ndarray:
     return encoded
   img = transforms.open_image(encoded)
   if img.mode not in ("L", "P"):
-    raise transforms.BadImageError(f"annotation mode {img.mode}; expected 8-bit 'L' or 'P'")
+    raise transforms.BadImageError(
+        f"mode {img.mode}; expected a single-channel 8-bit PNG of class ids ('L' or 'P')"
+    )
   return np.asarray(img)
 
 
