@@ -390,6 +390,13 @@ def test_missing_annotation_and_layout_errors(tmp_path):
   os.makedirs(tmp_path / "empty" / "annotations" / "training")
   with pytest.raises(fd.DataNotFoundError, match="no .jpg images found"):
     fd.seg_num_examples(_cfg(tmp_path / "empty"), "train")
+  (tmp_path / "empty" / "images" / "training" / "a.JPG").write_bytes(b"")
+  with pytest.raises(fd.DataNotFoundError, match=r"\(1 files end in another case, e.g. a.JPG\)"):
+    fd.seg_num_examples(_cfg(tmp_path / "empty"), "train")
+  make_ade20k_folder(tmp_path / "up" / "ADEChallengeData2016", num_train=1, num_val=1)
+  inner = tmp_path / "up" / "ADEChallengeData2016"
+  with pytest.raises(fd.DataNotFoundError, match=re.escape(f"(did you mean {inner}?)")):
+    fd.seg_num_examples(_cfg(tmp_path / "up"), "train")
   with pytest.raises(fd.DataNotFoundError, match="root is empty"):
     fd.seg_num_examples(_cfg(""), "train")
 

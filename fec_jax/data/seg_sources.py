@@ -41,12 +41,18 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   images, or an image without its annotation (naming the first such image)."""
   img_dir = os.path.join(root, "images", split)
   ann_dir = os.path.join(root, "annotations", split)
+  inner = os.path.join(root, "ADEChallengeData2016")
   for d in (img_dir, ann_dir):
     if not os.path.isdir(d):
-      raise DataNotFoundError(f"{d} is not a directory; {ADE20K_LAYOUT_HELP}")
+      hint = f" (did you mean {inner}?)" if os.path.isdir(inner) else ""
+      raise DataNotFoundError(f"{d} is not a directory{hint}; {ADE20K_LAYOUT_HELP}")
   images = _scan(img_dir, IMG_SUFFIX)
   if not images:
-    raise DataNotFoundError(f"no {IMG_SUFFIX} images found under {img_dir}; {ADE20K_LAYOUT_HELP}")
+    other = [p for p in _scan(img_dir, "") if p.lower().endswith(IMG_SUFFIX)]
+    hint = f" ({len(other)} files end in another case, e.g. {other[0]})" if other else ""
+    raise DataNotFoundError(
+        f"no {IMG_SUFFIX} images found under {img_dir}{hint}; {ADE20K_LAYOUT_HELP}"
+    )
   annotations = set(_scan(ann_dir, SEG_MAP_SUFFIX))
   wanted = [p[: -len(IMG_SUFFIX)] + SEG_MAP_SUFFIX for p in images]
   missing = [(i, a) for i, a in zip(images, wanted) if a not in annotations]
