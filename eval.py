@@ -87,7 +87,13 @@ def main(argv):
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.throughput and config.task != "classification":
-    cli.fail(f"--throughput measures classifiers; --config is a {config.task!r} config")
+    task = repr(config.task)
+    which = (
+        f"--config is a {task} config"
+        if FLAGS["config"].present
+        else f"{directory} holds a {task} run"
+    )
+    cli.fail(f"--throughput measures classifiers; {which}")
   mesh = training.create_mesh()
   if FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")

@@ -345,3 +345,18 @@ def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       f"error: --output {tmp_path}/missing/seg.png: directory {tmp_path}/missing does not exist"
   ]
+
+
+def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
+  result = subprocess.run(
+      [sys.executable, "eval.py", f"--workdir={seg_run}", "--throughput"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      timeout=120,
+  )
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr.strip().splitlines() == [
+      f"error: --throughput measures classifiers; {seg_run} holds a 'segmentation' run"
+  ]
