@@ -254,7 +254,10 @@ def _unknown_field(config, path: str) -> str | None:
     if part not in node.keys():
       where = f"'{'.'.join(walked)}'" if walked else "the config"
       known = sorted(node.keys())
-      close = difflib.get_close_matches(part, known, n=1)
+      # a close name here, or the same name a level down (crop_size for data.crop_size)
+      close = difflib.get_close_matches(part, known, n=1) or [
+          f"{k}.{part}" for k in known if hasattr(node[k], "keys") and part in node[k].keys()
+      ]
       hint = (
           f"did you mean '{'.'.join([*walked, close[0]])}'?"
           if close

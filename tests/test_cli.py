@@ -123,6 +123,10 @@ def parse(monkeypatch):
         ),
         (["--config.model.name.x=1"], "config field 'model.name' is a str, it has no field 'x'"),
         (
+            ["--config.num_workers=2"],  # a data field given at the top level
+            "unknown config field 'num_workers'; did you mean 'data.num_workers'?",
+        ),
+        (
             ["--config=configs/nope.py"],
             "--config=configs/nope.py: cannot load it (no such file); expected a Python file with "
             "get_config()",
