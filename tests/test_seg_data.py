@@ -422,6 +422,10 @@ def test_config_validation():
   cfg.std = ()
   with pytest.raises(ValueError, match="mean and std need 3 values"):
     fd.seg_validate(cfg)
+  cfg = fd.seg_demo_config()
+  cfg.img_scale = (96, 64, 70, 50)  # what ml_collections makes of a tuple override given twice
+  with pytest.raises(ValueError, match=r"img_scale needs 2 positive sides, got \(96, 64, 70, 50\)"):
+    fd.seg_validate(cfg)
 
 
 def test_train_batches_deterministic_and_shaped(ade):

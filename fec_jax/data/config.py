@@ -133,9 +133,18 @@ def validate(cfg) -> None:
       ),
       (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
       (0 < cfg.demo_val_fraction < 1, "demo_val_fraction must be in (0, 1)"),
-      (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1], "bad scale range"),
-      (len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1], "bad ratio range"),
-      (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
+      (
+          len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1],
+          f"scale must be (low, high) with 0 < low <= high, got {cfg.scale}",
+      ),
+      (
+          len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1],
+          f"ratio must be (low, high) with 0 < low <= high, got {cfg.ratio}",
+      ),
+      (
+          len(cfg.mean) == 3 and len(cfg.std) == 3,
+          f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
+      ),
       (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
       (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "mixup_alpha, cutmix_alpha must be >= 0"),
       (

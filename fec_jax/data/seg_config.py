@@ -129,17 +129,35 @@ def validate(cfg) -> None:
           f"reduce_zero_label turns annotation 0 into 255, so it needs ignore_index 255 (got "
           f"{cfg.ignore_index}); or give --config.data.reduce_zero_label=False",
       ),
-      (len(cfg.img_scale) == 2 and min(cfg.img_scale) > 0, "img_scale needs 2 positive sides"),
-      (_pair(cfg.ratio_range), "ratio_range must be (low, high) with 0 < low <= high"),
-      (len(cfg.crop_size) == 2 and min(cfg.crop_size) > 0, "crop_size needs 2 positive sides"),
+      (
+          len(cfg.img_scale) == 2 and min(cfg.img_scale) > 0,
+          f"img_scale needs 2 positive sides, got {cfg.img_scale}",
+      ),
+      (
+          _pair(cfg.ratio_range),
+          f"ratio_range must be (low, high) with 0 < low <= high, got {cfg.ratio_range}",
+      ),
+      (
+          len(cfg.crop_size) == 2 and min(cfg.crop_size) > 0,
+          f"crop_size needs 2 positive sides, got {cfg.crop_size}",
+      ),
       (0 < cfg.cat_max_ratio <= 1, "cat_max_ratio must be in (0, 1]"),
       (0 <= cfg.flip_prob <= 1, "flip_prob must be in [0, 1]"),
       (0 <= cfg.brightness_delta <= 255, "brightness_delta must be in [0, 255]"),
-      (_pair(cfg.contrast_range), "contrast_range must be (low, high) with 0 < low <= high"),
-      (_pair(cfg.saturation_range), "saturation_range must be (low, high) with 0 < low <= high"),
+      (
+          _pair(cfg.contrast_range),
+          f"contrast_range must be (low, high) with 0 < low <= high, got {cfg.contrast_range}",
+      ),
+      (
+          _pair(cfg.saturation_range),
+          f"saturation_range must be (low, high) with 0 < low <= high, got {cfg.saturation_range}",
+      ),
       (0 <= cfg.hue_delta <= 180, "hue_delta must be in [0, 180]"),
       (cfg.size_divisor >= 1, "size_divisor must be >= 1"),
-      (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values"),
+      (
+          len(cfg.mean) == 3 and len(cfg.std) == 3,
+          f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
+      ),
       (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
       (
           cfg.demo_image_size >= 16 and cfg.demo_num_train > 0 and cfg.demo_num_val > 0,
