@@ -547,7 +547,10 @@ def test_train_with_no_readable_image_raises(tmp_path):
       f.write(b"\xff\xd8 not a jpeg")
   it = fd.create_seg_loader(_cfg(root), "train", 2, seed=0)
   with pytest.raises(
-      fd.DataNotFoundError, match=re.escape(f"no readable image in the 4 train records of {root}")
+      fd.DataNotFoundError,
+      match=re.escape(
+          f"no readable image in the 4 train records of {root}; expected images and annotations"
+      ),
   ):
     next(it)
 

@@ -111,8 +111,9 @@ class _Reader:
   DataNotFoundError naming `where`. val: the caller masks a bad record out. A bad file is logged
   when this process first reads it (two threads may both log it) and not read again by it."""
 
-  def __init__(self, source, decode, train: bool, where: str):
+  def __init__(self, source, decode, train: bool, where: str, files: str = "image files"):
     self._source, self._decode, self._train, self._where = source, decode, train, where
+    self._files = files  # what a record's files are, for the error of a split with none good
     self._bad = set()  # record indices that failed to decode in this process
 
   def __call__(self, index: int):
@@ -132,7 +133,7 @@ class _Reader:
         log.warning("bad file %s %s: %s", record["key"], what, e)
     if self._train:
       raise sources.DataNotFoundError(
-          f"no readable image in the {n} train records of {self._where}; expected image files "
+          f"no readable image in the {n} train records of {self._where}; expected {self._files} "
           "that decode (the warnings above name the bad ones)"
       )
     return None, None, True

@@ -89,7 +89,9 @@ class _MakeExample:
   def __init__(self, source, cfg, seed: int, train: bool):
     self._cfg, self._seed, self._train = cfg, seed, train
     decode = functools.partial(_decode, cfg=cfg)
-    self._read = pipeline._Reader(source, decode, train, pipeline.data_location(cfg))
+    self._read = pipeline._Reader(
+        source, decode, train, pipeline.data_location(cfg), "images and annotations"
+    )
 
   def _empty(self) -> dict:
     """Image 0 and label ignore_index, for padding and bad files."""
