@@ -135,8 +135,8 @@ def class_names(num_classes: int, trained: dict) -> tuple[str, ...] | None:
   folders = None
   if trained.get("source") == "folder":
     train_dir = os.path.join(trained.get("root", ""), trained.get("train_split") or "train")
-    if os.path.isdir(train_dir) and len(class_folders(train_dir)) == num_classes:
-      folders = class_folders(train_dir)
+    found = class_folders(train_dir) if os.path.isdir(train_dir) else ()
+    folders = found if len(found) == num_classes else None
   if folders and not all(re.fullmatch(r"n\d{8}", f) for f in folders):
     return folders
   if trained.get("source") == "demo" and num_classes == 10:
