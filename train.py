@@ -78,7 +78,7 @@ def main(argv):
 def check_config_found(workdir: str) -> None:
   """Without --config, a workdir that holds a run but no config.json (one of an earlier fec-jax)
   is an error: the default, configs/demo.py, is not that run's config."""
-  if not os.path.isdir(workdir) or os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
+  if not os.path.isdir(workdir) or reporting.has_config(workdir):
     return
   try:
     held = model_name(checkpoint.load_model(workdir)[0])

@@ -173,7 +173,7 @@ def check_config_found(directory: str, flag: str, held: str, given: bool, config
   config.json to take it from (a convert_torch_weights.py output, a run of an earlier fec-jax):
   the command's fallback, a demo config, is not the checkpoint's. The line names the config of
   `held` in the folder `configs` where there is one."""
-  if given or os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
+  if given or reporting.has_config(directory):
     return
   name = config_name(held)
   example = f" (e.g. configs/{name})" if os.path.isfile(os.path.join(configs, name)) else ""
@@ -352,7 +352,7 @@ def default_config_file(
     pass
   for flag in run_flags:
     directory = _flag_argument(argv, flag)
-    if directory and os.path.isfile(os.path.join(directory, reporting.CONFIG_FILE)):
+    if directory and reporting.has_config(directory):
       return f"{os.path.join(configs, 'workdir.py')}:{directory}"
   return os.path.join(configs, fallback)
 

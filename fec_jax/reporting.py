@@ -114,6 +114,11 @@ def _same_value(saved, now) -> bool:
   return saved == now or json.dumps(saved) == json.dumps(now)
 
 
+def has_config(directory: str) -> bool:
+  """Whether `directory` holds a run's config.json (a train.py workdir of this fec-jax)."""
+  return os.path.isfile(os.path.join(directory, CONFIG_FILE))
+
+
 def config_file(workdir: str) -> str:
   """The path of a workdir's config.json; ValueError where a directory stands in its place (one
   that train.py could not write)."""
