@@ -87,11 +87,10 @@ def main(argv):
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.throughput and config.task != "classification":
-    task = repr(config.task)
     which = (
-        f"--config is a {task} config"
+        f"--config is a {config.task!r} config"
         if FLAGS["config"].present
-        else f"{directory} holds a {task} run"
+        else f"{directory} holds a {config.task!r} run"
     )
     cli.fail(f"--throughput measures classifiers; {which}")
   mesh = training.create_mesh()
