@@ -99,6 +99,22 @@ def demo_config() -> ml_collections.ConfigDict:
   return c
 
 
+def is_range(value) -> bool:
+  """A (low, high) range with 0 < low <= high."""
+  return len(value) == 2 and 0 < value[0] <= value[1]
+
+
+def normalization_checks(cfg) -> list[tuple[bool, str]]:
+  """validate's checks of the normalization (mean, std), shared with the segmentation data."""
+  return [
+      (
+          len(cfg.mean) == 3 and len(cfg.std) == 3,
+          f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
+      ),
+      (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+  ]
+
+
 def validate(cfg) -> None:
   """Raises ValueError for fields default_config() does not define or out-of-range values."""
   known = set(default_config().keys())
@@ -134,18 +150,14 @@ def validate(cfg) -> None:
       (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
       (0 < cfg.demo_val_fraction < 1, "demo_val_fraction must be in (0, 1)"),
       (
-          len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1],
+          is_range(cfg.scale),
           f"scale must be (low, high) with 0 < low <= high, got {cfg.scale}",
       ),
       (
-          len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1],
+          is_range(cfg.ratio),
           f"ratio must be (low, high) with 0 < low <= high, got {cfg.ratio}",
       ),
-      (
-          len(cfg.mean) == 3 and len(cfg.std) == 3,
-          f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
-      ),
-      (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      *normalization_checks(cfg),
       (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "mixup_alpha, cutmix_alpha must be >= 0"),
       (
           cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,

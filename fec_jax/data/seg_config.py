@@ -8,6 +8,7 @@ of their repository, on mmsegmentation 0.24. Functions of the segmentation pipel
 import ml_collections
 
 from fec_jax.data import transforms
+from fec_jax.data.config import is_range, normalization_checks
 
 SEG_SOURCES = ("ade20k", "demo")
 DEMO_CLASS_NAMES = ("background", "disc", "square", "triangle", "cross")  # demo labels 0..4
@@ -100,11 +101,6 @@ def demo_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _pair(value) -> bool:
-  """A (low, high) range with 0 < low <= high."""
-  return len(value) == 2 and 0 < value[0] <= value[1]
-
-
 def validate(cfg) -> None:
   """Raises ValueError for fields ade20k_config() does not define or out-of-range values."""
   known = set(ade20k_config().keys())
@@ -134,7 +130,7 @@ def validate(cfg) -> None:
           f"img_scale needs 2 positive sides, got {cfg.img_scale}",
       ),
       (
-          _pair(cfg.ratio_range),
+          is_range(cfg.ratio_range),
           f"ratio_range must be (low, high) with 0 < low <= high, got {cfg.ratio_range}",
       ),
       (
@@ -145,20 +141,16 @@ def validate(cfg) -> None:
       (0 <= cfg.flip_prob <= 1, "flip_prob must be in [0, 1]"),
       (0 <= cfg.brightness_delta <= 255, "brightness_delta must be in [0, 255]"),
       (
-          _pair(cfg.contrast_range),
+          is_range(cfg.contrast_range),
           f"contrast_range must be (low, high) with 0 < low <= high, got {cfg.contrast_range}",
       ),
       (
-          _pair(cfg.saturation_range),
+          is_range(cfg.saturation_range),
           f"saturation_range must be (low, high) with 0 < low <= high, got {cfg.saturation_range}",
       ),
       (0 <= cfg.hue_delta <= 180, "hue_delta must be in [0, 180]"),
       (cfg.size_divisor >= 1, "size_divisor must be >= 1"),
-      (
-          len(cfg.mean) == 3 and len(cfg.std) == 3,
-          f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
-      ),
-      (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      *normalization_checks(cfg),
       (
           cfg.demo_image_size >= 16 and cfg.demo_num_train > 0 and cfg.demo_num_val > 0,
           "demo_image_size >= 16, demo_num_train > 0, demo_num_val > 0",
