@@ -346,6 +346,16 @@ def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.fixture
+def data_not_opened(monkeypatch):
+  """A test failure where the run opens its train data."""
+
+  def open_data(*_):
+    raise AssertionError("the data was opened")
+
+  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -364,14 +374,9 @@ def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
     ],
 )
 def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
-    case, expected, reference, tmp_path, monkeypatch
+    case, expected, reference, tmp_path, data_not_opened
 ):
   """Checked from the checkpoints' model item and item names, before the data is opened."""
-
-  def open_data(*_):
-    raise AssertionError("the data was opened")
-
-  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
   workdir, config = tmp_path / "w", tiny()
   if case in ("other_model", "no_ema", "other_config"):
     shutil.copytree(reference, workdir)
@@ -396,12 +401,8 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_directory_where_config_json_goes_stops_before_the_data(
-    resume, reference, tmp_path, monkeypatch
+    resume, reference, tmp_path, data_not_opened
 ):
-  def open_data(*_):
-    raise AssertionError("the data was opened")
-
-  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
   workdir = tmp_path / "w"
   if resume:
     shutil.copytree(reference, workdir)
