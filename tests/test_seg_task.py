@@ -327,19 +327,21 @@ def test_reduce_zero_label_needs_ignore_index_255():
   seg_config.validate(c)
 
 
-def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
-  result = subprocess.run(
-      [
-          sys.executable,
-          "visualize_seg.py",
-          f"--workdir={tmp_path}",
-          f"--output={tmp_path}/missing/seg.png",
-      ],
+def command(script: str, *args: str) -> subprocess.CompletedProcess:
+  """One of the repository's commands, run on the CPU."""
+  return subprocess.run(
+      [sys.executable, script, *args],
       cwd=ROOT,
       capture_output=True,
       text=True,
       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
       timeout=120,
+  )
+
+
+def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
+  result = command(
+      "visualize_seg.py", f"--workdir={tmp_path}", f"--output={tmp_path}/missing/seg.png"
   )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
@@ -348,14 +350,7 @@ def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
 
 
 def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
-  result = subprocess.run(
-      [sys.executable, "eval.py", f"--workdir={seg_run}", "--throughput"],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
-      timeout=120,
-  )
+  result = command("eval.py", f"--workdir={seg_run}", "--throughput")
   assert result.returncode == 2 and not result.stdout
   assert result.stderr.strip().splitlines() == [
       f"error: --throughput measures classifiers; {seg_run} holds a 'segmentation' run"
