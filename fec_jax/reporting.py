@@ -148,17 +148,21 @@ def read_config(workdir: str) -> dict | None:
 
 
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
+# Config fields added after runs were made: a config.json without one (a run of an earlier
+# fec-jax) gets its default, which is how that run behaved. Each only names or shows things.
+_ADDED_LATER = frozenset({"data.class_names"})
 
 
 def restore_config(saved: dict, template, where: str):
   """The config a run started with: `template`, a config of the run's task (its fields and
   types), with the values of `saved` (the run's config.json, read_config), lists read back as the
   template's tuples. ValueError naming `where` where the two differ in their fields (a
-  config.json of another fec-jax version), or where a value is one JSON could not hold or one
+  config.json of another fec-jax version; the fields of _ADDED_LATER may be missing), or where a value is one JSON could not hold or one
   of another type."""
   saved = traverse_util.flatten_dict(saved, sep=".")
   fields = traverse_util.flatten_dict(template.to_dict(), sep=".")
-  missing, unknown = sorted(fields.keys() - saved.keys()), sorted(saved.keys() - fields.keys())
+  missing = sorted(fields.keys() - saved.keys() - _ADDED_LATER)
+  unknown = sorted(saved.keys() - fields.keys())
   if missing or unknown:
     differences = [
         f"{label} {_listed(keys)}"

@@ -17,7 +17,6 @@ import functools
 import io
 import math
 import os
-import re
 import sys
 import time
 
@@ -28,10 +27,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data import seg_transforms
+from fec_jax.data.classes import classification_names
 from fec_jax.data.device_transforms import normalize
-from fec_jax.data.sources import class_folders
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
-from fec_jax.imagenet_classes import imagenet_class_names
 from fec_jax.model import FEC, VARIANTS, model_name, variable_shapes
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
@@ -126,22 +124,6 @@ def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
   turned = Image.fromarray(image)
   turned.info["exif"] = exif.tobytes()  # what exif_transpose reads the orientation from
   return np.asarray(ImageOps.exif_transpose(turned))
-
-
-def class_names(num_classes: int, trained: dict) -> tuple[str, ...] | None:
-  """The names of a classifier's classes, from the data of its run (trained_data_config): a
-  folder run's class folders where they still are, unless they are ImageNet's wnids; the digits
-  of the demo; ImageNet's names for 1000 classes. None where they are not known."""
-  folders = None
-  if trained.get("source") == "folder":
-    train_dir = os.path.join(trained.get("root", ""), trained.get("train_split") or "train")
-    found = class_folders(train_dir) if os.path.isdir(train_dir) else ()
-    folders = found if len(found) == num_classes else None
-  if folders and not all(re.fullmatch(r"n\d{8}", f) for f in folders):
-    return folders
-  if trained.get("source") == "demo" and num_classes == 10:
-    return tuple(f"digit {i}" for i in range(10))
-  return imagenet_class_names() if num_classes == 1000 else folders
 
 
 def unique_stems(paths: list[str]) -> list[str]:
@@ -354,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     note_num_clusters(model, size, args.num_clusters)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
-  classes = class_names(model.num_classes, trained)
+  classes = classification_names(trained, model.num_classes)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
   batch = min(args.batch_size, len(args.image))

@@ -19,7 +19,7 @@ from absl import flags
 from flax import traverse_util
 from PIL import ExifTags, Image
 
-from configs import demo, workdir
+from configs import demo, demo_seg, workdir
 from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
 from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
@@ -295,6 +295,21 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
   code, _, err, config = parse(capsys, "--config.eval_batch_size=8", default=default)
   assert (code, err) == (0, "")
   assert (config.seed, config.data.mean, config.eval_batch_size) == (7, (0.5, 0.5, 0.5), 8)
+
+
+def test_a_config_json_without_a_field_added_later_gets_its_default(tmp_path):
+  """data.class_names came after the first segmentation runs: their config.json lacks it."""
+  reporting.write_config(str(tmp_path), demo_seg.get_config())
+  saved = json.loads((tmp_path / reporting.CONFIG_FILE).read_text())
+  del saved["data"]["class_names"]
+  saved["data"]["demo_num_val"] = 7
+  (tmp_path / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+  config = workdir.get_config(str(tmp_path))
+  assert (config.data.class_names, config.data.demo_num_val) == ((), 7)
+  del saved["data"]["reduce_zero_label"]  # not one of them
+  (tmp_path / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="lacks data.reduce_zero_label: it is not a config of"):
+    workdir.get_config(str(tmp_path))
 
 
 @pytest.mark.parametrize(

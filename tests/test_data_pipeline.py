@@ -23,7 +23,7 @@ from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 import fec_jax.data as fd
-from fec_jax.data import device_transforms, mixup, sources, transforms
+from fec_jax.data import classes, device_transforms, mixup, sources, transforms
 from imagenet_fixture import WNIDS, make_imagenet_folder
 
 
@@ -619,3 +619,32 @@ def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
       ValueError, match=r"^18 train examples are fewer than one global batch \(32\); "
   ):
     fd.create_loader(_cfg(folder), "train", 32, seed=0)
+
+
+def test_class_names_of_a_classifier_come_from_its_runs_data(tmp_path):
+  """classes.classification_names from a run's data config (a ConfigDict) or its config.json
+  data section (a dict); visualize.py names the predicted class with it."""
+  for name in ("fox", "cat", "dog"):
+    (tmp_path / "train" / name).mkdir(parents=True)
+  folder = {"source": "folder", "root": str(tmp_path), "train_split": ""}
+  assert classes.classification_names(folder, 3) == ("cat", "dog", "fox")
+  config = fd.default_config()
+  config.source, config.root = "folder", str(tmp_path)
+  assert classes.classification_names(config, 3) == ("cat", "dog", "fox")
+  assert classes.classification_names(folder, 4) is None  # not the run's folders any more
+  assert classes.classification_names({**folder, "root": str(tmp_path / "moved")}, 3) is None
+  assert classes.classification_names({"source": "demo"}, 10)[3] == "digit 3"
+  assert classes.classification_names({}, 1000)[0] == "tench, Tinca tinca"  # a converter output
+  imagenet = tmp_path / "imagenet"
+  for wnid in ("n01440764", "n01443537"):
+    (imagenet / "train" / wnid).mkdir(parents=True)
+  assert classes.classification_names({**folder, "root": str(imagenet)}, 2) == (
+      "n01440764",
+      "n01443537",
+  )
+  for i in range(998):  # ImageNet's layout: its names, not the wnids
+    (imagenet / "train" / f"n{i:08d}").mkdir()
+  assert classes.classification_names({**folder, "root": str(imagenet)}, 1000)[1].startswith(
+      "goldfish"
+  )
+  assert classes.classification_names({"source": "tfds"}, 5) is None

@@ -290,23 +290,3 @@ def test_visualize_command(tmp_path, capsys):
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 4
   assert re.fullmatch(r".*china\.jpg: .+ \(\d+\.\d%\)", printed[0])
-
-
-def test_the_printed_class_is_named_by_the_runs_data(tmp_path):
-  """visualize.class_names from a workdir's config.json data section."""
-  for name in ("fox", "cat", "dog"):
-    (tmp_path / "train" / name).mkdir(parents=True)
-  folder = {"source": "folder", "root": str(tmp_path), "train_split": ""}
-  assert visualize.class_names(3, folder) == ("cat", "dog", "fox")
-  assert visualize.class_names(4, folder) is None  # not the run's folders any more
-  assert visualize.class_names(3, {**folder, "root": str(tmp_path / "moved")}) is None
-  assert visualize.class_names(10, {"source": "demo"})[3] == "digit 3"
-  assert visualize.class_names(1000, {})[0] == "tench, Tinca tinca"  # a converter output
-  imagenet = tmp_path / "imagenet"
-  for wnid in ("n01440764", "n01443537"):
-    (imagenet / "train" / wnid).mkdir(parents=True)
-  assert visualize.class_names(2, {**folder, "root": str(imagenet)}) == ("n01440764", "n01443537")
-  for i in range(998):  # ImageNet's layout: its names, not the wnids
-    (imagenet / "train" / f"n{i:08d}").mkdir()
-  assert visualize.class_names(1000, {**folder, "root": str(imagenet)})[1].startswith("goldfish")
-  assert visualize.class_names(5, {"source": "tfds"}) is None

@@ -426,6 +426,15 @@ def test_config_validation():
   cfg.img_scale = (96, 64, 70, 50)  # what ml_collections makes of a tuple override given twice
   with pytest.raises(ValueError, match=r"img_scale needs 2 positive sides, got \(96, 64, 70, 50\)"):
     fd.seg_validate(cfg)
+  cfg = fd.ade20k_config()
+  cfg.num_classes, cfg.class_names = 2, ("road,sky",)  # a tuple override without its quotes
+  with pytest.raises(ValueError, match=r"class_names holds 1 name \('road,sky',\) for 2 classes"):
+    fd.seg_validate(cfg)
+  cfg.class_names = ("road", 1)
+  with pytest.raises(ValueError, match="give one string per class"):
+    fd.seg_validate(cfg)
+  cfg.class_names = ("road", "sky")
+  fd.seg_validate(cfg)
 
 
 def test_train_batches_deterministic_and_shaped(ade):

@@ -19,6 +19,8 @@ Segmentation (ADE20K, the authors' mmseg 0.24 recipe; the synthetic shapes demo)
   seg_num_eval_examples(cfg, shard_count)              -- seg_pipeline.py
   seg_device_transforms.normalize(images, valid, mean, std)  -- on device, padding -> 0
   The metric: fec_jax.miou.
+Class names: classes.classification_names(cfg, num_classes), classes.segmentation_names(cfg),
+  classes.imagenet_names(), classes.ade20k()              -- classes.py
 Benchmark: python -m fec_jax.data.bench
 """
 

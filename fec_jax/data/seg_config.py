@@ -25,6 +25,9 @@ def ade20k_config() -> ml_collections.ConfigDict:
   train_split, val_split: sub-folder names of images/ and annotations/ ('training',
       'validation'); the demo's splits are always its own train and val sets.
   num_classes: classes after reduce_zero_label (150 for ADE20K).
+  class_names: the classes' names in label order, for eval.py's per-class table and
+      visualize_seg.py's legend; () = ADE20K's 150 (source ade20k with 150 classes), the demo's
+      5, or 'class 0', 'class 1', ... (fec_jax.data.classes.segmentation_names).
   reduce_zero_label: annotation 0 ('other') -> 255, 1..K -> 0..K-1 (mmseg's
       LoadAnnotations(reduce_zero_label=True), which writes 255 whatever the ignore index:
       needs ignore_index 255).
@@ -59,6 +62,7 @@ def ade20k_config() -> ml_collections.ConfigDict:
   c.train_split = "training"
   c.val_split = "validation"
   c.num_classes = 150
+  c.class_names = ()
   c.reduce_zero_label = True
   c.ignore_index = 255
   c.img_scale = (2048, 512)
@@ -110,6 +114,7 @@ def validate(cfg) -> None:
   missing = sorted(known - set(cfg.keys()))
   if missing:
     raise ValueError(f"config.data lacks fields {missing}; start from ade20k_config()")
+  names = tuple(cfg.class_names)
   checks = [
       (cfg.source in SEG_SOURCES, f"source must be one of {SEG_SOURCES}"),
       (
@@ -118,6 +123,13 @@ def validate(cfg) -> None:
           "give --config.data.source=ade20k to read that folder, or --config.data.root=''",
       ),
       (0 < cfg.num_classes < 255, "num_classes must be in [1, 254] (labels are uint8)"),
+      (
+          not names or (len(names) == cfg.num_classes and all(isinstance(n, str) for n in names)),
+          f"class_names holds {len(names)} name{'' if len(names) == 1 else 's'} {names[:3]}"
+          f"{' ...' if len(names) > 3 else ''} for {cfg.num_classes} classes; give one string "
+          "per class in label order, e.g. --config.data.class_names=\"('road', 'sky', 'car')\", "
+          "or () for the defaults",
+      ),
       (0 <= cfg.ignore_index <= 255, "ignore_index must be in [0, 255]"),
       (cfg.ignore_index >= cfg.num_classes, "ignore_index must not be a class (>= num_classes)"),
       (

@@ -230,13 +230,14 @@ class DemoSource:
 
 
 def split_name(cfg, split: str) -> str:
-  """Config split name for 'train' / 'val' (see config: train_split, val_split)."""
+  """Config split name for 'train' / 'val' (see config: train_split, val_split); `cfg` a
+  ConfigDict or the data section of a run's config.json."""
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  name = cfg.train_split if split == "train" else cfg.val_split
+  name = cfg.get(f"{split}_split")
   if name:
     return name
-  return "validation" if (cfg.source == "tfds" and split == "val") else split
+  return "validation" if (cfg.get("source") == "tfds" and split == "val") else split
 
 
 def make_source(cfg, split: str):

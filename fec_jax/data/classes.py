@@ -1,0 +1,80 @@
+"""Class names in label order, for eval.py's per-class table and the pictures of visualize.py
+and visualize_seg.py.
+
+imagenet_classes.txt (1000 lines) was generated once from timm 1.0.31's wheel: the wnids of
+`timm/data/_info/imagenet_synsets.txt` (sorted), each replaced by its lemmas from
+`timm/data/_info/imagenet_synset_to_lemma.txt` (e.g. 'tench, Tinca tinca').
+ade20k_classes.txt ("R G B name" lines) was written once from mmseg 0.24's
+ADE20KDataset.CLASSES and PALETTE ('bed ' without its trailing space).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from importlib import resources
+
+import numpy as np
+
+from fec_jax.data.seg_config import DEMO_CLASS_NAMES
+from fec_jax.data.sources import class_folders, split_name
+
+
+def _read(name: str) -> list[str]:
+  return resources.files("fec_jax.data").joinpath(name).read_text(encoding="utf-8").splitlines()
+
+
+@functools.cache
+def imagenet_names() -> tuple[str, ...]:
+  """The 1000 ImageNet-1k class names in the standard sorted-wnid order; `[1]` is 'goldfish,
+  Carassius auratus'."""
+  return tuple(_read("imagenet_classes.txt"))
+
+
+@functools.cache
+def ade20k() -> tuple[tuple[str, ...], np.ndarray]:
+  """ADE20K's 150 class names (after reduce_zero_label: label 0 is 'wall') and mmseg's colours
+  for them, uint8 [150, 3]."""
+  rows = [line.split(" ", 3) for line in _read("ade20k_classes.txt")]
+  palette = np.array([[int(v) for v in row[:3]] for row in rows], np.uint8)  # [150, 3]
+  return tuple(row[3] for row in rows), palette
+
+
+def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
+  """The names of a classifier's classes from the data config of its run (a ConfigDict, or the
+  data section of a run's config.json): a folder run's class folders where they still are,
+  unless they are ImageNet's wnids; the demo's digits; ImageNet's names for 1000 classes. None
+  where they are not known."""
+  folders = None
+  if cfg.get("source") == "folder":
+    train_dir = os.path.join(cfg.get("root") or "", split_name(cfg, "train"))
+    found = class_folders(train_dir) if os.path.isdir(train_dir) else ()
+    folders = found if len(found) == num_classes else None
+  if folders and not all(re.fullmatch(r"n\d{8}", f) for f in folders):
+    return folders
+  if cfg.get("source") == "demo" and num_classes == 10:
+    return tuple(f"digit {i}" for i in range(10))
+  return imagenet_names() if num_classes == 1000 else folders
+
+
+def is_ade20k(cfg) -> bool:
+  """Whether a segmentation data config's classes are ADE20K's 150 (no class_names given)."""
+  return not cfg.class_names and cfg.source == "ade20k" and cfg.num_classes == 150
+
+
+def segmentation_names(cfg) -> tuple[str, ...]:
+  """The names of a segmentation data config's classes: config.data.class_names, else
+  ADE20K's (is_ade20k), the demo's, or 'class 0', 'class 1', ..."""
+  if cfg.class_names:
+    return tuple(cfg.class_names)
+  if is_ade20k(cfg):
+    return ade20k()[0]
+  if cfg.source == "demo":
+    return DEMO_CLASS_NAMES
+  return numbered(cfg.num_classes)
+
+
+def numbered(num_classes: int) -> tuple[str, ...]:
+  """'class 0', 'class 1', ...: the names of classes with none known."""
+  return tuple(f"class {i}" for i in range(num_classes))
