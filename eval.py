@@ -2,7 +2,7 @@ r"""Evaluates an FEC checkpoint with the evaluator of the config's task (classif
 top-1, top-5 and loss on the validation split, with the official evaluation preprocessing),
 or measures inference throughput with the paper's protocol.
 
-  python eval.py --workdir=DIR [--ema] [--step=N]   # the config the run started with
+  python eval.py --workdir=DIR [--ema] [--step=N] [--per_class]   # the run's own config
   python eval.py --config=configs/fec_small.py --checkpoint=CONVERTER_OUTPUT
   python eval.py --config=configs/fec_small.py --checkpoint=DIR --throughput [--batch=256]
 """
@@ -33,6 +33,12 @@ flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a train.py run.")
+flags.DEFINE_bool(
+    "per_class",
+    False,
+    "Also print a table of each class's metrics (classification: images, top-1, top-5; "
+    "segmentation: IoU, Acc, as mmseg's).",
+)
 flags.DEFINE_bool(
     "throughput",
     False,
@@ -86,6 +92,8 @@ def main(argv):
   cli.check_config_found(directory, flag, held, FLAGS["config"].present, CONFIGS)
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
+  if FLAGS.per_class and FLAGS.throughput:
+    cli.fail("--per_class tables an evaluation's metrics; --throughput measures speed: give one")
   if FLAGS.throughput and config.task != "classification":
     which = (
         f"--config is a {config.task!r} config"
@@ -129,7 +137,10 @@ def main(argv):
       file=sys.stderr,
       flush=True,
   )
-  print(f"{task.describe(evaluator(variables))}  [{weights}]")
+  metrics = evaluator(variables, per_class=FLAGS.per_class)
+  if FLAGS.per_class:
+    print(task.per_class_table(metrics["per_class"]))
+  print(f"{task.describe(metrics)}  [{weights}]")
 
 
 if __name__ == "__main__":

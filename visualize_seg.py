@@ -1,6 +1,7 @@
 r"""Draws a segmenter's predictions on the first validation images of a config's data: one row
-per image with the image, the ground truth and the prediction (class colours over the image),
-and a legend of the demo's classes. The README's picture is this command on the demo run.
+per image with the image, the ground truth and the prediction (class colours over the image:
+mmseg's for ADE20K), and a legend of the classes they show (named by config.data.class_names).
+The README's picture is this command on the demo run.
 
   python visualize_seg.py --workdir=DIR --output=seg.png [--num=4]   # the run's own config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 
 import fec_jax
 from fec_jax import checkpoint, cli, data, training
-from fec_jax.data.seg_config import DEMO_CLASS_NAMES
+from fec_jax.data import classes
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
 
@@ -42,14 +43,18 @@ flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
 
 ALPHA = 0.6  # weight of the class colour over the image
+PAD = 4  # pixels between panels, and between legend entries (3 PAD)
 TITLES = ("image", "ground truth", "prediction")
 
 
-def palette(num_classes: int) -> np.ndarray:
-  """uint8 [num_classes, 3]: fixed colours for the demo's 5 classes, seeded random ones beyond."""
+def palette(d) -> np.ndarray:
+  """uint8 [num_classes, 3] for data config `d`: mmseg's colours for ADE20K's classes; else
+  fixed colours for the first 5 classes (the demo's) and seeded random ones beyond."""
+  if classes.is_ade20k(d):
+    return classes.ade20k()[1]
   fixed = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]])
-  extra = np.random.default_rng(0).integers(0, 256, (max(num_classes - len(fixed), 0), 3))
-  return np.concatenate([fixed, extra])[:num_classes].astype(np.uint8)
+  extra = np.random.default_rng(0).integers(0, 256, (max(d.num_classes - len(fixed), 0), 3))
+  return np.concatenate([fixed, extra])[: d.num_classes].astype(np.uint8)
 
 
 def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -67,14 +72,29 @@ def panel(array: np.ndarray, height: int) -> Image.Image:
   return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
 
 
+def legend_rows(names: list[str], width: int, text_width) -> list[list[int]]:
+  """The legend's entries (indices into `names`) line by line, each line at most `width`
+  pixels wide where an entry fits at all (text_width(name) -> pixels)."""
+  rows, x = [[]], PAD
+  for i, name in enumerate(names):
+    entry = 14 + int(text_width(name)) + 3 * PAD  # swatch, name, gap
+    if rows[-1] and x + entry > width:
+      rows.append([])
+      x = PAD
+    rows[-1].append(i)
+    x += entry
+  return rows if rows[0] else []
+
+
 def draw(
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     colours: np.ndarray,
-    names: tuple[str, ...] | None,
+    names: tuple[str, ...],
     height: int,
 ) -> Image.Image:
-  """rows of (image, label, prediction) at the annotation's size -> the picture."""
-  pad, title_h = 4, 16
+  """rows of (image, label, prediction) at the annotation's size -> the picture, with a legend
+  of the classes that the ground truth or the prediction shows."""
+  title_h = 16
   panels = [
       [
           panel(image, height),
@@ -83,25 +103,31 @@ def draw(
       ]
       for image, label, pred in rows
   ]
-  width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
-  legend_h = title_h + pad if names else 0
-  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + pad) + pad + legend_h), "white")
+  width = max(sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels)
+  present = np.unique(
+      np.concatenate([np.unique(a) for _, label, pred in rows for a in (label, pred)])
+  )
+  shown = [int(c) for c in present if c < len(names)]  # not the ignore index
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  legend = legend_rows([names[c] for c in shown], width, measure.textlength)
+  legend_h = len(legend) * title_h + (PAD if legend else 0)
+  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + PAD) + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
-  x = pad
+  x = PAD
   for title, p in zip(TITLES, panels[0]):
     pen.text((x, 2), title, fill="black")
-    x += p.width + pad
+    x += p.width + PAD
   for r, row in enumerate(panels):
-    x, y = pad, title_h + r * (height + pad)
+    x, y = PAD, title_h + r * (height + PAD)
     for p in row:
       canvas.paste(p, (x, y))
-      x += p.width + pad
-  if names:
-    x, y = pad, canvas.height - legend_h
-    for name, colour in zip(names, colours):
-      pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(c) for c in colour))
-      pen.text((x + 14, y), name, fill="black")
-      x += 14 + int(pen.textlength(name)) + 3 * pad
+      x += p.width + PAD
+  for line, entries in enumerate(legend):
+    x, y = PAD, canvas.height - legend_h + line * title_h
+    for c in (shown[i] for i in entries):
+      pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(v) for v in colours[c]))
+      pen.text((x + 14, y), names[c], fill="black")
+      x += 14 + int(pen.textlength(names[c])) + 3 * PAD
   return canvas
 
 
@@ -216,9 +242,8 @@ def main(argv):
     # The image at the annotation's size, for the overlay (the model saw the test resize).
     image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
     rows.append((image, label, np.asarray(pred)))
-  names = DEMO_CLASS_NAMES if d.source == "demo" else None
-  draw(rows, palette(d.num_classes), names, FLAGS.size).save(output)
-  print(f"wrote {output} ({len(rows)} {d.source} val images)")
+  draw(rows, palette(d), classes.segmentation_names(d), FLAGS.size).save(output)
+  print(f"wrote {output} ({len(rows)} val images)")
 
 
 if __name__ == "__main__":

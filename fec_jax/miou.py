@@ -50,9 +50,11 @@ def intersect_and_union(pred, label, num_classes: int, ignore_index: int = 255) 
   }
 
 
-def summarize(totals: dict) -> dict:
+def summarize(totals: dict, per_class: bool = False) -> dict:
   """{'mIoU', 'mAcc', 'aAcc'} in percent (floats, unrounded; mmseg prints them rounded to
-  2 decimals) from the per-class areas of intersect_and_union summed over the whole set.
+  2 decimals) from the per-class areas of intersect_and_union summed over the whole set; with
+  per_class also 'per_class': {'IoU', 'Acc'}, each float64 [K] in percent, NaN where undefined
+  (mmseg's per-class table).
 
   A set with no labeled pixel (nothing evaluated) gives NaN for all three, as mmseg's 0 / 0 and
   nanmean of nothing do, without numpy's RuntimeWarnings."""
@@ -63,11 +65,14 @@ def summarize(totals: dict) -> dict:
     iou = inter / union  # [K], nan where union is 0
     acc = inter / label  # [K], nan where label is 0
     a_acc = inter.sum() / label.sum()  # nan where no pixel is labeled
-  return {
+  metrics = {
       "mIoU": 100.0 * _nanmean(iou),
       "mAcc": 100.0 * _nanmean(acc),
       "aAcc": 100.0 * float(a_acc),
   }
+  if per_class:
+    metrics["per_class"] = {"IoU": 100.0 * iou, "Acc": 100.0 * acc}
+  return metrics
 
 
 def _nanmean(x: np.ndarray) -> float:

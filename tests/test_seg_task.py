@@ -85,7 +85,35 @@ def test_run_logs_miou_that_the_evaluator_reproduces(seg_run):
       {k[4:]: last[k] for k in ("val_mIoU", "val_mAcc", "val_aAcc", "val_images")}, abs=1e-9
   )
   assert task.describe(metrics).startswith(f"mIoU {metrics['mIoU']:.2f}%  mAcc ")
-  assert task.describe(metrics).endswith("(6 demo val images)") and last["val_images"] == 6
+  assert task.describe(metrics).endswith("(6 val images)") and last["val_images"] == 6
+  # Per class (eval.py --per_class): mmseg's table, whose means are mIoU and mAcc.
+  by_class = evaluator(variables, per_class=True)
+  table = by_class.pop("per_class")
+  assert by_class == metrics and list(table) == ["IoU", "Acc"]
+  assert np.nanmean(table["IoU"]) == pytest.approx(metrics["mIoU"], abs=1e-9)
+  assert np.nanmean(table["Acc"]) == pytest.approx(metrics["mAcc"], abs=1e-9)
+  rows = task.per_class_table(table).splitlines()
+  assert [r.split()[0] for r in rows] == ["class", *seg_config.DEMO_CLASS_NAMES]
+  assert rows[2].split()[1:] == [f"{table['IoU'][1]:.2f}", f"{table['Acc'][1]:.2f}"]
+
+
+def test_per_class_table_names_the_classes_of_the_config(tmp_path):
+  """ADE20K's names (mmseg's) for its 150 classes, config.data.class_names for one's own, and
+  'nan' for a class the val split has no pixel of, as in mmseg's table."""
+  config = seg_tiny(**{"data": data.ade20k_config()})
+  task = tasks.get(config)
+  assert task.class_names()[:3] == ("wall", "building", "sky") and len(task.class_names()) == 150
+  assert task.class_names()[7] == "bed" and task.class_names()[-1] == "flag"
+  config.data.num_classes, config.data.class_names = 3, ("road", "sky", "car")
+  table = {"IoU": np.array([50.0, np.nan, 12.345]), "Acc": np.array([75.0, np.nan, 20.0])}
+  assert task.per_class_table(table).splitlines() == [
+      "class    IoU    Acc",
+      "road   50.00  75.00",
+      "sky      nan    nan",
+      "car    12.35  20.00",
+  ]
+  config.data.class_names = ()
+  assert task.class_names() == ("class 0", "class 1", "class 2")
 
 
 def test_evaluator_refuses_a_val_split_with_no_readable_image(fresh, tmp_path):
@@ -347,6 +375,35 @@ def test_visualize_seg_bad_output_is_one_error_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       f"error: --output {tmp_path}/missing/seg.png: directory {tmp_path}/missing does not exist"
   ]
+
+
+def test_visualize_seg_draws_the_predictions_with_a_legend_of_the_classes_shown(seg_run, tmp_path):
+  """Rows of image, ground truth and prediction, and under them the legend (wrapped to the
+  picture's width): a swatch and a name (config.data.class_names) for each class they show."""
+  output = tmp_path / "seg.png"
+  names = "('void', 'disc', 'square', 'triangle', 'cross')"
+  result = command(
+      "visualize_seg.py",
+      f"--workdir={seg_run}",
+      f"--output={output}",
+      "--num=2",
+      "--size=64",
+      f"--config.data.class_names={names}",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == f"wrote {output} (2 val images)\n"
+  with Image.open(output) as picture:
+    pixels = np.asarray(picture.convert("RGB"))
+  rows_end = 16 + 2 * (64 + 4) + 4  # titles, 2 rows of 64-pixel panels (32x32 zoomed x2)
+  assert pixels.shape[1] == 3 * 64 + 4 * 4
+  legend_lines, leftover = divmod(pixels.shape[0] - rows_end - 4, 16)
+  assert legend_lines >= 1 and leftover == 0
+  assert tuple(pixels[rows_end + 7, 8]) == (40, 40, 40)  # the first swatch: 'void', label 0
+  one_name = "--config.data.class_names=('void',)"
+  result = command("visualize_seg.py", f"--workdir={seg_run}", f"--output={output}.2.png", one_name)
+  assert result.returncode == 2 and not os.path.exists(f"{output}.2.png")
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.data: class_names holds 1 name ('void',) for 5 classes")
 
 
 def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):

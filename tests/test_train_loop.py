@@ -55,7 +55,8 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
   leaf = lambda v: np.asarray(v["params"]["head"]["kernel"])
   assert not np.array_equal(leaf(variables), leaf(ema))  # two different weight sets
   config = tiny()
-  evaluator = tasks.get(config).evaluator(model, jax.sharding.Mesh(jax.devices(), ("data",)))
+  task = tasks.get(config)
+  evaluator = task.evaluator(model, jax.sharding.Mesh(jax.devices(), ("data",)))
   metrics = evaluator(variables)
   metrics_ema = evaluator(ema)
   caplog.clear()
@@ -70,6 +71,23 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
   assert metrics["top1"] == pytest.approx(last["val_top1"], abs=0.01)
   assert metrics_ema["top1"] == pytest.approx(last["ema_val_top1"], abs=0.01)
   assert metrics["images"] == last["val_images"] == data.num_examples(config.data, "val")
+  # Per class (eval.py --per_class): the same metrics, and the classes' own that add up to them.
+  by_class = evaluator(variables, per_class=True)
+  table = by_class.pop("per_class")
+  assert by_class == metrics
+  images = table["images"]
+  assert images.dtype == np.int64 and images.sum() == metrics["images"] and images.min() > 0
+  for k in ("top1", "top5"):
+    assert (table[k] * images).sum() / images.sum() == pytest.approx(metrics[k], abs=1e-6)
+  names = task.class_names()
+  assert names[3] == "digit 3" and len(names) == len(images) == config.data.num_classes
+  rows = task.per_class_table(table).splitlines()
+  assert rows[0].split() == ["class", "images", "top1", "top5"]
+  assert rows[1].split()[-3:] == [
+      str(images[0]),
+      f"{table['top1'][0]:.2f}",
+      f"{table['top5'][0]:.2f}",
+  ]
 
 
 def test_evaluator_counts_the_readable_images_and_refuses_none(tmp_path):
@@ -84,7 +102,7 @@ def test_evaluator_counts_the_readable_images_and_refuses_none(tmp_path):
   variables = fec_jax.init_variables(model, jax.random.key(0), task.input_shape())
   metrics = task.evaluator(model, mesh)(variables)
   assert metrics["images"] == 5
-  assert task.describe(metrics).endswith("(5 folder val images)")
+  assert task.describe(metrics).endswith("(5 val images)")
   for path in val[1:]:
     open(path, "wb").write(b"")
   with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):

@@ -195,6 +195,13 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
   top1 = float(out.split("top-1 ")[1].split("%")[0])
   assert top1 == pytest.approx(reporting.read_metrics(reference)[-1]["val_top1"], abs=0.01)
   assert out.endswith(f"  [step {STEPS}]\n")  # which weights: the latest step, not the EMA
+  rc, out, err = run("eval.py", [f"--workdir={reference}", "--per_class"], compilation_cache)
+  assert rc == 0, err[-3000:]
+  lines = out.splitlines()  # a header, the 10 digits, the result
+  assert lines[0].split() == ["class", "images", "top1", "top5"] and len(lines) == 12
+  assert [line.split()[:2] for line in lines[1:11]] == [["digit", str(i)] for i in range(10)]
+  assert sum(int(line.split()[2]) for line in lines[1:11]) == int(out.split("(")[1].split()[0])
+  assert lines[11].startswith(f"top-1 {top1:.2f}%")
 
 
 @pytest.mark.parametrize(
@@ -238,6 +245,7 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
         "missing",
         "empty",
         "batch",
+        "per_class",
         "classes",
         "model",
         "task",
@@ -254,6 +262,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
       "empty": ["--checkpoint="],
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
+      "per_class": [f"--workdir={reference}", "--throughput", "--per_class"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
       "model": [f"--workdir={reference}", "--config.model.name=fec_base"],
       "task": [f"--workdir={reference}", "--config=configs/demo_seg.py"],
@@ -266,6 +275,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "missing": "does not exist",
       "empty": "--checkpoint is empty; expected the path of a convert_torch_weights.py output",
       "batch": "--batch and --iters must be > 0",
+      "per_class": "--per_class tables an evaluation's metrics; --throughput measures speed",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
       "model": "holds fec_small; the config's model is fec_base: give that model's config",
       "task": "the config's model is fpn_fec_small: give a classification config "

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from fec_jax import data
@@ -25,16 +26,19 @@ class Evaluator(abc.ABC):
   step); each call reads the data afresh, once for all the weight sets it is given, and
   releases its loader before returning."""
 
-  def __call__(self, variables: dict) -> dict[str, float]:
+  def __call__(self, variables: dict, per_class: bool = False) -> dict[str, float]:
     """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
-    return self.evaluate([variables])[0]
+    return self.evaluate([variables], per_class)[0]
 
   @abc.abstractmethod
-  def evaluate(self, variable_sets: Sequence[dict]) -> list[dict[str, float]]:
+  def evaluate(
+      self, variable_sets: Sequence[dict], per_class: bool = False
+  ) -> list[dict[str, float]]:
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
     data: each batch is read and decoded once and run through every set. Each set's metrics
     hold 'images', the number of images they cover (an unreadable one is left out); with
-    none, fec_jax.data.DataNotFoundError (nothing_to_evaluate)."""
+    none, fec_jax.data.DataNotFoundError (nothing_to_evaluate). With per_class, they also hold
+    'per_class': {column: [K] array}, e.g. {'IoU': ..., 'Acc': ...} (Task.per_class_table)."""
 
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:
@@ -112,8 +116,31 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def describe(self, metrics: dict[str, float]) -> str:
-    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876  (50000 folder val
+    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876  (50000 val
     images)'."""
+
+  @abc.abstractmethod
+  def class_names(self) -> tuple[str, ...]:
+    """The names of config.data's classes in label order ('class 0', ... where not known)."""
+
+  def per_class_table(self, per_class: dict[str, np.ndarray]) -> str:
+    """eval.py's table of an evaluation's per_class metrics: one row per class, its name and
+    each column's value (integers as they are, percentages to 2 decimals, 'nan' where a class
+    has none, as in mmseg's table)."""
+    names = self.class_names()
+    header = ["class", *per_class]
+    rows = [
+        [name, *(_cell(values[i]) for values in per_class.values())] for i, name in enumerate(names)
+    ]
+    widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
+    line = lambda row: "  ".join(
+        cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))
+    )
+    return "\n".join(line(row).rstrip() for row in [header, *rows])
+
+
+def _cell(value) -> str:
+  return str(value) if isinstance(value, (int, np.integer)) else f"{value:.2f}"
 
 
 def get(config) -> Task:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, training
-from fec_jax.data import device_transforms, mixup
+from fec_jax.data import classes, device_transforms, mixup
 from fec_jax.model import FEC, VARIANTS, model_name
 from fec_jax.tasks import Evaluator, Task
 
@@ -65,20 +66,27 @@ def per_device_augment(data_config, mesh: Mesh):
   )
 
 
-def eval_sums(logits, labels, mask):
-  """Sums over the real examples of a val batch: loss (hard-label CE), top-1, top-5 hits, count."""
+def eval_sums(logits, labels, mask, per_class: bool = False):
+  """Sums over the real examples of a val batch: loss (hard-label CE), top-1, top-5 hits, count;
+  with per_class also the count and the top-1 and top-5 hits of each class, each [K]."""
   logits = logits.astype(jnp.float32)
   weight = mask.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
   hit1 = (top5[:, 0] == labels).astype(jnp.float32)
   hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
-  return {
+  sums = {
       "loss": jnp.sum(loss * weight),
       "top1": jnp.sum(hit1 * weight),
       "top5": jnp.sum(hit5 * weight),
       "count": jnp.sum(weight),
   }
+  if per_class:
+    by_class = lambda x: jax.ops.segment_sum(x, labels, num_segments=logits.shape[-1])  # [K]
+    sums["class_count"] = by_class(weight)
+    sums["class_top1"] = by_class(hit1 * weight)
+    sums["class_top5"] = by_class(hit5 * weight)
+  return sums
 
 
 class TopK(Evaluator):
@@ -101,28 +109,30 @@ class TopK(Evaluator):
         jax.process_count(),
     )
 
-    def eval_step(variables, batch):
+    def eval_step(variables, batch, per_class):
       images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
       logits = model.apply(variables, images, train=False)
-      return eval_sums(logits, batch["label"], batch["mask"])
+      return eval_sums(logits, batch["label"], batch["mask"], per_class)
 
     self._jitted = jax.jit(
         eval_step,
         in_shardings=(training.replicated(mesh), training.batch_sharded(mesh)),
         out_shardings=training.replicated(mesh),
+        static_argnums=2,
     )
-    self._step = None  # compiled at the first batch (every val batch has the same shape)
+    self._steps = {}  # per_class -> the step, compiled at the first batch (one shape for all)
 
-  def evaluate(self, variable_sets) -> list[dict[str, float]]:
+  def evaluate(self, variable_sets, per_class: bool = False) -> list[dict[str, float]]:
     totals = [None] * len(variable_sets)
     batches = iter(self._dataset)
     try:
       for local in batches:
         batch = training.global_batch(local, self._mesh)
-        if self._step is None:
-          self._step = self._jitted.lower(variable_sets[0], batch).compile(self._compiler_options)
+        if per_class not in self._steps:
+          lowered = self._jitted.lower(variable_sets[0], batch, per_class)
+          self._steps[per_class] = lowered.compile(self._compiler_options)
         for i, variables in enumerate(variable_sets):
-          sums = self._step(variables, batch)
+          sums = self._steps[per_class](variables, batch)
           totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
     finally:
       batches.close()  # its worker processes end here
@@ -134,14 +144,24 @@ class TopK(Evaluator):
 
 def _summarize(totals: dict) -> dict[str, float]:
   """The val metrics from the sums of eval_sums over the split (images: how many it counted;
-  an unreadable image is left out)."""
+  an unreadable image is left out); per_class where the sums have the classes' (top-1 and
+  top-5 NaN for a class without images)."""
   n = float(totals["count"])
-  return {
+  metrics = {
       "loss": float(totals["loss"]) / n,
       "top1": 100.0 * float(totals["top1"]) / n,
       "top5": 100.0 * float(totals["top5"]) / n,
       "images": int(totals["count"]),
   }
+  if "class_count" in totals:
+    count = np.asarray(totals["class_count"], np.float64)  # [K]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      metrics["per_class"] = {
+          "images": count.astype(np.int64),
+          "top1": 100.0 * totals["class_top1"] / count,
+          "top5": 100.0 * totals["class_top5"] / count,
+      }
+  return metrics
 
 
 class Classification(Task):
@@ -211,5 +231,9 @@ class Classification(Task):
   def describe(self, metrics: dict[str, float]) -> str:
     return (
         f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-        f"loss {metrics['loss']:.4f}  ({metrics['images']} {self.config.data.source} val images)"
+        f"loss {metrics['loss']:.4f}  ({metrics['images']} val images)"
     )
+
+  def class_names(self) -> tuple[str, ...]:
+    k = self.config.data.num_classes
+    return classes.classification_names(self.config.data, k) or classes.numbered(k)

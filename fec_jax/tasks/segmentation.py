@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
-from fec_jax.data import seg_device_transforms
+from fec_jax.data import classes, seg_device_transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import Evaluator, Task
 
@@ -86,7 +86,7 @@ class MeanIoU(Evaluator):
         variables,
     )
 
-  def evaluate(self, variable_sets) -> list[dict[str, float]]:
+  def evaluate(self, variable_sets, per_class: bool = False) -> list[dict[str, float]]:
     local_sets = [self._local(variables) for variables in variable_sets]
     totals = [
         {
@@ -129,7 +129,7 @@ class MeanIoU(Evaluator):
           f"annotation pixel is ignore_index {d.ignore_index}{zero} or a class id >= "
           f"config.data.num_classes {d.num_classes}; nothing to score"
       )
-    return [{**miou.summarize(t), "images": count} for t in totals]
+    return [{**miou.summarize(t, per_class), "images": count} for t in totals]
 
 
 def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
@@ -154,7 +154,7 @@ def _sum_over_hosts(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Segmentation(Task):
   """config.model.name is an fpn_* segmenter; config.data is fec_jax.data.ade20k_config()."""
 
-  EVALUATION_ONLY = frozenset({"data.size_divisor"})
+  EVALUATION_ONLY = frozenset({"data.size_divisor", "data.class_names"})
 
   def check_config(self) -> None:
     c = self.config
@@ -280,5 +280,8 @@ class Segmentation(Task):
   def describe(self, metrics: dict[str, float]) -> str:
     return (
         f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
-        f"aAcc {metrics['aAcc']:.2f}%  ({metrics['images']} {self.config.data.source} val images)"
+        f"aAcc {metrics['aAcc']:.2f}%  ({metrics['images']} val images)"
     )
+
+  def class_names(self) -> tuple[str, ...]:
+    return classes.segmentation_names(self.config.data)
