@@ -600,8 +600,8 @@ def test_a_folder_that_does_not_fit_is_named_with_what_is_wrong(tmp_path, case):
 
 
 def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog):
-  """The labels index the train split's class folders: evaluating needs them; an empty class
-  folder is a class all the same, with a warning."""
+  """The labels index the train split's class folders: evaluating needs them, not their images;
+  an empty class folder is a class all the same, with a warning."""
   root = make_imagenet_folder(tmp_path / "data", num_classes=2, per_class=2, val_per_class=1)
   (tmp_path / "data" / "train" / "n99999999").mkdir()  # an empty class, sorted last
   with caplog.at_level(logging.WARNING, logger=sources.__name__):
@@ -609,6 +609,10 @@ def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog
     sources.FolderSource(root, "train", 3)  # a run opens the split more than once
   assert source.classes[-1] == "n99999999"
   assert caplog.text.count("1 class folder(s) hold no image, e.g. n99999999") == 1
+  for image in (tmp_path / "data" / "train").rglob("*.JPEG"):
+    image.unlink()  # an evaluation-only copy: class folders without images
+  sources.scan_folder.cache_clear()  # a new process's view of the folders
+  assert len(sources.FolderSource(root, "val", 3)) == 2
   shutil.rmtree(tmp_path / "data" / "train")
   with pytest.raises(fd.DataNotFoundError, match="the val labels index the train split's class"):
     sources.FolderSource(root, "val", 3)

@@ -101,9 +101,12 @@ class FolderSource:
     if split != train_split and not os.path.isdir(train_dir):
       raise DataNotFoundError(
           f"{train_dir} is not a directory; the {split} labels index the train split's class "
-          f"folders, so it is needed to evaluate too; {FOLDER_LAYOUT_HELP}"
+          f"folders, so they are needed to evaluate too (their images are not); "
+          f"{FOLDER_LAYOUT_HELP}"
       )
-    train_classes = scan_folder(train_dir)[0]
+    # Another split needs the train split's class folders only: an evaluation-only copy of
+    # ImageNet may have them empty.
+    train_classes = scan_folder(train_dir)[0] if split == train_split else class_folders(train_dir)
     classes, self._paths, labels = scan_folder(os.path.join(root, split))
     if split == train_split:
       _warn_empty_classes(train_dir)
