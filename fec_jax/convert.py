@@ -207,6 +207,11 @@ def unwrap_state_dict(
   notes = []
   if ema:
     if "state_dict_ema" not in obj:
+      if all(hasattr(v, "shape") for v in obj.values()):
+        raise ConversionError(
+            "--ema was given but the checkpoint is a plain state dict, one set of weights "
+            "(EMA weights come as 'state_dict_ema' in a timm training checkpoint): leave out --ema"
+        )
       raise ConversionError(
           f"--ema was given but the checkpoint has no 'state_dict_ema' "
           f"(top-level keys: {sorted(obj)[:10]})"
@@ -215,17 +220,20 @@ def unwrap_state_dict(
   else:
     for wrapper in ("state_dict", "model"):
       if isinstance(obj.get(wrapper), dict):
-        obj, notes = obj[wrapper], [f"using the weights under '{wrapper}'"]
+        ema_too = " (it has EMA weights too: --ema)" if "state_dict_ema" in obj else ""
+        obj, notes = obj[wrapper], [f"using the weights under '{wrapper}'{ema_too}"]
         break
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
-  whole = (
-      model in SEGMENTERS
-      if model
-      else (
-          any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)
-      )
-  )
+  fpn = any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)
+  if fpn and model in VARIANTS and not VARIANTS[model].dense_outputs:
+    backbone = f"{model}_seg" if f"{model}_seg" in VARIANTS else "fec_*_seg"
+    raise ConversionError(
+        f"the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
+        f"--model {model} is a classifier: leave out --model to convert the segmenter, or pass "
+        f"--model {backbone} for its backbone alone"
+    )
+  whole = model in SEGMENTERS if model else fpn
   if any(k.startswith("backbone.") for k in obj) and not whole:
     kept = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
     notes.append(
@@ -298,9 +306,9 @@ def _examples(problems: list[str], count: int) -> list[str]:
   return [problem for turn in turns for problem in turn if problem][:count]
 
 
-def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], list[str]]:
+def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], str, list[str]]:
   """(the models whose state dict has exactly these keys and shapes, the class count aside; the
-  mismatches of the closest model)."""
+  closest model and its mismatches)."""
   state = _without_num_batches_tracked(state)
   segmentor = any(k.startswith("decode_head.") for k in state)
   candidates = [name for name in list_models() if (name in SEGMENTERS) == segmentor]
@@ -310,14 +318,15 @@ def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], list[str]
     if layout not in problems:
       problems[layout] = _shape_mismatches(state, expected_torch_shapes(name), ignore=CLASSIFIERS)
   matches = sorted(name for name in candidates if not problems[_layout(name)])
-  return matches, min(problems.values(), key=len)
+  closest = min(candidates, key=lambda name: len(problems[_layout(name)]))
+  return matches, closest, problems[_layout(closest)]
 
 
 def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
   """The model whose state dict has exactly these keys and shapes (the class count aside)."""
   if arch in VARIANTS:
     return arch
-  matches, closest = _matching_models(state)
+  matches, closest, problems = _matching_models(state)
   if len(matches) == 1:
     return matches[0]
   if matches:
@@ -325,9 +334,12 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
         f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
         "centers/fold, which have no weights): pass --model"
     )
+  rest = len(problems) - SHOWN_PROBLEMS
   raise ConversionError(
-      f"the checkpoint is not an FEC state dict: the closest variant differs in "
-      f"{len(closest)} keys, e.g.\n  " + "\n  ".join(_examples(closest, SHOWN_PROBLEMS))
+      f"the checkpoint is not an FEC state dict: the closest variant, {closest}, differs in "
+      f"{len(problems)} keys, e.g.\n  "
+      + "\n  ".join(_examples(problems, SHOWN_PROBLEMS))
+      + (f"\n  ... and {rest} more" if rest > 0 else "")
   )
 
 
@@ -422,6 +434,8 @@ def variables_to_torch(variables) -> dict[str, np.ndarray]:
 # --- command line ----------------------------------------------------------------------------
 
 CHECKPOINT_FILE = "a .pth / .pth.tar / .safetensors checkpoint file"
+# What --to-torch writes: torch.save's file under a checkpoint's usual suffixes, or safetensors.
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
 ORBAX_DIRECTORY = (
     "an Orbax checkpoint directory (the --output of a conversion, or a train.py --workdir)"
 )
@@ -446,7 +460,8 @@ def _parser() -> argparse.ArgumentParser:
       "--output",
       required=True,
       help="Orbax directory to create (missing parents are created), or with --to-torch "
-      "the .pth file to write (its directory must exist)",
+      "the file to write (its directory must exist): .pth, .pth.tar, .pt, .bin or .ckpt "
+      "(torch.save), or .safetensors",
   )
   p.add_argument(
       "--overwrite",
@@ -503,6 +518,11 @@ def check_paths(args: argparse.Namespace) -> None:
           f"--output {dst} is a directory; with --to-torch it must be the path "
           "of the .pth file to write"
       )
+    if not dst.lower().endswith((*TORCH_SUFFIXES, ".safetensors")):
+      raise ConversionError(
+          f"--output {dst}: expected the name of a checkpoint file to write, ending in .pth, "
+          ".pth.tar, .pt, .bin or .ckpt (torch.save) or .safetensors"
+      )
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
       raise ConversionError(f"--output {dst}: directory {parent} does not exist")
@@ -514,16 +534,16 @@ def check_paths(args: argparse.Namespace) -> None:
         f"--output {dst} is a file; expected a directory for the Orbax checkpoint"
     )
   if os.path.isdir(dst) and os.listdir(dst):
-    if not args.overwrite:
-      raise ConversionError(
-          f"--output directory {dst} exists and is not empty; pass --overwrite "
-          "to replace the checkpoint in it"
-      )
     if not _replaceable_checkpoint(dst):
       raise ConversionError(
           f"--output directory {dst} holds more than an FEC checkpoint; "
           "--overwrite replaces only a conversion's output: choose another "
           "--output"
+      )
+    if not args.overwrite:
+      raise ConversionError(
+          f"--output directory {dst} exists and is not empty; pass --overwrite "
+          "to replace the checkpoint in it"
       )
 
 
@@ -556,7 +576,8 @@ def to_orbax(args) -> None:
 
 
 def to_torch(args) -> None:
-  torch = _torch()
+  safetensors = args.output.lower().endswith(".safetensors")
+  torch = None if safetensors else _torch()  # before the restore: a missing torch fails fast
   model, step = load_model(args.input)
   if args.model and args.model != model_name(model):
     raise ConversionError(
@@ -564,12 +585,17 @@ def to_torch(args) -> None:
         f"pass --model {model_name(model)} or leave out --model"
     )
   model, variables = load_pretrained(args.input, ema=args.ema)
-  # np.require: params restored by Orbax are read-only arrays, which torch.from_numpy warns about
-  state = {
-      k: torch.from_numpy(np.require(v, requirements="W"))
-      for k, v in variables_to_torch(variables).items()
-  }
-  torch.save(state, args.output)
+  state = variables_to_torch(variables)
+  if safetensors:
+    from safetensors.numpy import save_file
+
+    save_file(state, args.output)
+  else:
+    # np.require: params restored by Orbax are read-only, which torch.from_numpy warns about
+    torch.save(
+        {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in state.items()},
+        args.output,
+    )
   weights = f"the EMA weights of step {step}" if args.ema else f"step {step}"
   print(f"wrote {len(state)} tensors of {model_name(model)} ({weights}) to {args.output}")
 

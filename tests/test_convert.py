@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import fec_jax
 import torch_reference
@@ -154,6 +154,13 @@ def test_checkpoint_layouts(tmp_path, small_state, wrap):
     np.testing.assert_array_equal(state[k], want[k].numpy())
   if wrap == "mmdet":
     assert any("dropped 2 other keys" in n for n in notes)
+  if wrap == "ema":
+    assert convert.read_state_dict(str(path))[2] == [
+        "using the weights under 'state_dict' (it has EMA weights too: --ema)"
+    ]
+  if wrap in ("module", "safetensors"):
+    with pytest.raises(convert.ConversionError, match="is a plain state dict, one set of weights"):
+      convert.read_state_dict(str(path), ema=True)
 
 
 def test_strict_errors_list_every_bad_key(tmp_path, small_state, capsys):
@@ -201,7 +208,8 @@ def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
       {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, other
   )
   code, _, err = convert_cli(capsys, "--input", other, "--output", tmp_path / "o2")
-  assert code == 2 and "not an FEC state dict" in err
+  assert code == 2 and "not an FEC state dict: the closest variant, fec_base, differs in 246" in err
+  assert err.splitlines()[-1] == "  ... and 238 more"  # 8 of the 246 problems listed
   assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")
 
 
@@ -340,6 +348,16 @@ PATH_MISTAKES = [
     ),
     ("existing .pth output", "--output {tmp}/w.pth exists; pass --overwrite to replace it"),
     (
+        "non-checkpoint output",  # no advice to --overwrite, which would refuse it
+        "--output directory {tmp} holds more than an FEC checkpoint;"
+        " --overwrite replaces only a conversion's output",
+    ),
+    (
+        "not a checkpoint's name",  # the file would be a pickle named like a photo
+        "--output {tmp}/photo.jpg: expected the name of a checkpoint file to write, ending in "
+        ".pth, .pth.tar, .pt, .bin or .ckpt (torch.save) or .safetensors",
+    ),
+    (
         "overwrite of a non-checkpoint",
         "--output directory {tmp} holds more than an FEC checkpoint;"
         " --overwrite replaces only a conversion's output",
@@ -380,6 +398,14 @@ def test_path_mistakes_are_one_line_before_any_work(
           "--to-torch",
       ],
       "existing .pth output": ["--input", orbax_small, "--output", pth, "--to-torch"],
+      "non-checkpoint output": ["--input", pth, "--output", tmp],
+      "not a checkpoint's name": [
+          "--input",
+          orbax_small,
+          "--output",
+          tmp / "photo.jpg",
+          "--to-torch",
+      ],
       "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
   }[case]
   no_slow_work(monkeypatch)
@@ -390,6 +416,23 @@ def test_path_mistakes_are_one_line_before_any_work(
   assert err.startswith("error: " + expected.format(tmp=tmp, orbax=orbax_small)), err
   assert err.count("\n") == 1, err
   assert sorted(os.walk(tmp)) == before and pth.read_bytes() == b"weights"  # nothing written
+
+
+def test_to_torch_writes_safetensors_for_a_safetensors_name(
+    tmp_path, small_state, orbax_small, capsys
+):
+  """--to-torch --output X.safetensors writes safetensors (no pickle under its name): the
+  converter and safetensors read it back bit for bit, and it loads strict=True."""
+  out = tmp_path / "back.safetensors"
+  code, stdout, err = convert_cli(capsys, "--input", orbax_small, "--output", out, "--to-torch")
+  assert (code, err) == (0, "") and stdout.endswith(f"to {out}\n")
+  restored = load_file(out)
+  assert set(restored) == set(small_state)
+  for k, v in small_state.items():
+    assert torch.equal(restored[k], v), k
+  torch_reference.create_torch_model("fec_small").load_state_dict(restored, strict=True)
+  code, _, err = convert_cli(capsys, "--input", out, "--output", tmp_path / "again")
+  assert (code, err) == (0, ""), err
 
 
 def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
@@ -595,6 +638,13 @@ def test_mmseg_checkpoint_whole_or_backbone(tmp_path, fpn_model):
   backbone, _, notes = convert.read_state_dict(str(path), model="fec_small_seg")
   assert set(backbone) == {k.removeprefix("backbone.") for k in whole if k.startswith("backbone.")}
   assert any("dropped" in n for n in notes)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.read_state_dict(str(path), model="fec_small")  # the classifier of its backbone
+  assert str(error.value) == (
+      "the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
+      "--model fec_small is a classifier: leave out --model to convert the segmenter, or pass "
+      "--model fec_small_seg for its backbone alone"
+  )
   params, _ = convert.torch_to_flax(backbone, "fec_small_seg")
   assert jax.tree.structure(params) == jax.tree.structure(convert.abstract_params("fec_small_seg"))
   nineteen = torch_reference_fpn.create_torch_segmenter("fpn_fec_small", 19).state_dict()
