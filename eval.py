@@ -123,7 +123,7 @@ def main(argv):
     size = config.data.image_size
     img_per_s = measure_throughput(model, variables, size, mesh)
     print(
-        f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, "
+        f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, {config.model.dtype}, "
         f"{size}x{size}, batch {FLAGS.batch}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s))"
     )
@@ -132,8 +132,8 @@ def main(argv):
   evaluator = task.evaluator(model, mesh)
   cli.note_config_differences(config, directory, given=FLAGS["config"].present)
   where = data.data_location(config.data)
-  print(
-      f"evaluating {directory} ({weights}) on the val split of {where} ...",
+  print(  # the compute dtype too: configs/fec_*.py evaluate in bfloat16, the demo in float32
+      f"evaluating {directory} ({weights}, {config.model.dtype}) on the val split of {where} ...",
       file=sys.stderr,
       flush=True,
   )

@@ -190,7 +190,9 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
   dtype included, from its config.json."""
   rc, out, err = run("eval.py", [f"--workdir={reference}"], compilation_cache, cwd=tmp_path)
   assert rc == 0, err[-3000:]
-  assert err == f"evaluating {reference} (step {STEPS}) on the val split of the demo data ...\n"
+  assert err == (
+      f"evaluating {reference} (step {STEPS}, float32) on the val split of the demo data ...\n"
+  )
   assert len(out.splitlines()) == 1  # the result, nothing else
   top1 = float(out.split("top-1 ")[1].split("%")[0])
   assert top1 == pytest.approx(reporting.read_metrics(reference)[-1]["val_top1"], abs=0.01)
