@@ -45,6 +45,14 @@ class CheckpointError(ValueError):
   """A checkpoint directory that is missing, empty or not an FEC checkpoint."""
 
 
+class ParamsMismatch(CheckpointError):
+  """A checkpoint's params that do not fit a model; `problems` lists them, one line each."""
+
+  def __init__(self, message: str, problems: list[str]):
+    super().__init__(message)
+    self.problems = problems
+
+
 def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   """JSON item describing the model; only JSON-serializable overrides are stored (not dtype)."""
   return {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
@@ -440,8 +448,9 @@ def merge_params(params, loaded, keep: set[str]):
 
 
 def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source: str) -> None:
-  """Raises CheckpointError listing every missing, unexpected and mis-shaped param (one line
-  each: name, expected, found); nothing when all three are empty."""
+  """Raises ParamsMismatch listing every missing, unexpected and mis-shaped param (one line
+  each: name, expected, found; the first MAX_LISTED in the message); nothing when all three are
+  empty."""
   lines = (
       [f"  mis-shaped {k}: expected {e}, found {f}" for k, (e, f) in sorted(mismatched.items())]
       + [f"  missing    {k}: expected {v}, found nothing" for k, v in sorted(missing.items())]
@@ -451,7 +460,8 @@ def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source
     shown = lines[:MAX_LISTED] + (
         [f"  ... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else []
     )
-    raise CheckpointError(
+    raise ParamsMismatch(
         f"the params of {source} do not fit this model ({len(lines)} "
-        "problems):\n" + "\n".join(shown)
+        "problems):\n" + "\n".join(shown),
+        lines,
     )

@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, data, reporting, tasks, training
+from fec_jax.model import SEGMENTERS, VARIANTS
 from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
@@ -133,14 +134,28 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     )
     try:
       task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
-    except checkpoint.CheckpointError as e:
+    except checkpoint.ParamsMismatch as e:
       if name_of(found) == model_name:
         raise
-      raise checkpoint.CheckpointError(
+      raise checkpoint.CheckpointError(  # one line: the list would only show the two models
           f"config.init_from {config.init_from} holds {name_of(found)}, which does not "
-          f"fit the config's {model_name}: {e}"
+          f"fit the config's {model_name} ({len(e.problems)} params differ): "
+          f"{_init_from_fix(name_of(found), model_name)}"
       ) from e
   return _Start(model, model_name, overrides, resume, pretrained, source, saved)
+
+
+def _init_from_fix(found: str, model: str) -> str:
+  """What init_from takes for `model`, for an init_from checkpoint of `found` that does not fit."""
+  if model in SEGMENTERS:
+    backbone = SEGMENTERS[model]
+    return (
+        f"{model} starts from {backbone.removesuffix('_seg')} (an ImageNet classifier), "
+        f"{backbone} (a dense backbone) or {model}; or set --config.model.name"
+    )
+  if found in SEGMENTERS or VARIANTS[found].dense_outputs:
+    return f"a classifier starts from a classifier: give a {model} checkpoint"
+  return f"give a {model} checkpoint, or --config.model.name={found} to fine-tune {found}"
 
 
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
