@@ -102,7 +102,7 @@ def main(argv):
     )
     cli.fail(f"--throughput measures classifiers; {which}")
   mesh = training.create_mesh()
-  if FLAGS.batch % jax.device_count():
+  if FLAGS.throughput and FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
   task = tasks.get(config)
   training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
