@@ -226,7 +226,25 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
     raise CheckpointError(
         f"the run in {directory} kept no EMA weights; resume it with --config.ema_decay=0"
     )
+  saved_processes = _iterator_processes(os.path.join(directory, str(step), DATA_ITER_ITEM))
+  if saved_processes not in (None, jax.process_count()):
+    raise CheckpointError(
+        f"{directory} step {step} was saved by a run of {saved_processes} processes, each "
+        f"with its own position in the train data; resume it with {saved_processes} processes "
+        f"(this run has {jax.process_count()}; the number of devices per process may change)"
+    )
   return step
+
+
+def _iterator_processes(directory: str) -> int | None:
+  """The process count of the run that saved these train iterator states (grain writes
+  process_<i>-of-<n>.json per process); None where none is found."""
+  counts = {
+      int(m.group(1))
+      for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", f) for f in os.listdir(directory))
+      if m
+  }
+  return counts.pop() if len(counts) == 1 else None
 
 
 def _describe(meta: dict[str, Any]) -> str:
