@@ -20,8 +20,12 @@ brings what every task needs:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import os
+import shutil
+import socket
 import shlex
 import time
 from typing import Any, Callable
@@ -96,8 +100,8 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   task = tasks.get(config)
   training.check_config(config)
   task.check_config()
-  start = _start(config, workdir, task)
-  with Preemption() as preemption:
+  with _hold(workdir), Preemption() as preemption:
+    start = _start(config, workdir, task)
     # Then the data: a missing dataset or one that does not fit the config stops here.
     train_iter, steps_per_epoch = _timed(
         f"{config.task}: opening the train data",
@@ -109,6 +113,49 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
       )
     finally:
       train_iter.close()  # ends the loader's worker processes
+
+
+LOCK_FILE = ".lock"  # in the workdir: held by the run's process 0 (_hold)
+
+
+@contextlib.contextmanager
+def _hold(workdir: str):
+  """Holds an exclusive lock on workdir/.lock while the run goes on (taken by process 0; every
+  process learns the outcome), so that a second run on the same workdir stops at once instead of
+  training beside the first and interleaving their records and checkpoints. fcntl.flock: released
+  when the process ends, however it ends. A workdir that this creates and that is left holding
+  only the lock file is removed again; a path that cannot hold the lock (a file, a read-only
+  folder) is left for _start to refuse, and a filesystem without flock runs without the lock."""
+  fd, created, in_use = None, False, ""
+  if jax.process_index() == 0:
+    created = not os.path.exists(workdir)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      in_use = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    except OSError as e:
+      if fd is not None:  # e.g. a network filesystem without flock
+        logging.warning("running without a lock on %s (%s)", workdir, e)
+    else:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+  try:
+    if jax.process_count() > 1:  # a barrier: every process sees the workdir as process 0 left it
+      refused = multihost_utils.broadcast_one_to_all(np.int32(bool(in_use)))
+      in_use = in_use or ("found by process 0" if refused else "")
+    if in_use:
+      raise ValueError(
+          f"--workdir {workdir} is in use by another train.py run ({in_use}); wait for it to "
+          "end (or stop it), or give another --workdir"
+      )
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)
+    if created and os.path.isdir(workdir) and os.listdir(workdir) == [LOCK_FILE]:
+      shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _start(config, workdir: str, task: tasks.Task) -> _Start:
@@ -395,6 +442,8 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     if step > start + 1:
       batch = training.global_batch(next(run.train_iter), run.mesh)
     state, metrics = train_step(state, batch)
+    if pending:  # the previous step is done before this loop goes on: a signal stops the run
+      jax.block_until_ready(pending[-1])  # after this step, not after steps dispatched ahead
     pending.append(metrics)
     if clock is None:  # the rate leaves out the first step (and any compile before it)
       jax.block_until_ready(metrics)

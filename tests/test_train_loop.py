@@ -8,12 +8,14 @@ compiles without XLA's backend optimizations and goes through a persistent compi
 runs with the same shapes compile once.
 """
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -313,6 +315,44 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
   with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
     train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
+
+
+def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
+  """Two runs on one workdir would interleave their records and checkpoints: the second stops
+  at once, naming the first; the lock goes with the run that held it."""
+  workdir = shutil.copytree(reference, tmp_path / "w")
+  with open(workdir / loop.LOCK_FILE, "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    held.write("pid 123 on elsewhere")
+    held.flush()
+    with pytest.raises(ValueError) as e:
+      train(tiny(), workdir)
+    assert str(e.value) == (
+        f"--workdir {workdir} is in use by another train.py run (pid 123 on elsewhere); wait "
+        "for it to end (or stop it), or give another --workdir"
+    )
+  assert train(tiny(), workdir).step == STEPS  # released: the same command resumes (at the end)
+  with open(workdir / loop.LOCK_FILE) as lock:
+    assert lock.read() == f"pid {os.getpid()} on {socket.gethostname()}"
+  missing = {"data.source": "folder", "data.root": str(tmp_path / "no_data")}
+  with pytest.raises(data.DataNotFoundError, match="no_data/train is not a directory"):
+    train(tiny(**missing), tmp_path / "new")  # fails with the lock held
+  assert not os.path.exists(tmp_path / "new")  # a failed start leaves no workdir
+
+
+def test_a_run_of_another_process_count_is_not_resumed(reference, tmp_path):
+  """Each process saves its own train iterator position: a resume needs as many processes."""
+  workdir = shutil.copytree(reference, tmp_path / "w")
+  states = workdir / str(STEPS) / "data_iterator"
+  (states / "process_0-of-1.json").rename(states / "process_0-of-2.json")
+  shutil.copy(states / "process_0-of-2.json", states / "process_1-of-2.json")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(tiny(), workdir)
+  assert str(e.value) == (
+      f"{workdir} step {STEPS} was saved by a run of 2 processes, each with its own position in "
+      "the train data; resume it with 2 processes (this run has 1; the number of devices per "
+      "process may change)"
+  )
 
 
 @pytest.mark.parametrize(
