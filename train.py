@@ -13,11 +13,15 @@ its own share of the data.
 """
 
 import os
+import re
 import shutil
 import sys
+import zlib
 
 import jax
+import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, cli, data, loop, reporting
 from fec_jax.model import model_name
@@ -39,17 +43,64 @@ flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
+MULTIHOST_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def check_multihost_flags() -> None:
+  """The coordinator flags' mistakes, each one line before anything connects: without
+  --multihost they would be ignored, and two such processes would be two runs in one workdir."""
+  given = [f"--{name}" for name in MULTIHOST_FLAGS if FLAGS[name].present]
+  if given and not FLAGS.multihost:
+    cli.fail(
+        f"{', '.join(given)}: used only with --multihost, to join a multi-process run; add it "
+        "(without it each process would be a run of its own, in the same workdir)"
+    )
+  address = FLAGS.coordinator_address
+  if address is not None and not re.fullmatch(r".+:\d+", address):
+    cli.fail(f"--coordinator_address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:12355")
+  n, i = FLAGS.num_processes, FLAGS.process_id
+  if n is not None and n < 1:
+    cli.fail(f"--num_processes {n} must be >= 1")
+  if i is not None and (i < 0 or (n is not None and i >= n)):
+    cli.fail(f"--process_id {i} must be in [0, --num_processes{f' {n}' if n else ''})")
+
+
 def initialize_distributed() -> None:
   """Joins the multi-process job; CPU devices (tests, CPU clusters) talk through gloo."""
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:  # e.g. no cluster found and no coordinator given
+    cli.fail(
+        f"--multihost: {str(e).rstrip('.')}; where jax cannot detect the cluster (TPU pod, SLURM, ...), give "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I"
+    )
+
+
+def check_same_run_everywhere(config) -> None:
+  """Every process must run the same config and process count: one started with other
+  overrides would train with other values than the logs (process 0's) say."""
+  own = f"{FLAGS.num_processes} {config.to_json_best_effort(sort_keys=True)}"
+  digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(own.encode()))))
+  others = [i for i, digest in enumerate(digests) if digest != digests[0]]
+  if others:
+    cli.fail(
+        f"process {others[0]} was started with another config or --num_processes than process "
+        "0: start every process with the same --config, --config.* overrides and --num_processes"
+    )
 
 
 def use_compilation_cache(workdir: str) -> None:
   """Keeps the compiled train and eval steps in WORKDIR/compilation_cache (JAX's persistent
   compilation cache), so that the same command run again, to resume, loads them instead of
   compiling them anew. The workdir is shared by all hosts, and JAX writes entries from process 0
-  only. A cache the user chose (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+  only. A cache the user chose (JAX_COMPILATION_CACHE_DIR) is left as it is.
+
+  Not for several CPU processes: there only process 0 finds its programs in the cache, and while
+  the others compile (40 s for the demo on a loaded 2-core machine) its first collective waits
+  for them, and gloo gives up after 30 s ('Gloo context initialization failed')."""
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    return
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update(
         "jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "compilation_cache")
@@ -61,8 +112,10 @@ def main(argv):
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
   if not FLAGS["config"].present:
     check_config_found(FLAGS.workdir)
+  check_multihost_flags()
   if FLAGS.multihost:
     initialize_distributed()
+    check_same_run_everywhere(FLAGS.config)
   new_workdir = not os.path.exists(FLAGS.workdir)
   use_compilation_cache(FLAGS.workdir)
   try:
@@ -89,9 +142,9 @@ def check_config_found(workdir: str) -> None:
 
 def remove_cache_only_workdir(workdir: str) -> None:
   """Removes a workdir that this run created and that holds nothing but the compilation cache
-  (JAX makes it at the first compile, which can come before a check fails), so that a failed
-  start leaves nothing behind."""
-  if os.path.isdir(workdir) and os.listdir(workdir) == ["compilation_cache"]:
+  (JAX makes it at the first compile, which can come before a check fails) and the run's lock
+  file, so that a failed start leaves nothing behind."""
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {"compilation_cache", loop.LOCK_FILE}:
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -152,6 +152,28 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   assert rc == 2 and err.startswith(f"error: --workdir {workdir} has no config.json"), err
 
 
+def test_processes_started_with_different_configs_stop_at_once(compilation_cache, tmp_path):
+  """A process with its own override would train with other values than process 0 logs."""
+  common = TINY + [
+      f"--workdir={tmp_path / 'multi'}",
+      "--multihost",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+      "--num_processes=2",
+  ]
+  procs = [
+      start("train.py", common + [f"--process_id={i}", *extra], compilation_cache)
+      for i, extra in enumerate([[], ["--config.base_lr=0.05"]])
+  ]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], errs
+  for err in errs:
+    assert err.splitlines()[-1] == (
+        "error: process 1 was started with another config or --num_processes than process 0: "
+        "start every process with the same --config, --config.* overrides and --num_processes"
+    )
+  assert not os.path.exists(tmp_path / "multi")
+
+
 def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
     reference, compilation_cache, tmp_path
 ):
@@ -197,7 +219,8 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
   top1 = float(out.split("top-1 ")[1].split("%")[0])
   assert top1 == pytest.approx(reporting.read_metrics(reference)[-1]["val_top1"], abs=0.01)
   assert out.endswith(f"  [step {STEPS}]\n")  # which weights: the latest step, not the EMA
-  rc, out, err = run("eval.py", [f"--workdir={reference}", "--per_class"], compilation_cache)
+  # On 3 devices (eval_batch_size 120 divides; --batch 256, a --throughput flag, does not).
+  rc, out, err = run("eval.py", [f"--workdir={reference}", "--per_class"], compilation_cache, 3)
   assert rc == 0, err[-3000:]
   lines = out.splitlines()  # a header, the 10 digits, the result
   assert lines[0].split() == ["class", "images", "top1", "top5"] and len(lines) == 12
@@ -218,6 +241,18 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
             "expected the ImageNet folder layout",
         ),
         (["--workdir="], "error: --workdir is empty; expected the path of the run's directory"),
+        (
+            ["--coordinator_address=127.0.0.1:12355", "--process_id=1"],
+            "error: --coordinator_address, --process_id: used only with --multihost",
+        ),
+        (
+            ["--multihost", "--coordinator_address=127.0.0.1"],
+            "error: --coordinator_address '127.0.0.1': expected HOST:PORT",
+        ),
+        (
+            ["--multihost", "--num_processes=2", "--process_id=2"],
+            "error: --process_id 2 must be in [0, --num_processes 2)",
+        ),
     ],
 )
 def test_a_user_mistake_is_one_error_line(args, expected, compilation_cache, tmp_path):
