@@ -334,7 +334,7 @@ def _run(
     devices, processes = jax.device_count(), jax.process_count()
     peak_lr = training.peak_lr(config)
     logging.info(
-        "%s on %d device%s (%d process%s): %d steps of %d per epoch, global batch %d, "
+        "%s on %d device%s (%d process%s): %d step%s of %d per epoch, global batch %d, "
         "peak lr %.3g",
         model_name,
         devices,
@@ -342,6 +342,7 @@ def _run(
         processes,
         "es" if processes > 1 else "",
         num_steps,
+        "s" if num_steps > 1 else "",
         steps_per_epoch,
         config.global_batch_size,
         peak_lr,
