@@ -72,8 +72,8 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:  # e.g. no cluster found and no coordinator given
     cli.fail(
-        f"--multihost: {str(e).rstrip('.')}; where jax cannot detect the cluster (TPU pod, SLURM, ...), give "
-        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I"
+        f"--multihost: {str(e).rstrip('.')}; where jax cannot detect the cluster (TPU pod, "
+        "SLURM, ...), give --coordinator_address=HOST:PORT --num_processes=N --process_id=I"
     )
 
 

@@ -24,9 +24,9 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import shlex
 import shutil
 import socket
-import shlex
 import time
 from typing import Any, Callable
 

@@ -157,8 +157,8 @@ def restore_config(saved: dict, template, where: str):
   """The config a run started with: `template`, a config of the run's task (its fields and
   types), with the values of `saved` (the run's config.json, read_config), lists read back as the
   template's tuples. ValueError naming `where` where the two differ in their fields (a
-  config.json of another fec-jax version; the fields of _ADDED_LATER may be missing), or where a value is one JSON could not hold or one
-  of another type."""
+  config.json of another fec-jax version; the fields of _ADDED_LATER may be missing), or where
+  a value is one JSON could not hold or one of another type."""
   saved = traverse_util.flatten_dict(saved, sep=".")
   fields = traverse_util.flatten_dict(template.to_dict(), sep=".")
   missing = sorted(fields.keys() - saved.keys() - _ADDED_LATER)
