@@ -72,16 +72,16 @@ def panel(array: np.ndarray, height: int) -> Image.Image:
   return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
 
 
-def legend_rows(names: list[str], width: int, text_width) -> list[list[int]]:
-  """The legend's entries (indices into `names`) line by line, each line at most `width`
-  pixels wide where an entry fits at all (text_width(name) -> pixels)."""
+def legend_rows(names: list[str], width: int, text_width) -> list[list[tuple[int, int]]]:
+  """The legend's entries line by line, each as (index into `names`, x of its swatch); a line is
+  at most `width` pixels wide where an entry fits at all (text_width(name) -> pixels)."""
   rows, x = [[]], PAD
   for i, name in enumerate(names):
     entry = 14 + int(text_width(name)) + 3 * PAD  # swatch, name, gap
     if rows[-1] and x + entry > width:
       rows.append([])
       x = PAD
-    rows[-1].append(i)
+    rows[-1].append((i, x))
     x += entry
   return rows if rows[0] else []
 
@@ -123,11 +123,11 @@ def draw(
       canvas.paste(p, (x, y))
       x += p.width + PAD
   for line, entries in enumerate(legend):
-    x, y = PAD, canvas.height - legend_h + line * title_h
-    for c in (shown[i] for i in entries):
+    y = canvas.height - legend_h + line * title_h
+    for i, x in entries:
+      c = shown[i]
       pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(v) for v in colours[c]))
       pen.text((x + 14, y), names[c], fill="black")
-      x += 14 + int(pen.textlength(names[c])) + 3 * PAD
   return canvas
 
 

@@ -436,6 +436,7 @@ def variables_to_torch(variables) -> dict[str, np.ndarray]:
 CHECKPOINT_FILE = "a .pth / .pth.tar / .safetensors checkpoint file"
 # What --to-torch writes: torch.save's file under a checkpoint's usual suffixes, or safetensors.
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
+TORCH_OUTPUT = ".pth, .pth.tar, .pt, .bin or .ckpt (torch.save) or .safetensors"
 ORBAX_DIRECTORY = (
     "an Orbax checkpoint directory (the --output of a conversion, or a train.py --workdir)"
 )
@@ -460,8 +461,7 @@ def _parser() -> argparse.ArgumentParser:
       "--output",
       required=True,
       help="Orbax directory to create (missing parents are created), or with --to-torch "
-      "the file to write (its directory must exist): .pth, .pth.tar, .pt, .bin or .ckpt "
-      "(torch.save), or .safetensors",
+      f"the file to write (its directory must exist): {TORCH_OUTPUT}",
   )
   p.add_argument(
       "--overwrite",
@@ -520,8 +520,8 @@ def check_paths(args: argparse.Namespace) -> None:
       )
     if not dst.lower().endswith((*TORCH_SUFFIXES, ".safetensors")):
       raise ConversionError(
-          f"--output {dst}: expected the name of a checkpoint file to write, ending in .pth, "
-          ".pth.tar, .pt, .bin or .ckpt (torch.save) or .safetensors"
+          f"--output {dst}: expected the name of a checkpoint file to write, ending in "
+          f"{TORCH_OUTPUT}"
       )
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
 from fec_jax.data import seg_transforms
-from fec_jax.data.classes import classification_names
+from fec_jax.data.classes import classification_names, numbered
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.model import FEC, VARIANTS, model_name, variable_shapes
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     note_num_clusters(model, size, args.num_clusters)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
-  classes = classification_names(trained, model.num_classes)
+  classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
   batch = min(args.batch_size, len(args.image))
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
       if not model.variant.dense_outputs:
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))
-        print(f"{path}: {classes[top] if classes else f'class {top}'} ({probs[top]:.1%})")
+        print(f"{path}: {classes[top]} ({probs[top]:.1%})")
   print(
       f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out} "
       f"(model input {size[0]}x{size[1]})"
