@@ -325,9 +325,12 @@ def define_config_file(
 ):
   """config_flags.DEFINE_config_file. Where `default` is set and the command line has no --name,
   ml_collections loads the default right here, with the --name.field overrides of sys.argv: a
-  mistake there is one `error:` line too (parse_flags reports the others)."""
+  mistake there is one `error:` line too (parse_flags reports the others). --help shows no
+  default: the default is this checkout's path (or a run's), so `help_string` names it."""
   try:
-    return config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
+    holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values, **kwargs)
+    flag_values[name].default_as_str = None
+    return holder
   except flags.DuplicateFlagError:  # a script given as the config file: its loader reports it
     raise
   except Exception:  # a config file is the user's code (see _config_problem)

@@ -820,6 +820,17 @@ def test_the_config_flag_is_the_scripts_own(monkeypatch):
   assert [f.name for f in values.get_key_flags_for_module(__name__)] == ["config"]
 
 
+def test_help_shows_no_path_of_this_checkout(monkeypatch):
+  """The default config is this checkout's file; the help text names it instead."""
+  monkeypatch.setattr("sys.argv", ["prog"])
+  monkeypatch.chdir(ROOT)
+  values = flags.FlagValues()
+  default = os.path.join(ROOT, "configs", "demo.py")
+  cli.define_config_file("config", default, "Default: configs/demo.py.", values)
+  help_text = values.module_help(__name__)
+  assert "Default: configs/demo.py." in help_text and ROOT not in help_text, help_text
+
+
 def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsys):
   """eval.py and visualize_seg.py on a workdir: --config against the run's config.json."""
   reporting.write_config(str(tmp_path), demo.get_config())
