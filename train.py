@@ -34,7 +34,11 @@ cli.define_config_file(
     "holds a config.json, else configs/demo.py.",
     lock_config=True,
 )
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard and plot go here.")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run's directory (required): checkpoints, metrics.jsonl, TensorBoard, plot.",
+)
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (one process per host).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multihost, optional).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multihost, optional).")
@@ -130,14 +134,16 @@ def main(argv):
 
 def check_config_found(workdir: str) -> None:
   """Without --config, a workdir that holds a run but no config.json (one of an earlier fec-jax)
-  is an error: the default, configs/demo.py, is not that run's config."""
+  is an error: the default, configs/demo.py, is not that run's config. Weights only (a
+  convert_torch_weights.py output) are an error whatever the config: it says to use init_from."""
   if not os.path.isdir(workdir) or reporting.has_config(workdir):
     return
   try:
-    held = model_name(checkpoint.load_model(workdir)[0])
+    model, step = checkpoint.load_model(workdir)
   except checkpoint.CheckpointError:  # no checkpoint: a fresh start
     return
-  cli.check_config_found(workdir, "--workdir", held, False, CONFIGS)
+  checkpoint.check_is_run(os.path.abspath(workdir), step)
+  cli.check_config_found(workdir, "--workdir", model_name(model), False, CONFIGS)
 
 
 def remove_cache_only_workdir(workdir: str) -> None:

@@ -34,7 +34,7 @@ cli.define_config_file(
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
-flags.DEFINE_string("output", None, "The PNG to write.")
+flags.DEFINE_string("output", None, "The PNG to write (required; a new file: see --overwrite).")
 flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
 flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
 flags.DEFINE_bool("ema", False, "Use the EMA weights of a train.py run.")

@@ -189,6 +189,18 @@ def saved_items(directory: str, step: int) -> set[str]:
   return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
 
 
+def check_is_run(directory: str, step: int) -> set[str]:
+  """The items of `step` (saved_items); a CheckpointError where they are weights only (a
+  convert_torch_weights.py output, a save_params): nothing that train.py resumes."""
+  items = saved_items(directory, step)
+  if not {OPT_STATE_ITEM, PROGRESS_ITEM, DATA_ITER_ITEM} <= items:
+    raise CheckpointError(
+        f"{directory} holds weights (step {step}: {sorted(items)}), not a train.py run to resume; "
+        f"to start from them, use a new --workdir with --config.init_from={directory}"
+    )
+  return items
+
+
 def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool) -> int | None:
   """The latest step of a train.py workdir that a run of model `name` (create_model overrides,
   with or without EMA) can resume from; None for a new or empty workdir. Reads
@@ -208,12 +220,7 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
     if step is None:
       return None
     saved = _read_model_item(mngr, directory, step)
-  items = saved_items(directory, step)
-  if not {OPT_STATE_ITEM, PROGRESS_ITEM, DATA_ITER_ITEM} <= items:
-    raise CheckpointError(
-        f"{directory} holds weights (step {step}: {sorted(items)}), not a train.py run to resume; "
-        f"to start from them, use a new --workdir with --config.init_from={directory}"
-    )
+  items = check_is_run(directory, step)
   wanted = model_metadata(name, overrides)
   if saved != wanted:
     raise CheckpointError(

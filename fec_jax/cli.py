@@ -372,6 +372,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
       _fail_for_config_problem(argv, flag_values, once=True)  # a config (it defines flags)
     if _WRAPPED in str(e):  # get_config raised a TypeError or ValueError
       _fail_for_config_problem(argv, flag_values)
+    missing = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", str(e))
+    if missing:  # flags.mark_flag_as_required's wording
+      fail(f"--{missing[1]} is missing: {flag_values[missing[1]].help}")
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     fail(lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")  # a traceback inside
   except Exception:  # a config file is the user's code (see _config_problem)

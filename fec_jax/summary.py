@@ -34,7 +34,9 @@ def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.ArgumentParser(prog="python -m fec_jax.summary", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(
+      prog="python -m fec_jax.summary", description=__doc__, formatter_class=cli.HelpFormatter
+  )
   parser.add_argument(
       "models",
       nargs="*",

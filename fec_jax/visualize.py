@@ -175,7 +175,7 @@ cluster_maps = jax.jit(interpret.cluster_maps, static_argnums=(0, 3))
 
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(
-      prog="visualize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+      prog="visualize.py", description=__doc__, formatter_class=cli.HelpFormatter
   )
   p.add_argument("--checkpoint", required=True, help="converter output or train.py workdir (Orbax)")
   p.add_argument("--image", required=True, nargs="+", help="image file(s)")
@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
       "must give even maps at every pool, e.g. a multiple of 32 (default: the image size of "
       f"a train.py workdir's run, else {DEFAULT_IMAGE_SIZE})",
   )
-  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
   p.add_argument(
       "--median-filter",
       type=int,
@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
       "--overwrite",
       action="store_true",
-      help="replace PNGs of the same names already in --out (default: an error)",
+      help="replace PNGs of the same names already in --out (without it: an error)",
   )
   return p
 

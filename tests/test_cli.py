@@ -820,6 +820,17 @@ def test_the_config_flag_is_the_scripts_own(monkeypatch):
   assert [f.name for f in values.get_key_flags_for_module(__name__)] == ["config"]
 
 
+def test_a_missing_required_flag_is_one_line_with_its_help(capsys):
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The run's directory (required).", flag_values=values)
+  flags.mark_flag_as_required("workdir", flag_values=values)
+  assert outcome(capsys, cli.parse_flags, ["prog"], values) == (
+      2,
+      "",
+      "error: --workdir is missing: The run's directory (required).\n",
+  )
+
+
 def test_help_shows_no_path_of_this_checkout(monkeypatch):
   """The default config is this checkout's file; the help text names it instead."""
   monkeypatch.setattr("sys.argv", ["prog"])

@@ -150,6 +150,11 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   (workdir / reporting.CONFIG_FILE).unlink()  # a run of an earlier fec-jax: the demo's is not its
   rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
   assert rc == 2 and err.startswith(f"error: --workdir {workdir} has no config.json"), err
+  for item in ("opt_state", "progress", "data_iterator"):  # weights only, as the converter's
+    shutil.rmtree(workdir / str(saved_steps(workdir)[-1]) / item)
+  rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
+  assert rc == 2 and err.startswith(f"error: {workdir} holds weights (step {STEPS}"), err
+  assert err.rstrip().endswith(f"use a new --workdir with --config.init_from={workdir}"), err
 
 
 def test_processes_started_with_different_configs_stop_at_once(compilation_cache, tmp_path):
