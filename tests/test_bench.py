@@ -7,6 +7,7 @@ writing or timing anything."""
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -255,6 +256,22 @@ def test_loader_benchmarks_want_a_folder_for_dir(main, tmp_path, capsys, nothing
     assert _one_error_line(capsys, main, ["--dir", str(path)]) == (
         f"error: --dir {path}: {file} is a file; expected a folder to create or reuse"
     )
+
+
+def test_data_bench_removes_its_temporary_folder(tmp_path, capsys, monkeypatch):
+  """Without --dir the JPEGs go to a temporary folder, timed, then removed (43 MB at 200)."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  timed = []
+  monkeypatch.setattr(
+      data_bench,
+      "time_transform",
+      lambda files, cfg, train: timed.append(sum(map(os.path.isfile, files))) or (50, 0.5),
+  )
+  data_bench.main(["--images", "2"])
+  out = capsys.readouterr().out
+  assert out.startswith(f"2 images per split in {tmp_path / 'fec_bench_'}"), out
+  assert timed == [2, 2]  # the files were there while timed
+  assert os.listdir(tmp_path) == []
 
 
 def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):

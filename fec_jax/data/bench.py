@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--images", type=int, default=200, help="images per split of a new folder")
   p.add_argument(
       "--dir",
-      help="JPEG folder to create, or to reuse as it is (default: a new temporary folder)",
+      help="JPEG folder to create, or to reuse as it is (default: a temporary folder, removed "
+      "at the end)",
   )
   p.add_argument(
       "--loader-workers",
@@ -166,7 +167,15 @@ def main(argv=None):
         file=sys.stderr,
         flush=True,
     )
-  root = root or tempfile.mkdtemp(prefix="fec_bench_")
+  if root is not None:
+    _time(args, root, reused, num_train, num_val)
+    return
+  with tempfile.TemporaryDirectory(prefix="fec_bench_") as root:
+    _time(args, root, reused, num_train, num_val)
+
+
+def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
+  """Writes the JPEG folder unless `reused`, then times the transforms (and the loader)."""
   if not reused:
     print(f"writing {args.images} JPEGs per split to {root} ...", file=sys.stderr, flush=True)
     make_jpeg_folder(root, args.images)
