@@ -86,6 +86,7 @@ def main(argv):
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   directory = FLAGS.workdir or FLAGS.checkpoint
+  cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
   found, step = checkpoint.load_model(directory, FLAGS.step)  # the model only: fast
   held = model_name(found)
   flag = "--workdir" if FLAGS.workdir else "--checkpoint"
@@ -137,7 +138,7 @@ def main(argv):
       file=sys.stderr,
       flush=True,
   )
-  metrics = evaluator(variables, per_class=FLAGS.per_class)
+  metrics = evaluator(variables, FLAGS.per_class, log=lambda line: print(line, file=sys.stderr))
   if FLAGS.per_class:
     print(task.per_class_table(metrics["per_class"]))
   print(f"{task.describe(metrics)}  [{weights}]")

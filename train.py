@@ -94,23 +94,6 @@ def check_same_run_everywhere(config) -> None:
     )
 
 
-def use_compilation_cache(workdir: str) -> None:
-  """Keeps the compiled train and eval steps in WORKDIR/compilation_cache (JAX's persistent
-  compilation cache), so that the same command run again, to resume, loads them instead of
-  compiling them anew. The workdir is shared by all hosts, and JAX writes entries from process 0
-  only. A cache the user chose (JAX_COMPILATION_CACHE_DIR) is left as it is.
-
-  Not for several CPU processes: there only process 0 finds its programs in the cache, and while
-  the others compile (40 s for the demo on a loaded 2-core machine) its first collective waits
-  for them, and gloo gives up after 30 s ('Gloo context initialization failed')."""
-  if jax.process_count() > 1 and jax.default_backend() == "cpu":
-    return
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "compilation_cache")
-    )
-
-
 def main(argv):
   del argv
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
@@ -121,7 +104,7 @@ def main(argv):
     initialize_distributed()
     check_same_run_everywhere(FLAGS.config)
   new_workdir = not os.path.exists(FLAGS.workdir)
-  use_compilation_cache(FLAGS.workdir)
+  cli.use_compilation_cache(FLAGS.workdir)
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except loop.TrainingDiverged as e:
@@ -150,7 +133,10 @@ def remove_cache_only_workdir(workdir: str) -> None:
   """Removes a workdir that this run created and that holds nothing but the compilation cache
   (JAX makes it at the first compile, which can come before a check fails) and the run's lock
   file, so that a failed start leaves nothing behind."""
-  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {"compilation_cache", loop.LOCK_FILE}:
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {
+      reporting.COMPILATION_CACHE,
+      loop.LOCK_FILE,
+  }:
     shutil.rmtree(workdir, ignore_errors=True)
 
 

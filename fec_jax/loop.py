@@ -418,7 +418,17 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   record: dict[str, Any] = {}
   if run.unevaluated is not None:
     logging.info("step %d was saved without its evaluation (the run stopped there)", start)
-    record = {**run.unevaluated, **_evaluate(run.evaluator, state, start, first=True)}
+    try:
+      metrics = _evaluate(run.evaluator, state, start, True, _evaluation_stop(run.preemption))
+    except tasks.EvaluationStopped as e:
+      logging.info(
+          "%s: the evaluation of step %d %s; run the same command to evaluate it",
+          run.preemption.reason,
+          start,
+          e,
+      )
+      return RunResult(start, True, dict(run.unevaluated))
+    record = {**run.unevaluated, **metrics}
     run.writer.replace_last(record)  # only now: a failed evaluation leaves the record as it was
     return RunResult(start, False, record)
   if start >= run.num_steps:
@@ -484,18 +494,27 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
       try:
-        record.update(_evaluate(run.evaluator, state, step, first=not evaluated))
+        stop_evaluation = _evaluation_stop(run.preemption)
+        record.update(_evaluate(run.evaluator, state, step, not evaluated, stop_evaluation))
         evaluated = True
       except Exception as e:  # pylint: disable=broad-except
         if not _skip_failed_evaluation(run.preemption):
           _save_unevaluated(run, state, record, e)
           raise
-        logging.warning(
-            "the evaluation of step %d failed after %s (%s); skipped: the run is stopping",
-            step,
-            run.preemption.signal_name,
-            e,
-        )
+        if isinstance(e, tasks.EvaluationStopped):
+          logging.info(
+              "%s: the evaluation of step %d %s; skipped: the run is stopping",
+              run.preemption.reason,
+              step,
+              e,
+          )
+        else:
+          logging.warning(
+              "the evaluation of step %d failed after %s (%s); skipped: the run is stopping",
+              step,
+              run.preemption.signal_name,
+              e,
+          )
         stop = True
       clock.restart()  # the next rate counts training only, not this evaluation
       if step < run.num_steps:  # a signal during the evaluation: stop here (every process)
@@ -567,14 +586,24 @@ def _last_good(step: int | None, workdir: str) -> str:
   return f"the last good checkpoint is step {step} in {workdir}"
 
 
-def _evaluate(evaluator, state, step: int, first: bool) -> dict[str, float]:
-  """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line."""
+def _evaluation_stop(preemption) -> Callable[[], bool] | None:
+  """What stops an evaluation part-way once a signal came (Evaluator.evaluate's `stop`), so that
+  a preempted run need not finish one (minutes for ADE20K's images of many sizes) before it
+  saves. With several processes none: they evaluate together, and agree on a stop only after."""
+  if jax.process_count() > 1:
+    return None
+  return lambda: preemption.signal_name is not None
+
+
+def _evaluate(evaluator, state, step: int, first: bool, stop=None) -> dict[str, float]:
+  """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line; `stop`: see
+  _evaluation_stop."""
   logging.info("evaluating step %d%s ...", step, " (and compiling the eval step)" if first else "")
   start = time.perf_counter()
   variable_sets = {"val_": state.variables()}  # metric prefix -> weights
   if state.ema_params is not None:
     variable_sets["ema_val_"] = state.variables(ema=True)
-  results = evaluator.evaluate(list(variable_sets.values()))
+  results = evaluator.evaluate(list(variable_sets.values()), stop=stop)
   record = {
       prefix + k: v for prefix, metrics in zip(variable_sets, results) for k, v in metrics.items()
   }

@@ -19,6 +19,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
+COMPILATION_CACHE = "compilation_cache"  # JAX's persistent cache of the run's steps (cli)
 
 
 class Throughput:

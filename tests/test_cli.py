@@ -831,6 +831,26 @@ def test_a_missing_required_flag_is_one_line_with_its_help(capsys):
   )
 
 
+def test_a_runs_compilation_cache_is_used_where_there_is_one(tmp_path):
+  """train.py makes WORKDIR/compilation_cache; eval.py (create=False) uses it only where a run
+  left one (not in a converter output); a cache the user chose stays."""
+  chosen = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    cli.use_compilation_cache(str(tmp_path / "converted"), create=False)
+    assert jax.config.jax_compilation_cache_dir is None
+    cli.use_compilation_cache(str(tmp_path / "run"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "run" / "compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", None)
+    os.makedirs(tmp_path / "converted" / "compilation_cache")
+    cli.use_compilation_cache(str(tmp_path / "converted"), create=False)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "converted" / "compilation_cache")
+    cli.use_compilation_cache(str(tmp_path / "run"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "converted" / "compilation_cache")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", chosen)
+
+
 def test_help_shows_no_path_of_this_checkout(monkeypatch):
   """The default config is this checkout's file; the help text names it instead."""
   monkeypatch.setattr("sys.argv", ["prog"])

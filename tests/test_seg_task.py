@@ -144,6 +144,45 @@ def test_evaluator_refuses_a_val_split_with_no_labelled_pixel(fresh, tmp_path):
     task.evaluator(model, training.create_mesh())(variables)
 
 
+def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):
+  """Val ids that are neither a class nor ignore_index count nowhere (mmseg): a wrong
+  num_classes or reduce_zero_label would change the score unseen, so a warning names them as the
+  files store them. `stop` ends the evaluation after the image under way."""
+  root = make_ade20k_folder(tmp_path / "ade")
+  paths = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
+  for path, value in zip(paths, (9, 200)):
+    with Image.open(path) as label:
+      label = np.asarray(label).copy()
+    label[:2, :2] = value
+    Image.fromarray(label).save(path)
+  config = seg_tiny(**{"data": data.ade20k_config()})
+  config.data.root, config.data.num_classes = root, 5
+  task, variables = tasks.get(config), fresh[1]
+  evaluator = task.evaluator(task.create_model()[0], training.create_mesh())
+  with caplog.at_level("WARNING"):
+    evaluator(variables)
+  assert (
+      "2 of the 3 val annotations hold ids 9, 200, which are neither a class (1..5 (0: other) "
+      "with config.data.num_classes 5 and reduce_zero_label True) nor ignore_index 255: their "
+      "pixels count in no class, as in mmseg; check num_classes and reduce_zero_label"
+  ) in caplog.text
+  with pytest.raises(tasks.EvaluationStopped, match="^stopped after 1 of 3 val images$"):
+    evaluator(variables, stop=lambda: True)
+
+
+def test_progress_lines_and_stop():
+  lines, stopping = [], []
+  progress = tasks.Progress(4, "images", lambda: bool(stopping), lines.append, every=0)
+  progress.update(1, " (1 size compiled)")
+  assert lines == ["evaluated 1 of 4 val images (1 size compiled) in 0:00:00"]
+  quiet = tasks.Progress(4, "batches", None, lines.append)  # none in the first 30 s
+  quiet.update(3)
+  assert len(lines) == 1
+  stopping.append(True)
+  with pytest.raises(tasks.EvaluationStopped, match="^stopped after 2 of 4 val images$"):
+    progress.update(2)
+
+
 def test_resume_restores_batch_stats(seg_run, tmp_path):
   """2 steps, then the same workdir to 4: per-step losses and the final batch_stats are those
   of the straight 4-step run, bit for bit (one CPU device)."""

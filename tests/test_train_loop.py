@@ -183,7 +183,7 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   monkeypatch.undo()
   stopped = reporting.read_metrics(workdir)
 
-  def fails(self, variable_sets):
+  def fails(self, variable_sets, **kwargs):
     raise RuntimeError("the evaluation failed")
 
   monkeypatch.setattr(classification.TopK, "evaluate", fails)
@@ -198,19 +198,45 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   assert third.step == STEPS and third.record == {}
 
 
-def test_a_signal_during_an_evaluation_stops_the_run_after_it(tmp_path, monkeypatch):
-  """An evaluation is not cut short (it takes minutes on ImageNet), but the run stops right
-  after it, at its step, not one step later."""
+def test_a_signal_during_an_evaluation_stops_it_and_the_run(
+    reference, tmp_path, monkeypatch, caplog
+):
+  """A signal stops an evaluation after the batch under way (on ADE20K's images of many sizes an
+  evaluation takes minutes, a preempted VM has seconds): the step is saved without its metrics
+  and the run stops there. At the last step the same command then evaluates it (and a signal
+  during that evaluation stops it again), and metrics.jsonl reads as the uninterrupted run's."""
   evaluate = classification.TopK.evaluate
 
-  def signalled(self, variable_sets):
+  def signalled(self, variable_sets, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
-    return evaluate(self, variable_sets)
+    return evaluate(self, variable_sets, **kwargs)
 
   monkeypatch.setattr(classification.TopK, "evaluate", signalled)
-  result = train(tiny(eval_every_steps=2), tmp_path / "w")
+  with caplog.at_level(logging.INFO):
+    result = train(tiny(eval_every_steps=2), tmp_path / "w")
   assert result.preempted and result.step == 2 and saved_steps(tmp_path / "w") == [2]
-  assert "val_top1" in reporting.read_metrics(tmp_path / "w")[-1]
+  assert "val_top1" not in reporting.read_metrics(tmp_path / "w")[-1]
+  batches = data.num_eval_batches(tiny().data, tiny().eval_batch_size)
+  assert (
+      batches > 1
+      and (
+          f"SIGTERM: the evaluation of step 2 stopped after 1 of {batches} val batches; skipped: the "
+          "run is stopping"
+      )
+      in caplog.text
+  )
+  workdir = tmp_path / "last"
+  shutil.copytree(reference, workdir)
+  records = reporting.read_metrics(workdir)
+  unevaluated = {k: v for k, v in records[-1].items() if "val_" not in k}
+  with open(workdir / reporting.METRICS_FILE, "w") as f:  # as a run stopped at its last step
+    f.writelines(json.dumps(r) + "\n" for r in [*records[:-1], unevaluated])
+  result = train(tiny(), workdir)
+  assert result.preempted and result.step == STEPS
+  assert reporting.read_metrics(workdir)[-1] == unevaluated
+  monkeypatch.setattr(classification.TopK, "evaluate", evaluate)
+  result = train(tiny(), workdir)
+  assert not result.preempted and reporting.read_metrics(workdir) == records
 
 
 def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path, monkeypatch):
@@ -219,7 +245,7 @@ def test_an_evaluation_failed_by_a_signal_is_skipped_and_its_step_saved(tmp_path
   the step. Without a signal the error stands, once the step is saved."""
 
   def fails(signum):
-    def evaluate(self, variable_sets):
+    def evaluate(self, variable_sets, **kwargs):
       if signum:
         os.kill(os.getpid(), signum)
       raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")

@@ -9,11 +9,14 @@ loop brings the mesh, state, optimizer, EMA, checkpoints, preemption, NaN stop a
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator, Sequence
+import datetime
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from fec_jax import data
@@ -21,24 +24,55 @@ from fec_jax.model import create_model
 from fec_jax.training import LossFn
 
 
+class EvaluationStopped(Exception):
+  """An evaluation given up part-way because its `stop` said so (a signal: the run stops)."""
+
+
+class Progress:
+  """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
+  every `every` seconds (none for an evaluation shorter than that), and raises
+  EvaluationStopped once `stop()` is true."""
+
+  def __init__(self, total: int, unit: str, stop: Callable[[], bool] | None, log, every=30.0):
+    self._total, self._unit, self._stop, self._log, self._every = total, unit, stop, log, every
+    self._start = self._last = time.perf_counter()
+
+  def update(self, done: int, note: str = "") -> None:
+    if self._stop is not None and self._stop():
+      raise EvaluationStopped(f"stopped after {done} of {self._total} val {self._unit}")
+    now = time.perf_counter()
+    if now - self._last >= self._every:
+      self._last = now
+      elapsed = datetime.timedelta(seconds=round(now - self._start))
+      self._log(f"evaluated {done} of {self._total} val {self._unit}{note} in {elapsed}")
+
+
 class Evaluator(abc.ABC):
   """Runs a model over the task's held-out data. Built once per run (data sources, jitted
   step); each call reads the data afresh, once for all the weight sets it is given, and
   releases its loader before returning."""
 
-  def __call__(self, variables: dict, per_class: bool = False) -> dict[str, float]:
+  def __call__(self, variables: dict, per_class: bool = False, **kwargs) -> dict[str, float]:
     """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
-    return self.evaluate([variables], per_class)[0]
+    return self.evaluate([variables], per_class, **kwargs)[0]
 
   @abc.abstractmethod
   def evaluate(
-      self, variable_sets: Sequence[dict], per_class: bool = False
+      self,
+      variable_sets: Sequence[dict],
+      per_class: bool = False,
+      stop: Callable[[], bool] | None = None,
+      log: Callable[[str], None] = logging.info,
   ) -> list[dict[str, float]]:
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
     data: each batch is read and decoded once and run through every set. Each set's metrics
     hold 'images', the number of images they cover (an unreadable one is left out); with
     none, fec_jax.data.DataNotFoundError (nothing_to_evaluate). With per_class, they also hold
-    'per_class': {column: [K] array}, e.g. {'IoU': ..., 'Acc': ...} (Task.per_class_table)."""
+    'per_class': {column: [K] array}, e.g. {'IoU': ..., 'Acc': ...} (Task.per_class_table).
+
+    A long evaluation writes a progress line to `log` every 30 s (Progress). `stop` is asked
+    after each batch: once it is true, EvaluationStopped. Only for one process: several
+    evaluate together, and one that stopped alone would leave the others waiting."""
 
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, training
 from fec_jax.data import classes, device_transforms, mixup
 from fec_jax.model import FEC, VARIANTS, model_name
-from fec_jax.tasks import Evaluator, Task
+from fec_jax.tasks import Evaluator, Progress, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
 
@@ -100,6 +101,7 @@ class TopK(Evaluator):
     self._mesh = mesh
     self._compiler_options = {**(compiler_options or {}), "xla_allow_excess_precision": False}
     self._data_config = config.data
+    self._num_batches = data.num_eval_batches(config.data, config.eval_batch_size)
     self._dataset = data.create_dataset(
         config.data,
         "val",
@@ -122,11 +124,14 @@ class TopK(Evaluator):
     )
     self._steps = {}  # per_class -> the step, compiled at the first batch (one shape for all)
 
-  def evaluate(self, variable_sets, per_class: bool = False) -> list[dict[str, float]]:
+  def evaluate(
+      self, variable_sets, per_class: bool = False, stop=None, log=logging.info
+  ) -> list[dict[str, float]]:
     totals = [None] * len(variable_sets)
+    progress = Progress(self._num_batches, "batches", stop, log)
     batches = iter(self._dataset)
     try:
-      for local in batches:
+      for done, local in enumerate(batches, 1):
         batch = training.global_batch(local, self._mesh)
         if per_class not in self._steps:
           lowered = self._jitted.lower(variable_sets[0], batch, per_class)
@@ -134,6 +139,7 @@ class TopK(Evaluator):
         for i, variables in enumerate(variable_sets):
           sums = self._steps[per_class](variables, batch)
           totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
+        progress.update(done)
     finally:
       batches.close()  # its worker processes end here
     totals = jax.device_get(totals)

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
 from fec_jax.data import classes, seg_device_transforms
 from fec_jax.model import SEGMENTERS, model_name
-from fec_jax.tasks import Evaluator, Task
+from fec_jax.tasks import Evaluator, Progress, Task
 
 CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
 # What mmseg's Pretrained init of the backbone leaves out of an ImageNet classifier checkpoint:
@@ -70,6 +71,7 @@ class MeanIoU(Evaluator):
 
     self._jitted = jax.jit(eval_step)
     self._steps = {}  # (image shape, label shape) -> compiled step
+    self._num_examples = data.seg_num_eval_examples(config.data, jax.process_count())
 
   def _step(self, variables, image, label):
     key = (image.shape, label.shape)
@@ -86,7 +88,9 @@ class MeanIoU(Evaluator):
         variables,
     )
 
-  def evaluate(self, variable_sets, per_class: bool = False) -> list[dict[str, float]]:
+  def evaluate(
+      self, variable_sets, per_class: bool = False, stop=None, log=logging.info
+  ) -> list[dict[str, float]]:
     local_sets = [self._local(variables) for variables in variable_sets]
     totals = [
         {
@@ -95,29 +99,39 @@ class MeanIoU(Evaluator):
         }
         for _ in local_sets
     ]
-    images = np.zeros(1, np.int64)  # [1]: the images this host evaluated
+    # [1] each: the images this host evaluated, and those whose annotation has an unknown id
+    counts = {"images": np.zeros(1, np.int64), "unknown": np.zeros(1, np.int64)}
+    unknown_ids = set()  # the unknown ids this host saw
     # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
     pending = collections.deque()
+    progress = Progress(self._num_examples, "images", stop, log)
     examples = data.create_seg_loader(
         self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
     )
     try:
-      for example in examples:
-        if not example["mask"]:  # padding of the last host's share, or a bad file
-          continue
-        images += 1
-        image = jax.device_put(example["image"][None], self._device)
-        label = jax.device_put(example["label"], self._device)
-        for i, variables in enumerate(local_sets):
-          pending.append((i, self._step(variables, image, label)))
-        while len(pending) > 2 * len(local_sets):
-          i, areas = pending.popleft()
-          _add(totals[i], jax.device_get(areas))
+      for done, example in enumerate(examples, 1):
+        if example["mask"]:  # else padding of the last host's share, or a bad file
+          counts["images"] += 1
+          ids = self._unknown_ids(example["label"])
+          counts["unknown"] += bool(ids)
+          unknown_ids.update(ids)
+          image = jax.device_put(example["image"][None], self._device)
+          label = jax.device_put(example["label"], self._device)
+          for i, variables in enumerate(local_sets):
+            pending.append((i, self._step(variables, image, label)))
+          while len(pending) > 2 * len(local_sets):
+            i, areas = pending.popleft()
+            _add(totals[i], jax.device_get(areas))
+        sizes = len(self._steps)
+        progress.update(done, f" ({sizes} size{'s' * (sizes != 1)} compiled)")
     finally:
       examples.close()  # its worker processes end here
     for i, areas in pending:
       _add(totals[i], jax.device_get(areas))
-    count = int(_sum_over_hosts({"images": images})["images"][0])
+    counts = _sum_over_hosts(counts)
+    count = int(counts["images"][0])
+    if counts["unknown"][0] and jax.process_index() == 0:
+      self._warn_unknown(int(counts["unknown"][0]), count, unknown_ids)
     if not count:
       raise self.nothing_to_evaluate(self._config.data)
     totals = [_sum_over_hosts(t) for t in totals]
@@ -130,6 +144,34 @@ class MeanIoU(Evaluator):
           f"config.data.num_classes {d.num_classes}; nothing to score"
       )
     return [{**miou.summarize(t, per_class), "images": count} for t in totals]
+
+  def _unknown_ids(self, label: np.ndarray) -> set[int]:
+    """The ids of a val annotation [H0, W0] (reduce_zero_label applied) that are neither a class
+    nor ignore_index, as the file stores them: their pixels count in no class (miou)."""
+    d = self._config.data
+    ids = np.unique(label[(label >= self._num_classes) & (label != d.ignore_index)])
+    return {int(i) + d.reduce_zero_label for i in ids}  # reduce_zero_label took 1 off
+
+  def _warn_unknown(self, annotations: int, count: int, ids: set[int]) -> None:
+    """A warning that `annotations` of the `count` val annotations hold unknown `ids`: the
+    metric leaves their pixels out (as mmseg's does), where training stops at such an id."""
+    d = self._config.data
+    classes_are = (
+        f"1..{d.num_classes} (0: other)" if d.reduce_zero_label else f"0..{d.num_classes - 1}"
+    )
+    shown = ", ".join(map(str, sorted(ids)[:8])) + (", ..." if len(ids) > 8 else "")
+    logging.warning(
+        "%d of the %d val annotations hold ids %s, which are neither a class (%s with "
+        "config.data.num_classes %d and reduce_zero_label %s) nor ignore_index %d: their pixels "
+        "count in no class, as in mmseg; check num_classes and reduce_zero_label",
+        annotations,
+        count,
+        shown or "(on other hosts)",
+        classes_are,
+        d.num_classes,
+        d.reduce_zero_label,
+        d.ignore_index,
+    )
 
 
 def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
