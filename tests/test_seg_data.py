@@ -564,19 +564,25 @@ def test_train_with_no_readable_image_raises(tmp_path):
     next(it)
 
 
-def test_train_labels_outside_the_classes_raise(ade):
-  """The fixture's labels are 0..5, 1..5 after reduce_zero_label -> classes 0..4: with
-  num_classes 4, class 4 would make the loss NaN; the loader says why. Val keeps mmseg's metric,
-  which leaves such labels out (fec_jax.miou)."""
-  cfg = _cfg(ade, num_classes=4)
-  with pytest.raises(
-      ValueError,
-      match=re.escape(
-          "the annotation of images/training/ADE_train_00000001.jpg has class ids [4] after "
-          "reduce_zero_label outside [0, config.data.num_classes 4) and not ignore_index 255"
-      ),
-  ):
+@pytest.mark.parametrize(
+    "reduce_zero_label, num_classes, expected",
+    [
+        (True, 4, "expected 0 ('other'), 1..4 (config.data.num_classes 4 with reduce_zero_label)"),
+        (False, 5, "expected 0..4 (config.data.num_classes 5)"),
+    ],
+)
+def test_train_labels_outside_the_classes_raise(ade, reduce_zero_label, num_classes, expected):
+  """The fixture's annotations hold 0..5: class 5 (4 after reduce_zero_label) is outside 4
+  classes (5 without it) and would make the loss NaN; the loader names the annotation and the
+  value the file holds. Val keeps mmseg's metric, which leaves such labels out (fec_jax.miou)."""
+  cfg = _cfg(ade, num_classes=num_classes, reduce_zero_label=reduce_zero_label)
+  with pytest.raises(ValueError) as e:
     next(fd.create_seg_loader(cfg, "train", 2, seed=0))
+  assert str(e.value) == (
+      "the annotation annotations/training/ADE_train_00000001.png holds class ids [5]; "
+      f"{expected} or 255 (ignore_index): config.data.num_classes (or reduce_zero_label) does "
+      "not fit the data"
+  )
   assert len(list(fd.create_seg_loader(cfg, "val", 1, seed=0))) == 5
   next(fd.create_seg_loader(_cfg(ade), "train", 2, seed=0))  # 5 classes: fine
 

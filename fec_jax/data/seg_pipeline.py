@@ -64,17 +64,25 @@ def _decode(record, cfg):
   return image, label, converted
 
 
-def _check_label_range(label, cfg, key) -> None:
+def _check_label_range(label, cfg, label_key) -> None:
   """ValueError for a class id >= num_classes that is not ignore_index in a train annotation:
   the loss would be NaN (PyTorch's cross_entropy, which the official code trains with, raises
-  "Target 4 is out of bounds"). Val labels are not checked: mmseg's metric leaves them out."""
+  "Target 4 is out of bounds"). Val labels are not checked: mmseg's metric leaves them out.
+  The message gives the ids as the file holds them (before reduce_zero_label)."""
   outside = np.unique(label[(label >= cfg.num_classes) & (label != cfg.ignore_index)])
   if outside.size:
-    zero = "after reduce_zero_label " if cfg.reduce_zero_label else ""
+    k = cfg.num_classes
+    # reduce_zero_label needs ignore_index 255, so an id outside is the file's id minus 1
+    stored = outside + 1 if cfg.reduce_zero_label else outside
+    classes = (
+        f"0 ('other'), 1..{k} (config.data.num_classes {k} with reduce_zero_label)"
+        if cfg.reduce_zero_label
+        else f"0..{k - 1} (config.data.num_classes {k})"
+    )
     raise ValueError(
-        f"the annotation of {key} has class ids {outside.tolist()} {zero}outside [0, "
-        f"config.data.num_classes {cfg.num_classes}) and not ignore_index {cfg.ignore_index}: "
-        "config.data.num_classes (or reduce_zero_label) does not fit the data"
+        f"the annotation {label_key} holds class ids {stored.tolist()}; expected {classes} or "
+        f"{cfg.ignore_index} (ignore_index): config.data.num_classes (or reduce_zero_label) does "
+        "not fit the data"
     )
 
 
@@ -116,7 +124,7 @@ class _MakeExample:
       return {**self._empty(), **out}
     image, label, converted = decoded
     if self._train:
-      _check_label_range(label, self._cfg, record["key"])
+      _check_label_range(label, self._cfg, record["label_key"])
       rng = np.random.default_rng([self._seed % 2**63, epoch, position])
       out["image"], out["label"], out["valid"] = seg_transforms.train_transform(
           rng, image, label, self._cfg

@@ -1,9 +1,9 @@
 """Random-access segmentation sources (grain's RandomAccessDataSource protocol).
 
 Every source yields records {'image': bytes (an encoded image file) or uint8 [H, W, 3],
-'label': bytes (an encoded PNG annotation) or uint8 [H, W], 'key': str (file name, for
-error reports)}. Decoding happens later in the pipeline's workers, so that a bad file is
-counted and replaced (train) or masked out (val) there.
+'label': bytes (an encoded PNG annotation) or uint8 [H, W], 'key', 'label_key': str (the
+image's and the annotation's file names, for error reports)}. Decoding happens later in the
+pipeline's workers, so that a bad file is counted and replaced (train) or masked out (val) there.
 """
 
 import functools
@@ -93,6 +93,7 @@ class ADE20KSource:
         "image": self._read(self._images[index]),
         "label": self._read(self._annotations[index]),
         "key": self._images[index].decode(),
+        "label_key": self._annotations[index].decode(),
     }
 
 
@@ -157,7 +158,8 @@ class DemoSegSource:
 
   def __getitem__(self, index: int) -> dict:
     image, label = demo_example(self._seed, self._split, index, self._size)
-    return {"image": image, "label": label, "key": f"shapes-{self._split}-{index}"}
+    key = f"shapes-{self._split}-{index}"
+    return {"image": image, "label": label, "key": key, "label_key": key}
 
 
 def make_seg_source(cfg, split: str):
