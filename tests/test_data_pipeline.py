@@ -402,7 +402,7 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypa
 
 def test_train_with_no_readable_image_raises(tmp_path):
   """A bad record is replaced by the next readable one; with none in the whole split, an error
-  that names the data root, in the main process or a worker."""
+  that names the data root and why the first bad file failed, in the main process or a worker."""
   rng = np.random.default_rng(0)
   for split in ("train", "val"):
     for wnid in WNIDS[:3]:
@@ -413,7 +413,9 @@ def test_train_with_no_readable_image_raises(tmp_path):
     it = fd.create_loader(_cfg(tmp_path, num_workers=workers), "train", 2, seed=0)
     with pytest.raises(
         fd.DataNotFoundError,
-        match=re.escape(f"no readable image in the 6 train records of {tmp_path}"),
+        match=re.escape(f"no readable image in the 6 train records of {tmp_path}; expected image ")
+        + r"files that decode \(the first bad file, n\d+/\d\.JPEG: not an image file PIL can read; "
+        + r"the warnings above name every one\)",
     ):
       next(it)
     it.close()

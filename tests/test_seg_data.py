@@ -548,20 +548,28 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_train_with_no_readable_image_raises(tmp_path):
-  """As in classification: with no readable record in the split, an error naming the root."""
+def test_train_with_no_readable_record_raises(tmp_path):
+  """As in classification: with no readable record in the split, an error naming the root and
+  why the first bad record failed (here every annotation is RGB, the images are fine)."""
   root = make_ade20k_folder(tmp_path, num_train=4, num_val=1)
   for i in range(4):
-    with open(os.path.join(root, "images", "training", f"ADE_train_{i + 1:08d}.jpg"), "wb") as f:
-      f.write(b"\xff\xd8 not a jpeg")
+    path = os.path.join(root, "annotations", "training", f"ADE_train_{i + 1:08d}.png")
+    Image.open(path).convert("RGB").save(path)
   it = fd.create_seg_loader(_cfg(root), "train", 2, seed=0)
-  with pytest.raises(
-      fd.DataNotFoundError,
-      match=re.escape(
-          f"no readable image in the 4 train records of {root}; expected images and annotations"
-      ),
-  ):
+  with pytest.raises(fd.DataNotFoundError) as e:
     next(it)
+  assert re.fullmatch(
+      re.escape(
+          f"no readable record (image and annotation) in the 4 train records of {root}; expected "
+          "images and annotations that decode (the first bad file, "
+      )
+      + r"images/training/ADE_train_0000000\d\.jpg"
+      + re.escape(
+          ": annotation: mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or "
+          "'P'); the warnings above name every one)"
+      ),
+      str(e.value),
+  ), e.value
 
 
 @pytest.mark.parametrize(

@@ -108,13 +108,24 @@ class _Reader:
   transforms.BadImageError for a bad file; shared by the classification and segmentation
   pipelines. train: a bad record is replaced by the next one in source order that decodes,
   wrapping at the end (timm's ImageDataset does the same), and a split without one is
-  DataNotFoundError naming `where`. val: the caller masks a bad record out. A bad file is logged
-  when this process first reads it (two threads may both log it) and not read again by it."""
+  DataNotFoundError naming `where` and the first bad file's error. val: the caller masks a bad
+  record out. A bad file is logged when this process first reads it (two threads may both log it)
+  and not read again by it."""
 
-  def __init__(self, source, decode, train: bool, where: str, files: str = "image files"):
+  def __init__(
+      self,
+      source,
+      decode,
+      train: bool,
+      where: str,
+      files: str = "image files",
+      record: str = "image",
+  ):
     self._source, self._decode, self._train, self._where = source, decode, train, where
-    self._files = files  # what a record's files are, for the error of a split with none good
+    # What a record's files are and what a record is, for the error of a split with none good
+    self._files, self._record = files, record
     self._bad = set()  # record indices that failed to decode in this process
+    self._first_bad = ""  # "key: error" of the first of them
 
   def __call__(self, index: int):
     """(record, decode(record), whether the record at `index` was bad); (None, None, True)
@@ -129,12 +140,14 @@ class _Reader:
         return record, self._decode(record), tries > 0
       except transforms.BadImageError as e:
         self._bad.add(i)
+        self._first_bad = self._first_bad or f"{record['key']}: {e}"
         what = "replaced by the next readable record (train)" if self._train else "masked out (val)"
         log.warning("bad file %s %s: %s", record["key"], what, e)
     if self._train:
       raise sources.DataNotFoundError(
-          f"no readable image in the {n} train records of {self._where}; expected {self._files} "
-          "that decode (the warnings above name the bad ones)"
+          f"no readable {self._record} in the {n} train records of {self._where}; expected "
+          f"{self._files} that decode (the first bad file, {self._first_bad}; the warnings above "
+          "name every one)"
       )
     return None, None, True
 

@@ -98,7 +98,12 @@ class _MakeExample:
     self._cfg, self._seed, self._train = cfg, seed, train
     decode = functools.partial(_decode, cfg=cfg)
     self._read = pipeline._Reader(
-        source, decode, train, pipeline.data_location(cfg), "images and annotations"
+        source,
+        decode,
+        train,
+        pipeline.data_location(cfg),
+        "images and annotations",
+        "record (image and annotation)",
     )
 
   def _empty(self) -> dict:
