@@ -393,6 +393,18 @@ def test_missing_annotation_and_layout_errors(tmp_path):
   (tmp_path / "empty" / "images" / "training" / "a.JPG").write_bytes(b"")
   with pytest.raises(fd.DataNotFoundError, match=r"\(1 files end in another case, e.g. a.JPG\)"):
     fd.seg_num_examples(_cfg(tmp_path / "empty"), "train")
+  pngs = tmp_path / "png"
+  for kind in ("images", "annotations"):
+    os.makedirs(pngs / kind / "training")
+  for i in range(2):
+    (pngs / "images" / "training" / f"img00{i}.png").write_bytes(b"")
+  (pngs / "images" / "training" / "notes.txt").write_bytes(b"")  # not an image: not counted
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.seg_num_examples(_cfg(pngs), "train")
+  assert str(e.value).startswith(
+      f"no .jpg images found under {pngs}/images/training (2 files with another suffix, e.g. "
+      "img000.png: images are read as .jpg, as ADE20K's); expected the ADE20K layout"
+  )
   make_ade20k_folder(tmp_path / "up" / "ADEChallengeData2016", num_train=1, num_val=1)
   inner = tmp_path / "up" / "ADEChallengeData2016"
   with pytest.raises(fd.DataNotFoundError, match=re.escape(f"(did you mean {inner}?)")):

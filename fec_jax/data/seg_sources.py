@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from fec_jax.data.seg_config import DEMO_NUM_CLASSES
-from fec_jax.data.sources import DataNotFoundError
+from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS
 
 IMG_SUFFIX, SEG_MAP_SUFFIX = ".jpg", ".png"  # mmseg's ADE20KDataset suffixes (case-sensitive)
 
@@ -48,8 +48,16 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
       raise DataNotFoundError(f"{d} is not a directory{hint}; {ADE20K_LAYOUT_HELP}")
   images = _scan(img_dir, IMG_SUFFIX)
   if not images:
-    other = [p for p in _scan(img_dir, "") if p.lower().endswith(IMG_SUFFIX)]
-    hint = f" ({len(other)} files end in another case, e.g. {other[0]})" if other else ""
+    found = [p for p in _scan(img_dir, "") if p.lower().endswith(IMG_EXTENSIONS)]
+    other_case = [p for p in found if p.lower().endswith(IMG_SUFFIX)]
+    hint = ""
+    if other_case:
+      hint = f" ({len(other_case)} files end in another case, e.g. {other_case[0]})"
+    elif found:
+      hint = (
+          f" ({len(found)} files with another suffix, e.g. {found[0]}: images are read as "
+          f"{IMG_SUFFIX}, as ADE20K's)"
+      )
     raise DataNotFoundError(
         f"no {IMG_SUFFIX} images found under {img_dir}{hint}; {ADE20K_LAYOUT_HELP}"
     )
