@@ -85,12 +85,13 @@ def _read_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
-def _check_directory(directory: str) -> None:
+def check_directory(directory: str, name: str = "checkpoint directory") -> None:
+  """CheckpointError unless `directory` is a directory; the message calls it `name`."""
   if not os.path.isdir(directory):
     problem = "is a file" if os.path.exists(directory) else "does not exist"
     torch_file = os.path.isfile(directory) and directory.endswith((".pth", ".pt", ".tar"))
     raise CheckpointError(
-        f"checkpoint directory {directory} {problem}; expected the --output "
+        f"{name} {directory} {problem}; expected the --output "
         "of convert_torch_weights.py or a train.py --workdir"
         + (f" (convert_torch_weights.py --input {directory} makes one)" if torch_file else "")
     )
@@ -100,7 +101,7 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
   """The model a checkpoint describes and its step (default: the latest), without the params:
   fast, so that a command checks its inputs against the model before the slow restore."""
   directory = os.path.abspath(os.fspath(directory))
-  _check_directory(directory)
+  check_directory(directory)
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:

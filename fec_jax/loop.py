@@ -174,6 +174,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
   elif config.init_from:
+    checkpoint.check_directory(config.init_from, "config.init_from")
     source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
     found, pretrained = _timed(
         f"loading init_from {source}",

@@ -339,8 +339,12 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
       "fine-tune fec_small"
   )
   assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")  # nothing was trained
-  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+  with pytest.raises(checkpoint.CheckpointError) as e:
     train(finetune_config(root, str(tmp_path / "nowhere")), tmp_path / "w2")
+  assert str(e.value) == (
+      f"config.init_from {tmp_path}/nowhere does not exist; expected the --output of "
+      "convert_torch_weights.py or a train.py --workdir"
+  )
 
 
 def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
