@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fec_jax.model import STAGE_NAME, create_model, is_stage, variable_shapes
+from fec_jax.model import STAGE_NAME, create_model, init_from_models, is_stage, variable_shapes
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -224,11 +224,12 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
   items = check_is_run(directory, step)
   wanted = model_metadata(name, overrides)
   if saved != wanted:
+    fits = saved["name"] in init_from_models(name)
     raise CheckpointError(
         f"{directory} holds a run of {_describe(saved)}; the config asks for {_describe(wanted)}. "
         "Resume it with its own config (leave out --config where the workdir has a config.json: "
-        "train.py then takes it), or start a new --workdir (--config.init_from="
-        f"{directory} to fine-tune from it)"
+        "train.py then takes it), or start a new --workdir"
+        + (f" (--config.init_from={directory} to fine-tune from it)" if fits else "")
     )
   if ema and EMA_PARAMS_ITEM not in items:
     raise CheckpointError(

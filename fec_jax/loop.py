@@ -36,7 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, data, reporting, tasks, training
-from fec_jax.model import SEGMENTERS, VARIANTS
+from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
 from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
@@ -196,10 +196,10 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
 def _init_from_fix(found: str, model: str) -> str:
   """What init_from takes for `model`, for an init_from checkpoint of `found` that does not fit."""
   if model in SEGMENTERS:
-    backbone = SEGMENTERS[model]
+    classifier, backbone, _ = init_from_models(model)
     return (
-        f"{model} starts from {backbone.removesuffix('_seg')} (an ImageNet classifier), "
-        f"{backbone} (a dense backbone) or {model}; or set --config.model.name"
+        f"{model} starts from {classifier} (an ImageNet classifier), {backbone} (a dense "
+        f"backbone) or {model}; or set --config.model.name"
     )
   if found in SEGMENTERS or VARIANTS[found].dense_outputs:
     return f"a classifier starts from a classifier: give a {model} checkpoint"

@@ -538,6 +538,16 @@ def list_models() -> list[str]:
   return sorted([*VARIANTS, *SEGMENTERS])
 
 
+def init_from_models(name: str) -> tuple[str, ...]:
+  """The models whose weights can start a run of `name` (config.init_from; the tasks'
+  adopt_pretrained): a segmenter starts from its backbone's ImageNet classifier, that dense
+  backbone or a segmenter of its own kind; a classifier from a classifier of its own kind."""
+  if name in SEGMENTERS:
+    backbone = SEGMENTERS[name]
+    return backbone.removesuffix("_seg"), backbone, name
+  return (name,)
+
+
 def create_model(name: str, **overrides) -> nn.Module:
   """`create_model('fec_small', num_classes=10, drop_path_rate=0.1, dtype=jnp.bfloat16)`;
   `create_model('fpn_fec_small')` gives a fec_jax.fpn.SemanticFPN (150 classes by default)."""

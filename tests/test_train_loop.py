@@ -402,6 +402,27 @@ def test_init_from_of_another_model_says_what_the_config_starts_from(found, mode
   assert loop._init_from_fix(found, model).startswith(fix)
 
 
+@pytest.mark.parametrize(
+    "saved, wanted, fits",
+    [
+        ("fpn_fec_small", "fec_small", False),  # a classifier starts from a classifier
+        ("fec_small", "fec_base", False),
+        ("fec_small", "fpn_fec_small", True),  # a segmenter starts from its backbone's classifier
+        ("fec_small", "fec_small", True),  # of other classes: the head is re-initialized
+    ],
+)
+def test_a_workdir_of_another_model_offers_init_from_where_it_fits(saved, wanted, fits, tmp_path):
+  """resumable_step reads a run's model item and item names only: weights and the folders of
+  the training items stand in for a run."""
+  checkpoint.save_params(str(tmp_path), {"w": np.zeros(1)}, saved, {"num_classes": 3})
+  for item in (checkpoint.OPT_STATE_ITEM, checkpoint.PROGRESS_ITEM, checkpoint.DATA_ITER_ITEM):
+    os.makedirs(tmp_path / "0" / item)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.resumable_step(str(tmp_path), wanted, {"num_classes": 5}, ema=False)
+  fine_tune = f" (--config.init_from={tmp_path} to fine-tune from it)" if fits else ""
+  assert str(e.value).endswith(f"or start a new --workdir{fine_tune}"), e.value
+
+
 def test_a_resume_may_change_where_to_stop_how_often_to_log_and_how_to_evaluate(reference):
   config = tiny(max_steps=99, log_every_steps=5, eval_every_steps=7, **{"data.num_workers": 2})
   with config.unlocked():
