@@ -420,7 +420,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   if run.unevaluated is not None:
     logging.info("step %d was saved without its evaluation (the run stopped there)", start)
     try:
-      metrics = _evaluate(run.evaluator, state, start, True, _evaluation_stop(run.preemption))
+      metrics = _evaluate(run.evaluator, state, start, True, run.preemption)
     except tasks.EvaluationStopped as e:
       logging.info(
           "%s: the evaluation of step %d %s; run the same command to evaluate it",
@@ -495,8 +495,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       logging.info("the evaluation of step %d is skipped: the run is stopping", step)
     elif eval_now:
       try:
-        stop_evaluation = _evaluation_stop(run.preemption)
-        record.update(_evaluate(run.evaluator, state, step, not evaluated, stop_evaluation))
+        record.update(_evaluate(run.evaluator, state, step, not evaluated, run.preemption))
         evaluated = True
       except Exception as e:  # pylint: disable=broad-except
         if not _skip_failed_evaluation(run.preemption):
@@ -596,15 +595,15 @@ def _evaluation_stop(preemption) -> Callable[[], bool] | None:
   return lambda: preemption.signal_name is not None
 
 
-def _evaluate(evaluator, state, step: int, first: bool, stop=None) -> dict[str, float]:
-  """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line; `stop`: see
-  _evaluation_stop."""
+def _evaluate(evaluator, state, step: int, first: bool, preemption) -> dict[str, float]:
+  """val_* (and ema_val_*) metrics of the task's evaluator, logged on one line;
+  tasks.EvaluationStopped where a signal stopped it (_evaluation_stop)."""
   logging.info("evaluating step %d%s ...", step, " (and compiling the eval step)" if first else "")
   start = time.perf_counter()
   variable_sets = {"val_": state.variables()}  # metric prefix -> weights
   if state.ema_params is not None:
     variable_sets["ema_val_"] = state.variables(ema=True)
-  results = evaluator.evaluate(list(variable_sets.values()), stop=stop)
+  results = evaluator.evaluate(list(variable_sets.values()), stop=_evaluation_stop(preemption))
   record = {
       prefix + k: v for prefix, metrics in zip(variable_sets, results) for k, v in metrics.items()
   }
