@@ -86,11 +86,11 @@ def main(argv):
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   directory = FLAGS.workdir or FLAGS.checkpoint
-  cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
   found, step = checkpoint.load_model(directory, FLAGS.step)  # the model only: fast
   held = model_name(found)
   flag = "--workdir" if FLAGS.workdir else "--checkpoint"
   cli.check_config_found(directory, flag, held, FLAGS["config"].present, CONFIGS)
+  cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
   if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
     cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.per_class and FLAGS.throughput:

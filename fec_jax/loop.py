@@ -421,12 +421,14 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     logging.info("step %d was saved without its evaluation (the run stopped there)", start)
     try:
       metrics = _evaluate(run.evaluator, state, start, True, run.preemption)
-    except tasks.EvaluationStopped as e:
+    except Exception as e:  # pylint: disable=broad-except
+      if not _skip_failed_evaluation(run.preemption):
+        raise
       logging.info(
           "%s: the evaluation of step %d %s; run the same command to evaluate it",
           run.preemption.reason,
           start,
-          e,
+          e if isinstance(e, tasks.EvaluationStopped) else f"failed ({e})",
       )
       return RunResult(start, True, dict(run.unevaluated))
     record = {**run.unevaluated, **metrics}

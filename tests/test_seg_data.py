@@ -542,8 +542,9 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
     val = list(it)
   assert [bool(e["mask"]) for e in val] == [False, False, False]
   assert sorted(r.getMessage().split(": ", 1)[1] for r in caplog.records) == [
-      "annotation: empty file",
-      "annotation: mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or 'P')",
+      "annotation annotations/validation/ADE_val_00000002.png: empty file",
+      "annotation annotations/validation/ADE_val_00000003.png: mode RGB; expected a "
+      "single-channel 8-bit PNG of class ids ('L' or 'P')",
       "not an image file PIL can read",
   ]
   assert it.stats() == {"bad": 3, "converted": 0}
@@ -575,9 +576,10 @@ def test_train_with_no_readable_record_raises(tmp_path):
           f"no readable record (image and annotation) in the 4 train records of {root}; expected "
           "images and annotations that decode (the first bad file, "
       )
-      + r"images/training/ADE_train_0000000\d\.jpg"
+      + r"images/training/ADE_train_0000000(\d)\.jpg: annotation "
+      + r"annotations/training/ADE_train_0000000\1\.png"
       + re.escape(
-          ": annotation: mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or "
+          ": mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or "
           "'P'); the warnings above name every one)"
       ),
       str(e.value),

@@ -234,6 +234,14 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_run(
   result = train(tiny(), workdir)
   assert result.preempted and result.step == STEPS
   assert reporting.read_metrics(workdir)[-1] == unevaluated
+
+  def killed(self, variable_sets, **kwargs):  # a loader worker died of the signal
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+
+  monkeypatch.setattr(classification.TopK, "evaluate", killed)
+  result = train(tiny(), workdir)
+  assert result.preempted and reporting.read_metrics(workdir)[-1] == unevaluated
   monkeypatch.setattr(classification.TopK, "evaluate", evaluate)
   result = train(tiny(), workdir)
   assert not result.preempted and reporting.read_metrics(workdir) == records

@@ -54,10 +54,11 @@ def _decode(record, cfg):
   try:
     label = seg_transforms.decode_label(record["label"])
   except transforms.BadImageError as e:  # the warning names the image: say which file failed
-    raise transforms.BadImageError(f"annotation: {e}") from e
+    raise transforms.BadImageError(f"annotation {record['label_key']}: {e}") from e
   if label.shape != image.shape[:2]:
     raise transforms.BadImageError(
-        f"annotation is {label.shape[1]}x{label.shape[0]}, image {image.shape[1]}x{image.shape[0]}"
+        f"annotation {record['label_key']} is {label.shape[1]}x{label.shape[0]}, image "
+        f"{image.shape[1]}x{image.shape[0]}"
     )
   if cfg.reduce_zero_label:
     label = seg_transforms.reduce_zero_label(label)
@@ -67,22 +68,14 @@ def _decode(record, cfg):
 def _check_label_range(label, cfg, label_key) -> None:
   """ValueError for a class id >= num_classes that is not ignore_index in a train annotation:
   the loss would be NaN (PyTorch's cross_entropy, which the official code trains with, raises
-  "Target 4 is out of bounds"). Val labels are not checked: mmseg's metric leaves them out.
-  The message gives the ids as the file holds them (before reduce_zero_label)."""
-  outside = np.unique(label[(label >= cfg.num_classes) & (label != cfg.ignore_index)])
-  if outside.size:
-    k = cfg.num_classes
-    # reduce_zero_label needs ignore_index 255, so an id outside is the file's id minus 1
-    stored = outside + 1 if cfg.reduce_zero_label else outside
-    classes = (
-        f"0 ('other'), 1..{k} (config.data.num_classes {k} with reduce_zero_label)"
-        if cfg.reduce_zero_label
-        else f"0..{k - 1} (config.data.num_classes {k})"
-    )
+  "Target 4 is out of bounds"). Val labels only get a warning (the segmentation evaluator's):
+  mmseg's metric leaves them out. The message gives the ids as the file holds them."""
+  stored = seg_transforms.unknown_ids(label, cfg)
+  if stored:
     raise ValueError(
-        f"the annotation {label_key} holds class ids {stored.tolist()}; expected {classes} or "
-        f"{cfg.ignore_index} (ignore_index): config.data.num_classes (or reduce_zero_label) does "
-        "not fit the data"
+        f"the annotation {label_key} holds class ids {stored}; expected "
+        f"{seg_transforms.expected_ids(cfg)}: config.data.num_classes (or reduce_zero_label) "
+        "does not fit the data"
     )
 
 

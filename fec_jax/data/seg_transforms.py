@@ -45,6 +45,24 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
   return out
 
 
+def unknown_ids(label: np.ndarray, cfg) -> list[int]:
+  """The ids of an annotation [H, W] (with cfg.reduce_zero_label applied) that are neither a
+  class (< cfg.num_classes) nor cfg.ignore_index, as the file stores them: reduce_zero_label,
+  which needs ignore_index 255, took 1 off each."""
+  ids = np.unique(label[(label >= cfg.num_classes) & (label != cfg.ignore_index)])
+  return [int(i) + bool(cfg.reduce_zero_label) for i in ids]
+
+
+def expected_ids(cfg) -> str:
+  """The ids cfg's annotations may hold, as the files store them, for messages."""
+  k = cfg.num_classes
+  if cfg.reduce_zero_label:
+    classes = f"0 ('other'), 1..{k} (config.data.num_classes {k} with reduce_zero_label)"
+  else:
+    classes = f"0..{k - 1} (config.data.num_classes {k})"
+  return f"{classes} or {cfg.ignore_index} (ignore_index)"
+
+
 def rescale_size(height: int, width: int, scale) -> tuple[int, int]:
   """mmcv.rescale_size for a (long, short) tuple `scale`: the keep-ratio (new_h, new_w)."""
   factor = min(max(scale) / max(height, width), min(scale) / min(height, width))

@@ -31,14 +31,14 @@ class EvaluationStopped(Exception):
 class Progress:
   """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
   every `every` seconds (none for an evaluation shorter than that), and raises
-  EvaluationStopped once `stop()` is true."""
+  EvaluationStopped once `stop()` is true, but after the last batch (the metrics are done)."""
 
   def __init__(self, total: int, unit: str, stop: Callable[[], bool] | None, log, every=30.0):
     self._total, self._unit, self._stop, self._log, self._every = total, unit, stop, log, every
     self._start = self._last = time.perf_counter()
 
   def update(self, done: int, note: str = "") -> None:
-    if self._stop is not None and self._stop():
+    if done < self._total and self._stop is not None and self._stop():
       raise EvaluationStopped(f"stopped after {done} of {self._total} val {self._unit}")
     now = time.perf_counter()
     if now - self._last >= self._every:

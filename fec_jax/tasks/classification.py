@@ -4,6 +4,8 @@ per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,7 +127,11 @@ class TopK(Evaluator):
     self._steps = {}  # per_class -> the step, compiled at the first batch (one shape for all)
 
   def evaluate(
-      self, variable_sets, per_class: bool = False, stop=None, log=logging.info
+      self,
+      variable_sets: Sequence[dict],
+      per_class: bool = False,
+      stop: Callable[[], bool] | None = None,
+      log: Callable[[str], None] = logging.info,
   ) -> list[dict[str, float]]:
     totals = [None] * len(variable_sets)
     progress = Progress(self._num_batches, "batches", stop, log)

@@ -6,6 +6,7 @@ whole-image inference at each image's own size."""
 from __future__ import annotations
 
 import collections
+from typing import Callable, Sequence
 
 import flax
 import jax
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
-from fec_jax.data import classes, seg_device_transforms
+from fec_jax.data import classes, seg_device_transforms, seg_transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import Evaluator, Progress, Task
 
@@ -89,7 +90,11 @@ class MeanIoU(Evaluator):
     )
 
   def evaluate(
-      self, variable_sets, per_class: bool = False, stop=None, log=logging.info
+      self,
+      variable_sets: Sequence[dict],
+      per_class: bool = False,
+      stop: Callable[[], bool] | None = None,
+      log: Callable[[str], None] = logging.info,
   ) -> list[dict[str, float]]:
     local_sets = [self._local(variables) for variables in variable_sets]
     totals = [
@@ -112,7 +117,7 @@ class MeanIoU(Evaluator):
       for done, example in enumerate(examples, 1):
         if example["mask"]:  # else padding of the last host's share, or a bad file
           counts["images"] += 1
-          ids = self._unknown_ids(example["label"])
+          ids = seg_transforms.unknown_ids(example["label"], self._config.data)
           counts["unknown"] += bool(ids)
           unknown_ids.update(ids)
           image = jax.device_put(example["image"][None], self._device)
@@ -145,32 +150,19 @@ class MeanIoU(Evaluator):
       )
     return [{**miou.summarize(t, per_class), "images": count} for t in totals]
 
-  def _unknown_ids(self, label: np.ndarray) -> set[int]:
-    """The ids of a val annotation [H0, W0] (reduce_zero_label applied) that are neither a class
-    nor ignore_index, as the file stores them: their pixels count in no class (miou)."""
-    d = self._config.data
-    ids = np.unique(label[(label >= self._num_classes) & (label != d.ignore_index)])
-    return {int(i) + d.reduce_zero_label for i in ids}  # reduce_zero_label took 1 off
-
   def _warn_unknown(self, annotations: int, count: int, ids: set[int]) -> None:
-    """A warning that `annotations` of the `count` val annotations hold unknown `ids`: the
-    metric leaves their pixels out (as mmseg's does), where training stops at such an id."""
-    d = self._config.data
-    classes_are = (
-        f"1..{d.num_classes} (0: other)" if d.reduce_zero_label else f"0..{d.num_classes - 1}"
-    )
+    """A warning that `annotations` of the `count` val annotations hold ids that are no class
+    (this host's: `ids`): the metric leaves their pixels out (as mmseg's does), where training
+    stops at such an id."""
     shown = ", ".join(map(str, sorted(ids)[:8])) + (", ..." if len(ids) > 8 else "")
     logging.warning(
-        "%d of the %d val annotations hold ids %s, which are neither a class (%s with "
-        "config.data.num_classes %d and reduce_zero_label %s) nor ignore_index %d: their pixels "
-        "count in no class, as in mmseg; check num_classes and reduce_zero_label",
+        "%d of the %d val annotations hold ids that are neither a class nor ignore_index (%s; "
+        "expected %s): their pixels count in no class, as in mmseg; check "
+        "config.data.num_classes and reduce_zero_label",
         annotations,
         count,
-        shown or "(on other hosts)",
-        classes_are,
-        d.num_classes,
-        d.reduce_zero_label,
-        d.ignore_index,
+        f"e.g. {shown}" if shown else "on other hosts",
+        seg_transforms.expected_ids(self._config.data),
     )
 
 
