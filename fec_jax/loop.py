@@ -422,14 +422,10 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     try:
       metrics = _evaluate(run.evaluator, state, start, True, run.preemption)
     except Exception as e:  # pylint: disable=broad-except
-      if not _skip_failed_evaluation(run.preemption):
+      if not _skip_failed_evaluation(
+          run.preemption, start, e, "run the same command to evaluate it"
+      ):
         raise
-      logging.info(
-          "%s: the evaluation of step %d %s; run the same command to evaluate it",
-          run.preemption.reason,
-          start,
-          e if isinstance(e, tasks.EvaluationStopped) else f"failed ({e})",
-      )
       return RunResult(start, True, dict(run.unevaluated))
     record = {**run.unevaluated, **metrics}
     run.writer.replace_last(record)  # only now: a failed evaluation leaves the record as it was
@@ -500,23 +496,9 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
         record.update(_evaluate(run.evaluator, state, step, not evaluated, run.preemption))
         evaluated = True
       except Exception as e:  # pylint: disable=broad-except
-        if not _skip_failed_evaluation(run.preemption):
+        if not _skip_failed_evaluation(run.preemption, step, e, "skipped: the run is stopping"):
           _save_unevaluated(run, state, record, e)
           raise
-        if isinstance(e, tasks.EvaluationStopped):
-          logging.info(
-              "%s: the evaluation of step %d %s; skipped: the run is stopping",
-              run.preemption.reason,
-              step,
-              e,
-          )
-        else:
-          logging.warning(
-              "the evaluation of step %d failed after %s (%s); skipped: the run is stopping",
-              step,
-              run.preemption.signal_name,
-              e,
-          )
         stop = True
       clock.restart()  # the next rate counts training only, not this evaluation
       if step < run.num_steps:  # a signal during the evaluation: stop here (every process)
@@ -572,14 +554,22 @@ def _save_unevaluated(run: _Run, state, record: dict[str, Any], error: Exception
   )
 
 
-def _skip_failed_evaluation(preemption) -> bool:
-  """Whether an evaluation that raised is skipped, and the step saved: with one process, after a
-  signal, which stops the run after this step anyway. The signal reaches the loader's worker
-  processes too (the whole process group); they start ignoring it (fec_jax.data.pipeline's
-  launcher), but where no launcher could run, a worker still starting up dies of it, which fails
-  the evaluation; every evaluation starts its workers afresh. Several processes evaluate
-  together (collectives), so there the error stands."""
-  return preemption.signal_name is not None and jax.process_count() == 1
+def _skip_failed_evaluation(preemption, step: int, error: Exception, then: str) -> bool:
+  """Whether an evaluation of `step` that raised `error` is skipped, and the step saved: with
+  one process, after a signal, which stops the run after this step anyway; if so, a line says
+  why and `then` what the run does. The signal stops an evaluation part-way (EvaluationStopped,
+  _evaluation_stop), and it reaches the loader's worker processes too (the whole process group);
+  they start ignoring it (fec_jax.data.pipeline's launcher), but where no launcher could run, a
+  worker still starting up dies of it, which fails the evaluation; every evaluation starts its
+  workers afresh. Several processes evaluate together (collectives), so there the error stands."""
+  if preemption.signal_name is None or jax.process_count() > 1:
+    return False
+  if isinstance(error, tasks.EvaluationStopped):
+    logging.info("%s: the evaluation of step %d %s; %s", preemption.reason, step, error, then)
+  else:
+    message = "%s: the evaluation of step %d failed (%s); %s"
+    logging.warning(message, preemption.reason, step, error, then)
+  return True
 
 
 def _last_good(step: int | None, workdir: str) -> str:
