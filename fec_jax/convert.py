@@ -477,6 +477,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
       "--to-torch", action="store_true", help="write an official state dict from an Orbax directory"
   )
+  p.add_argument(
+      "--step",
+      type=int,
+      help="with --to-torch: the saved step of a train.py workdir to write (default: the latest)",
+  )
   return p
 
 
@@ -511,6 +516,11 @@ def check_paths(args: argparse.Namespace) -> None:
     raise ConversionError(
         f"--input {src} is a directory; expected {expected} (to convert an "
         "Orbax directory to PyTorch, add --to-torch)"
+    )
+  if args.step is not None and not args.to_torch:
+    raise ConversionError(
+        "--step chooses a saved step of an Orbax --input, with --to-torch; a PyTorch "
+        "checkpoint holds one set of weights"
     )
   if args.to_torch:
     if os.path.isdir(dst) or dst.endswith(os.sep):
@@ -578,13 +588,13 @@ def to_orbax(args) -> None:
 def to_torch(args) -> None:
   safetensors = args.output.lower().endswith(".safetensors")
   torch = None if safetensors else _torch()  # before the restore: a missing torch fails fast
-  model, step = load_model(args.input)
+  model, step = load_model(args.input, args.step)
   if args.model and args.model != model_name(model):
     raise ConversionError(
         f"{args.input} holds {model_name(model)}, not {args.model}: "
         f"pass --model {model_name(model)} or leave out --model"
     )
-  model, variables = load_pretrained(args.input, ema=args.ema)
+  model, variables = load_pretrained(args.input, step, ema=args.ema)
   state = variables_to_torch(variables)
   if safetensors:
     from safetensors.numpy import save_file

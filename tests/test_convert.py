@@ -358,6 +358,11 @@ PATH_MISTAKES = [
         ".pth, .pth.tar, .pt, .bin or .ckpt (torch.save) or .safetensors",
     ),
     (
+        "step without to-torch",
+        "--step chooses a saved step of an Orbax --input, with --to-torch; a PyTorch checkpoint"
+        " holds one set of weights",
+    ),
+    (
         "overwrite of a non-checkpoint",
         "--output directory {tmp} holds more than an FEC checkpoint;"
         " --overwrite replaces only a conversion's output",
@@ -407,6 +412,7 @@ def test_path_mistakes_are_one_line_before_any_work(
           "--to-torch",
       ],
       "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
+      "step without to-torch": ["--input", pth, "--output", tmp / "o", "--step=4"],
   }[case]
   no_slow_work(monkeypatch)
   monkeypatch.chdir(tmp)  # an empty --output names the current directory

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 import pytest
+import torch
 
 import fec_jax
 from configs import fec_base, finetune
-from fec_jax import checkpoint, data, loop, preemption, reporting, tasks
+from fec_jax import checkpoint, convert, data, loop, preemption, reporting, tasks
 from fec_jax.data import device_transforms
 from fec_jax.model import FAST_COMPILE
 from fec_jax.tasks import classification
@@ -90,6 +91,32 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
       f"{table['top1'][0]:.2f}",
       f"{table['top5'][0]:.2f}",
   ]
+
+
+def test_to_torch_writes_the_chosen_step_of_a_run_and_its_ema(reference, tmp_path, capsys):
+  """convert_torch_weights.py --to-torch on a workdir: --step=4 --ema writes step 4's EMA weights
+  bit for bit (the latest step is 6); a step that was not kept is one error, nothing written."""
+  out = tmp_path / "step4.pth"
+  args = ["--input", reference, "--output", str(out), "--to-torch", "--ema"]
+  assert convert.main([*args, "--step=4"]) == 0
+  assert capsys.readouterr().out == (
+      f"wrote 282 tensors of fec_small (the EMA weights of step 4) to {out}\n"
+  )
+  _, ema4 = fec_jax.load_pretrained(reference, step=4, ema=True)
+  expected = convert.variables_to_torch(ema4)
+  written = torch.load(out, weights_only=True)
+  assert written.keys() == expected.keys()
+  for k, v in expected.items():
+    np.testing.assert_array_equal(written[k].numpy(), v, err_msg=k)
+  _, ema6 = fec_jax.load_pretrained(reference, ema=True)
+  assert not np.array_equal(
+      convert.variables_to_torch(ema6)["head.weight"], expected["head.weight"]
+  )
+  with pytest.raises(SystemExit) as e:
+    convert.main([*args[:3], str(tmp_path / "step2.pth"), *args[4:], "--step=2"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == f"error: {reference} has no step 2; saved steps: [4, 6]\n"
+  assert os.listdir(tmp_path) == ["step4.pth"]
 
 
 def test_evaluator_counts_the_readable_images_and_refuses_none(tmp_path):
