@@ -5,6 +5,7 @@ import importlib
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,26 @@ def test_soft_target_cross_entropy_and_eval_sums():
   assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
   masked = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
   assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
+
+
+def test_top5_only_with_more_than_5_classes():
+  """With 5 classes or fewer every label is among the top 5: no top-5 sums, metric or column."""
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+  sums = classification.eval_sums(logits, jnp.array([0, 2]), jnp.array([True, True]), True)
+  assert sorted(sums) == ["class_count", "class_top1", "count", "loss", "top1"]
+  metrics = classification._summarize(jax.device_get(sums))
+  assert metrics["top1"] == 50.0 and list(metrics["per_class"]) == ["images", "top1"]
+  config = demo.get_config()
+  config.data.num_classes = 3
+  task = tasks.get(config)
+  assert re.fullmatch(r"top-1 50.00%  loss \d\.\d{4}  \(2 val images\)", task.describe(metrics))
+  assert task.per_class_table(metrics["per_class"]).splitlines()[0].split() == [
+      "class",
+      "images",
+      "top1",
+  ]
+  wider = jnp.pad(logits, ((0, 0), (0, 3)), constant_values=-9.0)  # [2, 6]
+  assert "top5" in classification.eval_sums(wider, jnp.array([0, 2]), jnp.array([True, True]))
 
 
 AUGMENT_ON_4_DEVICES = """

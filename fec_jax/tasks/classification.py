@@ -70,25 +70,23 @@ def per_device_augment(data_config, mesh: Mesh):
 
 
 def eval_sums(logits, labels, mask, per_class: bool = False):
-  """Sums over the real examples of a val batch: loss (hard-label CE), top-1, top-5 hits, count;
-  with per_class also the count and the top-1 and top-5 hits of each class, each [K]."""
+  """Sums over the real examples of a val batch: loss (hard-label CE), top-1 and top-5 hits (top-5
+  only with more than 5 classes), count; with per_class also each class's count and hits, [K]."""
   logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
   weight = mask.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]  # [B, 5]
-  hit1 = (top5[:, 0] == labels).astype(jnp.float32)
-  hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
-  sums = {
-      "loss": jnp.sum(loss * weight),
-      "top1": jnp.sum(hit1 * weight),
-      "top5": jnp.sum(hit5 * weight),
-      "count": jnp.sum(weight),
-  }
+  ranked = jax.lax.top_k(logits, min(5, num_classes))[1]  # [B, min(5, K)]
+  hits = {"top1": ranked[:, 0] == labels}
+  if num_classes > 5:  # with 5 classes or fewer every label is among the top 5
+    hits["top5"] = jnp.any(ranked == labels[:, None], axis=-1)
+  hits = {k: v.astype(jnp.float32) * weight for k, v in hits.items()}
+  sums = {"loss": jnp.sum(loss * weight), **{k: jnp.sum(v) for k, v in hits.items()}}
+  sums["count"] = jnp.sum(weight)
   if per_class:
-    by_class = lambda x: jax.ops.segment_sum(x, labels, num_segments=logits.shape[-1])  # [K]
+    by_class = lambda x: jax.ops.segment_sum(x, labels, num_segments=num_classes)  # [K]
     sums["class_count"] = by_class(weight)
-    sums["class_top1"] = by_class(hit1 * weight)
-    sums["class_top5"] = by_class(hit5 * weight)
+    sums.update({f"class_{k}": by_class(v) for k, v in hits.items()})
   return sums
 
 
@@ -159,10 +157,10 @@ def _summarize(totals: dict) -> dict[str, float]:
   an unreadable image is left out); per_class where the sums have the classes' (top-1 and
   top-5 NaN for a class without images)."""
   n = float(totals["count"])
+  rates = [k for k in ("top1", "top5") if k in totals]
   metrics = {
       "loss": float(totals["loss"]) / n,
-      "top1": 100.0 * float(totals["top1"]) / n,
-      "top5": 100.0 * float(totals["top5"]) / n,
+      **{k: 100.0 * float(totals[k]) / n for k in rates},
       "images": int(totals["count"]),
   }
   if "class_count" in totals:
@@ -170,8 +168,7 @@ def _summarize(totals: dict) -> dict[str, float]:
     with np.errstate(divide="ignore", invalid="ignore"):
       metrics["per_class"] = {
           "images": count.astype(np.int64),
-          "top1": 100.0 * totals["class_top1"] / count,
-          "top5": 100.0 * totals["class_top5"] / count,
+          **{k: 100.0 * totals[f"class_{k}"] / count for k in rates},
       }
   return metrics
 
@@ -241,8 +238,9 @@ class Classification(Task):
     return {**variables, "params": params}, notes
 
   def describe(self, metrics: dict[str, float]) -> str:
+    top5 = f"top-5 {metrics['top5']:.2f}%  " if "top5" in metrics else ""
     return (
-        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+        f"top-1 {metrics['top1']:.2f}%  {top5}"
         f"loss {metrics['loss']:.4f}  ({metrics['images']} val images)"
     )
 
