@@ -185,11 +185,21 @@ def test_progress_lines_and_stop():
   progress.update(4)  # the last: the metrics are complete, no reason to drop them
 
 
-def test_resume_restores_batch_stats(seg_run, tmp_path):
+def test_resume_restores_batch_stats(seg_run, tmp_path, caplog):
   """2 steps, then the same workdir to 4: per-step losses and the final batch_stats are those
-  of the straight 4-step run, bit for bit (one CPU device)."""
-  assert train(seg_tiny(max_steps=2), tmp_path).step == 2
-  assert train(seg_tiny(), tmp_path).step == STEPS
+  of the straight 4-step run, bit for bit (one CPU device). The fresh run says that it starts
+  from random weights; the resume does not."""
+  note = (
+      "config.init_from is not set: fpn_fec_small starts from random weights (the authors' recipe "
+      "starts its backbone from an ImageNet classifier: --config.init_from=a fec_small checkpoint)"
+  )
+  with caplog.at_level("WARNING"):
+    assert train(seg_tiny(max_steps=2), tmp_path).step == 2
+  assert note in caplog.messages
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert train(seg_tiny(), tmp_path).step == STEPS
+  assert note not in caplog.messages
   assert losses(tmp_path) == losses(seg_run)
   resumed = fec_jax.load_pretrained(str(tmp_path))[1]["batch_stats"]
   straight = fec_jax.load_pretrained(seg_run)[1]["batch_stats"]
