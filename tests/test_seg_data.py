@@ -378,6 +378,17 @@ def test_ade20k_source_layout_and_order(ade):
   assert fd.seg_num_eval_examples(_cfg(ade), shard_count=2) == 3
 
 
+def test_annotations_without_an_image_are_named_and_not_used(tmp_path, caplog):
+  root = make_ade20k_folder(tmp_path / "ade", num_train=4, num_val=2)
+  os.remove(os.path.join(root, "images", "training", "ADE_train_00000002.jpg"))
+  with caplog.at_level("WARNING", logger="fec_jax.data.seg_sources"):
+    assert fd.seg_num_examples(_cfg(root), "train") == 3
+  assert caplog.messages == [
+      f"1 annotation(s) under {root}/annotations/training have no image and are not used, "
+      "first: ADE_train_00000002.png"
+  ]
+
+
 def test_missing_annotation_and_layout_errors(tmp_path):
   root = make_ade20k_folder(tmp_path / "ade", num_train=4, num_val=2)
   os.remove(os.path.join(root, "annotations", "training", "ADE_train_00000003.png"))

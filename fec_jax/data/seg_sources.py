@@ -7,12 +7,15 @@ pipeline's workers, so that a bad file is counted and replaced (train) or masked
 """
 
 import functools
+import logging
 import os
 
 import numpy as np
 
 from fec_jax.data.seg_config import DEMO_NUM_CLASSES
 from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 IMG_SUFFIX, SEG_MAP_SUFFIX = ".jpg", ".png"  # mmseg's ADE20KDataset suffixes (case-sensitive)
 
@@ -38,7 +41,8 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(image paths, annotation paths) relative to root, bytes [N] each, sorted by image path.
 
   Raises DataNotFoundError (before any image is read) for a missing folder, a split without
-  images, or an image without its annotation (naming the first such image)."""
+  images, or an image without its annotation (naming the first such image); warns of annotations
+  without an image (not used)."""
   img_dir = os.path.join(root, "images", split)
   ann_dir = os.path.join(root, "annotations", split)
   inner = os.path.join(root, "ADEChallengeData2016")
@@ -70,6 +74,14 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         f"{len(missing)} image(s) without annotation, first: "
         f"{os.path.join(img_dir, image)} has no {os.path.join(ann_dir, annotation)}; "
         f"{ADE20K_LAYOUT_HELP}"
+    )
+  unused = sorted(annotations.difference(wanted))
+  if unused:  # not an error (mmseg lists the images), but a folder the user may not expect
+    log.warning(
+        "%d annotation(s) under %s have no image and are not used, first: %s",
+        len(unused),
+        ann_dir,
+        unused[0],
     )
   to_root = lambda d, paths: np.array([os.path.join(d, p) for p in paths], dtype=np.bytes_)
   return (
