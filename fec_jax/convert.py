@@ -17,6 +17,7 @@ num_batches_tracked is not kept (unused with mmseg's momentum 0.1) and written b
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import itertools
 import os
@@ -261,6 +262,11 @@ def read_state_dict(
       else {}
   )
   state, notes = unwrap_state_dict(obj, ema, model)
+  stored = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values())
+  for dtype, count in sorted(stored.items()):
+    if dtype in ("float16", "bfloat16", "float64"):
+      exactly = "rounded" if dtype == "float64" else "exactly"
+      notes.append(f"{count} tensors stored as {dtype}, converted to float32 ({exactly})")
   return {k: _to_numpy(v) for k, v in state.items()}, info, notes
 
 

@@ -163,6 +163,29 @@ def test_checkpoint_layouts(tmp_path, small_state, wrap):
       convert.read_state_dict(str(path), ema=True)
 
 
+@pytest.mark.parametrize(
+    "dtype, how",
+    [(torch.float16, "exactly"), (torch.bfloat16, "exactly"), (torch.float64, "rounded")],
+)
+def test_weights_stored_in_another_precision_are_named(tmp_path, small_state, dtype, how, capsys):
+  """A checkpoint saved in half (or double) precision converts to float32 values, and says so."""
+  stored = {k: v.to(dtype) if v.is_floating_point() else v for k, v in small_state.items()}
+  src = tmp_path / "half.pth"
+  torch.save(stored, src)
+  code, out, err = convert_cli(capsys, "--input", src, "--output", tmp_path / "o")
+  assert (code, err) == (0, ""), err
+  name = str(dtype).removeprefix("torch.")
+  floats = sum(v.is_floating_point() for v in small_state.values())
+  assert (
+      out.splitlines()[0]
+      == f"{src}: {floats} tensors stored as {name}, converted to float32 ({how})"
+  )
+  _, variables = fec_jax.load_pretrained(tmp_path / "o")
+  back = convert.variables_to_torch(variables)
+  for k, v in stored.items():
+    np.testing.assert_array_equal(back[k], v.float().numpy(), err_msg=k)
+
+
 def test_strict_errors_list_every_bad_key(tmp_path, small_state, capsys):
   state = dict(small_state)
   del state["network.0.1.norm1.weight"]
