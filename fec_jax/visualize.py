@@ -7,7 +7,8 @@ For each image it writes
                       at the image's own size (one file per --num-clusters value)
   {stem}_levels.png   a strip: the model input, then the clusters of every level
                       (network.1, .3, .5 linked by Eq. 8), then the K-Means groups
-and prints the predicted class with its probability.
+and prints the predicted class with its probability. Images of the same name get _1, _2, ...
+after the stem (the command says which).
 """
 
 from __future__ import annotations
@@ -339,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
   classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
+  for path, stem in zip(args.image, stems):
+    if stem != os.path.splitext(os.path.basename(path))[0]:
+      print(f"{path}: written as {stem}_*.png (another --image has its name)")
   batch = min(args.batch_size, len(args.image))
   for first in range(0, len(args.image), batch):
     paths = args.image[first : first + batch]

@@ -293,6 +293,7 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
         "task",
         "dtype",
         "eval_batch",
+        "timing",
         "no_config",
     ],
 )
@@ -310,6 +311,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "task": [f"--workdir={reference}", "--config=configs/demo_seg.py"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
       "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
+      "timing": [f"--workdir={reference}", "--batch=4", "--iters=5"],
       "no_config": [f"--workdir={tmp_path / 'old'}"],
   }[case]
   expected = {
@@ -324,6 +326,8 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "(configs/fec_small.py, configs/demo.py)",
       "dtype": "config.model.dtype must be one of",
       "eval_batch": "config.eval_batch_size 0 must be a positive multiple",
+      "timing": "--batch, --iters: used only with --throughput; the evaluation's batch is "
+      "--config.eval_batch_size",
       "no_config": "has no config.json (a convert_torch_weights.py output, or a run of an earlier "
       "fec-jax) to take the config from; give --config, the config of its fec_small",
   }[case]
