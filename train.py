@@ -16,12 +16,9 @@ import os
 import re
 import shutil
 import sys
-import zlib
 
 import jax
-import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, cli, data, loop, reporting
 from fec_jax.model import model_name
@@ -81,19 +78,6 @@ def initialize_distributed() -> None:
     )
 
 
-def check_same_run_everywhere(config) -> None:
-  """Every process must run the same config and process count: one started with other
-  overrides would train with other values than the logs (process 0's) say."""
-  own = f"{FLAGS.num_processes} {config.to_json_best_effort(sort_keys=True)}"
-  digests = np.asarray(multihost_utils.process_allgather(np.uint32(zlib.crc32(own.encode()))))
-  others = [i for i, digest in enumerate(digests) if digest != digests[0]]
-  if others:
-    cli.fail(
-        f"process {others[0]} was started with another config or --num_processes than process "
-        "0: start every process with the same --config, --config.* overrides and --num_processes"
-    )
-
-
 def main(argv):
   del argv
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
@@ -102,7 +86,7 @@ def main(argv):
   check_multihost_flags()
   if FLAGS.multihost:
     initialize_distributed()
-    check_same_run_everywhere(FLAGS.config)
+    cli.check_same_run_everywhere(FLAGS.config, FLAGS.workdir, FLAGS.num_processes)
   new_workdir = not os.path.exists(FLAGS.workdir)
   cli.use_compilation_cache(FLAGS.workdir)
   try:

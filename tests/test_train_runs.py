@@ -158,25 +158,31 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
 
 
 def test_processes_started_with_different_configs_stop_at_once(compilation_cache, tmp_path):
-  """A process with its own override would train with other values than process 0 logs."""
+  """A process with its own override would train with other values than process 0 logs, one
+  with its own workdir would fail inside Orbax: both processes name what differs."""
   common = TINY + [
-      f"--workdir={tmp_path / 'multi'}",
       "--multihost",
       f"--coordinator_address=127.0.0.1:{free_port()}",
       "--num_processes=2",
   ]
   procs = [
       start("train.py", common + [f"--process_id={i}", *extra], compilation_cache)
-      for i, extra in enumerate([[], ["--config.base_lr=0.05"]])
+      for i, extra in enumerate(
+          [
+              [f"--workdir={tmp_path / 'multi'}"],
+              [f"--workdir={tmp_path / 'other'}", "--config.base_lr=0.05"],
+          ]
+      )
   ]
   errs = [p.communicate(timeout=300)[1] for p in procs]
   assert [p.returncode for p in procs] == [2, 2], errs
   for err in errs:
     assert err.splitlines()[-1] == (
-        "error: process 1 was started with another config or --num_processes than process 0: "
-        "start every process with the same --config, --config.* overrides and --num_processes"
+        "error: process 1 was started with another --workdir, config.base_lr than process 0: "
+        "start every process with the same --workdir, --config, --config.* overrides and "
+        "--num_processes"
     )
-  assert not os.path.exists(tmp_path / "multi")
+  assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
 
 
 def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
