@@ -269,17 +269,26 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   )
 
 
+# The config fields that name a file or directory: config.json records them as absolute paths.
+_PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
+
+
 def _record_config(config, workdir: str, start: _Start) -> None:
   """Writes config.json: a fresh start's config, or on a resume the config with the fields it
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and init_from_ema stay as the run started (a resume does not read
-  them)."""
+  them). Paths (_PATH_FIELDS) are made absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
-  elif saved is not None:
-    config = config.copy_and_resolve_references()
+  config = config.copy_and_resolve_references()
+  for key in _PATH_FIELDS:  # eval.py, visualize.py and a resume may run in another directory
+    section, _, field = key.rpartition(".")
+    fields = config[section] if section else config
+    if fields.get(field) and "://" not in fields[field]:  # not a URL (gs://...)
+      fields[field] = os.path.abspath(fields[field])
+  if saved is not None:
     for key in ("init_from", "init_from_ema"):
       if key in saved and key in config:
         config[key] = saved[key]
@@ -289,6 +298,27 @@ def _record_config(config, workdir: str, start: _Start) -> None:
 def _override(key: str, value) -> str:
   """The command-line override that sets config field `key` to a config.json value."""
   return f"--config.{key}={repr(value) if isinstance(value, tuple) else value}"
+
+
+def lr_warning(config, peak_lr: float) -> str | None:
+  """What is wrong with a peak lr that the cosine schedule cannot decay much toward min_lr (a
+  small batch under the linear scaling rule, e.g. configs/finetune.py at batch 16); None if
+  nothing."""
+  if peak_lr >= 2 * config.min_lr:
+    return None
+  scaled = (
+      f"base_lr x global_batch_size / {config.lr_base_batch_size}"
+      if config.lr_base_batch_size
+      else "base_lr: lr_base_batch_size is 0"
+  )
+  if peak_lr < config.min_lr:
+    problem = "is below min_lr {:.3g}: the schedule rises toward min_lr instead of decaying"
+  else:
+    problem = "is less than twice min_lr {:.3g}: the schedule hardly changes it"
+  return (
+      f"the peak lr {peak_lr:.3g} ({scaled}) {problem.format(config.min_lr)}; raise base_lr "
+      "(for a small batch: --config.lr_base_batch_size=0, base_lr unscaled) or lower min_lr"
+  )
 
 
 def _timed(message: str, fn):
@@ -355,18 +385,8 @@ def _run(
         config.global_batch_size,
         peak_lr,
     )
-    if peak_lr < config.min_lr:
-      logging.warning(
-          "the peak lr %.3g (%s) is below min_lr %.3g: the schedule rises toward min_lr "
-          "instead of decaying; raise base_lr or lower min_lr",
-          peak_lr,
-          (
-              f"base_lr x global_batch_size / {config.lr_base_batch_size}"
-              if config.lr_base_batch_size
-              else "base_lr: lr_base_batch_size is 0"
-          ),
-          config.min_lr,
-      )
+    if (warning := lr_warning(config, peak_lr)) is not None:
+      logging.warning("%s", warning)
     unevaluated = _unevaluated_last_step(workdir, first_step, num_steps)
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)
     train_step = training.make_train_step(

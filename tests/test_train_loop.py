@@ -336,12 +336,17 @@ def finetune_config(root, init_from, **overrides):
   return c
 
 
-def test_finetune_from_a_workdir_on_another_number_of_classes(reference, tmp_path, caplog):
+def test_finetune_from_a_workdir_on_another_number_of_classes(
+    reference, tmp_path, caplog, monkeypatch
+):
   root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=4, size=(40, 48))
   workdir = tmp_path / "finetuned"
+  monkeypatch.chdir(tmp_path)  # relative paths: config.json records them absolute
   with caplog.at_level(logging.INFO):
-    result = train(finetune_config(root, reference), workdir)
+    result = train(finetune_config("data", os.path.relpath(reference)), "finetuned")
   assert result.step == 2
+  saved = reporting.read_config(str(workdir))
+  assert (saved["data"]["root"], saved["init_from"]) == (str(root), reference)
   assert "head re-initialized for 3 classes" in caplog.text
   # base_lr 1e-4 at batch 4 is a peak lr of 3.9e-7, which the cosine would raise to min_lr 1e-6
   assert "the peak lr 3.91e-07 (base_lr x global_batch_size / 1024) is below min_lr 1e-06" in (

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import fec_jax
-from configs import demo, fec_base, fec_large, fec_small
-from fec_jax import convert, data, preemption, reporting, tasks, training
+from configs import demo, fec_base, fec_large, fec_small, finetune
+from fec_jax import convert, data, loop, preemption, reporting, tasks, training
 from fec_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,6 +135,29 @@ def test_soft_target_cross_entropy_and_eval_sums():
   assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
   masked = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
   assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
+
+
+def test_lr_warning_for_a_peak_lr_the_schedule_cannot_decay():
+  """configs/finetune.py (base_lr 1e-4 at batch 1024, min_lr 1e-6) at small batches."""
+
+  def warning(batch):
+    c = finetune.get_config()
+    c.global_batch_size = batch
+    return loop.lr_warning(c, training.peak_lr(c))
+
+  advice = (
+      "; raise base_lr (for a small batch: --config.lr_base_batch_size=0, base_lr unscaled) or "
+      "lower min_lr"
+  )
+  assert warning(16) == (
+      "the peak lr 1.56e-06 (base_lr x global_batch_size / 1024) is less than twice min_lr 1e-06: "
+      "the schedule hardly changes it" + advice
+  )
+  assert warning(4) == (
+      "the peak lr 3.91e-07 (base_lr x global_batch_size / 1024) is below min_lr 1e-06: the "
+      "schedule rises toward min_lr instead of decaying" + advice
+  )
+  assert warning(32) is None  # 3.1e-6
 
 
 def test_top5_only_with_more_than_5_classes():
