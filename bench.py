@@ -2,7 +2,7 @@
 
   python bench.py [--models fec_small fec_base fec_large] [--batch 256]
                   [--dtypes float32 bfloat16] [--modes infer train] [--warmup 20] [--iters 100]
-                  [--aggregation auto] [--torch auto|off] [--max-batch]
+                  [--aggregation auto] [--torch auto|eager|off] [--max-batch]
   python bench.py --tpu v5e:2x2 [--models ...] [--batch 32] [--dtypes ...] [--modes ...]
                   [--max-batch]
 
@@ -264,9 +264,12 @@ def largest_tpu_batch(name: str, dtype: str, aggregation: str, devices, start: i
   return guess
 
 
-def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int):
+def torch_runs(
+    name: str, batch: int, modes: list[str], warmup: int, iters: int, compile_too: bool = True
+):
   """Yields (mode, dtype, label, seconds per iteration) of the PyTorch reference on CUDA, or on
-  CPU without a GPU (eager fp32 and torch.compile; a label with 'failed' when compile fails)."""
+  CPU without a GPU (eager fp32 and torch.compile; a label with 'failed' when compile fails);
+  compile_too=False: eager only."""
   import torch
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -279,13 +282,12 @@ def torch_runs(name: str, batch: int, modes: list[str], warmup: int, iters: int)
   model = torch_reference.create_torch_model(name).to(device)
   x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
   y = torch.randint(0, 1000, (batch,), device=device)
-  compiled = torch.compile(model)
   precisions = {"float32": contextlib.nullcontext}
   if cuda:
     precisions["bfloat16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-  runs = [(dtype, "eager", model) for dtype in precisions] + [
-      ("bfloat16" if cuda else "float32", "torch.compile", compiled)
-  ]
+  runs = [(dtype, "eager", model) for dtype in precisions]
+  if compile_too:
+    runs.append(("bfloat16" if cuda else "float32", "torch.compile", torch.compile(model)))
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
   def infer(net, context):
@@ -364,10 +366,11 @@ def parse_args(argv):
   p.add_argument(
       "--torch",
       default="auto",
-      choices=["auto", "off"],
+      choices=["auto", "eager", "off"],
       help=(
           "auto: also time the PyTorch reference when torch is importable (on CUDA eager fp32, "
-          "bf16 autocast and bf16 torch.compile; on CPU eager fp32 and fp32 torch.compile)"
+          "bf16 autocast and bf16 torch.compile; on CPU eager fp32 and fp32 torch.compile); "
+          "eager: the same without torch.compile (minutes less on a CPU)"
       ),
   )
   p.add_argument(
@@ -472,9 +475,9 @@ def main(argv=None) -> None:
                 **startup,
             }
         )
-    if args.torch == "auto" and _torch_importable():
+    if args.torch != "off" and _torch_importable():
       for mode, dtype, label, seconds in torch_runs(
-          name, args.batch, args.modes, args.warmup, args.iters
+          name, args.batch, args.modes, args.warmup, args.iters, args.torch == "auto"
       ):
         record = {**common, "impl": f"torch {label}", "model": name, "mode": mode, "dtype": dtype}
         if seconds is not None:

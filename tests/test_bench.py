@@ -102,7 +102,8 @@ def test_help_shows_the_defaults(capsys):
       "training step (default: infer train)",
       "before the timing (default: 20)",
       "whose mean is reported (default: 100)",
-      "fp32 torch.compile) (default: auto)",
+      "fp32 torch.compile); eager: the same without torch.compile (minutes less on a CPU) "
+      "(default: auto)",
   ]:
     assert default in text
 
@@ -144,6 +145,10 @@ def test_a_progress_line_on_stderr_before_each_timing(capsys, monkeypatch):
       "torch eager",
       "torch torch.compile",
   ]
+  announced.clear(), out.clear()
+  bench.main([*common, "--dtypes", "float32", "--modes", "infer", "--torch", "eager"])
+  read()
+  assert [json.loads(line)["impl"] for line in out] == ["jax", "torch eager"]
 
 
 def test_batch_must_split_evenly_over_the_devices(capsys, monkeypatch):
