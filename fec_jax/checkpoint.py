@@ -109,7 +109,8 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
       if name.isdigit() and os.path.isdir(os.path.join(directory, MODEL_ITEM)):
         raise CheckpointError(
             f"{directory} is step {name} of the checkpoint {parent}: give that directory "
-            f"(and step {name} where the command takes a step, e.g. --step={name})"
+            f"(and step {name} where the command takes a step, e.g. --step={name} or "
+            f"--config.init_from_step={name})"
         )
       raise CheckpointError(
           f"{directory} holds no checkpoint steps; expected the --output of "

@@ -6,11 +6,11 @@ The task (config.task, fec_jax.tasks) brings the model, data, loss and evaluator
 brings what every task needs:
 - a data-parallel mesh over all devices of all processes (fec_jax.training);
 - a fresh start from config.seed, or from pretrained weights (config.init_from: a converter
-  output or a train.py workdir; config.init_from_ema for its EMA weights), or a resume from the
-  latest checkpoint in the workdir (init_from is then not used): params, model state, optimizer
-  state, EMA, step, RNG and the train iterator's position, bit-identical on one CPU device, with
-  the config the run started with (config.json; only _FREE_ON_RESUME's fields and the task's
-  EVALUATION_ONLY ones may change);
+  output or a train.py workdir; config.init_from_step and init_from_ema for another step and the
+  EMA weights), or a resume from the latest checkpoint in the workdir (init_from is then not
+  used): params, model state, optimizer state, EMA, step, RNG and the train iterator's position,
+  bit-identical on one CPU device, with the config the run started with (config.json; only
+  _FREE_ON_RESUME's fields and the task's EVALUATION_ONLY ones may change);
 - periodic asynchronous checkpoints (a half-written one of a killed run is cleaned up);
 - preemption: SIGTERM/SIGINT finish the step, checkpoint and return (fec_jax.preemption);
 - a stop on a non-finite loss or gradient, keeping the last good checkpoint;
@@ -175,10 +175,12 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
   elif config.init_from:
     checkpoint.check_directory(config.init_from, "config.init_from")
-    source = f"{config.init_from}{' (EMA)' if config.init_from_ema else ''}"
+    step = None if config.init_from_step == -1 else config.init_from_step
+    at_step = "" if step is None else f" step {step}"
+    source = f"{config.init_from}{at_step}{' (EMA)' if config.init_from_ema else ''}"
     found, pretrained = _timed(
         f"loading init_from {source}",
-        lambda: checkpoint.load_pretrained(config.init_from, ema=config.init_from_ema),
+        lambda: checkpoint.load_pretrained(config.init_from, step, ema=config.init_from_ema),
     )
     try:
       task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
@@ -223,6 +225,7 @@ _FREE_ON_RESUME = frozenset(
         "max_steps",
         "init_from",
         "init_from_ema",
+        "init_from_step",
         "log_every_steps",
         "eval_every_epochs",
         "eval_every_steps",
@@ -277,8 +280,8 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   """Writes config.json: a fresh start's config, or on a resume the config with the fields it
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
-  last command did; init_from and init_from_ema stay as the run started (a resume does not read
-  them). Paths (_PATH_FIELDS) are made absolute."""
+  last command did; init_from and its step and EMA options stay as the run started (a resume
+  does not read them). Paths (_PATH_FIELDS) are made absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
@@ -289,7 +292,7 @@ def _record_config(config, workdir: str, start: _Start) -> None:
     if fields.get(field) and "://" not in fields[field]:  # not a URL (gs://...)
       fields[field] = os.path.abspath(fields[field])
   if saved is not None:
-    for key in ("init_from", "init_from_ema"):
+    for key in ("init_from", "init_from_ema", "init_from_step"):
       if key in saved and key in config:
         config[key] = saved[key]
   reporting.write_config(workdir, config)

@@ -151,7 +151,7 @@ def read_config(workdir: str) -> dict | None:
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
 # Config fields added after runs were made: a config.json without one (a run of an earlier
 # fec-jax) gets its default, which is how that run behaved. Each only names or shows things.
-_ADDED_LATER = frozenset({"data.class_names"})
+_ADDED_LATER = frozenset({"data.class_names", "init_from_step"})
 
 
 def restore_config(saved: dict, template, where: str):

@@ -308,6 +308,11 @@ def check_config(config) -> None:
     raise ValueError(
         "config.init_from_ema takes the EMA weights of config.init_from, which is not set"
     )
+  if config.init_from_step != -1 and not (config.init_from and config.init_from_step >= 0):
+    raise ValueError(
+        "config.init_from_step is a saved step of config.init_from (-1: its latest), got "
+        f"{config.init_from_step}{'' if config.init_from else ' without init_from'}"
+    )
   if config.weight_decay_on not in WEIGHT_DECAY_ON:
     raise ValueError(
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "

@@ -305,7 +305,7 @@ def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small):
     fec_jax.load_pretrained(str(orbax_small / "0"))
   assert str(e.value) == (
       f"{orbax_small / '0'} is step 0 of the checkpoint {orbax_small}: give that directory "
-      "(and step 0 where the command takes a step, e.g. --step=0)"
+      "(and step 0 where the command takes a step, e.g. --step=0 or --config.init_from_step=0)"
   )
 
 

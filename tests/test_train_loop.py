@@ -366,6 +366,23 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(
   assert "resumed at step 2" in caplog.text
 
 
+def test_init_from_step_takes_that_step(reference, tmp_path):
+  """config.init_from_step=4 starts from the reference's step 4 (its latest is 6); a step it did
+  not keep is one error naming those it did, before any data is read."""
+  config = tiny(init_from=reference, init_from_step=4)
+  start = loop._start(config, str(tmp_path / "w"), tasks.get(config))
+  assert start.source == f"{reference} step 4"
+  _, step4 = fec_jax.load_pretrained(reference, step=4)
+  jax.tree.map(np.testing.assert_array_equal, start.pretrained, step4)
+  config.init_from_step = 2
+  with pytest.raises(checkpoint.CheckpointError, match=r"has no step 2; saved steps: \[4, 6\]"):
+    loop._start(config, str(tmp_path / "w"), tasks.get(config))
+  config.init_from_step = -2
+  with pytest.raises(ValueError, match="config.init_from_step is a saved step"):
+    train(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tmp_path):
   config = finetune_config(tmp_path, reference)
   config.model.name = "fec_base"  # a fec_small workdir

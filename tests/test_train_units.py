@@ -257,6 +257,7 @@ def test_check_config_rejects_what_cannot_run():
       ("cooldown_epochs", -1, "cooldown_epochs"),
       ("ema_decay", 1.0, "ema_decay"),
       ("init_from_ema", True, "init_from, which is not set"),
+      ("init_from_step", 3, r"a saved step of config.init_from \(-1: its latest\), got 3 without"),
       ("base_lr", -1.0, r"config.base_lr must be > 0, got -1.0"),
       ("warmup_lr", -1e-6, "warmup_lr must be >= 0"),
       ("min_lr", -1e-6, "min_lr must be >= 0"),
