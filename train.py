@@ -86,7 +86,6 @@ def main(argv):
   check_multihost_flags()
   if FLAGS.multihost:
     initialize_distributed()
-    cli.check_same_run_everywhere(FLAGS.config, FLAGS.workdir, FLAGS.num_processes)
   new_workdir = not os.path.exists(FLAGS.workdir)
   cli.use_compilation_cache(FLAGS.workdir)
   try:

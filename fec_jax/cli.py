@@ -11,7 +11,6 @@ the compilation cache of a run.
   config_name(model)        the file name of a model's config in configs/
   check_config_found(...)   fail() where no --config was given and the checkpoint has no config.json
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
-  check_same_run_everywhere fail() unless every process of a run was given the same config
   quiet()                   drops the known-harmless log lines of orbax and jax, nothing else
   use_compilation_cache     JAX's persistent compilation cache in the workdir
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
@@ -30,19 +29,14 @@ import argparse
 import contextlib
 import difflib
 import importlib.util
-import json
 import logging
 import os
 import re
 import sys
-import zlib
 from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
-import numpy as np
 from absl import app, flags
-from flax import traverse_util
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
@@ -168,41 +162,6 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
     which = "--config differs" if given else "the --config.* overrides differ"
     listed = ", ".join(f"{k} {changes[k][1]!r} (the run's: {changes[k][0]!r})" for k in changed)
     print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
-
-
-def check_same_run_everywhere(config, workdir: str, num_processes: int | None) -> None:
-  """fail() unless every process of a multi-process train.py was given the same config,
-  --num_processes and --workdir: one started with other overrides would train with other values
-  than the logs (process 0's) say, one with another workdir would fail inside Orbax. The error
-  names what differs."""
-  fields = traverse_util.flatten_dict(reporting.config_data(config) or {}, sep=".")
-  values = {
-      "--num_processes": str(num_processes),
-      "--workdir": workdir,
-      "--config file": " ".join(sorted(fields)),
-  }
-  differs = _differing(values)  # [processes, 3]
-  if not differs[:, -1].any():  # the same fields everywhere: which of them differ?
-    del values["--config file"]
-    fields = {f"config.{k}": json.dumps(v) for k, v in sorted(fields.items())}
-    differs = np.concatenate([differs[:, :-1], _differing(fields)], axis=1)
-    values.update(fields)
-  others = np.flatnonzero(differs.any(axis=1))
-  if others.size:
-    names = [name for name, differ in zip(values, differs[others[0]]) if differ]
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    fail(
-        f"process {others[0]} was started with another {shown} than process 0: start every "
-        "process with the same --workdir, --config, --config.* overrides and --num_processes"
-    )
-
-
-def _differing(values: dict[str, str]) -> np.ndarray:
-  """bool [processes, len(values)]: where a process's values differ from process 0's (every
-  process passes the same names; the crc32 digests of the values are gathered)."""
-  own = np.array([zlib.crc32(v.encode()) for v in values.values()], np.uint32)
-  digests = np.asarray(multihost_utils.process_allgather(own)).reshape(-1, len(own))
-  return digests != digests[0]
 
 
 def config_name(model: str) -> str:

@@ -23,16 +23,19 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import shlex
 import shutil
 import socket
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, data, reporting, tasks, training
@@ -100,6 +103,8 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   task = tasks.get(config)
   training.check_config(config)
   task.check_config()
+  if jax.process_count() > 1:
+    _check_same_run_everywhere(config, workdir)
   with _hold(workdir), Preemption() as preemption:
     start = _start(config, workdir, task)
     # Then the data: a missing dataset or one that does not fit the config stops here.
@@ -113,6 +118,44 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
       )
     finally:
       train_iter.close()  # ends the loader's worker processes
+
+
+def _check_same_run_everywhere(config, workdir: str) -> None:
+  """ValueError unless every process was given the same config and workdir: one started with
+  other overrides would train with other values than the logs (process 0's) say, one with
+  another workdir would fail inside Orbax. The error names what differs (the crc32 digests of
+  the values are gathered from every process)."""
+  fields = traverse_util.flatten_dict(reporting.config_data(config) or {}, sep=".")
+  fields = {  # an object JSON cannot hold is written with its address, which differs
+      f"config.{k}": "" if str(v).startswith(reporting.UNSERIALIZABLE) else json.dumps(v)
+      for k, v in sorted(fields.items())
+  }
+  differs = _differing(
+      {
+          "number of processes": str(jax.process_count()),
+          "workdir": os.path.abspath(workdir),
+          "config file": " ".join(fields),  # the same fields: then compare each
+      }
+  )
+  if fields and not differs["config file"].any():
+    differs.update(_differing(fields))
+  others = np.flatnonzero(np.any(list(differs.values()), axis=0))  # the processes that differ
+  if others.size:
+    names = [name for name, d in differs.items() if d[others[0]]]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(
+        f"process {others[0]} was given another {shown} than process 0: give every process the "
+        "same workdir and config (train.py: the same --workdir, --config, --config.* overrides "
+        "and --num_processes)"
+    )
+
+
+def _differing(values: dict[str, str]) -> dict[str, np.ndarray]:
+  """{name: bool [processes]}: where a process's value differs from process 0's (every process
+  passes the same names)."""
+  own = np.array([zlib.crc32(v.encode()) for v in values.values()], np.uint32)
+  digests = np.asarray(multihost_utils.process_allgather(own)).reshape(-1, len(own))
+  return dict(zip(values, (digests != digests[0]).T))
 
 
 LOCK_FILE = ".lock"  # in the workdir: held by the run's process 0 (_hold)

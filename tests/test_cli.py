@@ -3,7 +3,6 @@ line with exit status 2 before any slow work; known-harmless log lines are dropp
 visualize.py and python -m fec_jax.summary on bad input; the converter's are in test_convert.py."""
 
 import importlib
-import itertools
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 from absl import flags
 from flax import traverse_util
-from jax.experimental import multihost_utils
 from PIL import ExifTags, Image
 
 from configs import demo, demo_seg, workdir
@@ -54,49 +52,6 @@ def test_fail_and_user_errors(capsys):
   )
   with pytest.raises(KeyError):  # not a user error: propagates as a traceback
     raises(KeyError("bug"))
-
-
-def run_everywhere(monkeypatch, capsys, *processes):
-  """(exit status, stdout, stderr) of cli.check_same_run_everywhere on process 0, where processes
-  0, 1, ... were given `processes`, (config, workdir, num_processes) each: what the others
-  contribute to each gather is recorded from one-process calls with their arguments."""
-  recorded = []
-  for args in processes[1:]:
-    calls = []
-    monkeypatch.setattr(
-        multihost_utils, "process_allgather", lambda x, calls=calls: calls.append(x) or x[None]
-    )
-    cli.check_same_run_everywhere(*args)
-    recorded.append(calls)
-  count = itertools.count()
-
-  def gather(x):
-    i = next(count)
-    return np.stack([x, *(calls[i] for calls in recorded)])  # [processes, values]
-
-  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
-  return outcome(capsys, cli.check_same_run_everywhere, *processes[0])
-
-
-def test_processes_given_another_run_say_what_differs(monkeypatch, capsys):
-  advice = (
-      " than process 0: start every process with the same --workdir, --config, --config.* "
-      "overrides and --num_processes\n"
-  )
-  lr = demo.get_config()
-  lr.base_lr = 0.05
-  same = (demo.get_config(), "w", 2)
-  assert run_everywhere(monkeypatch, capsys, same, same, same) == (0, "", "")
-  assert run_everywhere(monkeypatch, capsys, same, same, (lr, "w1", 2)) == (
-      2,
-      "",
-      "error: process 2 was started with another --workdir, config.base_lr" + advice,
-  )
-  assert run_everywhere(monkeypatch, capsys, same, (demo_seg.get_config(), "w", 3)) == (
-      2,
-      "",
-      "error: process 1 was started with another --num_processes, --config file" + advice,
-  )
 
 
 @pytest.mark.parametrize(

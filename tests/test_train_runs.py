@@ -184,9 +184,9 @@ def test_processes_started_with_different_configs_stop_at_once(compilation_cache
   assert [p.returncode for p in procs] == [2, 2], errs
   for err in errs:
     assert err.splitlines()[-1] == (
-        "error: process 1 was started with another --workdir, config.base_lr than process 0: "
-        "start every process with the same --workdir, --config, --config.* overrides and "
-        "--num_processes"
+        "error: process 1 was given another workdir, config.base_lr than process 0: give every "
+        "process the same workdir and config (train.py: the same --workdir, --config, --config.* "
+        "overrides and --num_processes)"
     )
   assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
 

@@ -2,6 +2,7 @@
 model compilation."""
 
 import importlib
+import itertools
 import math
 import os
 import pathlib
@@ -15,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 import fec_jax
-from configs import demo, fec_base, fec_large, fec_small, finetune
+from configs import demo, demo_seg, fec_base, fec_large, fec_small, finetune
 from fec_jax import convert, data, loop, preemption, reporting, tasks, training
 from fec_jax.tasks import classification
 
@@ -135,6 +137,57 @@ def test_soft_target_cross_entropy_and_eval_sums():
   assert (float(sums["top1"]), float(sums["top5"]), float(sums["count"])) == (1.0, 1.0, 2.0)
   masked = classification.eval_sums(logits, jnp.array([0, 0]), jnp.array([True, False]))
   assert (float(masked["top1"]), float(masked["top5"]), float(masked["count"])) == (1.0, 1.0, 1.0)
+
+
+def run_everywhere(monkeypatch, *processes):
+  """loop._check_same_run_everywhere on process 0, where processes 0, 1, ... were given
+  `processes`, (config, workdir) each: what the others contribute to each gather is recorded
+  from one-process calls with their arguments. -> its error message, or None."""
+  recorded = []
+  for args in processes[1:]:
+    calls = []
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather", lambda x, calls=calls: calls.append(x) or x[None]
+    )
+    loop._check_same_run_everywhere(*args)
+    recorded.append(calls)
+  count = itertools.count()
+
+  def gather(x):
+    i = next(count)
+    return np.stack([x, *(calls[i] for calls in recorded)])  # [processes, values]
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+  try:
+    loop._check_same_run_everywhere(*processes[0])
+  except ValueError as e:
+    return str(e)
+
+
+def test_processes_given_another_run_say_what_differs(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  advice = (
+      " than process 0: give every process the same workdir and config (train.py: the same "
+      "--workdir, --config, --config.* overrides and --num_processes)"
+  )
+  lr = demo.get_config()
+  lr.base_lr = 0.05
+  same = (demo.get_config(), "w")
+  assert run_everywhere(monkeypatch, same, same, (demo.get_config(), str(tmp_path / "w"))) is None
+  assert run_everywhere(monkeypatch, same, same, (lr, "w1")) == (
+      "process 2 was given another workdir, config.base_lr" + advice
+  )
+  assert run_everywhere(monkeypatch, same, (demo_seg.get_config(), "w")) == (
+      "process 1 was given another config file" + advice
+  )
+
+  def with_an_object():  # what JSON cannot hold is written with its address
+    c = demo.get_config()
+    with c.unlocked():
+      c.my_object = object()
+    return c, "w"
+
+  assert run_everywhere(monkeypatch, with_an_object(), with_an_object()) is None
 
 
 def test_lr_warning_for_a_peak_lr_the_schedule_cannot_decay():
