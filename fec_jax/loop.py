@@ -235,13 +235,8 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"fit the config's {model_name} ({len(e.problems)} params differ): "
           f"{_init_from_fix(name_of(found), model_name)}"
       ) from e
-  elif resume is None and model_name in SEGMENTERS:
-    logging.warning(
-        "config.init_from is not set: %s starts from random weights (the authors' recipe starts "
-        "its backbone from an ImageNet classifier: --config.init_from=a %s checkpoint)",
-        model_name,
-        init_from_models(model_name)[0],
-    )
+  elif resume is None and (warning := task.fresh_start_warning()) is not None:
+    logging.warning("%s", warning)
   return _Start(model, model_name, overrides, resume, pretrained, source, saved)
 
 

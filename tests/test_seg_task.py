@@ -18,7 +18,7 @@ from PIL import Image
 
 import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
-from fec_jax import checkpoint, data, reporting, tasks, training
+from fec_jax import checkpoint, data, loop, reporting, tasks, training
 from fec_jax.data import seg_config
 from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
@@ -185,25 +185,29 @@ def test_progress_lines_and_stop():
   progress.update(4)  # the last: the metrics are complete, no reason to drop them
 
 
-def test_resume_restores_batch_stats(seg_run, tmp_path, caplog):
+def test_resume_restores_batch_stats(seg_run, tmp_path):
   """2 steps, then the same workdir to 4: per-step losses and the final batch_stats are those
-  of the straight 4-step run, bit for bit (one CPU device). The fresh run says that it starts
-  from random weights; the resume does not."""
-  note = (
-      "config.init_from is not set: fpn_fec_small starts from random weights (the authors' recipe "
-      "starts its backbone from an ImageNet classifier: --config.init_from=a fec_small checkpoint)"
-  )
-  with caplog.at_level("WARNING"):
-    assert train(seg_tiny(max_steps=2), tmp_path).step == 2
-  assert note in caplog.messages
-  caplog.clear()
-  with caplog.at_level("WARNING"):
-    assert train(seg_tiny(), tmp_path).step == STEPS
-  assert note not in caplog.messages
+  of the straight 4-step run, bit for bit (one CPU device)."""
+  assert train(seg_tiny(max_steps=2), tmp_path).step == 2
+  assert train(seg_tiny(), tmp_path).step == STEPS
   assert losses(tmp_path) == losses(seg_run)
   resumed = fec_jax.load_pretrained(str(tmp_path))[1]["batch_stats"]
   straight = fec_jax.load_pretrained(seg_run)[1]["batch_stats"]
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_a_fresh_run_without_init_from_warns_but_not_on_the_demo(tmp_path, caplog):
+  """The authors' recipe starts from ImageNet weights; the demo data is made for a run from
+  scratch. The warning comes before the data is opened."""
+  warning = (
+      "config.init_from is not set: fpn_fec_small starts from random weights (the authors' recipe "
+      "starts its backbone from an ImageNet classifier: --config.init_from=a fec_small checkpoint)"
+  )
+  for config, warned in ((fpn_fec_small_ade20k.get_config(), True), (seg_tiny(), False)):
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      loop._start(config, str(tmp_path / "w"), tasks.get(config))
+    assert (warning in caplog.messages) == warned, caplog.messages
 
 
 def test_init_from_classifier_loads_the_backbone(reference, fresh):

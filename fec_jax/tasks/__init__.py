@@ -138,6 +138,11 @@ class Task(abc.ABC):
   ) -> Evaluator:
     """The held-out evaluation of this task (compiler_options: XLA options for its steps)."""
 
+  def fresh_start_warning(self) -> str | None:
+    """A warning for a fresh run without config.init_from (random weights), where the task's
+    recipe starts from pretrained ones; None by default."""
+    return None
+
   @abc.abstractmethod
   def adopt_pretrained(
       self, variables: dict, pretrained: dict, source: str

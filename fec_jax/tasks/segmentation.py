@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from fec_jax import checkpoint, data, fpn, miou
 from fec_jax.data import classes, seg_device_transforms, seg_transforms
-from fec_jax.model import SEGMENTERS, model_name
+from fec_jax.model import SEGMENTERS, init_from_models, model_name
 from fec_jax.tasks import Evaluator, Progress, Task
 
 CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the classifier
@@ -248,6 +248,18 @@ class Segmentation(Task):
       )
     self.check_num_classes(model)
     return MeanIoU(model, self.config, compiler_options)
+
+  def fresh_start_warning(self) -> str | None:
+    """The authors' recipe starts the backbone from an ImageNet classifier; the demo data, made
+    for a run from scratch, gets no warning."""
+    if self.config.data.source == "demo":
+      return None
+    name = self.config.model.name
+    return (
+        f"config.init_from is not set: {name} starts from random weights (the authors' recipe "
+        f"starts its backbone from an ImageNet classifier: --config.init_from=a "
+        f"{init_from_models(name)[0]} checkpoint)"
+    )
 
   def adopt_pretrained(self, variables, pretrained, source: str):
     """From an ImageNet classifier or a dense backbone (fec_*_seg / fec_*_det; no 'backbone' in
