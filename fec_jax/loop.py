@@ -310,25 +310,21 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   )
 
 
-# The config fields that name a file or directory: config.json records them as absolute paths.
-_PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
-
-
 def _record_config(config, workdir: str, start: _Start) -> None:
   """Writes config.json: a fresh start's config, or on a resume the config with the fields it
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and its step and EMA options stay as the run started (a resume
-  does not read them). Paths (_PATH_FIELDS) are made absolute."""
+  does not read them). Paths (reporting.PATH_FIELDS) are made absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
   config = config.copy_and_resolve_references()
-  for key in _PATH_FIELDS:  # eval.py, visualize.py and a resume may run in another directory
+  for key in reporting.PATH_FIELDS:  # eval.py, visualize.py, a resume may run elsewhere
     section, _, field = key.rpartition(".")
     fields = config[section] if section else config
-    if fields.get(field) and "://" not in fields[field]:  # not a URL (gs://...)
-      fields[field] = os.path.abspath(fields[field])
+    if field in fields:
+      fields[field] = reporting.absolute_path(fields[field])
   if saved is not None:
     for key in ("init_from", "init_from_ema", "init_from_step"):
       if key in saved and key in config:

@@ -91,17 +91,31 @@ def write_config(workdir: str, config) -> None:
   os.replace(path + ".tmp", path)
 
 
+# The config fields that name a file or directory: config.json records them as absolute paths
+# (fec_jax.loop), and they are compared as such.
+PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
+
+
+def absolute_path(value: str) -> str:
+  """`value` as an absolute path; '' and a URL (gs://...) as they are."""
+  return os.path.abspath(value) if value and "://" not in value else value
+
+
 def config_changes(saved: dict, config) -> dict[str, tuple] | None:
   """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
   config.json), each as (saved value, config's value), lists as the config's tuples. Fields that
   only one of the two has (a workdir of an earlier fec-jax) and values JSON cannot hold (written
-  with their address) are not compared; NaN equals NaN. None where `config` cannot go into JSON
-  at all."""
+  with their address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are compared, and
+  given, as absolute paths. None where `config` cannot go into JSON at all."""
   now = config_data(config)
   if now is None:
     return None
   saved = traverse_util.flatten_dict(saved, sep=".")
   now = traverse_util.flatten_dict(now, sep=".")
+  for values in (saved, now):
+    for key in PATH_FIELDS:
+      if isinstance(values.get(key), str):
+        values[key] = absolute_path(values[key])
   return {
       key: (_tuples(saved[key]), _tuples(now[key]))
       for key in saved.keys() & now.keys()

@@ -863,11 +863,16 @@ def test_help_shows_no_path_of_this_checkout(monkeypatch):
   assert "Default: configs/demo.py." in help_text and ROOT not in help_text, help_text
 
 
-def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsys):
-  """eval.py and visualize_seg.py on a workdir: --config against the run's config.json."""
-  reporting.write_config(str(tmp_path), demo.get_config())
+def test_a_config_that_evaluates_otherwise_than_the_run_is_noted(tmp_path, capsys, monkeypatch):
+  """eval.py and visualize_seg.py on a workdir: --config against the run's config.json (whose
+  paths are absolute: the same folder given relative is no difference)."""
+  saved = demo.get_config()
+  saved.data.root = str(tmp_path / "data")
+  reporting.write_config(str(tmp_path), saved)
   config = demo.get_config()
   config.eval_batch_size, config.seed = 8, 3  # not what an evaluation means
+  monkeypatch.chdir(tmp_path)
+  config.data.root = "data"
   cli.note_config_differences(config, str(tmp_path), given=True)
   cli.note_config_differences(config, str(tmp_path / "no_config_json"), given=False)
   assert capsys.readouterr().err == ""
