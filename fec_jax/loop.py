@@ -258,12 +258,13 @@ def _init_from_fix(found: str, model: str) -> str:
 # how often to log, evaluate and save, how to evaluate (with the task's EVALUATION_ONLY fields),
 # and where to stop. A change to any other field would continue the checkpoints as another run
 # than theirs.
+# init_from and its options, each with its value where not set: a resume does not read them, and
+# config.json keeps those the run started with.
+_INIT_FROM = {"init_from": "", "init_from_ema": False, "init_from_step": -1}
 _FREE_ON_RESUME = frozenset(
     {
+        *_INIT_FROM,
         "max_steps",
-        "init_from",
-        "init_from_ema",
-        "init_from_step",
         "log_every_steps",
         "eval_every_epochs",
         "eval_every_steps",
@@ -325,10 +326,9 @@ def _record_config(config, workdir: str, start: _Start) -> None:
     fields = config[section] if section else config
     if field in fields:
       fields[field] = reporting.absolute_path(fields[field])
-  if saved is not None:
-    for key in ("init_from", "init_from_ema", "init_from_step"):
-      if key in saved and key in config:
-        config[key] = saved[key]
+  if saved is not None:  # a config.json older than init_from_step lacks it: the run took none
+    for key, unset in _INIT_FROM.items():
+      config[key] = saved.get(key, unset)
   reporting.write_config(workdir, config)
 
 

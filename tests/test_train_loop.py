@@ -360,10 +360,15 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(
   for a, b in zip(jax.tree.leaves(body(source)), jax.tree.leaves(body(tuned))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
   caplog.clear()
+  del saved["init_from_step"]  # a config.json of a run that started before that field
+  (workdir / reporting.CONFIG_FILE).write_text(json.dumps(saved))
   with caplog.at_level(logging.INFO):  # the same workdir again resumes, init_from unused
-    assert train(finetune_config(root, reference, max_steps=3), workdir).step == 3
+    config = finetune_config(root, reference, max_steps=3, init_from_step=4)
+    assert train(config, workdir).step == 3
   assert "init_from is used only for a fresh workdir" in caplog.text
   assert "resumed at step 2" in caplog.text
+  saved = reporting.read_config(str(workdir))  # what the run started from, not the resume's
+  assert (saved["init_from"], saved["init_from_step"], saved["max_steps"]) == (reference, -1, 3)
 
 
 def test_init_from_step_takes_that_step(reference, tmp_path):
