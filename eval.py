@@ -17,7 +17,6 @@ from absl import flags, logging
 
 import fec_jax
 from fec_jax import checkpoint, cli, data, tasks, throughput, training
-from fec_jax.data.sources import split_name
 from fec_jax.model import SEGMENTERS, model_name
 
 # Without a run's config.json the fallback (demo.py) only lets --config.* overrides parse: a
@@ -92,14 +91,14 @@ def main(argv):
   flag = "--workdir" if FLAGS.workdir else "--checkpoint"
   cli.check_config_found(directory, flag, held, FLAGS["config"].present, CONFIGS)
   cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
-  if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
-    cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   timing = [f"--{name}" for name in ("batch", "warmup", "iters") if FLAGS[name].present]
   if timing and not FLAGS.throughput:
     cli.fail(
         f"{', '.join(timing)}: used only with --throughput; the evaluation's batch is "
         "--config.eval_batch_size"
     )
+  if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
+    cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.per_class and FLAGS.throughput:
     cli.fail("--per_class tables an evaluation's metrics; --throughput measures speed: give one")
   if FLAGS.throughput and config.task != "classification":
@@ -142,7 +141,7 @@ def main(argv):
   where = data.data_location(config.data)
   print(  # the compute dtype too: configs/fec_*.py evaluate in bfloat16, the demo in float32
       f"evaluating {directory} ({weights}, {config.model.dtype}) on the "
-      f"{split_name(config.data, 'val')} split of {where} ...",
+      f"{data.split_name(config.data, 'val')} split of {where} ...",
       file=sys.stderr,
       flush=True,
   )

@@ -8,6 +8,7 @@ Public API, classification:
   num_eval_batches(cfg, global_batch_size),
   data_location(cfg)                                   -- where the records are, for messages
                                                        -- pipeline.py
+  split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -42,7 +43,7 @@ from fec_jax.data.seg_pipeline import (
     seg_num_examples,
     seg_steps_per_epoch,
 )
-from fec_jax.data.sources import DataNotFoundError
+from fec_jax.data.sources import DataNotFoundError, split_name
 
 __all__ = [
     "default_config",
@@ -54,6 +55,7 @@ __all__ = [
     "steps_per_epoch",
     "num_eval_batches",
     "data_location",
+    "split_name",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",
