@@ -395,6 +395,8 @@ def parse_args(argv):
       raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")
   if args.warmup < 0:
     raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+  if args.torch == "eager" and not _torch_importable():
+    raise UsageError("--torch eager times the PyTorch reference, but torch is not installed")
   if not args.tpu and args.batch % jax.device_count():  # with --tpu, --batch is per chip
     raise UsageError(
         f"--batch {args.batch} must be a multiple of the {jax.device_count()} devices (each step's "
@@ -477,7 +479,7 @@ def main(argv=None) -> None:
         )
     if args.torch != "off" and _torch_importable():
       for mode, dtype, label, seconds in torch_runs(
-          name, args.batch, args.modes, args.warmup, args.iters, args.torch == "auto"
+          name, args.batch, args.modes, args.warmup, args.iters, compile_too=args.torch == "auto"
       ):
         record = {**common, "impl": f"torch {label}", "model": name, "mode": mode, "dtype": dtype}
         if seconds is not None:

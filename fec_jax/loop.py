@@ -337,27 +337,6 @@ def _override(key: str, value) -> str:
   return f"--config.{key}={repr(value) if isinstance(value, tuple) else value}"
 
 
-def lr_warning(config, peak_lr: float) -> str | None:
-  """What is wrong with a peak lr that the cosine schedule cannot decay much toward min_lr (a
-  small batch under the linear scaling rule, e.g. configs/finetune.py at batch 16); None if
-  nothing."""
-  if peak_lr >= 2 * config.min_lr:
-    return None
-  scaled = (
-      f"base_lr x global_batch_size / {config.lr_base_batch_size}"
-      if config.lr_base_batch_size
-      else "base_lr: lr_base_batch_size is 0"
-  )
-  if peak_lr < config.min_lr:
-    problem = "is below min_lr {:.3g}: the schedule rises toward min_lr instead of decaying"
-  else:
-    problem = "is less than twice min_lr {:.3g}: the schedule hardly changes it"
-  return (
-      f"the peak lr {peak_lr:.3g} ({scaled}) {problem.format(config.min_lr)}; raise base_lr "
-      "(for a small batch: --config.lr_base_batch_size=0, base_lr unscaled) or lower min_lr"
-  )
-
-
 def _timed(message: str, fn):
   """Logs `message...` before and `message: N s` after a slow call."""
   logging.info("%s ...", message)
@@ -422,7 +401,7 @@ def _run(
         config.global_batch_size,
         peak_lr,
     )
-    if (warning := lr_warning(config, peak_lr)) is not None:
+    if (warning := training.lr_warning(config)) is not None:
       logging.warning("%s", warning)
     unevaluated = _unevaluated_last_step(workdir, first_step, num_steps)
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)

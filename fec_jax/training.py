@@ -68,6 +68,27 @@ def peak_lr(config) -> float:
   return scaled_lr(config.base_lr, config.global_batch_size, base)
 
 
+def lr_warning(config) -> str | None:
+  """What is wrong with a peak lr that the schedule cannot decay much toward min_lr (a small
+  batch under the linear scaling rule, e.g. configs/finetune.py at batch 16); None if nothing."""
+  peak = peak_lr(config)
+  if peak >= 2 * config.min_lr:
+    return None
+  scaled = (
+      f"base_lr x global_batch_size / {config.lr_base_batch_size}"
+      if config.lr_base_batch_size
+      else "base_lr: lr_base_batch_size is 0"
+  )
+  if peak < config.min_lr:
+    problem = "is below min_lr {:.3g}: the schedule rises toward min_lr instead of decaying"
+  else:
+    problem = "is less than twice min_lr {:.3g}: the schedule hardly changes it"
+  return (
+      f"the peak lr {peak:.3g} ({scaled}) {problem.format(config.min_lr)}; raise base_lr "
+      "(for a small batch: --config.lr_base_batch_size=0, base_lr unscaled) or lower min_lr"
+  )
+
+
 def epoch_lr(
     epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: float, min_lr: float
 ):

@@ -79,10 +79,12 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
         ),
         (["--modes", "infr"], "argument --modes: invalid choice: 'infr'"),
         (["--batch", "two"], "argument --batch: invalid int value: 'two'"),
+        (["--torch", "eager"], "--torch eager times the PyTorch reference, but torch is not"),
     ],
 )
 def test_bad_arguments_give_one_error_line(argv, message, capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # as in CI: the [tpu] extra not installed
+  monkeypatch.setitem(sys.modules, "torch", None)  # an install without the [torch] extra
   monkeypatch.setattr(bench, "run_jax", _not_run)
   monkeypatch.setattr(bench, "tpu_compile", _not_run)
   assert message in _one_error_line(capsys, bench.main, argv)
@@ -145,7 +147,8 @@ def test_a_progress_line_on_stderr_before_each_timing(capsys, monkeypatch):
       "torch eager",
       "torch torch.compile",
   ]
-  announced.clear(), out.clear()
+  announced.clear()
+  out.clear()
   bench.main([*common, "--dtypes", "float32", "--modes", "infer", "--torch", "eager"])
   read()
   assert [json.loads(line)["impl"] for line in out] == ["jax", "torch eager"]

@@ -385,7 +385,6 @@ def test_init_from_step_takes_that_step(reference, tmp_path):
   config.init_from_step = -2
   with pytest.raises(ValueError, match="config.init_from_step is a saved step"):
     train(config, tmp_path / "w")
-  assert not os.path.exists(tmp_path / "w")
 
 
 def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tmp_path):

@@ -196,7 +196,7 @@ def test_lr_warning_for_a_peak_lr_the_schedule_cannot_decay():
   def warning(batch):
     c = finetune.get_config()
     c.global_batch_size = batch
-    return loop.lr_warning(c, training.peak_lr(c))
+    return training.lr_warning(c)
 
   advice = (
       "; raise base_lr (for a small batch: --config.lr_base_batch_size=0, base_lr unscaled) or "
