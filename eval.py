@@ -1,5 +1,6 @@
 r"""Evaluates an FEC checkpoint with the evaluator of the config's task (classification:
-top-1, top-5 and loss on the validation split, with the official evaluation preprocessing),
+top-1, top-5 where there are more than 5 classes, and loss on the validation split, with the
+official evaluation preprocessing),
 or measures inference throughput with the paper's protocol.
 
   python eval.py --workdir=DIR [--ema] [--step=N] [--per_class]   # the run's own config
@@ -36,8 +37,8 @@ flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a train.py run.")
 flags.DEFINE_bool(
     "per_class",
     False,
-    "Also print a table of each class's metrics (classification: images, top-1, top-5; "
-    "segmentation: IoU, Acc, as mmseg's).",
+    "Also print a table of each class's metrics (classification: images, top-1, top-5 with "
+    "more than 5 classes; segmentation: IoU, Acc, as mmseg's).",
 )
 flags.DEFINE_bool(
     "throughput",

@@ -164,7 +164,8 @@ def read_config(workdir: str) -> dict | None:
 
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
 # Config fields added after runs were made: a config.json without one (a run of an earlier
-# fec-jax) gets its default, which is how that run behaved. Each only names or shows things.
+# fec-jax) gets its default, which is how that run behaved. Each names or shows things, or is read
+# only by a fresh start (init_from_step).
 _ADDED_LATER = frozenset({"data.class_names", "init_from_step"})
 
 

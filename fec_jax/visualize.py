@@ -127,18 +127,23 @@ def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
   return np.asarray(ImageOps.exif_transpose(turned))
 
 
+def image_stem(path: str) -> str:
+  """An image's file name without its directory and suffix (a/cat.jpg -> cat)."""
+  return os.path.splitext(os.path.basename(path))[0]
+
+
 def unique_stems(paths: list[str]) -> list[str]:
   """File stems, distinct: where two images share one, the later ones are suffixed _1, _2, ...,
   skipping any name already taken and any other image's own stem (a/cat.jpg b/cat.png cat_1.png
   -> cat, cat_2, cat_1), so that no image's PNGs overwrite another's."""
-  own = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+  own = [image_stem(path) for path in paths]
   reserved, taken = set(own), set()
   stems = []
-  for stem in own:
-    name, n = stem, 0
+  for base in own:
+    name, n = base, 0
     while name in taken or (n and name in reserved):
       n += 1
-      name = f"{stem}_{n}"
+      name = f"{base}_{n}"
     taken.add(name)
     stems.append(name)
   return stems
@@ -340,9 +345,11 @@ def main(argv: list[str] | None = None) -> int:
   classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
   os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
-  for path, stem in zip(args.image, stems):
-    if stem != os.path.splitext(os.path.basename(path))[0]:
-      print(f"{path}: written as {stem}_*.png (another --image has its name)")
+  for path, name in zip(args.image, stems):
+    if name != image_stem(path):
+      print(
+          f"note: {path} is written as {name}_*.png (another --image has its name)", file=sys.stderr
+      )
   batch = min(args.batch_size, len(args.image))
   for first in range(0, len(args.image), batch):
     paths = args.image[first : first + batch]

@@ -287,7 +287,10 @@ def test_visualize_command(tmp_path, capsys):
     assert overlay.size == (640, 427)  # the image's own size
   with Image.open(out / "china_levels.png") as strip:
     assert strip.size[0] == 6 * (192 + 4) - 4  # input, 3 levels, 2 groupings; 64 px zoomed x3
-  printed = capsys.readouterr().out.splitlines()
-  assert len(printed) == 5
-  assert printed[0] == f"{paths[2]}: written as china_1_*.png (another --image has its name)"
-  assert re.fullmatch(r".*china\.jpg: .+ \(\d+\.\d%\)", printed[1])
+  captured = capsys.readouterr()
+  printed = captured.out.splitlines()
+  assert len(printed) == 4
+  assert f"note: {paths[2]} is written as china_1_*.png (another --image has its name)\n" in (
+      captured.err
+  )
+  assert re.fullmatch(r".*china\.jpg: .+ \(\d+\.\d%\)", printed[0])

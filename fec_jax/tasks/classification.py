@@ -1,6 +1,7 @@
 """Image classification with the official ImageNet recipe (docs/official-code.md Sec. 8):
 timm's augmentation on the host (fec_jax.data), Mixup/CutMix, normalization and random erasing
-per device, soft-target cross-entropy; evaluation by top-1 / top-5 / loss."""
+per device, soft-target cross-entropy; evaluation by top-1, top-5 (with more than 5 classes) and
+loss."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def eval_sums(logits, labels, mask, per_class: bool = False):
 
 
 class TopK(Evaluator):
-  """Top-1 / top-5 (%) and hard-label loss over the val split, the official evaluation
-  preprocessing (resize, center crop) on the host and normalization on the device."""
+  """Top-1 / top-5 (%; top-5 with more than 5 classes) and hard-label loss over the val split, the
+  official evaluation preprocessing (resize, center crop) on the host and normalization on the
+  device."""
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
     # bf16 results rounded where the program says: by default XLA may keep a fused bf16
@@ -154,8 +156,8 @@ class TopK(Evaluator):
 
 def _summarize(totals: dict) -> dict[str, float]:
   """The val metrics from the sums of eval_sums over the split (images: how many it counted;
-  an unreadable image is left out); per_class where the sums have the classes' (top-1 and
-  top-5 NaN for a class without images)."""
+  an unreadable image is left out); per_class where the sums have the classes' (their rates NaN
+  for a class without images). Top-5 where eval_sums summed it (more than 5 classes)."""
   n = float(totals["count"])
   rates = [k for k in ("top1", "top5") if k in totals]
   metrics = {
