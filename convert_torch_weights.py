@@ -2,6 +2,7 @@
 
 python convert_torch_weights.py --model fec_small --input fec_small.pth.tar --output ckpt/fec_small
 python convert_torch_weights.py --model fec_small --input ckpt/fec_small --output back.pth --to-torch
+python convert_torch_weights.py --input runs/fec_small --output back.pth --to-torch [--step=N] [--ema]
 """
 
 import sys
