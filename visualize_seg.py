@@ -38,6 +38,7 @@ flags.DEFINE_string("output", None, "The PNG to write (required; a new file: see
 flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
 flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
 flags.DEFINE_bool("ema", False, "Use the EMA weights of a train.py run.")
+flags.DEFINE_integer("step", None, "The checkpoint step to draw (default: the latest).")
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
@@ -176,7 +177,7 @@ def check_arguments(config):
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
   data.seg_validate(config.data)
   num_val = data.seg_num_examples(config.data, "val")  # missing data stops here
-  model, _ = checkpoint.load_model(directory)
+  model, _ = checkpoint.load_model(directory, FLAGS.step)
   if model_name(model) not in SEGMENTERS:
     cli.fail(
         f"{directory} holds {model_name(model)}, not a segmenter ({', '.join(sorted(SEGMENTERS))})"
@@ -228,7 +229,10 @@ def main(argv):
       config, FLAGS.workdir or FLAGS.checkpoint, given=FLAGS["config"].present
   )
   model, variables = fec_jax.load_pretrained(
-      FLAGS.workdir or FLAGS.checkpoint, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
+      FLAGS.workdir or FLAGS.checkpoint,
+      FLAGS.step,
+      ema=FLAGS.ema,
+      dtype=jnp.dtype(config.model.dtype),
   )
 
   predict = jax.jit(  # compiled once per image and annotation size

@@ -459,6 +459,15 @@ def test_visualize_seg_draws_the_predictions_with_a_legend_of_the_classes_shown(
   assert result.returncode == 2 and not os.path.exists(f"{output}.2.png")
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.data: class_names holds 1 name ('void',) for 5 classes")
+  result = command(
+      "visualize_seg.py", f"--workdir={seg_run}", f"--output={output}.3.png", "--step=3"
+  )
+  assert result.returncode == 2 and not os.path.exists(f"{output}.3.png")
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {seg_run} has no step 3; saved steps: [2, 4]"
+  )
+  args = [f"--workdir={seg_run}", f"--output={output}.4.png", "--num=1", "--size=32", "--step=2"]
+  assert command("visualize_seg.py", *args).returncode == 0
 
 
 def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
