@@ -253,14 +253,14 @@ def _init_from_fix(found: str, model: str) -> str:
   return f"give a {model} checkpoint, or --config.model.name={found} to fine-tune {found}"
 
 
+# init_from and its options, each with its value where not set: a resume does not read them, and
+# config.json keeps those the run started with.
+_INIT_FROM = {"init_from": "", "init_from_ema": False, "init_from_step": -1}
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
 # not depend on it: fec_jax.data.pipeline), what init_from names (a resume does not read it),
 # how often to log, evaluate and save, how to evaluate (with the task's EVALUATION_ONLY fields),
 # and where to stop. A change to any other field would continue the checkpoints as another run
 # than theirs.
-# init_from and its options, each with its value where not set: a resume does not read them, and
-# config.json keeps those the run started with.
-_INIT_FROM = {"init_from": "", "init_from_ema": False, "init_from_step": -1}
 _FREE_ON_RESUME = frozenset(
     {
         *_INIT_FROM,
