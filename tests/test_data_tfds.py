@@ -9,12 +9,15 @@ is mocked on the reading side: the loader and train.py open it with tfds.data_so
 
 import importlib
 import importlib.resources
+import io
+import json
 import os
 import sys
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -113,6 +116,181 @@ def test_a_data_dir_without_the_dataset_says_how_to_build_it(tmp_path, monkeypat
     assert "tfds build imagenet2012" in message and "TFRECORD" not in message
     assert "\n" not in message
   assert not caplog.records
+
+
+PETS = ("cat", "dog", "frog", "ship")
+
+
+def _build(data_dir, class_name, features, num_examples=(8, 4)):
+  """Builds TFDS dataset `class_name` (snake-cased) in data_dir as a user would, without
+  TensorFlow: a GeneratorBasedBuilder (not registered, so it is read back from its files alone,
+  as in a run that does not import it) yielding pre-encoded JPEG bytes, array_record. `features`:
+  {name: 'image' | a tfds feature}; 'image' features get the JPEG, the others i % 4. Splits
+  'train' and 'test' of num_examples records."""
+
+  def generate_examples(self, n):
+    for i in range(n):
+      img = Image.fromarray(np.full((16, 24, 3), 60 * (i % 4), np.uint8))
+      buf = io.BytesIO()
+      img.save(buf, "JPEG")
+      yield f"{i}", {k: buf.getvalue() if v == "image" else i % 4 for k, v in features.items()}
+
+  def info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {k: tfds.features.Image() if v == "image" else v for k, v in features.items()}
+        ),
+    )
+
+  def split_generators(self, dl_manager):
+    return {s: self._generate_examples(n) for s, n in zip(("train", "test"), num_examples)}
+
+  namespace = {
+      "VERSION": tfds.core.Version("1.0.0"),
+      "_info": info,
+      "_split_generators": split_generators,
+      "_generate_examples": generate_examples,
+  }
+  cls = type(class_name, (tfds.core.GeneratorBasedBuilder,), namespace, skip_registration=True)
+  builder = cls(data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+  )
+  return builder.name
+
+
+@pytest.fixture(scope="module")
+def custom_dir(tmp_path_factory):
+  """data_dir holding pets (image, label: ClassLabel cat/dog/frog/ship) and variants."""
+  data_dir = tmp_path_factory.mktemp("custom")
+  _build(data_dir, "Pets", {"image": "image", "label": tfds.features.ClassLabel(names=PETS)})
+  return str(data_dir)
+
+
+def _pets_cfg(data_dir, **kw):
+  return _cfg(
+      data_dir, **{"tfds_name": "pets", "num_classes": len(PETS), "val_split": "test", **kw}
+  )
+
+
+def test_a_custom_dataset_built_without_tensorflow(custom_dir):
+  """README's own-dataset recipe: a GeneratorBasedBuilder yielding JPEG bytes builds without
+  TensorFlow, and fec-jax reads it back from its files (its builder is not registered)."""
+  with pytest.raises(ImportError):
+    importlib.import_module("tensorflow")
+  cfg = _pets_cfg(custom_dir)
+  assert fd.num_examples(cfg, "train") == 8 and fd.num_examples(cfg, "val") == 4
+  src = sources.make_source(cfg, "train")
+  assert sorted(src[i]["label"] for i in range(len(src))) == [0, 0, 1, 1, 2, 2, 3, 3]
+  assert transforms.decode(src[0]["encoded"])[0].shape == (16, 24, 3)
+
+
+@pytest.fixture
+def no_records(monkeypatch):
+  """Fails a test that opens a split's records: its error must come from dataset_info alone."""
+
+  def as_data_source(self, *args, **kwargs):
+    raise AssertionError("records opened")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", as_data_source)
+
+
+@pytest.mark.parametrize(
+    "features, has",
+    [
+        ({"img": "image", "label": tfds.features.ClassLabel(names=PETS)}, "'img' (Image)"),
+        (
+            {"image": "image", "category": tfds.features.ClassLabel(names=PETS)},
+            "'category' (ClassLabel)",
+        ),
+        ({"image": "image", "label": tfds.features.Scalar(np.int64)}, "'label' (Scalar)"),
+    ],
+)
+def test_features_other_than_image_and_label_are_named(tmp_path, no_records, features, has):
+  """A label feature of another name was a KeyError, an image of another name TFDS's 'Error
+  while flattening dict', a label that is no ClassLabel was read unchecked (labels beyond
+  num_classes train into NaN): one error naming what the dataset has and what fec-jax reads."""
+  _build(tmp_path, "Odd", features)
+  with pytest.raises(ValueError) as e:
+    sources.make_source(_cfg(str(tmp_path), tfds_name="odd", num_classes=4), "train")
+  message = str(e.value)
+  assert has in message and "\n" not in message
+  assert "fec-jax reads 'image' (tfds.features.Image, encoded JPEG/PNG) and 'label' " in message
+  assert "(tfds.features.ClassLabel)" in message
+
+
+def _error(cfg, split="train") -> str:
+  """The one-line DataNotFoundError that make_source gives for cfg and split."""
+  with pytest.raises(fd.DataNotFoundError) as e:
+    sources.make_source(cfg, split)
+  assert "\n" not in str(e.value)
+  return str(e.value)
+
+
+def test_a_name_not_in_the_data_dir_lists_the_datasets_there(custom_dir):
+  """Not the ImageNet instructions for a dataset of one's own; they stay for imagenet2012."""
+  message = _error(_pets_cfg(custom_dir, tfds_name="pest"))
+  assert f"TFDS pest was not found in data_dir {custom_dir!r} (it holds the datasets pets)" in (
+      message
+  )
+  assert f"expected {os.path.join(custom_dir, 'pest', '<version>', 'dataset_info.json')}" in message
+  assert "ImageNet" not in message and "tfds build" not in message
+  message = _error(_cfg(custom_dir))
+  assert "(it holds the datasets pets); ImageNet needs a manual download" in message
+  assert "tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record" in message
+
+
+def test_a_data_dir_at_the_datasets_own_folder_says_to_give_its_parent(custom_dir):
+  pets = os.path.join(custom_dir, "pets")
+  message = _error(_pets_cfg(pets))
+  assert f"{pets!r} is a dataset's own folder (it holds the version folders 1.0.0)" in message
+  assert message.endswith(f"give its parent, --config.data.tfds_data_dir={custom_dir}")
+  message = _error(_pets_cfg(os.path.join(pets, "1.0.0")))
+  assert "is a dataset's version folder (it holds dataset_info.json)" in message
+  assert message.endswith(f"--config.data.tfds_data_dir={custom_dir}")
+
+
+def test_a_tfrecord_copy_says_how_to_build_array_record(tmp_path, no_records):
+  """TFDS's own cause was cut off after 'Possible root causes:'. The copy is made an array_record
+  build relabelled: building tfrecord files needs TensorFlow."""
+  _build(tmp_path, "Pets", {"image": "image", "label": tfds.features.ClassLabel(names=PETS)})
+  version_dir = tmp_path / "pets" / "1.0.0"
+  info_file = version_dir / "dataset_info.json"
+  info = json.loads(info_file.read_text())
+  info_file.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
+  for f in version_dir.glob("*.array_record-*"):
+    f.rename(str(f).replace(".array_record-", ".tfrecord-"))
+  message = _error(_pets_cfg(str(tmp_path)))
+  assert f"TFDS pets in {version_dir} was prepared as tfrecord; fec-jax reads array_record" in (
+      message
+  )
+  assert "`tfds build pets --data_dir=<data_dir> --file_format=array_record`" in message
+  assert "file_format='array_record' given to the builder" in message
+
+
+def test_a_missing_split_names_the_splits_and_the_fields(custom_dir, no_records):
+  message = _error(_cfg(custom_dir, tfds_name="pets", num_classes=len(PETS)), "val")
+  assert message == (
+      "TFDS pets has no split 'validation': its splits are train, test; set "
+      "config.data.train_split / config.data.val_split to one of them"
+  )
+
+
+def test_a_missing_version_names_the_versions(custom_dir, tfds_dir, no_records):
+  message = _error(_pets_cfg(custom_dir, tfds_name="pets:2.0.0"))
+  assert f"TFDS pets has no version 2.0.0 in {os.path.join(custom_dir, 'pets')} (it holds the " in (
+      message
+  )
+  assert "versions 1.0.0): set config.data.tfds_name to pets:<version>" in message
+  assert str(sources.tfds_builder("pets:1.0.0", custom_dir).version) == "1.0.0"
+  # A registered builder (TFDS's imagenet2012 knows 5.1.0 and 5.0.0): the versions on disk
+  version = os.listdir(os.path.join(tfds_dir, "imagenet2012"))[0]
+  message = _error(_cfg(tfds_dir, tfds_name="imagenet2012:5.0.0"))
+  assert f"no version 5.0.0 in {os.path.join(tfds_dir, 'imagenet2012')} (it holds the " in message
+  assert f"versions {version})" in message
 
 
 def test_train_loader_full_recipe(tfds_dir):

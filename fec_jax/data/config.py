@@ -23,7 +23,8 @@ def default_config() -> ml_collections.ConfigDict:
   tfds_name, tfds_data_dir: TFDS builder name and data_dir ('' = TFDS default).
   train_split, val_split: split names; '' = 'train' / 'val' for folders,
       'train' / 'validation' for TFDS, 'train' / 'val' for the demo.
-  num_classes: number of classes; the folder source checks it against the folders.
+  num_classes: number of classes; the folder source checks it against the folders, the
+      TFDS source against its 'label' ClassLabel.
   image_size: train crop / eval crop side (224).
   crop_pct: eval resizes the shorter side to floor(image_size / crop_pct) (0.9 -> 248).
   eval_interpolation: eval resize filter ('bicubic').

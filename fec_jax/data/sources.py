@@ -9,6 +9,7 @@ Decoding happens later in the pipeline's workers, so that a bad file is counted 
 import functools
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -26,14 +27,18 @@ FOLDER_LAYOUT_HELP = (
     "(e.g. with the widely used valprep.sh script)."
 )
 
-TFDS_HELP = (
-    "TFDS {name} was not found in data_dir {data_dir!r}. ImageNet needs a manual download: "
-    "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) into "
-    "<data_dir>/downloads/manual/, then run once: "
+IMAGENET_TFDS_HELP = (
+    "ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+    "(from image-net.org) into <data_dir>/downloads/manual/, then run once: "
     "tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record "
     "(building needs `pip install tensorflow`; training only needs tensorflow-datasets "
     "and array_record)."
 )
+# The features TfdsSource reads, for messages.
+TFDS_FEATURES = (
+    "'image' (tfds.features.Image, encoded JPEG/PNG) and 'label' (tfds.features.ClassLabel)"
+)
+_VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -140,39 +145,119 @@ class FolderSource:
     return {"encoded": encoded, "label": int(self._labels[index]), "key": rel}
 
 
+def _versions(folder: str) -> list[str]:
+  """The prepared versions in a TFDS dataset folder: version folders with a dataset_info.json."""
+  found = (
+      v
+      for v in os.listdir(folder)
+      if _VERSION.fullmatch(v) and os.path.isfile(os.path.join(folder, v, "dataset_info.json"))
+  )
+  return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def tfds_builder(name: str, data_dir: str = ""):
+  """The builder of TFDS dataset `name` ('name[/config][:version]') prepared in `data_dir` ('' =
+  TFDS's default), read from its dataset_info.json (no record is read); DataNotFoundError saying
+  what is wrong where it is not prepared there."""
+  import tensorflow_datasets as tfds
+
+  root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)  # $TFDS_DATA_DIR or ~/...
+  base, _, version = name.partition(":")
+  folder = os.path.join(root, base)
+  expected = f"expected {os.path.join(root, base, '<version>', 'dataset_info.json')}"
+  if not os.path.isdir(folder):
+    if os.path.isfile(os.path.join(root, "dataset_info.json")):
+      raise DataNotFoundError(
+          f"TFDS data_dir {root!r} is a dataset's version folder (it holds dataset_info.json): "
+          f"give the folder that holds the dataset's folder, "
+          f"--config.data.tfds_data_dir={os.path.dirname(os.path.dirname(root))}"
+      )
+    if os.path.isdir(root) and _versions(root):
+      raise DataNotFoundError(
+          f"TFDS data_dir {root!r} is a dataset's own folder (it holds the version folders "
+          f"{', '.join(_versions(root))}): give its parent, "
+          f"--config.data.tfds_data_dir={os.path.dirname(root)}"
+      )
+    if not os.path.isdir(root):
+      there = "it does not exist"
+    else:
+      found = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name != "downloads")
+      there = f"it holds the datasets {', '.join(found)}" if found else "it holds no dataset"
+    how = (
+        IMAGENET_TFDS_HELP if base == "imagenet2012" else expected + ", as a TFDS build writes it."
+    )
+    raise DataNotFoundError(f"TFDS {base} was not found in data_dir {root!r} ({there}); {how}")
+  versions = _versions(folder)
+  held = f"it holds the versions {', '.join(versions)}" if versions else "it holds none"
+  if version and version not in versions:
+    raise DataNotFoundError(
+        f"TFDS {base} has no version {version} in {folder} ({held}): set "
+        f"config.data.tfds_name to {base}:<version> of one there, or to {base} for its latest"
+    )
+  try:
+    builder = tfds.builder(name, data_dir=root)
+  except Exception as e:  # TFDS's DatasetNotFoundError, AssertionError, ...: one line of it
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataNotFoundError(
+        f"TFDS could not open {name} in {folder} ({held}; {expected}): {cause}"
+    ) from e
+  if not builder.is_prepared():
+    raise DataNotFoundError(
+        f"TFDS {base} {builder.version} is not prepared in {folder} ({held}; {expected}): "
+        f"build it, or set config.data.tfds_name to {base}:<version> of one there"
+    )
+  return builder
+
+
 class TfdsSource:
   """A TFDS dataset read with tfds.data_source (array_record), images left encoded.
 
-  `num_classes` (if given) must equal the classes of the dataset's 'label' feature.
+  The dataset must have the features TFDS_FEATURES; `num_classes` must equal the classes of its
+  'label'. All is checked from its dataset_info before a record is read.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str = "", num_classes=None):
+  def __init__(self, name: str, split: str, data_dir: str, num_classes: int):
     import tensorflow_datasets as tfds
 
-    root = data_dir or tfds.core.constants.DATA_DIR  # TFDS's default: $TFDS_DATA_DIR or ~/...
-    if not os.path.isdir(os.path.join(os.path.expanduser(root), name.split(":")[0])):
-      # Not prepared there: TFDS's own errors would speak of file formats or a TFRECORD copy
-      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=root))
-    try:
-      self._ds = tfds.data_source(
-          name,
-          split=split,
-          data_dir=data_dir or None,
-          download=False,
-          decoders={"image": tfds.decode.SkipDecoding()},
+    builder = tfds_builder(name, data_dir)
+    info, where = builder.info, builder.data_dir
+    features = dict(info.features.items())
+    has = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in features.items())
+    if not (
+        isinstance(features.get("image"), tfds.features.Image)
+        and isinstance(features.get("label"), tfds.features.ClassLabel)
+    ):
+      raise ValueError(
+          f"TFDS {name} ({where}) has the features {has}; fec-jax reads {TFDS_FEATURES} "
+          "(a ClassLabel gives the number of classes checked against config.data.num_classes)"
       )
-    except Exception as e:  # TFDS raises AssertionError/FileNotFoundError/DatasetNotFoundError
-      cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise DataNotFoundError(
-          TFDS_HELP.format(name=name, data_dir=root) + f" ({type(e).__name__}: {cause})"
-      ) from e
-    if len(self._ds) == 0:
-      raise DataNotFoundError(TFDS_HELP.format(name=name, data_dir=root))
-    classes = getattr(self._ds.dataset_info.features["label"], "num_classes", None)
-    if num_classes is not None and classes is not None and classes != num_classes:
+    classes = features["label"].num_classes
+    if classes != num_classes:
       raise ValueError(
           f"TFDS {name} has {classes} classes but config.data.num_classes is {num_classes}"
       )
+    if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in info.available_file_formats():
+      formats = ", ".join(sorted(f.value for f in info.available_file_formats()))
+      raise DataNotFoundError(
+          f"TFDS {name} in {where} was prepared as {formats}; fec-jax reads array_record "
+          "(random access): build it again into another data_dir (or after deleting "
+          f"{where}) with `tfds build {name.partition(':')[0]} --data_dir=<data_dir> "
+          "--file_format=array_record`, or with file_format='array_record' given to the builder"
+      )
+    try:
+      num_records = info.splits[split].num_examples
+    except (KeyError, ValueError) as e:  # TFDS: ValueError "Unknown split 'val'. Should be ..."
+      raise DataNotFoundError(
+          f"TFDS {name} has no split {split!r}: its splits are {', '.join(info.splits)}; set "
+          "config.data.train_split / config.data.val_split to one of them"
+      ) from e
+    if num_records == 0:
+      raise DataNotFoundError(f"split {split!r} of TFDS {name} ({where}) holds no record")
+    self._ds = builder.as_data_source(
+        split=split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        file_format=tfds.core.file_adapters.FileFormat.ARRAY_RECORD,
+    )
 
   def __len__(self) -> int:
     return len(self._ds)
