@@ -293,6 +293,21 @@ def test_a_missing_version_names_the_versions(custom_dir, tfds_dir, no_records):
   assert f"versions {version})" in message
 
 
+def test_a_tfds_data_dir_needs_source_tfds(custom_dir):
+  """It was ignored: the run read the demo digits or asked for an ImageNet folder."""
+  for source in ("folder", "demo"):
+    cfg = _pets_cfg(custom_dir, source=source)
+    with pytest.raises(ValueError) as e:
+      fd.validate(cfg)
+    assert str(e.value) == (
+        f"config.data: tfds_data_dir {custom_dir!r} is read by source 'tfds' only, and source is "
+        f"'{source}': give --config.data.source=tfds to read TFDS pets there, or "
+        "--config.data.tfds_data_dir=''"
+    )
+  fd.validate(_pets_cfg(custom_dir))
+  fd.validate(_pets_cfg("", source="demo"))
+
+
 def test_train_loader_full_recipe(tfds_dir):
   cfg = _cfg(tfds_dir)
   assert cfg.rand_augment and cfg.reprob > 0 and cfg.interpolation == "random"

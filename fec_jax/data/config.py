@@ -20,7 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
       folder dataset, classes sorted by folder name), 'tfds' (tfds.data_source of
       `tfds_name`, array_record), or 'demo' (scikit-learn digits, bundled).
   root: folder source directory (holds train/ and val/).
-  tfds_name, tfds_data_dir: TFDS builder name and data_dir ('' = TFDS default).
+  tfds_name, tfds_data_dir: TFDS builder name and data_dir ('' = TFDS default); a
+      tfds_data_dir needs source 'tfds'.
   train_split, val_split: split names; '' = 'train' / 'val' for folders,
       'train' / 'validation' for TFDS, 'train' / 'val' for the demo.
   num_classes: number of classes; the folder source checks it against the folders, the
@@ -131,6 +132,12 @@ def validate(cfg) -> None:
           cfg.source == "folder" or not cfg.root,
           f"root {cfg.root!r} is read by source 'folder' only, and source is {cfg.source!r}: "
           "give --config.data.source=folder to read that folder, or --config.data.root=''",
+      ),
+      (
+          cfg.source == "tfds" or not cfg.tfds_data_dir,
+          f"tfds_data_dir {cfg.tfds_data_dir!r} is read by source 'tfds' only, and source is "
+          f"{cfg.source!r}: give --config.data.source=tfds to read TFDS {cfg.tfds_name} there, "
+          "or --config.data.tfds_data_dir=''",
       ),
       (cfg.remode in ERASE_MODES, f"remode must be one of {ERASE_MODES}"),
       (
