@@ -22,7 +22,7 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 import fec_jax.data as fd  # noqa: E402
-from fec_jax.data import sources, transforms  # noqa: E402
+from fec_jax.data import classes, sources, transforms  # noqa: E402
 from tests.imagenet_fixture import WNIDS, make_imagenet_folder  # noqa: E402
 from configs import fec_small  # noqa: E402
 from fec_jax import reporting  # noqa: E402
@@ -306,6 +306,30 @@ def test_a_tfds_data_dir_needs_source_tfds(custom_dir):
     )
   fd.validate(_pets_cfg(custom_dir))
   fd.validate(_pets_cfg("", source="demo"))
+
+
+def test_class_names_of_a_tfds_run_are_its_classlabel_names(custom_dir, tfds_dir, tmp_path):
+  """eval.py --per_class named them 'class 0', ..., and a 1000-class dataset's ImageNet's. As for
+  folders: ImageNet's names where the ClassLabel's are its wnids (imagenet2012's)."""
+  assert classes.classification_names(_pets_cfg(custom_dir), 4) == PETS
+  run = {"source": "tfds", "tfds_name": "pets", "tfds_data_dir": custom_dir}  # its config.json
+  assert classes.classification_names(run, 4) == PETS
+  assert classes.classification_names(run, 5) is None  # not the run's dataset any more
+  assert classes.classification_names({**run, "tfds_data_dir": str(tmp_path)}, 4) is None
+  assert classes.classification_names(_cfg(tfds_dir), 1000)[1].startswith("goldfish")
+  kinds = tuple(f"kind {i}" for i in range(1000))
+  _build(
+      tmp_path, "Kinds", {"image": "image", "label": tfds.features.ClassLabel(names=kinds)}, (1, 1)
+  )
+  _build(
+      tmp_path,
+      "Unnamed",
+      {"image": "image", "label": tfds.features.ClassLabel(num_classes=1000)},
+      (1, 1),
+  )
+  mine = {**run, "tfds_data_dir": str(tmp_path)}
+  assert classes.classification_names({**mine, "tfds_name": "kinds"}, 1000) == kinds
+  assert classes.classification_names({**mine, "tfds_name": "unnamed"}, 1000)[7] == "class 7"
 
 
 def test_train_loader_full_recipe(tfds_dir):

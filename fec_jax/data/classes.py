@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
-from fec_jax.data.sources import class_folders, split_name
+from fec_jax.data.sources import DataNotFoundError, class_folders, split_name, tfds_builder
 
 
 def _read(name: str) -> list[str]:
@@ -43,19 +43,37 @@ def ade20k() -> tuple[tuple[str, ...], np.ndarray]:
 
 def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   """The names of a classifier's classes from the data config of its run (a ConfigDict, or the
-  data section of a run's config.json): a folder run's class folders where they still are,
-  unless they are ImageNet's wnids; the demo's digits; ImageNet's names for 1000 classes. None
-  where they are not known."""
-  folders = None
+  data section of a run's config.json): a folder run's class folders where they still are, a
+  TFDS run's ClassLabel names where its dataset_info still is, unless these are ImageNet's wnids;
+  the demo's digits; ImageNet's names for 1000 classes. None where they are not known."""
+  own = None
   if cfg.get("source") == "folder":
     train_dir = os.path.join(cfg.get("root") or "", split_name(cfg, "train"))
-    found = class_folders(train_dir) if os.path.isdir(train_dir) else ()
-    folders = found if len(found) == num_classes else None
-  if folders and not all(re.fullmatch(r"n\d{8}", f) for f in folders):
-    return folders
+    own = class_folders(train_dir) if os.path.isdir(train_dir) else None
+  elif cfg.get("source") == "tfds" and cfg.get("tfds_name"):
+    own = _tfds_label_names(cfg.get("tfds_name"), cfg.get("tfds_data_dir") or "")
+  own = own if own and len(own) == num_classes else None
+  if own and not all(re.fullmatch(r"n\d{8}", c) for c in own):
+    return own
   if cfg.get("source") == "demo" and num_classes == 10:
     return tuple(f"digit {i}" for i in range(10))
-  return imagenet_names() if num_classes == 1000 else folders
+  return imagenet_names() if num_classes == 1000 else own
+
+
+def _tfds_label_names(name: str, data_dir: str) -> tuple[str, ...] | None:
+  """The names of a TFDS dataset's 'label' ClassLabel, read from its dataset_info (no record):
+  'class 0', ... for one of num_classes only (not ImageNet's); None where it is not readable here
+  (moved, or tensorflow_datasets not installed)."""
+  try:
+    import tensorflow_datasets as tfds
+
+    label = dict(tfds_builder(name, data_dir).info.features.items()).get("label")
+  except (ImportError, DataNotFoundError):
+    return None
+  if not isinstance(label, tfds.features.ClassLabel):
+    return None
+  names = tuple(label.names)
+  return numbered(len(names)) if names == tuple(map(str, range(len(names)))) else names
 
 
 def is_ade20k(cfg) -> bool:
