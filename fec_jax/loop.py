@@ -127,7 +127,7 @@ def _check_same_run_everywhere(config, workdir: str) -> None:
   the values are gathered from every process)."""
   fields = traverse_util.flatten_dict(reporting.config_data(config) or {}, sep=".")
   fields = {  # an object JSON cannot hold is written with its address, which differs
-      f"config.{k}": "" if str(v).startswith(reporting.UNSERIALIZABLE) else json.dumps(v)
+      f"config.{k}": "" if reporting.is_unserializable(v) else json.dumps(v)
       for k, v in sorted(fields.items())
   }
   differs = _differing(
@@ -316,17 +316,12 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and its step and EMA options stay as the run started (a resume
-  does not read them). Paths (reporting.PATH_FIELDS) are made absolute."""
+  does not read them). write_config makes its paths absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
-  config = config.copy_and_resolve_references()
-  for key in reporting.PATH_FIELDS:  # eval.py, visualize.py, a resume may run elsewhere
-    section, _, field = key.rpartition(".")
-    fields = config[section] if section else config
-    if field in fields:
-      fields[field] = reporting.absolute_path(fields[field])
   if saved is not None:  # a config.json older than init_from_step lacks it: the run took none
+    config = config.copy_and_resolve_references()
     for key, unset in _INIT_FROM.items():
       config[key] = saved.get(key, unset)
   reporting.write_config(workdir, config)

@@ -7,7 +7,9 @@ Only process 0 writes (`MetricsWriter(..., active=jax.process_index() == 0)`).
 
 from __future__ import annotations
 
+import copy
 import datetime
+import functools
 import json
 import os
 import time
@@ -76,29 +78,39 @@ def config_data(config) -> dict | None:
     return None
 
 
+# The config fields that name a file or directory: config.json records them as absolute paths, so
+# that commands on a workdir (eval.py, visualize.py, a resume) work from any directory, and they
+# are compared as such.
+PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
+
+
+def _absolute_paths(data: dict) -> dict:
+  """A copy of config data (config_data, or a read config.json) with its PATH_FIELDS absolute;
+  '' and a URL (gs://...) as they are."""
+  data = copy.deepcopy(data)
+  for key in PATH_FIELDS:
+    *sections, field = key.split(".")
+    fields = functools.reduce(lambda d, section: d.get(section) or {}, sections, data)
+    value = fields.get(field)
+    if isinstance(value, str) and value and "://" not in value:
+      fields[field] = os.path.abspath(value)
+  return data
+
+
 def write_config(workdir: str, config) -> None:
   """Writes a run's config to <workdir>/config.json, at its start and at each resume (a resume
   is checked against it, fec_jax.loop; visualize.py takes the run's image size and
-  normalization from it; configs/workdir.py reads it back)."""
+  normalization from it; configs/workdir.py reads it back), its paths absolute (PATH_FIELDS)."""
   data = config_data(config)
   if data is None:
     logging.warning("%s not written: the config does not go into JSON", CONFIG_FILE)
     return
+  data = _absolute_paths(data)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   with open(path + ".tmp", "w") as f:
     f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
   os.replace(path + ".tmp", path)
-
-
-# The config fields that name a file or directory: config.json records them as absolute paths
-# (fec_jax.loop), and they are compared as such.
-PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
-
-
-def absolute_path(value: str) -> str:
-  """`value` as an absolute path; '' and a URL (gs://...) as they are."""
-  return os.path.abspath(value) if value and "://" not in value else value
 
 
 def config_changes(saved: dict, config) -> dict[str, tuple] | None:
@@ -110,12 +122,8 @@ def config_changes(saved: dict, config) -> dict[str, tuple] | None:
   now = config_data(config)
   if now is None:
     return None
-  saved = traverse_util.flatten_dict(saved, sep=".")
-  now = traverse_util.flatten_dict(now, sep=".")
-  for values in (saved, now):
-    for key in PATH_FIELDS:
-      if isinstance(values.get(key), str):
-        values[key] = absolute_path(values[key])
+  saved = traverse_util.flatten_dict(_absolute_paths(saved), sep=".")
+  now = traverse_util.flatten_dict(_absolute_paths(now), sep=".")
   return {
       key: (_tuples(saved[key]), _tuples(now[key]))
       for key in saved.keys() & now.keys()
@@ -123,8 +131,14 @@ def config_changes(saved: dict, config) -> dict[str, tuple] | None:
   }
 
 
+def is_unserializable(value) -> bool:
+  """Whether a config_data value stands for an object JSON cannot hold (written with its
+  address, so no two runs' compare equal)."""
+  return isinstance(value, str) and value.startswith(UNSERIALIZABLE)
+
+
 def _same_value(saved, now) -> bool:
-  if any(isinstance(v, str) and v.startswith(UNSERIALIZABLE) for v in (saved, now)):
+  if is_unserializable(saved) or is_unserializable(now):
     return True
   return saved == now or json.dumps(saved) == json.dumps(now)
 

@@ -31,7 +31,7 @@ class EvaluationStopped(Exception):
 class Progress:
   """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
   every `every` seconds (none for an evaluation shorter than that), and raises
-  EvaluationStopped once `stop()` is true, but after the last batch (the metrics are done)."""
+  EvaluationStopped once `stop()` is true, except after the last batch (the metrics are done)."""
 
   def __init__(self, total: int, unit: str, stop: Callable[[], bool] | None, log, every=30.0):
     self._total, self._unit, self._stop, self._log, self._every = total, unit, stop, log, every
