@@ -316,14 +316,18 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and its step and EMA options stay as the run started (a resume
-  does not read them). write_config makes its paths absolute."""
+  does not read them); data.tfds_data_dir '' as the folder TFDS read. write_config makes its
+  paths absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
+  config = config.copy_and_resolve_references()
   if saved is not None:  # a config.json older than init_from_step lacks it: the run took none
-    config = config.copy_and_resolve_references()
     for key, unset in _INIT_FROM.items():
       config[key] = saved.get(key, unset)
+  if config.data.get("source") == "tfds" and not config.data.tfds_data_dir:
+    # TFDS's default ($TFDS_DATA_DIR): a later command without the variable reads the same folder
+    config.data.tfds_data_dir = data.tfds_data_dir("")
   reporting.write_config(workdir, config)
 
 

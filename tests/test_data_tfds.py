@@ -366,11 +366,13 @@ def test_val_loader_matches_records(tfds_dir):
 
 
 @pytest.mark.xdist_group("train")
-def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path):
+def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch):
   """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
-  process; float32 compute compiles about a third faster on CPU than bfloat16."""
+  process; float32 compute compiles about a third faster on CPU than bfloat16. The data lies in
+  TFDS's default data_dir ($TFDS_DATA_DIR), which config.json records for later commands."""
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", tfds_dir)
   config = fec_small.get_config()
-  config.data.source, config.data.tfds_data_dir = "tfds", tfds_dir
+  config.data.source = "tfds"
   config.data.image_size, config.data.num_workers, config.model.dtype = 32, 1, "float32"
   config.global_batch_size, config.eval_batch_size = 4, 4
   config.max_steps, config.log_every_steps = 2, 1
@@ -381,3 +383,4 @@ def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path):
   assert all(np.isfinite(r["train_loss"]) for r in records)
   assert {"val_top1", "val_loss", "ema_val_top1"} <= records[-1].keys()
   assert saved_steps(workdir) == [2]
+  assert reporting.read_config(str(workdir))["data"]["tfds_data_dir"] == tfds_dir

@@ -9,6 +9,7 @@ Public API, classification:
   data_location(cfg)                                   -- where the records are, for messages
                                                        -- pipeline.py
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
+  tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -43,7 +44,7 @@ from fec_jax.data.seg_pipeline import (
     seg_num_examples,
     seg_steps_per_epoch,
 )
-from fec_jax.data.sources import DataNotFoundError, split_name
+from fec_jax.data.sources import DataNotFoundError, split_name, tfds_data_dir
 
 __all__ = [
     "default_config",
@@ -56,6 +57,7 @@ __all__ = [
     "num_eval_batches",
     "data_location",
     "split_name",
+    "tfds_data_dir",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",

@@ -155,13 +155,21 @@ def _versions(folder: str) -> list[str]:
   return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
+def tfds_data_dir(data_dir: str) -> str:
+  """The folder TFDS reads for `data_dir`: itself, or where it is '' TFDS's default
+  ($TFDS_DATA_DIR where it was set when TFDS was imported, else ~/tensorflow_datasets)."""
+  import tensorflow_datasets as tfds
+
+  return os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+
+
 def tfds_builder(name: str, data_dir: str = ""):
   """The builder of TFDS dataset `name` ('name[/config][:version]') prepared in `data_dir` ('' =
   TFDS's default), read from its dataset_info.json (no record is read); DataNotFoundError saying
   what is wrong where it is not prepared there."""
   import tensorflow_datasets as tfds
 
-  root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)  # $TFDS_DATA_DIR or ~/...
+  root = tfds_data_dir(data_dir)
   base, _, version = name.partition(":")
   folder = os.path.join(root, base)
   expected = f"expected {os.path.join(root, base, '<version>', 'dataset_info.json')}"
