@@ -136,7 +136,7 @@ def main(argv):
         f"{jax.devices()[0].platform} device(s))"
     )
     return
-  weights = f"step {step}{', EMA weights' if FLAGS.ema else ''}"
+  weights = checkpoint.weights_name(directory, step, FLAGS.ema)
   evaluator = task.evaluator(model, mesh)
   cli.note_config_differences(config, directory, given=FLAGS["config"].present)
   where = data.data_location(config.data)

@@ -191,6 +191,14 @@ def saved_items(directory: str, step: int) -> set[str]:
   return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
 
 
+def weights_name(directory: str, step: int, ema: bool = False) -> str:
+  """How a command names the weights it read: 'step N' (', EMA weights') of a train.py run, or
+  'converted weights' for weights only (a convert_torch_weights.py output, saved as step 0)."""
+  if PROGRESS_ITEM not in saved_items(directory, step):
+    return "converted weights"
+  return f"step {step}{', EMA weights' if ema else ''}"
+
+
 def check_is_run(directory: str, step: int) -> set[str]:
   """The items of `step` (saved_items); a CheckpointError where they are weights only (a
   convert_torch_weights.py output, a save_params): nothing that train.py resumes."""

@@ -409,6 +409,17 @@ def test_quiet_drops_only_the_harmless_lines():
   assert passes == [False] * 2 + [True] * 4
 
 
+def test_converted_weights_are_not_called_step_0(tmp_path):
+  """eval.py's line names the weights it read: a converter output has no step of a run."""
+  params = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small", num_classes=3))
+  )
+  checkpoint.save_params(str(tmp_path / "c"), params, "fec_small", {"num_classes": 3})
+  assert checkpoint.weights_name(str(tmp_path / "c"), 0) == "converted weights"
+  os.mkdir(tmp_path / "c" / "0" / checkpoint.PROGRESS_ITEM)  # as a train.py step holds it
+  assert checkpoint.weights_name(str(tmp_path / "c"), 0, ema=True) == "step 0, EMA weights"
+
+
 def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
   """load_pretrained: no "Given directory is read only" warning; its INFO lines are orbax's,
   which quiet() drops, in a script too (outside absl.app.run)."""
