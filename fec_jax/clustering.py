@@ -7,7 +7,9 @@ back to the points of its cluster (Eq. 7). Where the released code differs from 
 functions follow the code (docs/official-code.md).
 
 Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M centers,
-D channels.
+D channels. The paper writes O for the number of centers and M for the similarity matrix
+(Eq. 5, [N, O]); here that matrix, transposed, is `similarity` [G, M, N], and the paper's K and V
+are the layers' `feat` and `value` (fec_jax.model), the points and values here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 Aggregation = Literal["auto", "segment_sum", "onehot"]
 AGGREGATIONS = typing.get_args(Aggregation)
 AssignGrad = Literal["official", "straight_through"]
+ASSIGN_GRADS = typing.get_args(AssignGrad)
 
 # What "auto" runs per lowering platform (see README, Models). GPU and TPU: the dense one-hot
 # matmuls, since XLA:GPU lowers an fp32 scatter-add of many points into few centers to a slow
@@ -119,8 +122,8 @@ def straight_through_residual(similarity: jnp.ndarray, assign_grad: AssignGrad):
   """
   if assign_grad == "official":
     return None
-  if assign_grad != "straight_through":
-    raise ValueError(f"assign_grad must be 'official' or 'straight_through', got {assign_grad!r}")
+  if assign_grad not in ASSIGN_GRADS:
+    raise ValueError(f"assign_grad must be one of {ASSIGN_GRADS}, got {assign_grad!r}")
   soft = jax.nn.softmax(similarity, axis=1)  # [G, M, N]
   return soft - jax.lax.stop_gradient(soft)
 

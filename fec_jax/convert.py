@@ -38,6 +38,7 @@ from fec_jax.model import (
     SEGMENTERS,
     VARIANTS,
     block_axis,
+    count_params,
     create_model,
     list_models,
     model_name,
@@ -104,19 +105,9 @@ def flax_value(flax_path: tuple[str, ...], shape: tuple[int, ...], state: dict) 
   )
 
 
-def abstract_variables(name: str, **overrides) -> dict[str, Any]:
-  """Variable shapes of a model ({"params"}, and "batch_stats" for fpn_*), computing nothing."""
-  return variable_shapes(create_model(name, **overrides))
-
-
-def abstract_params(name: str, **overrides) -> dict[str, Any]:
-  """Parameter shapes of a model, without computing anything."""
-  return abstract_variables(name, **overrides)["params"]
-
-
 def expected_torch_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
   """{torch key: torch shape} of a model's official state dict (num_batches_tracked aside)."""
-  return _torch_shapes(abstract_variables(name, **overrides))
+  return _torch_shapes(variable_shapes(create_model(name, **overrides)))
 
 
 def _torch_shapes(variables) -> dict[str, tuple[int, ...]]:
@@ -157,10 +148,8 @@ def _load_file(path: str) -> Any:
           f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})"
       ) from e
   torch = _torch()
-  import argparse as _argparse  # timm checkpoints pickle their command-line args
-
-  try:
-    with torch.serialization.safe_globals([_argparse.Namespace]), warnings.catch_warnings():
+  try:  # timm checkpoints pickle their command-line args: an argparse.Namespace
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
       # "Detected pickle protocol N": torch's note on a pickle that torch.save did not write
       warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -329,7 +318,9 @@ def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], str, list
 
 
 def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> str:
-  """The model whose state dict has exactly these keys and shapes (the class count aside)."""
+  """The model whose state dict has exactly these keys and shapes (the class count aside); an
+  `arch` that names a model (a timm checkpoint's args.model) is taken as it is, and
+  torch_to_variables then checks the keys and shapes against it."""
   if arch in VARIANTS:
     return arch
   matches, closest, problems = _matching_models(state)
@@ -397,7 +388,7 @@ def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> 
   if classifier in state and "num_classes" not in overrides:
     overrides = {**overrides, "num_classes": int(state[classifier].shape[0])}
   state = _without_num_batches_tracked(state)
-  abstract = abstract_variables(name, **overrides)
+  abstract = variable_shapes(create_model(name, **overrides))
   problems = _shape_mismatches(state, _torch_shapes(abstract))
   if problems:
     raise ConversionError(_mismatch_message(state, name, problems))
@@ -586,7 +577,7 @@ def to_orbax(args) -> None:
   if os.path.isdir(output):  # --overwrite (check_paths allows it), or an empty folder
     shutil.rmtree(output)
   os.rename(staging, output)
-  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+  count = count_params(variables["params"])
   options = "".join(f", {k}={v}" for k, v in overrides.items())
   print(f"wrote {name} ({count:,} parameters{options}) to {args.output}")
 

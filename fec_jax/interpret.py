@@ -15,6 +15,7 @@ scikit-learn, as the paper does.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ from sklearn.cluster import KMeans
 from fec_jax.model import FEC, cluster_assignments
 
 Feature = Literal["centers", "representatives"]
+FEATURES = typing.get_args(Feature)
 
 
 class Clusters(NamedTuple):
@@ -131,8 +133,8 @@ def group_batch(clusters: Clusters, num_clusters: int, feature: Feature = "cente
 
   feature: 'centers' (the official script) or 'representatives' (R in the paper's text).
   """
-  if feature not in ("centers", "representatives"):
-    raise ValueError(f"feature must be 'centers' or 'representatives', got {feature!r}")
+  if feature not in FEATURES:
+    raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
   features = np.asarray(getattr(clusters, feature))
   features = features.reshape(features.shape[0], -1, features.shape[-1])  # [B, M, D]
   final = np.asarray(clusters.levels[:, -1])

@@ -142,15 +142,16 @@ class Cluster(nn.Module):
     hr, wr = h // r, w // r
     feat, value = self._to_groups(feat), self._to_groups(value)  # [G, hr, wr, D]
     centers = clustering.adaptive_avg_pool(feat, self.centers)  # Eq. 4, [G, ch, cw, D]
-    value_centers = clustering.adaptive_avg_pool(value, self.centers)
+    value_centers = clustering.adaptive_avg_pool(value, self.centers)  # [G, ch, cw, D]
     g, m = feat.shape[0], self.centers[0] * self.centers[1]
     points = feat.reshape(g, hr * wr, -1)  # [G, N, D]
-    values = clustering.at_least_f32(value.reshape(g, hr * wr, -1))
+    values = clustering.at_least_f32(value.reshape(g, hr * wr, -1))  # [G, N, D]
 
-    cosine = clustering.cosine_similarity(centers.reshape(g, m, -1), points)  # [G, M, N]
+    cosine = clustering.cosine_similarity(centers.reshape(g, m, -1), points)  # Eq. 5, [G, M, N]
     sim = jax.nn.sigmoid(beta + alpha * cosine)  # Eq. 7's sigma(alpha M + beta)
-    assignment = clustering.assign(sim)  # argmax of the sigmoid, as the code does
-    st = clustering.straight_through_residual(sim, self.assign_grad)
+    # [G, N]: the argmax of the sigmoid, as the code does (docs/official-code.md Sec. 3, Cluster 4)
+    assignment = clustering.assign(sim)
+    st = clustering.straight_through_residual(sim, self.assign_grad)  # [G, M, N] or None
     reps = clustering.representatives(
         values,
         clustering.at_least_f32(value_centers.reshape(g, m, -1)),
@@ -166,7 +167,7 @@ class Cluster(nn.Module):
     labels = self._from_groups(labels.reshape(g, hr, wr, 1))  # [B, H, W, E]
     self.sow("intermediates", "assignment", labels.transpose(0, 3, 1, 2))
     out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
-    return conv1x1(dim, width, "proj", self.dtype)(out)
+    return conv1x1(dim, width, "proj", self.dtype)(out)  # [B, H, W, C], Sec. 3, Cluster 7
 
   def _to_groups(self, t):
     """[B, H, W, E*D] -> [B*E*r*r, H/r, W/r, D]: heads by channel groups, then fold regions."""
@@ -233,7 +234,7 @@ class ClusterPool(nn.Module):
     value_centers = clustering.adaptive_avg_pool(value, (hr // 2, wr // 2)).reshape(g, m, -1)
     cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # Eq. 5 [G,M,N]
     assignment = clustering.assign(cosine)  # [G, N]
-    st = clustering.straight_through_residual(cosine, self.assign_grad)
+    st = clustering.straight_through_residual(cosine, self.assign_grad)  # [G, M, N] or None
     reps = clustering.representatives(
         clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
         clustering.at_least_f32(value_centers),
@@ -361,7 +362,7 @@ def block_axis(flax_path: Sequence[str]) -> bool:
 
 def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
   """The two position channels appended to the image: i/(H-1) - 0.5 and j/(W-1) - 0.5,
-  [B, H, W, 2]."""
+  [B, H, W, 2] (docs/official-code.md Sec. 3, Input embedding; not in the paper)."""
   # Host-side numpy: IEEE division like torch's (XLA may turn x / c into x * (1 / c), 1 ulp off).
   rows = np.arange(h, dtype=np.float32) / np.float32(h - 1) - np.float32(0.5)
   cols = np.arange(w, dtype=np.float32) / np.float32(w - 1) - np.float32(0.5)
@@ -370,7 +371,8 @@ def coordinate_channels(b: int, h: int, w: int) -> jnp.ndarray:
 
 
 class PatchEmbed(nn.Module):
-  """4x4 stride-4 convolution over the image and its two coordinate channels."""
+  """4x4 stride-4 convolution over the image and its two coordinate channels
+  (docs/official-code.md Sec. 3, Input embedding)."""
 
   dim: int
   dtype: Dtype = jnp.float32
@@ -416,12 +418,13 @@ class FEC(nn.Module):
     total = sum(v.depths)
     common = dict(aggregation=self.aggregation, assign_grad=self.assign_grad, dtype=self.dtype)
     x = PatchEmbed(v.dims[0], self.dtype, name="patch_embed")(images)
-    rates = np.linspace(0.0, self.drop_path_rate, total)  # stochastic depth, rising per block
+    # stochastic depth, rising per block (docs/official-code.md Sec. 3, ClusterBlock)
+    rates = np.linspace(0.0, self.drop_path_rate, total)
     scan = _stage_scan(self.unroll_stages)
     features = []
     for s, depth in enumerate(v.depths):
       if s > 0:  # network.{2s-1}: with the fold of the stage it leads into, as the official
-        # constructor's fold_w[i + 1] (docs/official-code.md Sec. 3)
+        # constructor's fold_w[i + 1] (docs/official-code.md Sec. 2)
         x = ClusterPool(v.dims[s], v.folds[s], name=f"network_{2 * s - 1}", **common)(x)
       block = ClusterBlock(
           v.mlp_ratios[s],
@@ -440,6 +443,7 @@ class FEC(nn.Module):
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
     if v.dense_outputs:
       return features
+    # Sec. 3, Head: the mean over H, W of GroupNorm(x), then the linear head; [B, num_classes]
     x = clustering.at_least_f32(group_norm("norm", self.dtype)(x)).mean(axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=linear_kernel_init, name="head")(x)
 
@@ -516,6 +520,11 @@ def variable_shapes(model: nn.Module) -> dict[str, Any]:
 def param_shapes(model: nn.Module) -> dict[str, Any]:
   """The model's params as ShapeDtypeStructs, computed without running anything."""
   return variable_shapes(model)["params"]
+
+
+def count_params(params) -> int:
+  """The number of parameters in a params tree (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
 # Compiler options for programs that run once (init): without XLA's backend optimizations, the

@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
       "--feature",
-      choices=("centers", "representatives"),
+      choices=interpret.FEATURES,
       default="centers",
       help="K-Means feature: the last pool's similarity-space centers (official script) "
       "or its representatives R (Eq. 6, the paper's text)",

@@ -17,7 +17,7 @@ import fec_jax
 import torch_reference
 import torch_reference_fpn
 from fec_jax import checkpoint, convert
-from fec_jax.model import FAST_COMPILE
+from fec_jax.model import FAST_COMPILE, param_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -556,7 +556,7 @@ def test_num_classes_is_taken_from_the_head(small_state):
   assert overrides == {"num_classes": 10}
   assert params["head"]["kernel"].shape == (320, 10)
   assert jax.tree.structure(params) == jax.tree.structure(
-      convert.abstract_params("fec_small", num_classes=10)
+      param_shapes(fec_jax.create_model("fec_small", num_classes=10))
   )
 
 
@@ -675,7 +675,9 @@ def test_mmseg_checkpoint_whole_or_backbone(tmp_path, fpn_model):
       "--model fec_small_seg for its backbone alone"
   )
   params, _ = convert.torch_to_flax(backbone, "fec_small_seg")
-  assert jax.tree.structure(params) == jax.tree.structure(convert.abstract_params("fec_small_seg"))
+  assert jax.tree.structure(params) == jax.tree.structure(
+      param_shapes(fec_jax.create_model("fec_small_seg"))
+  )
   nineteen = torch_reference_fpn.create_torch_segmenter("fpn_fec_small", 19).state_dict()
   variables, overrides = convert.torch_to_variables(
       {k: v.numpy() for k, v in nineteen.items()}, "fpn_fec_small"

@@ -20,7 +20,8 @@ from jax.experimental import multihost_utils
 
 import fec_jax
 from configs import demo, demo_seg, fec_base, fec_large, fec_small, finetune
-from fec_jax import convert, data, loop, preemption, reporting, tasks, training
+from fec_jax import data, loop, preemption, reporting, tasks, training
+from fec_jax.model import param_shapes
 from fec_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_schedule_is_per_epoch_warmup_cosine_cooldown():
 
 
 def test_weight_decay_mask_is_timms_groups_without_conv_f():
-  params = convert.abstract_params("fec_small", num_classes=10)
+  params = param_shapes(fec_jax.create_model("fec_small", num_classes=10))
   mask = flax.traverse_util.flatten_dict(training.weight_decay_mask(params))
   decayed = {"/".join(k) for k, v in mask.items() if v}
   kept = {"/".join(k) for k, v in mask.items() if not v}

@@ -292,7 +292,12 @@ class Segmentation(Task):
     merged = checkpoint.merge_params(variables["params"]["backbone"], pretrained["params"], kept)
     params = {**variables["params"], "backbone": merged}
     norms = [n for n in OUTPUT_NORMS if any(k.startswith(f"{n}/") for k in kept)]
-    kind = "the classifier " if ignored else "" if norms else "the dense backbone "
+    if ignored:  # a classifier's head and final norm
+      kind = "the classifier "
+    elif not norms:  # the stage output norms too: an fec_*_seg / _det backbone
+      kind = "the dense backbone "
+    else:  # neither a head nor the output norms: the stages only
+      kind = ""
     with_norms = "" if norms else f", {'/'.join(OUTPUT_NORMS)} included"
     note = (
         f"backbone: loaded from {kind}{source}{with_norms}; ignored: "
