@@ -140,7 +140,7 @@ def main(argv):
   evaluator = task.evaluator(model, mesh)
   cli.note_config_differences(config, directory, given=FLAGS["config"].present)
   where = data.data_location(config.data)
-  print(  # the compute dtype too: configs/fec_*.py evaluate in bfloat16, the demo in float32
+  print(  # the compute dtype too: bfloat16 in most configs, float32 where one asks for it
       f"evaluating {directory} ({weights}, {config.model.dtype}) on the "
       f"{data.split_name(config.data, 'val')} split of {where} ...",
       file=sys.stderr,

@@ -28,5 +28,8 @@ def get_config(workdir: str = ""):
     raise ValueError(f"{where} does not exist; expected a train.py workdir")
   task = saved.get("task")
   if task not in TEMPLATES:
-    raise ValueError(f"{where} holds the task {task!r}; expected one of {sorted(TEMPLATES)}")
+    raise ValueError(
+        f"{where} holds the task {task!r}; expected one of {sorted(TEMPLATES)}, or for a task of "
+        "your own (fec_jax.tasks.register), its config file as --config"
+    )
   return reporting.restore_config(saved, TEMPLATES[task](), where)

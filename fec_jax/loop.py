@@ -303,7 +303,14 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
         f"(train.py without --config reads it from {os.path.join(workdir, reporting.CONFIG_FILE)})"
     )
   else:
-    overrides = " ".join(shlex.quote(_override(key, changes[key][0])) for key in changed)
+    overrides = " ".join(
+        (
+            f"without config.{key}"  # a field of the user's own that the run started without
+            if changes[key][0] is reporting.ABSENT
+            else shlex.quote(_override(key, changes[key][0]))
+        )
+        for key in changed
+    )
     advice = f". Resume it with its values ({overrides})"
   raise checkpoint.CheckpointError(
       f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
@@ -460,18 +467,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   state: the TrainState at `start`, or a Future of it (a fresh state being initialized)."""
   record: dict[str, Any] = {}
   if run.unevaluated is not None:
-    logging.info("step %d was saved without its evaluation (the run stopped there)", start)
-    try:
-      metrics = _evaluate(run.evaluator, state, start, True, run.preemption)
-    except Exception as e:  # pylint: disable=broad-except
-      if not _skip_failed_evaluation(
-          run.preemption, start, e, "run the same command to evaluate it"
-      ):
-        raise
-      return RunResult(start, True, dict(run.unevaluated))
-    record = {**run.unevaluated, **metrics}
-    run.writer.replace_last(record)  # only now: a failed evaluation leaves the record as it was
-    return RunResult(start, False, record)
+    return _evaluate_last_step(run, state, start)
   if start >= run.num_steps:
     logging.info(
         "nothing to train: %s is at step %d, and this run ends at step %d (max_steps or the "
@@ -506,25 +502,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     stop = run.preemption.stop_now(step, agree=step == run.num_steps)
     if not (eval_now or save_now or stop or step % run.config.log_every_steps == 0):
       continue
-    pending = jax.device_get(pending)
-    losses = [float(m["loss"]) for m in pending]
-    # A finite loss with a non-finite gradient would still poison the params: check both.
-    bad = [i for i, m in enumerate(pending) if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
-    if bad:
-      run.mngr.wait_until_finished()
-      raise TrainingDiverged(
-          f"non-finite training loss ({losses[bad[0]]}, gradient norm "
-          f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
-          f"stopped, {_last_good(run.mngr.latest_step(), run.workdir)}"
-      )
-    record = {
-        "step": step,
-        "epoch": epoch,
-        "train_loss": float(np.mean(losses)),
-        "lr": float(pending[-1]["lr"]),
-        "grad_norm": float(pending[-1]["grad_norm"]),
-    }
-    pending = []
+    record, pending = _record(run, pending, step, epoch), []
     img_per_s, eta = clock.update(step)
     logging.info(
         reporting.progress_line(
@@ -560,6 +538,44 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       )
       return RunResult(step, True, record)
   return RunResult(run.num_steps, False, record)
+
+
+def _evaluate_last_step(run: _Run, state, step: int) -> RunResult:
+  """The evaluation of the run's last step, which a signal skipped (run.unevaluated); its record
+  is completed only once the evaluation is done."""
+  logging.info("step %d was saved without its evaluation (the run stopped there)", step)
+  try:
+    metrics = _evaluate(run.evaluator, state, step, True, run.preemption)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _skip_failed_evaluation(run.preemption, step, e, "run the same command to evaluate it"):
+      raise
+    return RunResult(step, True, dict(run.unevaluated))
+  record = {**run.unevaluated, **metrics}
+  run.writer.replace_last(record)  # only now: a failed evaluation leaves the record as it was
+  return RunResult(step, False, record)
+
+
+def _record(run: _Run, pending: list, step: int, epoch: int) -> dict[str, Any]:
+  """The metrics record of `step` from the per-step metrics of the steps since the last record
+  (fetched from the device now); TrainingDiverged where a loss or gradient norm is not finite."""
+  pending = jax.device_get(pending)
+  losses = [float(m["loss"]) for m in pending]
+  # A finite loss with a non-finite gradient would still poison the params: check both.
+  bad = [i for i, m in enumerate(pending) if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
+  if bad:
+    run.mngr.wait_until_finished()
+    raise TrainingDiverged(
+        f"non-finite training loss ({losses[bad[0]]}, gradient norm "
+        f"{float(pending[bad[0]]['grad_norm'])}) at step {step - len(pending) + bad[0] + 1}; "
+        f"stopped, {_last_good(run.mngr.latest_step(), run.workdir)}"
+    )
+  return {
+      "step": step,
+      "epoch": epoch,
+      "train_loss": float(np.mean(losses)),
+      "lr": float(pending[-1]["lr"]),
+      "grad_norm": float(pending[-1]["grad_norm"]),
+  }
 
 
 def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str, Any] | None:
@@ -637,7 +653,11 @@ def _evaluate(evaluator, state, step: int, first: bool, preemption) -> dict[str,
   variable_sets = {"val_": state.variables()}  # metric prefix -> weights
   if state.ema_params is not None:
     variable_sets["ema_val_"] = state.variables(ema=True)
-  results = evaluator.evaluate(list(variable_sets.values()), stop=_evaluation_stop(preemption))
+  results = tasks.checked_metrics(
+      evaluator,
+      evaluator.evaluate(list(variable_sets.values()), stop=_evaluation_stop(preemption)),
+      len(variable_sets),
+  )
   record = {
       prefix + k: v for prefix, metrics in zip(variable_sets, results) for k, v in metrics.items()
   }

@@ -113,21 +113,33 @@ def write_config(workdir: str, config) -> None:
   os.replace(path + ".tmp", path)
 
 
+class _Absent:
+  """The value of a field that one of two configs lacks (config_changes)."""
+
+  def __repr__(self) -> str:
+    return "absent"
+
+
+ABSENT = _Absent()
+
+
 def config_changes(saved: dict, config) -> dict[str, tuple] | None:
   """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
-  config.json), each as (saved value, config's value), lists as the config's tuples. Fields that
-  only one of the two has (a workdir of an earlier fec-jax) and values JSON cannot hold (written
-  with their address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are compared, and
-  given, as absolute paths. None where `config` cannot go into JSON at all."""
+  config.json), each as (saved value, config's value), lists as the config's tuples, ABSENT
+  for a field that only one of the two has (one of the user's own, added or left out), except
+  the fields of _ADDED_LATER (a config.json of an earlier fec-jax lacks them). Values JSON cannot
+  hold (written with their address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are
+  compared, and given, as absolute paths. None where `config` cannot go into JSON at all."""
   now = config_data(config)
   if now is None:
     return None
   saved = traverse_util.flatten_dict(_absolute_paths(saved), sep=".")
   now = traverse_util.flatten_dict(_absolute_paths(now), sep=".")
+  keys = (saved.keys() | now.keys()) - (_ADDED_LATER - saved.keys())
   return {
-      key: (_tuples(saved[key]), _tuples(now[key]))
-      for key in saved.keys() & now.keys()
-      if not _same_value(saved[key], now[key])
+      key: (_tuples(saved.get(key, ABSENT)), _tuples(now.get(key, ABSENT)))
+      for key in sorted(keys)
+      if key not in saved or key not in now or not _same_value(saved[key], now[key])
   }
 
 

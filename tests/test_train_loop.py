@@ -530,6 +530,101 @@ def test_a_field_json_cannot_hold_neither_stops_a_run_nor_its_resume(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_a_field_of_ones_own_added_or_left_out_on_a_resume_is_a_change(tmp_path):
+  """A field that only one of the two configs has is named, as absent on one side; the fields
+  of reporting._ADDED_LATER, which a config.json of an earlier fec-jax lacks, are not."""
+  older = reporting.config_data(tiny())
+  del older["init_from_step"]
+  (tmp_path / reporting.CONFIG_FILE).write_text(json.dumps(older))
+  loop._check_same_run(tiny(), str(tmp_path), frozenset())
+  added = tiny()
+  with added.unlocked():
+    added.pos_weight = 2.0
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    loop._check_same_run(added, str(tmp_path), frozenset())
+  assert "another config: pos_weight absent (now 2.0). Resume it with its values (without " in str(
+      e.value
+  )
+  loop._check_same_run(added, str(tmp_path), frozenset({"pos_weight"}))  # EVALUATION_ONLY
+  reporting.write_config(str(tmp_path), added)
+  with pytest.raises(checkpoint.CheckpointError, match=r"pos_weight 2.0 \(now absent\)"):
+    loop._check_same_run(tiny(), str(tmp_path), frozenset())
+
+
+class _ArrayMetrics(classification.Classification):
+  """Classification whose evaluator returns its metrics as JAX arrays, as a task of one's own
+  might (a jnp.mean)."""
+
+  def evaluator(self, model, mesh, compiler_options=None):
+    inner = super().evaluator(model, mesh, compiler_options)
+
+    class Arrays(tasks.Evaluator):
+
+      def evaluate(self, variable_sets, per_class=False, **kwargs):
+        results = inner.evaluate(variable_sets, per_class, **kwargs)
+        return [{k: jnp.asarray(v) for k, v in m.items()} for m in results]
+
+    return Arrays()
+
+
+@pytest.mark.xdist_group("train")
+def test_a_registered_task_trains_and_its_metrics_are_numbers(reference, tmp_path, monkeypatch):
+  """A task of one's own, made known with tasks.register, trains like the built-in one (here
+  the same steps: the reference's losses), and its evaluator's 0-d arrays (float32 here) are
+  recorded as numbers."""
+  monkeypatch.setattr(tasks, "_REGISTERED", {})
+  tasks.register("array_metrics", _ArrayMetrics)
+  result = train(tiny(task="array_metrics"), tmp_path)
+  assert result.step == STEPS and losses(tmp_path) == losses(reference)
+  record, expected = (
+      reporting.read_metrics(str(tmp_path))[-1],
+      reporting.read_metrics(reference)[-1],
+  )
+  assert record["val_top1"] == pytest.approx(expected["val_top1"], rel=1e-6)
+  assert isinstance(record["val_images"], int) and record["val_images"] == expected["val_images"]
+  assert reporting.read_config(str(tmp_path))["task"] == "array_metrics"
+
+
+def test_tasks_register_takes_a_task_class_under_a_new_name(monkeypatch):
+  monkeypatch.setattr(tasks, "_REGISTERED", {})
+  with pytest.raises(ValueError, match=r"fec_jax.tasks.register\('mine', YourTask\) first"):
+    tasks.get(tiny(task="mine"))
+  tasks.register("mine", _ArrayMetrics)
+  assert type(tasks.get(tiny(task="mine"))) is _ArrayMetrics
+  with pytest.raises(TypeError, match="expected a subclass of fec_jax.tasks.Task"):
+    tasks.register("other", object)
+  with pytest.raises(ValueError, match="'classification' is a task of fec-jax"):
+    tasks.register("classification", _ArrayMetrics)
+
+
+@pytest.mark.parametrize(
+    "results, problem",
+    [
+        ({"top1": 1.0}, "returned dict {'top1': 1.0}; expected a list of 1 dict(s)"),
+        ([{"top1": 1.0}, {"top1": 2.0}], "returned list"),
+        (["top1"], "returned a str in its list"),
+        ([{"top1": np.zeros(2)}], "returned 'top1': ndarray of shape (2,); expected"),
+        ([{"top1": "76%"}], "returned 'top1': str; expected"),
+        ([{"top1": True}], "returned 'top1': bool; expected"),
+    ],
+)
+def test_an_evaluators_result_of_another_form_is_named(results, problem):
+  class Mine(tasks.Evaluator):
+
+    def evaluate(self, variable_sets, per_class=False, **kwargs):
+      return results
+
+  with pytest.raises(TypeError) as e:
+    Mine()({})
+  assert str(e.value).startswith("Mine.evaluate ") and problem in str(e.value), e.value
+  table = {"IoU": np.zeros(3)}
+  checked = tasks.checked_metrics(
+      Mine(), [{"n": np.int32(3), "x": jnp.float32(0.5), "per_class": table}], 1
+  )
+  assert checked == [{"n": 3, "x": 0.5, "per_class": table}]
+  assert type(checked[0]["n"]) is int and type(checked[0]["x"]) is float
+
+
 @pytest.fixture
 def data_not_opened(monkeypatch):
   """A test failure where the run opens its train data."""

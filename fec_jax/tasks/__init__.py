@@ -3,7 +3,8 @@ task. A task brings its model, data, per-device augmentation and loss, its evalu
 and their summary), its config checks and its rules for starting from pretrained weights; the
 loop brings the mesh, state, optimizer, EMA, checkpoints, preemption, NaN stop and reporting.
 
-`config.task` names the task; `get(config)` returns it.
+`config.task` names the task; `get(config)` returns it. A task of one's own is a Task subclass
+made known with `register(name, TaskClass)`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Evaluator(abc.ABC):
 
   def __call__(self, variables: dict, per_class: bool = False, **kwargs) -> dict[str, float]:
     """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
-    return self.evaluate([variables], per_class, **kwargs)[0]
+    return checked_metrics(self, self.evaluate([variables], per_class, **kwargs), 1)[0]
 
   @abc.abstractmethod
   def evaluate(
@@ -65,10 +66,13 @@ class Evaluator(abc.ABC):
       log: Callable[[str], None] = logging.info,
   ) -> list[dict[str, float]]:
     """The metrics of each weight set (e.g. the params and their EMA), in one pass over the
-    data: each batch is read and decoded once and run through every set. Each set's metrics
-    hold 'images', the number of images they cover (an unreadable one is left out); with
-    none, fec_jax.data.DataNotFoundError (nothing_to_evaluate). With per_class, they also hold
-    'per_class': {column: [K] array}, e.g. {'IoU': ..., 'Acc': ...} (Task.per_class_table).
+    data: each batch is read and decoded once and run through every set. A list with one dict
+    per set of metric name -> number (a Python int or float, a NumPy scalar or a 0-d array:
+    checked_metrics), which metrics.jsonl records as val_<name> and ema_val_<name>. Each
+    set's metrics hold 'images', the number of images they cover (an unreadable one is left
+    out); with none, fec_jax.data.DataNotFoundError (nothing_to_evaluate). With per_class, they
+    also hold 'per_class': {column: [K] array}, e.g. {'IoU': ..., 'Acc': ...}
+    (Task.per_class_table).
 
     A long evaluation writes a progress line to `log` every 30 s (Progress). `stop` is asked
     after each batch: once it is true, EvaluationStopped. Only for one process: several
@@ -83,11 +87,45 @@ class Evaluator(abc.ABC):
     )
 
 
+def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str, Any]]:
+  """An Evaluator.evaluate result as the loop and eval.py take it: `count` dicts of metric name
+  -> Python int or float (NumPy scalars and 0-d arrays converted; 'per_class' as it is).
+  TypeError naming the evaluator for anything else, which would otherwise fail later, in the
+  JSON of metrics.jsonl or in a log line's format."""
+  expected = (
+      f"expected a list of {count} dict(s), one per weight set, of metric name -> number "
+      "(and 'per_class' with per_class)"
+  )
+  where = f"{type(evaluator).__name__}.evaluate returned"
+  if not isinstance(results, (list, tuple)) or len(results) != count:
+    raise TypeError(f"{where} {type(results).__name__} {results!r:.200}; {expected}")
+  checked = []
+  for metrics in results:
+    if not isinstance(metrics, dict):
+      raise TypeError(f"{where} a {type(metrics).__name__} in its list; {expected}")
+    numbers = {}
+    for name, value in metrics.items():
+      if name == "per_class":
+        numbers[name] = value
+        continue
+      kind = getattr(value, "dtype", None)
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        numbers[name] = value
+      elif kind is not None and np.ndim(value) == 0 and np.issubdtype(kind, np.number):
+        numbers[name] = np.asarray(value).item()  # a Python int or float
+      else:
+        shape = f" of shape {np.shape(value)}" if kind is not None else ""
+        raise TypeError(f"{where} {name!r}: {type(value).__name__}{shape}; {expected}")
+    checked.append(numbers)
+  return checked
+
+
 class Task(abc.ABC):
   """One task on the training library. The loop calls check_config and create_model first,
   then (with init_from) adopt_pretrained on the variables' shapes, so that a misfit stops the
   run before anything slow; then train_loader, input_shape, evaluator, adopt_pretrained on the
-  initialized variables and loss_fn."""
+  initialized variables and loss_fn. A task of one's own subclasses it and is made known with
+  register(); see README, The training library."""
 
   # Task-specific config fields that only change how the task evaluates, not what is trained: a
   # resumed run may change them (fec_jax.loop's _FREE_ON_RESUME has the task-neutral ones).
@@ -117,7 +155,10 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def train_loader(self, process_index: int, process_count: int) -> tuple[Iterator[dict], int]:
-    """-> (a checkpointable grain iterator over this host's train batches, steps per epoch)."""
+    """-> (a checkpointable grain iterator over this host's train batches, steps per epoch).
+    A batch is a dict of arrays with this host's share of config.global_batch_size on the
+    first axis, e.g. the classification data's 'image' uint8 [b, H, W, 3] and 'label' int32
+    [b] (fec_jax.data.create_dataset); loss_fn receives it as a global batch."""
 
   @abc.abstractmethod
   def loss_fn(self, model: nn.Module, mesh: Mesh) -> LossFn:
@@ -136,7 +177,8 @@ class Task(abc.ABC):
   def evaluator(
       self, model: nn.Module, mesh: Mesh, compiler_options: dict | None = None
   ) -> Evaluator:
-    """The held-out evaluation of this task (compiler_options: XLA options for its steps)."""
+    """The held-out evaluation of this task (compiler_options: the XLA options that the loop
+    compiles the train step with, e.g. xla_allow_excess_precision; for its jitted steps too)."""
 
   def fresh_start_warning(self) -> str | None:
     """A warning for a fresh run without config.init_from (random weights), where the task's
@@ -149,14 +191,15 @@ class Task(abc.ABC):
   ) -> tuple[dict, list[str]]:
     """Fine-tuning start (config.init_from): fresh `variables` ({'params', ...model state})
     with the matching leaves of `pretrained` (the variables of a checkpoint; `source` names it in
-    messages) put in. -> (variables, one line per deliberate change, e.g. a re-initialized head);
+    messages) put in. Called twice: first on ShapeDtypeStructs (fec_jax.model.variable_shapes),
+    so that a misfit stops the run before anything slow, then on the initialized arrays. -> (variables, one line per deliberate change, e.g. a re-initialized head);
     raises fec_jax.checkpoint.CheckpointError listing every other missing, unexpected or
     mis-shaped parameter."""
 
   @abc.abstractmethod
   def describe(self, metrics: dict[str, float]) -> str:
-    """One line for eval.py, e.g. 'top-1 76.10%  top-5 92.90%  loss 0.9876  (50000 val
-    images)'."""
+    """One line for eval.py (a task of one's own: with --config, its config file), e.g.
+    'top-1 76.10%  top-5 92.90%  loss 0.9876  (50000 val images)'."""
 
   @abc.abstractmethod
   def class_names(self) -> tuple[str, ...]:
@@ -182,14 +225,37 @@ def _cell(value) -> str:
   return str(value) if isinstance(value, (int, np.integer)) else f"{value:.2f}"
 
 
-def get(config) -> Task:
-  """The task that config.task names."""
+_REGISTERED: dict[str, type[Task]] = {}  # the tasks of one's own, register()
+
+
+def _builtin() -> dict[str, type[Task]]:
   from fec_jax.tasks import classification, segmentation  # imported here: loaded on demand
 
-  registry = {
+  return {
       "classification": classification.Classification,
       "segmentation": segmentation.Segmentation,
   }
-  if config.task not in registry:
-    raise ValueError(f"config.task {config.task!r} is not a task; choose one of {sorted(registry)}")
-  return registry[config.task](config)
+
+
+def register(name: str, task: type[Task]) -> None:
+  """Makes config.task `name` choose `task`, a Task subclass of one's own. Call it before
+  train_and_evaluate; for train.py and eval.py, in the config file that names the task (or a
+  module it imports), so that --config=that_file brings it. Registering a name again replaces
+  its class (a config file is loaded more than once)."""
+  if not (isinstance(task, type) and issubclass(task, Task)):
+    raise TypeError(f"register({name!r}, {task!r}): expected a subclass of fec_jax.tasks.Task")
+  if name in _builtin():
+    raise ValueError(f"register({name!r}, ...): {name!r} is a task of fec-jax; choose another name")
+  _REGISTERED[name] = task
+
+
+def get(config) -> Task:
+  """The task that config.task names (fec-jax's or a registered one)."""
+  known = {**_builtin(), **_REGISTERED}
+  if config.task not in known:
+    raise ValueError(
+        f"config.task {config.task!r} is not a task; choose one of {sorted(known)} (a task of "
+        f"your own: fec_jax.tasks.register({config.task!r}, YourTask) first, e.g. in the config "
+        "file that names it)"
+    )
+  return known[config.task](config)
