@@ -18,12 +18,13 @@ from __future__ import annotations
 import typing
 from typing import Literal, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
-from fec_jax.model import FEC, cluster_assignments
+from fec_jax.model import cluster_assignments
 
 Feature = Literal["centers", "representatives"]
 FEATURES = typing.get_args(Feature)
@@ -47,7 +48,7 @@ class Clusters(NamedTuple):
   encodings: dict[str, jax.Array]
 
 
-def level_names(model: FEC) -> tuple[str, ...]:
+def level_names(model: nn.Module) -> tuple[str, ...]:
   """The layer behind each level: ('blocks', 'network.1', 'network.3', 'network.5')."""
   return ("blocks", *(f"network.{2 * s - 1}" for s in range(1, len(model.variant.depths))))
 
@@ -88,12 +89,18 @@ def resize_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jnp.asarray(labels)[..., rows[:, None], cols[None, :]]
 
 
-def cluster_maps(model: FEC, variables, images: jax.Array, encodings: bool = False) -> Clusters:
+def cluster_maps(
+    model: nn.Module, variables, images: jax.Array, encodings: bool = False
+) -> Clusters:
   """Runs `model` once on NHWC normalized images [B, H, W, 3] and links its clusters to pixels.
+  `model`: an FEC (classifier or dense backbone), or a Semantic FPN segmenter, whose backbone's
+  clusters these are (its outputs: the segmenter's logits).
 
   Jit it with the model static: `jax.jit(cluster_maps, static_argnums=(0, 3))`.
   """
   outputs, state = model.apply(variables, images, mutable=["intermediates"])
+  state = state["intermediates"]
+  state = state.get("backbone", state)  # a segmenter's FEC sows under its module name
   assignments = cluster_assignments(state)
   pools = [name for name in assignments if name.count(".") == 1]  # 'network.1', ...
   levels = link([assignments[name] for name in pools])
@@ -105,7 +112,7 @@ def cluster_maps(model: FEC, variables, images: jax.Array, encodings: bool = Fal
         for name, a in assignments.items()
         if name.count(".") == 3
     }
-  last = state["intermediates"][pools[-1].replace(".", "_")]
+  last = state[pools[-1].replace(".", "_")]
   return Clusters(
       outputs, resize_nearest(levels, size), last["centers"][0], last["representatives"][0], mixers
   )

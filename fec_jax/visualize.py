@@ -6,9 +6,11 @@ For each image it writes
   {stem}_k{K}.png     the K-Means groups of the final clusters as colored masks over the image,
                       at the image's own size (one file per --num-clusters value)
   {stem}_levels.png   a strip: the model input, then the clusters of every level
-                      (network.1, .3, .5 linked by Eq. 8), then the K-Means groups
-and prints the predicted class with its probability. Images of the same name get _1, _2, ...
-after the stem (the command says which).
+                      (network.1, .3, .5 linked by Eq. 8), then the K-Means groups; each
+                      title gives the number of clusters (groups) the panel shows
+and prints a classifier's predicted class with its probability. Images of the same name get
+_1, _2, ... after the stem (the command says which). A dense backbone (fec_*_seg, _det) or a
+Semantic FPN segmenter (fpn_*) shows its backbone's clusters, and no class.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fec_jax.data import seg_transforms
 from fec_jax.data.classes import classification_names, numbered
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
-from fec_jax.model import FEC, VARIANTS, model_name, variable_shapes
+from fec_jax.model import FEC, variable_shapes
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
 GROUP_COLORS = np.array(
@@ -257,6 +259,9 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   ):
     if values and min(values) < low:
       cli.fail(f"{flag} must be at least {low}, got {min(values)}")
+  repeated = sorted({k for k in args.num_clusters if args.num_clusters.count(k) > 1})
+  if repeated:
+    cli.fail(f"--num-clusters gives {repeated[0]} more than once; each K writes one picture")
   if args.median_filter > 1 and args.median_filter % 2 == 0:
     cli.fail(f"--median-filter must be odd (or 0 = off), got {args.median_filter}")
   if not 0 <= args.alpha <= 1:
@@ -300,15 +305,9 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   return tuple(size * 2 if len(size) == 1 else size), trained
 
 
-def check_model(checkpoint: str, model) -> None:
-  """cli.fail() unless `model` is an FEC (a classifier, or a dense backbone: its clusters are
-  drawn, no class is printed); a Semantic FPN segmenter (fpn_*) is not one."""
-  if not isinstance(model, FEC):
-    cli.fail(
-        f"--checkpoint {checkpoint} holds {model_name(model)}, a segmenter; expected an FEC "
-        f"classifier or backbone ({', '.join(sorted(VARIANTS))}); visualize_seg.py draws a "
-        "segmenter's predictions"
-    )
+def is_classifier(model) -> bool:
+  """Whether `model` gives class logits (an FEC classifier), whose class the command prints."""
+  return isinstance(model, FEC) and not model.variant.dense_outputs
 
 
 def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> None:
@@ -330,6 +329,20 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
     )
 
 
+def _run(model, variables, x: np.ndarray, size: tuple[int, int], batch: int):
+  """cluster_maps on a batch; one error line where the device has not the memory for it."""
+  try:
+    return cluster_maps(model, variables, x, False)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    cli.fail(
+        f"the model at {size[0]}x{size[1]}, {batch} image(s) per pass, needs more memory than "
+        f"the {jax.default_backend()} device has ({str(e).strip().splitlines()[0]}); give a "
+        "smaller --image-size or --batch-size"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size, trained = check_args(args)
@@ -337,13 +350,11 @@ def main(argv: list[str] | None = None) -> int:
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
     model = load_model(args.checkpoint, step=args.step)[0]
-    check_model(args.checkpoint, model)
     cli.check_input_size(model, size, "--image-size")
     note_num_clusters(model, size, args.num_clusters)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
-  os.makedirs(args.out, exist_ok=True)
   stems = unique_stems(args.image)
   for path, name in zip(args.image, stems):
     if name != image_stem(path):
@@ -357,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     pixels = np.stack([np.asarray(r) for _, r in loaded])  # uint8 [n, H, W, 3]
     x = np.asarray(normalize(pixels, mean, std))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
-    clusters = cluster_maps(model, variables, x, False)
+    clusters = _run(model, variables, x, size, batch)
+    os.makedirs(args.out, exist_ok=True)  # after the first forward pass: an error leaves none
     clusters = jax.tree.map(lambda a: np.asarray(a)[: len(paths)], clusters)  # drop the padding
     groups = {k: interpret.group_batch(clusters, k, args.feature) for k in args.num_clusters}
     for i, (path, (original, resized)) in enumerate(zip(paths, loaded)):
@@ -365,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
       render(
           args.out, stems[first + i], original, resized, clusters.levels[i], names, g, args.alpha
       )
-      if not model.variant.dense_outputs:
+      if is_classifier(model):
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))
         print(f"{path}: {classes[top]} ({probs[top]:.1%})")

@@ -572,10 +572,9 @@ VISUALIZE_MISTAKES = [
     ),
     ("missing step", ["--step", "7"], "{root}/ckpt has no step 7; saved steps: [0]"),
     (
-        "segmenter checkpoint",
-        ["--checkpoint", "{root}/fpn"],
-        "--checkpoint {root}/fpn holds fpn_fec_small, a segmenter; expected an FEC classifier or "
-        "backbone (fec_base, fec_base_det, ",
+        "repeated K",
+        ["--num-clusters", "3", "5", "3"],
+        "--num-clusters gives 3 more than once; each K writes one picture",
     ),
 ]
 
@@ -604,6 +603,37 @@ def test_visualize_mistakes_before_the_checkpoint_load(
   assert (code, out) == (2, ""), err
   assert err.startswith("error: " + message.format(root=files)) and err.count("\n") == 1, err
   assert not (files / "out").exists()  # no empty output directory left behind
+
+
+def test_visualize_draws_a_segmenters_clusters(files, tmp_path, capsys):
+  """A Semantic FPN checkpoint: its backbone's clusters, the same files, and no class line."""
+  out = tmp_path / "vis"
+  args = ["--checkpoint", str(files / "fpn"), "--image", str(files / "photo.jpg")]
+  code, printed, err = outcome(
+      capsys, visualize.main, [*args, "--image-size", "64", "--out", str(out)]
+  )
+  assert (code, err) == (0, ""), err
+  assert sorted(os.listdir(out)) == ["photo_k3.png", "photo_levels.png"]
+  assert len(printed.splitlines()) == 1 and printed.endswith(" (model input 64x64)\n"), printed
+
+
+def test_visualize_out_of_device_memory_is_one_line(files, tmp_path, capsys, monkeypatch):
+  def exhausted(*args):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 688 bytes.")
+
+  monkeypatch.setattr(visualize, "cluster_maps", exhausted)
+  out = tmp_path / "vis"
+  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
+  code, printed, err = outcome(
+      capsys, visualize.main, [*args, "--image-size", "64", "--out", str(out)]
+  )
+  assert (code, printed) == (2, "")
+  assert err == (
+      "error: the model at 64x64, 1 image(s) per pass, needs more memory than the cpu device has "
+      "(RESOURCE_EXHAUSTED: Out of memory allocating 688 bytes.); give a smaller --image-size or "
+      "--batch-size\n"
+  )
+  assert not out.exists()  # no empty output directory left behind
 
 
 def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):

@@ -218,6 +218,21 @@ def test_non_square_input_with_folds():
   np.testing.assert_array_equal(cols // 6, np.broadcast_to(np.arange(24) // 12, cols.shape))
 
 
+def test_a_segmenters_clusters_are_its_backbones():
+  """cluster_maps on a Semantic FPN: the clusters of its FEC backbone, as the dense backbone
+  model gives them from the same weights."""
+  segmenter = create_model("fpn_fec_small")
+  images = sample_images((64, 64))
+  variables = random_variables(segmenter, images.shape, 2)
+  got = interpret.cluster_maps(segmenter, variables, images)
+  backbone = create_model("fec_small_seg")
+  expected = interpret.cluster_maps(backbone, {"params": variables["params"]["backbone"]}, images)
+  assert got.levels.shape == (2, 4, 64, 64) and len(np.unique(got.levels[:, 1])) > 1
+  np.testing.assert_array_equal(got.levels, expected.levels)
+  np.testing.assert_array_equal(got.representatives, expected.representatives)
+  assert interpret.level_names(segmenter) == ("blocks", "network.1", "network.3", "network.5")
+
+
 def test_link_is_a_chain_of_gathers():
   a1 = np.array([[[0, 0, 1, 1], [2, 3, 3, 3]]])  # [1, 2, 4] -> index into a 1x4 map
   a2 = np.array([[[1, 1, 0, 1]]])  # [1, 1, 4] -> index into a 1x2 map
