@@ -208,8 +208,8 @@ def _parser() -> argparse.ArgumentParser:
       nargs="+",
       default=None,
       help="model input size: S or H W (images are resized to it without cropping); "
-      "must give even maps at every pool, e.g. a multiple of 32 (default: the image size of "
-      f"a train.py workdir's run, else {DEFAULT_IMAGE_SIZE})",
+      "must give even maps at every pool, e.g. a multiple of 32 (default: the image size, or a "
+      f"segmenter's crop size, of a train.py workdir's run, else {DEFAULT_IMAGE_SIZE})",
   )
   p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
   p.add_argument(
@@ -301,7 +301,9 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
         f"{'them' if more else 'it'}, or choose another --out"
     )
   trained = trained_data_config(args.checkpoint)
-  size = args.image_size or [trained.get("image_size", DEFAULT_IMAGE_SIZE)]
+  # A run's image size: a classifier's image_size, a segmenter's crop_size [H, W].
+  default = trained.get("image_size") or trained.get("crop_size") or DEFAULT_IMAGE_SIZE
+  size = args.image_size or (default if isinstance(default, list) else [default])
   return tuple(size * 2 if len(size) == 1 else size), trained
 
 

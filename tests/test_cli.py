@@ -647,6 +647,15 @@ def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
   code, printed, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "vis")])
   assert (code, err) == (0, ""), err
   assert printed.splitlines()[-1].endswith(" (model input 64x64)")
+  segmenter = tmp_path / "segmenter"  # a segmentation run's: its crop size
+  shutil.copytree(files / "fpn", segmenter)
+  config = demo_seg.get_config()
+  config.data.crop_size = (64, 96)
+  reporting.write_config(str(segmenter), config)
+  args = ["--checkpoint", str(segmenter), "--image", str(files / "photo.jpg")]
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "seg")])
+  assert (code, err) == (0, ""), err
+  assert printed.splitlines()[-1].endswith(" (model input 64x96)")
 
 
 def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys):
