@@ -15,12 +15,13 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from fec_jax import data
+from fec_jax import data, training
 from fec_jax.model import create_model
 from fec_jax.training import LossFn
 
@@ -85,6 +86,65 @@ class Evaluator(abc.ABC):
         f"no readable val image in {data.data_location(data_config)}: nothing to evaluate (the "
         "loader logged why each image failed)"
     )
+
+
+class BatchEvaluator(Evaluator):
+  """An evaluation by sums over the batches of a data-parallel split, as the classification's
+  (a task of one's own can take it as it is):
+    step(variables, batch, per_class) -> a tree of sums over the batch's examples, with 'count'
+      (how many it counts; padding and unreadable images have batch['mask'] False), traced and
+      jitted with the variables replicated and the global batch split over the mesh;
+    summarize(sums, per_class) -> the metrics of one weight set, on the host.
+  `dataset` is re-iterable (fec_jax.data.create_dataset): each evaluation reads it once, this
+  host's share, and closes its iterator. The step is compiled at the first batch (one shape for
+  all) with `compiler_options`."""
+
+  def __init__(
+      self,
+      dataset,
+      num_batches: int,
+      step: Callable,
+      summarize: Callable,
+      mesh: Mesh,
+      data_config,
+      compiler_options: dict | None = None,
+  ):
+    self._dataset, self._num_batches, self._summarize = dataset, num_batches, summarize
+    self._mesh, self._data_config, self._compiler_options = mesh, data_config, compiler_options
+    self._jitted = jax.jit(
+        step,
+        in_shardings=(training.replicated(mesh), training.batch_sharded(mesh)),
+        out_shardings=training.replicated(mesh),
+        static_argnums=2,
+    )
+    self._steps = {}  # per_class -> the compiled step
+
+  def evaluate(
+      self,
+      variable_sets: Sequence[dict],
+      per_class: bool = False,
+      stop: Callable[[], bool] | None = None,
+      log: Callable[[str], None] = logging.info,
+  ) -> list[dict[str, float]]:
+    totals = [None] * len(variable_sets)
+    progress = Progress(self._num_batches, "batches", stop, log)
+    batches = iter(self._dataset)
+    try:
+      for done, local in enumerate(batches, 1):
+        batch = training.global_batch(local, self._mesh)
+        if per_class not in self._steps:
+          lowered = self._jitted.lower(variable_sets[0], batch, per_class)
+          self._steps[per_class] = lowered.compile(self._compiler_options)
+        for i, variables in enumerate(variable_sets):
+          sums = self._steps[per_class](variables, batch)
+          totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
+        progress.update(done)
+    finally:
+      batches.close()  # its worker processes end here
+    totals = jax.device_get(totals)
+    if totals[0] is None or not totals[0]["count"]:
+      raise self.nothing_to_evaluate(self._data_config)
+    return [self._summarize(sums, per_class) for sums in totals]
 
 
 def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str, Any]]:

@@ -5,19 +5,16 @@ loss."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, training
 from fec_jax.data import classes, device_transforms, mixup
 from fec_jax.model import FEC, VARIANTS, model_name
-from fec_jax.tasks import Evaluator, Progress, Task
+from fec_jax.tasks import BatchEvaluator, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
 
@@ -91,20 +88,18 @@ def eval_sums(logits, labels, mask, per_class: bool = False):
   return sums
 
 
-class TopK(Evaluator):
+class TopK(BatchEvaluator):
   """Top-1 / top-5 (%; top-5 with more than 5 classes) and hard-label loss over the val split, the
   official evaluation preprocessing (resize, center crop) on the host and normalization on the
   device."""
 
   def __init__(self, model, config, mesh: Mesh, compiler_options: dict | None = None):
-    # bf16 results rounded where the program says: by default XLA may keep a fused bf16
-    # intermediate in fp32, and what it fuses depends on the shapes, so an image's logits would
-    # depend on eval_batch_size and the device count (README, "Evaluation and restoring").
-    self._mesh = mesh
-    self._compiler_options = {**(compiler_options or {}), "xla_allow_excess_precision": False}
-    self._data_config = config.data
-    self._num_batches = data.num_eval_batches(config.data, config.eval_batch_size)
-    self._dataset = data.create_dataset(
+    def eval_step(variables, batch, per_class):
+      images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
+      logits = model.apply(variables, images, train=False)
+      return eval_sums(logits, batch["label"], batch["mask"], per_class)
+
+    dataset = data.create_dataset(
         config.data,
         "val",
         config.eval_batch_size,
@@ -112,46 +107,19 @@ class TopK(Evaluator):
         jax.process_index(),
         jax.process_count(),
     )
-
-    def eval_step(variables, batch, per_class):
-      images = device_transforms.normalize(batch["image"], config.data.mean, config.data.std)
-      logits = model.apply(variables, images, train=False)
-      return eval_sums(logits, batch["label"], batch["mask"], per_class)
-
-    self._jitted = jax.jit(
+    super().__init__(
+        dataset,
+        data.num_eval_batches(config.data, config.eval_batch_size),
         eval_step,
-        in_shardings=(training.replicated(mesh), training.batch_sharded(mesh)),
-        out_shardings=training.replicated(mesh),
-        static_argnums=2,
+        lambda sums, per_class: _summarize(sums),  # per_class: the sums hold the classes' or not
+        mesh,
+        config.data,
+        # bf16 results rounded where the program says: by default XLA may keep a fused bf16
+        # intermediate in fp32, and what it fuses depends on the shapes, so an image's logits
+        # would depend on eval_batch_size and the device count (README, "Evaluation and
+        # restoring").
+        {**(compiler_options or {}), "xla_allow_excess_precision": False},
     )
-    self._steps = {}  # per_class -> the step, compiled at the first batch (one shape for all)
-
-  def evaluate(
-      self,
-      variable_sets: Sequence[dict],
-      per_class: bool = False,
-      stop: Callable[[], bool] | None = None,
-      log: Callable[[str], None] = logging.info,
-  ) -> list[dict[str, float]]:
-    totals = [None] * len(variable_sets)
-    progress = Progress(self._num_batches, "batches", stop, log)
-    batches = iter(self._dataset)
-    try:
-      for done, local in enumerate(batches, 1):
-        batch = training.global_batch(local, self._mesh)
-        if per_class not in self._steps:
-          lowered = self._jitted.lower(variable_sets[0], batch, per_class)
-          self._steps[per_class] = lowered.compile(self._compiler_options)
-        for i, variables in enumerate(variable_sets):
-          sums = self._steps[per_class](variables, batch)
-          totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
-        progress.update(done)
-    finally:
-      batches.close()  # its worker processes end here
-    totals = jax.device_get(totals)
-    if totals[0] is None or not totals[0]["count"]:
-      raise self.nothing_to_evaluate(self._data_config)
-    return [_summarize(sums) for sums in totals]
 
 
 def _summarize(totals: dict) -> dict[str, float]:
