@@ -384,8 +384,27 @@ def test_annotations_without_an_image_are_named_and_not_used(tmp_path, caplog):
   with caplog.at_level("WARNING", logger="fec_jax.data.seg_sources"):
     assert fd.seg_num_examples(_cfg(root), "train") == 3
   assert caplog.messages == [
-      f"1 annotation(s) under {root}/annotations/training have no image and are not used, "
-      "first: ADE_train_00000002.png"
+      f"1 annotation(s) under {root}/annotations/training have no .jpg image and are not used "
+      "(images are read as .jpg, as ADE20K's), first: ADE_train_00000002.png"
+  ]
+
+
+def test_an_image_with_another_suffix_is_named_in_the_warning(tmp_path, caplog):
+  """An image saved as .png (or .JPG) next to its annotation is not read (mmseg reads .jpg):
+  the warning says so and names the file, not only its annotation (which looked as if the
+  image were missing)."""
+  root = make_ade20k_folder(tmp_path / "ade", num_train=4, num_val=2)
+  images = os.path.join(root, "images", "training")
+  for name, suffix in (("ADE_train_00000002", ".png"), ("ADE_train_00000004", ".JPG")):
+    with Image.open(os.path.join(images, name + ".jpg")) as img:
+      img.save(os.path.join(images, name + suffix), format=suffix[1:].replace("JPG", "JPEG"))
+    os.remove(os.path.join(images, name + ".jpg"))
+  with caplog.at_level("WARNING", logger="fec_jax.data.seg_sources"):
+    assert fd.seg_num_examples(_cfg(root), "train") == 2
+  assert caplog.messages == [
+      f"2 annotation(s) under {root}/annotations/training have no .jpg image and are not used "
+      "(images are read as .jpg, as ADE20K's), first: ADE_train_00000002.png; 2 of them have an "
+      f"image with another suffix, which is not read, e.g. {images}/ADE_train_00000002.png"
   ]
 
 

@@ -36,6 +36,28 @@ def _scan(directory: str, suffix: str) -> list[str]:
   return sorted(found)
 
 
+def _unused_message(img_dir: str, ann_dir: str, unused: list[str]) -> str:
+  """The warning for annotations (paths relative to ann_dir) without a .jpg image: images are
+  read as .jpg only, so it names the image found with another suffix (w.png, w.JPG) where one
+  is there."""
+  others = {}  # file stem -> an image with another suffix (relative to img_dir)
+  for path in _scan(img_dir, ""):
+    if path.lower().endswith(IMG_EXTENSIONS) and not path.endswith(IMG_SUFFIX):
+      others.setdefault(os.path.splitext(path)[0], path)
+  stems = [a[: -len(SEG_MAP_SUFFIX)] for a in unused]
+  found = [others[stem] for stem in stems if stem in others]
+  message = (
+      f"{len(unused)} annotation(s) under {ann_dir} have no {IMG_SUFFIX} image and are not used "
+      f"(images are read as {IMG_SUFFIX}, as ADE20K's), first: {unused[0]}"
+  )
+  if found:
+    message += (
+        f"; {len(found)} of them have an image with another suffix, which is not read, e.g. "
+        f"{os.path.join(img_dir, found[0])}"
+    )
+  return message
+
+
 @functools.lru_cache(maxsize=8)
 def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(image paths, annotation paths) relative to root, bytes [N] each, sorted by image path.
@@ -77,12 +99,7 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     )
   unused = sorted(annotations.difference(wanted))
   if unused:  # not an error (mmseg lists the images), but a folder the user may not expect
-    log.warning(
-        "%d annotation(s) under %s have no image and are not used, first: %s",
-        len(unused),
-        ann_dir,
-        unused[0],
-    )
+    log.warning("%s", _unused_message(img_dir, ann_dir, unused))
   to_root = lambda d, paths: np.array([os.path.join(d, p) for p in paths], dtype=np.bytes_)
   return (
       to_root(os.path.join("images", split), images),
