@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image, ImageDraw
 
 import fec_jax
@@ -221,6 +221,8 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # as eval.py: warnings (a bad file named), no info lines
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   output, num = check_arguments(config)
   d = config.data

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -842,17 +843,19 @@ def test_visualize_seg_path_mistakes(tmp_path, args, message):
 
 def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
   """Every validation file is corrupt: one error line names the folder (after the loader's
-  warnings naming the files), before the weights are restored; no picture is written."""
+  warnings naming the files), before the weights are restored; no picture is written. As with
+  eval.py, absl's info lines (the loader's counts) show only with --verbosity, warnings always."""
   for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
     (tmp_path / kind / "validation").mkdir(parents=True)
     (tmp_path / kind / "validation" / f"ADE_val_00000001{suffix}").write_bytes(b"not an image")
-  code, out, err = visualize_seg(
+  args = [
       "--config=configs/fpn_fec_small_ade20k.py",
       f"--config.data.root={tmp_path}",
       "--config.data.num_workers=0",
       f"--checkpoint={files}/fpn",
       f"--output={tmp_path}/seg.png",
-  )
+  ]
+  code, out, err = visualize_seg(*args)
   assert (code, out) == (2, ""), err
   assert "Traceback" not in err, err
   assert err.splitlines()[-1] == (
@@ -861,6 +864,11 @@ def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
       "or an annotation not the image's size; the warnings above name them)"
   ), err
   assert not (tmp_path / "seg.png").exists()
+  logged = err.splitlines()[:-1]
+  assert [line[0] for line in logged] == ["W"], err  # absl's W1206 ..., no I1206 ...
+  assert "bad file images/validation/ADE_val_00000001.jpg masked out" in logged[0], err
+  code, _, err = visualize_seg(*args, "--verbosity=0")
+  assert code == 2 and re.search(r"^I\d{4} .* val: 1 bad images masked out", err, re.M), err
 
 
 def test_the_config_flag_is_the_scripts_own(monkeypatch):
