@@ -9,6 +9,7 @@ The README's picture is this command on the demo run.
 """
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -227,6 +228,13 @@ def main(argv):
   output, num = check_arguments(config)
   d = config.data
   examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
+  if len(examples) < FLAGS.num:
+    print(
+        f"note: --num {FLAGS.num}: the {data.split_name(d, 'val')} split of "
+        f"{data.data_location(d)} holds only {len(examples)} readable image"
+        f"{'s' * (len(examples) != 1)}",
+        file=sys.stderr,
+    )
   cli.note_config_differences(
       config, FLAGS.workdir or FLAGS.checkpoint, given=FLAGS["config"].present
   )

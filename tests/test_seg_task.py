@@ -470,6 +470,20 @@ def test_visualize_seg_draws_the_predictions_with_a_legend_of_the_classes_shown(
   assert command("visualize_seg.py", *args).returncode == 0
 
 
+def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
+  """--num 8 of a split of 6: the picture of the 6, and a note that there are no more; nothing
+  else on stderr (absl's info lines only with --verbosity)."""
+  output = tmp_path / "seg.png"
+  result = command(
+      "visualize_seg.py", f"--workdir={seg_run}", f"--output={output}", "--num=8", "--size=32"
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == f"wrote {output} (6 val images)\n"
+  assert result.stderr == (
+      "note: --num 8: the validation split of the demo data holds only 6 readable images\n"
+  )
+
+
 def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
   result = command("eval.py", f"--workdir={seg_run}", "--throughput")
   assert result.returncode == 2 and not result.stdout
