@@ -35,7 +35,11 @@ cli.define_config_file(
 )
 flags.DEFINE_string("workdir", None, "A train.py workdir.")
 flags.DEFINE_string("checkpoint", None, "A convert_torch_weights.py output (or a workdir).")
-flags.DEFINE_string("output", None, "The PNG to write (required; a new file: see --overwrite).")
+flags.DEFINE_string(
+    "output",
+    None,
+    "The PNG to write (required; a new file: see --overwrite; missing folders are made).",
+)
 flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
 flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
 flags.DEFINE_bool("ema", False, "Use the EMA weights of a train.py run.")
@@ -172,8 +176,6 @@ def check_arguments(config):
   problem = cli.not_a_directory(folder)
   if problem is not None:
     cli.fail(f"--output {FLAGS.output}: {problem}; expected a directory for the PNG")
-  if not os.path.isdir(folder):
-    cli.fail(f"--output {FLAGS.output}: directory {folder} does not exist")
   if os.path.exists(output) and not FLAGS.overwrite:
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
   data.seg_validate(config.data)
@@ -256,7 +258,9 @@ def main(argv):
     # The image at the annotation's size, for the overlay (the model saw the test resize).
     image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
     rows.append((image, label, np.asarray(pred)))
-  draw(rows, palette(d), classes.segmentation_names(d), FLAGS.size).save(output)
+  picture = draw(rows, palette(d), classes.segmentation_names(d), FLAGS.size)
+  os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
+  picture.save(output)
   print(f"wrote {output} ({len(rows)} val images)")
 
 
