@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, training
+from fec_jax import checkpoint, cli, data, seg_picture, training
 from fec_jax.data import classes
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
@@ -47,94 +47,6 @@ flags.DEFINE_integer("step", None, "The checkpoint step to draw (default: the la
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
-
-ALPHA = 0.6  # weight of the class colour over the image
-PAD = 4  # pixels between panels, and between legend entries (3 PAD)
-TITLES = ("image", "ground truth", "prediction")
-
-
-def palette(d) -> np.ndarray:
-  """uint8 [num_classes, 3] for data config `d`: mmseg's colours for ADE20K's classes; else
-  fixed colours for the first 5 classes (the demo's) and seeded random ones beyond."""
-  if classes.is_ade20k(d):
-    return classes.ade20k()[1]
-  fixed = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]])
-  extra = np.random.default_rng(0).integers(0, 256, (max(d.num_classes - len(fixed), 0), 3))
-  return np.concatenate([fixed, extra])[: d.num_classes].astype(np.uint8)
-
-
-def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] image with each pixel's class colour blended in (ALPHA); labels outside
-  the palette (the ignore index) leave the image as it is."""
-  known = label < len(colours)  # [H, W]
-  coloured = colours[np.where(known, label, 0)].astype(np.float32)  # [H, W, 3]
-  blend = (1 - ALPHA) * image.astype(np.float32) + ALPHA * coloured
-  return np.where(known[..., None], blend, image).round().astype(np.uint8)
-
-
-def panel(array: np.ndarray, height: int) -> Image.Image:
-  """An image scaled to `height` rows keeping its ratio, nearest (class edges stay sharp)."""
-  h, w = array.shape[:2]
-  return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
-
-
-def legend_rows(names: list[str], width: int, text_width) -> list[list[tuple[int, int]]]:
-  """The legend's entries line by line, each as (index into `names`, x of its swatch); a line is
-  at most `width` pixels wide where an entry fits at all (text_width(name) -> pixels)."""
-  rows, x = [[]], PAD
-  for i, name in enumerate(names):
-    entry = 14 + int(text_width(name)) + 3 * PAD  # swatch, name, gap
-    if rows[-1] and x + entry > width:
-      rows.append([])
-      x = PAD
-    rows[-1].append((i, x))
-    x += entry
-  return rows if rows[0] else []
-
-
-def draw(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    colours: np.ndarray,
-    names: tuple[str, ...],
-    height: int,
-) -> Image.Image:
-  """rows of (image, label, prediction) at the annotation's size -> the picture, with a legend
-  of the classes that the ground truth or the prediction shows."""
-  title_h = 16
-  panels = [
-      [
-          panel(image, height),
-          panel(overlay(image, label, colours), height),
-          panel(overlay(image, pred, colours), height),
-      ]
-      for image, label, pred in rows
-  ]
-  width = max(sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels)
-  present = np.unique(
-      np.concatenate([np.unique(a) for _, label, pred in rows for a in (label, pred)])
-  )
-  shown = [int(c) for c in present if c < len(names)]  # not the ignore index
-  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-  legend = legend_rows([names[c] for c in shown], width, measure.textlength)
-  legend_h = len(legend) * title_h + (PAD if legend else 0)
-  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + PAD) + PAD + legend_h), "white")
-  pen = ImageDraw.Draw(canvas)
-  x = PAD
-  for title, p in zip(TITLES, panels[0]):
-    pen.text((x, 2), title, fill="black")
-    x += p.width + PAD
-  for r, row in enumerate(panels):
-    x, y = PAD, title_h + r * (height + PAD)
-    for p in row:
-      canvas.paste(p, (x, y))
-      x += p.width + PAD
-  for line, entries in enumerate(legend):
-    y = canvas.height - legend_h + line * title_h
-    for i, x in entries:
-      c = shown[i]
-      pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(v) for v in colours[c]))
-      pen.text((x + 14, y), names[c], fill="black")
-  return canvas
 
 
 def check_arguments(config):
@@ -258,7 +170,9 @@ def main(argv):
     # The image at the annotation's size, for the overlay (the model saw the test resize).
     image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
     rows.append((image, label, np.asarray(pred)))
-  picture = draw(rows, palette(d), classes.segmentation_names(d), FLAGS.size)
+  picture = seg_picture.draw(
+      rows, seg_picture.palette(d), classes.segmentation_names(d), FLAGS.size
+  )
   os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
   picture.save(output)
   print(f"wrote {output} ({len(rows)} val images)")
