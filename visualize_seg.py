@@ -1,9 +1,10 @@
 r"""Draws a segmenter's predictions on the first validation images of a config's data: one row
 per image with the image, the ground truth and the prediction (class colours over the image:
-mmseg's for ADE20K), and a legend of the classes they show (named by config.data.class_names).
-The README's picture is this command on the demo run.
+mmseg's for ADE20K; --alpha their opacity, 1 for the colours alone), and a legend of the classes
+they show (named by config.data.class_names). The README's picture is this command on the demo
+run. A missing --output folder is made.
 
-  python visualize_seg.py --workdir=DIR --output=seg.png [--num=4]   # the run's own config
+  python visualize_seg.py --workdir=DIR --output=seg.png [--num=4] [--alpha=0.6]   # its config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
       --config.data.root=/data/ADEChallengeData2016 --output=ade.png
 """
@@ -42,6 +43,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
 flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
+flags.DEFINE_float(
+    "alpha",
+    seg_picture.ALPHA,
+    "Opacity of the class colours over the image, 0 to 1 (1: the colours alone, as in the "
+    "legend).",
+)
 flags.DEFINE_bool("ema", False, "Use the EMA weights of a train.py run.")
 flags.DEFINE_integer("step", None, "The checkpoint step to draw (default: the latest).")
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
@@ -79,6 +86,8 @@ def check_arguments(config):
     cli.fail(f"--num {FLAGS.num} must be in [1, 16]")
   if not 32 <= FLAGS.size <= 1024:
     cli.fail(f"--size {FLAGS.size} must be in [32, 1024]")
+  if not 0 <= FLAGS.alpha <= 1:
+    cli.fail(f"--alpha is an opacity between 0 and 1, got {FLAGS.alpha}")
   output = os.path.abspath(FLAGS.output)
   if not output.lower().endswith(".png"):
     cli.fail(f"--output {FLAGS.output} must end with .png")
@@ -171,7 +180,7 @@ def main(argv):
     image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
     rows.append((image, label, np.asarray(pred)))
   picture = seg_picture.draw(
-      rows, seg_picture.palette(d), classes.segmentation_names(d), FLAGS.size
+      rows, seg_picture.palette(d), classes.segmentation_names(d), FLAGS.size, FLAGS.alpha
   )
   os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
   picture.save(output)

@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 
 from fec_jax.data import classes
 
-ALPHA = 0.6  # weight of the class colour over the image
+ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
 TITLES = ("image", "ground truth", "prediction")
 
@@ -22,12 +22,15 @@ def palette(d) -> np.ndarray:
   return np.concatenate([fixed, extra])[: d.num_classes].astype(np.uint8)
 
 
-def overlay(image: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] image with each pixel's class colour blended in (ALPHA); labels outside
-  the palette (the ignore index) leave the image as it is."""
+def overlay(
+    image: np.ndarray, label: np.ndarray, colours: np.ndarray, alpha: float = ALPHA
+) -> np.ndarray:
+  """uint8 [H, W, 3] image with each pixel's class colour blended in with weight `alpha` (1:
+  the class colours alone, as in the legend); labels outside the palette (the ignore index)
+  leave the image as it is."""
   known = label < len(colours)  # [H, W]
   coloured = colours[np.where(known, label, 0)].astype(np.float32)  # [H, W, 3]
-  blend = (1 - ALPHA) * image.astype(np.float32) + ALPHA * coloured
+  blend = (1 - alpha) * image.astype(np.float32) + alpha * coloured
   return np.where(known[..., None], blend, image).round().astype(np.uint8)
 
 
@@ -56,15 +59,16 @@ def draw(
     colours: np.ndarray,
     names: tuple[str, ...],
     height: int,
+    alpha: float = ALPHA,
 ) -> Image.Image:
   """rows of (image, label, prediction) at the annotation's size -> the picture, with a legend
-  of the classes that the ground truth or the prediction shows."""
+  of the classes that the ground truth or the prediction shows; `alpha`: see overlay."""
   title_h = 16
   panels = [
       [
           panel(image, height),
-          panel(overlay(image, label, colours), height),
-          panel(overlay(image, pred, colours), height),
+          panel(overlay(image, label, colours, alpha), height),
+          panel(overlay(image, pred, colours, alpha), height),
       ]
       for image, label, pred in rows
   ]

@@ -821,6 +821,10 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
             "--workdir {tmp}/classifier holds a classification run; visualize_seg.py draws a "
             "segmenter's predictions (visualize.py: a classifier's clusters)",
         ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/seg.png", "--alpha=1.5"],
+            "--alpha is an opacity between 0 and 1, got 1.5",
+        ),
     ],
     ids=[
         "empty workdir",
@@ -829,11 +833,13 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
         "file as folder",
         "folder as output",
         "classifier run",
+        "alpha",
     ],
 )
 def test_visualize_seg_path_mistakes(tmp_path, args, message):
   """Empty paths, an --output whose folder is a file or which is a folder, a workdir whose
-  config.json (the default config) is a classification run's: one error line."""
+  config.json (the default config) is a classification run's, an --alpha outside [0, 1]: one
+  error line."""
   (tmp_path / "photo.jpg").write_bytes(b"a file")
   (tmp_path / "folder.png").mkdir()
   reporting.write_config(str(tmp_path / "classifier"), demo.get_config())

@@ -18,7 +18,7 @@ from PIL import Image
 
 import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
-from fec_jax import checkpoint, data, loop, reporting, tasks, training
+from fec_jax import checkpoint, data, loop, reporting, seg_picture, tasks, training
 from fec_jax.data import seg_config
 from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
@@ -471,19 +471,43 @@ def test_visualize_seg_draws_the_predictions_with_a_legend_of_the_classes_shown(
   assert command("visualize_seg.py", *args).returncode == 0
 
 
+def test_seg_picture_overlay_alpha():
+  """alpha weighs the class colour over the image: 1 paints the colours alone (as the legend's
+  swatches), 0 leaves the image; a label outside the palette (ignore index) leaves it too."""
+  image = np.full((2, 3, 3), 100, np.uint8)
+  label = np.array([[0, 1, 255], [1, 0, 1]], np.uint8)
+  colours = np.array([[200, 0, 0], [0, 50, 250]], np.uint8)
+  painted = seg_picture.overlay(image, label, colours, alpha=1.0)
+  np.testing.assert_array_equal(painted[label != 255], colours[label[label != 255]])
+  np.testing.assert_array_equal(painted[0, 2], image[0, 2])
+  np.testing.assert_array_equal(seg_picture.overlay(image, label, colours, alpha=0.0), image)
+  blended = seg_picture.overlay(image, label, colours)  # the default, 0.6
+  np.testing.assert_array_equal(blended[0, 0], [160, 40, 40])
+
+
 def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
   """--num 8 of a split of 6: the picture of the 6, and a note that there are no more; nothing
-  else on stderr (absl's info lines only with --verbosity). The --output folders are made."""
+  else on stderr (absl's info lines only with --verbosity). The --output folders are made.
+  With --alpha 1 the ground truth is drawn in the palette's colours alone."""
   output = tmp_path / "new" / "folder" / "seg.png"
   result = command(
-      "visualize_seg.py", f"--workdir={seg_run}", f"--output={output}", "--num=8", "--size=32"
+      "visualize_seg.py",
+      f"--workdir={seg_run}",
+      f"--output={output}",
+      "--num=8",
+      "--size=32",
+      "--alpha=1",
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout == f"wrote {output} (6 val images)\n"
   assert result.stderr == (
       "note: --num 8: the validation split of the demo data holds only 6 readable images\n"
   )
-  assert output.is_file()
+  with Image.open(output) as picture:
+    pixels = np.asarray(picture.convert("RGB"))
+  truth = pixels[16 : 16 + 32, 4 + 32 + 4 : 4 + 2 * 32 + 4]  # row 1, panel 2 (32x32 at --size 32)
+  palette = {tuple(c) for c in seg_picture.palette(seg_tiny().data)}
+  assert {tuple(c) for c in truth.reshape(-1, 3)} <= palette
 
 
 def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
