@@ -9,7 +9,8 @@ from fec_jax.data import classes
 
 ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
-TITLES = ("image", "ground truth", "prediction")
+# The column titles, each with its shorter forms for narrow panels (fit_title).
+TITLES = (("image", "img"), ("ground truth", "truth", "GT"), ("prediction", "pred.", "pred"))
 
 
 def palette(d) -> np.ndarray:
@@ -54,6 +55,23 @@ def legend_rows(names: list[str], width: int, text_width) -> list[list[tuple[int
   return rows if rows[0] else []
 
 
+def text_width(pen: ImageDraw.ImageDraw, text: str) -> int:
+  """Pixels from the left of `text` drawn with pen's font to the right end of its advance or of
+  its ink, whichever is further ('GT' inks a pixel past its advance)."""
+  return max(int(np.ceil(pen.textlength(text))), pen.textbbox((0, 0), text)[2]) if text else 0
+
+
+def fit_title(forms: tuple[str, ...], width: int, measure) -> str:
+  """The first of `forms` (a title, then shorter forms of it) at most `width` pixels wide
+  (measure(text) -> pixels), else the longest start of the last one that is ('' if none): a
+  title never runs into the next panel's."""
+  for form in forms:
+    if measure(form) <= width:
+      return form
+  last = forms[-1]
+  return next((last[:n] for n in range(len(last) - 1, 0, -1) if measure(last[:n]) <= width), "")
+
+
 def draw(
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     colours: np.ndarray,
@@ -83,8 +101,8 @@ def draw(
   canvas = Image.new("RGB", (width, title_h + len(rows) * (height + PAD) + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
   x = PAD
-  for title, p in zip(TITLES, panels[0]):
-    pen.text((x, 2), title, fill="black")
+  for forms, p in zip(TITLES, panels[0]):
+    pen.text((x, 2), fit_title(forms, p.width, lambda t: text_width(pen, t)), fill="black")
     x += p.width + PAD
   for r, row in enumerate(panels):
     x, y = PAD, title_h + r * (height + PAD)

@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
@@ -483,6 +483,30 @@ def test_seg_picture_overlay_alpha():
   np.testing.assert_array_equal(seg_picture.overlay(image, label, colours, alpha=0.0), image)
   blended = seg_picture.overlay(image, label, colours)  # the default, 0.6
   np.testing.assert_array_equal(blended[0, 0], [160, 40, 40])
+
+
+@pytest.mark.parametrize("size, shape", [(32, (32, 32)), (32, (96, 32)), (48, (64, 48))])
+def test_seg_picture_titles_fit_their_panels(size, shape):
+  """At a small --size (or a tall image) a column title is shortened ("ground truth" -> "truth")
+  or cut to its panel's width, measured with the font it is drawn in: the titles never run into
+  each other (they did: "ground truthprediction"), and the gaps between panels stay white."""
+  pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  for forms in seg_picture.TITLES:
+    for width in range(0, 80):
+      title = seg_picture.fit_title(forms, width, lambda t: seg_picture.text_width(pen, t))
+      assert seg_picture.text_width(pen, title) <= width
+      assert title in forms or forms[-1].startswith(title)
+    wide = seg_picture.fit_title(forms, 200, lambda t: seg_picture.text_width(pen, t))
+    assert wide == forms[0]  # in full where it fits
+  image = np.full((*shape, 3), 128, np.uint8)
+  label = np.zeros(shape, np.uint8)
+  picture = seg_picture.draw(
+      [(image, label, label)], np.array([[0, 0, 255]], np.uint8), ("x",), size
+  )
+  titles = np.asarray(picture)[:16]  # the title band
+  step = round(shape[1] * size / shape[0]) + seg_picture.PAD  # a panel and the gap after it
+  for gap in (step, 2 * step, 3 * step):  # the gap's columns: from gap to gap + PAD
+    assert (titles[:, gap : gap + seg_picture.PAD] == 255).all(), gap
 
 
 def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
