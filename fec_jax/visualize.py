@@ -110,12 +110,19 @@ def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
   and resizes (cv2.imread, cv2.resize; docs/official-code.md Sec. 9): upright by the EXIF
   orientation, then resized directly (no crop) with OpenCV's bilinear.
 
-  Decoded as the training data is (transforms.decode): a 16-bit image is scaled to 8 bits, where
-  PIL's convert("RGB") would clip it to white."""
+  Decoded as the training data is (read_image)."""
+  original = read_image(path)
+  return original, seg_transforms.resize(original, *size)
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file as uint8 RGB [H, W, 3], upright by its EXIF orientation (upright), decoded
+  as the training data is (transforms.decode): grayscale, palette, CMYK and alpha images become
+  RGB, and a 16-bit image is scaled to 8 bits, where PIL's convert("RGB") would clip it to
+  white. Raises OSError or transforms.BadImageError (check_images catches both first)."""
   with open(path, "rb") as f:
     encoded = f.read()
-  original = upright(decode(encoded)[0], encoded)
-  return original, seg_transforms.resize(original, *size)
+  return upright(decode(encoded)[0], encoded)
 
 
 def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
@@ -246,6 +253,27 @@ def trained_data_config(checkpoint: str) -> dict:
   return (saved or {}).get("data", {})
 
 
+def check_images(paths: list[str]) -> None:
+  """fail() for the first --image path that is empty, missing, a directory or not an image PIL
+  reads to the end (a truncated or corrupt file): one line naming it, before any slow work."""
+  cli.check_paths_given([("--image", path, "an image file") for path in paths])
+  for path in paths:
+    if not os.path.isfile(path):
+      cli.fail(
+          f"--image {path} "
+          + (
+              "is a directory; expected image files (e.g. dir/*.jpg)"
+              if os.path.isdir(path)
+              else "does not exist"
+          )
+      )
+    try:
+      with Image.open(path) as img:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
+
+
 def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   """Every mistake in the arguments, found before the checkpoint is read: returns (H, W) and
   trained_data_config(--checkpoint)."""
@@ -271,21 +299,7 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
       + [("--image", path, "an image file") for path in args.image]
       + [("--out", args.out, "an output directory")]
   )
-  for path in args.image:
-    if not os.path.isfile(path):
-      cli.fail(
-          f"--image {path} "
-          + (
-              "is a directory; expected image files (e.g. dir/*.jpg)"
-              if os.path.isdir(path)
-              else "does not exist"
-          )
-      )
-    try:
-      with Image.open(path) as img:
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      cli.fail(f"--image {path} is not a readable image ({type(e).__name__}: {e})")
+  check_images(args.image)
   problem = cli.not_a_directory(args.out)
   if problem is not None:
     cli.fail(f"--out {args.out}: {problem}; expected a directory for the PNGs")
