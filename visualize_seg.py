@@ -4,9 +4,17 @@ mmseg's for ADE20K; --alpha their opacity, 1 for the colours alone), and a legen
 they show (named by config.data.class_names). The README's picture is this command on the demo
 run. A missing --output folder is made.
 
+With --image, on image files of one's own instead (no annotation, no data folder): a row per
+file with the image and the prediction, the legend naming the classes predicted. Each file is
+read as visualize.py reads its images (turned upright by its EXIF orientation; grayscale, alpha
+and CMYK as RGB), given to the model with the val split's test resize (the config's) and its
+prediction made at the panel's size.
+
   python visualize_seg.py --workdir=DIR --output=seg.png [--num=4] [--alpha=0.6]   # its config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
       --config.data.root=/data/ADEChallengeData2016 --output=ade.png
+  python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
+      --image photo.jpg street.png --output=mine.png
 """
 
 import os
@@ -19,8 +27,8 @@ from absl import flags, logging
 from PIL import Image
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, seg_picture, training
-from fec_jax.data import classes
+from fec_jax import checkpoint, cli, data, seg_picture, training, visualize
+from fec_jax.data import classes, seg_transforms, transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
 
@@ -41,7 +49,15 @@ flags.DEFINE_string(
     None,
     "The PNG to write (required; a new file: see --overwrite; missing folders are made).",
 )
-flags.DEFINE_integer("num", 4, "Validation images drawn (1 to 16), the first ones.")
+flags.DEFINE_multi_string(
+    "image",
+    None,
+    "Image files to draw the predictions on instead of validation images: --image a.jpg b.png "
+    "(or --image repeated); no ground truth is drawn and no data is read.",
+)
+flags.DEFINE_integer(
+    "num", 4, "Validation images drawn (1 to 16), the first ones (not with --image)."
+)
 flags.DEFINE_integer("size", 192, "Each panel's height in pixels (32 to 1024).")
 flags.DEFINE_float(
     "alpha",
@@ -56,8 +72,9 @@ flags.mark_flag_as_required("output")
 FLAGS = flags.FLAGS
 
 
-def check_arguments(config):
-  """Every user mistake is one error line here, before the weights are restored."""
+def check_arguments(config, images: list[str] | None):
+  """Every user mistake is one error line here, before the weights are restored; `images`: the
+  --image paths (None without --image)."""
   cli.check_paths_given(
       [
           ("--workdir", FLAGS.workdir, "a train.py workdir"),
@@ -82,6 +99,8 @@ def check_arguments(config):
     )
   with cli.user_errors(ValueError):
     training.check_compute(config, batch_fields=())
+  if images is not None and FLAGS["num"].present:
+    cli.fail("--num draws the first validation images; --image draws the images given: give one")
   if not 1 <= FLAGS.num <= 16:
     cli.fail(f"--num {FLAGS.num} must be in [1, 16]")
   if not 32 <= FLAGS.size <= 1024:
@@ -99,8 +118,11 @@ def check_arguments(config):
     cli.fail(f"--output {FLAGS.output}: {problem}; expected a directory for the PNG")
   if os.path.exists(output) and not FLAGS.overwrite:
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
+  if images is not None:
+    visualize.check_images(images)
   data.seg_validate(config.data)
-  num_val = data.seg_num_examples(config.data, "val")  # missing data stops here
+  # missing data stops here (images of one's own need none)
+  num_val = data.seg_num_examples(config.data, "val") if images is None else len(images)
   model, _ = checkpoint.load_model(directory, FLAGS.step)
   if model_name(model) not in SEGMENTERS:
     cli.fail(
@@ -143,15 +165,46 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]
   return examples
 
 
+def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Image files as the model and the picture take them: (uint8 [h, w, 3] the model input, the
+  val split's test resize of data config `d`; uint8 [height, W, 3] the image at the panel's
+  size, keeping its ratio). Read as visualize.py reads its images (visualize.read_image: upright
+  by EXIF, grayscale, alpha, CMYK as RGB); a file that does not decode is one error line."""
+  read = []
+  for path in paths:
+    try:
+      original = visualize.read_image(path)
+    except (OSError, transforms.BadImageError) as e:
+      cli.fail(f"--image {path} is not a readable image ({e})")
+    h, w = original.shape[:2]
+    shown = Image.fromarray(original).resize(
+        (max(1, round(w * height / h)), height), Image.BILINEAR
+    )
+    read.append((seg_transforms.eval_transform(original, d), np.asarray(shown)))
+  return read
+
+
 def main(argv):
-  del argv
   if not FLAGS["verbosity"].present:  # as eval.py: warnings (a bad file named), no info lines
     logging.set_verbosity(logging.WARNING)
+  images = None
+  if FLAGS.image is not None:  # --image a.jpg b.jpg: absl leaves b.jpg in argv
+    if len(FLAGS.image) > 1 and argv[1:]:  # their order on the command line is lost
+      cli.fail(
+          "give the image files after one --image (--image a.jpg b.jpg), or each after its own "
+          "--image"
+      )
+    images = [*FLAGS.image, *argv[1:]]
+  elif argv[1:]:
+    cli.fail(f"unexpected argument {argv[1]}: image files follow --image (see --help)")
   config = FLAGS.config
-  output, num = check_arguments(config)
+  output, num = check_arguments(config, images)
   d = config.data
-  examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
-  if len(examples) < FLAGS.num:
+  if images is not None:  # before the restore: a bad file fails fast
+    examples = read_images(images, d, FLAGS.size)
+  else:
+    examples = read_examples(d, num, config.seed)  # before the restore: a bad split fails fast
+  if images is None and len(examples) < FLAGS.num:
     print(
         f"note: --num {FLAGS.num}: the {data.split_name(d, 'val')} split of "
         f"{data.data_location(d)} holds only {len(examples)} readable image"
@@ -168,23 +221,32 @@ def main(argv):
       dtype=jnp.dtype(config.model.dtype),
   )
 
-  predict = jax.jit(  # compiled once per image and annotation size
+  predict = jax.jit(  # compiled once per image size and size predicted
       lambda v, image, out_hw: segmentation.predict_labels(model, v, image, out_hw, d),
       static_argnums=2,
   )
 
   rows = []
-  for image, label in examples:
-    pred = predict(variables, image[None], label.shape)[0]
-    # The image at the annotation's size, for the overlay (the model saw the test resize).
-    image = np.asarray(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
-    rows.append((image, label, np.asarray(pred)))
+  for image, target in examples:
+    if images is None:  # target: the annotation
+      pred = predict(variables, image[None], target.shape)[0]
+      # The image at the annotation's size, for the overlay (the model saw the test resize).
+      image = np.asarray(Image.fromarray(image).resize(target.shape[::-1], Image.BILINEAR))
+      rows.append((image, target, np.asarray(pred)))
+    else:  # target: the image at the panel's size, where the prediction is made
+      rows.append((target, np.asarray(predict(variables, image[None], target.shape[:2])[0])))
   picture = seg_picture.draw(
-      rows, seg_picture.palette(d), classes.segmentation_names(d), FLAGS.size, FLAGS.alpha
+      rows,
+      seg_picture.palette(d),
+      classes.segmentation_names(d),
+      FLAGS.size,
+      FLAGS.alpha,
+      seg_picture.TITLES if images is None else seg_picture.IMAGE_TITLES,
   )
   os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
   picture.save(output)
-  print(f"wrote {output} ({len(rows)} val images)")
+  what = "val images" if images is None else f"image{'s' * (len(rows) != 1)}"
+  print(f"wrote {output} ({len(rows)} {what})")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,15 @@ from fec_jax.data import classes
 
 ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
-# The column titles, each with its shorter forms for narrow panels (fit_title).
-TITLES = (("image", "img"), ("ground truth", "truth", "GT"), ("prediction", "pred.", "pred"))
+# The column titles, each with its shorter forms for narrow panels (fit_title): of a val image
+# with its annotation (TITLES), of an image of one's own (IMAGE_TITLES: no ground truth).
+IMAGE, TRUTH, PREDICTION = (
+    ("image", "img"),
+    ("ground truth", "truth", "GT"),
+    ("prediction", "pred.", "pred"),
+)
+TITLES = (IMAGE, TRUTH, PREDICTION)
+IMAGE_TITLES = (IMAGE, PREDICTION)
 
 
 def palette(d) -> np.ndarray:
@@ -73,27 +80,24 @@ def fit_title(forms: tuple[str, ...], width: int, measure) -> str:
 
 
 def draw(
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    rows: list[tuple[np.ndarray, ...]],
     colours: np.ndarray,
     names: tuple[str, ...],
     height: int,
     alpha: float = ALPHA,
+    titles: tuple[tuple[str, ...], ...] = TITLES,
 ) -> Image.Image:
-  """rows of (image, label, prediction) at the annotation's size -> the picture, with a legend
-  of the classes that the ground truth or the prediction shows; `alpha`: see overlay."""
+  """rows of (image, *class maps) of one size (a val image: its label and the prediction, at the
+  annotation's size; an image of one's own: the prediction) -> the picture, a panel for the
+  image and one for each map (`titles`: the columns'), with a legend of the classes the maps
+  show; `alpha`: see overlay."""
   title_h = 16
   panels = [
-      [
-          panel(image, height),
-          panel(overlay(image, label, colours, alpha), height),
-          panel(overlay(image, pred, colours, alpha), height),
-      ]
-      for image, label, pred in rows
+      [panel(image, height)] + [panel(overlay(image, m, colours, alpha), height) for m in maps]
+      for image, *maps in rows
   ]
   width = max(sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels)
-  present = np.unique(
-      np.concatenate([np.unique(a) for _, label, pred in rows for a in (label, pred)])
-  )
+  present = np.unique(np.concatenate([np.unique(m) for _, *maps in rows for m in maps]))
   shown = [int(c) for c in present if c < len(names)]  # not the ignore index
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   legend = legend_rows([names[c] for c in shown], width, measure.textlength)
@@ -101,7 +105,7 @@ def draw(
   canvas = Image.new("RGB", (width, title_h + len(rows) * (height + PAD) + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
   x = PAD
-  for forms, p in zip(TITLES, panels[0]):
+  for forms, p in zip(titles, panels[0], strict=True):
     pen.text((x, 2), fit_title(forms, p.width, lambda t: text_width(pen, t)), fill="black")
     x += p.width + PAD
   for r, row in enumerate(panels):

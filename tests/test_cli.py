@@ -825,6 +825,34 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
             ["--workdir={tmp}", "--output={tmp}/seg.png", "--alpha=1.5"],
             "--alpha is an opacity between 0 and 1, got 1.5",
         ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/seg.png", "--image", "{tmp}/nope.jpg"],
+            "--image {tmp}/nope.jpg does not exist",
+        ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/seg.png", "--image", "{tmp}/photo.jpg"],
+            "--image {tmp}/photo.jpg is not a readable image (UnidentifiedImageError: cannot "
+            "identify image file '{tmp}/photo.jpg')",
+        ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/seg.png", "--image={tmp}/a.png", "--num=2"],
+            "--num draws the first validation images; --image draws the images given: give one",
+        ),
+        (
+            ["--workdir={tmp}", "--output={tmp}/seg.png", "{tmp}/a.png"],
+            "unexpected argument {tmp}/a.png: image files follow --image (see --help)",
+        ),
+        (
+            [
+                "--workdir={tmp}",
+                "--output={tmp}/seg.png",
+                "--image=a.png",
+                "--image=b.png",
+                "c.png",
+            ],
+            "give the image files after one --image (--image a.jpg b.jpg), or each after its own "
+            "--image",
+        ),
     ],
     ids=[
         "empty workdir",
@@ -834,12 +862,18 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
         "folder as output",
         "classifier run",
         "alpha",
+        "missing image",
+        "not an image",
+        "image and num",
+        "image without --image",
+        "images in two orders",
     ],
 )
 def test_visualize_seg_path_mistakes(tmp_path, args, message):
   """Empty paths, an --output whose folder is a file or which is a folder, a workdir whose
-  config.json (the default config) is a classification run's, an --alpha outside [0, 1]: one
-  error line."""
+  config.json (the default config) is a classification run's, an --alpha outside [0, 1], an
+  --image that is no image or given with --num or without --image: one error line, before the
+  checkpoint is read (the workdir has none)."""
   (tmp_path / "photo.jpg").write_bytes(b"a file")
   (tmp_path / "folder.png").mkdir()
   reporting.write_config(str(tmp_path / "classifier"), demo.get_config())

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import cv2
 import flax
 import jax
 import jax.numpy as jnp
@@ -507,6 +508,86 @@ def test_seg_picture_titles_fit_their_panels(size, shape):
   step = round(shape[1] * size / shape[0]) + seg_picture.PAD  # a panel and the gap after it
   for gap in (step, 2 * step, 3 * step):  # the gap's columns: from gap to gap + PAD
     assert (titles[:, gap : gap + seg_picture.PAD] == 255).all(), gap
+
+
+def swatches(pixels: np.ndarray, colours: np.ndarray) -> set[int]:
+  """The classes whose legend swatch (an 11x11 square of the class colour) a picture shows."""
+  found = set()
+  for c, colour in enumerate(colours):
+    same = (pixels == colour).all(-1)
+    if (
+        same.shape[0] >= 11
+        and np.lib.stride_tricks.sliding_window_view(same, (11, 11)).all(axis=(-1, -2)).any()
+    ):
+      found.add(c)
+  return found
+
+
+def test_seg_picture_of_images_without_annotation():
+  """Rows of (image, prediction): two panels a row, and the legend names the classes predicted."""
+  colours = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200]])
+  image = np.full((32, 32, 3), 128, np.uint8)
+  pred = np.ones((32, 32), np.uint8)
+  pred[:, 20:] = 3
+  picture = seg_picture.draw(
+      [(image, pred)], colours.astype(np.uint8), tuple("abcde"), 32, 1.0, seg_picture.IMAGE_TITLES
+  )
+  pixels = np.asarray(picture)
+  assert pixels.shape[1] == 2 * 32 + 3 * seg_picture.PAD
+  np.testing.assert_array_equal(pixels[16 : 16 + 32, 4 + 32 + 4 :][:, :32], colours[pred])
+  assert swatches(pixels, colours) == {1, 3}
+
+
+def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
+  """--image: a row per file with the image and the prediction (no ground truth; the model is
+  given the val split's test resize, and the prediction made at the panel's size). The files are
+  read as visualize.py reads them: upright by their EXIF orientation (a phone photo), grayscale,
+  alpha and CMYK as RGB. The legend shows the classes predicted (--alpha 1: the prediction
+  panels hold the class colours alone)."""
+  stripes = np.zeros((40, 80, 3), np.uint8)  # stored 80 wide, 40 high: red over blue
+  stripes[:20], stripes[20:] = (220, 30, 30), (30, 30, 220)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show (40 wide, 80 high)
+  Image.fromarray(stripes).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+  Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))).save(tmp_path / "g.png")
+  rgba = np.zeros((48, 64, 4), np.uint8)
+  rgba[..., 1], rgba[..., 3] = 200, 100
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+  Image.fromarray(stripes).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+  files = [tmp_path / f for f in ("photo.jpg", "g.png", "alpha.png", "cmyk.jpg")]
+  output = tmp_path / "mine.png"
+  result = command(
+      "visualize_seg.py",
+      f"--workdir={seg_run}",
+      f"--output={output}",
+      "--size=32",
+      "--alpha=1",
+      "--image",
+      *map(str, files),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (result.stdout, result.stderr) == (f"wrote {output} (4 images)\n", "")
+  with Image.open(output) as picture:
+    pixels = np.asarray(picture.convert("RGB"))
+  widths = [16, 43, 43, 64]  # each image's width at 32 rows: 40x80 upright, 64x48, 64x48, 80x40
+  assert pixels.shape[1] == max(2 * w + 3 * 4 for w in widths)  # two panels, no ground truth
+  rows = [pixels[16 + r * 36 : 16 + r * 36 + 32] for r in range(4)]
+  upright = cv2.imread(str(files[0]))[..., ::-1]  # as the official script and visualize.py read
+  assert upright.shape == (80, 40, 3)
+  expected = np.asarray(Image.fromarray(upright).resize((16, 32), Image.BILINEAR))
+  np.testing.assert_array_equal(rows[0][:, 4:20], expected)
+  assert (rows[0][:, 20:24] == 255).all()  # the gap after the narrow panel
+  gray = rows[1][:, 4 : 4 + 43].astype(int)
+  assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+  assert (rows[2][:, 4 : 4 + 43] == (0, 200, 0)).all()  # alpha dropped, as in training
+  cmyk = rows[3][:, 4 : 4 + 64].astype(int)
+  assert (cmyk[:12, :, 0] > 150).all() and (cmyk[20:, :, 2] > 150).all()  # red over blue
+  palette = seg_picture.palette(seg_tiny().data)
+  predicted = set()
+  for row, w in zip(rows, widths):
+    colours = np.unique(row[:, 4 + w + 4 : 4 + 2 * w + 4].reshape(-1, 3), axis=0)
+    predicted |= {int(np.flatnonzero((palette == c).all(-1))[0]) for c in colours}  # all classes
+  assert swatches(pixels[16 + 4 * 36 :], palette) == predicted
 
 
 def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
