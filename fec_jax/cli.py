@@ -156,7 +156,10 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
   except ValueError as e:  # the evaluation does not need it: say so and go on
     print(f"note: not compared with the run's config: {e}", file=sys.stderr)
     return
-  changes = (reporting.config_changes(saved, config) if saved is not None else None) or {}
+  from fec_jax import data  # here, not for every command: the converter reads no data
+
+  recorded = data.recorded_fields(config.get("data"))  # as the run's config.json has them
+  changes = (reporting.config_changes(saved, config, recorded) if saved is not None else None) or {}
   changed = [k for k in EVALUATION_FIELDS if k in changes]
   if changed:
     which = "--config differs" if given else "the --config.* overrides differ"

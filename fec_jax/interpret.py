@@ -33,7 +33,8 @@ FEATURES = typing.get_args(Feature)
 class Clusters(NamedTuple):
   """What one forward pass reveals; H, W is the input image size.
 
-  outputs: the model's logits [B, num_classes] (or the dense variants' feature maps)
+  outputs: the model's logits [B, num_classes] (the dense variants' feature maps, a Semantic FPN
+    segmenter's logits [B, H/4, W/4, num_classes])
   levels: [B, L+1, H, W] int32, level 0 = the 4x4-pixel blocks, level l = pool l's clusters (Eq. 8)
   centers: [B, h, w, D] the last pool's centers in similarity space (2x2 means of `conv_f`)
   representatives: [B, h, w, D] the last pool's representatives R (Eq. 6 of `conv_v` values)

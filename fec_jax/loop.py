@@ -290,7 +290,7 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   saved = reporting.read_config(workdir)
   if saved is None:
     return None
-  changes = reporting.config_changes(saved, config) or {}
+  changes = reporting.config_changes(saved, config, data.recorded_fields(config.get("data"))) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
   if not changed:
     return saved
@@ -303,14 +303,7 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
         f"(train.py without --config reads it from {os.path.join(workdir, reporting.CONFIG_FILE)})"
     )
   else:
-    overrides = " ".join(
-        (
-            f"without config.{key}"  # a field of the user's own that the run started without
-            if changes[key][0] is reporting.ABSENT
-            else shlex.quote(_override(key, changes[key][0]))
-        )
-        for key in changed
-    )
+    overrides = " ".join(_undo(key, *changes[key]) for key in changed)
     advice = f". Resume it with its values ({overrides})"
   raise checkpoint.CheckpointError(
       f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
@@ -328,14 +321,19 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
-  config = config.copy_and_resolve_references()
+  replace = data.recorded_fields(config.get("data"))
   if saved is not None:  # a config.json older than init_from_step lacks it: the run took none
-    for key, unset in _INIT_FROM.items():
-      config[key] = saved.get(key, unset)
-  if config.data.get("source") == "tfds" and not config.data.tfds_data_dir:
-    # TFDS's default ($TFDS_DATA_DIR): a later command without the variable reads the same folder
-    config.data.tfds_data_dir = data.tfds_data_dir("")
-  reporting.write_config(workdir, config)
+    replace.update({key: saved.get(key, unset) for key, unset in _INIT_FROM.items()})
+  reporting.write_config(workdir, config, replace)
+
+
+def _undo(key: str, saved, now) -> str:
+  """What sets config field `key` back to its `saved` value, for _check_same_run's advice."""
+  if saved is reporting.ABSENT:  # a field of the user's own that the run started without
+    return f"without config.{key}"
+  if now is reporting.ABSENT:  # one it started with: the command line cannot add a field
+    return f"config.{key} = {saved!r} in the config file (with config.unlocked())"
+  return shlex.quote(_override(key, saved))
 
 
 def _override(key: str, value) -> str:

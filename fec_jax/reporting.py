@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import time
+from typing import Any
 
 from absl import logging
 from flax import traverse_util
@@ -97,15 +98,22 @@ def _absolute_paths(data: dict) -> dict:
   return data
 
 
-def write_config(workdir: str, config) -> None:
+def _replaced(data: dict, replace: dict[str, Any] | None) -> dict:
+  """Config data with the values of `replace` ({'section.field': value}) put in."""
+  flat = traverse_util.flatten_dict(data, sep=".")
+  return traverse_util.unflatten_dict({**flat, **(replace or {})}, sep=".")
+
+
+def write_config(workdir: str, config, replace: dict[str, Any] | None = None) -> None:
   """Writes a run's config to <workdir>/config.json, at its start and at each resume (a resume
   is checked against it, fec_jax.loop; visualize.py takes the run's image size and
-  normalization from it; configs/workdir.py reads it back), its paths absolute (PATH_FIELDS)."""
+  normalization from it; configs/workdir.py reads it back), its paths absolute (PATH_FIELDS),
+  the fields of `replace` ({'section.field': value}) with its values."""
   data = config_data(config)
   if data is None:
     logging.warning("%s not written: the config does not go into JSON", CONFIG_FILE)
     return
-  data = _absolute_paths(data)
+  data = _absolute_paths(_replaced(data, replace))
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   with open(path + ".tmp", "w") as f:
@@ -123,18 +131,21 @@ class _Absent:
 ABSENT = _Absent()
 
 
-def config_changes(saved: dict, config) -> dict[str, tuple] | None:
+def config_changes(
+    saved: dict, config, replace: dict[str, Any] | None = None
+) -> dict[str, tuple] | None:
   """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
   config.json), each as (saved value, config's value), lists as the config's tuples, ABSENT
   for a field that only one of the two has (one of the user's own, added or left out), except
   the fields of _ADDED_LATER (a config.json of an earlier fec-jax lacks them). Values JSON cannot
   hold (written with their address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are
-  compared, and given, as absolute paths. None where `config` cannot go into JSON at all."""
+  compared, and given, as absolute paths; `replace` as in write_config. None where `config`
+  cannot go into JSON at all."""
   now = config_data(config)
   if now is None:
     return None
   saved = traverse_util.flatten_dict(_absolute_paths(saved), sep=".")
-  now = traverse_util.flatten_dict(_absolute_paths(now), sep=".")
+  now = traverse_util.flatten_dict(_absolute_paths(_replaced(now, replace)), sep=".")
   keys = (saved.keys() | now.keys()) - (_ADDED_LATER - saved.keys())
   return {
       key: (_tuples(saved.get(key, ABSENT)), _tuples(now.get(key, ABSENT)))

@@ -348,7 +348,8 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
 def _run(model, variables, x: np.ndarray, size: tuple[int, int], batch: int):
   """cluster_maps on a batch; one error line where the device has not the memory for it."""
   try:
-    return cluster_maps(model, variables, x, False)
+    # blocked here: a device runs it asynchronously, and its failure would come later
+    return jax.block_until_ready(cluster_maps(model, variables, x, False))
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

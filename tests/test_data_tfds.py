@@ -25,7 +25,7 @@ import fec_jax.data as fd  # noqa: E402
 from fec_jax.data import classes, sources, transforms  # noqa: E402
 from tests.imagenet_fixture import WNIDS, make_imagenet_folder  # noqa: E402
 from configs import fec_small  # noqa: E402
-from fec_jax import reporting  # noqa: E402
+from fec_jax import cli, reporting  # noqa: E402
 from tests.train_fixture import saved_steps, train  # noqa: E402
 
 PER_CLASS, VAL_PER_CLASS, NUM_CLASSES = 4, 2, 3
@@ -366,7 +366,7 @@ def test_val_loader_matches_records(tfds_dir):
 
 
 @pytest.mark.xdist_group("train")
-def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch):
+def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch, capsys):
   """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
   process; float32 compute compiles about a third faster on CPU than bfloat16. The data lies in
   TFDS's default data_dir ($TFDS_DATA_DIR), which config.json records for later commands."""
@@ -384,3 +384,6 @@ def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatc
   assert {"val_top1", "val_loss", "ema_val_top1"} <= records[-1].keys()
   assert saved_steps(workdir) == [2]
   assert reporting.read_config(str(workdir))["data"]["tfds_data_dir"] == tfds_dir
+  cli.note_config_differences(config, str(workdir), given=True)  # '' reads the same folder
+  assert capsys.readouterr().err == ""
+  assert fd.recorded_fields(fec_small.get_config().data) == {}  # source folder: as given

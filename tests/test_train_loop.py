@@ -547,8 +547,12 @@ def test_a_field_of_ones_own_added_or_left_out_on_a_resume_is_a_change(tmp_path)
   )
   loop._check_same_run(added, str(tmp_path), frozenset({"pos_weight"}))  # EVALUATION_ONLY
   reporting.write_config(str(tmp_path), added)
-  with pytest.raises(checkpoint.CheckpointError, match=r"pos_weight 2.0 \(now absent\)"):
+  with pytest.raises(checkpoint.CheckpointError) as e:
     loop._check_same_run(tiny(), str(tmp_path), frozenset())
+  assert (
+      "pos_weight 2.0 (now absent). Resume it with its values (config.pos_weight = 2.0 in the "
+      "config file (with config.unlocked())), or start" in str(e.value)
+  ), e.value
 
 
 class _ArrayMetrics(classification.Classification):
@@ -606,6 +610,7 @@ def test_tasks_register_takes_a_task_class_under_a_new_name(monkeypatch):
         ([{"top1": np.zeros(2)}], "returned 'top1': ndarray of shape (2,); expected"),
         ([{"top1": "76%"}], "returned 'top1': str; expected"),
         ([{"top1": True}], "returned 'top1': bool; expected"),
+        ([{"top1": np.complex64(1)}], "returned 'top1': complex64 of shape (); expected"),
     ],
 )
 def test_an_evaluators_result_of_another_form_is_named(results, problem):
@@ -618,11 +623,30 @@ def test_an_evaluators_result_of_another_form_is_named(results, problem):
     Mine()({})
   assert str(e.value).startswith("Mine.evaluate ") and problem in str(e.value), e.value
   table = {"IoU": np.zeros(3)}
+  half = jnp.bfloat16(0.5)  # the configs' compute dtype
+  assert tasks.checked_metrics(Mine(), [{"x": half, "n": np.int64(2)}], 1) == [{"x": 0.5, "n": 2}]
   checked = tasks.checked_metrics(
       Mine(), [{"n": np.int32(3), "x": jnp.float32(0.5), "per_class": table}], 1
   )
   assert checked == [{"n": 3, "x": 0.5, "per_class": table}]
   assert type(checked[0]["n"]) is int and type(checked[0]["x"]) is float
+
+
+def test_a_batch_evaluator_runs_a_step_of_ones_own_over_any_batches():
+  """tasks.BatchEvaluator on a list of batches (no close()), a step and a summary of one's own;
+  an empty split is the error without a data config to name."""
+
+  def step(variables, batch, per_class):
+    x = jnp.where(batch["mask"], batch["x"], 0) * variables["w"]  # padding left out
+    return {"count": jnp.sum(batch["mask"]), "x": jnp.sum(x)}
+
+  summarize = lambda sums, per_class: {"mean": float(sums["x"] / sums["count"])}
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  batch = {"x": np.arange(8, dtype=np.float32), "mask": np.arange(8) < 6}
+  evaluator = tasks.BatchEvaluator([batch, batch], 2, step, summarize, mesh, None)
+  assert evaluator({"w": np.float32(2)}) == {"mean": 2 * 2 * 15 / 12}
+  with pytest.raises(data.DataNotFoundError, match="no readable val image in the val data"):
+    tasks.BatchEvaluator([], 0, step, summarize, mesh, None)({"w": np.float32(2)})
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ Public API, classification:
                                                        -- pipeline.py
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
   tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
+  recorded_fields(cfg)                                 -- what config.json records otherwise
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -44,7 +45,7 @@ from fec_jax.data.seg_pipeline import (
     seg_num_examples,
     seg_steps_per_epoch,
 )
-from fec_jax.data.sources import DataNotFoundError, split_name, tfds_data_dir
+from fec_jax.data.sources import DataNotFoundError, recorded_fields, split_name, tfds_data_dir
 
 __all__ = [
     "default_config",
@@ -58,6 +59,7 @@ __all__ = [
     "data_location",
     "split_name",
     "tfds_data_dir",
+    "recorded_fields",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",

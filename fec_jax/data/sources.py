@@ -163,6 +163,18 @@ def tfds_data_dir(data_dir: str) -> str:
   return os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
 
 
+def recorded_fields(data_config) -> dict[str, str]:
+  """The config.data fields a run's config.json records otherwise than as given:
+  {'data.tfds_data_dir': the folder TFDS reads} where the source is 'tfds' and tfds_data_dir is
+  '' (TFDS's default, $TFDS_DATA_DIR), so that a later command without the variable reads the
+  same data; else {} (also for a task's config without fec_jax.data's fields)."""
+  if data_config is None or data_config.get("source") != "tfds":
+    return {}
+  if data_config.get("tfds_data_dir", "unset") != "":
+    return {}
+  return {"data.tfds_data_dir": tfds_data_dir("")}
+
+
 def tfds_builder(name: str, data_dir: str = ""):
   """The builder of TFDS dataset `name` ('name[/config][:version]') prepared in `data_dir` ('' =
   TFDS's default), read from its dataset_info.json (no record is read); DataNotFoundError saying

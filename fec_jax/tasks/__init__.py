@@ -81,10 +81,12 @@ class Evaluator(abc.ABC):
 
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:
-    """The error of an evaluation that found no readable image."""
+    """The error of an evaluation that found no readable image (data_config: fec_jax.data's
+    config, or None)."""
+    where = "the val data" if data_config is None else data.data_location(data_config)
     return data.DataNotFoundError(
-        f"no readable val image in {data.data_location(data_config)}: nothing to evaluate (the "
-        "loader logged why each image failed)"
+        f"no readable val image in {where}: nothing to evaluate (the loader logged why each "
+        "image failed)"
     )
 
 
@@ -95,9 +97,11 @@ class BatchEvaluator(Evaluator):
       (how many it counts; padding and unreadable images have batch['mask'] False), traced and
       jitted with the variables replicated and the global batch split over the mesh;
     summarize(sums, per_class) -> the metrics of one weight set, on the host.
-  `dataset` is re-iterable (fec_jax.data.create_dataset): each evaluation reads it once, this
-  host's share, and closes its iterator. The step is compiled at the first batch (one shape for
-  all) with `compiler_options`."""
+  `dataset` is re-iterable (fec_jax.data.create_dataset, or any iterable of batches): each
+  evaluation reads it once, this host's share, and closes its iterator where it has close().
+  `data_config` names the data in the error of a split with nothing to count (fec_jax.data's
+  config; None: "the val data"). The step is compiled at the first batch (one shape for all)
+  with `compiler_options`."""
 
   def __init__(
       self,
@@ -140,7 +144,8 @@ class BatchEvaluator(Evaluator):
           totals[i] = sums if totals[i] is None else jax.tree.map(jnp.add, totals[i], sums)
         progress.update(done)
     finally:
-      batches.close()  # its worker processes end here
+      if hasattr(batches, "close"):
+        batches.close()  # a grain loader's worker processes end here
     totals = jax.device_get(totals)
     if totals[0] is None or not totals[0]["count"]:
       raise self.nothing_to_evaluate(self._data_config)
@@ -169,10 +174,12 @@ def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str,
         numbers[name] = value
         continue
       kind = getattr(value, "dtype", None)
+      real = kind is not None and jnp.issubdtype(kind, jnp.number)  # bfloat16 included
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         numbers[name] = value
-      elif kind is not None and np.ndim(value) == 0 and np.issubdtype(kind, np.number):
-        numbers[name] = np.asarray(value).item()  # a Python int or float
+      elif real and not jnp.issubdtype(kind, jnp.complexfloating) and np.ndim(value) == 0:
+        number = np.asarray(value)
+        numbers[name] = float(number) if jnp.issubdtype(kind, jnp.floating) else int(number)
       else:
         shape = f" of shape {np.shape(value)}" if kind is not None else ""
         raise TypeError(f"{where} {name!r}: {type(value).__name__}{shape}; {expected}")
@@ -252,9 +259,10 @@ class Task(abc.ABC):
     """Fine-tuning start (config.init_from): fresh `variables` ({'params', ...model state})
     with the matching leaves of `pretrained` (the variables of a checkpoint; `source` names it in
     messages) put in. Called twice: first on ShapeDtypeStructs (fec_jax.model.variable_shapes),
-    so that a misfit stops the run before anything slow, then on the initialized arrays. -> (variables, one line per deliberate change, e.g. a re-initialized head);
-    raises fec_jax.checkpoint.CheckpointError listing every other missing, unexpected or
-    mis-shaped parameter."""
+    so that a misfit stops the run before anything slow, then on the initialized arrays.
+    -> (variables, one line per deliberate change, e.g. a re-initialized head); raises
+    fec_jax.checkpoint.CheckpointError listing every other missing, unexpected or mis-shaped
+    parameter."""
 
   @abc.abstractmethod
   def describe(self, metrics: dict[str, float]) -> str:
