@@ -99,9 +99,12 @@ def _absolute_paths(data: dict) -> dict:
 
 
 def _replaced(data: dict, replace: dict[str, Any] | None) -> dict:
-  """Config data with the values of `replace` ({'section.field': value}) put in."""
-  flat = traverse_util.flatten_dict(data, sep=".")
-  return traverse_util.unflatten_dict({**flat, **(replace or {})}, sep=".")
+  """A copy of config data with the values of `replace` ({'section.field': value}) put in."""
+  data = copy.deepcopy(data)
+  for key, value in (replace or {}).items():
+    *sections, field = key.split(".")
+    functools.reduce(lambda d, section: d.setdefault(section, {}), sections, data)[field] = value
+  return data
 
 
 def write_config(workdir: str, config, replace: dict[str, Any] | None = None) -> None:
