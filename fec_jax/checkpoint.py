@@ -6,9 +6,9 @@ A checkpoint directory is an Orbax CheckpointManager root whose steps hold (at l
   params  the Flax params PyTree
   batch_stats  the BatchNorm running statistics (segmenters, fec_jax.fpn); any other variable
                collection of a model would be one item of its own too
-and, from train.py (`training_manager`, `save_training`, `restore_training`), more items that
-inference ignores:
-  ema_params      the EMA of the params (when the run keeps one)
+and, from train.py (`training_manager`, `save_training`, `restore_training`), more items:
+  ema_params      the EMA of the params (when the run keeps one; load_pretrained(ema=True))
+and, which inference ignores,
   opt_state       the optax state
   progress        {"step": int32 [], "rng": uint32 key data}
   data_iterator   the grain train iterator state, one JSON file per process
@@ -29,6 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fec_jax import cli
 from fec_jax.model import STAGE_NAME, create_model, init_from_models, is_stage, variable_shapes
 
 MODEL_ITEM = "model"
@@ -216,11 +217,12 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
   with or without EMA) can resume from; None for a new or empty workdir. Reads
   only the model item and the item names, so that a misfit stops the run before anything slow."""
   directory = os.path.abspath(workdir)
+  problem = cli.not_a_directory(directory)  # a file, or a broken link, in the way
+  if problem is not None:
+    raise CheckpointError(f"--workdir {directory}: {problem}; expected a directory")
   existing = directory  # the workdir, or the folder it will be created in
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise CheckpointError(f"--workdir {directory}: {existing} is a file; expected a directory")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise CheckpointError(f"--workdir {directory}: {existing} is not writable")
   if existing != directory:

@@ -180,8 +180,9 @@ def weight_decay_mask(params, weight_decay_on: str = "matrices") -> Any:
 
 
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW (betas 0.9/0.999, eps 1e-8) after optional global-norm clipping (timm --clip-grad,
-  mode 'norm'), weight decay on weight_decay_mask(params, config.weight_decay_on)."""
+  """AdamW (config.b1, b2, eps: officially 0.9, 0.999, 1e-8) after optional global-norm clipping
+  (timm --clip-grad, mode 'norm'), weight decay on weight_decay_mask(params,
+  config.weight_decay_on)."""
   adamw = optax.adamw(
       schedule,
       b1=config.b1,

@@ -674,6 +674,7 @@ def data_not_opened(monkeypatch):
         ("init_from_no_ema", "holds no EMA weights (a converter output"),
         ("file", "is a file; expected a directory"),
         ("under_a_file", "is a file; expected a directory"),
+        ("broken_link", "is not a directory; expected a directory"),
     ],
 )
 def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
@@ -698,6 +699,8 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
   if case in ("file", "under_a_file"):
     workdir.write_text("not a directory")
     workdir = workdir / "sub" if case == "under_a_file" else workdir
+  if case == "broken_link":  # it failed in etils' makedirs, after the state was made
+    workdir.symlink_to(tmp_path / "gone")
   with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)):
     train(config, workdir)
 

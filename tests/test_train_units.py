@@ -323,7 +323,13 @@ def test_check_config_rejects_what_cannot_run():
       ("grad_clip_norm", -1.0, "grad_clip_norm must be >= 0"),
       ("model.drop_path_rate", 1.5, r"config.model.drop_path_rate must be in \[0, 1\)"),
       ("data.std", (0.0, 0.0, 0.0), "std must be > 0"),
-      ("data.mixup_alpha", -1.0, "mixup_alpha, cutmix_alpha must be >= 0"),
+      ("data.mixup_alpha", -1.0, "config.data: mixup_alpha must be >= 0, got -1.0"),
+      ("data.reprob", 2.0, r"config.data: reprob must be in \[0, 1\], got 2.0"),
+      ("data.num_workers", -2, r"num_workers must be >= -1 \(-1: one per CPU, 0: none\), got -2"),
+      ("data.read_threads", 0, "config.data: read_threads must be >= 1, got 0"),
+      ("data.rand_augment", "rand-m", "RandAugment section 'm' of 'rand-m' needs m followed by an"),
+      ("data.rand_augment", "rand-m9-mstdx", "unknown RandAugment section 'mstdx'"),
+      ("data.rand_augment", "rand-m9-p0.5x", "needs p followed by a number"),
       ("data.root", "/data/pets", "root '/data/pets' is read by source 'folder' only, and sou"),
   ):
     bad = demo.get_config()

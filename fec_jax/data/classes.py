@@ -45,7 +45,8 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   """The names of a classifier's classes from the data config of its run (a ConfigDict, or the
   data section of a run's config.json): a folder run's class folders where they still are, a
   TFDS run's ClassLabel names where its dataset_info still is, unless these are ImageNet's wnids;
-  the demo's digits; ImageNet's names for 1000 classes. None where they are not known."""
+  the demo's digits; ImageNet's names for 1000 classes; else the wnids themselves (a subset of
+  ImageNet's classes). None where they are not known."""
   own = None
   if cfg.get("source") == "folder":
     train_dir = os.path.join(cfg.get("root") or "", split_name(cfg, "train"))

@@ -38,7 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
       applied after normalization; reprob 0 disables it.
   mean, std: normalization (ImageNet statistics, RGB, 0-1 scale).
   mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: on-device
-      Mixup/CutMix (fec_jax.data.mixup.mixup_cutmix), timm semantics, per batch.
+      Mixup/CutMix (fec_jax.data.mixup.mixup_cutmix), timm semantics, drawn per device shard
+      as the official per-GPU pipeline does (docs/official-code.md Sec. 8).
   demo_image_size: side of the upscaled demo digits (the demo's image_size should match).
   demo_val_fraction: held-out fraction of the demo data (stratified, fixed seed).
   num_workers: loader worker processes per host; 0 = in the calling process,
@@ -106,6 +107,20 @@ def is_range(value) -> bool:
   return len(value) == 2 and 0 < value[0] <= value[1]
 
 
+def loader_checks(cfg) -> list[tuple[bool, str]]:
+  """validate's checks of the loader's fields, shared with the segmentation data."""
+  return [
+      (
+          cfg.num_workers >= -1,
+          f"num_workers must be >= -1 (-1: one per CPU, 0: none), got {cfg.num_workers}",
+      ),
+      *(
+          (cfg[f] >= 1, f"{f} must be >= 1, got {cfg[f]}")
+          for f in ("prefetch_buffer_size", "read_threads")
+      ),
+  ]
+
+
 def normalization_checks(cfg) -> list[tuple[bool, str]]:
   """validate's checks of the normalization (mean, std), shared with the segmentation data."""
   return [
@@ -148,15 +163,20 @@ def validate(cfg) -> None:
           cfg.eval_interpolation in TRAIN_INTERPOLATIONS[1:],
           f"eval_interpolation must be one of {TRAIN_INTERPOLATIONS[1:]}",
       ),
-      (cfg.num_classes > 0 and cfg.image_size > 0, "num_classes, image_size must be > 0"),
-      (0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),
-      (0 <= cfg.hflip <= 1 and 0 <= cfg.reprob <= 1, "hflip, reprob must be in [0, 1]"),
-      (
-          0 <= cfg.mixup_prob <= 1 and 0 <= cfg.mixup_switch_prob <= 1,
-          "mixup_prob, mixup_switch_prob must be in [0, 1]",
+      *((cfg[f] > 0, f"{f} must be > 0, got {cfg[f]}") for f in ("num_classes", "image_size")),
+      (0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1], got {cfg.crop_pct}"),
+      *(
+          (0 <= cfg[f] <= 1, f"{f} must be in [0, 1], got {cfg[f]}")
+          for f in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob")
       ),
-      (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-      (0 < cfg.demo_val_fraction < 1, "demo_val_fraction must be in (0, 1)"),
+      (
+          0 <= cfg.label_smoothing < 1,
+          f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}",
+      ),
+      (
+          0 < cfg.demo_val_fraction < 1,
+          f"demo_val_fraction must be in (0, 1), got {cfg.demo_val_fraction}",
+      ),
       (
           is_range(cfg.scale),
           f"scale must be (low, high) with 0 < low <= high, got {cfg.scale}",
@@ -166,11 +186,8 @@ def validate(cfg) -> None:
           f"ratio must be (low, high) with 0 < low <= high, got {cfg.ratio}",
       ),
       *normalization_checks(cfg),
-      (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "mixup_alpha, cutmix_alpha must be >= 0"),
-      (
-          cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,
-          "num_workers >= -1, prefetch_buffer_size >= 1, read_threads >= 1",
-      ),
+      *((cfg[f] >= 0, f"{f} must be >= 0, got {cfg[f]}") for f in ("mixup_alpha", "cutmix_alpha")),
+      *loader_checks(cfg),
   ]
   for ok, msg in checks:
     if not ok:

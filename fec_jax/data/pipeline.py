@@ -69,7 +69,10 @@ def num_eval_batches(data_config, global_batch_size: int) -> int:
 
 
 def _num_workers(data_config) -> int:
-  return os.cpu_count() if data_config.num_workers == -1 else data_config.num_workers
+  if data_config.num_workers != -1:
+    return data_config.num_workers
+  # -1: one per CPU this process may run on (a Slurm or container limit), not per core of the host
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _local_batch(global_batch_size: int, shard_count: int) -> int:

@@ -87,23 +87,31 @@ def parse(config_str: str) -> RandAugmentSpec:
   if parts[0] != "rand":
     raise ValueError(f'only RandAugment ("rand-...") is supported, got {config_str!r}')
   kw, increasing = {}, False
+  numbers = {"mstd": float, "mmax": int, "inc": int, "m": int, "n": int, "p": float}
   for part in parts[1:]:
-    key, val = (re.split(r"(\d.*)", part) + [""])[:2]
-    if key == "mstd":
-      std = float(val)
-      kw["magnitude_std"] = float("inf") if std > 100 else std
-    elif key == "mmax":
-      kw["magnitude_max"] = float(int(val))
-    elif key == "inc":
-      increasing = bool(int(val))
-    elif key == "m":
-      kw["magnitude"] = float(int(val))
-    elif key == "n":
-      kw["num_layers"] = int(val)
-    elif key == "p":
-      kw["prob"] = float(val)
-    else:
+    key, text = (re.split(r"(\d.*)", part) + [""])[:2]
+    if key not in numbers:
       raise ValueError(f"unknown RandAugment section {part!r} in {config_str!r}")
+    try:
+      value = numbers[key](text)
+    except ValueError:
+      kind = "a number" if numbers[key] is float else "an integer"
+      raise ValueError(
+          f"RandAugment section {part!r} of {config_str!r} needs {key} followed by {kind}, e.g. "
+          "rand-m9-mstd0.5-inc1"
+      ) from None
+    if key == "mstd":
+      kw["magnitude_std"] = float("inf") if value > 100 else value
+    elif key == "mmax":
+      kw["magnitude_max"] = float(value)
+    elif key == "inc":
+      increasing = bool(value)
+    elif key == "m":
+      kw["magnitude"] = float(value)
+    elif key == "n":
+      kw["num_layers"] = value
+    else:  # "p"
+      kw["prob"] = value
   return RandAugmentSpec(ops=INCREASING_OPS if increasing else DEFAULT_OPS, **kw)
 
 

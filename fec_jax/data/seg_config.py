@@ -8,7 +8,7 @@ of their repository, on mmsegmentation 0.24. Functions of the segmentation pipel
 import ml_collections
 
 from fec_jax.data import transforms
-from fec_jax.data.config import is_range, normalization_checks
+from fec_jax.data.config import is_range, loader_checks, normalization_checks
 
 SEG_SOURCES = ("ade20k", "demo")
 DEMO_CLASS_NAMES = ("background", "disc", "square", "triangle", "cross")  # demo labels 0..4
@@ -164,13 +164,11 @@ def validate(cfg) -> None:
       (cfg.size_divisor >= 1, "size_divisor must be >= 1"),
       *normalization_checks(cfg),
       (
-          cfg.demo_image_size >= 16 and cfg.demo_num_train > 0 and cfg.demo_num_val > 0,
-          "demo_image_size >= 16, demo_num_train > 0, demo_num_val > 0",
+          cfg.demo_image_size >= 16,
+          f"demo_image_size must be >= 16, got {cfg.demo_image_size}",
       ),
-      (
-          cfg.num_workers >= -1 and cfg.prefetch_buffer_size >= 1 and cfg.read_threads >= 1,
-          "num_workers >= -1, prefetch_buffer_size >= 1, read_threads >= 1",
-      ),
+      *((cfg[f] > 0, f"{f} must be > 0, got {cfg[f]}") for f in ("demo_num_train", "demo_num_val")),
+      *loader_checks(cfg),
   ]
   if cfg.source == "demo":
     checks.append(

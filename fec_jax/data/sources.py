@@ -96,9 +96,11 @@ def _warn_empty_classes(train_dir: str) -> None:
 class FolderSource:
   """root/<split>/<class>/**/<image>: ImageNet's official layout or any class-folder dataset.
 
-  Labels index the classes of the *train* split sorted by folder name (as torchvision
-  and timm do), so a split missing a class keeps the train labels. `num_classes` must
-  equal the number of train class folders.
+  Labels index the classes of the *train* split sorted by folder name (as torchvision's
+  ImageFolder does; timm's reader, which the official training uses, sorts numbers within
+  names by value and skips folders without images: the same order on ImageNet's wnid
+  folders, not on e.g. class2 and class10), so a split missing a class keeps the train
+  labels. `num_classes` must equal the number of train class folders.
   """
 
   def __init__(self, root: str, split: str, num_classes: int, train_split: str = "train"):
@@ -323,7 +325,10 @@ class DemoSource:
 
   def __init__(self, split: str, image_size: int, val_fraction: float):
     if split not in ("train", "val"):
-      raise ValueError(f"demo splits are 'train' and 'val', got {split!r}")
+      raise ValueError(
+          f"the demo's splits are 'train' and 'val', got {split!r} (config.data.train_split, "
+          "val_split)"
+      )
     self._images, self._labels = demo_arrays(image_size, val_fraction, split)
 
   def __len__(self) -> int:
