@@ -607,15 +607,18 @@ def test_visualize_mistakes_before_the_checkpoint_load(
 
 
 def test_visualize_draws_a_segmenters_clusters(files, tmp_path, capsys):
-  """A Semantic FPN checkpoint: its backbone's clusters, the same files, and no class line."""
-  out = tmp_path / "vis"
-  args = ["--checkpoint", str(files / "fpn"), "--image", str(files / "photo.jpg")]
-  code, printed, err = outcome(
-      capsys, visualize.main, [*args, "--image-size", "64", "--out", str(out)]
-  )
+  """A Semantic FPN segmentation run: its backbone's clusters, the same files, no class line,
+  at the run's crop size by default."""
+  segmenter, out = tmp_path / "segmenter", tmp_path / "vis"
+  shutil.copytree(files / "fpn", segmenter)
+  config = demo_seg.get_config()
+  config.data.crop_size = (64, 96)
+  reporting.write_config(str(segmenter), config)
+  args = ["--checkpoint", str(segmenter), "--image", str(files / "photo.jpg"), "--out", str(out)]
+  code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (0, ""), err
   assert sorted(os.listdir(out)) == ["photo_k3.png", "photo_levels.png"]
-  assert len(printed.splitlines()) == 1 and printed.endswith(" (model input 64x64)\n"), printed
+  assert len(printed.splitlines()) == 1 and printed.endswith(" (model input 64x96)\n"), printed
 
 
 def test_visualize_out_of_device_memory_is_one_line(files, tmp_path, capsys, monkeypatch):
@@ -648,15 +651,6 @@ def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
   code, printed, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "vis")])
   assert (code, err) == (0, ""), err
   assert printed.splitlines()[-1].endswith(" (model input 64x64)")
-  segmenter = tmp_path / "segmenter"  # a segmentation run's: its crop size
-  shutil.copytree(files / "fpn", segmenter)
-  config = demo_seg.get_config()
-  config.data.crop_size = (64, 96)
-  reporting.write_config(str(segmenter), config)
-  args = ["--checkpoint", str(segmenter), "--image", str(files / "photo.jpg")]
-  code, printed, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "seg")])
-  assert (code, err) == (0, ""), err
-  assert printed.splitlines()[-1].endswith(" (model input 64x96)")
 
 
 def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys):
