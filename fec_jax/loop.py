@@ -290,7 +290,8 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   saved = reporting.read_config(workdir)
   if saved is None:
     return None
-  changes = reporting.config_changes(saved, config, data.recorded_fields(config.get("data"))) or {}
+  # data.tfds_data_dir is compared as given: a resume may change it anyway (_FREE_ON_RESUME)
+  changes = reporting.config_changes(saved, config) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
   if not changed:
     return saved

@@ -85,25 +85,20 @@ def config_data(config) -> dict | None:
 PATH_FIELDS = ("init_from", "data.root", "data.tfds_data_dir")
 
 
-def _absolute_paths(data: dict) -> dict:
-  """A copy of config data (config_data, or a read config.json) with its PATH_FIELDS absolute;
-  '' and a URL (gs://...) as they are."""
-  data = copy.deepcopy(data)
-  for key in PATH_FIELDS:
-    *sections, field = key.split(".")
-    fields = functools.reduce(lambda d, section: d.get(section) or {}, sections, data)
-    value = fields.get(field)
-    if isinstance(value, str) and value and "://" not in value:
-      fields[field] = os.path.abspath(value)
-  return data
-
-
-def _replaced(data: dict, replace: dict[str, Any] | None) -> dict:
-  """A copy of config data with the values of `replace` ({'section.field': value}) put in."""
+def _as_recorded(data: dict, replace: dict[str, Any] | None = None) -> dict:
+  """A copy of config data (config_data, or a read config.json) as config.json records it: the
+  values of `replace` ({'section.field': value}) put in, then its PATH_FIELDS absolute ('' and a
+  URL, gs://..., as they are)."""
   data = copy.deepcopy(data)
   for key, value in (replace or {}).items():
     *sections, field = key.split(".")
-    functools.reduce(lambda d, section: d.setdefault(section, {}), sections, data)[field] = value
+    functools.reduce(lambda d, s: d.setdefault(s, {}), sections, data)[field] = value
+  for key in PATH_FIELDS:
+    *sections, field = key.split(".")
+    fields = functools.reduce(lambda d, s: d.get(s) or {}, sections, data)
+    value = fields.get(field)
+    if isinstance(value, str) and value and "://" not in value:
+      fields[field] = os.path.abspath(value)
   return data
 
 
@@ -116,7 +111,7 @@ def write_config(workdir: str, config, replace: dict[str, Any] | None = None) ->
   if data is None:
     logging.warning("%s not written: the config does not go into JSON", CONFIG_FILE)
     return
-  data = _absolute_paths(_replaced(data, replace))
+  data = _as_recorded(data, replace)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   with open(path + ".tmp", "w") as f:
@@ -147,8 +142,8 @@ def config_changes(
   now = config_data(config)
   if now is None:
     return None
-  saved = traverse_util.flatten_dict(_absolute_paths(saved), sep=".")
-  now = traverse_util.flatten_dict(_absolute_paths(_replaced(now, replace)), sep=".")
+  saved = traverse_util.flatten_dict(_as_recorded(saved), sep=".")
+  now = traverse_util.flatten_dict(_as_recorded(now, replace), sep=".")
   keys = (saved.keys() | now.keys()) - (_ADDED_LATER - saved.keys())
   return {
       key: (_tuples(saved.get(key, ABSENT)), _tuples(now.get(key, ABSENT)))

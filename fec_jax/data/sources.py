@@ -194,10 +194,11 @@ def tfds_builder(name: str, data_dir: str = ""):
           f"give the folder that holds the dataset's folder, "
           f"--config.data.tfds_data_dir={os.path.dirname(os.path.dirname(root))}"
       )
-    if os.path.isdir(root) and _versions(root):
+    own_versions = _versions(root) if os.path.isdir(root) else []
+    if own_versions:
       raise DataNotFoundError(
           f"TFDS data_dir {root!r} is a dataset's own folder (it holds the version folders "
-          f"{', '.join(_versions(root))}): give its parent, "
+          f"{', '.join(own_versions)}): give its parent, "
           f"--config.data.tfds_data_dir={os.path.dirname(root)}"
       )
     if not os.path.isdir(root):
