@@ -23,7 +23,7 @@ from PIL import ExifTags, Image
 from configs import demo, demo_seg, workdir
 from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
 from fec_jax.data.transforms import decode
-from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
+from fec_jax.model import FAST_COMPILE, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -410,12 +410,19 @@ def test_quiet_drops_only_the_harmless_lines():
   assert passes == [False] * 2 + [True] * 4
 
 
+def zero_weights(directory, name: str, **overrides) -> None:
+  """A converter-style checkpoint of model `name` with zero weights (and BatchNorm statistics)."""
+  variables = jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), variable_shapes(create_model(name, **overrides))
+  )
+  checkpoint.save_params(
+      str(directory), variables["params"], name, overrides, variables.get("batch_stats")
+  )
+
+
 def test_converted_weights_are_not_called_step_0(tmp_path):
   """eval.py's line names the weights it read: a converter output has no step of a run."""
-  params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small", num_classes=3))
-  )
-  checkpoint.save_params(str(tmp_path / "c"), params, "fec_small", {"num_classes": 3})
+  zero_weights(tmp_path / "c", "fec_small", num_classes=3)
   assert checkpoint.weights_name(str(tmp_path / "c"), 0) == "converted weights"
   os.mkdir(tmp_path / "c" / "0" / checkpoint.PROGRESS_ITEM)  # as a train.py step holds it
   assert checkpoint.weights_name(str(tmp_path / "c"), 0, ema=True) == "step 0, EMA weights"
@@ -425,10 +432,7 @@ def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
   """load_pretrained: no "Given directory is read only" warning; its INFO lines are orbax's,
   which quiet() drops, in a script too (outside absl.app.run)."""
   monkeypatch.setattr(logging.getLogger("absl"), "filters", [])  # without quiet()
-  params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small", num_classes=3))
-  )
-  checkpoint.save_params(str(tmp_path / "c"), params, "fec_small", {"num_classes": 3})
+  zero_weights(tmp_path / "c", "fec_small", num_classes=3)
   caplog.clear()
   with caplog.at_level(logging.INFO):
     checkpoint.load_pretrained(tmp_path / "c")
@@ -491,16 +495,8 @@ def files(tmp_path_factory):
   """Converter-style checkpoints of fec_small and of the segmenter fpn_fec_small, a photo, a
   truncated and a non-image file."""
   root = tmp_path_factory.mktemp("vis")
-  params = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype), param_shapes(create_model("fec_small"))
-  )
-  checkpoint.save_params(str(root / "ckpt"), params, "fec_small", {"num_classes": 1000})
-  fpn = jax.tree.map(
-      lambda s: np.zeros(s.shape, s.dtype), variable_shapes(create_model("fpn_fec_small"))
-  )
-  checkpoint.save_params(
-      str(root / "fpn"), fpn["params"], "fpn_fec_small", {}, batch_stats=fpn["batch_stats"]
-  )
+  zero_weights(root / "ckpt", "fec_small", num_classes=1000)
+  zero_weights(root / "fpn", "fpn_fec_small")
   Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(root / "photo.jpg")
   (root / "truncated.jpg").write_bytes((root / "photo.jpg").read_bytes()[:300])
   (root / "notes.jpg").write_text("not an image")
