@@ -487,7 +487,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
   evaluated = False
   for step in range(start + 1, run.num_steps + 1):
     if step > start + 1:
-      batch = training.global_batch(next(run.train_iter), run.mesh)
+      batch = _next_batch(run, state, pending, step - 1)
     state, metrics = train_step(state, batch)
     if pending:  # the previous step is done before this loop goes on: a signal stops the run
       jax.block_until_ready(pending[-1])  # after this step, not after steps dispatched ahead
@@ -537,6 +537,30 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
       )
       return RunResult(step, True, record)
   return RunResult(run.num_steps, False, record)
+
+
+def _next_batch(run: _Run, state, pending: list, step: int):
+  """The global batch of the step after `step`. Where reading it fails (a file system gone, a
+  loader worker killed, an annotation that does not fit the config), `step` is saved first,
+  with its record, so that the steps since the last checkpoint are not lost; with one process
+  only, since a save is collective and the error may be this process's alone."""
+  try:
+    return training.global_batch(next(run.train_iter), run.mesh)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1 and run.mngr.latest_step() != step:
+      if pending:  # else the record of `step` is written already
+        run.writer.write(_record(run, pending, step, (step - 1) // run.steps_per_epoch))
+      run.save(state)
+      _timed(f"writing checkpoint step {step}", run.mngr.wait_until_finished)
+      logging.warning(
+          "reading the train batch of step %d failed (%s); step %d is saved in %s: run the same "
+          "command to resume there",
+          step + 1,
+          e,
+          step,
+          run.workdir,
+      )
+    raise
 
 
 def _evaluate_last_step(run: _Run, state, step: int) -> RunResult:

@@ -325,6 +325,40 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
   assert saved_steps(workdir) == [4, 6]
 
 
+@pytest.mark.parametrize("failing", [3, 4])
+def test_a_train_data_error_saves_the_steps_trained_and_the_rerun_matches(
+    reference, tmp_path, monkeypatch, failing
+):
+  """Reading step `failing`'s batch fails (an I/O error in its first image): the step before it
+  is saved with its record, unless it was just saved (step 2), and the error stands; the same
+  command then resumes there and trains as the uninterrupted run did."""
+  transform, calls = data.transforms.train_transform, []
+
+  def train_transform(*args):
+    calls.append(None)
+    if len(calls) > 8 * (failing - 1):
+      raise OSError("Input/output error")
+    return transform(*args)
+
+  monkeypatch.setattr(data.transforms, "train_transform", train_transform)
+  # The demo loader makes its batches in this process, in one thread: in order. A record at the
+  # checkpoints (steps 2, 4, 6) only.
+  config = tiny(log_every_steps=10, **{"data.read_threads": 1})
+  with pytest.raises(OSError, match="Input/output error"):
+    train(config, tmp_path)
+  saved = sorted({2, failing - 1})
+  assert saved_steps(tmp_path) == saved
+  records = reporting.read_metrics(tmp_path)
+  expected = losses(reference)  # one per step
+  assert [r["step"] for r in records] == saved
+  assert records[-1]["train_loss"] == np.mean(expected[2 if failing == 4 else 0 : failing - 1])
+  monkeypatch.setattr(data.transforms, "train_transform", transform)
+  train(config, tmp_path)
+  records = reporting.read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [*saved, 4, 6]
+  assert records[-1]["train_loss"] == np.mean(expected[4:6])
+
+
 def finetune_config(root, init_from, **overrides):
   c = finetune.get_config()
   c.data.root, c.data.num_classes, c.data.image_size = str(root), 3, 32
