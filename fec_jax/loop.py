@@ -257,7 +257,7 @@ def _init_from_fix(found: str, model: str) -> str:
 # config.json keeps those the run started with.
 _INIT_FROM = {"init_from": "", "init_from_ema": False, "init_from_step": -1}
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
-# not depend on it: fec_jax.data.pipeline), what init_from names (a resume does not read it),
+# not depend on it: fec_jax.data.loader), what init_from names (a resume does not read it),
 # how often to log, evaluate and save, how to evaluate (with the task's EVALUATION_ONLY fields),
 # and where to stop. A change to any other field would continue the checkpoints as another run
 # than theirs.
@@ -640,7 +640,7 @@ def _skip_failed_evaluation(preemption, step: int, error: Exception, then: str) 
   one process, after a signal, which stops the run after this step anyway; if so, a line says
   why and `then` what the run does. The signal stops an evaluation part-way (EvaluationStopped,
   _evaluation_stop), and it reaches the loader's worker processes too (the whole process group);
-  they start ignoring it (fec_jax.data.pipeline's launcher), but where no launcher could run, a
+  they start ignoring it (fec_jax.data.loader's launcher), but where no launcher could run, a
   worker still starting up dies of it, which fails the evaluation; every evaluation starts its
   workers afresh. Several processes evaluate together (collectives), so there the error stands."""
   if preemption.signal_name is None or jax.process_count() > 1:

@@ -317,7 +317,7 @@ if __name__ == "__main__":
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   assert "leaked" not in done.stderr, done.stderr
-  bad = r"^W\d{4} [\d:.]+ +\d+ pipeline\.py:\d+\] bad file n01440764/bad\.JPEG masked out"
+  bad = r"^W\d{4} [\d:.]+ +\d+ loader\.py:\d+\] bad file n01440764/bad\.JPEG masked out"
   assert re.search(bad, done.stderr, re.MULTILINE), done.stderr
 
 
@@ -357,7 +357,7 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypa
   cfg = _cfg(root, num_classes=2)
   val = sources.FolderSource(root, "val", 2)
   bad_keys = {"empty.JPEG", "garbage.JPEG", "truncated.JPEG"}  # and val's gone.JPEG
-  with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
     it = fd.create_loader(cfg, "val", 4, seed=0)
     batches = list(it)
   gone = f"bad file {WNIDS[0]}/gone.JPEG masked out (val): cannot be read (No such file or dire"
@@ -385,7 +385,7 @@ def test_bad_and_odd_images_are_converted_or_replaced(tmp_path, caplog, monkeypa
       "__getitem__",
       lambda self, i: reads.update([os.path.basename(self._paths[i].decode())]) or read(self, i),
   )
-  with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
     it = fd.create_loader(cfg, "train", 2, seed=0, num_epochs=2)
     got = list(it)
   assert fd.num_examples(cfg, "train") == 16 and fd.steps_per_epoch(cfg, 2) == 8

@@ -567,7 +567,7 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
       os.path.join(root, "annotations", "validation", "ADE_val_00000003.png")
   )  # a colour annotation in val
   cfg = _cfg(root)
-  with caplog.at_level(logging.WARNING, logger="fec_jax.data.pipeline"):
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
     it = fd.create_seg_loader(cfg, "val", 1, seed=0)
     val = list(it)
   assert [bool(e["mask"]) for e in val] == [False, False, False]

@@ -63,11 +63,11 @@ def test_evaluator_on_the_saved_weights_gives_the_logged_metrics(reference, capl
   metrics = evaluator(variables)
   metrics_ema = evaluator(ema)
   caplog.clear()
-  with caplog.at_level(logging.INFO, logger="fec_jax.data.pipeline"):
+  with caplog.at_level(logging.INFO, logger="fec_jax.data.loader"):
     both = evaluator.evaluate([variables, ema])
   # The params and their EMA in one pass over the val split: read once, each set's own metrics.
   assert both == [metrics, metrics_ema]
-  assert [r.getMessage() for r in caplog.records if r.name == "fec_jax.data.pipeline"] == [
+  assert [r.getMessage() for r in caplog.records if r.name == "fec_jax.data.loader"] == [
       "val: 0 bad images masked out, 0 images converted to RGB"
   ]
   last = reporting.read_metrics(reference)[-1]

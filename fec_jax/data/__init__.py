@@ -5,9 +5,7 @@ Public API, classification:
   create_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
   create_dataset(...)  -- the same as a re-iterable dataset (one pass per iter())
   num_examples(cfg, split), steps_per_epoch(cfg, global_batch_size, shard_count),
-  num_eval_batches(cfg, global_batch_size),
-  data_location(cfg)                                   -- where the records are, for messages
-                                                       -- pipeline.py
+  num_eval_batches(cfg, global_batch_size)             -- pipeline.py
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
   tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
   recorded_fields(cfg)                                 -- what config.json records otherwise
@@ -22,16 +20,18 @@ Segmentation (ADE20K, the authors' mmseg 0.24 recipe; the synthetic shapes demo)
   seg_num_eval_examples(cfg, shard_count)              -- seg_pipeline.py
   seg_device_transforms.normalize(images, valid, mean, std)  -- on device, padding -> 0
   The metric: fec_jax.miou.
+Shared by both pipelines (loader.py: train and val order, bad-file replacement, worker processes):
+  data_location(cfg)                                   -- where the records are, for messages
 Class names: classes.classification_names(cfg, num_classes), classes.segmentation_names(cfg),
   classes.imagenet_names(), classes.ade20k()              -- classes.py
 Benchmark: python -m fec_jax.data.bench
 """
 
 from fec_jax.data.config import default_config, demo_config, validate
+from fec_jax.data.loader import data_location
 from fec_jax.data.pipeline import (
     create_dataset,
     create_loader,
-    data_location,
     num_eval_batches,
     num_examples,
     steps_per_epoch,

@@ -1,54 +1,22 @@
-"""The grain input pipeline: deterministic, resumable, sharded per host, multi-process.
+"""The grain classification pipeline: deterministic, resumable, sharded per host, multi-process.
 
-Train order (like torch's DistributedSampler, which the official script uses): each
-epoch e draws a global permutation of the N records from (seed, e); host h of H takes
-positions h, h + H, h + 2H, ... and the per-host epoch is cut to a whole number of
-local batches (drop remainder). Every example's augmentation draws from its own
-generator seeded with (seed, e, global position).
+Decoding, the train and eval transforms and the batches of one host's shard of a split. The
+train and val orders, the replacement of bad files and the worker processes are
+fec_jax.data.loader's (its module doc), which the segmentation pipeline shares. Every example's
+augmentation draws from its own generator seeded with (seed, epoch, global position). Val pads
+with masked examples (mask False, image 0, label 0) to a whole number of global batches.
 
-Batches are made before the worker processes: the elements of the grain dataset are whole
-batches, grain hands batch i to worker i % W and takes them back in turn. So a batch does not
-depend on the number of hosts' worker processes or threads, nor on where a run was resumed, and
-the iterator's state is the number of batches read: a resume may use another number of
-workers.
-
-Val order: the records in source order, position p on host p % H, padded with masked
-examples (mask False, image 0, label 0) to a whole number of global batches, so every
-host runs the same number of eval steps and each real example is counted exactly once.
-
-Bad input (unreadable, truncated, corrupt files): in train, the next record in source order
-that decodes takes the bad one's place (with its own label), as in timm's ImageDataset, which
-the official script reads ImageNet with, so a batch keeps its size and an epoch its length; a
-split with no readable record is DataNotFoundError. Val keeps the slot with mask False. Odd
-modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted to RGB. Both are counted; the counts
-are logged once per epoch and kept in the iterator state (`stats()` returns them).
+Bad input (unreadable, truncated, corrupt files) is replaced in train and masked out in val
+(fec_jax.data.loader). Odd modes (grayscale, CMYK, RGBA, palette, 16-bit) are converted to RGB.
+Both are counted; the counts are logged once per epoch and kept in the iterator state (`stats()`
+returns them).
 """
 
-import atexit
-import functools
-import gc
-import logging
-import multiprocessing
-from multiprocessing import spawn as mp_spawn
-import os
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
-
 import grain
-from absl import flags
-from absl import logging as absl_logging
-from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
 from fec_jax.data import config as config_lib
-from fec_jax.data import sources, transforms
-
-log = logging.getLogger(__name__)
+from fec_jax.data import loader, sources, transforms
 
 
 def num_examples(data_config, split: str) -> int:
@@ -59,100 +27,13 @@ def num_examples(data_config, split: str) -> int:
 
 def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
   """Train batches per epoch per host: (N // shard_count) // local_batch."""
-  local_batch = _local_batch(global_batch_size, shard_count)
+  local_batch = loader.local_batch(global_batch_size, shard_count)
   return (num_examples(data_config, "train") // shard_count) // local_batch
 
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:
   """Val batches per host: ceil(N / global_batch_size); padding is masked."""
   return -(-num_examples(data_config, "val") // global_batch_size)
-
-
-def _num_workers(data_config) -> int:
-  if data_config.num_workers != -1:
-    return data_config.num_workers
-  # -1: one per CPU this process may run on (a Slurm or container limit), not per core of the host
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _local_batch(global_batch_size: int, shard_count: int) -> int:
-  if global_batch_size % shard_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by {shard_count} shards")
-  return global_batch_size // shard_count
-
-
-class _TrainOrder:
-  """Host-local train index k -> (record index, epoch, global position) (module doc)."""
-
-  def __init__(self, num_records, per_host_epoch, shard_index, shard_count, seed):
-    self._perm = grain.MapDataset.range(num_records).shuffle(seed=seed % 2**32)
-    self._n, self._per_host = num_records, per_host_epoch
-    self._shard_index, self._shard_count = shard_index, shard_count
-
-  def __call__(self, k: int):
-    epoch, j = divmod(k, self._per_host)
-    position = j * self._shard_count + self._shard_index
-    return self._perm[epoch * self._n + position], epoch, position
-
-
-class _ValOrder:
-  """Host-local val index j -> (record index or -1 for padding, 0, global position)."""
-
-  def __init__(self, num_records, shard_index, shard_count):
-    self._n, self._shard_index, self._shard_count = num_records, shard_index, shard_count
-
-  def __call__(self, j: int):
-    position = j * self._shard_count + self._shard_index
-    return (position if position < self._n else -1), 0, position
-
-
-class _Reader:
-  """Reads record `index` of a source and decodes it with `decode(record)`, which raises
-  transforms.BadImageError for a bad file; shared by the classification and segmentation
-  pipelines. train: a bad record is replaced by the next one in source order that decodes,
-  wrapping at the end (timm's ImageDataset does the same), and a split without one is
-  DataNotFoundError naming `where` and the first bad file's error. val: the caller masks a bad
-  record out. A bad file is logged when this process first reads it (two threads may both log it)
-  and not read again by it."""
-
-  def __init__(
-      self,
-      source,
-      decode,
-      train: bool,
-      where: str,
-      files: str = "image files",
-      record: str = "image",
-  ):
-    self._source, self._decode, self._train, self._where = source, decode, train, where
-    # What a record's files are and what a record is, for the error of a split with none good
-    self._files, self._record = files, record
-    self._bad = set()  # record indices that failed to decode in this process
-    self._first_bad = ""  # "key: error" of the first of them
-
-  def __call__(self, index: int):
-    """(record, decode(record), whether the record at `index` was bad); (None, None, True)
-    for a bad val record."""
-    n = len(self._source)
-    for tries in range(n if self._train else 1):
-      i = (index + tries) % n
-      if i in self._bad:  # a run of bad records costs set lookups, not file reads
-        continue
-      record = self._source[i]
-      try:
-        return record, self._decode(record), tries > 0
-      except transforms.BadImageError as e:
-        self._bad.add(i)
-        self._first_bad = self._first_bad or f"{record['key']}: {e}"
-        what = "replaced by the next readable record (train)" if self._train else "masked out (val)"
-        log.warning("bad file %s %s: %s", record["key"], what, e)
-    if self._train:
-      raise sources.DataNotFoundError(
-          f"no readable {self._record} in the {n} train records of {self._where}; expected "
-          f"{self._files} that decode (the first bad file, {self._first_bad}; the warnings above "
-          "name every one)"
-      )
-    return None, None, True
 
 
 def _decode(record) -> tuple[np.ndarray, bool]:
@@ -163,11 +44,11 @@ def _decode(record) -> tuple[np.ndarray, bool]:
 class _MakeExample:
   """(record index, epoch, position) -> {'image' uint8 [S, S, 3], 'label' int32, 'mask' bool,
   'num_bad' int32, 'num_converted' int32, train: 'erase' int32 [4]}; a bad file is replaced
-  (train) or masked out (val), see _Reader."""
+  (train) or masked out (val), see loader.Reader."""
 
   def __init__(self, source, cfg, seed: int, train: bool):
     self._cfg, self._seed, self._train = cfg, seed, train
-    self._read = _Reader(source, _decode, train, data_location(cfg))
+    self._read = loader.Reader(source, _decode, train, loader.data_location(cfg))
     self._ra = transforms.randaugment_setup(cfg) if train else (None, None)
 
   def __call__(self, item) -> dict:
@@ -196,107 +77,6 @@ class _MakeExample:
       out["image"] = transforms.eval_transform(image, self._cfg)
     out.update(label=np.int32(record["label"]), mask=True, num_converted=np.int32(converted))
     return out
-
-
-class _Loader(grain.IterDataset):
-  """The elements of `elements` (a grain MapDataset of batches, or of segmentation's val
-  examples) made in data_config.num_workers worker processes, with the bad/converted counts
-  taken out and logged once per epoch of `steps_per_epoch` elements. Each `iter()` is a fresh
-  pass with its own worker processes."""
-
-  def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
-    super().__init__()
-    self._args = (elements, data_config, steps_per_epoch, split)
-
-  def __iter__(self):
-    return _LoaderIterator(*self._args)
-
-
-class _LoaderIterator(grain.DatasetIterator):
-  """Its state is the number of elements read (and the counts): a restore opens the grain
-  pipeline at that element, with any number of workers. A state of an earlier fec-jax resumes
-  at its step too; its batches depended on the number of workers, so with more than one worker
-  the batches from there on are grouped as this version groups them."""
-
-  def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
-    super().__init__()
-    self._elements, self._cfg = elements, data_config
-    self._steps_per_epoch, self._split = steps_per_epoch, split
-    self._step, self._bad, self._converted = 0, 0, 0
-    self._epoch_start = (0, 0)
-    self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
-    self._launcher_held = False  # whether this iterator holds _hold_launcher()
-
-  def _start(self):
-    """Opens the grain pipeline from self._step on and returns its first element."""
-    workers = _num_workers(self._cfg)
-    if workers and not self._launcher_held:
-      self._launcher_held = _hold_launcher()
-    if workers:
-      _free_shared_memory_at_exit()
-    ds = self._elements[self._step :].to_iter_dataset(
-        grain.ReadOptions(
-            num_threads=self._cfg.read_threads, prefetch_buffer_size=self._cfg.read_threads
-        )
-    )
-    self._iterator = iter(_prefetch(ds, self._cfg, workers))
-    return next(self._iterator)
-
-  def __next__(self):
-    self._assert_not_closed()
-    batch = dict(self._start() if self._iterator is None else next(self._iterator))
-    _unlink_now(batch)
-    self._bad += int(np.sum(batch.pop("num_bad")))
-    self._converted += int(np.sum(batch.pop("num_converted")))
-    if self._split == "train":
-      del batch["mask"]
-    self._step += 1
-    if self._step % self._steps_per_epoch == 0:
-      bad, converted = self._bad - self._epoch_start[0], self._converted - self._epoch_start[1]
-      if self._split == "train":
-        what = f"train epoch {self._step // self._steps_per_epoch - 1}"
-      else:  # each evaluation reads the split once, with a fresh iterator
-        what = self._split
-      log.info(
-          "%s: %d bad images %s, %d images converted to RGB",
-          what,
-          bad,
-          "replaced" if self._split == "train" else "masked out",
-          converted,
-      )
-      self._epoch_start = (self._bad, self._converted)
-    return batch
-
-  def stats(self) -> dict:
-    """Bad (replaced / masked out) and converted image counts since the loader started."""
-    return {"bad": self._bad, "converted": self._converted}
-
-  def get_state(self):
-    return {
-        "step": self._step,
-        "bad": self._bad,
-        "converted": self._converted,
-        "epoch_start": list(self._epoch_start),
-    }
-
-  def set_state(self, state):
-    self._close_pipeline()
-    self._step, self._bad, self._converted = state["step"], state["bad"], state["converted"]
-    self._epoch_start = tuple(state["epoch_start"])
-
-  def _close_pipeline(self):
-    if self._iterator is not None:
-      self._iterator.close()  # its worker processes end here
-      self._iterator = None
-      if _num_workers(self._cfg):
-        _free_shared_memory()
-    if self._launcher_held:
-      _release_launcher()
-      self._launcher_held = False
-
-  def close(self):
-    self._close_pipeline()
-    super().close()
 
 
 def create_loader(*args, **kwargs):
@@ -338,182 +118,25 @@ def create_dataset(
   requires the same config, seed, batch size and shards; the number of worker processes may
   differ. Per-epoch counts of bad and converted images are logged; `it.stats()` has them.
   Call `it.close()` when done: it ends the iterator's worker processes. They ignore SIGINT and
-  SIGTERM (the caller handles them, see _init_worker) and end if the calling process does.
+  SIGTERM (the caller handles them, see loader._init_worker) and end if the calling process does.
   """
   config_lib.validate(data_config)
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  local_batch = _local_batch(global_batch_size, shard_count)
+  local_batch = loader.local_batch(global_batch_size, shard_count)
   source = sources.make_source(data_config, split)
   n = len(source)
   train = split == "train"
   if train:
-    order, steps, total = _train_order(n, local_batch, shard_index, shard_count, seed, num_epochs)
+    order, steps, total = loader.train_order(
+        n, local_batch, shard_index, shard_count, seed, num_epochs
+    )
   else:
     steps = -(-n // global_batch_size)
     total = steps * local_batch
-    order = _ValOrder(n, shard_index, shard_count)
+    order = loader.ValOrder(n, shard_index, shard_count)
   examples = grain.MapDataset.range(total).map(order)
   batches = examples.map(_MakeExample(source, data_config, seed, train)).batch(local_batch)
-  return _Loader(batches, data_config, steps, split)
-
-
-def _train_order(n: int, local_batch: int, shard_index: int, shard_count: int, seed, num_epochs):
-  """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
-  for n records: whole epochs of whole local batches, `num_epochs` of them (None: as many as an
-  index holds, endless in practice)."""
-  per_host_epoch = (n // shard_count) // local_batch * local_batch
-  if per_host_epoch == 0:
-    raise ValueError(
-        f"{n} train examples are fewer than one global batch ({local_batch * shard_count}); "
-        "lower config.global_batch_size"
-    )
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
-  epochs = num_epochs or sys.maxsize // per_host_epoch
-  order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
-  return order, per_host_epoch // local_batch, per_host_epoch * epochs
-
-
-def data_location(data_config) -> str:
-  """Where a (classification or segmentation) data config's records live, for messages."""
-  if data_config.source == "tfds":
-    return f"TFDS {data_config.tfds_name} (data_dir {data_config.tfds_data_dir or 'default'})"
-  return data_config.root or f"the {data_config.source} data"
-
-
-def _prefetch(ds, data_config, workers: int):
-  """`ds` run in `workers` worker processes (grain mp_prefetch); as is for 0 workers."""
-  if workers == 0:
-    return ds
-  _mark_flags_parsed()  # grain's worker code reads its absl flags
-  return ds.mp_prefetch(
-      grain.MultiprocessingOptions(
-          num_workers=workers, per_worker_buffer_size=data_config.prefetch_buffer_size
-      ),
-      worker_init_fn=_init_worker,
-  )
-
-
-@functools.cache
-def _free_shared_memory_at_exit() -> None:
-  atexit.register(_free_shared_memory)
-
-
-def _unlink_now(batch: dict) -> None:
-  """Unlinks the shared memory of a batch that workers handed over as soon as it arrives. Its
-  arrays stay readable (removing a name leaves the mappings valid) and unmap it when freed.
-  grain unlinks when the arrays are freed (SharedMemoryArray's unlink-on-del), and the last
-  batches of a pass are freed late: grain's prefetch threads keep them in reference cycles. A
-  garbage collection and a wait for grain's unlink queue at close and at exit did not cover
-  every case: under load, 3 of about 60 runs of two val passes still ended with one array's
-  memory never unlinked, and Python's resource_tracker warned at exit of "leaked
-  shared_memory objects" (google/grain#398 is the same warning)."""
-  for leaf in batch.values():
-    if isinstance(leaf, SharedMemoryArray) and leaf._unlink_on_del:
-      leaf.shm.unlink()
-      leaf._unlink_on_del = False  # its __del__ now only unmaps
-
-
-def _free_shared_memory() -> None:
-  """Unlinks the batches that workers put in shared memory and that were never handed out (a
-  pass closed early leaves some); also runs at exit once a loader with workers has run. They sit
-  in reference cycles (an exception's traceback holds the grain prefetch frame that holds one),
-  which only the cyclic collector frees, and grain unlinks a freed batch in a thread pool
-  (SharedMemoryArray.enable_async_del) that multiprocessing's exit handler terminates with its
-  queue unrun. A pass closed after one batch left 10 arrays to Python's resource_tracker."""
-  gc.collect()
-  pool = getattr(SharedMemoryArray, "_del_thread_pool", None)  # grain's, one thread: FIFO
-  if pool is not None:
-    pool.apply(int)  # returns when the unlinks queued before it have run
-
-
-# multiprocessing's spawn runs a launcher instead of Python while a loader with workers is open
-# (reference-counted: train and val loaders overlap). SIGINT/SIGTERM reach the whole process
-# group (Ctrl-C, `timeout`, Slurm), and a worker still starting up died of them: the evaluation
-# failed, or hung, since multiprocessing's Popen blocks writing the pickled dataset to a child
-# that is gone. The launcher sets both to ignored, which exec keeps (Python too, for SIGINT), so
-# a worker is immune from the launcher's second line on, about a millisecond after the fork;
-# _init_worker ignores them again where no launcher could be written. grain hardcodes the spawn
-# start method, so there is no other hook.
-_launcher_lock = threading.Lock()
-_launcher = {"users": 0, "saved": None, "path": None}
-
-
-def _hold_launcher() -> bool:
-  """Makes spawn start Python through the launcher (written once per process, in the temp
-  directory); False where the launcher cannot run (e.g. a temp directory mounted noexec)."""
-  with _launcher_lock:
-    if _launcher["path"] is None:
-      _launcher["path"] = _write_launcher(mp_spawn.get_executable()) or ""
-    if not _launcher["path"]:
-      return False
-    if _launcher["users"] == 0:
-      _launcher["saved"] = mp_spawn.get_executable()
-      mp_spawn.set_executable(_launcher["path"])
-    _launcher["users"] += 1
-    return True
-
-
-def _release_launcher() -> None:
-  with _launcher_lock:
-    _launcher["users"] -= 1
-    if _launcher["users"] == 0:
-      mp_spawn.set_executable(_launcher["saved"])
-
-
-def _write_launcher(python) -> str | None:
-  """The path of a /bin/sh script that runs `python` (str or bytes, as spawn keeps it) with
-  SIGINT and SIGTERM ignored, or None (with a warning) where it does not run."""
-  path = os.path.join(tempfile.mkdtemp(prefix="fec-jax-"), "python")
-  with open(path, "w") as f:
-    f.write(f"#!/bin/sh\ntrap '' INT TERM\nexec {shlex.quote(os.fsdecode(python))} \"$@\"\n")
-  os.chmod(path, 0o700)
-  atexit.register(shutil.rmtree, os.path.dirname(path), ignore_errors=True)
-  try:
-    subprocess.run([path, "-c", ""], check=True, timeout=60, capture_output=True)
-  except (OSError, subprocess.SubprocessError) as e:
-    log.warning(
-        "loader workers start without the signal launcher (%s): a SIGINT or SIGTERM to the "
-        "process group while they start can end them",
-        e,
-    )
-    return None
-  return path
-
-
-def _init_worker(worker_index: int, worker_count: int) -> None:
-  """Runs first in each worker process. SIGINT/SIGTERM (Ctrl-C, a scheduler) reach the whole
-  process group but are the main process's to handle (fec_jax.preemption finishes the step and
-  saves a checkpoint, then the loader's close() ends the workers), so workers ignore them (from
-  their start, with the launcher above); and since no signal ends them now, they end with the
-  main process if it exits without close() (a second signal's os._exit, a crash), which grain's
-  workers do not do by themselves."""
-  del worker_index, worker_count
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, signal.SIG_IGN)
-  threading.Thread(target=_exit_with_main_process, daemon=True).start()
-  _log_as_absl()
-
-
-def _log_as_absl() -> None:
-  """A worker's log lines (bad files) in the main process's format, absl's: the root logger
-  has only absl's handler (a worker's Python logging printed 'WARNING:fec_jax...'), with absl's
-  formatter instead of grain's '[worker] message'."""
-  _mark_flags_parsed()  # else absl notes "Logging before flag parsing"
-  handler = absl_logging.get_absl_handler()
-  handler.setFormatter(absl_logging.PythonFormatter())
-  logging.getLogger().handlers = [handler]
-
-
-def _mark_flags_parsed() -> None:
-  """absl's flags as parsed where no absl.app parsed them (a script, a notebook, a worker)."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def _exit_with_main_process() -> None:
-  multiprocessing.parent_process().join()  # returns when the main process has ended
-  os._exit(1)
+  return loader.Loader(batches, data_config, steps, split)

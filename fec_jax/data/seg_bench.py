@@ -52,7 +52,7 @@ def time_examples(root: str, train: bool, repeats: int = 2) -> float:
   """Examples per second for read + decode + the train or test host pipeline."""
   cfg = seg_config.ade20k_config()
   source = seg_sources.ADE20KSource(root, "training")
-  make = seg_pipeline._MakeExample(source, cfg, seed=0, train=train)
+  make = seg_pipeline.MakeExample(source, cfg, seed=0, train=train)
   count = repeats * len(source)
   start = time.perf_counter()
   for k in range(count):

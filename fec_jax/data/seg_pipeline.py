@@ -1,11 +1,12 @@
 """The grain segmentation pipeline: deterministic, resumable, sharded per host.
 
 Train order, per-example random draws, batching, bad-file handling and the per-epoch counts
-are those of the classification pipeline (fec_jax.data.pipeline, whose order, reader and
-loader this module reuses): each epoch permutes the records from (seed, epoch), host h of H
-takes global positions h, h + H, ..., every example draws from its own generator seeded with
-(seed, epoch, position), and batches are made before the worker processes, so a batch does not
-depend on the number of worker processes or threads, nor on where a run was resumed.
+are those of the classification pipeline (fec_jax.data.pipeline), whose order, reader and
+loader this module shares (fec_jax.data.loader): each epoch permutes the records from
+(seed, epoch), host h of H takes global positions h, h + H, ..., every example draws from its
+own generator seeded with (seed, epoch, position), and batches are made before the worker
+processes, so a batch does not depend on the number of worker processes or threads, nor on where
+a run was resumed.
 
 Val: one example at a time (images differ in size). Host h of H takes the records at
 positions h, h + H, ...; the last, uneven share is padded: every host yields
@@ -25,7 +26,7 @@ import functools
 import grain
 import numpy as np
 
-from fec_jax.data import pipeline, seg_sources, seg_transforms, transforms
+from fec_jax.data import loader, seg_sources, seg_transforms, transforms
 from fec_jax.data import seg_config as config_lib
 
 
@@ -37,7 +38,7 @@ def seg_num_examples(data_config, split: str) -> int:
 
 def seg_steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
   """Train batches per epoch per host: (N // shard_count) // local_batch."""
-  local_batch = pipeline._local_batch(global_batch_size, shard_count)
+  local_batch = loader.local_batch(global_batch_size, shard_count)
   return (seg_num_examples(data_config, "train") // shard_count) // local_batch
 
 
@@ -79,9 +80,9 @@ def _check_label_range(label, cfg, label_key) -> None:
     )
 
 
-class _MakeExample:
+class MakeExample:
   """(record index or -1, epoch, position) -> an example; a bad file is replaced (train) or
-  masked out (val), see pipeline._Reader.
+  masked out (val), see loader.Reader.
 
   train: {'image' uint8 [ch, cw, 3], 'label' uint8 [ch, cw], 'valid' int32 [2]};
   val: {'image' uint8 [h, w, 3], 'label' uint8 [H0, W0]}; both also 'mask' bool,
@@ -90,11 +91,11 @@ class _MakeExample:
   def __init__(self, source, cfg, seed: int, train: bool):
     self._cfg, self._seed, self._train = cfg, seed, train
     decode = functools.partial(_decode, cfg=cfg)
-    self._read = pipeline._Reader(
+    self._read = loader.Reader(
         source,
         decode,
         train,
-        pipeline.data_location(cfg),
+        loader.data_location(cfg),
         "images and annotations",
         "record (image and annotation)",
     )
@@ -169,15 +170,15 @@ def create_seg_loader(
   n = len(source)
   train = split == "train"
   if train:
-    local_batch = pipeline._local_batch(global_batch_size, shard_count)
-    order, steps, total = pipeline._train_order(
+    local_batch = loader.local_batch(global_batch_size, shard_count)
+    order, steps, total = loader.train_order(
         n, local_batch, shard_index, shard_count, seed, num_epochs
     )
   else:
     total = steps = -(-n // shard_count)
-    order = pipeline._ValOrder(n, shard_index, shard_count)
+    order = loader.ValOrder(n, shard_index, shard_count)
   elements = grain.MapDataset.range(total).map(order)
-  elements = elements.map(_MakeExample(source, data_config, seed, train))
+  elements = elements.map(MakeExample(source, data_config, seed, train))
   if train:
     elements = elements.batch(local_batch)
-  return iter(pipeline._Loader(elements, data_config, steps, split))
+  return iter(loader.Loader(elements, data_config, steps, split))
