@@ -53,6 +53,15 @@ from fec_jax.data import sources, transforms
 log = logging.getLogger(__name__)
 
 
+def check_split(split: str, shard_index: int, shard_count: int) -> None:
+  """ValueError for a split other than 'train' and 'val' or a shard_index outside
+  [0, shard_count)."""
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+
+
 def local_batch(global_batch_size: int, shard_count: int) -> int:
   """The per-host batch, global_batch_size // shard_count (ValueError if it does not divide)."""
   if global_batch_size % shard_count:
@@ -91,7 +100,14 @@ class _TrainOrder:
     return self._perm[epoch * self._n + position], epoch, position
 
 
-class ValOrder:
+def val_order(n: int, local_batch: int, shard_index: int, shard_count: int):
+  """(host-local val index -> (record or -1, 0, position), batches, examples in all) for n
+  records: one pass, padded to a whole number of global batches (local_batch * shard_count)."""
+  steps = -(-n // (local_batch * shard_count))
+  return _ValOrder(n, shard_index, shard_count), steps, steps * local_batch
+
+
+class _ValOrder:
   """Host-local val index j -> (record index or -1 for padding, 0, global position)."""
 
   def __init__(self, num_records, shard_index, shard_count):

@@ -121,10 +121,7 @@ def create_dataset(
   SIGTERM (the caller handles them, see loader._init_worker) and end if the calling process does.
   """
   config_lib.validate(data_config)
-  if split not in ("train", "val"):
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  loader.check_split(split, shard_index, shard_count)
   local_batch = loader.local_batch(global_batch_size, shard_count)
   source = sources.make_source(data_config, split)
   n = len(source)
@@ -134,9 +131,7 @@ def create_dataset(
         n, local_batch, shard_index, shard_count, seed, num_epochs
     )
   else:
-    steps = -(-n // global_batch_size)
-    total = steps * local_batch
-    order = loader.ValOrder(n, shard_index, shard_count)
+    order, steps, total = loader.val_order(n, local_batch, shard_index, shard_count)
   examples = grain.MapDataset.range(total).map(order)
   batches = examples.map(_MakeExample(source, data_config, seed, train)).batch(local_batch)
   return loader.Loader(batches, data_config, steps, split)

@@ -162,10 +162,7 @@ def create_seg_loader(
   fec_jax.data.create_loader (same config, seed, batch size and shards; any num_workers).
   """
   config_lib.validate(data_config)
-  if split not in ("train", "val"):
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  loader.check_split(split, shard_index, shard_count)
   source = seg_sources.make_seg_source(data_config, split)
   n = len(source)
   train = split == "train"
@@ -174,9 +171,8 @@ def create_seg_loader(
     order, steps, total = loader.train_order(
         n, local_batch, shard_index, shard_count, seed, num_epochs
     )
-  else:
-    total = steps = -(-n // shard_count)
-    order = loader.ValOrder(n, shard_index, shard_count)
+  else:  # single examples: a local batch of 1, not batched below
+    order, steps, total = loader.val_order(n, 1, shard_index, shard_count)
   elements = grain.MapDataset.range(total).map(order)
   elements = elements.map(MakeExample(source, data_config, seed, train))
   if train:
