@@ -132,15 +132,29 @@ def normalization_checks(cfg) -> list[tuple[bool, str]]:
   ]
 
 
-def validate(cfg) -> None:
-  """Raises ValueError for fields default_config() does not define or out-of-range values."""
-  known = set(default_config().keys())
+def check_fields(cfg, defaults) -> None:
+  """ValueError for a field of `cfg` that `defaults()`, the config function it starts from, does
+  not define (a typo) or for one it lacks; shared with the segmentation data."""
+  known = set(defaults().keys())
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
     raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(known)}")
   missing = sorted(known - set(cfg.keys()))
   if missing:
-    raise ValueError(f"config.data lacks fields {missing}; start from default_config()")
+    raise ValueError(f"config.data lacks fields {missing}; start from {defaults.__name__}()")
+
+
+def check_all(checks: list[tuple[bool, str]]) -> None:
+  """ValueError "config.data: <message>" for the first (ok, message) of `checks` that is not ok;
+  shared with the segmentation data."""
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(f"config.data: {msg}")
+
+
+def validate(cfg) -> None:
+  """Raises ValueError for fields default_config() does not define or out-of-range values."""
+  check_fields(cfg, default_config)
   checks = [
       (cfg.source in SOURCES, f"source must be one of {SOURCES}"),
       (
@@ -189,8 +203,6 @@ def validate(cfg) -> None:
       *((cfg[f] >= 0, f"{f} must be >= 0, got {cfg[f]}") for f in ("mixup_alpha", "cutmix_alpha")),
       *loader_checks(cfg),
   ]
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(f"config.data: {msg}")
+  check_all(checks)
   if cfg.rand_augment:
     randaugment.parse(cfg.rand_augment)

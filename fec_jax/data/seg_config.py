@@ -8,7 +8,13 @@ of their repository, on mmsegmentation 0.24. Functions of the segmentation pipel
 import ml_collections
 
 from fec_jax.data import transforms
-from fec_jax.data.config import is_range, loader_checks, normalization_checks
+from fec_jax.data.config import (
+    check_all,
+    check_fields,
+    is_range,
+    loader_checks,
+    normalization_checks,
+)
 
 SEG_SOURCES = ("ade20k", "demo")
 DEMO_CLASS_NAMES = ("background", "disc", "square", "triangle", "cross")  # demo labels 0..4
@@ -107,13 +113,7 @@ def demo_config() -> ml_collections.ConfigDict:
 
 def validate(cfg) -> None:
   """Raises ValueError for fields ade20k_config() does not define or out-of-range values."""
-  known = set(ade20k_config().keys())
-  unknown = sorted(set(cfg.keys()) - known)
-  if unknown:
-    raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(known)}")
-  missing = sorted(known - set(cfg.keys()))
-  if missing:
-    raise ValueError(f"config.data lacks fields {missing}; start from ade20k_config()")
+  check_fields(cfg, ade20k_config)
   names = tuple(cfg.class_names)
   checks = [
       (cfg.source in SEG_SOURCES, f"source must be one of {SEG_SOURCES}"),
@@ -178,6 +178,4 @@ def validate(cfg) -> None:
             "reduce: num_classes = 5, reduce_zero_label = False",
         )
     )
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(f"config.data: {msg}")
+  check_all(checks)
