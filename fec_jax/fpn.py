@@ -1,8 +1,8 @@
 """Semantic FPN with an FEC backbone (the paper's ADE20K segmenter), NHWC, in Flax (linen).
 
 The official segmentation models are mmsegmentation 0.24's EncoderDecoder with the `fec_*_seg`
-backbone, the FPN neck and the FPNHead decode head (docs/official-code.md Sec. 6 for the backbone's
-four maps). Module names mirror mmseg's state-dict keys so that conversion is a renaming:
+backbone, the FPN neck and the FPNHead decode head (docs/official-code.md Sec. 10; Sec. 6 for the
+backbone's four maps). Module names mirror mmseg's state-dict keys so that conversion is a renaming:
   backbone.network.0.2.token_mixer.f        flax backbone/network_0/token_mixer/f, block 2
   neck.lateral_convs.{i}.conv               flax neck/lateral_convs_{i}/conv
   neck.fpn_convs.{i}.conv                   flax neck/fpn_convs_{i}/conv

@@ -1,7 +1,7 @@
 """Semantic segmentation with the authors' ADE20K recipe (Semantic FPN on an FEC backbone,
 mmsegmentation 0.24): the mmseg train pipeline on the host (fec_jax.data), normalization on the
 device, per-pixel cross-entropy at the label's size; evaluation by mIoU / mAcc / aAcc with
-whole-image inference at each image's own size."""
+whole-image inference at each image's own size (docs/official-code.md Sec. 10)."""
 
 from __future__ import annotations
 
