@@ -54,6 +54,16 @@ def level_names(model: nn.Module) -> tuple[str, ...]:
   return ("blocks", *(f"network.{2 * s - 1}" for s in range(1, len(model.variant.depths))))
 
 
+def encoding_names(model: nn.Module) -> tuple[str, ...]:
+  """The encoding (Cluster) layers, in forward order, as `Clusters.encodings` names them:
+  ('network.0.0.token_mixer', ..., 'network.6.1.token_mixer'), stage s's blocks under network.2s."""
+  return tuple(
+      f"network.{2 * s}.{j}.token_mixer"
+      for s, depth in enumerate(model.variant.depths)
+      for j in range(depth)
+  )
+
+
 def link(pool_assignments: list[jax.Array]) -> jax.Array:
   """Eq. 8: S^l_h = Union{S^(l-1)_o | A^l_oh = 1}, as a chain of gathers.
 

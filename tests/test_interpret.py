@@ -170,8 +170,10 @@ def test_label_maps_equal_official_algorithm(small, feature):
 
 
 def test_encoding_clusters_follow_their_level(small):
-  _, _, clusters, state = small
+  model, _, clusters, state = small
   sown = cluster_assignments(state)
+  assert interpret.encoding_names(model) == tuple(clusters.encodings)  # forward order
+  assert len(clusters.encodings) == 14
   pools = [np.asarray(sown[n]) for n in ("network.1", "network.3", "network.5")]
   for b in range(2):
     levels = official_members([p[b] for p in pools])
