@@ -8,6 +8,9 @@ For each image it writes
   {stem}_levels.png   a strip: the model input, then the clusters of every level
                       (network.1, .3, .5 linked by Eq. 8), then the K-Means groups; each
                       title gives the number of clusters (groups) the panel shows
+  {stem}_encodings.png  with --encodings: a grid of the encoding (Cluster) layers' clusters over
+                      the model input, one row per layer (by default each stage's last block),
+                      one panel per head, each titled with its number of clusters
 and prints a classifier's predicted class with its probability. Images of the same name get
 _1, _2, ... after the stem (the command says which). A dense backbone (fec_*_seg, _det) or a
 Semantic FPN segmenter (fpn_*) shows its backbone's clusters, and no class.
@@ -20,6 +23,7 @@ import functools
 import io
 import math
 import os
+import re
 import sys
 import time
 
@@ -105,6 +109,18 @@ def strip(panels: list[np.ndarray], titles: list[str]) -> Image.Image:
   return canvas
 
 
+def grid(rows: list[Image.Image]) -> Image.Image:
+  """Strips (`strip`) one below the other, left-aligned; a shorter row leaves white on its right."""
+  canvas = Image.new(
+      "RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows) - 4), "white"
+  )
+  top = 0
+  for row in rows:
+    canvas.paste(row, (0, top))
+    top += row.height + 4
+  return canvas
+
+
 def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8), as the official script reads
   and resizes (cv2.imread, cv2.resize; docs/official-code.md Sec. 9): upright by the EXIF
@@ -173,9 +189,7 @@ def render(
   for k, g in groups.items():
     full = np.asarray(interpret.resize_nearest(g, size))
     Image.fromarray(overlay(original, full, alpha)).save(os.path.join(out_dir, f"{stem}_k{k}.png"))
-  zoom = max(1, 224 // min(resized.shape[:2]))  # small inputs (e.g. the 32x32 demo) drawn larger
-  shown = (resized.shape[0] * zoom, resized.shape[1] * zoom)
-  image = np.asarray(Image.fromarray(resized).resize(shown[::-1], Image.Resampling.NEAREST))
+  image, shown = zoomed(resized)
   masks = [*levels[1:], *groups.values()]
   panels = [image] + [
       overlay(image, np.asarray(interpret.resize_nearest(m, shown)), alpha) for m in masks
@@ -185,7 +199,44 @@ def render(
   strip(panels, titles).save(os.path.join(out_dir, f"{stem}_levels.png"))
 
 
-cluster_maps = jax.jit(interpret.cluster_maps, static_argnums=(0, 3))
+def zoomed(resized: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+  """(the model input as the strips draw it, its (H, W)): small inputs (e.g. the 32x32 demo)
+  enlarged by a whole factor to at least 224 pixels a side, nearest neighbour."""
+  zoom = max(1, 224 // min(resized.shape[:2]))
+  shown = (resized.shape[0] * zoom, resized.shape[1] * zoom)
+  return np.asarray(Image.fromarray(resized).resize(shown[::-1], Image.Resampling.NEAREST)), shown
+
+
+def render_encodings(
+    out_dir: str, stem: str, resized: np.ndarray, encodings: dict[str, np.ndarray], alpha: float
+) -> None:
+  """Writes {stem}_encodings.png: one row per layer of encodings {name: [heads, h, w]}, one panel
+  per head, its clusters over the model input; the first panel of a row names the layer."""
+  image, shown = zoomed(resized)
+  rows = []
+  for name, maps in encodings.items():
+    full = np.asarray(interpret.resize_nearest(maps, shown))
+    layer = name.removesuffix(".token_mixer")
+    titles = [
+        f"{layer + ' ' if e == 0 else ''}head {e}: {len(np.unique(m))}" for e, m in enumerate(maps)
+    ]
+    rows.append(strip([overlay(image, m, alpha) for m in full], titles))
+  grid(rows).save(os.path.join(out_dir, f"{stem}_encodings.png"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def cluster_maps(
+    model, variables, images, layers: tuple[str, ...] = (), heads: int | None = None
+) -> interpret.Clusters:
+  """interpret.cluster_maps with the encodings of `layers` only (official names), each its first
+  `heads` heads (None: all): XLA leaves the other layers' maps out, so that a pass holds only the
+  maps drawn. No layers: the encodings are not asked for (the program without them)."""
+  clusters = interpret.cluster_maps(model, variables, images, bool(layers))
+  return clusters._replace(encodings={n: clusters.encodings[n][:, :heads] for n in layers})
+
+
+# --encodings LAYER: a stage (network.S) or one block of it (network.S.J[.token_mixer])
+ENCODING_LAYER = re.compile(r"network\.(\d+)(?:\.(\d+)(?:\.token_mixer)?)?")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -225,6 +276,25 @@ def _parser() -> argparse.ArgumentParser:
       default=0,
       help="odd window of the paper's median filter on the K-Means masks (0 = off)",
   )
+  p.add_argument(
+      "--encodings",
+      nargs="*",
+      metavar="LAYER",
+      help="also write {stem}_encodings.png: the clusters of encoding (Cluster) layers over the "
+      "model input, one row per layer, one panel per head (up to 12 for fec_large). LAYER: "
+      "network.S.J (block J of stage S, e.g. network.4.2), network.S (every block of stage S), "
+      "last (the last block of every stage) or all (every block: 24 rows for fec_large). Without "
+      "LAYER: last, four rows for every model, each the stage's final clustering, which its "
+      "ClusterPool or the head takes",
+  )
+  p.add_argument(
+      "--heads",
+      type=int,
+      default=None,
+      metavar="N",
+      help="with --encodings: the first N heads of each layer (default: all), e.g. 1 for one "
+      "column to follow a head down the blocks with --encodings all",
+  )
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--ema", action="store_true", help="use the EMA weights of a train.py run")
@@ -236,12 +306,17 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _output_names(stems: list[str], num_clusters: list[int]) -> list[str]:
-  """The files `render` writes for these images, in order."""
+def _output_names(stems: list[str], num_clusters: list[int], encodings: bool = False) -> list[str]:
+  """The files `render` (and, with encodings, `render_encodings`) write for these images, in
+  order."""
   return [
       f"{stem}_{kind}.png"
       for stem in stems
-      for kind in [*(f"k{k}" for k in num_clusters), "levels"]
+      for kind in [
+          *(f"k{k}" for k in num_clusters),
+          "levels",
+          *(["encodings"] if encodings else []),
+      ]
   ]
 
 
@@ -284,6 +359,7 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
       ("--batch-size", [args.batch_size], 1),
       ("--median-filter", [args.median_filter], 0),
       ("--step", [] if args.step is None else [args.step], 0),
+      ("--heads", [] if args.heads is None else [args.heads], 1),
   ):
     if values and min(values) < low:
       cli.fail(f"{flag} must be at least {low}, got {min(values)}")
@@ -294,6 +370,14 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
     cli.fail(f"--median-filter must be odd (or 0 = off), got {args.median_filter}")
   if not 0 <= args.alpha <= 1:
     cli.fail(f"--alpha is an opacity between 0 and 1, got {args.alpha}")
+  if args.encodings is None and args.heads is not None:
+    cli.fail("--heads sets the columns of the --encodings picture; give --encodings too")
+  for layer in args.encodings or []:
+    if layer not in ("last", "all") and not ENCODING_LAYER.fullmatch(layer):
+      cli.fail(
+          f"--encodings takes network.S (every block of stage S), network.S.J (block J), last "
+          f"or all, got {layer!r}"
+      )
   cli.check_paths_given(
       [("--checkpoint", args.checkpoint, "a checkpoint directory")]
       + [("--image", path, "an image file") for path in args.image]
@@ -305,7 +389,9 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
     cli.fail(f"--out {args.out}: {problem}; expected a directory for the PNGs")
   existing = [
       name
-      for name in _output_names(unique_stems(args.image), args.num_clusters)
+      for name in _output_names(
+          unique_stems(args.image), args.num_clusters, args.encodings is not None
+      )
       if os.path.exists(os.path.join(args.out, name))
   ]
   if existing and not args.overwrite:
@@ -345,11 +431,50 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
     )
 
 
-def _run(model, variables, x: np.ndarray, size: tuple[int, int], batch: int):
+def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
+  """The Cluster layers that --encodings `given` names (checked by check_args; [] = last), in
+  forward order, each once, as `Clusters.encodings` names them; fail() for a layer the model
+  lacks, listing its stages."""
+  names = interpret.encoding_names(model)
+  depths = model.variant.depths
+  last = {f"network.{2 * s}.{d - 1}.token_mixer" for s, d in enumerate(depths)}
+  chosen = set()
+  for layer in given or ["last"]:
+    if layer in ("last", "all"):
+      chosen |= last if layer == "last" else set(names)
+      continue
+    match = ENCODING_LAYER.fullmatch(layer)
+    stage, block = int(match[1]), match[2]
+    prefix = f"network.{stage}." + ("" if block is None else f"{int(block)}.")
+    found = {n for n in names if n.startswith(prefix)}
+    if not found:
+      pool = block is None and stage % 2 == 1 and stage < 2 * len(depths) - 1
+      stages = ", ".join(
+          f"network.{2 * s} (block{f's 0-{d - 1}' if d > 1 else ' 0'})"
+          for s, d in enumerate(depths)
+      )
+      cli.fail(
+          f"--encodings {layer} "
+          + ("is a ClusterPool (drawn in the _levels.png strip)" if pool else "is not in the model")
+          + f"; its encoding layers are the blocks of the stages {stages}"
+      )
+    chosen |= found
+  return tuple(n for n in names if n in chosen)
+
+
+def _run(
+    model,
+    variables,
+    x: np.ndarray,
+    size: tuple[int, int],
+    batch: int,
+    layers: tuple[str, ...],
+    heads: int | None,
+):
   """cluster_maps on a batch; one error line where the device has not the memory for it."""
   try:
     # blocked here: a device runs it asynchronously, and its failure would come later
-    return jax.block_until_ready(cluster_maps(model, variables, x, False))
+    return jax.block_until_ready(cluster_maps(model, variables, x, layers, heads))
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -357,6 +482,7 @@ def _run(model, variables, x: np.ndarray, size: tuple[int, int], batch: int):
         f"the model at {size[0]}x{size[1]}, {batch} image(s) per pass, needs more memory than "
         f"the {jax.default_backend()} device has ({str(e).strip().splitlines()[0]}); give a "
         "smaller --image-size or --batch-size"
+        + (", or fewer --encodings layers or --heads" if layers else "")
     )
 
 
@@ -369,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.checkpoint, step=args.step)[0]
     cli.check_input_size(model, size, "--image-size")
     note_num_clusters(model, size, args.num_clusters)
+    layers = () if args.encodings is None else encoding_layers(model, args.encodings)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
@@ -385,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = np.stack([np.asarray(r) for _, r in loaded])  # uint8 [n, H, W, 3]
     x = np.asarray(normalize(pixels, mean, std))
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(paths), axis=0)])  # one shape per run
-    clusters = _run(model, variables, x, size, batch)
+    clusters = _run(model, variables, x, size, batch, layers, args.heads)
     os.makedirs(args.out, exist_ok=True)  # after the first forward pass: an error leaves none
     clusters = jax.tree.map(lambda a: np.asarray(a)[: len(paths)], clusters)  # drop the padding
     groups = {k: interpret.group_batch(clusters, k, args.feature) for k in args.num_clusters}
@@ -394,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
       render(
           args.out, stems[first + i], original, resized, clusters.levels[i], names, g, args.alpha
       )
+      if layers:
+        maps = {n: clusters.encodings[n][i] for n in layers}
+        render_encodings(args.out, stems[first + i], resized, maps, args.alpha)
       if is_classifier(model):
         probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
         top = int(np.argmax(probs))

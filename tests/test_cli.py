@@ -493,13 +493,15 @@ def test_summary_of_a_segmenter(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """Converter-style checkpoints of fec_small and of the segmenter fpn_fec_small, a photo, a
-  truncated and a non-image file."""
+  truncated and a non-image file, an output directory that holds photo_encodings.png."""
   root = tmp_path_factory.mktemp("vis")
   zero_weights(root / "ckpt", "fec_small", num_classes=1000)
   zero_weights(root / "fpn", "fpn_fec_small")
   Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(root / "photo.jpg")
   (root / "truncated.jpg").write_bytes((root / "photo.jpg").read_bytes()[:300])
   (root / "notes.jpg").write_text("not an image")
+  (root / "held").mkdir()
+  (root / "held" / "photo_encodings.png").write_bytes(b"mine")
   return root
 
 
@@ -573,6 +575,37 @@ VISUALIZE_MISTAKES = [
         ["--num-clusters", "3", "5", "3"],
         "--num-clusters gives 3 more than once; each K writes one picture",
     ),
+    (
+        "heads without encodings",
+        ["--heads", "2"],
+        "--heads sets the columns of the --encodings picture; give --encodings too",
+    ),
+    ("no heads", ["--encodings", "--heads", "0"], "--heads must be at least 1, got 0"),
+    (
+        "encoding layer spelt otherwise",
+        ["--encodings", "network.4", "stage4"],
+        "--encodings takes network.S (every block of stage S), network.S.J (block J), last or "
+        "all, got 'stage4'",
+    ),
+    (
+        "encoding layer the model lacks",
+        ["--encodings", "last", "network.4.5"],
+        "--encodings network.4.5 is not in the model; its encoding layers are the blocks of the "
+        "stages network.0 (blocks 0-2), network.2 (blocks 0-3), network.4 (blocks 0-4), "
+        "network.6 (blocks 0-1)\n",
+    ),
+    (
+        "pool as encoding layer",
+        ["--encodings", "network.3"],
+        "--encodings network.3 is a ClusterPool (drawn in the _levels.png strip); its encoding "
+        "layers are the blocks of the stages network.0 (blocks 0-2), ",
+    ),
+    (
+        "encodings already in the output",
+        ["--encodings", "--out", "{root}/held"],
+        "--out {root}/held already holds photo_encodings.png; pass --overwrite to replace it, or "
+        "choose another --out\n",
+    ),
 ]
 
 
@@ -604,17 +637,58 @@ def test_visualize_mistakes_before_the_checkpoint_load(
 
 def test_visualize_draws_a_segmenters_clusters(files, tmp_path, capsys):
   """A Semantic FPN segmentation run: its backbone's clusters, the same files, no class line,
-  at the run's crop size by default."""
+  at the run's crop size by default; with --encodings, the grid of the layers asked for."""
   segmenter, out = tmp_path / "segmenter", tmp_path / "vis"
   shutil.copytree(files / "fpn", segmenter)
   config = demo_seg.get_config()
   config.data.crop_size = (64, 96)
   reporting.write_config(str(segmenter), config)
   args = ["--checkpoint", str(segmenter), "--image", str(files / "photo.jpg"), "--out", str(out)]
+  args += ["--encodings", "network.4", "network.0.1", "network.4.2.token_mixer", "--heads", "6"]
   code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (0, ""), err
-  assert sorted(os.listdir(out)) == ["photo_k3.png", "photo_levels.png"]
+  assert sorted(os.listdir(out)) == ["photo_encodings.png", "photo_k3.png", "photo_levels.png"]
   assert len(printed.splitlines()) == 1 and printed.endswith(" (model input 64x96)\n"), printed
+  # a row per layer in forward order, each once: network.0.1 (4 heads), network.4.0 to .4 (8
+  # heads, the first 6 drawn); panels of the 64x96 input drawn 3x larger, 4 pixels apart, each
+  # under a 26-pixel title
+  encodings = np.asarray(Image.open(out / "photo_encodings.png"))
+  assert encodings.shape == (6 * (26 + 192) + 5 * 4, 6 * (288 + 4) - 4, 3)
+  assert panel_grid(encodings, (192, 288), 26) == [4, 6, 6, 6, 6, 6]
+
+
+def panel_grid(picture: np.ndarray, panel: tuple[int, int], title: int) -> list[int]:
+  """The panels in each row of an {stem}_encodings.png grid of `panel`-sized panels (4 pixels
+  apart, a `title`-pixel title band above each): how many of the places hold one, each row's
+  counted from its left as long as there is one."""
+  counts = []
+  for top in range(0, picture.shape[0], title + panel[0] + 4):
+    row = picture[top + title : top + title + panel[0]]
+    n = 0
+    while (n + 1) * (panel[1] + 4) - 4 <= picture.shape[1]:
+      place = row[:, n * (panel[1] + 4) : n * (panel[1] + 4) + panel[1]]
+      if (place == 255).all():  # white: no panel
+        break
+      n += 1
+    counts.append(n)
+  return counts
+
+
+def test_visualize_encoding_layers_by_default_all_and_by_name():
+  """fec_large's 24 blocks: by default the last of each stage; all; names in any order, once."""
+  model = create_model("fec_large")
+  assert visualize.encoding_layers(model, []) == visualize.encoding_layers(model, ["last"])
+  assert visualize.encoding_layers(model, []) == tuple(
+      f"network.{s}.{j}.token_mixer" for s, j in ((0, 3), (2, 3), (4, 11), (6, 3))
+  )
+  assert len(visualize.encoding_layers(model, ["all"])) == 24
+  assert visualize.encoding_layers(model, ["network.6", "network.4.10", "network.6.2", "last"]) == (
+      "network.0.3.token_mixer",
+      "network.2.3.token_mixer",
+      "network.4.10.token_mixer",
+      "network.4.11.token_mixer",
+      *(f"network.6.{j}.token_mixer" for j in range(4)),
+  )
 
 
 def test_visualize_out_of_device_memory_is_one_line(files, tmp_path, capsys, monkeypatch):
@@ -664,6 +738,7 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   out = tmp_path / "vis"
   out.mkdir()
   (out / "photo_k3.png").write_bytes(b"mine")
+  (out / "photo_encodings.png").write_bytes(b"mine")  # not written without --encodings
   args = [
       "--checkpoint",
       str(files / "ckpt"),
@@ -684,8 +759,9 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
   assert (code, err) == (0, ""), err  # nothing but the results
   assert printed.splitlines()[-1].startswith("1 image(s) in ")
-  assert sorted(os.listdir(out)) == ["photo_k3.png", "photo_levels.png"]
+  assert sorted(os.listdir(out)) == ["photo_encodings.png", "photo_k3.png", "photo_levels.png"]
   assert (out / "photo_k3.png").read_bytes() != b"mine"
+  assert (out / "photo_encodings.png").read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize(
@@ -704,6 +780,9 @@ def test_visualize_gives_every_image_its_own_files(paths, stems):
   assert visualize.unique_stems(paths) == stems
   names = visualize._output_names(stems, [2, 3])
   assert len(set(names)) == len(names) == 3 * len(paths)
+  with_encodings = visualize._output_names(stems, [2, 3], encodings=True)
+  assert len(set(with_encodings)) == len(with_encodings) == 4 * len(paths)
+  assert set(with_encodings) - set(names) == {f"{stem}_encodings.png" for stem in stems}
 
 
 def test_visualize_loads_16_bit_images_as_training_does(tmp_path):
