@@ -495,7 +495,7 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
     if clock is None:  # the rate leaves out the first step (and any compile before it)
       jax.block_until_ready(metrics)
       clock = reporting.Throughput(step, run.num_steps, run.config.global_batch_size)
-    epoch = (step - 1) // run.steps_per_epoch
+    epoch = _epoch(run, step)
     eval_now = step == run.num_steps or training.eval_due(run.config, step, run.steps_per_epoch)
     save_now = step == run.num_steps or step % run.config.checkpoint_every_steps == 0
     stop = run.preemption.stop_now(step, agree=step == run.num_steps)
@@ -542,25 +542,24 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
 def _next_batch(run: _Run, state, pending: list, step: int):
   """The global batch of the step after `step`. Where reading it fails (a file system gone, a
   loader worker killed, an annotation that does not fit the config), `step` is saved first,
-  with its record, so that the steps since the last checkpoint are not lost; with one process
-  only, since a save is collective and the error may be this process's alone."""
+  with its record, unless it was just saved. With one process only: a save is collective, and
+  the error may be this process's alone, or reach the processes at different steps (each
+  prefetches its own batches)."""
   try:
     return training.global_batch(next(run.train_iter), run.mesh)
   except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() == 1 and run.mngr.latest_step() != step:
-      if pending:  # else the record of `step` is written already
-        run.writer.write(_record(run, pending, step, (step - 1) // run.steps_per_epoch))
-      run.save(state)
-      _timed(f"writing checkpoint step {step}", run.mngr.wait_until_finished)
-      logging.warning(
-          "reading the train batch of step %d failed (%s); step %d is saved in %s: run the same "
-          "command to resume there",
-          step + 1,
-          e,
-          step,
-          run.workdir,
+      # pending is empty where the record of `step` is written already
+      record = _record(run, pending, step, _epoch(run, step)) if pending else None
+      _save_before_error(
+          run, state, step, record, f"reading the batch of step {step + 1} failed ({e})"
       )
     raise
+
+
+def _epoch(run: _Run, step: int) -> int:
+  """The epoch (from 0) that step `step` (from 1) trains in."""
+  return (step - 1) // run.steps_per_epoch
 
 
 def _evaluate_last_step(run: _Run, state, step: int) -> RunResult:
@@ -619,19 +618,30 @@ def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str,
 
 def _save_unevaluated(run: _Run, state, record: dict[str, Any], error: Exception) -> None:
   """Before an evaluation's error ends the run: the step's record (without val metrics) and its
-  checkpoint, so that the steps since the last checkpoint are not lost (e.g. a val split whose
-  every image is bad: found only when it is first read). With several processes only for
-  DataNotFoundError, which every process raises (the image count is global); another error may
-  be one process's alone, and a save is collective."""
+  checkpoint (e.g. a val split whose every image is bad: found only when it is first read). With
+  several processes only for DataNotFoundError, which every process raises (the image count is
+  global); another error may be one process's alone, and a save is collective."""
   if jax.process_count() > 1 and not isinstance(error, data.DataNotFoundError):
     return
-  run.writer.write(record)
-  run.save(state)
-  _timed(f"writing checkpoint step {record['step']}", run.mngr.wait_until_finished)
+  step = record["step"]
+  what = f"the evaluation of step {step} failed ({error}); its record has no val metrics"
+  _save_before_error(run, state, step, record, what)
+
+
+def _save_before_error(run: _Run, state, step: int, record: dict[str, Any] | None, what: str):
+  """Before an error (`what` happened) ends the run: `step`'s record (None: written already)
+  and checkpoint, so that the steps since the last checkpoint are not lost. A save that fails
+  too is logged, and the caller's error stands."""
+  try:
+    if record is not None:
+      run.writer.write(record)
+    run.save(state)
+    _timed(f"writing checkpoint step {step}", run.mngr.wait_until_finished)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("%s; saving step %d failed too: %s", what, step, e)
+    return
   logging.warning(
-      "the evaluation of step %d failed; the step is saved without it in %s",
-      record["step"],
-      run.workdir,
+      "%s; step %d is saved in %s: run the same command to resume there", what, step, run.workdir
   )
 
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -325,18 +326,17 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
   assert saved_steps(workdir) == [4, 6]
 
 
-@pytest.mark.parametrize("failing", [3, 4])
 def test_a_train_data_error_saves_the_steps_trained_and_the_rerun_matches(
-    reference, tmp_path, monkeypatch, failing
+    reference, tmp_path, monkeypatch, caplog
 ):
-  """Reading step `failing`'s batch fails (an I/O error in its first image): the step before it
-  is saved with its record, unless it was just saved (step 2), and the error stands; the same
-  command then resumes there and trains as the uninterrupted run did."""
+  """Reading step 4's batch fails (an I/O error in its first image): step 3 is saved with its
+  record, and the error stands; the same command then resumes there and trains as the
+  uninterrupted run did."""
   transform, calls = data.transforms.train_transform, []
 
   def train_transform(*args):
     calls.append(None)
-    if len(calls) > 8 * (failing - 1):
+    if len(calls) > 8 * 3:
       raise OSError("Input/output error")
     return transform(*args)
 
@@ -344,19 +344,62 @@ def test_a_train_data_error_saves_the_steps_trained_and_the_rerun_matches(
   # The demo loader makes its batches in this process, in one thread: in order. A record at the
   # checkpoints (steps 2, 4, 6) only.
   config = tiny(log_every_steps=10, **{"data.read_threads": 1})
-  with pytest.raises(OSError, match="Input/output error"):
+  with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="Input/output error"):
     train(config, tmp_path)
-  saved = sorted({2, failing - 1})
-  assert saved_steps(tmp_path) == saved
+  assert saved_steps(tmp_path) == [2, 3]
+  assert (
+      f"reading the batch of step 4 failed (Input/output error); step 3 is saved in {tmp_path}"
+      in caplog.text
+  )
   records = reporting.read_metrics(tmp_path)
   expected = losses(reference)  # one per step
-  assert [r["step"] for r in records] == saved
-  assert records[-1]["train_loss"] == np.mean(expected[2 if failing == 4 else 0 : failing - 1])
+  assert [r["step"] for r in records] == [2, 3]
+  assert records[-1]["train_loss"] == expected[2]  # the steps since the last record: step 3
   monkeypatch.setattr(data.transforms, "train_transform", transform)
   train(config, tmp_path)
   records = reporting.read_metrics(tmp_path)
-  assert [r["step"] for r in records] == [*saved, 4, 6]
+  assert [r["step"] for r in records] == [2, 3, 4, 6]
   assert records[-1]["train_loss"] == np.mean(expected[4:6])
+
+
+@pytest.mark.parametrize("case", ["recorded", "saved", "save fails"])
+def test_a_train_data_error_after_a_recorded_or_saved_step(case, caplog):
+  """loop._next_batch's other cases, on a stand-in run: step 3 already recorded (a record every
+  step) is saved without a second record; step 3 just saved is not saved again; where the save
+  fails too, an error line says so and the batch's error stands."""
+  saved, written = [], []
+
+  def save(state):
+    if case == "save fails":
+      raise OSError("No space left on device")
+    saved.append(state)
+
+  def read():
+    raise OSError("Input/output error")
+
+  run = types.SimpleNamespace(
+      train_iter=iter(read, None),
+      mesh=None,
+      mngr=types.SimpleNamespace(
+          latest_step=lambda: 3 if case == "saved" else 2, wait_until_finished=lambda: None
+      ),
+      writer=types.SimpleNamespace(write=written.append),
+      save=save,
+      workdir="w",
+  )
+  with caplog.at_level(logging.WARNING), pytest.raises(OSError, match="Input/output error"):
+    loop._next_batch(run, "state at step 3", [], 3)
+  assert written == [] and saved == (["state at step 3"] if case == "recorded" else [])
+  read_failed = "reading the batch of step 4 failed (Input/output error)"
+  assert [(r.levelname, r.getMessage()) for r in caplog.records] == {
+      "recorded": [
+          ("WARNING", f"{read_failed}; step 3 is saved in w: run the same command to resume there")
+      ],
+      "saved": [],
+      "save fails": [
+          ("ERROR", f"{read_failed}; saving step 3 failed too: No space left on device")
+      ],
+  }[case]
 
 
 def finetune_config(root, init_from, **overrides):
