@@ -284,8 +284,8 @@ def _parser() -> argparse.ArgumentParser:
       "model input, one row per layer, one panel per head (up to 12 for fec_large). LAYER: "
       "network.S.J (block J of stage S, e.g. network.4.2), network.S (every block of stage S), "
       "last (the last block of every stage) or all (every block: 24 rows for fec_large). Without "
-      "LAYER: last, four rows for every model, each the stage's final clustering, which its "
-      "ClusterPool or the head takes",
+      "LAYER: last, four rows for every model, each stage's last clustering before its "
+      "ClusterPool (or the head)",
   )
   p.add_argument(
       "--heads",
@@ -437,7 +437,8 @@ def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
   lacks, listing its stages."""
   names = interpret.encoding_names(model)
   depths = model.variant.depths
-  last = {f"network.{2 * s}.{d - 1}.token_mixer" for s, d in enumerate(depths)}
+  stage_of = lambda name: name.split(".")[1]
+  last = {n for n, after in zip(names, names[1:]) if stage_of(n) != stage_of(after)} | {names[-1]}
   chosen = set()
   for layer in given or ["last"]:
     if layer in ("last", "all"):

@@ -43,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   demo_image_size: side of the upscaled demo digits (the demo's image_size should match).
   demo_val_fraction: held-out fraction of the demo data (stratified, fixed seed).
   num_workers: loader worker processes per host; 0 = in the calling process,
-      -1 = one per CPU core.
+      -1 = one per CPU this process may run on.
   prefetch_buffer_size: batches buffered per worker process.
   read_threads: threads per worker process, each making one batch at a time (reading,
       decoding and transforming its images): a worker holds up to read_threads +

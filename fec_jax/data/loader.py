@@ -69,21 +69,21 @@ def local_batch(global_batch_size: int, shard_count: int) -> int:
   return global_batch_size // shard_count
 
 
-def train_order(n: int, local_batch: int, shard_index: int, shard_count: int, seed, num_epochs):
+def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, num_epochs):
   """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
-  for n records: whole epochs of whole local batches, `num_epochs` of them (None: as many as an
-  index holds, endless in practice)."""
-  per_host_epoch = (n // shard_count) // local_batch * local_batch
+  for n records: whole epochs of whole local batches of `batch` examples, `num_epochs` of them
+  (None: as many as an index holds, endless in practice)."""
+  per_host_epoch = (n // shard_count) // batch * batch
   if per_host_epoch == 0:
     raise ValueError(
-        f"{n} train examples are fewer than one global batch ({local_batch * shard_count}); "
+        f"{n} train examples are fewer than one global batch ({batch * shard_count}); "
         "lower config.global_batch_size"
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
   epochs = num_epochs or sys.maxsize // per_host_epoch
   order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
-  return order, per_host_epoch // local_batch, per_host_epoch * epochs
+  return order, per_host_epoch // batch, per_host_epoch * epochs
 
 
 class _TrainOrder:
@@ -100,11 +100,11 @@ class _TrainOrder:
     return self._perm[epoch * self._n + position], epoch, position
 
 
-def val_order(n: int, local_batch: int, shard_index: int, shard_count: int):
+def val_order(n: int, batch: int, shard_index: int, shard_count: int):
   """(host-local val index -> (record or -1, 0, position), batches, examples in all) for n
-  records: one pass, padded to a whole number of global batches (local_batch * shard_count)."""
-  steps = -(-n // (local_batch * shard_count))
-  return _ValOrder(n, shard_index, shard_count), steps, steps * local_batch
+  records: one pass, padded to a whole number of global batches (batch * shard_count)."""
+  steps = -(-n // (batch * shard_count))
+  return _ValOrder(n, shard_index, shard_count), steps, steps * batch
 
 
 class _ValOrder:

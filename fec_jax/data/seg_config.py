@@ -56,7 +56,7 @@ def ade20k_config() -> ml_collections.ConfigDict:
   demo_image_size, demo_num_train, demo_num_val, demo_seed: the synthetic demo's image side,
       split sizes and seed.
   num_workers: loader worker processes per host; 0 = in the calling process,
-      -1 = one per CPU core.
+      -1 = one per CPU this process may run on.
   prefetch_buffer_size: batches buffered per worker process.
   read_threads: threads per worker process, each making one batch at a time (reading,
       decoding and transforming its images): a worker holds up to read_threads +

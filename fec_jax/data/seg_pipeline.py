@@ -1,12 +1,11 @@
 """The grain segmentation pipeline: deterministic, resumable, sharded per host.
 
 Train order, per-example random draws, batching, bad-file handling and the per-epoch counts
-are those of the classification pipeline (fec_jax.data.pipeline), whose order, reader and
-loader this module shares (fec_jax.data.loader): each epoch permutes the records from
-(seed, epoch), host h of H takes global positions h, h + H, ..., every example draws from its
-own generator seeded with (seed, epoch, position), and batches are made before the worker
-processes, so a batch does not depend on the number of worker processes or threads, nor on where
-a run was resumed.
+are fec_jax.data.loader's, which the classification pipeline (fec_jax.data.pipeline) shares:
+each epoch permutes the records from (seed, epoch), host h of H takes global positions h, h + H,
+..., every example draws from its own generator seeded with (seed, epoch, position), and batches
+are made before the worker processes, so a batch does not depend on the number of worker
+processes or threads, nor on where a run was resumed.
 
 Val: one example at a time (images differ in size). Host h of H takes the records at
 positions h, h + H, ...; the last, uneven share is padded: every host yields

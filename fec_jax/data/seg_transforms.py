@@ -132,8 +132,9 @@ def photometric_distortion(
 ):
   """mmseg 0.24 PhotoMetricDistortion on uint8 RGB [H, W, 3]: brightness; mode = randint(2);
   contrast if mode == 1; saturation; hue; contrast if mode == 0. Each op applies when its
-  own randint(2) is 1 and then draws its amount; the result is clipped and truncated to
-  uint8 after each op; saturation and hue go through cv2's 8-bit HSV (H in [0, 180))."""
+  own randint(2) is 1 and then draws its amount; after brightness, contrast and saturation the
+  result is clipped and truncated to uint8, the hue wraps around; saturation and hue go through
+  cv2's 8-bit HSV (H in [0, 180))."""
   if rng.integers(2):
     image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
   mode = rng.integers(2)
