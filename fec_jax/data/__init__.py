@@ -24,7 +24,7 @@ Shared by both pipelines (loader.py: train and val order, bad-file replacement, 
   data_location(cfg)                                   -- where the records are, for messages
 Class names: classes.classification_names(cfg, num_classes), classes.segmentation_names(cfg),
   classes.imagenet_names(), classes.ade20k()              -- classes.py
-Benchmark: python -m fec_jax.data.bench
+Benchmarks: python -m fec_jax.data.bench (classification), python -m fec_jax.data.seg_bench
 """
 
 from fec_jax.data.config import default_config, demo_config, validate
