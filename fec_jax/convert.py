@@ -594,9 +594,11 @@ def to_torch(args) -> None:
   model, variables = load_pretrained(args.input, step, ema=args.ema)
   state = variables_to_torch(variables)
   if safetensors:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file(state, args.output)
+    # save, not save_file: save_file makes the file readable by its owner only (mode 0600)
+    with open(args.output, "wb") as f:
+      f.write(save(state))
   else:
     # np.require: params restored by Orbax are read-only, which torch.from_numpy warns about
     torch.save(

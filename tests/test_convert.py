@@ -451,10 +451,13 @@ def test_to_torch_writes_safetensors_for_a_safetensors_name(
     tmp_path, small_state, orbax_small, capsys
 ):
   """--to-torch --output X.safetensors writes safetensors (no pickle under its name): the
-  converter and safetensors read it back bit for bit, and it loads strict=True."""
-  out = tmp_path / "back.safetensors"
+  converter and safetensors read it back bit for bit, and it loads strict=True. Its mode is a
+  .pth's (the umask's; safetensors' save_file makes it the owner's only)."""
+  out, pth = tmp_path / "back.safetensors", tmp_path / "back.pth"
   code, stdout, err = convert_cli(capsys, "--input", orbax_small, "--output", out, "--to-torch")
   assert (code, err) == (0, "") and stdout.endswith(f"to {out}\n")
+  assert convert_cli(capsys, "--input", orbax_small, "--output", pth, "--to-torch")[0] == 0
+  assert os.stat(out).st_mode == os.stat(pth).st_mode
   restored = load_file(out)
   assert set(restored) == set(small_state)
   for k, v in small_state.items():
