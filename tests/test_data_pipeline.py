@@ -206,6 +206,20 @@ def test_worker_processes_ignore_sigint_and_sigterm(folder):
   assert not any(w.is_alive() for w in workers)
 
 
+def test_a_pass_starts_no_more_workers_than_it_has_batches(folder):
+  """With num_workers=3, a val pass of one batch (9 images at 9) is made in this process, one of
+  two batches (at 8) in two workers: a worker takes seconds to start."""
+  for batch, workers in ((9, 0), (8, 2)):
+    before = set(multiprocessing.active_children())
+    it = fd.create_loader(_cfg(folder, num_workers=3), "val", batch, seed=0)
+    try:
+      next(it)
+      assert len([p for p in multiprocessing.active_children() if p not in before]) == workers
+      assert len(list(it)) == -(-9 // batch) - 1  # the rest of the pass
+    finally:
+      it.close()
+
+
 def test_a_signal_while_the_workers_start_kills_none(folder):
   """SIGTERM or Ctrl-C reach the whole process group, also while an evaluation starts its
   workers. A worker that died of it failed the evaluation, or hung it (multiprocessing blocks

@@ -195,10 +195,15 @@ class _LoaderIterator(grain.DatasetIterator):
     self._epoch_start = (0, 0)
     self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
     self._launcher_held = False  # whether this iterator holds _hold_launcher()
+    self._workers = 0  # the worker processes of self._iterator
 
   def _start(self):
-    """Opens the grain pipeline from self._step on and returns its first element."""
-    workers = _num_workers(self._cfg)
+    """Opens the grain pipeline from self._step on and returns its first element. No more
+    workers than elements left, and none for one: a worker is a Python process that starts in
+    seconds, and gains only where some elements are made while others are used (a small val
+    split of one batch: eval.py on 43 images took 22 s with 2 workers, 13 s without)."""
+    left = len(self._elements) - self._step
+    self._workers = workers = min(_num_workers(self._cfg), left) if left > 1 else 0
     if workers and not self._launcher_held:
       self._launcher_held = _hold_launcher()
     if workers:
@@ -257,7 +262,7 @@ class _LoaderIterator(grain.DatasetIterator):
     if self._iterator is not None:
       self._iterator.close()  # its worker processes end here
       self._iterator = None
-      if _num_workers(self._cfg):
+      if self._workers:
         _free_shared_memory()
     if self._launcher_held:
       _release_launcher()
