@@ -811,8 +811,8 @@ def test_bad_input_fails_before_compiling(case, tmp_path):
     config.task = "detection"
   error = ValueError if case in ("image_size", "task", "num_classes") else data.DataNotFoundError
   expected = {
-      "missing": "expected the ImageNet folder layout",
-      "empty": "expected the ImageNet folder layout",
+      "missing": "expected a folder per class in <root>/train and <root>/val",
+      "empty": "expected a folder per class in <root>/train and <root>/val",
       "num_classes": "num_classes is 1000",
       "image_size": "multiple of 32",
       "task": "not a task",

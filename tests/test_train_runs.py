@@ -255,7 +255,7 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
         ),
         (
             ["--config.data.root=/nonexistent", "--config.data.source=folder"],
-            "expected the ImageNet folder layout",
+            "expected a folder per class in <root>/train and <root>/val",
         ),
         (["--workdir="], "error: --workdir is empty; expected the path of the run's directory"),
         (

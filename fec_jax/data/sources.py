@@ -20,11 +20,11 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 log = logging.getLogger(__name__)
 
 FOLDER_LAYOUT_HELP = (
-    "expected the ImageNet folder layout of the official README: <root>/train/<class>/*.JPEG "
-    "and <root>/val/<class>/*.JPEG (one folder per class, e.g. the WordNet ids n01440764 ...; "
-    "classes are sorted by folder name). For ImageNet, extract ILSVRC2012_img_train.tar "
-    "(and its per-class tars) into train/, and sort the validation images into val/<wnid>/ "
-    "(e.g. with the widely used valprep.sh script)."
+    "expected a folder per class in <root>/train and <root>/val: <root>/train/<class>/*.jpg and "
+    "<root>/val/<class>/*.jpg (classes sorted by folder name; config.data.root is <root>), "
+    "ImageNet's layout in the official README (class folders n01440764 ...: extract "
+    "ILSVRC2012_img_train.tar and its per-class tars into train/, and sort the validation images "
+    "into val/<wnid>/, e.g. with the widely used valprep.sh script)"
 )
 
 IMAGENET_TFDS_HELP = (
