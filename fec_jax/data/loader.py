@@ -169,9 +169,9 @@ class Reader:
 
 class Loader(grain.IterDataset):
   """The elements of `elements` (a grain MapDataset of batches, or of segmentation's val
-  examples) made in data_config.num_workers worker processes, with the bad/converted counts
-  taken out and logged once per epoch of `steps_per_epoch` elements. Each `iter()` is a fresh
-  pass with its own worker processes."""
+  examples) made in data_config.num_workers worker processes (fewer for a pass of fewer
+  elements), with the bad/converted counts taken out and logged once per epoch of
+  `steps_per_epoch` elements. Each `iter()` is a fresh pass with its own worker processes."""
 
   def __init__(self, elements, data_config, steps_per_epoch: int, split: str):
     super().__init__()
