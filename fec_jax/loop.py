@@ -628,7 +628,9 @@ def _save_unevaluated(run: _Run, state, record: dict[str, Any], error: Exception
   _save_before_error(run, state, step, record, what)
 
 
-def _save_before_error(run: _Run, state, step: int, record: dict[str, Any] | None, what: str):
+def _save_before_error(
+    run: _Run, state, step: int, record: dict[str, Any] | None, what: str
+) -> None:
   """Before an error (`what` happened) ends the run: `step`'s record (None: written already)
   and checkpoint, so that the steps since the last checkpoint are not lost. A save that fails
   too is logged, and the caller's error stands."""
