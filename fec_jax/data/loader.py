@@ -69,11 +69,17 @@ def local_batch(global_batch_size: int, shard_count: int) -> int:
   return global_batch_size // shard_count
 
 
+def epoch_steps(n: int, batch: int, shard_count: int) -> int:
+  """Train batches per epoch per host for n records: (n // shard_count) // batch, the rest of
+  each host's share dropped."""
+  return (n // shard_count) // batch
+
+
 def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, num_epochs):
   """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
   for n records: whole epochs of whole local batches of `batch` examples, `num_epochs` of them
   (None: as many as an index holds, endless in practice)."""
-  per_host_epoch = (n // shard_count) // batch * batch
+  per_host_epoch = epoch_steps(n, batch, shard_count) * batch
   if per_host_epoch == 0:
     raise ValueError(
         f"{n} train examples are fewer than one global batch ({batch * shard_count}); "

@@ -28,7 +28,7 @@ def num_examples(data_config, split: str) -> int:
 def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
   """Train batches per epoch per host: (N // shard_count) // local_batch."""
   local_batch = loader.local_batch(global_batch_size, shard_count)
-  return (num_examples(data_config, "train") // shard_count) // local_batch
+  return loader.epoch_steps(num_examples(data_config, "train"), local_batch, shard_count)
 
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:

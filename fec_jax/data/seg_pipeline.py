@@ -38,7 +38,7 @@ def seg_num_examples(data_config, split: str) -> int:
 def seg_steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -> int:
   """Train batches per epoch per host: (N // shard_count) // local_batch."""
   local_batch = loader.local_batch(global_batch_size, shard_count)
-  return (seg_num_examples(data_config, "train") // shard_count) // local_batch
+  return loader.epoch_steps(seg_num_examples(data_config, "train"), local_batch, shard_count)
 
 
 def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
