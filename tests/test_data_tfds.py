@@ -121,19 +121,21 @@ def test_a_data_dir_without_the_dataset_says_how_to_build_it(tmp_path, monkeypat
 PETS = ("cat", "dog", "frog", "ship")
 
 
-def _build(data_dir, class_name, features, num_examples=(8, 4)):
+def _build(data_dir, class_name, features, num_examples=(8, 4), label=lambda split, i: i % 4):
   """Builds TFDS dataset `class_name` (snake-cased) in data_dir as a user would, without
   TensorFlow: a GeneratorBasedBuilder (not registered, so it is read back from its files alone,
   as in a run that does not import it) yielding pre-encoded JPEG bytes, array_record. `features`:
-  {name: 'image' | a tfds feature}; 'image' features get the JPEG, the others i % 4. Splits
-  'train' and 'test' of num_examples records."""
+  {name: 'image' | a tfds feature}; 'image' features get the JPEG, the others label(split, i).
+  Splits 'train' and 'test' of num_examples records."""
 
-  def generate_examples(self, n):
+  def generate_examples(self, split, n):
     for i in range(n):
       img = Image.fromarray(np.full((16, 24, 3), 60 * (i % 4), np.uint8))
       buf = io.BytesIO()
       img.save(buf, "JPEG")
-      yield f"{i}", {k: buf.getvalue() if v == "image" else i % 4 for k, v in features.items()}
+      yield f"{i}", {
+          k: buf.getvalue() if v == "image" else label(split, i) for k, v in features.items()
+      }
 
   def info(self):
     return tfds.core.DatasetInfo(
@@ -144,7 +146,7 @@ def _build(data_dir, class_name, features, num_examples=(8, 4)):
     )
 
   def split_generators(self, dl_manager):
-    return {s: self._generate_examples(n) for s, n in zip(("train", "test"), num_examples)}
+    return {s: self._generate_examples(s, n) for s, n in zip(("train", "test"), num_examples)}
 
   namespace = {
       "VERSION": tfds.core.Version("1.0.0"),
@@ -228,6 +230,32 @@ def _error(cfg, split="train") -> str:
     sources.make_source(cfg, split)
   assert "\n" not in str(e.value)
   return str(e.value)
+
+
+def test_records_without_a_label_are_an_error(tmp_path):
+  """ClassLabel's -1 ("no label", every record of imagenet2012's 'test' split) trained and
+  evaluated silently as a class of none (one-hot zeros, 0% accuracy): an unlabelled split is an
+  error when its source is made (before train.py compiles a step); an unlabelled record in a labelled
+  split when it is read. One line each, naming the split and the record."""
+  _build(
+      tmp_path,
+      "Unlabelled",
+      {"image": "image", "label": tfds.features.ClassLabel(names=PETS)},
+      label=lambda split, i: -1 if split == "test" or i == 5 else i % 4,
+  )
+  cfg = _cfg(str(tmp_path), tfds_name="unlabelled", num_classes=len(PETS), val_split="test")
+  message = _error(cfg, "val")
+  assert message.startswith(f"record 0 of split 'test' of TFDS unlabelled ({tmp_path}/unlabelled")
+  assert "has no label (-1); fec-jax trains and evaluates on labelled records" in message
+  train, labels, errors = sources.make_source(cfg, "train"), [], []
+  for i in range(8):  # TFDS stores the records in an order of its own
+    try:
+      labels.append(train[i]["label"])
+    except fd.DataNotFoundError as e:
+      errors.append(str(e))
+  assert sorted(labels) == [0, 0, 1, 2, 2, 3, 3]  # the 8 records but the one labelled -1
+  assert len(errors) == 1 and errors[0].startswith("record ")
+  assert " of split 'train' of TFDS unlabelled (" in errors[0] and "has no label (-1)" in errors[0]
 
 
 def test_a_name_not_in_the_data_dir_lists_the_datasets_there(custom_dir):

@@ -281,6 +281,8 @@ class TfdsSource:
         decoders={"image": tfds.decode.SkipDecoding()},
         file_format=tfds.core.file_adapters.FileFormat.ARRAY_RECORD,
     )
+    self._split = f"split {split!r} of TFDS {name} ({where})"
+    self[0]  # an unlabelled split (all -1) is an error here, before a train step is compiled
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -288,11 +290,15 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict:
     rec = self._ds[index]
     key = rec.get("file_name", str(index))
-    return {
-        "encoded": rec["image"],
-        "label": int(rec["label"]),
-        "key": key.decode() if isinstance(key, bytes) else str(key),
-    }
+    key = key.decode() if isinstance(key, bytes) else str(key)
+    label = int(rec["label"])
+    if label < 0:  # ClassLabel's "no label", e.g. each record of imagenet2012's 'test' split
+      raise DataNotFoundError(
+          f"record {key} of {self._split} has no label (-1); fec-jax trains and evaluates on "
+          "labelled records: set config.data.train_split / config.data.val_split to a labelled "
+          "split (imagenet2012's 'test' split has none; its 'validation' split has labels)"
+      )
+    return {"encoded": rec["image"], "label": label, "key": key}
 
 
 @functools.lru_cache(maxsize=4)
