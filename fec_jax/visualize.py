@@ -60,10 +60,15 @@ GROUP_COLORS = np.array(
 
 
 def palette(n: int) -> np.ndarray:
-  """[n, 3] uint8: distinct colors for up to 12 groups, then fixed random ones."""
+  """[n, 3] uint8: GROUP_COLORS for up to 12 groups; beyond, hues a golden angle apart (each next
+  color far from the last ones) at alternating saturation and brightness, as vivid as the 12
+  (fixed random RGB drew many greyish, alike colors for an encoding head's dozens of clusters)."""
   if n <= len(GROUP_COLORS):
     return GROUP_COLORS[:n]
-  return np.random.default_rng(0).integers(40, 256, (n, 3), dtype=np.uint8)
+  i = np.arange(n - len(GROUP_COLORS))
+  hsv = np.stack([(i * 0.381966) % 1.0, 0.95 - 0.3 * (i % 2), 0.95 - 0.25 * (i // 2 % 2)], -1)
+  rgb = np.asarray(Image.fromarray(np.uint8((hsv[None] * 255).round()), "HSV").convert("RGB"))[0]
+  return np.concatenate([GROUP_COLORS, rgb])
 
 
 def boundaries(labels: np.ndarray) -> np.ndarray:
@@ -292,8 +297,9 @@ def _parser() -> argparse.ArgumentParser:
       type=int,
       default=None,
       metavar="N",
-      help="with --encodings: the first N heads of each layer (default: all), e.g. 1 for one "
-      "column to follow a head down the blocks with --encodings all",
+      help="with --encodings: the first N heads of each layer (default: all; a layer of fewer "
+      "heads has each drawn), e.g. 1 for one column to follow a head down the blocks with "
+      "--encodings all",
   )
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -463,6 +469,17 @@ def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
   return tuple(n for n in names if n in chosen)
 
 
+def note_heads(model, layers: tuple[str, ...], heads: int | None) -> None:
+  """A note on stderr where --heads asks for more heads than any layer drawn has: the picture
+  has fewer columns than asked."""
+  most = max((model.variant.heads[int(n.split(".")[1]) // 2] for n in layers), default=0)
+  if heads is not None and heads > most:
+    print(
+        f"note: --heads {heads}: the layers drawn have at most {most} heads; each is drawn",
+        file=sys.stderr,
+    )
+
+
 def _run(
     model,
     variables,
@@ -497,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.check_input_size(model, size, "--image-size")
     note_num_clusters(model, size, args.num_clusters)
     layers = () if args.encodings is None else encoding_layers(model, args.encodings)
+    note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
   classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)

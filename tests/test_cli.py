@@ -691,6 +691,22 @@ def test_visualize_encoding_layers_by_default_all_and_by_name():
   )
 
 
+def test_visualize_notes_more_heads_than_the_layers_have(capsys):
+  """fec_large has 6 heads in stages 0-1, 12 in 2-3: --heads above the most of the layers drawn
+  is a note (the picture has fewer columns than asked); up to it, a layer of fewer has each."""
+  model = create_model("fec_large")
+  for layers, heads, note in (
+      (("network.0.3.token_mixer", "network.2.3.token_mixer"), 7, 6),
+      (("network.0.3.token_mixer", "network.4.11.token_mixer"), 7, None),
+      (visualize.encoding_layers(model, ["all"]), 13, 12),
+      (("network.6.0.token_mixer",), None, None),
+  ):
+    visualize.note_heads(model, layers, heads)
+    err = capsys.readouterr().err
+    expected = f"note: --heads {heads}: the layers drawn have at most {note} heads; each is drawn\n"
+    assert err == ("" if note is None else expected)
+
+
 def test_visualize_out_of_device_memory_is_one_line(files, tmp_path, capsys, monkeypatch):
   def exhausted(*args):
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 688 bytes.")
@@ -831,6 +847,17 @@ def test_visualize_median_filter_keeps_more_than_256_groups():
   np.testing.assert_array_equal(filtered, np.median(window.reshape(60, 80, 9), axis=-1))
   assert len(np.unique(filtered)) == 300  # every block's inner 2x2 keeps its own id
   assert visualize.median_filter(labels, 0) is labels
+
+
+def test_visualize_palette_is_distinct_and_vivid_beyond_twelve():
+  """An encoding head has dozens of clusters: past the 12 fixed colors, each of 160 differs and
+  none is greyish (max - min channel >= 100; the fixed random RGB it replaces went down to 25)."""
+  colors = visualize.palette(160)
+  assert colors.dtype == np.uint8 and colors.shape == (160, 3)
+  np.testing.assert_array_equal(colors[:12], visualize.GROUP_COLORS)
+  assert len({tuple(c) for c in colors}) == 160
+  chroma = colors[12:].max(-1).astype(int) - colors[12:].min(-1)
+  assert chroma.min() >= 100
 
 
 # --- visualize_seg.py ------------------------------------------------------------------------
