@@ -18,9 +18,11 @@ from fec_jax.model import count_params, create_model, list_models, variable_shap
 PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": (28.3, 6.5)}  # M, G
 
 
-def macs_per_image(name: str, height: int = 224, width: int = 224) -> float:
+def macs_per_image(name: str, height: int = 224, width: int = 224, variables=None) -> float:
+  """`variables`: the model's variable_shapes (None: made here; every collection, fpn_* have
+  batch_stats too)."""
   model = create_model(name, unroll_stages=True)  # cost analysis counts a loop body once
-  variables = variable_shapes(create_model(name))  # every collection: fpn_* have batch_stats too
+  variables = variables or variable_shapes(create_model(name))
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   cost = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -49,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     cli.check_input_size(create_model(name), (height, width), "--size")
   print(f"{'model':<16}{'params':>14}{'= M (2^20)':>12}{'GMACs':>9}  paper: params M, GFLOPs")
   for name in args.models or PAPER_TABLE_1:
-    params = count_params(variable_shapes(create_model(name))["params"])
-    macs = macs_per_image(name, height, width)
+    variables = variable_shapes(create_model(name))
+    params = count_params(variables["params"])
+    macs = macs_per_image(name, height, width, variables)
     paper = PAPER_TABLE_1.get(name)
     paper = f"{paper[0]:.1f}, {paper[1]:.1f}" if paper and (height, width) == (224, 224) else "-"
     print(f"{name:<16}{params:>14,}{params / 2**20:>12.2f}{macs / 1e9:>9.2f}  {paper}")
