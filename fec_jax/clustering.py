@@ -6,10 +6,10 @@ aggregated into *representatives* (Eq. 6), and the encoding layer *dispatches* e
 back to the points of its cluster (Eq. 7). Where the released code differs from the paper, these
 functions follow the code (docs/official-code.md).
 
-Shapes: G is a flat group axis (batch x heads x fold regions), N = h*w points, M centers,
-D channels. The paper writes O for the number of centers and M for the similarity matrix
-(Eq. 5, [N, O]); here that matrix, transposed, is `similarity` [G, M, N], and the paper's K and V
-are the layers' `feat` and `value` (fec_jax.model), the points and values here.
+Shapes: G is a flat group axis (batch x heads x fold regions; ClusterPool has no heads), N = h*w
+points, M centers, D channels. The paper writes O for the number of centers and M for the
+similarity matrix (Eq. 5, [N, O]); here that matrix, transposed, is `similarity` [G, M, N], and the
+paper's K and V are the layers' `feat` and `value` (fec_jax.model), the points and values here.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ _KERNELS = {"segment_sum": _segment_sum_kernels, "onehot": _onehot_kernels}
 
 
 def _run_kernel(aggregation: Aggregation, op: str, m: int, *args):
-  """The one dispatch point for the backend-specific aggregation kernels.
+  """Runs `op` ("sums" or "dispatch") of the aggregation kernels that `aggregation` names: the
+  one place where the backend-specific kernels are chosen.
 
   "auto" stages out `lax.platform_dependent`, so it is resolved when the program is lowered, for
   the platform it is lowered for (also for a TPU program compiled on a CPU-only machine):
