@@ -118,7 +118,11 @@ class Mlp(nn.Module):
 
 class Cluster(nn.Module):
   """Clustering-based feature encoding, the token mixer of a ClusterBlock
-  (docs/official-code.md Sec. 3)."""
+  (docs/official-code.md Sec. 3).
+
+  Shapes below: E heads of D = head_dim channels, r = fold; G = B*E*r*r groups (fec_jax.clustering),
+  each of N = hr*wr points (an H/r x W/r region; h x w in the comments) and M = ch*cw centers.
+  """
 
   heads: int
   head_dim: int
@@ -167,7 +171,8 @@ class Cluster(nn.Module):
     labels = self._from_groups(labels.reshape(g, hr, wr, 1))  # [B, H, W, E]
     self.sow("intermediates", "assignment", labels.transpose(0, 3, 1, 2))
     out = self._from_groups(out.reshape(g, hr, wr, -1).astype(self.dtype))  # [B, H, W, E*D]
-    return conv1x1(dim, width, "proj", self.dtype)(out)  # [B, H, W, C], Sec. 3, Cluster 7
+    # [B, H, W, C]: docs/official-code.md Sec. 3, Cluster 7
+    return conv1x1(dim, width, "proj", self.dtype)(out)
 
   def _to_groups(self, t):
     """[B, H, W, E*D] -> [B*E*r*r, H/r, W/r, D]: heads by channel groups, then fold regions."""
@@ -186,7 +191,7 @@ class Cluster(nn.Module):
 
 
 class ClusterPool(nn.Module):
-  """Clustering-based feature pooling between stages: C_in x H x W -> C_out x H/2 x W/2.
+  """Clustering-based feature pooling between stages: [B, H, W, C_in] -> [B, H/2, W/2, C_out].
 
   Centers are the 2x2 average of `conv_f` features (Eq. 4); each point joins its most similar
   center (Eq. 5's cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the
@@ -227,10 +232,11 @@ class ClusterPool(nn.Module):
     value = clustering.fold(conv1x1(self.dim_out, dim, "conv_v", self.dtype)(x), r)
     feat = clustering.fold(conv1x1(self.dim_out, dim, "conv_f", self.dtype)(x), r)
     value = value.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D], G = B*r*r
-    feat = feat.reshape(-1, hr, wr, self.dim_out)
+    feat = feat.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D]
     g, m = feat.shape[0], (hr // 2) * (wr // 2)
 
-    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)  # Eq. 4
+    # Eq. 4, [G, M, D]: the 2x2 means, M = hr/2 * wr/2
+    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)
     value_centers = clustering.adaptive_avg_pool(value, (hr // 2, wr // 2)).reshape(g, m, -1)
     cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # Eq. 5 [G,M,N]
     assignment = clustering.assign(cosine)  # [G, N]
@@ -247,7 +253,7 @@ class ClusterPool(nn.Module):
     self.sow(
         "intermediates",
         "centers",
-        clustering.unfold(centers.reshape(b, r, r, hr // 2, wr // 2, -1)),
+        clustering.unfold(centers.reshape(b, r, r, hr // 2, wr // 2, -1)),  # [B, H/2, W/2, D]
     )
     reps = clustering.unfold(reps.reshape(b, r, r, hr // 2, wr // 2, -1)).astype(self.dtype)
     self.sow("intermediates", "representatives", reps)  # Eq. 6, [B, H/2, W/2, D], before norm2
@@ -258,7 +264,9 @@ class ClusterPool(nn.Module):
     """Region-local center index [G, N] -> row-major index into the stitched output map,
     [B, H, W]."""
     r, (oh, ow) = self.fold, (hr // 2, wr // 2)
-    i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)  # region-local row, col
+    # each point's center: its row and col within the region, [B, r, r, hr, wr] each, then
+    # shifted by the region's offset into the stitched [r*oh, r*ow] map
+    i, j = jnp.divmod(assignment.reshape(b, r, r, hr, wr), ow)
     i = i + oh * jnp.arange(r, dtype=jnp.int32).reshape(1, r, 1, 1, 1)
     j = j + ow * jnp.arange(r, dtype=jnp.int32).reshape(1, 1, r, 1, 1)
     return clustering.unfold(i * (r * ow) + j)
@@ -443,7 +451,8 @@ class FEC(nn.Module):
         features.append(clustering.at_least_f32(group_norm(f"norm{2 * s}", self.dtype)(x)))
     if v.dense_outputs:
       return features
-    # Sec. 3, Head: the mean over H, W of GroupNorm(x), then the linear head; [B, num_classes]
+    # docs/official-code.md Sec. 3, Head: the mean over H, W of GroupNorm(x), then the linear
+    # head; [B, num_classes]
     x = clustering.at_least_f32(group_norm("norm", self.dtype)(x)).mean(axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=linear_kernel_init, name="head")(x)
 
