@@ -38,8 +38,8 @@ class Clusters(NamedTuple):
   levels: [B, L+1, H, W] int32, level 0 = the 4x4-pixel blocks, level l = pool l's clusters (Eq. 8)
   centers: [B, h, w, D] the last pool's centers in similarity space (2x2 means of `conv_f`)
   representatives: [B, h, w, D] the last pool's representatives R (Eq. 6 of `conv_v` values)
-  encodings: {'network.{s}.{j}.token_mixer': [B, heads, H, W]} the clusters of each encoding
-    layer linked to pixels like the levels, or {} when not asked for
+  encodings: {'network.{2s}.{j}.token_mixer': [B, heads, H, W]} the clusters of each encoding
+    layer (block j of stage s) linked to pixels like the levels, or {} when not asked for
   """
 
   outputs: jax.Array | list[jax.Array]
