@@ -13,13 +13,17 @@ SPLITS = (("training", "train"), ("validation", "val"))
 
 
 def make_ade20k_folder(
-    root, num_train: int = 6, num_val: int = 3, num_classes: int = 5, seed: int = 0
+    root,
+    num_train: int = 6,
+    num_val: int = 3,
+    num_classes: int = 5,
+    seed: int = 0,
+    sizes=((48, 64), (64, 48), (40, 40)),
 ) -> str:
-  """Writes the folder and returns str(root). Image sizes cycle through (48, 64), (64, 48),
-  (40, 40) (height, width); each annotation is a grid of 8x8 blocks of random labels in
-  0..num_classes, and each image is its label's colour plus noise. Deterministic per seed."""
+  """Writes the folder and returns str(root). Image sizes (height, width) cycle through `sizes`
+  (multiples of 8); each annotation is a grid of 8x8 blocks of random labels in 0..num_classes,
+  and each image is its label's colour plus noise. Deterministic per seed."""
   rng = np.random.default_rng(seed)
-  sizes = ((48, 64), (64, 48), (40, 40))
   palette = rng.integers(0, 256, (num_classes + 1, 3))
   for (folder, prefix), count in zip(SPLITS, (num_train, num_val)):
     os.makedirs(os.path.join(root, "images", folder), exist_ok=True)

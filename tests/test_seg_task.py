@@ -21,6 +21,7 @@ import fec_jax
 from configs import demo_seg, fpn_fec_small_ade20k
 from fec_jax import checkpoint, data, loop, reporting, seg_picture, tasks, training
 from fec_jax.data import seg_config
+from fec_jax.model import FAST_COMPILE
 from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
 from tests.train_fixture import losses, train
@@ -42,6 +43,17 @@ def seg_tiny(**overrides):
     section, _, field = key.rpartition(".")
     (c[section] if section else c)[field] = value
   return c
+
+
+ADE_SIZE = ((48, 64),)  # make_ade20k_folder's images: one size, one compile of the evaluator
+
+
+def ade_tiny(root: str):
+  """seg_tiny on an ADE20K-layout folder (make_ade20k_folder, 5 classes), its val images tested
+  at 32x32 (at ADE20K's img_scale each image size was a minute-long compile and run at 512)."""
+  config = seg_tiny(**{"data": data.ade20k_config()})
+  config.data.root, config.data.num_classes, config.data.img_scale = root, 5, (32, 32)
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -118,48 +130,42 @@ def test_per_class_table_names_the_classes_of_the_config(tmp_path):
 
 
 def test_evaluator_refuses_a_val_split_with_no_readable_image(fresh, tmp_path):
-  root = make_ade20k_folder(tmp_path / "ade")
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
   for path in (tmp_path / "ade" / "images" / "validation").iterdir():
     path.write_bytes(b"")
-  config = seg_tiny(**{"data": data.ade20k_config()})
-  config.data.root, config.data.num_classes = root, 5
-  task, variables = tasks.get(config), fresh[1]
+  task, variables = tasks.get(ade_tiny(root)), fresh[1]
   model = task.create_model()[0]
   with pytest.raises(data.DataNotFoundError, match=f"no readable val image in {root}"):
-    task.evaluator(model, training.create_mesh())(variables)
+    task.evaluator(model, training.create_mesh(), FAST_COMPILE)(variables)
 
 
 def test_evaluator_refuses_a_val_split_with_no_labelled_pixel(fresh, tmp_path):
   """Annotations of 0 ('other') only, reduced to 255: the mIoU would be NaN."""
-  root = make_ade20k_folder(tmp_path / "ade")
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
   for path in (tmp_path / "ade" / "annotations" / "validation").iterdir():
     with Image.open(path) as label:
       Image.fromarray(np.zeros_like(np.asarray(label))).save(path)
-  config = seg_tiny(**{"data": data.ade20k_config()})
-  config.data.root, config.data.num_classes = root, 5
-  task, variables = tasks.get(config), fresh[1]
+  task, variables = tasks.get(ade_tiny(root)), fresh[1]
   model = task.create_model()[0]
   expected = f"no labelled pixel in the 3 val images of {root}: every annotation pixel is "
   expected += "ignore_index 255 after reduce_zero_label (0 -> 255) or a class id >= config"
   with pytest.raises(data.DataNotFoundError, match=re.escape(expected)):
-    task.evaluator(model, training.create_mesh())(variables)
+    task.evaluator(model, training.create_mesh(), FAST_COMPILE)(variables)
 
 
 def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):
   """Val ids that are neither a class nor ignore_index count nowhere (mmseg): a wrong
   num_classes or reduce_zero_label would change the score unseen, so a warning names them as the
   files store them. `stop` ends the evaluation after the image under way."""
-  root = make_ade20k_folder(tmp_path / "ade")
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
   paths = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
   for path, value in zip(paths, (9, 200)):
     with Image.open(path) as label:
       label = np.asarray(label).copy()
     label[:2, :2] = value
     Image.fromarray(label).save(path)
-  config = seg_tiny(**{"data": data.ade20k_config()})
-  config.data.root, config.data.num_classes = root, 5
-  task, variables = tasks.get(config), fresh[1]
-  evaluator = task.evaluator(task.create_model()[0], training.create_mesh())
+  task, variables = tasks.get(ade_tiny(root)), fresh[1]
+  evaluator = task.evaluator(task.create_model()[0], training.create_mesh(), FAST_COMPILE)
   with caplog.at_level("WARNING"):
     evaluator(variables)
   assert (
