@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import os
 import shlex
@@ -648,20 +649,23 @@ def _save_before_error(
 
 
 def _skip_failed_evaluation(preemption, step: int, error: Exception, then: str) -> bool:
-  """Whether an evaluation of `step` that raised `error` is skipped, and the step saved: with
-  one process, after a signal, which stops the run after this step anyway; if so, a line says
-  why and `then` what the run does. The signal stops an evaluation part-way (EvaluationStopped,
-  _evaluation_stop), and it reaches the loader's worker processes too (the whole process group);
-  they start ignoring it (fec_jax.data.loader's launcher), but where no launcher could run, a
-  worker still starting up dies of it, which fails the evaluation; every evaluation starts its
-  workers afresh. Several processes evaluate together (collectives), so there the error stands."""
-  if preemption.signal_name is None or jax.process_count() > 1:
+  """Whether an evaluation of `step` that raised `error` is skipped, and the step saved: after a
+  signal, which stops the run after this step anyway; if so, a line says why and `then` what the
+  run does. The signal stops an evaluation part-way (EvaluationStopped, _evaluation_stop: with
+  several processes, every one at the same batch). It reaches the loader's worker processes
+  too (the whole process group); they start ignoring it (fec_jax.data.loader's launcher), but
+  where no launcher could run, a worker still starting up dies of it, which fails the
+  evaluation; every evaluation starts its workers afresh. With several processes such an error
+  stands: it may be this process's alone, and a save is collective."""
+  if preemption.reason is None:
     return False
   if isinstance(error, tasks.EvaluationStopped):
     logging.info("%s: the evaluation of step %d %s; %s", preemption.reason, step, error, then)
-  else:
-    message = "%s: the evaluation of step %d failed (%s); %s"
-    logging.warning(message, preemption.reason, step, error, then)
+    return True
+  if jax.process_count() > 1:
+    return False
+  message = "%s: the evaluation of step %d failed (%s); %s"
+  logging.warning(message, preemption.reason, step, error, then)
   return True
 
 
@@ -671,13 +675,13 @@ def _last_good(step: int | None, workdir: str) -> str:
   return f"the last good checkpoint is step {step} in {workdir}"
 
 
-def _evaluation_stop(preemption) -> Callable[[], bool] | None:
-  """What stops an evaluation part-way once a signal came (Evaluator.evaluate's `stop`), so that
-  a preempted run need not finish one (minutes for ADE20K's images of many sizes) before it
-  saves. With several processes none: they evaluate together, and agree on a stop only after."""
-  if jax.process_count() > 1:
-    return None
-  return lambda: preemption.signal_name is not None
+def _evaluation_stop(preemption) -> Callable[[], bool]:
+  """What stops an evaluation part-way once a signal came (Evaluator.evaluate's `stop`, asked
+  after each batch), so that a preempted run need not finish one (minutes for ADE20K's images of
+  many sizes) before it saves. Several processes evaluate together: they agree after every
+  preemption.SYNC_EVERY_STEPS batches, as on steps (Preemption.stop_now), and stop together."""
+  batches = itertools.count(1)
+  return lambda: preemption.stop_now(next(batches))
 
 
 def _evaluate(evaluator, state, step: int, first: bool, preemption) -> dict[str, float]:

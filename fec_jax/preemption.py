@@ -4,8 +4,8 @@ wait for it, exit 0. A second signal exits at once.
 
 Several processes must stop at the same step (each saves its share of the same checkpoint), but
 a signal may reach only some of them: the processes agree on "stop" with an all-gather of the
-signal each received (or none) every SYNC_EVERY_STEPS steps; with one process the flag is read at
-every step. (JAX's own `multihost_utils.reached_preemption_sync_point` listens to SIGTERM only
+signal each received (or none) every SYNC_EVERY_STEPS steps, and every SYNC_EVERY_STEPS batches
+of an evaluation (which they run together); with one process the flag is read at every step. (JAX's own `multihost_utils.reached_preemption_sync_point` listens to SIGTERM only
 and needs the coordination service's notifier; this agreement also covers SIGINT and one-process
 runs.)
 """
@@ -22,7 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-SYNC_EVERY_STEPS = 10  # multi-process: an all-gather (and a wait for the device) this often
+# multi-process: an all-gather (and a wait for the device) this often, in steps or eval batches
+SYNC_EVERY_STEPS = 10
 
 
 class Preemption:
@@ -73,9 +74,10 @@ class Preemption:
     )
 
   def stop_now(self, step: int, agree: bool = False) -> bool:
-    """True when every process is to stop after `step` (the same answer on every process).
-    With several processes they agree every SYNC_EVERY_STEPS steps, and where every process
-    passes agree=True (the run's last step, after an evaluation); elsewhere it is False."""
+    """True when every process is to stop after `step` (a train step, or an evaluation's
+    batch counted from 1; the same answer on every process). With several processes they agree
+    every SYNC_EVERY_STEPS steps, and where every process passes agree=True (the run's last
+    step, after an evaluation); elsewhere it is False."""
     if jax.process_count() == 1:
       return self.signal_name is not None
     if step % SYNC_EVERY_STEPS and not agree:

@@ -121,6 +121,48 @@ def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch
   assert q.signal_name is None  # a signal of its own still stops it cleanly, not at once
 
 
+def test_a_signal_stops_an_evaluation_on_every_process_at_the_same_batch(monkeypatch):
+  """One process stops after the batch under way; several all-gather their signals after every
+  tenth batch (as on steps) and stop together there, the processes without a signal too, so
+  that none is left waiting in the next batch's collectives."""
+  p = preemption.Preemption()
+  stop = loop._evaluation_stop(p)
+  progress = tasks.Progress(30, "batches", stop, log=print)
+  for done in range(1, 13):
+    progress.update(done)
+  p.signal_name = "SIGTERM"
+  with pytest.raises(tasks.EvaluationStopped, match="^stopped after 13 of 30 val batches$"):
+    progress.update(13)
+
+  gathered, other = [], [0]
+
+  def allgather(signum):
+    gathered.append(int(signum))
+    return np.array([signum, other[0]])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  for mine, theirs, reason in (
+      ("SIGTERM", 0, "SIGTERM"),
+      (None, signal.SIGTERM.value, "SIGTERM (received by another process)"),
+  ):
+    p, gathered[:], other[0] = preemption.Preemption(), [], 0
+    progress = tasks.Progress(30, "batches", loop._evaluation_stop(p), log=print)
+    for done in range(1, 13):
+      progress.update(done)
+    p.signal_name, other[0] = mine, theirs
+    for done in range(13, 20):
+      progress.update(done)
+    with pytest.raises(tasks.EvaluationStopped, match="^stopped after 20 of 30 val batches$"):
+      progress.update(20)
+    assert gathered == [0, signal.SIGTERM.value if mine else 0] and p.reason == reason
+    error = tasks.EvaluationStopped("stopped after 20 of 30 val batches")
+    assert loop._skip_failed_evaluation(p, 4, error, "skipped: the run is stopping")
+    # Another error may be this process's alone (a save is collective): it stands.
+    assert not loop._skip_failed_evaluation(p, 4, RuntimeError("worker"), "skipped")
+  assert not loop._skip_failed_evaluation(preemption.Preemption(), 4, error, "skipped")
+
+
 def test_ema_is_timm_model_ema_v2():
   ema = {"w": jnp.array([1.0, 2.0])}
   new = training.ema_update(ema, {"w": jnp.array([3.0, 4.0])}, 0.9)

@@ -76,8 +76,8 @@ class Evaluator(abc.ABC):
     (Task.per_class_table).
 
     A long evaluation writes a progress line to `log` every 30 s (Progress). `stop` is asked
-    after each batch: once it is true, EvaluationStopped. Only for one process: several
-    evaluate together, and one that stopped alone would leave the others waiting."""
+    after each batch: once it is true, EvaluationStopped. With several processes, each asks it
+    after the same batches (the loop's gathers every process's signal, and all stop together)."""
 
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:
