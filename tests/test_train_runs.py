@@ -194,7 +194,7 @@ def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
   """2 processes x 2 CPU devices (gloo) = the reference, for its 6 demo steps. They agree on
   stopping every preemption.SYNC_EVERY_STEPS (10) steps: a SIGTERM to process 1 alone, at step
   2 or so, stops both after step 10, each with its share of checkpoint 10 written, and both
-  exit 0."""
+  exit 0. Resumed, they agree every 10 batches of an evaluation too."""
   workdir = str(tmp_path / "multi")
   common = TINY + [
       f"--workdir={workdir}",
@@ -219,6 +219,49 @@ def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
   assert "SIGTERM (received by another process): stopped at step 10;" in err_0, err_0[-3000:]
   assert saved_steps(workdir)[-1] == 10
   assert [r["step"] for r in reporting.read_metrics(workdir)] == list(range(1, 11))
+
+  # The same command resumes both; SIGTERM to process 1 after the third batch of the last
+  # step's evaluation (45 batches of 8) stops both after the tenth, where they agree, and step
+  # 14 is saved without its metrics.
+  script = tmp_path / "signal_in_evaluation.py"
+  script.write_text(SIGNAL_IN_EVALUATION)
+  common = [a for a in common if not a.startswith("--coordinator_address")]
+  common += [f"--coordinator_address=127.0.0.1:{free_port()}", "--config.eval_batch_size=8"]
+  procs = [
+      start(str(script), common + [f"--process_id={i}"], compilation_cache, devices=2)
+      for i in range(2)
+  ]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+  for err, reason in zip(errs, ("SIGTERM (received by another process)", "SIGTERM")):
+    assert "resumed at step 10" in err
+    assert (
+        f"{reason}: the evaluation of step 14 stopped after 10 of 45 val batches; skipped: the "
+        "run is stopping"
+    ) in err, err[-3000:]
+    assert f"{reason}: stopped at step 14;" in err
+  assert saved_steps(workdir)[-1] == 14
+  assert "val_top1" not in reporting.read_metrics(workdir)[-1]
+
+
+# train.py, with SIGTERM to process 1 after the third batch of its first evaluation
+SIGNAL_IN_EVALUATION = f"""
+import os, runpy, signal, sys
+from fec_jax import tasks
+
+update = tasks.Progress.update
+
+
+def signalled(self, done, note=""):
+  if done == 3 and "--process_id=1" in sys.argv:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return update(self, done, note)
+
+
+tasks.Progress.update = signalled
+sys.argv[0] = {os.path.join(REPO, "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_cache, tmp_path):
