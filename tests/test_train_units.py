@@ -97,10 +97,10 @@ def test_weight_decay_mask_is_timms_groups_without_conv_f():
   assert {"/".join(k) for k, v in every.items() if not v} == conv_f
 
 
-def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch):
-  """With several processes, stop_now all-gathers the signals received every SYNC_EVERY_STEPS
-  steps, and at any step where every process asks (the run's last step, after an evaluation).
-  (tests/test_train_runs.py runs two processes.)"""
+@pytest.fixture
+def two_processes(monkeypatch):
+  """jax.process_count() 2, and process_allgather of this process's signal number (0: none)
+  with the other's, other[0] -> (gathered: this process's numbers as gathered, other)."""
   gathered, other = [], [0]
 
   def allgather(signum):
@@ -109,6 +109,14 @@ def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  return gathered, other
+
+
+def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(two_processes):
+  """With several processes, stop_now all-gathers the signals received every SYNC_EVERY_STEPS
+  steps, and at any step where every process asks (the run's last step, after an evaluation).
+  (tests/test_train_runs.py runs two processes.)"""
+  gathered, other = two_processes
   p = preemption.Preemption()
   assert not p.stop_now(10) and p.reason is None
   p.signal_name = "SIGTERM"  # this process got the signal, the other did not
@@ -121,27 +129,21 @@ def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(monkeypatch
   assert q.signal_name is None  # a signal of its own still stops it cleanly, not at once
 
 
-def test_a_signal_stops_an_evaluation_on_every_process_at_the_same_batch(monkeypatch):
-  """One process stops after the batch under way; several all-gather their signals after every
-  tenth batch (as on steps) and stop together there, the processes without a signal too, so
-  that none is left waiting in the next batch's collectives."""
+def test_a_signal_stops_an_evaluation_after_the_batch_under_way():
   p = preemption.Preemption()
-  stop = loop._evaluation_stop(p)
-  progress = tasks.Progress(30, "batches", stop, log=print)
+  progress = tasks.Progress(30, "batches", loop._evaluation_stop(p), log=print)
   for done in range(1, 13):
     progress.update(done)
   p.signal_name = "SIGTERM"
   with pytest.raises(tasks.EvaluationStopped, match="^stopped after 13 of 30 val batches$"):
     progress.update(13)
 
-  gathered, other = [], [0]
 
-  def allgather(signum):
-    gathered.append(int(signum))
-    return np.array([signum, other[0]])
-
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+def test_processes_stop_an_evaluation_together_after_a_tenth_batch(two_processes):
+  """Several processes all-gather their signals after every tenth batch (as on steps) and stop
+  together there, the processes without a signal too, so that none is left waiting in the next
+  batch's collectives. The stopped evaluation is skipped; another error stands."""
+  gathered, other = two_processes
   for mine, theirs, reason in (
       ("SIGTERM", 0, "SIGTERM"),
       (None, signal.SIGTERM.value, "SIGTERM (received by another process)"),
