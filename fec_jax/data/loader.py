@@ -75,6 +75,12 @@ def epoch_steps(n: int, batch: int, shard_count: int) -> int:
   return (n // shard_count) // batch
 
 
+def val_steps(n: int, batch: int, shard_count: int) -> int:
+  """Val batches per host for one pass over n records: ceil(n / (batch * shard_count)), the
+  last global batch padded (the padding is masked)."""
+  return -(-n // (batch * shard_count))
+
+
 def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, num_epochs):
   """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
   for n records: whole epochs of whole local batches of `batch` examples, `num_epochs` of them
@@ -109,7 +115,7 @@ class _TrainOrder:
 def val_order(n: int, batch: int, shard_index: int, shard_count: int):
   """(host-local val index -> (record or -1, 0, position), batches, examples in all) for n
   records: one pass, padded to a whole number of global batches (batch * shard_count)."""
-  steps = -(-n // (batch * shard_count))
+  steps = val_steps(n, batch, shard_count)
   return _ValOrder(n, shard_index, shard_count), steps, steps * batch
 
 

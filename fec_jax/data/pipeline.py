@@ -33,7 +33,7 @@ def steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 1) -
 
 def num_eval_batches(data_config, global_batch_size: int) -> int:
   """Val batches per host: ceil(N / global_batch_size); padding is masked."""
-  return -(-num_examples(data_config, "val") // global_batch_size)
+  return loader.val_steps(num_examples(data_config, "val"), global_batch_size, 1)
 
 
 def _decode(record) -> tuple[np.ndarray, bool]:

@@ -43,7 +43,7 @@ def seg_steps_per_epoch(data_config, global_batch_size: int, shard_count: int = 
 
 def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
   """Val examples per host (padding included): ceil(N / shard_count)."""
-  return -(-seg_num_examples(data_config, "val") // shard_count)
+  return loader.val_steps(seg_num_examples(data_config, "val"), 1, shard_count)
 
 
 def _decode(record, cfg):
