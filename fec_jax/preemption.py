@@ -5,8 +5,9 @@ wait for it, exit 0. A second signal exits at once.
 Several processes must stop at the same step (each saves its share of the same checkpoint), but
 a signal may reach only some of them: the processes agree on "stop" with an all-gather of the
 signal each received (or none) every SYNC_EVERY_STEPS steps, and every SYNC_EVERY_STEPS batches
-of an evaluation (which they run together); with one process the flag is read at every step. (JAX's own `multihost_utils.reached_preemption_sync_point` listens to SIGTERM only
-and needs the coordination service's notifier; this agreement also covers SIGINT and one-process
+of an evaluation (which they run together); with one process the flag is read at every step and
+batch. (JAX's own `multihost_utils.reached_preemption_sync_point` listens to SIGTERM only and
+needs the coordination service's notifier; this agreement also covers SIGINT and one-process
 runs.)
 """
 

@@ -77,7 +77,8 @@ class Evaluator(abc.ABC):
 
     A long evaluation writes a progress line to `log` every 30 s (Progress). `stop` is asked
     after each batch: once it is true, EvaluationStopped. With several processes, each asks it
-    after the same batches (the loop's gathers every process's signal, and all stop together)."""
+    after the same batches: the loop's `stop` all-gathers the processes' signals at every 10th
+    batch, and all stop together."""
 
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:
