@@ -235,8 +235,8 @@ def _error(cfg, split="train") -> str:
 def test_records_without_a_label_are_an_error(tmp_path):
   """ClassLabel's -1 ("no label", every record of imagenet2012's 'test' split) trained and
   evaluated silently as a class of none (one-hot zeros, 0% accuracy): an unlabelled split is an
-  error when its source is made (before train.py compiles a step); an unlabelled record in a labelled
-  split when it is read. One line each, naming the split and the record."""
+  error when its source is made (before train.py compiles a step); an unlabelled record in a
+  labelled split when it is read. One line each, naming the split and the record."""
   _build(
       tmp_path,
       "Unlabelled",

@@ -236,7 +236,8 @@ class TfdsSource:
   """A TFDS dataset read with tfds.data_source (array_record), images left encoded.
 
   The dataset must have the features TFDS_FEATURES; `num_classes` must equal the classes of its
-  'label'. All is checked from its dataset_info before a record is read.
+  'label'. All is checked from its dataset_info before a record is read; then record 0 is read:
+  a record labelled -1 (ClassLabel's "no label") is DataNotFoundError, there and when read.
   """
 
   def __init__(self, name: str, split: str, data_dir: str, num_classes: int):
