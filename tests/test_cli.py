@@ -851,7 +851,7 @@ def test_visualize_median_filter_keeps_more_than_256_groups():
 
 def test_visualize_palette_is_distinct_and_vivid_beyond_twelve():
   """An encoding head has dozens of clusters: past the 12 fixed colors, each of 160 differs and
-  none is greyish (max - min channel >= 100; the fixed random RGB it replaces went down to 25)."""
+  none is greyish (max - min channel >= 100; the fixed random RGB it replaces went down to 16)."""
   colors = visualize.palette(160)
   assert colors.dtype == np.uint8 and colors.shape == (160, 3)
   np.testing.assert_array_equal(colors[:12], visualize.GROUP_COLORS)
