@@ -22,7 +22,7 @@ def macs_per_image(name: str, height: int = 224, width: int = 224, variables=Non
   """`variables`: the model's variable_shapes (None: made here; every collection, fpn_* have
   batch_stats too)."""
   model = create_model(name, unroll_stages=True)  # cost analysis counts a loop body once
-  variables = variables or variable_shapes(create_model(name))
+  variables = variable_shapes(create_model(name)) if variables is None else variables
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   cost = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

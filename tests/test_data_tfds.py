@@ -236,7 +236,8 @@ def test_records_without_a_label_are_an_error(tmp_path):
   """ClassLabel's -1 ("no label", every record of imagenet2012's 'test' split) trained and
   evaluated silently as a class of none (one-hot zeros, 0% accuracy): an unlabelled split is an
   error when its source is made (before train.py compiles a step); an unlabelled record in a
-  labelled split when it is read. One line each, naming the split and the record."""
+  labelled split when it is read (a ValueError: with several processes, one process's alone).
+  One line each, naming the split and the record."""
   _build(
       tmp_path,
       "Unlabelled",
@@ -245,13 +246,14 @@ def test_records_without_a_label_are_an_error(tmp_path):
   )
   cfg = _cfg(str(tmp_path), tfds_name="unlabelled", num_classes=len(PETS), val_split="test")
   message = _error(cfg, "val")
-  assert message.startswith(f"record 0 of split 'test' of TFDS unlabelled ({tmp_path}/unlabelled")
-  assert "has no label (-1); fec-jax trains and evaluates on labelled records" in message
+  assert message.startswith(f"split 'test' of TFDS unlabelled ({tmp_path}/unlabelled/1.0.0) is ")
+  assert "is not labelled (its first record's label is -1, ClassLabel's \"no label\"); " in message
+  assert message.endswith(sources.LABELLED_SPLITS)
   train, labels, errors = sources.make_source(cfg, "train"), [], []
   for i in range(8):  # TFDS stores the records in an order of its own
     try:
       labels.append(train[i]["label"])
-    except fd.DataNotFoundError as e:
+    except ValueError as e:  # not DataNotFoundError, which the loop takes for every process's
       errors.append(str(e))
   assert sorted(labels) == [0, 0, 1, 2, 2, 3, 3]  # the 8 records but the one labelled -1
   assert len(errors) == 1 and errors[0].startswith("record ")

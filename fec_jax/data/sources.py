@@ -38,6 +38,11 @@ IMAGENET_TFDS_HELP = (
 TFDS_FEATURES = (
     "'image' (tfds.features.Image, encoded JPEG/PNG) and 'label' (tfds.features.ClassLabel)"
 )
+LABELLED_SPLITS = (
+    "fec-jax trains and evaluates on labelled records: set config.data.train_split / "
+    "config.data.val_split to a labelled split (imagenet2012's 'test' split has no labels, its "
+    "'validation' split has)"
+)
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 
 
@@ -237,7 +242,9 @@ class TfdsSource:
 
   The dataset must have the features TFDS_FEATURES; `num_classes` must equal the classes of its
   'label'. All is checked from its dataset_info before a record is read; then record 0 is read:
-  a record labelled -1 (ClassLabel's "no label") is DataNotFoundError, there and when read.
+  labelled -1 (ClassLabel's "no label"), the split is unlabelled, DataNotFoundError on every
+  process. Another record labelled -1 is a ValueError when read: one process's alone (several
+  processes each read their share), which the loop must not take for an error of all.
   """
 
   def __init__(self, name: str, split: str, data_dir: str, num_classes: int):
@@ -283,7 +290,11 @@ class TfdsSource:
         file_format=tfds.core.file_adapters.FileFormat.ARRAY_RECORD,
     )
     self._split = f"split {split!r} of TFDS {name} ({where})"
-    self[0]  # an unlabelled split (all -1) is an error here, before a train step is compiled
+    if int(self._ds[0]["label"]) < 0:  # here, before train.py compiles a step
+      raise DataNotFoundError(
+          f"{self._split} is not labelled (its first record's label is -1, ClassLabel's \"no "
+          f'label"); {LABELLED_SPLITS}'
+      )
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -293,12 +304,8 @@ class TfdsSource:
     key = rec.get("file_name", str(index))
     key = key.decode() if isinstance(key, bytes) else str(key)
     label = int(rec["label"])
-    if label < 0:  # ClassLabel's "no label", e.g. each record of imagenet2012's 'test' split
-      raise DataNotFoundError(
-          f"record {key} of {self._split} has no label (-1); fec-jax trains and evaluates on "
-          "labelled records: set config.data.train_split / config.data.val_split to a labelled "
-          "split (imagenet2012's 'test' split has none; its 'validation' split has labels)"
-      )
+    if label < 0:  # ClassLabel's "no label" in a split whose first record has one
+      raise ValueError(f"record {key} of {self._split} has no label (-1); {LABELLED_SPLITS}")
     return {"encoded": rec["image"], "label": label, "key": key}
 
 
