@@ -64,6 +64,11 @@ def encoding_names(model: nn.Module) -> tuple[str, ...]:
   )
 
 
+def encoding_stage(name: str) -> int:
+  """The stage s of an encoding layer named as encoding_names names it (network.{2s}.{j}...)."""
+  return int(name.split(".")[1]) // 2
+
+
 def link(pool_assignments: list[jax.Array]) -> jax.Array:
   """Eq. 8: S^l_h = Union{S^(l-1)_o | A^l_oh = 1}, as a chain of gathers.
 
@@ -119,7 +124,7 @@ def cluster_maps(
   mixers = {}
   if encodings:  # stage s's blocks see the clusters of level s (its input map is pool s's output)
     mixers = {
-        name: resize_nearest(link_encoding(a, levels[:, int(name.split(".")[1]) // 2]), size)
+        name: resize_nearest(link_encoding(a, levels[:, encoding_stage(name)]), size)
         for name, a in assignments.items()
         if name.count(".") == 3
     }

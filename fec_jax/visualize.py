@@ -443,8 +443,8 @@ def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
   lacks, listing its stages."""
   names = interpret.encoding_names(model)
   depths = model.variant.depths
-  stage_of = lambda name: name.split(".")[1]
-  last = {n for n, after in zip(names, names[1:]) if stage_of(n) != stage_of(after)} | {names[-1]}
+  stage = interpret.encoding_stage
+  last = {n for n, after in zip(names, names[1:]) if stage(n) != stage(after)} | {names[-1]}
   chosen = set()
   for layer in given or ["last"]:
     if layer in ("last", "all"):
@@ -472,7 +472,7 @@ def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
 def note_heads(model, layers: tuple[str, ...], heads: int | None) -> None:
   """A note on stderr where --heads asks for more heads than any layer drawn has: the picture
   has fewer columns than asked."""
-  most = max((model.variant.heads[int(n.split(".")[1]) // 2] for n in layers), default=0)
+  most = max((model.variant.heads[interpret.encoding_stage(n)] for n in layers), default=0)
   if heads is not None and heads > most:
     print(
         f"note: --heads {heads}: the layers drawn have at most {most} heads; each is drawn",
