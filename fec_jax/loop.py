@@ -392,7 +392,6 @@ def _run(
       _record_config(config, workdir, start)
     first_step = resume or 0
     devices, processes = jax.device_count(), jax.process_count()
-    peak_lr = training.peak_lr(config)
     logging.info(
         "%s on %d device%s (%d process%s): %d step%s of %d per epoch, global batch %d, "
         "peak lr %.3g",
@@ -405,7 +404,7 @@ def _run(
         "s" if num_steps > 1 else "",
         steps_per_epoch,
         config.global_batch_size,
-        peak_lr,
+        training.peak_lr(config),
     )
     if (warning := training.lr_warning(config)) is not None:
       logging.warning("%s", warning)

@@ -89,9 +89,7 @@ def lr_warning(config) -> str | None:
   )
 
 
-def epoch_lr(
-    epoch, peak_lr: float, warmup_epochs: int, epochs: int, warmup_lr: float, min_lr: float
-):
+def epoch_lr(epoch, peak: float, warmup_epochs: int, epochs: int, warmup_lr: float, min_lr: float):
   """timm CosineLRScheduler, stepped once per epoch (Sec. 8).
 
   epoch < warmup: warmup_lr + epoch * (peak - warmup_lr) / warmup_epochs;
@@ -99,16 +97,16 @@ def epoch_lr(
   counting from epoch 0; afterwards (the cooldown epochs): min_lr.
   """
   epoch = jnp.asarray(epoch, jnp.float32)
-  warm = warmup_lr + epoch * (peak_lr - warmup_lr) / max(warmup_epochs, 1)
-  cosine = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+  warm = warmup_lr + epoch * (peak - warmup_lr) / max(warmup_epochs, 1)
+  cosine = min_lr + 0.5 * (peak - min_lr) * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
   return jnp.where(epoch < warmup_epochs, warm, jnp.where(epoch < epochs, cosine, min_lr))
 
 
-def poly_lr(step, peak_lr: float, total: int, power: float, min_lr: float):
+def poly_lr(step, peak: float, total: int, power: float, min_lr: float):
   """mmcv's PolyLrUpdaterHook with by_epoch=False (the segmentation recipe): before iteration
   `step` (0-based) lr = (peak - min_lr) * (1 - step / total) ** power + min_lr."""
   remaining = (total - jnp.minimum(step, total)).astype(jnp.float32) / total  # exact near the end
-  return (peak_lr - min_lr) * remaining**power + min_lr
+  return (peak - min_lr) * remaining**power + min_lr
 
 
 LR_SCHEDULES = ("cosine_epochs", "poly")
