@@ -236,6 +236,42 @@ def dispatch(
   return out
 
 
+class Clustering(NamedTuple):
+  """What `cluster` computes for G groups of N points and M centers of D channels."""
+
+  centers: jnp.ndarray  # Eq. 4, [G, M, D], at least fp32 (adaptive_avg_pool)
+  similarity: jnp.ndarray  # similarity_map of Eq. 5's cosine, [G, M, N]
+  assignment: jnp.ndarray  # Eq. 5's argmax, [G, N]
+  st: jnp.ndarray | None  # straight_through_residual, [G, M, N] or None
+  representatives: jnp.ndarray  # Eq. 6, [G, M, D]
+
+
+def cluster(
+    feat: jnp.ndarray,
+    value: jnp.ndarray,
+    centers_hw: tuple[int, int],
+    similarity_map: Callable = lambda cosine: cosine,
+    aggregation: Aggregation = "auto",
+    assign_grad: AssignGrad = "official",
+) -> Clustering:
+  """Eqs. 4-6, the steps that Cluster and ClusterPool share: centers of feat [G, h, w, D] (and
+  of value [G, h, w, D]) by adaptive average pooling to centers_hw, each point's cosine to every
+  center passed through `similarity_map` (Cluster's sigmoid(beta + alpha cos); ClusterPool's
+  identity), the assignment by its argmax, and the representatives of the values.
+  """
+  g, h, w, _ = feat.shape
+  m = centers_hw[0] * centers_hw[1]
+  centers = adaptive_avg_pool(feat, centers_hw).reshape(g, m, -1)  # Eq. 4, [G, M, D]
+  value_centers = adaptive_avg_pool(value, centers_hw).reshape(g, m, -1)  # [G, M, D]
+  cosine = cosine_similarity(centers, feat.reshape(g, h * w, -1))  # Eq. 5, [G, M, N]
+  similarity = similarity_map(cosine)  # [G, M, N]
+  assignment = assign(similarity)  # [G, N]
+  st = straight_through_residual(similarity, assign_grad)  # [G, M, N] or None
+  values = at_least_f32(value.reshape(g, h * w, -1))  # [G, N, D]
+  reps = representatives(values, value_centers, assignment, aggregation, st)  # Eq. 6
+  return Clustering(centers, similarity, assignment, st, reps)
+
+
 def check_divisible(layer: str, hw: tuple[int, int], regions: int) -> None:
   """ValueError where the official code would crash on a fold that does not divide the map."""
   if hw[0] % regions or hw[1] % regions:

@@ -145,25 +145,21 @@ class Cluster(nn.Module):
     r = self.fold
     hr, wr = h // r, w // r
     feat, value = self._to_groups(feat), self._to_groups(value)  # [G, hr, wr, D]
-    centers = clustering.adaptive_avg_pool(feat, self.centers)  # Eq. 4, [G, ch, cw, D]
-    value_centers = clustering.adaptive_avg_pool(value, self.centers)  # [G, ch, cw, D]
     g, m = feat.shape[0], self.centers[0] * self.centers[1]
-    points = feat.reshape(g, hr * wr, -1)  # [G, N, D]
-    values = clustering.at_least_f32(value.reshape(g, hr * wr, -1))  # [G, N, D]
-
-    cosine = clustering.cosine_similarity(centers.reshape(g, m, -1), points)  # Eq. 5, [G, M, N]
-    sim = jax.nn.sigmoid(beta + alpha * cosine)  # Eq. 7's sigma(alpha M + beta)
-    # [G, N]: the argmax of the sigmoid, as the code does (docs/official-code.md Sec. 3, Cluster 4)
-    assignment = clustering.assign(sim)
-    st = clustering.straight_through_residual(sim, self.assign_grad)  # [G, M, N] or None
-    reps = clustering.representatives(
-        values,
-        clustering.at_least_f32(value_centers.reshape(g, m, -1)),
-        assignment,
-        self.aggregation,
-        st,
-    )  # Eq. 6, [G, M, D]
-    out = clustering.dispatch(reps, sim, assignment, self.aggregation, st)  # Eq. 7, [G, N, D]
+    # Eq. 7's sigma(alpha M + beta); the assignment is its argmax, as the code does
+    # (docs/official-code.md Sec. 3, Cluster 4)
+    clustered = clustering.cluster(
+        feat,
+        value,
+        self.centers,
+        similarity_map=lambda cosine: jax.nn.sigmoid(beta + alpha * cosine),
+        aggregation=self.aggregation,
+        assign_grad=self.assign_grad,
+    )  # Eqs. 4-6
+    assignment = clustered.assignment  # [G, N]
+    out = clustering.dispatch(
+        clustered.representatives, clustered.similarity, assignment, self.aggregation, clustered.st
+    )  # Eq. 7, [G, N, D]
 
     # the sown assignment [B, E, H, W]: region index * M + center index within the region
     region = jnp.arange(r * r, dtype=jnp.int32).reshape(1, r * r, 1) * m  # [1, r*r, 1]
@@ -233,21 +229,11 @@ class ClusterPool(nn.Module):
     feat = clustering.fold(conv1x1(self.dim_out, dim, "conv_f", self.dtype)(x), r)
     value = value.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D], G = B*r*r
     feat = feat.reshape(-1, hr, wr, self.dim_out)  # [G, hr, wr, D]
-    g, m = feat.shape[0], (hr // 2) * (wr // 2)
-
-    # Eq. 4, [G, M, D]: the 2x2 means, M = hr/2 * wr/2
-    centers = clustering.adaptive_avg_pool(feat, (hr // 2, wr // 2)).reshape(g, m, -1)
-    value_centers = clustering.adaptive_avg_pool(value, (hr // 2, wr // 2)).reshape(g, m, -1)
-    cosine = clustering.cosine_similarity(centers, feat.reshape(g, hr * wr, -1))  # Eq. 5 [G,M,N]
-    assignment = clustering.assign(cosine)  # [G, N]
-    st = clustering.straight_through_residual(cosine, self.assign_grad)  # [G, M, N] or None
-    reps = clustering.representatives(
-        clustering.at_least_f32(value.reshape(g, hr * wr, -1)),
-        clustering.at_least_f32(value_centers),
-        assignment,
-        self.aggregation,
-        st,
-    )  # Eq. 6, [G, M, D]
+    # Eqs. 4-6 with Eq. 5's cosine as the similarity; centers: the 2x2 means, M = hr/2 * wr/2
+    clustered = clustering.cluster(
+        feat, value, (hr // 2, wr // 2), aggregation=self.aggregation, assign_grad=self.assign_grad
+    )
+    centers, assignment, reps = clustered.centers, clustered.assignment, clustered.representatives
 
     self.sow("intermediates", "assignment", self._output_index(assignment, b, hr, wr))
     self.sow(
