@@ -406,8 +406,12 @@ def _run(
         config.global_batch_size,
         training.peak_lr(config),
     )
-    if (warning := training.lr_warning(config)) is not None:
-      logging.warning("%s", warning)
+    for warning in (
+        training.lr_warning(config),
+        training.max_steps_warning(config, steps_per_epoch),
+    ):
+      if warning is not None:
+        logging.warning("%s", warning)
     unevaluated = _unevaluated_last_step(workdir, first_step, num_steps)
     writer = reporting.MetricsWriter(workdir, first_step, active=primary)
     train_step = training.make_train_step(

@@ -129,14 +129,39 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   )
 
 
-def total_steps(config, steps_per_epoch: int) -> int:
+def schedule_end(config, steps_per_epoch: int) -> int:
   """Steps of the whole recipe ('cosine_epochs': epochs + cooldown; 'poly':
-  config.schedule_steps), or config.max_steps when set (> 0) and shorter."""
+  config.schedule_steps): a run does not go past them."""
   if config.lr_schedule == "poly":
-    full = config.schedule_steps
-  else:
-    full = (config.epochs + config.cooldown_epochs) * steps_per_epoch
+    return config.schedule_steps
+  return (config.epochs + config.cooldown_epochs) * steps_per_epoch
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """The steps of schedule_end, or config.max_steps when set (> 0) and shorter."""
+  full = schedule_end(config, steps_per_epoch)
   return min(full, config.max_steps) if config.max_steps > 0 else full
+
+
+def max_steps_warning(config, steps_per_epoch: int) -> str | None:
+  """What keeps the run from reaching config.max_steps: the end of its schedule
+  (schedule_end), where the run stops; None where max_steps is not past it."""
+  end = schedule_end(config, steps_per_epoch)
+  if config.max_steps <= end:
+    return None
+  if config.lr_schedule == "poly":
+    length, field = "schedule_steps", "schedule_steps"
+  else:
+    length = (
+        f"(epochs {config.epochs} + cooldown_epochs {config.cooldown_epochs}) x "
+        f"{steps_per_epoch} steps per epoch"
+    )
+    field = "epochs"
+  return (
+      f"config.max_steps {config.max_steps} is past the end of the schedule, step {end} "
+      f"({length}): the run stops there; to train longer, raise config.{field} (in a new "
+      "workdir: a resume keeps its run's schedule; --config.init_from=DIR starts from its weights)"
+  )
 
 
 def eval_due(config, step: int, steps_per_epoch: int) -> bool:

@@ -258,6 +258,32 @@ def test_lr_warning_for_a_peak_lr_the_schedule_cannot_decay():
   assert warning(32) is None  # 3.1e-6
 
 
+def test_max_steps_warning_where_the_schedule_ends_first():
+  """A max_steps past the schedule's end (e.g. raised on a resume) is not reached: the run stops
+  at the end of its schedule, and says so instead of stopping short of max_steps unannounced."""
+  c = demo.get_config()  # 14 epochs, no cooldown
+  assert training.max_steps_warning(c, 4) is None  # max_steps 0: the whole schedule
+  c.max_steps = 56
+  assert training.max_steps_warning(c, 4) is None
+  c.max_steps = 400
+  assert training.total_steps(c, 4) == 56
+  advice = (
+      " (in a new workdir: a resume keeps its run's schedule; --config.init_from=DIR starts from "
+      "its weights)"
+  )
+  assert training.max_steps_warning(c, 4) == (
+      "config.max_steps 400 is past the end of the schedule, step 56 ((epochs 14 + "
+      "cooldown_epochs 0) x 4 steps per epoch): the run stops there; to train longer, raise "
+      "config.epochs" + advice
+  )
+  s = demo_seg.get_config()  # poly over 1,000 steps
+  s.max_steps = 1001
+  assert training.max_steps_warning(s, 250) == (
+      "config.max_steps 1001 is past the end of the schedule, step 1000 (schedule_steps): the "
+      "run stops there; to train longer, raise config.schedule_steps" + advice
+  )
+
+
 def test_top5_only_with_more_than_5_classes():
   """With 5 classes or fewer every label is among the top 5: no top-5 sums, metric or column."""
   logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
