@@ -294,6 +294,12 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   # data.tfds_data_dir is compared as given: a resume may change it anyway (_FREE_ON_RESUME)
   changes = reporting.config_changes(saved, config) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
+  if (moved := data.class_folders_change(saved.get("data") or {}, config.get("data"))) is not None:
+    raise checkpoint.CheckpointError(  # data.root may change on a resume, the classes may not
+        f"--workdir {workdir} holds a run whose labels index other class folders: {moved}. "
+        f"Resume it with its data (--config.data.root={saved['data']['root']}), or start a new "
+        f"--workdir (--config.init_from={workdir} to start from its weights)"
+    )
   if not changed:
     return saved
   listed = ", ".join(

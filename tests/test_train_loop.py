@@ -572,6 +572,31 @@ def test_a_resume_may_change_where_to_stop_how_often_to_log_and_how_to_evaluate(
   assert reporting.read_config(str(reference)) == json.loads(tiny().to_json())
 
 
+def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
+  """data.root may change on a resume (the data moved), but labels index the train class
+  folders: a root whose folders differ from those of the run's root, where that is still there,
+  would go on with other classes under the run's labels, and stops before anything is read."""
+  run_root = make_imagenet_folder(tmp_path / "run")
+  shutil.copytree(run_root, tmp_path / "copy")
+  shutil.copytree(run_root, tmp_path / "other")
+  first, renamed = sorted(os.listdir(tmp_path / "other" / "train"))[0], "a_renamed"
+  os.rename(tmp_path / "other" / "train" / first, tmp_path / "other" / "train" / renamed)
+  folder = lambda root: tiny(**{"data.source": "folder", "data.root": str(root)})
+  workdir = str(tmp_path / "w")
+  reporting.write_config(workdir, folder(run_root))
+  loop._check_same_run(folder(tmp_path / "copy"), workdir, frozenset())  # the same classes
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
+  assert str(e.value) == (
+      f"--workdir {workdir} holds a run whose labels index other class folders: label 0 is "
+      f"'{renamed}' in {tmp_path / 'other' / 'train'}, '{first}' in {tmp_path / 'run' / 'train'}. "
+      f"Resume it with its data (--config.data.root={run_root}), or start a new --workdir "
+      f"(--config.init_from={workdir} to start from its weights)"
+  )
+  shutil.rmtree(run_root)  # moved away: nothing to compare the new root with
+  loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
+
+
 def test_a_resume_with_another_number_of_loader_workers_continues_the_run(reference, tmp_path):
   """The reference trained in-process; resumed at step 4 with 2 loader worker processes, steps
   5 and 6 are the reference's: the batches do not depend on the workers. config.json records

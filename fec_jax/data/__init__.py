@@ -9,6 +9,7 @@ Public API, classification:
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
   tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
   recorded_fields(cfg)                                 -- what config.json records otherwise
+  class_folders_change(saved, cfg)                     -- a resume's other class folders
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -45,7 +46,13 @@ from fec_jax.data.seg_pipeline import (
     seg_num_examples,
     seg_steps_per_epoch,
 )
-from fec_jax.data.sources import DataNotFoundError, recorded_fields, split_name, tfds_data_dir
+from fec_jax.data.sources import (
+    DataNotFoundError,
+    class_folders_change,
+    recorded_fields,
+    split_name,
+    tfds_data_dir,
+)
 
 __all__ = [
     "default_config",
@@ -60,6 +67,7 @@ __all__ = [
     "split_name",
     "tfds_data_dir",
     "recorded_fields",
+    "class_folders_change",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",
