@@ -63,8 +63,14 @@ def save_params(
     directory: str, params, name: str, overrides: dict[str, Any], batch_stats=None
 ) -> None:
   """Writes a checkpoint of step 0 with the model description and its params (converter output),
-  and the batch_stats of a model that has them."""
+  and the batch_stats of a model that has them, in `directory`: a new or empty folder
+  (CheckpointError otherwise, before anything is written)."""
   directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not (os.path.isdir(directory) and not os.listdir(directory)):
+    raise CheckpointError(
+        f"{directory} exists and is not an empty folder: save_params writes a new checkpoint "
+        "directory (remove the old one first; convert_torch_weights.py --overwrite replaces one)"
+    )
   items = {PARAMS_ITEM: params}
   if batch_stats is not None:
     items[BATCH_STATS_ITEM] = batch_stats

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -129,6 +130,24 @@ def test_load_pretrained_names_the_params_an_override_reshapes(tmp_path, small_s
       "  mis-shaped head/bias: expected (5,), found (1000,)\n"
       "  mis-shaped head/kernel: expected (320, 5), found (320, 1000)"
   )
+
+
+def test_save_params_writes_a_new_or_empty_folder_only(tmp_path):
+  """A second save_params into the same folder (the README's snippet run twice) is one
+  CheckpointError, not Orbax's StepAlreadyExistsError, and the first checkpoint stays."""
+  checkpoint.save_params(tmp_path, {"w": np.ones(2)}, "fec_small", {})  # empty: written
+  for target in (tmp_path, tmp_path / "0"):  # the checkpoint, a folder with files
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      checkpoint.save_params(target, {"w": np.zeros(2)}, "fec_small", {})
+    assert str(error.value) == (
+        f"{target} exists and is not an empty folder: save_params writes a new checkpoint "
+        "directory (remove the old one first; convert_torch_weights.py --overwrite replaces one)"
+    )
+  (tmp_path / "note.txt").write_text("")
+  with pytest.raises(checkpoint.CheckpointError, match="note.txt exists and is not an empty"):
+    checkpoint.save_params(tmp_path / "note.txt", {"w": np.zeros(2)}, "fec_small", {})
+  saved = ocp.StandardCheckpointer().restore(tmp_path / "0" / checkpoint.PARAMS_ITEM)
+  np.testing.assert_array_equal(saved["w"], np.ones(2))
 
 
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])
