@@ -451,6 +451,12 @@ def _check_images(images) -> None:
         else ""
     )
     raise ValueError(f"FEC expects NHWC images [B, H, W, 3], got shape {tuple(images.shape)}{hint}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):  # uint8 pixels would run as 0..255
+    raise ValueError(
+        f"FEC expects float images normalized with the ImageNet mean/std, got {images.dtype}: "
+        "fec_jax.data.device_transforms.normalize(images, mean, std) takes uint8 images, with "
+        "fec_jax.data.transforms.IMAGENET_MEAN and IMAGENET_STD"
+    )
 
 
 def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:

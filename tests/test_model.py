@@ -80,6 +80,16 @@ def test_nchw_input_gets_a_hint():
     )
 
 
+@pytest.mark.parametrize("name", ["fec_small", "fpn_fec_small"])
+def test_integer_images_are_refused(name):
+  # uint8 pixels ran as values 0..255: logits of an unnormalized image, without a word
+  model = fec_jax.create_model(name)
+  with pytest.raises(ValueError, match="float images normalized .* got uint8: .*normalize"):
+    jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+    )
+
+
 @pytest.fixture(scope="module")
 def small_init():
   model = fec_jax.create_model("fec_small")
