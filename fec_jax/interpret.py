@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
 
-from fec_jax.model import cluster_assignments
+from fec_jax.model import cluster_assignments, sown_by_fec
 
 Feature = Literal["centers", "representatives"]
 FEATURES = typing.get_args(Feature)
@@ -115,8 +115,7 @@ def cluster_maps(
   Jit it with the model static: `jax.jit(cluster_maps, static_argnums=(0, 3))`.
   """
   outputs, state = model.apply(variables, images, mutable=["intermediates"])
-  state = state["intermediates"]
-  state = state.get("backbone", state)  # a segmenter's FEC sows under its module name
+  state = sown_by_fec(state)
   assignments = cluster_assignments(state)
   pools = [name for name in assignments if name.count(".") == 1]  # 'network.1', ...
   levels = link([assignments[name] for name in pools])

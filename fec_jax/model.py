@@ -459,15 +459,24 @@ def _check_images(images) -> None:
     )
 
 
+def sown_by_fec(state) -> dict[str, Any]:
+  """What the FEC sowed, from `model.apply(v, x, mutable=["intermediates"])[1]` or its
+  "intermediates" collection; of a Semantic FPN segmenter, what its backbone sowed (under the
+  backbone's module name)."""
+  sown = state.get("intermediates", state)
+  return sown.get("backbone", sown)
+
+
 def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
   """Sown assignments in forward order, keyed by the official module name (e.g. 'network.1',
   'network.0.2.token_mixer'): a stage's stacked assignments are split into its blocks.
 
-  `intermediates` is the collection from `model.apply(v, x, mutable=["intermediates"])[1]`.
+  `intermediates` is the state from `model.apply(v, x, mutable=["intermediates"])[1]` or its
+  "intermediates" collection; of a Semantic FPN segmenter, these are its backbone's assignments.
   """
   out = {}
   for path, value in jax.tree_util.tree_flatten_with_path(
-      intermediates.get("intermediates", intermediates), is_leaf=lambda t: isinstance(t, tuple)
+      sown_by_fec(intermediates), is_leaf=lambda t: isinstance(t, tuple)
   )[0]:
     keys = [p.key for p in path]
     if keys[-1] != "assignment":

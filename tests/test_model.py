@@ -90,6 +90,24 @@ def test_integer_images_are_refused(name):
     )
 
 
+def test_cluster_assignments_of_a_segmenter_are_its_backbones():
+  # the segmenter's whole state failed with "invalid literal for int() ... 'network'"
+  def assignments(name):
+    model = fec_jax.create_model(name)
+
+    def run(images):
+      state = model.apply(
+          model.init(jax.random.PRNGKey(0), images), images, mutable=["intermediates"]
+      )[1]
+      return fec_jax.cluster_assignments(state)
+
+    return jax.eval_shape(run, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+  segmenter = assignments("fpn_fec_small")
+  assert segmenter == assignments("fec_small_seg")
+  assert segmenter["network.1"].shape == (1, 16, 16) and "network.6.1.token_mixer" in segmenter
+
+
 @pytest.fixture(scope="module")
 def small_init():
   model = fec_jax.create_model("fec_small")
