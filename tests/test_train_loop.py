@@ -751,6 +751,24 @@ def test_a_batch_evaluator_runs_a_step_of_ones_own_over_any_batches():
     tasks.BatchEvaluator([], 0, step, summarize, mesh, None)({"w": np.float32(2)})
 
 
+def test_a_batch_evaluators_metric_of_another_form_names_its_summarize():
+  def step(variables, batch, per_class):
+    return {"count": jnp.sum(batch["mask"]), "hits": jnp.sum(batch["x"], axis=0)}  # [2]
+
+  def per_attribute(sums, per_class):
+    return {"hits": sums["hits"] / sums["count"]}  # [2], not a number
+
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  batch = {"x": np.ones((8, 2), np.float32), "mask": np.ones(8, bool)}
+  evaluator = tasks.BatchEvaluator([batch], 1, step, per_attribute, mesh, None)
+  with pytest.raises(TypeError) as e:
+    evaluator({})
+  assert str(e.value).startswith(
+      "BatchEvaluator.evaluate (summarize test_a_batch_evaluators_metric_of_another_form_names_its_"
+      "summarize.<locals>.per_attribute) returned 'hits': ndarray of shape (2,); expected"
+  ), e.value
+
+
 @pytest.fixture
 def data_not_opened(monkeypatch):
   """A test failure where the run opens its train data."""

@@ -162,7 +162,11 @@ def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str,
       f"expected a list of {count} dict(s), one per weight set, of metric name -> number "
       "(and 'per_class' with per_class)"
   )
-  where = f"{type(evaluator).__name__}.evaluate returned"
+  where = f"{type(evaluator).__name__}.evaluate"
+  if isinstance(evaluator, BatchEvaluator):  # its metrics are those of the summarize given to it
+    summarize = evaluator._summarize
+    where += f" (summarize {getattr(summarize, '__qualname__', repr(summarize))})"
+  where += " returned"
   if not isinstance(results, (list, tuple)) or len(results) != count:
     raise TypeError(f"{where} {type(results).__name__} {results!r:.200}; {expected}")
   checked = []
