@@ -597,6 +597,23 @@ def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
   loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
 
 
+def test_a_resume_without_a_data_root_is_not_compared_with_the_working_directory(
+    tmp_path, monkeypatch
+):
+  """A resume that leaves data.root '' reads no folder (the data's own error says so when it
+  opens): a train/ in the working directory, with other class folders, is not compared with the
+  run's root as if it were the resume's data."""
+  run_root = make_imagenet_folder(tmp_path / "run")
+  shutil.copytree(run_root, tmp_path / "here")
+  first = sorted(os.listdir(tmp_path / "here" / "train"))[0]
+  os.rename(tmp_path / "here" / "train" / first, tmp_path / "here" / "train" / "a_renamed")
+  folder = lambda root: tiny(**{"data.source": "folder", "data.root": str(root)})
+  workdir = str(tmp_path / "w")
+  reporting.write_config(workdir, folder(run_root))
+  monkeypatch.chdir(tmp_path / "here")
+  assert loop._check_same_run(folder(""), workdir, frozenset())["data"]["root"] == run_root
+
+
 def test_a_resume_with_another_number_of_loader_workers_continues_the_run(reference, tmp_path):
   """The reference trained in-process; resumed at step 4 with 2 loader worker processes, steps
   5 and 6 are the reference's: the batches do not depend on the workers. config.json records

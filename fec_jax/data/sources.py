@@ -62,12 +62,13 @@ def class_folders_change(saved: dict, cfg) -> str | None:
   the data section of the run's config.json) and the train class folders there are not the run's:
   labels index the class folders, so the run would go on with other classes under its labels.
   E.g. "label 0 is 'cat' in /new/train, 'ant' in /old/train". None where they are the same, or
-  where one of the two is not there to compare (data moved away)."""
+  where one of the two is not there to compare (data moved away, or a root '': none is read)."""
   if cfg is None or cfg.get("source") != "folder" or saved.get("source") != "folder":
     return None
+  if not (saved.get("root") and cfg.get("root")):  # not the working directory's train/
+    return None
   run, now = (
-      os.path.abspath(os.path.join(c.get("root") or "", split_name(c, "train")))
-      for c in (saved, cfg)
+      os.path.abspath(os.path.join(c["root"], split_name(c, "train"))) for c in (saved, cfg)
   )
   if run == now or not (os.path.isdir(run) and os.path.isdir(now)):
     return None
