@@ -295,10 +295,11 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   changes = reporting.config_changes(saved, config) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
   if (moved := data.class_folders_change(saved.get("data") or {}, config.get("data"))) is not None:
+    root = shlex.quote(_override("data.root", saved["data"]["root"]))
     raise checkpoint.CheckpointError(  # data.root may change on a resume, the classes may not
         f"--workdir {workdir} holds a run whose labels index other class folders: {moved}. "
-        f"Resume it with its data (--config.data.root={saved['data']['root']}), or start a new "
-        f"--workdir (--config.init_from={workdir} to start from its weights)"
+        f"Resume it with its data ({root}), or start a new --workdir "
+        f"(--config.init_from={workdir} to start from its weights)"
     )
   if not changed:
     return saved

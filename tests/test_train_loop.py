@@ -576,7 +576,7 @@ def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
   """data.root may change on a resume (the data moved), but labels index the train class
   folders: a root whose folders differ from those of the run's root, where that is still there,
   would go on with other classes under the run's labels, and stops before anything is read."""
-  run_root = make_imagenet_folder(tmp_path / "run")
+  run_root = make_imagenet_folder(tmp_path / "my run")  # a space: the advice quotes the root
   shutil.copytree(run_root, tmp_path / "copy")
   shutil.copytree(run_root, tmp_path / "other")
   first, renamed = sorted(os.listdir(tmp_path / "other" / "train"))[0], "a_renamed"
@@ -589,8 +589,9 @@ def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
     loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
   assert str(e.value) == (
       f"--workdir {workdir} holds a run whose labels index other class folders: label 0 is "
-      f"'{renamed}' in {tmp_path / 'other' / 'train'}, '{first}' in {tmp_path / 'run' / 'train'}. "
-      f"Resume it with its data (--config.data.root={run_root}), or start a new --workdir "
+      f"'{renamed}' in {tmp_path / 'other' / 'train'}, "
+      f"'{first}' in {tmp_path / 'my run' / 'train'}. "
+      f"Resume it with its data ('--config.data.root={run_root}'), or start a new --workdir "
       f"(--config.init_from={workdir} to start from its weights)"
   )
   shutil.rmtree(run_root)  # moved away: nothing to compare the new root with
