@@ -492,6 +492,14 @@ def _replaceable_checkpoint(directory: str) -> bool:
   return all(os.path.isdir(os.path.join(directory, entry)) for entry in os.listdir(directory))
 
 
+def _file_above(path: str) -> str | None:
+  """The file among `path`'s parents (nothing can be made under it), or None."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  return None if os.path.isdir(parent) else parent
+
+
 def check_paths(args: argparse.Namespace) -> None:
   """Every mistake in --input / --output, found before any slow work (ConversionError)."""
   src, dst = args.input, args.output
@@ -532,13 +540,22 @@ def check_paths(args: argparse.Namespace) -> None:
       )
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
-      raise ConversionError(f"--output {dst}: directory {parent} does not exist")
+      above = _file_above(dst)
+      missing = (
+          f"{above} is a file, not a directory" if above else f"directory {parent} does not exist"
+      )
+      raise ConversionError(f"--output {dst}: {missing}")
     if os.path.exists(dst) and not args.overwrite:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
     return
   if os.path.exists(dst) and not os.path.isdir(dst):
     raise ConversionError(
         f"--output {dst} is a file; expected a directory for the Orbax checkpoint"
+    )
+  above = _file_above(dst)
+  if above:
+    raise ConversionError(
+        f"--output {dst}: {above} is a file; expected a directory for the Orbax checkpoint"
     )
   if os.path.isdir(dst) and os.listdir(dst):
     if not _replaceable_checkpoint(dst):

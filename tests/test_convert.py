@@ -405,6 +405,12 @@ PATH_MISTAKES = [
         " holds one set of weights",
     ),
     (
+        "output under a file",  # read the checkpoint, then failed making the directory
+        "--output {tmp}/w.pth/sub/o: {tmp}/w.pth is a file; expected a directory for the Orbax "
+        "checkpoint",
+    ),
+    (".pth output under a file", "--output {tmp}/w.pth/b.pth: {tmp}/w.pth is a file, not a dir"),
+    (
         "overwrite of a non-checkpoint",
         "--output directory {tmp} holds more than an FEC checkpoint;"
         " --overwrite replaces only a conversion's output",
@@ -455,6 +461,8 @@ def test_path_mistakes_are_one_line_before_any_work(
       ],
       "overwrite of a non-checkpoint": ["--input", pth, "--output", tmp, "--overwrite"],
       "step without to-torch": ["--input", pth, "--output", tmp / "o", "--step=4"],
+      "output under a file": ["--input", pth, "--output", pth / "sub" / "o"],
+      ".pth output under a file": ["--input", orbax_small, "--output", pth / "b.pth", "--to-torch"],
   }[case]
   no_slow_work(monkeypatch)
   monkeypatch.chdir(tmp)  # an empty --output names the current directory
