@@ -500,6 +500,16 @@ def _file_above(path: str) -> str | None:
   return None if os.path.isdir(parent) else parent
 
 
+def _inside_checkpoint(output: str, checkpoint: str) -> bool:
+  """Whether `output` lies in `checkpoint`'s directories: anywhere in a converter output (its
+  directory holds only its steps) and in a workdir's subdirectories (a run deletes an old step's
+  directory with what it holds); a workdir's top level is not the checkpoint's."""
+  real_output, real_checkpoint = os.path.realpath(output), os.path.realpath(checkpoint)
+  if os.path.commonpath([real_output, real_checkpoint]) != real_checkpoint:
+    return False
+  return os.path.dirname(real_output) != real_checkpoint or _replaceable_checkpoint(checkpoint)
+
+
 def check_paths(args: argparse.Namespace) -> None:
   """Every mistake in --input / --output, found before any slow work (ConversionError)."""
   src, dst = args.input, args.output
@@ -545,6 +555,12 @@ def check_paths(args: argparse.Namespace) -> None:
           f"{above} is a file, not a directory" if above else f"directory {parent} does not exist"
       )
       raise ConversionError(f"--output {dst}: {missing}")
+    if _inside_checkpoint(dst, src):
+      raise ConversionError(
+          f"--output {dst} is inside the checkpoint --input {src}: write it outside the "
+          "checkpoint's directories (a run deletes an old step's directory with what it holds; "
+          "a converter output's directory holds only its steps)"
+      )
     if os.path.exists(dst) and not args.overwrite:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
     return

@@ -411,6 +411,14 @@ PATH_MISTAKES = [
     ),
     (".pth output under a file", "--output {tmp}/w.pth/b.pth: {tmp}/w.pth is a file, not a dir"),
     (
+        ".pth output in the converter output",  # --overwrite would then refuse to replace it
+        "--output {orbax}/b.pth is inside the checkpoint --input {orbax}: write it outside",
+    ),
+    (
+        ".pth output in a step directory",  # deleted with the step
+        "--output {orbax}/0/b.pth is inside the checkpoint --input {orbax}: write it outside",
+    ),
+    (
         "overwrite of a non-checkpoint",
         "--output directory {tmp} holds more than an FEC checkpoint;"
         " --overwrite replaces only a conversion's output",
@@ -463,6 +471,20 @@ def test_path_mistakes_are_one_line_before_any_work(
       "step without to-torch": ["--input", pth, "--output", tmp / "o", "--step=4"],
       "output under a file": ["--input", pth, "--output", pth / "sub" / "o"],
       ".pth output under a file": ["--input", orbax_small, "--output", pth / "b.pth", "--to-torch"],
+      ".pth output in the converter output": [
+          "--input",
+          orbax_small,
+          "--output",
+          orbax_small / "b.pth",
+          "--to-torch",
+      ],
+      ".pth output in a step directory": [
+          "--input",
+          orbax_small,
+          "--output",
+          orbax_small / "0" / "b.pth",
+          "--to-torch",
+      ],
   }[case]
   no_slow_work(monkeypatch)
   monkeypatch.chdir(tmp)  # an empty --output names the current directory
@@ -472,6 +494,17 @@ def test_path_mistakes_are_one_line_before_any_work(
   assert err.startswith("error: " + expected.format(tmp=tmp, orbax=orbax_small)), err
   assert err.count("\n") == 1, err
   assert sorted(os.walk(tmp)) == before and pth.read_bytes() == b"weights"  # nothing written
+
+
+def test_to_torch_writes_into_a_workdirs_top_level(tmp_path, orbax_small, capsys):
+  """A train.py workdir's top level (its metrics, logs) takes the .pth; only the checkpoint's own
+  directories are refused."""
+  workdir = shutil.copytree(orbax_small, tmp_path / "run")
+  (workdir / "metrics.jsonl").write_text("")
+  code, out, err = convert_cli(
+      capsys, "--input", workdir, "--output", workdir / "run.pth", "--to-torch"
+  )
+  assert (code, err) == (0, "") and out.endswith(f"to {workdir / 'run.pth'}\n")
 
 
 def test_to_torch_writes_safetensors_for_a_safetensors_name(
