@@ -347,9 +347,15 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
   if matches and name not in matches:
     keys = "; ".join(" ".join(p.split()) for p in _examples(problems, 3))  # spacing collapsed
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    classifier = matches[0] in VARIANTS and not VARIANTS[matches[0]].dense_outputs
+    init_from = (  # ImageNet weights for a segmenter
+        " (a segmentation run starts from its conversion: --config.init_from)"
+        if classifier and (name in SEGMENTERS or name.endswith("_seg"))
+        else ""
+    )
     return (
         f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
-        f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model"
+        f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model{init_from}"
     )
   rest = len(problems) - SHOWN_PROBLEMS
   more = f"\n  ... and {rest} more" if rest > 0 else ""

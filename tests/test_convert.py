@@ -307,6 +307,19 @@ def test_wrong_variant_names_the_one_it_holds():
   assert message.endswith("; and 274 more): pass --model fec_base or leave out --model")
 
 
+@pytest.mark.parametrize("name", ["fpn_fec_small", "fec_small_seg"])
+def test_classifier_weights_for_a_segmenter_point_to_init_from(small_state, name):
+  """ImageNet weights with --model of a segmenter (or its backbone): the error names the
+  classifier they hold and how a segmentation run starts from them."""
+  with pytest.raises(convert.ConversionError) as e:
+    convert.torch_to_variables({k: v.numpy() for k, v in small_state.items()}, name)
+  assert str(e.value).startswith(f"the checkpoint holds fec_small, not {name} (")
+  assert str(e.value).endswith(
+      ": pass --model fec_small or leave out --model (a segmentation run starts from its "
+      "conversion: --config.init_from)"
+  )
+
+
 @pytest.fixture(scope="module")
 def orbax_small(tmp_path_factory, small_state):
   """A converter output of fec_small, and its params."""
