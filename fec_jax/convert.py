@@ -213,6 +213,12 @@ def unwrap_state_dict(
         ema_too = " (it has EMA weights too: --ema)" if "state_dict_ema" in obj else ""
         obj, notes = obj[wrapper], [f"using the weights under '{wrapper}'{ema_too}"]
         break
+    else:
+      if isinstance(obj.get("state_dict_ema"), dict):
+        raise ConversionError(
+            "the checkpoint's weights are EMA weights ('state_dict_ema', and no 'state_dict' or "
+            "'model'): pass --ema"
+        )
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
   fpn = any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)

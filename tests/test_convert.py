@@ -182,6 +182,20 @@ def test_checkpoint_layouts(tmp_path, small_state, wrap):
       convert.read_state_dict(str(path), ema=True)
 
 
+def test_a_checkpoint_of_ema_weights_alone_asks_for_ema(tmp_path, small_state):
+  """{'state_dict_ema': ...} without --ema: one line asking for --ema (it said that
+  ['state_dict_ema'] are not tensors); with --ema it converts."""
+  path = tmp_path / "ema.pth"
+  torch.save({"state_dict_ema": small_state, "epoch": 3}, path)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.read_state_dict(str(path))
+  assert str(error.value) == (
+      "the checkpoint's weights are EMA weights ('state_dict_ema', and no 'state_dict' or "
+      "'model'): pass --ema"
+  )
+  assert set(convert.read_state_dict(str(path), ema=True)[0]) == set(small_state)
+
+
 @pytest.mark.parametrize(
     "dtype, how",
     [(torch.float16, "exactly"), (torch.bfloat16, "exactly"), (torch.float64, "rounded")],
