@@ -237,6 +237,8 @@ def unwrap_state_dict(
         "(detection/segmentation heads)"
     )
     obj = kept
+  if not obj:  # not "differs in 244 keys" from the closest variant
+    raise ConversionError("the checkpoint's state dict is empty: it holds no weights")
   bad = [k for k, v in obj.items() if not hasattr(v, "shape")]
   if bad:
     raise ConversionError(f"expected a state dict of tensors, but {bad[:5]} are not tensors")

@@ -196,6 +196,16 @@ def test_a_checkpoint_of_ema_weights_alone_asks_for_ema(tmp_path, small_state):
   assert set(convert.read_state_dict(str(path), ema=True)[0]) == set(small_state)
 
 
+@pytest.mark.parametrize("saved", [{}, {"state_dict": {}, "epoch": 3}, {"model": {}}])
+def test_an_empty_state_dict_says_it_holds_no_weights(tmp_path, saved):
+  """Not "the closest variant, fec_base, differs in 244 keys": there is nothing to compare."""
+  path = tmp_path / "empty.pth"
+  torch.save(saved, path)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.read_state_dict(str(path))
+  assert str(error.value) == "the checkpoint's state dict is empty: it holds no weights"
+
+
 @pytest.mark.parametrize(
     "dtype, how",
     [(torch.float16, "exactly"), (torch.bfloat16, "exactly"), (torch.float64, "rounded")],
