@@ -80,6 +80,10 @@ class Evaluator(abc.ABC):
     after the same batches: the loop's `stop` all-gathers the processes' signals at every 10th
     batch, and all stop together."""
 
+  def describe(self) -> str:
+    """What makes this evaluator's metrics, as checked_metrics' errors name it."""
+    return f"{type(self).__name__}.evaluate"
+
   @staticmethod
   def nothing_to_evaluate(data_config) -> Exception:
     """The error of an evaluation that found no readable image (data_config: fec_jax.data's
@@ -124,6 +128,11 @@ class BatchEvaluator(Evaluator):
     )
     self._steps = {}  # per_class -> the compiled step
 
+  def describe(self) -> str:
+    """Its metrics are those of the summarize given to it: the code of one's own it names."""
+    name = getattr(self._summarize, "__qualname__", repr(self._summarize))
+    return f"{super().describe()} (summarize {name})"
+
   def evaluate(
       self,
       variable_sets: Sequence[dict],
@@ -162,11 +171,7 @@ def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str,
       f"expected a list of {count} dict(s), one per weight set, of metric name -> number "
       "(and 'per_class' with per_class)"
   )
-  where = f"{type(evaluator).__name__}.evaluate"
-  if isinstance(evaluator, BatchEvaluator):  # its metrics are those of the summarize given to it
-    summarize = evaluator._summarize
-    where += f" (summarize {getattr(summarize, '__qualname__', repr(summarize))})"
-  where += " returned"
+  where = f"{evaluator.describe()} returned"
   if not isinstance(results, (list, tuple)) or len(results) != count:
     raise TypeError(f"{where} {type(results).__name__} {results!r:.200}; {expected}")
   checked = []
