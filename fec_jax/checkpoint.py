@@ -66,7 +66,7 @@ def save_params(
   and the batch_stats of a model that has them, in `directory`: a new or empty folder
   (CheckpointError otherwise, before anything is written)."""
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not (os.path.isdir(directory) and not os.listdir(directory)):
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise CheckpointError(
         f"{directory} exists and is not an empty folder: save_params writes a new checkpoint "
         "directory (remove the old one first; convert_torch_weights.py --overwrite replaces one)"
