@@ -168,9 +168,11 @@ def _load_file(path: str) -> Any:
         ".pth.tar) or a .safetensors file"
     ) from e
   except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for other bad files
+    # The first sentence of torch's text: the rest of a truncated file's is advice we give below.
+    reason = re.split(r"(?<=\.)\s|\n", str(e).strip())[0].rstrip(".")
     raise ConversionError(
         f"{path} is not a readable PyTorch checkpoint "
-        f"({type(e).__name__}{': ' + str(e).splitlines()[0] if str(e).strip() else ''}); "
+        f"({type(e).__name__}{': ' + reason if reason else ''}); "
         "expected a state dict saved with torch.save (.pth / .pth.tar) or a .safetensors file; "
         "the file may be truncated or corrupt"
     ) from e
@@ -258,7 +260,10 @@ def read_state_dict(
       if isinstance(obj, dict) and isinstance(obj.get("arch"), str)
       else {}
   )
-  state, notes = unwrap_state_dict(obj, ema, model)
+  try:
+    state, notes = unwrap_state_dict(obj, ema, model)
+  except ConversionError as e:  # the message names the file it is about
+    raise ConversionError(f"{path}: {e}") from e
   stored = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values())
   for dtype, count in sorted(stored.items()):
     if dtype in ("float16", "bfloat16", "float64"):

@@ -1,5 +1,6 @@
 """convert_torch_weights.py: checkpoint formats, strictness, clear errors, exact round trips."""
 
+import io
 import os
 import pickle
 import shutil
@@ -190,7 +191,7 @@ def test_a_checkpoint_of_ema_weights_alone_asks_for_ema(tmp_path, small_state):
   with pytest.raises(convert.ConversionError) as error:
     convert.read_state_dict(str(path))
   assert str(error.value) == (
-      "the checkpoint's weights are EMA weights ('state_dict_ema', and no 'state_dict' or "
+      f"{path}: the checkpoint's weights are EMA weights ('state_dict_ema', and no 'state_dict' or "
       "'model'): pass --ema"
   )
   assert set(convert.read_state_dict(str(path), ema=True)[0]) == set(small_state)
@@ -203,7 +204,7 @@ def test_an_empty_state_dict_says_it_holds_no_weights(tmp_path, saved):
   torch.save(saved, path)
   with pytest.raises(convert.ConversionError) as error:
     convert.read_state_dict(str(path))
-  assert str(error.value) == "the checkpoint's state dict is empty: it holds no weights"
+  assert str(error.value) == f"{path}: the checkpoint's state dict is empty: it holds no weights"
 
 
 @pytest.mark.parametrize(
@@ -280,9 +281,12 @@ def test_truncated_file_and_other_architecture(tmp_path, small_state, capsys):
 
 
 def test_unreadable_files_are_one_line_without_torch_advice(tmp_path, small_state, capsys):
-  """Random bytes, a pickle torch.save did not write, an empty file: not a readable checkpoint
-  (torch's "Re-running torch.load with weights_only set to False will likely succeed" is not
-  passed on); a checkpoint pickling another object names it."""
+  """Random bytes, a pickle torch.save did not write, an empty file, a truncated file: not a
+  readable checkpoint (torch's "Re-running torch.load with weights_only set to False will likely
+  succeed" and its advice on a corrupt file are not passed on); a checkpoint pickling another
+  object names it; a saved list names the file."""
+  saved = io.BytesIO()
+  torch.save({"head.weight": torch.zeros(1000, 100)}, saved)
   not_readable = (
       "is not a readable PyTorch checkpoint: the file is truncated or corrupt, or was not written "
       "by torch.save; expected a state dict saved with torch.save (.pth / .pth.tar) or a "
@@ -296,6 +300,13 @@ def test_unreadable_files_are_one_line_without_torch_advice(tmp_path, small_stat
           "is not a readable PyTorch checkpoint (EOFError); expected a state dict saved with "
           "torch.save (.pth / .pth.tar) or a .safetensors file; the file may be truncated or "
           "corrupt",
+      ),
+      "truncated.pth": (
+          saved.getvalue()[: len(saved.getvalue()) // 2],
+          "is not a readable PyTorch checkpoint (RuntimeError: PytorchStreamReader failed "
+          "reading zip archive: failed finding central directory); expected a state dict saved "
+          "with torch.save (.pth / .pth.tar) or a .safetensors file; the file may be truncated "
+          "or corrupt",
       ),
   }
   for name, (content, message) in files.items():
@@ -313,6 +324,9 @@ def test_unreadable_files_are_one_line_without_torch_advice(tmp_path, small_stat
   for name, (_, message) in files.items():
     code, out, err = convert_cli(capsys, "--input", tmp_path / name, "--output", tmp_path / "o")
     assert (code, out, err) == (2, "", f"error: {tmp_path / name} {message}\n"), name
+  torch.save([1, 2, 3], tmp_path / "list.pth")
+  code, out, err = convert_cli(capsys, "--input", tmp_path / "list.pth", "--output", tmp_path / "o")
+  assert err == f"error: {tmp_path / 'list.pth'}: expected a dict of tensors, found list\n"
   assert not os.path.exists(tmp_path / "o")
 
 
@@ -770,7 +784,7 @@ def test_mmseg_checkpoint_whole_or_backbone(tmp_path, fpn_model):
   with pytest.raises(convert.ConversionError) as error:
     convert.read_state_dict(str(path), model="fec_small")  # the classifier of its backbone
   assert str(error.value) == (
-      "the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
+      f"{path}: the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
       "--model fec_small is a classifier: leave out --model to convert the segmenter, or pass "
       "--model fec_small_seg for its backbone alone"
   )
