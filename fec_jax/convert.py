@@ -33,7 +33,13 @@ import jax
 import numpy as np
 
 from fec_jax import cli
-from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained, save_params
+from fec_jax.checkpoint import (
+    MODEL_ITEM,
+    CheckpointError,
+    load_model,
+    load_pretrained,
+    save_params,
+)
 from fec_jax.model import (
     SEGMENTERS,
     VARIANTS,
@@ -529,6 +535,36 @@ def _inside_checkpoint(output: str, checkpoint: str) -> bool:
   return os.path.dirname(real_output) != real_checkpoint or _replaceable_checkpoint(checkpoint)
 
 
+def _checkpoint_around(path: str) -> str | None:
+  """The checkpoint directory that `path` would lie inside (see _inside_checkpoint), or None:
+  the parents that hold a saved step (a numbered directory with a model item) are candidates."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while True:
+    try:
+      steps = [e for e in os.listdir(parent) if e.isdigit()]
+    except OSError:  # a parent yet to be made, or one we may not list
+      steps = []
+    if any(os.path.isdir(os.path.join(parent, s, MODEL_ITEM)) for s in steps):
+      if _inside_checkpoint(path, parent):
+        return parent
+    if os.path.dirname(parent) == parent:
+      return None
+    parent = os.path.dirname(parent)
+
+
+def _refuse_inside_checkpoint(output: str, read: str | None = None) -> None:
+  """A ConversionError where `output` lies in the checkpoint `read` (--to-torch's --input) or in
+  another checkpoint."""
+  checkpoint = f"--input {read}" if read and _inside_checkpoint(output, read) else None
+  checkpoint = checkpoint or _checkpoint_around(output)
+  if checkpoint:
+    raise ConversionError(
+        f"--output {output} is inside the checkpoint {checkpoint}: write it outside the "
+        "checkpoint's directories (a run deletes an old step's directory with what it holds; "
+        "a converter output's directory holds only its steps)"
+    )
+
+
 def check_paths(args: argparse.Namespace) -> None:
   """Every mistake in --input / --output, found before any slow work (ConversionError)."""
   src, dst = args.input, args.output
@@ -574,12 +610,7 @@ def check_paths(args: argparse.Namespace) -> None:
           f"{above} is a file, not a directory" if above else f"directory {parent} does not exist"
       )
       raise ConversionError(f"--output {dst}: {missing}")
-    if _inside_checkpoint(dst, src):
-      raise ConversionError(
-          f"--output {dst} is inside the checkpoint --input {src}: write it outside the "
-          "checkpoint's directories (a run deletes an old step's directory with what it holds; "
-          "a converter output's directory holds only its steps)"
-      )
+    _refuse_inside_checkpoint(dst, read=src)
     if os.path.exists(dst) and not args.overwrite:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
     return
@@ -592,6 +623,7 @@ def check_paths(args: argparse.Namespace) -> None:
     raise ConversionError(
         f"--output {dst}: {above} is a file; expected a directory for the Orbax checkpoint"
     )
+  _refuse_inside_checkpoint(dst)
   if os.path.isdir(dst) and os.listdir(dst):
     if not _replaceable_checkpoint(dst):
       raise ConversionError(

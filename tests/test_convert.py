@@ -470,6 +470,18 @@ PATH_MISTAKES = [
         "--output {orbax}/0/b.pth is inside the checkpoint --input {orbax}: write it outside",
     ),
     (
+        "output in a converter output",  # a later --overwrite of it would delete this one
+        "--output {orbax}/o is inside the checkpoint {orbax}: write it outside",
+    ),
+    (
+        "output in a step directory",  # deleted with the step
+        "--output {orbax}/0/o is inside the checkpoint {orbax}: write it outside",
+    ),
+    (
+        ".pth output in another checkpoint",
+        "--output {orbax}/0/b.pth is inside the checkpoint {orbax}: write it outside",
+    ),
+    (
         "overwrite of a non-checkpoint",
         "--output directory {tmp} holds more than an FEC checkpoint;"
         " --overwrite replaces only a conversion's output",
@@ -536,7 +548,18 @@ def test_path_mistakes_are_one_line_before_any_work(
           orbax_small / "0" / "b.pth",
           "--to-torch",
       ],
+      ".pth output in another checkpoint": [
+          "--input",
+          tmp / "copy",
+          "--output",
+          orbax_small / "0" / "b.pth",
+          "--to-torch",
+      ],
+      "output in a converter output": ["--input", pth, "--output", orbax_small / "o"],
+      "output in a step directory": ["--input", pth, "--output", orbax_small / "0" / "o"],
   }[case]
+  if case == ".pth output in another checkpoint":
+    shutil.copytree(orbax_small, tmp / "copy")
   no_slow_work(monkeypatch)
   monkeypatch.chdir(tmp)  # an empty --output names the current directory
   before = sorted(os.walk(tmp))
@@ -545,6 +568,17 @@ def test_path_mistakes_are_one_line_before_any_work(
   assert err.startswith("error: " + expected.format(tmp=tmp, orbax=orbax_small)), err
   assert err.count("\n") == 1, err
   assert sorted(os.walk(tmp)) == before and pth.read_bytes() == b"weights"  # nothing written
+
+
+def test_a_conversion_may_write_into_a_workdirs_top_level(tmp_path, orbax_small):
+  """The checkpoint's own directories are refused as an Orbax --output (above), not a train.py
+  workdir's top level, nor a folder beside a checkpoint."""
+  workdir = shutil.copytree(orbax_small, tmp_path / "run")
+  (workdir / "metrics.jsonl").write_text("")
+  for output in (workdir / "converted", tmp_path / "converted"):
+    convert.check_paths(
+        convert._parser().parse_args(["--input", __file__, "--output", str(output)])
+    )
 
 
 def test_to_torch_writes_into_a_workdirs_top_level(tmp_path, orbax_small, capsys):
