@@ -17,15 +17,20 @@ def normalize(images, mean, std):
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def in_boxes(h: int, w: int, top, left, height, width):
+  """[B, H, W, 1] bool: which pixels of an H x W map lie in each image's box; top, left, height,
+  width int [B, 1] (a zero size: no pixel)."""
+  rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + height)  # [B, H]
+  cols = (jnp.arange(w) >= left) & (jnp.arange(w) < left + width)  # [B, W]
+  return rows[:, :, None, None] & cols[:, None, :, None]
+
+
 def erase(key, images, boxes, mode: str):
   """timm RandomErasing's fill of normalized images [B, H, W, C] in the boxes [B, 4] int32
   (top, left, h, w; zero size: untouched). mode 'pixel': per-pixel N(0, 1); 'rand':
   per-channel N(0, 1); 'const': zeros (docs/official-code.md Sec. 8: pixel, after normalization)."""
   b, h, w, c = images.shape
-  top, left, height, width = (boxes[:, i, None] for i in range(4))  # each [B, 1]
-  rows = (jnp.arange(h) >= top) & (jnp.arange(h) < top + height)  # [B, H]
-  cols = (jnp.arange(w) >= left) & (jnp.arange(w) < left + width)  # [B, W]
-  inside = rows[:, :, None, None] & cols[:, None, :, None]  # [B, H, W, 1]
+  inside = in_boxes(h, w, *(boxes[:, i, None] for i in range(4)))  # [B, H, W, 1]
   if mode == "pixel":
     fill = jax.random.normal(key, images.shape, images.dtype)
   elif mode == "rand":

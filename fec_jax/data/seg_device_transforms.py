@@ -15,7 +15,5 @@ def normalize(images, valid, mean, std):
   float32 [B, H, W, 3]: (x / 255 - mean) / std inside, 0 in the padding."""
   _, h, w, _ = images.shape
   x = device_transforms.normalize(images, mean, std)  # [B, H, W, 3]
-  rows = jnp.arange(h) < valid[:, 0, None]  # [B, H]
-  cols = jnp.arange(w) < valid[:, 1, None]  # [B, W]
-  inside = rows[:, :, None, None] & cols[:, None, :, None]  # [B, H, W, 1]
+  inside = device_transforms.in_boxes(h, w, 0, 0, valid[:, 0, None], valid[:, 1, None])
   return jnp.where(inside, x, 0.0)
