@@ -37,9 +37,9 @@ PARAMS_ITEM = "params"
 BATCH_STATS_ITEM = "batch_stats"
 EMA_PARAMS_ITEM = "ema_params"
 OPT_STATE_ITEM = "opt_state"
-MAX_LISTED = 20  # params listed by a mismatch error; the rest are counted
 PROGRESS_ITEM = "progress"
 DATA_ITER_ITEM = "data_iterator"
+MAX_LISTED = 20  # params listed by a mismatch error; the rest are counted
 
 
 class CheckpointError(ValueError):
