@@ -121,7 +121,7 @@ class Cluster(nn.Module):
   (docs/official-code.md Sec. 3).
 
   Shapes below: E heads of D = head_dim channels, r = fold; G = B*E*r*r groups (fec_jax.clustering),
-  each of N = hr*wr points (an H/r x W/r region; h x w in the comments) and M = ch*cw centers.
+  each of N = hr*wr points (an hr x wr = H/r x W/r region) and M = centers[0] * centers[1] centers.
   """
 
   heads: int
@@ -171,17 +171,17 @@ class Cluster(nn.Module):
     return conv1x1(dim, width, "proj", self.dtype)(out)
 
   def _to_groups(self, t):
-    """[B, H, W, E*D] -> [B*E*r*r, H/r, W/r, D]: heads by channel groups, then fold regions."""
+    """[B, H, W, E*D] -> [G, hr, wr, D]: heads by channel groups, then fold regions."""
     b, h, w, _ = t.shape
-    t = clustering.fold(t.reshape(b, h, w, self.heads, self.head_dim), self.fold)  # [B,r,r,h,w,E,D]
-    t = t.transpose(0, 5, 1, 2, 3, 4, 6)  # [B, E, r, r, h, w, D]
+    t = clustering.fold(t.reshape(b, h, w, self.heads, self.head_dim), self.fold)
+    t = t.transpose(0, 5, 1, 2, 3, 4, 6)  # [B, r, r, hr, wr, E, D] -> [B, E, r, r, hr, wr, D]
     return t.reshape(-1, *t.shape[4:])
 
   def _from_groups(self, t):
-    """Inverse of `_to_groups`: [B*E*r*r, h, w, D] -> [B, H, W, E*D]."""
+    """Inverse of `_to_groups`: [G, hr, wr, D] -> [B, H, W, E*D]."""
     r = self.fold
-    _, h, w, d = t.shape
-    t = t.reshape(-1, self.heads, r, r, h, w, d).transpose(0, 2, 3, 4, 5, 1, 6)
+    _, hr, wr, d = t.shape
+    t = t.reshape(-1, self.heads, r, r, hr, wr, d).transpose(0, 2, 3, 4, 5, 1, 6)
     t = clustering.unfold(t)  # [B, H, W, E, D]
     return t.reshape(*t.shape[:3], -1)
 
