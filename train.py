@@ -57,8 +57,12 @@ def check_multihost_flags() -> None:
         "(without it each process would be a run of its own, in the same workdir)"
     )
   address = FLAGS.coordinator_address
-  if address is not None and not re.fullmatch(r".+:\d+", address):
-    cli.fail(f"--coordinator_address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:12355")
+  port = re.fullmatch(r".+:(\d+)", address or "")
+  if address is not None and not (port and 1 <= int(port[1]) <= 65535):
+    cli.fail(
+        f"--coordinator_address {address!r}: expected HOST:PORT with a port in 1-65535, "
+        "e.g. 127.0.0.1:12355"
+    )
   n, i = FLAGS.num_processes, FLAGS.process_id
   if n is not None and n < 1:
     cli.fail(f"--num_processes {n} must be >= 1")

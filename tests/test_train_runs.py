@@ -307,6 +307,10 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
             "error: --coordinator_address '127.0.0.1': expected HOST:PORT",
         ),
         (
+            ["--multihost", "--coordinator_address=127.0.0.1:99999"],
+            "error: --coordinator_address '127.0.0.1:99999': expected HOST:PORT with a port in",
+        ),
+        (
             ["--multihost", "--num_processes=2", "--process_id=2"],
             "error: --process_id 2 must be in [0, --num_processes 2)",
         ),
