@@ -18,7 +18,9 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 from absl import flags
+from jax.experimental import multihost_utils
 
 from fec_jax import checkpoint, cli, data, loop, reporting
 from fec_jax.model import model_name
@@ -82,6 +84,20 @@ def initialize_distributed() -> None:
     )
 
 
+def check_num_processes() -> None:
+  """Only process 0 (the coordinator) reads --num_processes: a process given another number
+  joins a run of process 0's size all the same. The processes gather what each was given and all
+  stop where one differs from the number that joined."""
+  given = np.asarray(multihost_utils.process_allgather(np.int32(FLAGS.num_processes or 0)))
+  wrong = np.flatnonzero((given != 0) & (given != jax.process_count()))
+  if wrong.size:
+    cli.fail(
+        f"process {wrong[0]} was given --num_processes {given[wrong[0]]}, but "
+        f"{jax.process_count()} processes joined the run: give every process the same "
+        "--num_processes"
+    )
+
+
 def main(argv):
   del argv
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
@@ -90,6 +106,7 @@ def main(argv):
   check_multihost_flags()
   if FLAGS.multihost:
     initialize_distributed()
+    check_num_processes()
   new_workdir = not os.path.exists(FLAGS.workdir)
   cli.use_compilation_cache(FLAGS.workdir)
   try:

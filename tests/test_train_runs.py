@@ -188,6 +188,28 @@ def test_processes_started_with_different_configs_stop_at_once(compilation_cache
   assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
 
 
+def test_a_process_given_another_num_processes_stops_every_process(compilation_cache, tmp_path):
+  """Only process 0 (the coordinator) reads --num_processes: process 1 given 3 would join a run
+  of 2 all the same. Both processes name the mismatch."""
+  common = TINY + [
+      f"--workdir={tmp_path / 'multi'}",
+      "--multihost",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+  ]
+  procs = [
+      start("train.py", common + [f"--process_id={i}", f"--num_processes={n}"], compilation_cache)
+      for i, n in enumerate([2, 3])
+  ]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], errs
+  for err in errs:
+    assert err.splitlines()[-1] == (
+        "error: process 1 was given --num_processes 3, but 2 processes joined the run: give "
+        "every process the same --num_processes"
+    )
+  assert not os.path.exists(tmp_path / "multi")
+
+
 def test_two_processes_match_one_process_and_a_sigterm_to_one_stops_both(
     reference, compilation_cache, tmp_path
 ):
