@@ -133,7 +133,6 @@ def _check_same_run_everywhere(config, workdir: str) -> None:
   }
   differs = _differing(
       {
-          "number of processes": str(jax.process_count()),
           "workdir": os.path.abspath(workdir),
           "config file": " ".join(fields),  # the same fields: then compare each
       }
@@ -146,8 +145,8 @@ def _check_same_run_everywhere(config, workdir: str) -> None:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise ValueError(
         f"process {others[0]} was given another {shown} than process 0: give every process the "
-        "same workdir and config (train.py: the same --workdir, --config, --config.* overrides "
-        "and --num_processes)"
+        "same workdir and config (train.py: the same --workdir, --config and --config.* "
+        "overrides)"
     )
 
 

@@ -182,8 +182,8 @@ def test_processes_started_with_different_configs_stop_at_once(compilation_cache
   for err in errs:
     assert err.splitlines()[-1] == (
         "error: process 1 was given another workdir, config.base_lr than process 0: give every "
-        "process the same workdir and config (train.py: the same --workdir, --config, --config.* "
-        "overrides and --num_processes)"
+        "process the same workdir and config (train.py: the same --workdir, --config and "
+        "--config.* overrides)"
     )
   assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
 

@@ -213,7 +213,7 @@ def test_processes_given_another_run_say_what_differs(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   advice = (
       " than process 0: give every process the same workdir and config (train.py: the same "
-      "--workdir, --config, --config.* overrides and --num_processes)"
+      "--workdir, --config and --config.* overrides)"
   )
   lr = demo.get_config()
   lr.base_lr = 0.05
