@@ -441,6 +441,16 @@ def test_missing_annotation_and_layout_errors(tmp_path):
     fd.seg_num_examples(_cfg(tmp_path / "up"), "train")
   with pytest.raises(fd.DataNotFoundError, match="root is empty"):
     fd.seg_num_examples(_cfg(""), "train")
+  mine = tmp_path / "mine"  # one's own data, with other split names
+  for kind in ("images", "annotations"):
+    os.makedirs(mine / kind / "train")
+    os.makedirs(mine / kind / "val")
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.seg_num_examples(_cfg(mine), "val")
+  assert str(e.value).startswith(
+      f"{mine}/images/validation is not a directory ({mine}/images holds train, val; "
+      "config.data.train_split and config.data.val_split name the split folders); expected"
+  )
 
 
 def test_config_validation():

@@ -70,7 +70,16 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   inner = os.path.join(root, "ADEChallengeData2016")
   for d in (img_dir, ann_dir):
     if not os.path.isdir(d):
-      hint = f" (did you mean {inner}?)" if os.path.isdir(inner) else ""
+      parent = os.path.dirname(d)
+      hint = ""
+      if os.path.isdir(inner):
+        hint = f" (did you mean {inner}?)"
+      elif os.path.isdir(parent):  # other split names, e.g. train/val
+        folders = sorted(e.name for e in os.scandir(parent) if e.is_dir())
+        hint = (
+            f" ({parent} holds {', '.join(folders) if folders else 'no folder'}; "
+            "config.data.train_split and config.data.val_split name the split folders)"
+        )
       raise DataNotFoundError(f"{d} is not a directory{hint}; {ADE20K_LAYOUT_HELP}")
   images = _scan(img_dir, IMG_SUFFIX)
   if not images:
