@@ -153,6 +153,27 @@ def test_evaluator_refuses_a_val_split_with_no_labelled_pixel(fresh, tmp_path):
     task.evaluator(model, training.create_mesh(), FAST_COMPILE)(variables)
 
 
+def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, caplog):
+  """Classes with no pixel in the val annotations have NaN IoU and Acc, left out of mIoU (mmseg):
+  a binary mask saved as 0/255 scores 100% on its background alone, so a warning names them."""
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
+  for path in (tmp_path / "ade" / "annotations" / "validation").iterdir():
+    with Image.open(path) as label:
+      label = np.asarray(label).copy()
+    label[label > 2] = 255  # ids 1, 2 -> classes 0, 1; the others ignored
+    Image.fromarray(label).save(path)
+  task, variables = tasks.get(ade_tiny(root)), fresh[1]
+  evaluator = task.evaluator(task.create_model()[0], training.create_mesh(), FAST_COMPILE)
+  with caplog.at_level("WARNING"):
+    evaluator(variables)
+  assert (
+      "3 of the 5 classes have no labelled pixel in the 3 val images ('class 2', 'class 3', "
+      "'class 4'): their IoU and Acc are NaN and left out of mIoU and mAcc, as in mmseg; expected "
+      "ids 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "(ignore_index)"
+  ) in caplog.messages
+
+
 def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):
   """Val ids that are neither a class nor ignore_index count nowhere (mmseg): a wrong
   num_classes or reduce_zero_label would change the score unseen, so a warning names them as the

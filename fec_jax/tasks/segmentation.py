@@ -148,7 +148,26 @@ class MeanIoU(Evaluator):
           f"annotation pixel is ignore_index {d.ignore_index}{zero} or a class id >= "
           f"config.data.num_classes {d.num_classes}; nothing to score"
       )
+    absent = np.flatnonzero(totals[0]["area_label"] == 0)
+    if absent.size and jax.process_index() == 0:
+      self._warn_absent(absent, count)
     return [{**miou.summarize(t, per_class), "images": count} for t in totals]
+
+  def _warn_absent(self, absent: np.ndarray, count: int) -> None:
+    """A warning that the classes `absent` have no labelled pixel in the `count` val images:
+    their IoU and Acc are NaN, which mIoU and mAcc leave out (as mmseg's nanmean), so the scores
+    say nothing of them (e.g. a 0/255 binary mask: the 255 foreground is ignore_index)."""
+    names = classes.segmentation_names(self._config.data)
+    shown = ", ".join(repr(names[i]) for i in absent[:8]) + (", ..." if absent.size > 8 else "")
+    logging.warning(
+        "%d of the %d classes have no labelled pixel in the %d val images (%s): their IoU and "
+        "Acc are NaN and left out of mIoU and mAcc, as in mmseg; expected ids %s",
+        absent.size,
+        self._num_classes,
+        count,
+        shown,
+        seg_transforms.expected_ids(self._config.data),
+    )
 
   def _warn_unknown(self, annotations: int, count: int, ids: set[int]) -> None:
     """A warning that `annotations` of the `count` val annotations hold ids that are no class
