@@ -977,13 +977,21 @@ def test_visualize_seg_path_mistakes(tmp_path, args, message):
   assert (code, out, err) == (2, "", f"error: {message.format(tmp=tmp_path)}\n")
 
 
-def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
-  """Every validation file is corrupt: one error line names the folder (after the loader's
-  warnings naming the files), before the weights are restored; no picture is written. As with
-  eval.py, absl's info lines (the loader's counts) show only with --verbosity, warnings always."""
+@pytest.mark.parametrize("bad", ["corrupt", "rgb_annotation"])
+def test_visualize_seg_without_a_readable_image_says_so(bad, files, tmp_path):
+  """Every validation file is corrupt, or every annotation an RGB picture: one error line names
+  the folder (after the loader's warnings naming the files), before the weights are restored; no
+  picture is written. As with eval.py, absl's info lines (the loader's counts) show only with
+  --verbosity, warnings always."""
   for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
     (tmp_path / kind / "validation").mkdir(parents=True)
     (tmp_path / kind / "validation" / f"ADE_val_00000001{suffix}").write_bytes(b"not an image")
+  if bad == "rgb_annotation":
+    (tmp_path / "images" / "validation" / "ADE_val_00000001.jpg").write_bytes(
+        (files / "photo.jpg").read_bytes()
+    )
+    rgb = np.zeros((40, 48, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "annotations" / "validation" / "ADE_val_00000001.png")
   args = [
       "--config=configs/fpn_fec_small_ade20k.py",
       f"--config.data.root={tmp_path}",
@@ -997,7 +1005,8 @@ def test_visualize_seg_without_a_readable_image_says_so(files, tmp_path):
   assert err.splitlines()[-1] == (
       f"error: no readable validation image in {tmp_path}/images/validation (annotations in "
       f"{tmp_path}/annotations/validation): all 1 failed to load (unreadable or corrupt files, "
-      "or an annotation not the image's size; the warnings above name them)"
+      "or annotations that are not single-channel 8-bit PNGs or not the image's size; the "
+      "warnings above name them)"
   ), err
   assert not (tmp_path / "seg.png").exists()
   logged = err.splitlines()[:-1]
