@@ -153,15 +153,24 @@ def test_evaluator_refuses_a_val_split_with_no_labelled_pixel(fresh, tmp_path):
     task.evaluator(model, training.create_mesh(), FAST_COMPILE)(variables)
 
 
+def edit_val_annotations(ade, edit) -> None:
+  """Rewrites each val annotation of the ADE20K folder `ade` (sorted) with edit(i, label [H, W])."""
+  for i, path in enumerate(sorted((ade / "annotations" / "validation").iterdir())):
+    with Image.open(path) as label:
+      label = np.asarray(label).copy()
+    edit(i, label)
+    Image.fromarray(label).save(path)
+
+
 def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, caplog):
   """Classes with no pixel in the val annotations have NaN IoU and Acc, left out of mIoU (mmseg):
   a binary mask saved as 0/255 scores 100% on its background alone, so a warning names them."""
   root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
-  for path in (tmp_path / "ade" / "annotations" / "validation").iterdir():
-    with Image.open(path) as label:
-      label = np.asarray(label).copy()
-    label[label > 2] = 255  # ids 1, 2 -> classes 0, 1; the others ignored
-    Image.fromarray(label).save(path)
+
+  def ignore_above_2(_, label):  # ids 1, 2 -> classes 0, 1; the others ignored
+    label[label > 2] = 255
+
+  edit_val_annotations(tmp_path / "ade", ignore_above_2)
   task, variables = tasks.get(ade_tiny(root)), fresh[1]
   evaluator = task.evaluator(task.create_model()[0], training.create_mesh(), FAST_COMPILE)
   with caplog.at_level("WARNING"):
@@ -179,12 +188,12 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
   num_classes or reduce_zero_label would change the score unseen, so a warning names them as the
   files store them. `stop` ends the evaluation after the image under way."""
   root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
-  paths = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
-  for path, value in zip(paths, (9, 200)):
-    with Image.open(path) as label:
-      label = np.asarray(label).copy()
-    label[:2, :2] = value
-    Image.fromarray(label).save(path)
+
+  def no_class_in_two(i, label):  # the first two annotations: ids 9 and 200 in a corner
+    if i < 2:
+      label[:2, :2] = (9, 200)[i]
+
+  edit_val_annotations(tmp_path / "ade", no_class_in_two)
   task, variables = tasks.get(ade_tiny(root)), fresh[1]
   evaluator = task.evaluator(task.create_model()[0], training.create_mesh(), FAST_COMPILE)
   with caplog.at_level("WARNING"):
