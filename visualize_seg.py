@@ -27,7 +27,7 @@ from absl import flags, logging
 from PIL import Image
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, seg_picture, training, visualize
+from fec_jax import checkpoint, cli, data, seg_picture, tasks, training, visualize
 from fec_jax.data import classes, seg_transforms, transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
@@ -129,11 +129,10 @@ def check_arguments(config, images: list[str] | None):
         f"{directory} holds {model_name(model)}, not a segmenter ({', '.join(sorted(SEGMENTERS))})"
     )
   cli.check_config_found(directory, flag, model_name(model), FLAGS["config"].present, CONFIGS)
-  if model.num_classes != config.data.num_classes:
-    cli.fail(
-        f"the checkpoint's model has {model.num_classes} classes, config.data "
-        f"{config.data.num_classes}"
-    )
+  try:
+    tasks.get(config).check_num_classes(model)
+  except ValueError as e:
+    cli.fail(str(e))
   return output, min(FLAGS.num, num_val)
 
 

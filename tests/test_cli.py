@@ -977,6 +977,25 @@ def test_visualize_seg_path_mistakes(tmp_path, args, message):
   assert (code, out, err) == (2, "", f"error: {message.format(tmp=tmp_path)}\n")
 
 
+def test_visualize_seg_of_another_class_count_is_eval_pys_error(files, tmp_path):
+  """A config of other classes than the checkpoint's: the error of eval.py (the task's check),
+  with what to give, before the weights are restored."""
+  code, out, err = visualize_seg(
+      "--config=configs/fpn_fec_small_ade20k.py",
+      "--config.data.num_classes=3",
+      f"--checkpoint={files}/fpn",
+      f"--output={tmp_path}/seg.png",
+      f"--image={files}/photo.jpg",
+  )
+  assert (code, out, err) == (
+      2,
+      "",
+      "error: the model has 150 classes but config.data.num_classes is 3: give the config of the "
+      "checkpoint's run, or --config.data.num_classes=150 for data of its classes\n",
+  )
+  assert not os.path.exists(tmp_path / "seg.png")
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "rgb_annotation"])
 def test_visualize_seg_without_a_readable_image_says_so(bad, files, tmp_path):
   """Every validation file is corrupt, or every annotation an RGB picture: one error line names

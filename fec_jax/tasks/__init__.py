@@ -247,7 +247,8 @@ class Task(abc.ABC):
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(
           f"the model has {model.num_classes} classes but config.data.num_classes "
-          f"is {self.config.data.num_classes}"
+          f"is {self.config.data.num_classes}: give the config of the checkpoint's run, or "
+          f"--config.data.num_classes={model.num_classes} for data of its classes"
       )
 
   @abc.abstractmethod
