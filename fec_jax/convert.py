@@ -537,8 +537,9 @@ def _inside_checkpoint(output: str, checkpoint: str) -> bool:
 
 def _checkpoint_around(path: str) -> str | None:
   """The checkpoint directory that `path` would lie inside (see _inside_checkpoint), or None:
-  the parents that hold a saved step (a numbered directory with a model item) are candidates."""
-  parent = os.path.dirname(os.path.abspath(path))
+  the parents that hold a saved step (a numbered directory with a model item) are candidates,
+  those of the real path (a link to a checkpoint's directory leads inside it)."""
+  parent = os.path.dirname(os.path.realpath(path))
   while True:
     try:
       steps = [e for e in os.listdir(parent) if e.isdigit()]

@@ -581,6 +581,27 @@ def test_a_conversion_may_write_into_a_workdirs_top_level(tmp_path, orbax_small)
     )
 
 
+def test_an_output_through_a_link_into_a_checkpoint_is_refused(tmp_path, orbax_small):
+  """A link to a checkpoint's directory does not hide it: the output's real path is inside."""
+  (tmp_path / "step").symlink_to(orbax_small / "0")
+  (tmp_path / "ckpt").symlink_to(orbax_small)
+  for output, args in (
+      (tmp_path / "step" / "o", []),
+      (tmp_path / "ckpt" / "o", []),
+      (tmp_path / "step" / "b.pth", ["--to-torch"]),
+  ):
+    src = str(tmp_path / "copy") if args else __file__
+    if args and not os.path.exists(src):
+      shutil.copytree(orbax_small, src)
+    with pytest.raises(convert.ConversionError) as error:
+      convert.check_paths(
+          convert._parser().parse_args(["--input", src, "--output", str(output), *args])
+      )
+    assert str(error.value).startswith(
+        f"--output {output} is inside the checkpoint {orbax_small}: write it outside"
+    ), output
+
+
 def test_to_torch_writes_into_a_workdirs_top_level(tmp_path, orbax_small, capsys):
   """A train.py workdir's top level (its metrics, logs) takes the .pth; only the checkpoint's own
   directories are refused."""
