@@ -163,8 +163,10 @@ def edit_val_annotations(ade, edit) -> None:
 
 
 def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, caplog):
-  """Classes with no pixel in the val annotations have NaN IoU and Acc, left out of mIoU (mmseg):
-  a binary mask saved as 0/255 scores 100% on its background alone, so a warning names them."""
+  """Classes with no pixel in the val annotations have NaN Acc, and NaN IoU (left out of mIoU,
+  as in mmseg) unless predicted: a binary mask saved as 0/255 scores 100% on its background
+  alone where the model predicts it alone, so a warning names them. Here the fresh model
+  predicts two of the three (IoU 0, in mIoU)."""
   root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
 
   def ignore_above_2(_, label):  # ids 1, 2 -> classes 0, 1; the others ignored
@@ -174,13 +176,15 @@ def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, ca
   task, variables = tasks.get(ade_tiny(root)), fresh[1]
   evaluator = task.evaluator(task.create_model()[0], training.create_mesh(), FAST_COMPILE)
   with caplog.at_level("WARNING"):
-    evaluator(variables)
+    scores = evaluator(variables, per_class=True)["per_class"]
   assert (
       "3 of the 5 classes have no labelled pixel in the 3 val images ('class 2', 'class 3', "
-      "'class 4'): their IoU and Acc are NaN and left out of mIoU and mAcc, as in mmseg; expected "
-      "ids 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
-      "(ignore_index)"
+      "'class 4'): their Acc is NaN and left out of mAcc, and their IoU is 0 where the model "
+      "predicts them, else NaN and left out of mIoU, as in mmseg; expected ids 0 ('other'), "
+      "1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 (ignore_index)"
   ) in caplog.messages
+  assert np.isnan(scores["Acc"][2:]).all() and np.isnan(scores["IoU"][2])
+  np.testing.assert_array_equal(scores["IoU"][3:], 0.0)
 
 
 def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):

@@ -155,13 +155,15 @@ class MeanIoU(Evaluator):
 
   def _warn_absent(self, absent: np.ndarray, count: int) -> None:
     """A warning that the classes `absent` have no labelled pixel in the `count` val images:
-    their IoU and Acc are NaN, which mIoU and mAcc leave out (as mmseg's nanmean), so the scores
-    say nothing of them (e.g. a 0/255 binary mask: the 255 foreground is ignore_index)."""
+    their Acc is NaN, which mAcc leaves out (as mmseg's nanmean), and their IoU 0 where the model
+    predicts them, else NaN and left out of mIoU, so the scores say little of them (e.g. a 0/255
+    binary mask: the 255 foreground is ignore_index)."""
     names = classes.segmentation_names(self._config.data)
     shown = ", ".join(repr(names[i]) for i in absent[:8]) + (", ..." if absent.size > 8 else "")
     logging.warning(
-        "%d of the %d classes have no labelled pixel in the %d val images (%s): their IoU and "
-        "Acc are NaN and left out of mIoU and mAcc, as in mmseg; expected ids %s",
+        "%d of the %d classes have no labelled pixel in the %d val images (%s): their Acc is "
+        "NaN and left out of mAcc, and their IoU is 0 where the model predicts them, else NaN "
+        "and left out of mIoU, as in mmseg; expected ids %s",
         absent.size,
         self._num_classes,
         count,
