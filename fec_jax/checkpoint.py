@@ -30,7 +30,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fec_jax import cli
-from fec_jax.model import STAGE_NAME, create_model, init_from_models, is_stage, variable_shapes
+from fec_jax.model import (
+    SEGMENTERS,
+    STAGE_NAME,
+    create_model,
+    init_from_models,
+    is_stage,
+    variable_shapes,
+)
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -63,8 +70,14 @@ def save_params(
     directory: str, params, name: str, overrides: dict[str, Any], batch_stats=None
 ) -> None:
   """Writes a checkpoint of step 0 with the model description and its params (converter output),
-  and the batch_stats of a model that has them, in `directory`: a new or empty folder
-  (CheckpointError otherwise, before anything is written)."""
+  and the batch_stats of a model that has them (the fpn_* segmenters, and only they), in
+  `directory`: a new or empty folder (CheckpointError otherwise, before anything is written)."""
+  if (name in SEGMENTERS) != (batch_stats is not None):
+    raise CheckpointError(
+        f"{name} has BatchNorm statistics: pass batch_stats=variables['batch_stats']"
+        if name in SEGMENTERS
+        else f"{name} has no BatchNorm statistics: leave out batch_stats"
+    )
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
     raise CheckpointError(

@@ -151,6 +151,21 @@ def test_save_params_writes_a_new_or_empty_folder_only(tmp_path):
   np.testing.assert_array_equal(saved["w"], np.ones(2))
 
 
+def test_save_params_needs_batch_stats_exactly_for_a_segmenter(tmp_path):
+  """A segmenter saved without its BatchNorm statistics (the README's random-init snippet with
+  fpn_fec_small) was written, and every load of it failed with Orbax's 'Item "batch_stats" was
+  not found'; a classifier with batch_stats was written too. Both are one CheckpointError now,
+  before anything is written."""
+  cases = (
+      ("fpn_fec_small", None, "fpn_fec_small has BatchNorm statistics: pass batch_stats="),
+      ("fec_small", {"bn": np.ones(2)}, "fec_small has no BatchNorm statistics: leave out"),
+  )
+  for name, batch_stats, message in cases:
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+      checkpoint.save_params(tmp_path / name, {"w": np.ones(2)}, name, {}, batch_stats)
+    assert not (tmp_path / name).exists()
+
+
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])
 def test_checkpoint_layouts(tmp_path, small_state, wrap):
   path = tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pth")
