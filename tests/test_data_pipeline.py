@@ -634,6 +634,24 @@ def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog
     sources.FolderSource(root, "val", 3)
 
 
+def test_images_outside_the_class_folders_are_skipped_with_a_warning(tmp_path, caplog):
+  """An image left directly in train/ or val/ beside the class folders was skipped silently (as
+  torchvision's ImageFolder skips it): the split lost it without a word. A warning per split
+  names it now, once per process."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=2, val_per_class=1)
+  for split in ("train", "val"):
+    shutil.copy(next((tmp_path / split / WNIDS[0]).glob("*.JPEG")), tmp_path / split / "a.jpg")
+  with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    for split, images in (("train", 4), ("val", 2), ("val", 2)):  # val: once per process
+      assert len(sources.FolderSource(root, split, 2)) == images
+  for split in ("train", "val"):
+    warning = (
+        f"{tmp_path / split}: 1 image(s) outside class folders are skipped, e.g. a.jpg; an image "
+        f"belongs in {tmp_path / split}/<class>/"
+    )
+    assert caplog.text.count(warning) == 1
+
+
 def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
   with pytest.raises(
       ValueError, match=r"^18 train examples are fewer than one global batch \(32\); "

@@ -95,7 +95,7 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
           paths.append(os.path.join(rel, f))
           labels.append(label)
   if not paths:
-    loose = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMG_EXTENSIONS))
+    loose = _loose_images(split_dir)
     where = (
         f"{split_dir} holds {len(loose)} images (e.g. {loose[0]}) outside class folders; sort "
         f"them into {split_dir}/<class>/"
@@ -104,6 +104,32 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
     )
     raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
   return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+
+
+def _loose_images(split_dir: str) -> list[str]:
+  """The image files directly in a split folder, outside its class folders (sorted)."""
+  return sorted(
+      f
+      for f in os.listdir(split_dir)
+      if f.lower().endswith(IMG_EXTENSIONS) and not os.path.isdir(os.path.join(split_dir, f))
+  )
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_loose_images(split_dir: str) -> None:
+  """Warns once per process and folder of the images that a split with class folders skips
+  because they lie outside them (a split with none of its images in class folders is an error
+  of scan_folder)."""
+  loose = _loose_images(split_dir)
+  if loose:
+    log.warning(
+        "%s: %d image(s) outside class folders are skipped, e.g. %s; an image belongs in "
+        "%s/<class>/",
+        split_dir,
+        len(loose),
+        loose[0],
+        split_dir,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -144,6 +170,7 @@ class FolderSource:
     # ImageNet may have them empty.
     train_classes = scan_folder(train_dir)[0] if split == train_split else class_folders(train_dir)
     classes, self._paths, labels = scan_folder(os.path.join(root, split))
+    _warn_loose_images(os.path.join(root, split))
     if split == train_split:
       _warn_empty_classes(train_dir)
     if len(train_classes) != num_classes:
