@@ -304,6 +304,10 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
       "(--images 2 is for a new folder)\n"
   )
   assert captured.out.startswith(f"3 images per split in {root}")
+  # The decoding share, not "JPEG decoding": a user's folder may hold PNGs, TIFFs, ...
+  assert "train transform:    50.0 images/s/core (20.00 ms/image, 50% of it decoding)" in (
+      captured.out
+  )
   assert timed == [3, 3] and loaded == [(3, 2, 1)]  # 3 images: 3 class folders
   assert _one_error_line(capsys, data_bench.main, ["--dir", root, "--loader-workers", "1"]) == (
       f"error: --dir {root} holds 3 train images: the grain loader needs at least one batch of "

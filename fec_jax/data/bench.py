@@ -193,7 +193,7 @@ def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
     rate, decode_share = time_transform(_files(os.path.join(root, split)), cfg, train)
     print(
         f"{name} transform: {rate:7.1f} images/s/core ({1e3 / rate:.2f} ms/image, "
-        f"{100 * decode_share:.0f}% of it JPEG decoding)"
+        f"{100 * decode_share:.0f}% of it decoding)"
     )
   if args.loader_workers > 0:
     classes = sources.scan_folder(os.path.join(root, "train"))[0]
