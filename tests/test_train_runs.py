@@ -160,6 +160,21 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   assert err.rstrip().endswith(f"use a new --workdir with --config.init_from={workdir}"), err
 
 
+def assert_both_stop_with(
+    common: list[str], extras: list[list[str]], cache_dir: str, error: str
+) -> None:
+  """Starts train.py as processes 0 and 1 of a two-process run (the common flags, then each one's
+  extras): both must exit with status 2 and the same last line, `error`."""
+  procs = [
+      start("train.py", common + [f"--process_id={i}", *extra], cache_dir)
+      for i, extra in enumerate(extras)
+  ]
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], errs
+  for err in errs:
+    assert err.splitlines()[-1] == error, err
+
+
 def test_processes_started_with_different_configs_stop_at_once(compilation_cache, tmp_path):
   """A process with its own override would train with other values than process 0 logs, one
   with its own workdir would fail inside Orbax: both processes name what differs."""
@@ -168,23 +183,17 @@ def test_processes_started_with_different_configs_stop_at_once(compilation_cache
       f"--coordinator_address=127.0.0.1:{free_port()}",
       "--num_processes=2",
   ]
-  procs = [
-      start("train.py", common + [f"--process_id={i}", *extra], compilation_cache)
-      for i, extra in enumerate(
-          [
-              [f"--workdir={tmp_path / 'multi'}"],
-              [f"--workdir={tmp_path / 'other'}", "--config.base_lr=0.05"],
-          ]
-      )
-  ]
-  errs = [p.communicate(timeout=300)[1] for p in procs]
-  assert [p.returncode for p in procs] == [2, 2], errs
-  for err in errs:
-    assert err.splitlines()[-1] == (
-        "error: process 1 was given another workdir, config.base_lr than process 0: give every "
-        "process the same workdir and config (train.py: the same --workdir, --config and "
-        "--config.* overrides)"
-    )
+  assert_both_stop_with(
+      common,
+      [
+          [f"--workdir={tmp_path / 'multi'}"],
+          [f"--workdir={tmp_path / 'other'}", "--config.base_lr=0.05"],
+      ],
+      compilation_cache,
+      "error: process 1 was given another workdir, config.base_lr than process 0: give every "
+      "process the same workdir and config (train.py: the same --workdir, --config and "
+      "--config.* overrides)",
+  )
   assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
 
 
@@ -196,17 +205,13 @@ def test_a_process_given_another_num_processes_stops_every_process(compilation_c
       "--multihost",
       f"--coordinator_address=127.0.0.1:{free_port()}",
   ]
-  procs = [
-      start("train.py", common + [f"--process_id={i}", f"--num_processes={n}"], compilation_cache)
-      for i, n in enumerate([2, 3])
-  ]
-  errs = [p.communicate(timeout=300)[1] for p in procs]
-  assert [p.returncode for p in procs] == [2, 2], errs
-  for err in errs:
-    assert err.splitlines()[-1] == (
-        "error: process 1 was given --num_processes 3, but 2 processes joined the run: give "
-        "every process the same --num_processes"
-    )
+  assert_both_stop_with(
+      common,
+      [["--num_processes=2"], ["--num_processes=3"]],
+      compilation_cache,
+      "error: process 1 was given --num_processes 3, but 2 processes joined the run: give "
+      "every process the same --num_processes",
+  )
   assert not os.path.exists(tmp_path / "multi")
 
 
