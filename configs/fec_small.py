@@ -29,6 +29,7 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.init_from = ""
   c.init_from_ema = False  # take init_from's EMA weights (a train.py workdir that kept them)
   c.init_from_step = -1  # the saved step of init_from to take; -1: its latest
+  c.init_from_required = False  # True: a fresh run without init_from is an error (a fine-tune)
   c.global_batch_size = 1024  # across all devices and hosts
   c.eval_batch_size = 1024
   # Optimizer: AdamW, lr = base_lr * global_batch_size / lr_base_batch_size, wd on >1-D params

@@ -208,6 +208,12 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   model, model_name, overrides = task.create_model()
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
+  if resume is None and config.init_from_required and not config.init_from:
+    raise ValueError(
+        "config.init_from is not set, and this config fine-tunes (config.init_from_required): "
+        "give --config.init_from=DIR (a convert_torch_weights.py output or a train.py workdir), "
+        "or --config.init_from_required=False to train from random weights"
+    )
   if resume is None:
     reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
     saved = None

@@ -200,8 +200,8 @@ def read_config(workdir: str) -> dict | None:
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
 # Config fields added after runs were made: a config.json without one (a run of an earlier
 # fec-jax) gets its default, which is how that run behaved. Each names or shows things, or is read
-# only by a fresh start (init_from_step).
-_ADDED_LATER = frozenset({"data.class_names", "init_from_step"})
+# only by a fresh start (init_from_step, init_from_required).
+_ADDED_LATER = frozenset({"data.class_names", "init_from_required", "init_from_step"})
 
 
 def restore_config(saved: dict, template, where: str):

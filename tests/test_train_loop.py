@@ -485,6 +485,22 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
   )
 
 
+def test_a_fine_tune_without_init_from_is_refused(tmp_path):
+  """configs/finetune.py's lr and schedule are for pretrained weights: a fresh run without
+  init_from stops before anything is read, unless told to start from random weights."""
+  config = finetune_config(tmp_path / "data", "")
+  with pytest.raises(ValueError) as e:
+    train(config, tmp_path / "w")
+  assert str(e.value) == (
+      "config.init_from is not set, and this config fine-tunes (config.init_from_required): "
+      "give --config.init_from=DIR (a convert_torch_weights.py output or a train.py workdir), "
+      "or --config.init_from_required=False to train from random weights"
+  )
+  assert not os.path.exists(tmp_path / "w")
+  config.init_from_required = False
+  assert loop._start(config, str(tmp_path / "w"), tasks.get(config)).pretrained is None
+
+
 def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
   """Two runs on one workdir would interleave their records and checkpoints: the second stops
   at once, naming the first; the lock goes with the run that held it."""
