@@ -185,6 +185,10 @@ def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, ca
   ) in caplog.messages
   assert np.isnan(scores["Acc"][2:]).all() and np.isnan(scores["IoU"][2])
   np.testing.assert_array_equal(scores["IoU"][3:], 0.0)
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    evaluator(variables)  # a training run's next evaluation: the same annotations
+  assert not caplog.messages
 
 
 def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):
@@ -208,6 +212,10 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label"
   ) in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    evaluator(variables)
+  assert not caplog.messages
   with pytest.raises(tasks.EvaluationStopped, match="^stopped after 1 of 3 val images$"):
     evaluator(variables, stop=lambda: True)
 

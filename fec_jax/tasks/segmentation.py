@@ -73,6 +73,9 @@ class MeanIoU(Evaluator):
     self._jitted = jax.jit(eval_step)
     self._steps = {}  # (image shape, label shape) -> compiled step
     self._num_examples = data.seg_num_eval_examples(config.data, jax.process_count())
+    # The val annotations' warnings come with the first evaluation only: a training run
+    # evaluates the same annotations again and again.
+    self._warn = jax.process_index() == 0
 
   def _step(self, variables, image, label):
     key = (image.shape, label.shape)
@@ -135,7 +138,7 @@ class MeanIoU(Evaluator):
       _add(totals[i], jax.device_get(areas))
     counts = _sum_over_hosts(counts)
     count = int(counts["images"][0])
-    if counts["unknown"][0] and jax.process_index() == 0:
+    if counts["unknown"][0] and self._warn:
       self._warn_unknown(int(counts["unknown"][0]), count, unknown_ids)
     if not count:
       raise self.nothing_to_evaluate(self._config.data)
@@ -149,8 +152,9 @@ class MeanIoU(Evaluator):
           f"config.data.num_classes {d.num_classes}; nothing to score"
       )
     absent = np.flatnonzero(totals[0]["area_label"] == 0)
-    if absent.size and jax.process_index() == 0:
+    if absent.size and self._warn:
       self._warn_absent(absent, count)
+    self._warn = False
     return [{**miou.summarize(t, per_class), "images": count} for t in totals]
 
   def _warn_absent(self, absent: np.ndarray, count: int) -> None:
