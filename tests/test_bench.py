@@ -321,10 +321,17 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")
   assert _one_error_line(capsys, data_bench.main, ["--dir", str(tmp_path / "mine")]) == (
-      f"error: --dir {tmp_path / 'mine'} holds files but no train/ folder; expected a class "
-      "folder (train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
+      f"error: --dir {tmp_path / 'mine'} holds 'notes.txt' but no train/ folder; expected a "
+      "class folder (train/<class>/*, val/<class>/*) to time, or a new or empty folder to write "
+      "JPEGs to"
   )
   assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # nothing written into it
+  split = tmp_path / "train"  # a split's class folders given as --dir
+  for name in ("cat", "dog", "eel", "fox", "gnu"):
+    (split / name).mkdir(parents=True)
+  assert _one_error_line(capsys, data_bench.main, ["--dir", str(split)]).startswith(
+      f"error: --dir {split} holds 'cat', 'dog', 'eel' and 2 more but no train/ folder; "
+  )
 
 
 def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):

@@ -148,9 +148,10 @@ def main(argv=None):
   _check_args(args)
   root = args.dir
   reused = root is not None and os.path.isdir(os.path.join(root, "train"))
-  if root is not None and not reused and os.path.isdir(root) and os.listdir(root):
-    cli.fail(
-        f"--dir {root} holds files but no train/ folder; expected a class folder "
+  if root is not None and not reused and os.path.isdir(root) and (held := sorted(os.listdir(root))):
+    shown = ", ".join(map(repr, held[:3])) + (f" and {len(held) - 3} more" if held[3:] else "")
+    cli.fail(  # held may be class folders: --dir is then a split, not the dataset's root
+        f"--dir {root} holds {shown} but no train/ folder; expected a class folder "
         "(train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
     )
   num_train, num_val = _reused_folder(root) if reused else (args.images, args.images)
