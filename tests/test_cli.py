@@ -299,15 +299,16 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
 
 
 def test_a_config_json_without_a_field_added_later_gets_its_default(tmp_path):
-  """data.class_names came after the first segmentation runs, init_from_step after the first
-  runs: their config.json lacks them."""
+  """data.class_names came after the first segmentation runs, init_from_step and
+  init_from_required after the first runs: their config.json lacks them."""
   reporting.write_config(str(tmp_path), demo_seg.get_config())
   saved = json.loads((tmp_path / reporting.CONFIG_FILE).read_text())
-  del saved["data"]["class_names"], saved["init_from_step"]
+  del saved["data"]["class_names"], saved["init_from_step"], saved["init_from_required"]
   saved["data"]["demo_num_val"] = 7
   (tmp_path / reporting.CONFIG_FILE).write_text(json.dumps(saved))
   config = workdir.get_config(str(tmp_path))
   assert (config.data.class_names, config.init_from_step, config.data.demo_num_val) == ((), -1, 7)
+  assert not config.init_from_required
   del saved["data"]["reduce_zero_label"]  # not one of them
   (tmp_path / reporting.CONFIG_FILE).write_text(json.dumps(saved))
   with pytest.raises(ValueError, match="lacks data.reduce_zero_label: it is not a config of"):
