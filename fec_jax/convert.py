@@ -535,19 +535,24 @@ def _inside_checkpoint(output: str, checkpoint: str) -> bool:
   return os.path.dirname(real_output) != real_checkpoint or _replaceable_checkpoint(checkpoint)
 
 
+def _holds_steps(directory: str) -> bool:
+  """Whether `directory` holds a saved step (a numbered directory with a model item): it is a
+  checkpoint (a converter output or a train.py workdir)."""
+  try:
+    steps = [e for e in os.listdir(directory) if e.isdigit()]
+  except OSError:  # a directory yet to be made, or one we may not list
+    return False
+  return any(os.path.isdir(os.path.join(directory, s, MODEL_ITEM)) for s in steps)
+
+
 def _checkpoint_around(path: str) -> str | None:
   """The checkpoint directory that `path` would lie inside (see _inside_checkpoint), or None:
   the parents that hold a saved step (a numbered directory with a model item) are candidates,
   those of the real path (a link to a checkpoint's directory leads inside it)."""
   parent = os.path.dirname(os.path.realpath(path))
   while True:
-    try:
-      steps = [e for e in os.listdir(parent) if e.isdigit()]
-    except OSError:  # a parent yet to be made, or one we may not list
-      steps = []
-    if any(os.path.isdir(os.path.join(parent, s, MODEL_ITEM)) for s in steps):
-      if _inside_checkpoint(path, parent):
-        return parent
+    if _holds_steps(parent) and _inside_checkpoint(path, parent):
+      return parent
     if os.path.dirname(parent) == parent:
       return None
     parent = os.path.dirname(parent)
@@ -563,6 +568,19 @@ def _refuse_inside_checkpoint(output: str, read: str | None = None) -> None:
         f"--output {output} is inside the checkpoint {checkpoint}: write it outside the "
         "checkpoint's directories (a run deletes an old step's directory with what it holds; "
         "a converter output's directory holds only its steps)"
+    )
+
+
+def _refuse_a_step_name(output: str) -> None:
+  """A ConversionError where an Orbax `output` named with digits would lie beside a checkpoint's
+  steps: Orbax takes every numbered directory there for a step, so the run would take it for
+  one of its own."""
+  real = os.path.realpath(output)
+  if os.path.basename(real).isdigit() and _holds_steps(os.path.dirname(real)):
+    raise ConversionError(
+        f"--output {output} would be taken for step {int(os.path.basename(real))} of the "
+        f"checkpoint {os.path.dirname(real)} (its steps are its numbered directories): give the "
+        "output a name that is not a number"
     )
 
 
@@ -625,6 +643,7 @@ def check_paths(args: argparse.Namespace) -> None:
         f"--output {dst}: {above} is a file; expected a directory for the Orbax checkpoint"
     )
   _refuse_inside_checkpoint(dst)
+  _refuse_a_step_name(dst)
   if os.path.isdir(dst) and os.listdir(dst):
     if not _replaceable_checkpoint(dst):
       raise ConversionError(

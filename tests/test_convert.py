@@ -587,12 +587,22 @@ def test_path_mistakes_are_one_line_before_any_work(
 
 def test_a_conversion_may_write_into_a_workdirs_top_level(tmp_path, orbax_small):
   """The checkpoint's own directories are refused as an Orbax --output (above), not a train.py
-  workdir's top level, nor a folder beside a checkpoint."""
+  workdir's top level, nor a folder beside a checkpoint; but a numbered one at the top level,
+  which the run would take for a step."""
   workdir = shutil.copytree(orbax_small, tmp_path / "run")
   (workdir / "metrics.jsonl").write_text("")
-  for output in (workdir / "converted", tmp_path / "converted"):
+  for output in (workdir / "converted", tmp_path / "converted", tmp_path / "7"):
     convert.check_paths(
         convert._parser().parse_args(["--input", __file__, "--output", str(output)])
+    )
+  for output in (workdir / "7", workdir / "0"):  # numbered: the run would take it for a step
+    with pytest.raises(convert.ConversionError) as error:
+      convert.check_paths(
+          convert._parser().parse_args(["--input", __file__, "--output", str(output)])
+      )
+    assert str(error.value) == (
+        f"--output {output} would be taken for step {output.name} of the checkpoint {workdir} "
+        "(its steps are its numbered directories): give the output a name that is not a number"
     )
 
 
