@@ -103,6 +103,7 @@ def main(argv):
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
   if not FLAGS["config"].present:
     check_config_found(FLAGS.workdir)
+  cli.check_data_found(FLAGS.config, FLAGS.workdir, FLAGS["config"].present)
   check_multihost_flags()
   if FLAGS.multihost:
     initialize_distributed()

@@ -121,6 +121,8 @@ def check_arguments(config, images: list[str] | None):
   if images is not None:
     visualize.check_images(images)
   data.seg_validate(config.data)
+  if images is None:
+    cli.check_data_found(config, directory, FLAGS["config"].present)
   # missing data stops here (images of one's own need none)
   num_val = data.seg_num_examples(config.data, "val") if images is None else len(images)
   model, _ = checkpoint.load_model(directory, FLAGS.step)

@@ -8,6 +8,7 @@ the compilation cache of a run.
   check_paths_given(...)    fail() for a path option given as an empty string
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
+  check_data_found(...)     fail() where the data folder of a run's own config is gone (moved)
   config_name(model)        the file name of a model's config in configs/
   check_config_found(...)   fail() where no --config was given and the checkpoint has no config.json
   check_input_size(...)     fail() unless a model takes an image size (before any slow work)
@@ -165,6 +166,24 @@ def note_config_differences(config, workdir: str | None, given: bool) -> None:
     which = "--config differs" if given else "the --config.* overrides differ"
     listed = ", ".join(f"{k} {changes[k][1]!r} (the run's: {changes[k][0]!r})" for k in changed)
     print(f"note: {which} from {workdir}'s config.json in {listed}", file=sys.stderr)
+
+
+def check_data_found(config, workdir: str, given: bool) -> None:
+  """fail() where `config` is the run's own (--config not `given`: configs/workdir.py read it
+  from `workdir`'s config.json) and a data folder it names as the run did (config.data.root,
+  tfds_data_dir) is gone: the data moved since the run, which the data's own error, naming the
+  folder alone, would not say."""
+  if given or not reporting.has_config(workdir):
+    return
+  where = os.path.join(workdir, reporting.CONFIG_FILE)
+  saved = reporting.read_config(workdir).get("data", {})
+  for field in ("root", "tfds_data_dir"):
+    folder = config.data.get(field, "")
+    if folder and folder == saved.get(field) and not os.path.isdir(folder):
+      fail(
+          f"config.data.{field} {folder} (the run's, from {where}) is not a directory; if the "
+          f"data moved, give --config.data.{field}=WHERE_IT_IS_NOW"
+      )
 
 
 def config_name(model: str) -> str:

@@ -20,7 +20,7 @@ from absl import flags
 from flax import traverse_util
 from PIL import ExifTags, Image
 
-from configs import demo, demo_seg, workdir
+from configs import demo, demo_seg, fec_small, workdir
 from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
 from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, variable_shapes
@@ -296,6 +296,34 @@ def test_without_config_a_command_on_a_workdir_takes_the_runs_config(parse, caps
   code, _, err, config = parse(capsys, "--config.eval_batch_size=8", default=default)
   assert (code, err) == (0, "")
   assert (config.seed, config.data.mean, config.eval_batch_size) == (7, (0.5, 0.5, 0.5), 8)
+
+
+def test_a_run_whose_data_moved_is_one_error_line_naming_its_config_json(tmp_path, capsys):
+  """The run's own config (no --config) names a data folder that is gone: one line that says
+  where the folder came from and what to give; a --config, an override of the folder, or a
+  folder still there pass (where the folder is missing, the data's own error follows)."""
+  for source, field in (("folder", "root"), ("tfds", "tfds_data_dir")):
+    config = fec_small.get_config()
+    config.data.source, config.data[field] = source, str(tmp_path / "moved")
+    run = tmp_path / source
+    reporting.write_config(str(run), config)
+    config = workdir.get_config(str(run))
+    with pytest.raises(SystemExit) as e:
+      cli.check_data_found(config, str(run), given=False)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: config.data.{field} {tmp_path / 'moved'} (the run's, from "
+        f"{run / reporting.CONFIG_FILE}) is not a directory; if the data moved, give "
+        f"--config.data.{field}=WHERE_IT_IS_NOW\n"
+    )
+    cli.check_data_found(config, str(run), given=True)
+    config.data[field] = str(tmp_path / "elsewhere")
+    cli.check_data_found(config, str(run), given=False)
+    config.data[field] = str(tmp_path / "moved")
+    (tmp_path / "moved").mkdir(exist_ok=True)
+    cli.check_data_found(config, str(run), given=False)
+    (tmp_path / "moved").rmdir()
+  cli.check_data_found(config, str(tmp_path / "fresh"), given=False)  # no config.json: no run
 
 
 def test_a_config_json_without_a_field_added_later_gets_its_default(tmp_path):
@@ -919,6 +947,12 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
             "segmenter's predictions (visualize.py: a classifier's clusters)",
         ),
         (
+            ["--workdir={tmp}/moved", "--output={tmp}/seg.png"],
+            "config.data.root {tmp}/ADEChallengeData2016 (the run's, from "
+            "{tmp}/moved/config.json) is not a directory; if the data moved, give "
+            "--config.data.root=WHERE_IT_IS_NOW",
+        ),
+        (
             ["--workdir={tmp}", "--output={tmp}/seg.png", "--alpha=1.5"],
             "--alpha is an opacity between 0 and 1, got 1.5",
         ),
@@ -958,6 +992,7 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
         "file as folder",
         "folder as output",
         "classifier run",
+        "moved data",
         "alpha",
         "missing image",
         "not an image",
@@ -968,12 +1003,16 @@ def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
 )
 def test_visualize_seg_path_mistakes(tmp_path, args, message):
   """Empty paths, an --output whose folder is a file or which is a folder, a workdir whose
-  config.json (the default config) is a classification run's, an --alpha outside [0, 1], an
+  config.json (the default config) is a classification run's or names a data folder that is
+  gone, an --alpha outside [0, 1], an
   --image that is no image or given with --num or without --image: one error line, before the
   checkpoint is read (the workdir has none)."""
   (tmp_path / "photo.jpg").write_bytes(b"a file")
   (tmp_path / "folder.png").mkdir()
   reporting.write_config(str(tmp_path / "classifier"), demo.get_config())
+  moved = demo_seg.get_config()
+  moved.data.source, moved.data.root = "ade20k", str(tmp_path / "ADEChallengeData2016")
+  reporting.write_config(str(tmp_path / "moved"), moved)
   code, out, err = visualize_seg(*(a.format(tmp=tmp_path) for a in args))
   assert (code, out, err) == (2, "", f"error: {message.format(tmp=tmp_path)}\n")
 

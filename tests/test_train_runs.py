@@ -7,6 +7,7 @@ the in-process runs) and the session's persistent compilation cache; the in-proc
 run (tests/conftest.py) is what they are compared with.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -141,6 +142,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def moved_data_run(reference, workdir, root) -> None:
+  """A copy of the reference run in `workdir` whose config.json reads class folders at `root`,
+  which is not there (the data moved)."""
+  saved = reporting.read_config(str(shutil.copytree(reference, workdir)))
+  saved["data"]["source"], saved["data"]["root"] = "folder", str(root)
+  (workdir / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+
+
 def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
     reference, compilation_cache, tmp_path
 ):
@@ -150,6 +159,9 @@ def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
   rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
   assert rc == 0, err[-3000:]
   assert f"resumed at step {STEPS}" in err and "nothing to train" in err, err[-3000:]
+  moved_data_run(reference, tmp_path / "moved", tmp_path / "data")
+  rc, _, err = run("train.py", [f"--workdir={tmp_path / 'moved'}"], compilation_cache)
+  assert rc == 2 and err.startswith(f"error: config.data.root {tmp_path / 'data'} (the run's"), err
   (workdir / reporting.CONFIG_FILE).unlink()  # a run of an earlier fec-jax: the demo's is not its
   rc, _, err = run("train.py", [f"--workdir={workdir}"], compilation_cache, cwd=tmp_path)
   assert rc == 2 and err.startswith(f"error: --workdir {workdir} has no config.json"), err
@@ -378,11 +390,14 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
         "eval_batch",
         "timing",
         "no_config",
+        "moved_data",
     ],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
   if case == "no_config":  # a run of an earlier fec-jax, without --config
     (shutil.copytree(reference, tmp_path / "old") / reporting.CONFIG_FILE).unlink()
+  if case == "moved_data":  # a run on a data folder that has moved since
+    moved_data_run(reference, tmp_path / "run", tmp_path / "data")
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
@@ -396,6 +411,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "eval_batch": [f"--workdir={reference}", "--config.eval_batch_size=0"],
       "timing": [f"--workdir={reference}", "--batch=4", "--iters=5"],
       "no_config": [f"--workdir={tmp_path / 'old'}"],
+      "moved_data": [f"--workdir={tmp_path / 'run'}"],
   }[case]
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
@@ -413,6 +429,8 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "--config.eval_batch_size",
       "no_config": "has no config.json (a convert_torch_weights.py output, or a run of an earlier "
       "fec-jax) to take the config from; give --config, the config of its fec_small",
+      "moved_data": f"config.data.root {tmp_path / 'data'} (the run's, from "
+      f"{tmp_path / 'run' / reporting.CONFIG_FILE}) is not a directory",
   }[case]
   rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
   assert rc == 2 and not out
