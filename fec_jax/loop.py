@@ -261,7 +261,12 @@ def _init_from_fix(found: str, model: str) -> str:
 
 # init_from and its options, each with its value where not set: a resume does not read them, and
 # config.json keeps those the run started with.
-_INIT_FROM = {"init_from": "", "init_from_ema": False, "init_from_step": -1}
+_INIT_FROM = {
+    "init_from": "",
+    "init_from_ema": False,
+    "init_from_step": -1,
+    "init_from_required": False,
+}
 # The fields a resumed run may change: where the data lies, how the loader runs (the batches do
 # not depend on it: fec_jax.data.loader), what init_from names (a resume does not read it),
 # how often to log, evaluate and save, how to evaluate (with the task's EVALUATION_ONLY fields),
@@ -329,14 +334,14 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   """Writes config.json: a fresh start's config, or on a resume the config with the fields it
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
-  last command did; init_from and its step and EMA options stay as the run started (a resume
-  does not read them); data.tfds_data_dir '' as the folder TFDS read. write_config makes its
+  last command did; init_from and its step, EMA and required options stay as the run started (a
+  resume does not read them); data.tfds_data_dir '' as the folder TFDS read. write_config makes its
   paths absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
   replace = data.recorded_fields(config.get("data"))
-  if saved is not None:  # a config.json older than init_from_step lacks it: the run took none
+  if saved is not None:  # one older than init_from_step (or _required) lacks it: the run took none
     replace.update({key: saved.get(key, unset) for key, unset in _INIT_FROM.items()})
   reporting.write_config(workdir, config, replace)
 

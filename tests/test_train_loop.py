@@ -501,6 +501,18 @@ def test_a_fine_tune_without_init_from_is_refused(tmp_path):
   assert loop._start(config, str(tmp_path / "w"), tasks.get(config)).pretrained is None
 
 
+def test_a_resume_may_change_init_from_required(tmp_path):
+  """A resume does not read init_from_required, as none of init_from's options: a resume with
+  another value goes on (a fine-tune from random weights resumed with configs/finetune.py alone),
+  and config.json keeps the run's."""
+  reporting.write_config(str(tmp_path), tiny())
+  again = tiny(init_from_required=True)
+  saved = loop._check_same_run(again, str(tmp_path), frozenset())
+  start = loop._Start(None, again.model.name, {}, STEPS, None, "", saved)
+  loop._record_config(again, str(tmp_path), start)
+  assert reporting.read_config(str(tmp_path))["init_from_required"] is False
+
+
 def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
   """Two runs on one workdir would interleave their records and checkpoints: the second stops
   at once, naming the first; the lock goes with the run that held it."""
