@@ -375,6 +375,14 @@ def test_a_start_that_fails_after_a_compile_leaves_no_workdir(reference, tmp_pat
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_eval_py_throughput_of_a_run_whose_data_moved(reference, compilation_cache, tmp_path):
+  """--throughput times the model on zeros: the run's data folder, gone, is no error."""
+  moved_data_run(reference, tmp_path / "run", tmp_path / "data")
+  args = [f"--workdir={tmp_path / 'run'}", "--throughput", "--batch=2", "--warmup=0", "--iters=1"]
+  rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
+  assert rc == 0 and out.startswith("throughput: "), err[-3000:]
+
+
 @pytest.mark.parametrize(
     "case",
     [
