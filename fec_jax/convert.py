@@ -573,14 +573,15 @@ def _refuse_inside_checkpoint(output: str, read: str | None = None) -> None:
 
 def _refuse_a_step_name(output: str) -> None:
   """A ConversionError where an Orbax `output` named with digits would lie beside a checkpoint's
-  steps: Orbax takes every numbered directory there for a step, so the run would take it for
-  one of its own."""
+  steps, or is one of them: Orbax takes every numbered directory there for a step, so the run
+  would take it for one of its own."""
   real = os.path.realpath(output)
   if os.path.basename(real).isdigit() and _holds_steps(os.path.dirname(real)):
+    is_step = os.path.isdir(os.path.join(real, MODEL_ITEM))  # one the run saved: not to replace
     raise ConversionError(
-        f"--output {output} would be taken for step {int(os.path.basename(real))} of the "
-        f"checkpoint {os.path.dirname(real)} (its steps are its numbered directories): give the "
-        "output a name that is not a number"
+        f"--output {output} {'is' if is_step else 'would be taken for'} step "
+        f"{int(os.path.basename(real))} of the checkpoint {os.path.dirname(real)} (its steps are "
+        "its numbered directories): give the output a name that is not a number"
     )
 
 

@@ -595,14 +595,15 @@ def test_a_conversion_may_write_into_a_workdirs_top_level(tmp_path, orbax_small)
     convert.check_paths(
         convert._parser().parse_args(["--input", __file__, "--output", str(output)])
     )
-  for output in (workdir / "7", workdir / "0"):  # numbered: the run would take it for a step
+  # numbered: the run would take it for a step; its step 0 is one already
+  for output, what in ((workdir / "7", "would be taken for"), (workdir / "0", "is")):
     with pytest.raises(convert.ConversionError) as error:
       convert.check_paths(
           convert._parser().parse_args(["--input", __file__, "--output", str(output)])
       )
     assert str(error.value) == (
-        f"--output {output} would be taken for step {output.name} of the checkpoint {workdir} "
-        "(its steps are its numbered directories): give the output a name that is not a number"
+        f"--output {output} {what} step {output.name} of the checkpoint {workdir} (its steps "
+        "are its numbered directories): give the output a name that is not a number"
     )
 
 
