@@ -574,15 +574,19 @@ def _refuse_inside_checkpoint(output: str, read: str | None = None) -> None:
 def _refuse_a_step_name(output: str) -> None:
   """A ConversionError where an Orbax `output` named with digits would lie beside a checkpoint's
   steps, or is one of them: Orbax takes every numbered directory there for a step, so the run
-  would take it for one of its own."""
-  real = os.path.realpath(output)
-  if os.path.basename(real).isdigit() and _holds_steps(os.path.dirname(real)):
-    is_step = os.path.isdir(os.path.join(real, MODEL_ITEM))  # one the run saved: not to replace
-    raise ConversionError(
-        f"--output {output} {'is' if is_step else 'would be taken for'} step "
-        f"{int(os.path.basename(real))} of the checkpoint {os.path.dirname(real)} (its steps are "
-        "its numbered directories): give the output a name that is not a number"
-    )
+  would take it for one of its own. The entry named (in its real parent) counts as the real
+  path: a link named 7 in a workdir is a step to Orbax, wherever it leads."""
+  given = output.rstrip(os.sep) or os.sep
+  entry = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+  for path in dict.fromkeys((entry, os.path.realpath(output))):
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if name.isdigit() and _holds_steps(parent):
+      is_step = os.path.isdir(os.path.join(path, MODEL_ITEM))  # one the run saved
+      raise ConversionError(
+          f"--output {output} {'is' if is_step else 'would be taken for'} step {int(name)} of "
+          f"the checkpoint {parent} (its steps are its numbered directories): give the output a "
+          "name that is not a number"
+      )
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -595,8 +595,10 @@ def test_a_conversion_may_write_into_a_workdirs_top_level(tmp_path, orbax_small)
     convert.check_paths(
         convert._parser().parse_args(["--input", __file__, "--output", str(output)])
     )
-  # numbered: the run would take it for a step; its step 0 is one already
-  for output, what in ((workdir / "7", "would be taken for"), (workdir / "0", "is")):
+  # numbered: the run would take it for a step (a link too); its step 0 is one already
+  (workdir / "8").symlink_to(tmp_path / "converted")
+  steps = (workdir / "7", "would be taken for"), (workdir / "8", "would be taken for")
+  for output, what in (*steps, (workdir / "0", "is")):
     with pytest.raises(convert.ConversionError) as error:
       convert.check_paths(
           convert._parser().parse_args(["--input", __file__, "--output", str(output)])
