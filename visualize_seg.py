@@ -116,6 +116,9 @@ def check_arguments(config, images: list[str] | None):
   problem = cli.not_a_directory(folder)
   if problem is not None:
     cli.fail(f"--output {FLAGS.output}: {problem}; expected a directory for the PNG")
+  problem = checkpoint.output_in_a_checkpoint(FLAGS.output, "--output")
+  if problem is not None:
+    cli.fail(problem)
   if os.path.exists(output) and not FLAGS.overwrite:
     cli.fail(f"--output {FLAGS.output} exists; pass --overwrite to replace it")
   if images is not None:

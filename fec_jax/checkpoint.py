@@ -231,6 +231,85 @@ def check_is_run(directory: str, step: int) -> set[str]:
   return items
 
 
+def replaceable_checkpoint(directory: str) -> bool:
+  """Whether --overwrite may delete `directory`: it holds an FEC checkpoint and nothing but its
+  step directories (a train.py workdir, with its metrics and logs, is not replaced). The entries
+  first: a workdir is told by its files without Orbax reading its steps (which logs a warning for
+  a numbered directory that is not one, such as a new --workdir named 7 in it)."""
+  if not os.path.isdir(directory):
+    return False
+  if not all(os.path.isdir(os.path.join(directory, entry)) for entry in os.listdir(directory)):
+    return False
+  try:
+    load_model(directory)
+  except CheckpointError:
+    return False
+  return True
+
+
+def _inside_checkpoint(output: str, checkpoint: str) -> bool:
+  """Whether `output` lies in `checkpoint`'s directories: anywhere in a converter output (its
+  directory holds only its steps) and in a workdir's subdirectories (a run deletes an old step's
+  directory with what it holds); a workdir's top level is not the checkpoint's."""
+  real_output, real_checkpoint = os.path.realpath(output), os.path.realpath(checkpoint)
+  if os.path.commonpath([real_output, real_checkpoint]) != real_checkpoint:
+    return False
+  return os.path.dirname(real_output) != real_checkpoint or replaceable_checkpoint(checkpoint)
+
+
+def _holds_steps(directory: str) -> bool:
+  """Whether `directory` holds a saved step (a numbered directory with a model item): it is a
+  checkpoint (a converter output or a train.py workdir)."""
+  try:
+    steps = [e for e in os.listdir(directory) if e.isdigit()]
+  except OSError:  # a directory yet to be made, or one we may not list
+    return False
+  return any(os.path.isdir(os.path.join(directory, s, MODEL_ITEM)) for s in steps)
+
+
+def _checkpoint_around(path: str) -> str | None:
+  """The checkpoint directory that `path` would lie inside (see _inside_checkpoint), or None:
+  the parents that hold a saved step (a numbered directory with a model item) are candidates,
+  those of the real path (a link to a checkpoint's directory leads inside it)."""
+  parent = os.path.dirname(os.path.realpath(path))
+  while True:
+    if _holds_steps(parent) and _inside_checkpoint(path, parent):
+      return parent
+    if os.path.dirname(parent) == parent:
+      return None
+    parent = os.path.dirname(parent)
+
+
+def output_in_a_checkpoint(output: str, flag: str, read: str | None = None) -> str | None:
+  """Why `output` (a directory or file a command writes, given as `flag`) would harm a
+  checkpoint, or None: it lies in the checkpoint `read` (--to-torch's --input) or in another
+  checkpoint (see _inside_checkpoint), or it is a numbered name beside a checkpoint's steps (or
+  one of them), which Orbax takes for a step (every command on a workdir then fails on its latest
+  step)."""
+  checkpoint = f"--input {read}" if read and _inside_checkpoint(output, read) else None
+  checkpoint = checkpoint or _checkpoint_around(output)
+  if checkpoint:
+    return (
+        f"{flag} {output} is inside the checkpoint {checkpoint}: write it outside the "
+        "checkpoint's directories (a run deletes an old step's directory with what it holds; "
+        "a converter output's directory holds only its steps)"
+    )
+  # The entry as named (in its real parent) counts as well as the real path: a link named 7 in a
+  # workdir is a step to Orbax, wherever it leads.
+  given = output.rstrip(os.sep) or os.sep
+  entry = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
+  for path in dict.fromkeys((entry, os.path.realpath(output))):
+    name, parent = os.path.basename(path), os.path.dirname(path)
+    if name.isdigit() and _holds_steps(parent):
+      is_step = os.path.isdir(os.path.join(path, MODEL_ITEM))  # one the run saved
+      return (
+          f"{flag} {output} {'is' if is_step else 'would be taken for'} step {int(name)} of the "
+          f"checkpoint {parent} (its steps are its numbered directories): give the output a name "
+          "that is not a number"
+      )
+  return None
+
+
 def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool) -> int | None:
   """The latest step of a train.py workdir that a run of model `name` (create_model overrides,
   with or without EMA) can resume from; None for a new or empty workdir. Reads
@@ -239,6 +318,9 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
   problem = cli.not_a_directory(directory)  # a file, or a broken link, in the way
   if problem is not None:
     raise CheckpointError(f"--workdir {directory}: {problem}; expected a directory")
+  problem = output_in_a_checkpoint(directory, "--workdir")
+  if problem is not None:
+    raise CheckpointError(problem)
   existing = directory  # the workdir, or the folder it will be created in
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

@@ -34,10 +34,11 @@ import numpy as np
 
 from fec_jax import cli
 from fec_jax.checkpoint import (
-    MODEL_ITEM,
     CheckpointError,
     load_model,
     load_pretrained,
+    output_in_a_checkpoint,
+    replaceable_checkpoint,
     save_params,
 )
 from fec_jax.model import (
@@ -507,16 +508,6 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _replaceable_checkpoint(directory: str) -> bool:
-  """Whether --overwrite may delete `directory`: it holds an FEC checkpoint and nothing but its
-  step directories (a train.py workdir, with its metrics and logs, is not replaced)."""
-  try:
-    load_model(directory)
-  except CheckpointError:
-    return False
-  return all(os.path.isdir(os.path.join(directory, entry)) for entry in os.listdir(directory))
-
-
 def _file_above(path: str) -> str | None:
   """The file among `path`'s parents (nothing can be made under it), or None."""
   parent = os.path.dirname(os.path.abspath(path))
@@ -525,68 +516,12 @@ def _file_above(path: str) -> str | None:
   return None if os.path.isdir(parent) else parent
 
 
-def _inside_checkpoint(output: str, checkpoint: str) -> bool:
-  """Whether `output` lies in `checkpoint`'s directories: anywhere in a converter output (its
-  directory holds only its steps) and in a workdir's subdirectories (a run deletes an old step's
-  directory with what it holds); a workdir's top level is not the checkpoint's."""
-  real_output, real_checkpoint = os.path.realpath(output), os.path.realpath(checkpoint)
-  if os.path.commonpath([real_output, real_checkpoint]) != real_checkpoint:
-    return False
-  return os.path.dirname(real_output) != real_checkpoint or _replaceable_checkpoint(checkpoint)
-
-
-def _holds_steps(directory: str) -> bool:
-  """Whether `directory` holds a saved step (a numbered directory with a model item): it is a
-  checkpoint (a converter output or a train.py workdir)."""
-  try:
-    steps = [e for e in os.listdir(directory) if e.isdigit()]
-  except OSError:  # a directory yet to be made, or one we may not list
-    return False
-  return any(os.path.isdir(os.path.join(directory, s, MODEL_ITEM)) for s in steps)
-
-
-def _checkpoint_around(path: str) -> str | None:
-  """The checkpoint directory that `path` would lie inside (see _inside_checkpoint), or None:
-  the parents that hold a saved step (a numbered directory with a model item) are candidates,
-  those of the real path (a link to a checkpoint's directory leads inside it)."""
-  parent = os.path.dirname(os.path.realpath(path))
-  while True:
-    if _holds_steps(parent) and _inside_checkpoint(path, parent):
-      return parent
-    if os.path.dirname(parent) == parent:
-      return None
-    parent = os.path.dirname(parent)
-
-
-def _refuse_inside_checkpoint(output: str, read: str | None = None) -> None:
+def _refuse_in_a_checkpoint(output: str, read: str | None = None) -> None:
   """A ConversionError where `output` lies in the checkpoint `read` (--to-torch's --input) or in
-  another checkpoint."""
-  checkpoint = f"--input {read}" if read and _inside_checkpoint(output, read) else None
-  checkpoint = checkpoint or _checkpoint_around(output)
-  if checkpoint:
-    raise ConversionError(
-        f"--output {output} is inside the checkpoint {checkpoint}: write it outside the "
-        "checkpoint's directories (a run deletes an old step's directory with what it holds; "
-        "a converter output's directory holds only its steps)"
-    )
-
-
-def _refuse_a_step_name(output: str) -> None:
-  """A ConversionError where an Orbax `output` named with digits would lie beside a checkpoint's
-  steps, or is one of them: Orbax takes every numbered directory there for a step, so the run
-  would take it for one of its own. The entry named (in its real parent) counts as the real
-  path: a link named 7 in a workdir is a step to Orbax, wherever it leads."""
-  given = output.rstrip(os.sep) or os.sep
-  entry = os.path.join(os.path.realpath(os.path.dirname(given)), os.path.basename(given))
-  for path in dict.fromkeys((entry, os.path.realpath(output))):
-    name, parent = os.path.basename(path), os.path.dirname(path)
-    if name.isdigit() and _holds_steps(parent):
-      is_step = os.path.isdir(os.path.join(path, MODEL_ITEM))  # one the run saved
-      raise ConversionError(
-          f"--output {output} {'is' if is_step else 'would be taken for'} step {int(name)} of "
-          f"the checkpoint {parent} (its steps are its numbered directories): give the output a "
-          "name that is not a number"
-      )
+  another checkpoint, or would be taken for a checkpoint's step (output_in_a_checkpoint)."""
+  problem = output_in_a_checkpoint(output, "--output", read)
+  if problem:
+    raise ConversionError(problem)
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -634,7 +569,7 @@ def check_paths(args: argparse.Namespace) -> None:
           f"{above} is a file, not a directory" if above else f"directory {parent} does not exist"
       )
       raise ConversionError(f"--output {dst}: {missing}")
-    _refuse_inside_checkpoint(dst, read=src)
+    _refuse_in_a_checkpoint(dst, read=src)
     if os.path.exists(dst) and not args.overwrite:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
     return
@@ -647,10 +582,9 @@ def check_paths(args: argparse.Namespace) -> None:
     raise ConversionError(
         f"--output {dst}: {above} is a file; expected a directory for the Orbax checkpoint"
     )
-  _refuse_inside_checkpoint(dst)
-  _refuse_a_step_name(dst)
+  _refuse_in_a_checkpoint(dst)
   if os.path.isdir(dst) and os.listdir(dst):
-    if not _replaceable_checkpoint(dst):
+    if not replaceable_checkpoint(dst):
       raise ConversionError(
           f"--output directory {dst} holds more than an FEC checkpoint; "
           "--overwrite replaces only a conversion's output: choose another "

@@ -32,7 +32,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from fec_jax import cli, interpret, reporting
-from fec_jax.checkpoint import CheckpointError, load_model, load_pretrained
+from fec_jax.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_pretrained,
+    output_in_a_checkpoint,
+)
 from fec_jax.data import seg_transforms
 from fec_jax.data.classes import classification_names, numbered
 from fec_jax.data.device_transforms import normalize
@@ -393,6 +398,9 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   problem = cli.not_a_directory(args.out)
   if problem is not None:
     cli.fail(f"--out {args.out}: {problem}; expected a directory for the PNGs")
+  problem = output_in_a_checkpoint(args.out, "--out")  # e.g. a workdir's 7: its step 7 to a run
+  if problem is not None:
+    cli.fail(problem)
   existing = [
       name
       for name in _output_names(

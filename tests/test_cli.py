@@ -779,6 +779,42 @@ def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys
   )
 
 
+def test_visualize_out_in_a_checkpoint_is_one_line(files, tmp_path, capsys, monkeypatch):
+  """An --out that the run would take for a step of its own (a numbered name in a workdir: every
+  command on the workdir then failed on the PNG folder as its latest step) or that lies in a
+  step's directory (a run deletes it with what it holds): one line, before the weights load;
+  nothing is written. A workdir's top level and other names are fine."""
+
+  def slow(*args, **kwargs):
+    raise AssertionError("the params were restored before the arguments were checked")
+
+  run = tmp_path / "run"
+  shutil.copytree(files / "ckpt", run)
+  (run / "metrics.jsonl").write_text("")  # a train.py workdir: more than its steps
+  args = ["--checkpoint", str(run), "--image", str(files / "photo.jpg"), "--image-size", "64"]
+  monkeypatch.setattr(visualize, "load_pretrained", slow)
+  for out, message in (
+      (
+          run / "7",
+          f"--out {run}/7 would be taken for step 7 of the checkpoint {run} (its steps are its "
+          "numbered directories): give the output a name that is not a number",
+      ),
+      (
+          run / "0" / "vis",
+          f"--out {run}/0/vis is inside the checkpoint {run}: write it outside the checkpoint's "
+          "directories (a run deletes an old step's directory with what it holds; a converter "
+          "output's directory holds only its steps)",
+      ),
+  ):
+    assert outcome(capsys, visualize.main, [*args, "--out", str(out)]) == (
+        2,
+        "",
+        f"error: {message}\n",
+    )
+    assert not out.exists()
+  assert sorted(os.listdir(run)) == ["0", "metrics.jsonl"]
+
+
 def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   out = tmp_path / "vis"
   out.mkdir()
@@ -1034,6 +1070,28 @@ def test_visualize_seg_of_another_class_count_is_eval_pys_error(files, tmp_path)
       "checkpoint's run, or --config.data.num_classes=150 for data of its classes\n",
   )
   assert not os.path.exists(tmp_path / "seg.png")
+
+
+def test_visualize_seg_output_in_a_checkpoint_is_one_line(files, tmp_path):
+  """An --output in a step's directory, or in a numbered folder beside the steps (which the run
+  would take for a step of its own): one line, before the weights are restored."""
+  run = tmp_path / "run"
+  shutil.copytree(files / "fpn", run)
+  (run / "metrics.jsonl").write_text("")  # a train.py workdir: more than its steps
+  code, out, err = visualize_seg(
+      "--config=configs/fpn_fec_small_ade20k.py",
+      f"--checkpoint={run}",
+      f"--output={run}/7/seg.png",
+      f"--image={files}/photo.jpg",
+  )
+  assert (code, out, err) == (
+      2,
+      "",
+      f"error: --output {run}/7/seg.png is inside the checkpoint {run}: write it outside the "
+      "checkpoint's directories (a run deletes an old step's directory with what it holds; a "
+      "converter output's directory holds only its steps)\n",
+  )
+  assert sorted(os.listdir(run)) == ["0", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("bad", ["corrupt", "rgb_annotation"])

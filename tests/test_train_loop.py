@@ -842,6 +842,12 @@ def data_not_opened(monkeypatch):
         ("file", "is a file; expected a directory"),
         ("under_a_file", "is a file; expected a directory"),
         ("broken_link", "is not a directory; expected a directory"),
+        (
+            "numbered_in_a_workdir",  # the run would take it for its step 7 (and did)
+            "w/7 would be taken for step 7 of the checkpoint {tmp}/w (its steps are its numbered "
+            "directories): give the output a name that is not a number",
+        ),
+        ("in_a_step", "/mine is inside the checkpoint {tmp}/w: write it outside the"),
     ],
 )
 def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
@@ -868,8 +874,15 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
     workdir = workdir / "sub" if case == "under_a_file" else workdir
   if case == "broken_link":  # it failed in etils' makedirs, after the state was made
     workdir.symlink_to(tmp_path / "gone")
-  with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)):
+  if case in ("numbered_in_a_workdir", "in_a_step"):  # a new run in another run's directories
+    shutil.copytree(reference, workdir)
+    config.init_from = str(workdir)  # it failed loading it, naming the new run as its step 7
+    step = str(saved_steps(workdir)[0])
+    workdir = workdir / "7" if case == "numbered_in_a_workdir" else workdir / step / "mine"
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected.format(tmp=tmp_path))):
     train(config, workdir)
+  if case in ("numbered_in_a_workdir", "in_a_step"):
+    assert not workdir.exists()  # nothing left behind in the other run
 
 
 @pytest.mark.parametrize("resume", [False, True])
