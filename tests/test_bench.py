@@ -332,6 +332,24 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   assert _one_error_line(capsys, data_bench.main, ["--dir", str(split)]).startswith(
       f"error: --dir {split} holds 'cat', 'dog', 'eel' and 2 more but no train/ folder; "
   )
+  dataset = tmp_path / "pets"  # a split, or a class folder, of a dataset: the dataset to give
+  for name in ("train/cat", "train/dog", "val/cat", "val/dog"):
+    (dataset / name).mkdir(parents=True)
+  (dataset / "val" / "cat" / "1.jpg").write_bytes(b"a photo")
+  for given, what in (
+      (dataset / "val", "the val split"),
+      (dataset / "val" / "cat", "a class folder of the val split"),
+      (dataset / "train" / "cat", "a class folder of the train split"),  # empty: JPEGs went there
+      (dataset / "train" / "eel", "a class folder of the train split"),  # new: a class of JPEGs
+  ):
+    assert _one_error_line(capsys, data_bench.main, ["--dir", str(given)]) == (
+        f"error: --dir {given} is {what} of the class-folder dataset {dataset}; give --dir "
+        f"{dataset}, the folder that holds train/ and val/"
+    )
+  assert sorted(map(str, dataset.rglob("*"))) == sorted(
+      str(dataset / name)
+      for name in ("train", "train/cat", "train/dog", "val", "val/cat", "val/cat/1.jpg", "val/dog")
+  )  # nothing written into the dataset
 
 
 def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):

@@ -143,11 +143,38 @@ def _reused_folder(root: str) -> tuple[int, int]:
   return counts[0], counts[1]
 
 
+SPLITS = ("train", "val")  # the folders of a class-folder dataset that the benchmark times
+
+
+def _inside_a_dataset(root: str) -> tuple[str, str] | None:
+  """(what `root` is, the dataset's folder) where `root` is a split (train/, val/) of a
+  class-folder dataset or a class folder of one (the folder above holds both splits); else
+  None."""
+  real = os.path.abspath(root)
+  parent = os.path.dirname(real)
+  grandparent = os.path.dirname(parent)
+
+  def a_dataset(folder: str) -> bool:
+    return all(os.path.isdir(os.path.join(folder, split)) for split in SPLITS)
+
+  if os.path.basename(real) in SPLITS and a_dataset(parent):
+    return f"the {os.path.basename(real)} split", parent
+  if os.path.basename(parent) in SPLITS and a_dataset(grandparent):
+    return f"a class folder of the {os.path.basename(parent)} split", grandparent
+  return None
+
+
 def main(argv=None):
   args = _parser().parse_args(argv)
   _check_args(args)
   root = args.dir
   reused = root is not None and os.path.isdir(os.path.join(root, "train"))
+  inside = _inside_a_dataset(root) if root is not None and not reused else None
+  if inside is not None:  # even empty or new: JPEGs written there would join the dataset
+    cli.fail(
+        f"--dir {root} is {inside[0]} of the class-folder dataset {inside[1]}; give --dir "
+        f"{inside[1]}, the folder that holds train/ and val/"
+    )
   if root is not None and not reused and os.path.isdir(root) and (held := sorted(os.listdir(root))):
     shown = ", ".join(map(repr, held[:3])) + (f" and {len(held) - 3} more" if held[3:] else "")
     cli.fail(  # held may be class folders: --dir is then a split, not the dataset's root
