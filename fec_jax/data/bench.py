@@ -26,12 +26,13 @@ from fec_jax.data import pipeline, sources, transforms
 
 _SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (640, 480), (800, 600), (1024, 768))
 _SIZE_WEIGHTS = (0.35, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05)
+SPLITS = ("train", "val")  # the folders of a class-folder dataset that the benchmark times
 
 
 def make_jpeg_folder(root: str, num_images: int, num_classes: int = 4, seed: int = 0) -> str:
   """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG with ImageNet-like sizes."""
   rng = np.random.default_rng(seed)
-  for split in ("train", "val"):
+  for split in SPLITS:
     for i in range(num_images):
       w, h = _SIZES[rng.choice(len(_SIZES), p=_SIZE_WEIGHTS)]
       d = os.path.join(root, split, f"n{i % num_classes:08d}")
@@ -131,7 +132,7 @@ def _check_args(args) -> None:
 def _reused_folder(root: str) -> tuple[int, int]:
   """(train, val images) of a class folder given as --dir, after checking its layout."""
   counts = []
-  for split in ("train", "val"):
+  for split in SPLITS:
     try:
       sources.scan_folder(os.path.join(root, split))
     except sources.DataNotFoundError as e:
@@ -141,9 +142,6 @@ def _reused_folder(root: str) -> tuple[int, int]:
       )
     counts.append(len(_files(os.path.join(root, split))))
   return counts[0], counts[1]
-
-
-SPLITS = ("train", "val")  # the folders of a class-folder dataset that the benchmark times
 
 
 def _inside_a_dataset(root: str) -> tuple[str, str] | None:
