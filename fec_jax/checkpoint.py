@@ -132,8 +132,22 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
             f"(and step {name} where the command takes a step, e.g. --step={name} or "
             f"--config.init_from_step={name})"
         )
+      step_dir, item = os.path.split(directory)
+      if os.path.basename(step_dir).isdigit() and os.path.isdir(os.path.join(step_dir, MODEL_ITEM)):
+        raise CheckpointError(
+            f"{directory} is the item {item!r} of step {os.path.basename(step_dir)} of the "
+            f"checkpoint {os.path.dirname(step_dir)}: give that directory"
+        )
+      inner = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _holds_steps(e.path))
+      hint = ""
+      if inner:  # e.g. the folder of a converter output, or of train.py workdirs
+        more = f" and {len(inner) - 3} more" if inner[3:] else ""
+        hint = (
+            f" (it holds the checkpoint{'s' * (len(inner) > 1)} {', '.join(inner[:3])}{more}: "
+            f"give {'one' if inner[1:] else 'that'})"
+        )
       raise CheckpointError(
-          f"{directory} holds no checkpoint steps; expected the --output of "
+          f"{directory} holds no checkpoint steps{hint}; expected the --output of "
           "convert_torch_weights.py or a train.py --workdir with a saved step"
       )
     step = max(steps) if step is None else step

@@ -384,14 +384,33 @@ def orbax_small(tmp_path_factory, small_state):
   return path
 
 
-def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small):
-  """`ckpt/fec_small/0` for `ckpt/fec_small`: the message names the directory to give."""
+def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
+  """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
+  names the directory to give."""
   with pytest.raises(checkpoint.CheckpointError) as e:
     fec_jax.load_pretrained(str(orbax_small / "0"))
   assert str(e.value) == (
       f"{orbax_small / '0'} is step 0 of the checkpoint {orbax_small}: give that directory "
       "(and step 0 where the command takes a step, e.g. --step=0 or --config.init_from_step=0)"
   )
+  with pytest.raises(checkpoint.CheckpointError) as e:  # one of a step's items
+    fec_jax.load_pretrained(str(orbax_small / "0" / "params"))
+  assert str(e.value) == (
+      f"{orbax_small / '0' / 'params'} is the item 'params' of step 0 of the checkpoint "
+      f"{orbax_small}: give that directory"
+  )
+  with pytest.raises(checkpoint.CheckpointError) as e:  # the folder that holds the checkpoint
+    fec_jax.load_pretrained(str(orbax_small.parent))
+  assert str(e.value) == (
+      f"{orbax_small.parent} holds no checkpoint steps (it holds the checkpoint fec_small: give "
+      "that); expected the --output of convert_torch_weights.py or a train.py --workdir with a "
+      "saved step"
+  )
+  for run in ("a", "b", "c", "d"):  # a folder of runs
+    (tmp_path / run / "4" / checkpoint.MODEL_ITEM).mkdir(parents=True)
+  expected = r"steps \(it holds the checkpoints a, b, c and 1 more: give one\);"
+  with pytest.raises(checkpoint.CheckpointError, match=expected):
+    fec_jax.load_pretrained(str(tmp_path))
 
 
 def no_slow_work(monkeypatch):
