@@ -283,8 +283,9 @@ def test_data_bench_removes_its_temporary_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
-  """A folder written earlier with 3 images per split, given --images 2: a note on stderr, the 3
-  timed; the loader's batch is --batch-size, and a folder smaller than one batch is an error."""
+  """A folder written earlier with 3 images per split, given --images 2: a note on stderr (that
+  names --images where given), the 3 timed; the loader's batch is --batch-size, and a folder
+  smaller than one batch is an error."""
   root = str(tmp_path / "jpegs")
   data_bench.make_jpeg_folder(root, 3)
   timed, loaded = [], []
@@ -309,6 +310,11 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
       captured.out
   )
   assert timed == [3, 3] and loaded == [(3, 2, 1)]  # 3 images: 3 class folders
+  data_bench.main(["--dir", root])  # without --images: nothing said of it
+  assert (
+      capsys.readouterr().err
+      == f"note: --dir {root} holds 3 train and 3 val images: timing those\n"
+  )
   assert _one_error_line(capsys, data_bench.main, ["--dir", root, "--loader-workers", "1"]) == (
       f"error: --dir {root} holds 3 train images: the grain loader needs at least one batch of "
       "them (--batch-size 32); give more images or a smaller --batch-size"

@@ -187,9 +187,10 @@ def main(argv=None):
         f"{args.batch_size}); give more images or a smaller --batch-size"
     )
   if (num_train, num_val) != (args.images, args.images):  # a folder given: timed as it is
+    asked = args.images != _parser().get_default("images")  # --images given, for this folder
     print(
-        f"note: --dir {root} holds {num_train} train and {num_val} val images: timing those "
-        f"(--images {args.images} is for a new folder)",
+        f"note: --dir {root} holds {num_train} train and {num_val} val images: timing those"
+        + (f" (--images {args.images} is for a new folder)" if asked else ""),
         file=sys.stderr,
         flush=True,
     )
