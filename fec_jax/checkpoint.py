@@ -29,7 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fec_jax import cli
+from fec_jax import cli, reporting
 from fec_jax.model import (
     SEGMENTERS,
     STAGE_NAME,
@@ -132,18 +132,16 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
             f"(and step {name} where the command takes a step, e.g. --step={name} or "
             f"--config.init_from_step={name})"
         )
-      step_dir, item = os.path.split(directory)
-      if os.path.basename(step_dir).isdigit() and os.path.isdir(os.path.join(step_dir, MODEL_ITEM)):
+      if os.path.basename(parent).isdigit() and os.path.isdir(os.path.join(parent, MODEL_ITEM)):
         raise CheckpointError(
-            f"{directory} is the item {item!r} of step {os.path.basename(step_dir)} of the "
-            f"checkpoint {os.path.dirname(step_dir)}: give that directory"
+            f"{directory} is the item {name!r} of step {os.path.basename(parent)} of the "
+            f"checkpoint {os.path.dirname(parent)}: give that directory"
         )
       inner = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _holds_steps(e.path))
       hint = ""
       if inner:  # e.g. the folder of a converter output, or of train.py workdirs
-        more = f" and {len(inner) - 3} more" if inner[3:] else ""
         hint = (
-            f" (it holds the checkpoint{'s' * (len(inner) > 1)} {', '.join(inner[:3])}{more}: "
+            f" (it holds the checkpoint{'s' * (len(inner) > 1)} {reporting.listed(inner, 3)}: "
             f"give {'one' if inner[1:] else 'that'})"
         )
       raise CheckpointError(

@@ -142,9 +142,8 @@ def _check_same_run_everywhere(config, workdir: str) -> None:
   others = np.flatnonzero(np.any(list(differs.values()), axis=0))  # the processes that differ
   if others.size:
     names = [name for name, d in differs.items() if d[others[0]]]
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise ValueError(
-        f"process {others[0]} was given another {shown} than process 0: give every process the "
+        f"process {others[0]} was given another {reporting.listed(names, 5)} than process 0: give every process the "
         "same workdir and config (train.py: the same --workdir, --config and --config.* "
         "overrides)"
     )

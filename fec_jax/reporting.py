@@ -216,7 +216,7 @@ def restore_config(saved: dict, template, where: str):
   unknown = sorted(saved.keys() - fields.keys())
   if missing or unknown:
     differences = [
-        f"{label} {_listed(keys)}"
+        f"{label} {listed(keys, _LISTED)}"
         for label, keys in (("lacks", missing), ("has the unknown", unknown))
         if keys
     ]
@@ -236,9 +236,10 @@ def restore_config(saved: dict, template, where: str):
   return config
 
 
-def _listed(keys: list[str]) -> str:
-  more = len(keys) - _LISTED
-  return ", ".join(keys[:_LISTED]) + (f" and {more} more" if more > 0 else "")
+def listed(names: list[str], limit: int) -> str:
+  """The first `limit` of `names` for a message: 'a, b, c and 2 more'."""
+  more = len(names) - limit
+  return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _fits(value, like) -> bool:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from fec_jax import cli
+from fec_jax import cli, reporting
 from fec_jax.data import config as config_lib
 from fec_jax.data import pipeline, sources, transforms
 
@@ -174,7 +174,7 @@ def main(argv=None):
         f"{inside[1]}, the folder that holds train/ and val/"
     )
   if root is not None and not reused and os.path.isdir(root) and (held := sorted(os.listdir(root))):
-    shown = ", ".join(map(repr, held[:3])) + (f" and {len(held) - 3} more" if held[3:] else "")
+    shown = reporting.listed([repr(name) for name in held], 3)
     cli.fail(  # held may be class folders: --dir is then a split, not the dataset's root
         f"--dir {root} holds {shown} but no train/ folder; expected a class folder "
         "(train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
