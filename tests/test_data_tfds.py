@@ -395,7 +395,6 @@ def test_val_loader_matches_records(tfds_dir):
   assert not images[n:].any() and not labels[n:].any()
 
 
-@pytest.mark.xdist_group("train")
 def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch, capsys):
   """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
   process; float32 compute compiles about a third faster on CPU than bfloat16. The data lies in

@@ -26,7 +26,6 @@ from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
 from tests.train_fixture import losses, train
 
-pytestmark = pytest.mark.xdist_group("train")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 

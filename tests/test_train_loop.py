@@ -3,9 +3,9 @@ workdir, SIGTERM and resume, the non-finite stop, fine-tuning from a workdir (in
 input, and the loader's worker processes.
 
 One reference run (tests/conftest.py: 6 demo steps at batch 8 on this process's devices, float32
-compute) is shared with test_train_runs.py, on one xdist worker (`xdist_group`); every run
-compiles without XLA's backend optimizations and goes through a persistent compilation cache, so
-runs with the same shapes compile once.
+compute) is shared with test_train_runs.py (each xdist worker makes its own); every run compiles
+without XLA's backend optimizations and goes through a persistent compilation cache, so runs with
+the same shapes compile once.
 """
 
 import fcntl
@@ -36,7 +36,7 @@ from fec_jax.tasks import classification
 from tests.imagenet_fixture import make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
 
-pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def test_reference_run_writes_metrics_checkpoints_and_plot(reference):
@@ -720,7 +720,6 @@ class _ArrayMetrics(classification.Classification):
     return Arrays()
 
 
-@pytest.mark.xdist_group("train")
 def test_a_registered_task_trains_and_its_metrics_are_numbers(reference, tmp_path, monkeypatch):
   """A task of one's own, made known with tasks.register, trains like the built-in one (here
   the same steps: the reference's losses), and its evaluator's 0-d arrays (float32 here) are

@@ -22,7 +22,6 @@ import pytest
 from fec_jax import reporting
 from tests.train_fixture import STEPS, losses, saved_steps
 
-pytestmark = pytest.mark.xdist_group("train")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config=configs/demo.py",
