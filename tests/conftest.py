@@ -1,5 +1,5 @@
-"""Session fixtures of the training tests (test_train_loop.py, test_train_runs.py, both in the
-xdist group 'train', so that one worker computes them once)."""
+"""Session fixtures of the training tests (test_train_loop.py, test_train_runs.py and others):
+each pytest-xdist worker that runs one of them computes them once."""
 
 import jax
 import pytest
