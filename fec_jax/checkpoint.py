@@ -161,6 +161,13 @@ def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> 
     args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
     return mngr.restore(step, args=args)[MODEL_ITEM]
   except (FileNotFoundError, KeyError, ValueError) as e:
+    step_dir = os.path.join(directory, str(step))
+    if os.path.isdir(step_dir) and not os.path.isdir(os.path.join(step_dir, MODEL_ITEM)):
+      raise CheckpointError(  # e.g. another command's output, named with digits
+          f"{directory} step {step} is not an FEC checkpoint: {step_dir} has no item "
+          f"'{MODEL_ITEM}', so no run saved it, but Orbax takes every numbered folder there for "
+          f"a step: move it out of {directory}"
+      ) from e
     raise CheckpointError(
         f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
     ) from e

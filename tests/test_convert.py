@@ -384,6 +384,20 @@ def orbax_small(tmp_path_factory, small_state):
   return path
 
 
+def test_a_numbered_folder_that_no_run_saved_is_named_as_the_cause(orbax_small, tmp_path):
+  """A numbered folder in a checkpoint that is no saved step (another command's output, made
+  before such outputs were refused) is the latest step to Orbax: the error says to move it."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  (run / "7").mkdir()
+  (run / "7" / "picture.png").write_bytes(b"a picture")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(run))
+  assert str(e.value) == (
+      f"{run} step 7 is not an FEC checkpoint: {run / '7'} has no item 'model', so no run saved "
+      f"it, but Orbax takes every numbered folder there for a step: move it out of {run}"
+  )
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
