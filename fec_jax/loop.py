@@ -143,9 +143,9 @@ def _check_same_run_everywhere(config, workdir: str) -> None:
   if others.size:
     names = [name for name, d in differs.items() if d[others[0]]]
     raise ValueError(
-        f"process {others[0]} was given another {reporting.listed(names, 5)} than process 0: give every process the "
-        "same workdir and config (train.py: the same --workdir, --config and --config.* "
-        "overrides)"
+        f"process {others[0]} was given another {reporting.listed(names, 5)} than process 0: "
+        "give every process the same workdir and config (train.py: the same --workdir, --config "
+        "and --config.* overrides)"
     )
 
 
