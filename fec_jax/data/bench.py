@@ -148,37 +148,47 @@ def _inside_a_dataset(root: str) -> tuple[str, str] | None:
   """(what `root` is, the dataset's folder) where `root` is a split (train/, val/) of a
   class-folder dataset or a class folder of one (the folder above holds both splits); else
   None."""
-  real = os.path.abspath(root)
-  parent = os.path.dirname(real)
+  path = os.path.abspath(root)
+  parent = os.path.dirname(path)
   grandparent = os.path.dirname(parent)
 
   def a_dataset(folder: str) -> bool:
     return all(os.path.isdir(os.path.join(folder, split)) for split in SPLITS)
 
-  if os.path.basename(real) in SPLITS and a_dataset(parent):
-    return f"the {os.path.basename(real)} split", parent
+  if os.path.basename(path) in SPLITS and a_dataset(parent):
+    return f"the {os.path.basename(path)} split", parent
   if os.path.basename(parent) in SPLITS and a_dataset(grandparent):
     return f"a class folder of the {os.path.basename(parent)} split", grandparent
   return None
 
 
-def main(argv=None):
-  args = _parser().parse_args(argv)
-  _check_args(args)
-  root = args.dir
-  reused = root is not None and os.path.isdir(os.path.join(root, "train"))
-  inside = _inside_a_dataset(root) if root is not None and not reused else None
-  if inside is not None:  # even empty or new: JPEGs written there would join the dataset
+def _check_new_dir(root: str) -> None:
+  """fail() where a --dir without train/, which the benchmark would write its JPEGs to, is part
+  of a class-folder dataset (even empty or new: the JPEGs would join the dataset) or holds
+  anything."""
+  inside = _inside_a_dataset(root)
+  if inside is not None:
     cli.fail(
         f"--dir {root} is {inside[0]} of the class-folder dataset {inside[1]}; give --dir "
         f"{inside[1]}, the folder that holds train/ and val/"
     )
-  if root is not None and not reused and os.path.isdir(root) and (held := sorted(os.listdir(root))):
-    shown = reporting.listed([repr(name) for name in held], 3)
+  held = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  if held:
     cli.fail(  # held may be class folders: --dir is then a split, not the dataset's root
-        f"--dir {root} holds {shown} but no train/ folder; expected a class folder "
-        "(train/<class>/*, val/<class>/*) to time, or a new or empty folder to write JPEGs to"
+        f"--dir {root} holds {reporting.listed([repr(name) for name in held], 3)} but no train/ "
+        "folder; expected a class folder (train/<class>/*, val/<class>/*) to time, or a new or "
+        "empty folder to write JPEGs to"
     )
+
+
+def main(argv=None):
+  parser = _parser()
+  args = parser.parse_args(argv)
+  _check_args(args)
+  root = args.dir
+  reused = root is not None and os.path.isdir(os.path.join(root, "train"))
+  if root is not None and not reused:
+    _check_new_dir(root)
   num_train, num_val = _reused_folder(root) if reused else (args.images, args.images)
   if args.loader_workers and num_train < args.batch_size:
     held = f"--dir {root} holds {num_train} train images" if reused else f"--images {num_train}"
@@ -187,7 +197,7 @@ def main(argv=None):
         f"{args.batch_size}); give more images or a smaller --batch-size"
     )
   if (num_train, num_val) != (args.images, args.images):  # a folder given: timed as it is
-    asked = args.images != _parser().get_default("images")  # --images given, for this folder
+    asked = args.images != parser.get_default("images")  # --images given, for this folder
     print(
         f"note: --dir {root} holds {num_train} train and {num_val} val images: timing those"
         + (f" (--images {args.images} is for a new folder)" if asked else ""),
