@@ -196,9 +196,11 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
   files store them. `stop` ends the evaluation after the image under way."""
   root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
 
-  def no_class_in_two(i, label):  # the first two annotations: ids 9 and 200 in a corner
-    if i < 2:
-      label[:2, :2] = (9, 200)[i]
+  def no_class_in_two(i, label):  # the first annotation: id 9 in a corner; the second 200..209
+    if i == 0:
+      label[:2, :2] = 9
+    elif i == 1:
+      label[0, :10] = np.arange(200, 210)
 
   edit_val_annotations(tmp_path / "ade", no_class_in_two)
   task, variables = tasks.get(ade_tiny(root)), fresh[1]
@@ -207,7 +209,7 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
     evaluator(variables)
   assert (
       "2 of the 3 val annotations hold ids that are neither a class nor ignore_index (e.g. 9, "
-      "200; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "200, 201, 202, 203, 204, 205, 206 and 3 more; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label"
   ) in caplog.text

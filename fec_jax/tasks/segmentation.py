@@ -17,7 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fec_jax import checkpoint, data, fpn, miou
+from fec_jax import checkpoint, data, fpn, miou, reporting
 from fec_jax.data import classes, seg_device_transforms, seg_transforms
 from fec_jax.model import SEGMENTERS, init_from_models, model_name
 from fec_jax.tasks import Evaluator, Progress, Task
@@ -163,7 +163,7 @@ class MeanIoU(Evaluator):
     predicts them, else NaN and left out of mIoU, so the scores say little of them (e.g. a 0/255
     binary mask: the 255 foreground is ignore_index)."""
     names = classes.segmentation_names(self._config.data)
-    shown = ", ".join(repr(names[i]) for i in absent[:8]) + (", ..." if absent.size > 8 else "")
+    shown = reporting.listed([repr(names[i]) for i in absent], 8)
     logging.warning(
         "%d of the %d classes have no labelled pixel in the %d val images (%s): their Acc is "
         "NaN and left out of mAcc, and their IoU is 0 where the model predicts them, else NaN "
@@ -179,7 +179,7 @@ class MeanIoU(Evaluator):
     """A warning that `annotations` of the `count` val annotations hold ids that are no class
     (this host's: `ids`): the metric leaves their pixels out (as mmseg's does), where training
     stops at such an id."""
-    shown = ", ".join(map(str, sorted(ids)[:8])) + (", ..." if len(ids) > 8 else "")
+    shown = reporting.listed([str(i) for i in sorted(ids)], 8)
     logging.warning(
         "%d of the %d val annotations hold ids that are neither a class nor ignore_index (%s; "
         "expected %s): their pixels count in no class, as in mmseg; check "
