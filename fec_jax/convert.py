@@ -26,7 +26,7 @@ import re
 import shutil
 import uuid
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax
 import jax
@@ -483,8 +483,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
       "--output",
       required=True,
-      help="Orbax directory to create (missing parents are created), or with --to-torch "
-      f"the file to write (its directory must exist): {TORCH_OUTPUT}",
+      help="Orbax directory to create, or with --to-torch the file to write: "
+      f"{TORCH_OUTPUT} (missing parent directories are made)",
   )
   p.add_argument(
       "--overwrite",
@@ -562,13 +562,9 @@ def check_paths(args: argparse.Namespace) -> None:
           f"--output {dst}: expected the name of a checkpoint file to write, ending in "
           f"{TORCH_OUTPUT}"
       )
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-      above = _file_above(dst)
-      missing = (
-          f"{above} is a file, not a directory" if above else f"directory {parent} does not exist"
-      )
-      raise ConversionError(f"--output {dst}: {missing}")
+    above = _file_above(dst)
+    if above:
+      raise ConversionError(f"--output {dst}: {above} is a file, not a directory")
     _refuse_in_a_checkpoint(dst, read=src)
     if os.path.exists(dst) and not args.overwrite:
       raise ConversionError(f"--output {dst} exists; pass --overwrite to replace it")
@@ -597,6 +593,28 @@ def check_paths(args: argparse.Namespace) -> None:
       )
 
 
+def _write_in_place(output: str, write: Callable[[str], None], directory: bool) -> None:
+  """`write(path)` on a new name beside `output` (a directory made for it, or a file), then that
+  renamed to `output`: a failed (or interrupted) write leaves the old output (--overwrite) or
+  nothing, never half a checkpoint. Missing parents of `output` are made."""
+  output = os.path.abspath(output)
+  os.makedirs(os.path.dirname(output), exist_ok=True)
+  staging = os.path.join(os.path.dirname(output), f".converting-{uuid.uuid4().hex}")
+  if directory:
+    os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
+  try:
+    write(staging)
+  except BaseException:
+    if directory:
+      shutil.rmtree(staging, ignore_errors=True)
+    elif os.path.exists(staging):
+      os.remove(staging)
+    raise
+  if directory and os.path.isdir(output):  # --overwrite (check_paths allows it), an empty folder
+    shutil.rmtree(output)
+  os.replace(staging, output)
+
+
 def to_orbax(args) -> None:
   state, info, notes = read_state_dict(args.input, ema=args.ema, model=args.model)
   for note in notes:
@@ -606,20 +624,7 @@ def to_orbax(args) -> None:
   save = lambda directory: save_params(
       directory, variables["params"], name, overrides, batch_stats=variables.get("batch_stats")
   )
-  # Written next to the output and renamed into place when complete: a failed (or interrupted)
-  # save leaves the old checkpoint (--overwrite) or nothing, never half a checkpoint.
-  output = os.path.abspath(args.output)
-  os.makedirs(os.path.dirname(output), exist_ok=True)
-  staging = os.path.join(os.path.dirname(output), f".converting-{uuid.uuid4().hex}")
-  os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
-  try:
-    save(staging)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  if os.path.isdir(output):  # --overwrite (check_paths allows it), or an empty folder
-    shutil.rmtree(output)
-  os.rename(staging, output)
+  _write_in_place(args.output, save, directory=True)
   count = count_params(variables["params"])
   options = "".join(f", {k}={v}" for k, v in overrides.items())
   print(f"wrote {name} ({count:,} parameters{options}) to {args.output}")
@@ -640,14 +645,19 @@ def to_torch(args) -> None:
     from safetensors.numpy import save
 
     # save, not save_file: save_file makes the file readable by its owner only (mode 0600)
-    with open(args.output, "wb") as f:
-      f.write(save(state))
+    dump = lambda f: f.write(save(state))
   else:
     # np.require: params restored by Orbax are read-only, which torch.from_numpy warns about
-    torch.save(
-        {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in state.items()},
-        args.output,
-    )
+    tensors = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in state.items()}
+    # To a file object: torch.save names the archive inside after a path, and refuses the
+    # staging file's name (it begins with a dot)
+    dump = lambda f: torch.save(tensors, f)
+
+  def write(path: str) -> None:
+    with open(path, "wb") as f:
+      dump(f)
+
+  _write_in_place(args.output, write, directory=False)
   weights = f"the EMA weights of step {step}" if args.ema else f"step {step}"
   print(f"wrote {len(state)} tensors of {model_name(model)} ({weights}) to {args.output}")
 

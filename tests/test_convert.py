@@ -483,10 +483,6 @@ PATH_MISTAKES = [
         "directory path as .pth output",
         "--output {tmp}/new/ is a directory; with --to-torch it must be the path of the .pth",
     ),
-    (
-        "missing output parent",
-        "--output {tmp}/nodir/back.pth: directory {tmp}/nodir does not exist",
-    ),
     ("existing .pth output", "--output {tmp}/w.pth exists; pass --overwrite to replace it"),
     (
         "non-checkpoint output",  # no advice to --overwrite, which would refuse it
@@ -560,13 +556,6 @@ def test_path_mistakes_are_one_line_before_any_work(
           orbax_small,
           "--output",
           f"{tmp}/new/",
-          "--to-torch",
-      ],
-      "missing output parent": [
-          "--input",
-          orbax_small,
-          "--output",
-          tmp / "nodir" / "back.pth",
           "--to-torch",
       ],
       "existing .pth output": ["--input", orbax_small, "--output", pth, "--to-torch"],
@@ -729,6 +718,37 @@ def test_overwrite_replaces_outputs(tmp_path, small_state, orbax_small, capsys):
   assert os.listdir(orbax_small.parent) == ["fec_small"]  # the staging directory is gone
   _, variables = fec_jax.load_pretrained(orbax_small)
   np.testing.assert_array_equal(variables["params"]["head"]["bias"], changed["head.bias"].numpy())
+
+
+def test_to_torch_makes_missing_folders_and_a_failed_write_leaves_the_old_file(
+    tmp_path, small_state, orbax_small, capsys, monkeypatch
+):
+  """--to-torch makes the output's missing folders, as the Orbax output does; a write that fails
+  (a full disk) leaves the file --overwrite would replace, and no half-written file beside it."""
+  out = tmp_path / "new" / "sub" / "back.pth"
+  code, stdout, err = convert_cli(capsys, "--input", orbax_small, "--output", out, "--to-torch")
+  assert (code, err) == (0, "") and stdout.endswith(f"to {out}\n")
+  assert set(torch.load(out, weights_only=True)) == set(small_state)
+  before = out.read_bytes()
+
+  def full_disk(obj, f):
+    f.write(b"half a checkpoint")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(torch, "save", full_disk)
+  for name in ("back.pth", "more.pth"):  # replacing, and a new name
+    with pytest.raises(OSError, match="No space left on device"):
+      convert.main(
+          [
+              "--input",
+              str(orbax_small),
+              "--output",
+              str(out.parent / name),
+              "--to-torch",
+              "--overwrite",
+          ]
+      )
+  assert os.listdir(out.parent) == ["back.pth"] and out.read_bytes() == before
 
 
 def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
