@@ -39,7 +39,7 @@ from fec_jax.checkpoint import (
     output_in_a_checkpoint,
 )
 from fec_jax.data import seg_transforms
-from fec_jax.data.classes import classification_names, numbered
+from fec_jax.data.classes import classification_names, numbered, own_names_origin
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
 from fec_jax.model import FEC, variable_shapes
@@ -512,6 +512,20 @@ def _run(
     )
 
 
+def class_names(trained: dict, num_classes: int) -> tuple[str, ...]:
+  """The names of a classifier's classes (classification_names), with a note where a train.py
+  run's own are no longer found (its class folders moved or changed): they are then numbered."""
+  names = classification_names(trained, num_classes)
+  origin = own_names_origin(trained)
+  if names is None and origin:
+    print(
+        f"note: the run's {origin} are gone or changed: its {num_classes} classes are printed "
+        "as 'class 0', 'class 1', ...",
+        file=sys.stderr,
+    )
+  return names or numbered(num_classes)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size, trained = check_args(args)
@@ -525,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
-  classes = classification_names(trained, model.num_classes) or numbered(model.num_classes)
+  classes = class_names(trained, model.num_classes)
   stems = unique_stems(args.image)
   for path, name in zip(args.image, stems):
     if name != image_stem(path):

@@ -768,6 +768,32 @@ def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
   assert printed.splitlines()[-1].endswith(" (model input 64x64)")
 
 
+def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_gone(
+    tmp_path, capsys
+):
+  """A folder run's predictions are named by its class folders; where these have moved since,
+  the numbered names come with a note that says why."""
+  workdir, root = tmp_path / "workdir", tmp_path / "pets"
+  zero_weights(workdir, "fec_small", num_classes=3)
+  config = demo.get_config()
+  config.data.update(source="folder", root=str(root), num_classes=3, image_size=64)
+  reporting.write_config(str(workdir), config)
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
+  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  code, printed, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (
+      0,
+      f"note: the run's class folders in {root / 'train'} are gone or changed: its 3 classes are "
+      "printed as 'class 0', 'class 1', ...\n",
+  )
+  assert printed.startswith(f"{photo}: class 0 (")  # zero weights: equal logits, the first wins
+  for name in ("cat", "dog", "eel"):
+    (root / "train" / name).mkdir(parents=True)
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
+  assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
+
+
 def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys):
   args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
   args += ["--image-size", "64", "--num-clusters", "3", "5", "--out", str(tmp_path / "vis")]

@@ -61,6 +61,17 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   return imagenet_names() if num_classes == 1000 else own
 
 
+def own_names_origin(cfg) -> str | None:
+  """Where classification_names reads a run's own class names, for a note where they are gone:
+  its class folders or its TFDS dataset_info; None for the other sources (no names of their own)."""
+  if cfg.get("source") == "folder":
+    return f"class folders in {os.path.join(cfg.get('root') or '', split_name(cfg, 'train'))}"
+  if cfg.get("source") == "tfds":
+    where = cfg.get("tfds_data_dir") or "default"
+    return f"label names of TFDS {cfg.get('tfds_name')} (data_dir {where})"
+  return None
+
+
 def _tfds_label_names(name: str, data_dir: str) -> tuple[str, ...] | None:
   """The names of a TFDS dataset's 'label' ClassLabel, read from its dataset_info (no record):
   'class 0', ... for one of num_classes only (not ImageNet's); None where it is not readable here
