@@ -345,8 +345,6 @@ def check_config(config) -> None:
         "config: need 0 <= warmup_epochs <= epochs and epochs > 0, got warmup_epochs "
         f"{config.warmup_epochs}, epochs {config.epochs}"
     )
-  if config.cooldown_epochs < 0 or config.max_steps < 0:
-    raise ValueError("config.cooldown_epochs and config.max_steps must be >= 0")
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay must be in [0, 1) (0: no EMA), got {config.ema_decay}")
   if config.init_from_ema and not config.init_from:
@@ -363,7 +361,11 @@ def check_config(config) -> None:
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "
         f"{config.weight_decay_on!r}"
     )
-  ranges = {  # field: (test, what it must be); a value outside trains, on nonsense
+  ranges = {  # field: (test, what it must be): the message names the field and its value
+      "cooldown_epochs": (lambda v: v >= 0, ">= 0"),
+      "max_steps": (lambda v: v >= 0, ">= 0 (0: the schedule's end)"),
+      "lr_base_batch_size": (lambda v: v >= 0, ">= 0 (0: base_lr unscaled)"),
+      "eval_every_steps": (lambda v: v >= 0, ">= 0 (0: every eval_every_epochs epochs)"),
       "base_lr": (lambda v: v > 0, "> 0"),
       "warmup_lr": (lambda v: v >= 0, ">= 0"),
       "min_lr": (lambda v: v >= 0, ">= 0"),
@@ -381,8 +383,6 @@ def check_config(config) -> None:
       value = value[part]
     if not ok(value):
       raise ValueError(f"config.{field} must be {expected}, got {value}")
-  if config.lr_base_batch_size < 0 or config.eval_every_steps < 0:
-    raise ValueError("config.lr_base_batch_size and config.eval_every_steps must be >= 0")
   for field in (
       "log_every_steps",
       "checkpoint_every_steps",

@@ -410,6 +410,22 @@ def test_check_config_rejects_what_cannot_run():
       tasks.get(bad).check_config()
 
 
+def test_a_negative_count_is_named_alone_with_its_value():
+  """A field out of range is named with the value given, not beside another field that is fine
+  (the message once read 'config.cooldown_epochs and config.max_steps must be >= 0')."""
+  for field, other in (
+      ("cooldown_epochs", "max_steps"),
+      ("max_steps", "cooldown_epochs"),
+      ("lr_base_batch_size", "eval_every_steps"),
+      ("eval_every_steps", "lr_base_batch_size"),
+  ):
+    bad = demo.get_config()
+    bad[field] = -1
+    with pytest.raises(ValueError, match=rf"^config\.{field} must be >= 0.*, got -1$") as e:
+      training.check_config(bad)
+    assert other not in str(e.value)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in pathlib.Path(REPO, "configs").glob("*.py")))
 def test_a_misspelt_config_field_fails_in_python_too(name, tmp_path):
   """The configs are locked, so a typo in a script that calls the library fails at once (on the
