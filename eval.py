@@ -46,9 +46,11 @@ flags.DEFINE_bool(
     "Measure inference img/s instead of accuracy (the "
     "paper's protocol: --batch 256, --warmup 20, --iters 100).",
 )
-flags.DEFINE_integer("batch", throughput.BATCH, "Throughput: images per forward pass.")
-flags.DEFINE_integer("warmup", throughput.WARMUP, "Throughput: warm-up iterations.")
-flags.DEFINE_integer("iters", throughput.ITERS, "Throughput: timed iterations.")
+flags.DEFINE_integer(
+    "batch", throughput.BATCH, "Throughput: images per forward pass.", lower_bound=1
+)
+flags.DEFINE_integer("warmup", throughput.WARMUP, "Throughput: warm-up iterations.", lower_bound=0)
+flags.DEFINE_integer("iters", throughput.ITERS, "Throughput: timed iterations.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -100,8 +102,6 @@ def main(argv):
         f"{', '.join(timing)}: used only with --throughput; the evaluation's batch is "
         "--config.eval_batch_size"
     )
-  if FLAGS.batch <= 0 or FLAGS.warmup < 0 or FLAGS.iters <= 0:
-    cli.fail("--batch and --iters must be > 0 and --warmup >= 0")
   if FLAGS.per_class and FLAGS.throughput:
     cli.fail("--per_class tables an evaluation's metrics; --throughput measures speed: give one")
   if FLAGS.throughput and config.task != "classification":
