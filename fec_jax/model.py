@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 import typing
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -473,7 +473,12 @@ def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
 
   `intermediates` is the state from `model.apply(v, x, mutable=["intermediates"])[1]` or its
   "intermediates" collection; of a Semantic FPN segmenter, these are its backbone's assignments.
+  Anything else (the variables, apply's whole (output, state) tuple) is a TypeError or
+  ValueError saying what to give, not an empty dict.
   """
+  expected = 'the state of model.apply(v, x, mutable=["intermediates"]) (its [1])'
+  if not isinstance(intermediates, Mapping):
+    raise TypeError(f"cluster_assignments takes {expected}, got a {type(intermediates).__name__}")
   out = {}
   for path, value in jax.tree_util.tree_flatten_with_path(
       sown_by_fec(intermediates), is_leaf=lambda t: isinstance(t, tuple)
@@ -486,6 +491,11 @@ def cluster_assignments(intermediates) -> dict[str, jnp.ndarray]:
         out[".".join(torch_module_path(keys[:-1], j))] = value[0][j]
     else:
       out[".".join(torch_module_path(keys[:-1]))] = value[0]
+  if not out:
+    raise ValueError(
+        f"cluster_assignments found no assignment in a dict of {sorted(intermediates)}; "
+        f"expected {expected} or its 'intermediates' collection"
+    )
   return dict(sorted(out.items(), key=lambda kv: _forward_order(kv[0])))
 
 

@@ -108,6 +108,20 @@ def test_cluster_assignments_of_a_segmenter_are_its_backbones():
   assert segmenter["network.1"].shape == (1, 16, 16) and "network.6.1.token_mixer" in segmenter
 
 
+def test_cluster_assignments_of_anything_but_the_sown_state_say_what_to_give():
+  # the variables gave {} without a word, apply's (logits, state) tuple an AttributeError
+  model = fec_jax.create_model("fec_small")
+
+  def run(images):
+    variables = model.init(jax.random.PRNGKey(0), images)
+    with pytest.raises(ValueError, match=r"no assignment in a dict of \['params'\]; expected"):
+      fec_jax.cluster_assignments(variables)
+    with pytest.raises(TypeError, match=r"takes the state of model.apply.* got a tuple"):
+      fec_jax.cluster_assignments(model.apply(variables, images, mutable=["intermediates"]))
+
+  jax.eval_shape(run, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+
 @pytest.fixture(scope="module")
 def small_init():
   model = fec_jax.create_model("fec_small")
