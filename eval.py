@@ -155,4 +155,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError))
+  cli.run(
+      main,
+      errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError, tasks.MetricsError),
+  )

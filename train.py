@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from fec_jax import checkpoint, cli, data, loop, reporting
+from fec_jax import checkpoint, cli, data, loop, reporting, tasks
 from fec_jax.model import model_name
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
@@ -146,4 +146,7 @@ def remove_cache_only_workdir(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError))
+  cli.run(
+      main,
+      errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError, tasks.MetricsError),
+  )

@@ -780,6 +780,28 @@ def test_an_evaluators_result_of_another_form_is_named(results, problem):
   assert type(checked[0]["n"]) is int and type(checked[0]["x"]) is float
 
 
+def test_an_evaluator_without_per_class_metrics_asked_for_them_is_named():
+  """eval.py --per_class on a task of one's own whose evaluator makes no per-class table: a
+  KeyError 'per_class' in eval.py before; now the evaluator is named (one error line)."""
+
+  class Mine(tasks.Evaluator):
+
+    def __init__(self, metrics):
+      self.metrics = metrics
+
+    def evaluate(self, variable_sets, per_class=False, **kwargs):
+      return [self.metrics]
+
+  assert Mine({"top1": 1.0})({}) == {"top1": 1.0}
+  for metrics in ({"top1": 1.0}, {"top1": 1.0, "per_class": None}):
+    with pytest.raises(tasks.MetricsError) as e:
+      Mine(metrics)({}, per_class=True)
+    assert str(e.value).startswith(
+        f"Mine.evaluate returned {sorted(metrics)} with per_class, without a 'per_class' dict"
+    ) and str(e.value).endswith("or leave out per_class (eval.py --per_class)"), e.value
+  assert issubclass(tasks.MetricsError, TypeError)  # what the loop's evaluations raised before
+
+
 def test_a_batch_evaluator_runs_a_step_of_ones_own_over_any_batches():
   """tasks.BatchEvaluator on a list of batches (no close()), a step and a summary of one's own;
   an empty split is the error without a data config to name."""

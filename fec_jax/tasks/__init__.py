@@ -30,6 +30,11 @@ class EvaluationStopped(Exception):
   """An evaluation given up part-way because its `stop` said so (a signal: the run stops)."""
 
 
+class MetricsError(TypeError):
+  """An evaluator's result that is not what the loop and eval.py take (checked_metrics); the
+  commands report it as one error line naming the evaluator."""
+
+
 class Progress:
   """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
   every `every` seconds (none for an evaluation shorter than that), and raises
@@ -56,7 +61,8 @@ class Evaluator(abc.ABC):
 
   def __call__(self, variables: dict, per_class: bool = False, **kwargs) -> dict[str, float]:
     """variables {'params': ..., **model_state}, replicated -> metrics, e.g. {'top1': 76.1}."""
-    return checked_metrics(self, self.evaluate([variables], per_class, **kwargs), 1)[0]
+    results = self.evaluate([variables], per_class, **kwargs)
+    return checked_metrics(self, results, 1, per_class)[0]
 
   @abc.abstractmethod
   def evaluate(
@@ -162,22 +168,31 @@ class BatchEvaluator(Evaluator):
     return [self._summarize(sums, per_class) for sums in totals]
 
 
-def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str, Any]]:
+def checked_metrics(
+    evaluator: Evaluator, results, count: int, per_class: bool = False
+) -> list[dict[str, Any]]:
   """An Evaluator.evaluate result as the loop and eval.py take it: `count` dicts of metric name
-  -> Python int or float (NumPy scalars and 0-d arrays converted; 'per_class' as it is).
-  TypeError naming the evaluator for anything else, which would otherwise fail later, in the
-  JSON of metrics.jsonl or in a log line's format."""
+  -> Python int or float (NumPy scalars and 0-d arrays converted; 'per_class' as it is, a dict,
+  which each must hold where `per_class` asked for it). MetricsError naming the evaluator for
+  anything else, which would otherwise fail later, in the JSON of metrics.jsonl, in a log line's
+  format or in eval.py's per-class table."""
   expected = (
       f"expected a list of {count} dict(s), one per weight set, of metric name -> number "
       "(and 'per_class' with per_class)"
   )
   where = f"{evaluator.describe()} returned"
   if not isinstance(results, (list, tuple)) or len(results) != count:
-    raise TypeError(f"{where} {type(results).__name__} {results!r:.200}; {expected}")
+    raise MetricsError(f"{where} {type(results).__name__} {results!r:.200}; {expected}")
   checked = []
   for metrics in results:
     if not isinstance(metrics, dict):
-      raise TypeError(f"{where} a {type(metrics).__name__} in its list; {expected}")
+      raise MetricsError(f"{where} a {type(metrics).__name__} in its list; {expected}")
+    if per_class and not isinstance(metrics.get("per_class"), dict):
+      raise MetricsError(
+          f"{where} {sorted(metrics)} with per_class, without a 'per_class' dict of column -> "
+          "[num_classes] array (Task.per_class_table); return one there, or leave out per_class "
+          "(eval.py --per_class)"
+      )
     numbers = {}
     for name, value in metrics.items():
       if name == "per_class":
@@ -192,7 +207,7 @@ def checked_metrics(evaluator: Evaluator, results, count: int) -> list[dict[str,
         numbers[name] = float(number) if jnp.issubdtype(kind, jnp.floating) else int(number)
       else:
         shape = f" of shape {np.shape(value)}" if kind is not None else ""
-        raise TypeError(f"{where} {name!r}: {type(value).__name__}{shape}; {expected}")
+        raise MetricsError(f"{where} {name!r}: {type(value).__name__}{shape}; {expected}")
     checked.append(numbers)
   return checked
 
