@@ -25,6 +25,7 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -149,6 +150,8 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
           "convert_torch_weights.py or a train.py --workdir with a saved step"
       )
     step = max(steps) if step is None else step
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+      raise TypeError(f"step must be an int, a saved step of {directory}, got {step!r}")
     if step not in steps:
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     meta = _read_model_item(mngr, directory, step)
@@ -178,7 +181,8 @@ def load_pretrained(
 ) -> tuple[nn.Module, dict[str, Any]]:
   """Restores `(model, variables)` from a converter output or a train.py workdir.
 
-  step: a saved step (default: the latest). ema: restore the EMA weights of a train.py run.
+  step: a saved step, an int (default: the latest). ema: restore the EMA weights of a train.py
+  run.
   overrides: runtime model options such as `dtype=jnp.bfloat16` or `aggregation="onehot"`.
   `model.apply(variables, images)` then takes NHWC ImageNet-normalized float32 images.
   variables: {"params"}, and "batch_stats" for models that have them (the fpn_* segmenters).

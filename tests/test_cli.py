@@ -457,6 +457,15 @@ def test_converted_weights_are_not_called_step_0(tmp_path):
   assert checkpoint.weights_name(str(tmp_path / "c"), 0, ema=True) == "step 0, EMA weights"
 
 
+def test_a_step_that_is_not_an_int_is_named(tmp_path):
+  """load_pretrained(DIR, step="0") said "DIR has no step 0; saved steps: [0]"."""
+  zero_weights(tmp_path / "c", "fec_small", num_classes=3)
+  for step in ("0", 0.0, True):
+    with pytest.raises(TypeError, match=f"step must be an int, a saved step of .*, got {step!r}"):
+      checkpoint.load_pretrained(tmp_path / "c", step=step)
+  assert checkpoint.load_model(tmp_path / "c", np.int64(0))[1] == 0
+
+
 def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
   """load_pretrained: no "Given directory is read only" warning; its INFO lines are orbax's,
   which quiet() drops, in a script too (outside absl.app.run)."""
