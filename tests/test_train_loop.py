@@ -749,6 +749,17 @@ def test_tasks_register_takes_a_task_class_under_a_new_name(monkeypatch):
     tasks.register("classification", _ArrayMetrics)
 
 
+def test_tasks_register_takes_a_name_that_config_task_can_give(monkeypatch):
+  # register(3, ...) was taken, and then every config.task typo was "'<' not supported between
+  # instances of 'int' and 'str'" from get()'s list of the tasks
+  monkeypatch.setattr(tasks, "_REGISTERED", {})
+  for name in (3, "", None):
+    with pytest.raises(TypeError, match=r"expected a name, a non-empty str for config.task"):
+      tasks.register(name, _ArrayMetrics)
+  with pytest.raises(ValueError, match=r"config.task 'mine' is not a task; choose one of"):
+    tasks.get(tiny(task="mine"))
+
+
 @pytest.mark.parametrize(
     "results, problem",
     [

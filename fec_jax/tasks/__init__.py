@@ -336,6 +336,8 @@ def register(name: str, task: type[Task]) -> None:
   train_and_evaluate; for train.py and eval.py, in the config file that names the task (or a
   module it imports), so that --config=that_file brings it. Registering a name again replaces
   its class (a config file is loaded more than once)."""
+  if not isinstance(name, str) or not name:  # config.task is a str: 3 would break get()'s list
+    raise TypeError(f"register({name!r}, ...): expected a name, a non-empty str for config.task")
   if not (isinstance(task, type) and issubclass(task, Task)):
     raise TypeError(f"register({name!r}, {task!r}): expected a subclass of fec_jax.tasks.Task")
   if name in _builtin():
