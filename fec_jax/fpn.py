@@ -28,10 +28,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fec_jax import clustering
 from fec_jax.clustering import Aggregation, AssignGrad
-from fec_jax.model import FEC, Dtype, Variant
+from fec_jax.model import FEC, SEGMENTERS, Dtype, Variant, model_name
 
 NECK_CHANNELS = 256  # FPN out_channels of the official configs
 HEAD_CHANNELS = 128  # FPNHead channels
@@ -238,7 +239,14 @@ def predict(model: SemanticFPN, variables, images, out_hw: Sequence[int]) -> jnp
 
   `images` are unpadded (the test pipeline's resize to multiples of 32 pads nothing).
   `jax.jit(lambda v, x: fpn.predict(model, v, x, (h, w)))` compiles it for one output size.
+  A model of fec_jax's other than a segmenter, or an `out_hw` that is not (h, w), is a ValueError.
   """
+  if isinstance(model, FEC):  # a classifier's logits or a backbone's maps: not a label map
+    raise ValueError(
+        f"fpn.predict takes a segmenter ({', '.join(SEGMENTERS)}), got {model_name(model)}"
+    )
+  if np.shape(out_hw) != (2,):
+    raise ValueError(f"out_hw is (h, w), the size to predict at, got {out_hw!r}")
   logits = model.apply(variables, images)  # [B, H/4, W/4, K]
   logits = resize_bilinear(logits, images.shape[1:3])  # [B, H, W, K]
   return jnp.argmax(resize_bilinear(logits, tuple(out_hw)), axis=-1).astype(jnp.int32)

@@ -219,6 +219,17 @@ def test_predict_is_mmseg_whole_inference(out_hw):
   np.testing.assert_array_equal(got, expected)
 
 
+def test_predict_of_another_model_or_size_says_what_it_takes():
+  # a classifier failed in resize_bilinear: "not enough values to unpack (expected 4, got 2)"
+  images = jnp.zeros((1, 64, 64, 3))
+  for name in ("fec_small", "fec_small_seg"):
+    with pytest.raises(ValueError, match=f"takes a segmenter \\(fpn_fec_small, .*\\), got {name}$"):
+      fpn.predict(fec_jax.create_model(name), {}, images, (64, 64))  # before the forward pass
+  model = _PixelClassifier()
+  with pytest.raises(ValueError, match=r"out_hw is \(h, w\), the size to predict at, got 64$"):
+    fpn.predict(model, model.init(jax.random.PRNGKey(1), images), images, 64)
+
+
 @pytest.mark.parametrize(
     "name,count",
     [("fpn_fec_small", 9_568_286), ("fpn_fec_base", 18_841_518), ("fpn_fec_large", 33_475_014)],
