@@ -597,4 +597,15 @@ def create_model(name: str, **overrides) -> nn.Module:
     choices = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else None
     if choices and value not in choices:
       raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+  if "dtype" in overrides and not _is_float_dtype(overrides["dtype"]):  # else a numpy error at init
+    raise ValueError(
+        f"dtype must be a float dtype (jnp.bfloat16, 'float32', ...), got {overrides['dtype']!r}"
+    )
   return cls(variant, **overrides)
+
+
+def _is_float_dtype(dtype) -> bool:
+  try:
+    return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:  # not a dtype: 'bf16'
+    return False

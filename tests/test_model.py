@@ -30,6 +30,11 @@ def test_registry():
     fec_jax.create_model("fec_small", aggregation="sum")  # at once, not at the first call
   with pytest.raises(ValueError, match="assign_grad must be one of"):
     fec_jax.create_model("fpn_fec_small", assign_grad="straight")
+  # dtype="bf16" was taken, and init failed with numpy's "data type 'bf16' not understood"
+  for dtype in ("bf16", jnp.int8):
+    with pytest.raises(ValueError, match=rf"dtype must be a float dtype .*, got {dtype!r}$"):
+      fec_jax.create_model("fec_small", dtype=dtype)
+  assert fec_jax.create_model("fpn_fec_small", dtype="bfloat16").dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(
