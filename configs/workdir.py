@@ -30,6 +30,7 @@ def get_config(workdir: str = ""):
   if task not in TEMPLATES:
     raise ValueError(
         f"{where} holds the task {task!r}; expected one of {sorted(TEMPLATES)}, or for a task of "
-        "your own (fec_jax.tasks.register), its config file as --config"
+        "your own (fec_jax.tasks.register), its config file as --config (in Python, that "
+        "file's get_config(): a config.json cannot bring a task's code nor its fields' types)"
     )
   return reporting.restore_config(saved, TEMPLATES[task](), where)

@@ -343,6 +343,15 @@ def test_a_config_json_without_a_field_added_later_gets_its_default(tmp_path):
     workdir.get_config(str(tmp_path))
 
 
+def test_the_config_json_of_a_task_of_ones_own_says_where_its_config_is(tmp_path):
+  # from Python, the error named only --config, a command's flag
+  config = demo.get_config()
+  config.task = "mine"
+  reporting.write_config(str(tmp_path), config)
+  with pytest.raises(ValueError, match=r"task 'mine'; .* as --config \(in Python, that file's "):
+    workdir.get_config(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "case, reason",
     [
