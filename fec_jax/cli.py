@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
@@ -315,6 +316,27 @@ def _unknown_field(config, path: str) -> str | None:
   return None
 
 
+def _locked_field(error: Exception) -> str | None:
+  """get_config's `config.max_step = 3` on a locked config, whose ml_collections error lists every
+  field of the config in one line (thousands of characters) before its "Did you mean", as a short
+  reason naming the field, the line that set it and the close name; None for another error."""
+  found = re.search(
+      r'Key "([^"]+)" does not exist and cannot be added since the config', str(error)
+  )
+  if not isinstance(error, AttributeError) or not found:
+    return None
+  frames = [
+      f for f in traceback.extract_tb(error.__traceback__) if "ml_collections" not in f.filename
+  ]
+  where = f"{os.path.basename(frames[-1].filename)} line {frames[-1].lineno}" if frames else "it"
+  close = re.search(r'Did you mean "([^"]+)" instead of', str(error))
+  hint = f"did you mean {close[1]!r}? " if close else ""
+  return (
+      f"{where} sets the config field {found[1]!r}, which the config does not have; {hint}(a "
+      "field of your own goes in with `with config.unlocked():`)"
+  )
+
+
 # ml_collections raises get_config's TypeError or ValueError again with this message and the
 # traceback, whose last line is the original error.
 _WRAPPED = "Error whilst parsing config file"
@@ -343,7 +365,7 @@ def _config_problem(
     elif isinstance(e, OSError):
       reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...
-      reason = f"{type(e).__name__}: {lines[0]}"
+      reason = _locked_field(e) or f"{type(e).__name__}: {lines[0]}"
     if not given:
       return (
           f"--{name} not given, and its default {source} cannot be loaded ({reason}); give --{name}"

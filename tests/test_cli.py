@@ -229,6 +229,23 @@ def test_a_config_that_is_no_configdict_or_given_twice_is_one_line(parse, capsys
   )
 
 
+def test_a_config_file_that_sets_a_field_the_config_lacks_is_a_short_line(parse, capsys, tmp_path):
+  # ml_collections' error printed every field of the config (about 2,500 characters) first
+  for field, hint in [("max_step", "did you mean 'max_steps'? "), ("model.zzzz", "")]:
+    path = tmp_path / f"{field.replace('.', '_')}.py"
+    path.write_text(
+        f"from configs import demo\n\ndef get_config():\n  c = demo.get_config()\n"
+        f"  c.{field} = 3\n  return c\n"
+    )
+    assert parse(capsys, f"--config={path}")[:3] == (
+        2,
+        "",
+        f"error: --config={path}: cannot load it ({path.name} line 5 sets the config field "
+        f"'{field.split('.')[-1]}', which the config does not have; {hint}(a field of your own "
+        "goes in with `with config.unlocked():`)); expected a Python file with get_config()\n",
+    )
+
+
 def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
   code, _, err, _ = parse(capsys, "--config=configs/demo.py", "--config.data.zzzzzz=1")
   assert (
