@@ -72,7 +72,10 @@ def save_params(
 ) -> None:
   """Writes a checkpoint of step 0 with the model description and its params (converter output),
   and the batch_stats of a model that has them (the fpn_* segmenters, and only they), in
-  `directory`: a new or empty folder (CheckpointError otherwise, before anything is written)."""
+  `directory`: a new or empty folder (CheckpointError otherwise, before anything is written).
+  The params must be those of create_model(name, **overrides), which load_pretrained rebuilds:
+  an unknown name or option is a ValueError, params of another shape (the whole variables, other
+  num_classes) a ParamsMismatch listing them, before anything is written."""
   if (name in SEGMENTERS) != (batch_stats is not None):
     raise CheckpointError(
         f"{name} has BatchNorm statistics: pass batch_stats=variables['batch_stats']"
@@ -85,6 +88,12 @@ def save_params(
         f"{directory} exists and is not an empty folder: save_params writes a new checkpoint "
         "directory (remove the old one first; convert_torch_weights.py --overwrite replaces one)"
     )
+  if "params" in params:  # a model's params have no such module
+    raise CheckpointError("save_params takes the params, variables['params'], not the variables")
+  expected = variable_shapes(create_model(name, **overrides))["params"]
+  if _has_per_block_layout(params):  # that of fec-jax before 2026-11-27, which still loads
+    expected = per_block_layout(expected)
+  raise_for_mismatch(*compare_params(expected, params), f"save_params({name!r}, {overrides})")
   items = {PARAMS_ITEM: params}
   if batch_stats is not None:
     items[BATCH_STATS_ITEM] = batch_stats

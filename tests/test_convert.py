@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import fec_jax
 import torch_reference
 import torch_reference_fpn
 from fec_jax import checkpoint, convert
-from fec_jax.model import FAST_COMPILE, param_shapes
+from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +137,9 @@ def test_load_pretrained_names_the_params_an_override_reshapes(tmp_path, small_s
 def test_save_params_writes_a_new_or_empty_folder_only(tmp_path):
   """A second save_params into the same folder (the README's snippet run twice) is one
   CheckpointError, not Orbax's StepAlreadyExistsError, and the first checkpoint stays."""
-  checkpoint.save_params(tmp_path, {"w": np.ones(2)}, "fec_small", {})  # empty: written
+  ones = lambda s: np.ones(s.shape, s.dtype)
+  params = jax.tree.map(ones, variable_shapes(fec_jax.create_model("fec_small"))["params"])
+  checkpoint.save_params(tmp_path, params, "fec_small", {})  # empty: written
   for target in (tmp_path, tmp_path / "0"):  # the checkpoint, a folder with files
     with pytest.raises(checkpoint.CheckpointError) as error:
       checkpoint.save_params(target, {"w": np.zeros(2)}, "fec_small", {})
@@ -148,7 +151,25 @@ def test_save_params_writes_a_new_or_empty_folder_only(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="note.txt exists and is not an empty"):
     checkpoint.save_params(tmp_path / "note.txt", {"w": np.zeros(2)}, "fec_small", {})
   saved = ocp.StandardCheckpointer().restore(tmp_path / "0" / checkpoint.PARAMS_ITEM)
-  np.testing.assert_array_equal(saved["w"], np.ones(2))
+  jax.tree.map(np.testing.assert_array_equal, saved, params)
+
+
+def test_save_params_takes_only_params_that_load(tmp_path):
+  """The whole variables, params of other classes, another model or an unknown option were
+  written, and each load of them failed (a list of 204 problems for the variables)."""
+  model = fec_jax.create_model("fec_small", num_classes=10)
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(model))
+  params = variables["params"]
+  cases = [
+      (variables, "fec_small", {"num_classes": 10}, "takes the params, variables['params'], not"),
+      (params, "fec_small", {}, "save_params('fec_small', {}) do not fit this model (2 problems)"),
+      (params, "fec_base", {"num_classes": 10}, "do not fit this model (99 problems)"),
+      (params, "fec_small", {"num_class": 10}, "unknown option(s) ['num_class']"),
+  ]
+  for i, (tree, name, overrides, message) in enumerate(cases):
+    with pytest.raises((checkpoint.CheckpointError, ValueError), match=re.escape(message)):
+      checkpoint.save_params(tmp_path / f"c{i}", tree, name, overrides)
+    assert not (tmp_path / f"c{i}").exists()
 
 
 def test_save_params_needs_batch_stats_exactly_for_a_segmenter(tmp_path):

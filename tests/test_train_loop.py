@@ -31,7 +31,7 @@ import fec_jax
 from configs import fec_base, finetune
 from fec_jax import checkpoint, convert, data, loop, preemption, reporting, tasks
 from fec_jax.data import device_transforms
-from fec_jax.model import FAST_COMPILE
+from fec_jax.model import FAST_COMPILE, variable_shapes
 from fec_jax.tasks import classification
 from tests.imagenet_fixture import make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
@@ -581,7 +581,9 @@ def test_a_workdir_of_another_model_offers_init_from_where_it_fits(saved, wanted
   """resumable_step reads a run's model item and item names only: weights and the folders of
   the training items stand in for a run."""
   batch_stats = {"bn": np.zeros(1)} if saved.startswith("fpn_") else None
-  checkpoint.save_params(str(tmp_path), {"w": np.zeros(1)}, saved, {"num_classes": 3}, batch_stats)
+  shapes = variable_shapes(fec_jax.create_model(saved, num_classes=3))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # save_params checks them
+  checkpoint.save_params(str(tmp_path), params, saved, {"num_classes": 3}, batch_stats)
   for item in (checkpoint.OPT_STATE_ITEM, checkpoint.PROGRESS_ITEM, checkpoint.DATA_ITER_ITEM):
     os.makedirs(tmp_path / "0" / item)
   with pytest.raises(checkpoint.CheckpointError) as e:
