@@ -34,6 +34,7 @@ import zlib
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import traverse_util
@@ -99,8 +100,14 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   compile {'xla_backend_optimization_level': 0}).
   User errors (a bad config, missing data, an unfit init_from checkpoint) raise ValueError,
   fec_jax.data.DataNotFoundError or fec_jax.checkpoint.CheckpointError before the train step is
-  compiled; a non-finite loss raises TrainingDiverged.
+  compiled; a non-finite loss raises TrainingDiverged. A config that is no ConfigDict (a dict)
+  is a TypeError.
   """
+  if not isinstance(config, ml_collections.ConfigDict):  # a dict: "has no attribute 'task'"
+    raise TypeError(
+        f"config is an ml_collections.ConfigDict (a config file's get_config()), got a "
+        f"{type(config).__name__}"
+    )
   task = tasks.get(config)
   training.check_config(config)
   task.check_config()

@@ -751,6 +751,13 @@ def test_tasks_register_takes_a_task_class_under_a_new_name(monkeypatch):
     tasks.register("classification", _ArrayMetrics)
 
 
+def test_a_config_that_is_no_configdict_is_named(tmp_path):
+  # a dict failed with "'dict' object has no attribute 'task'"
+  with pytest.raises(TypeError, match=r"config is an ml_collections.ConfigDict .*, got a dict$"):
+    loop.train_and_evaluate(tiny().to_dict(), str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
 def test_tasks_register_takes_a_name_that_config_task_can_give(monkeypatch):
   # register(3, ...) was taken, and then every config.task typo was "'<' not supported between
   # instances of 'int' and 'str'" from get()'s list of the tasks
