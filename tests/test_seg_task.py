@@ -209,7 +209,8 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
     evaluator(variables)
   assert (
       "2 of the 3 val annotations hold ids that are neither a class nor ignore_index (e.g. 9, "
-      "200, 201, 202, 203, 204, 205, 206 and 3 more; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "200, 201, 202, 203, 204, 205, 206 and 3 more; expected 0 ('other'), 1..5 "
+      "(config.data.num_classes 5 with reduce_zero_label) or 255 "
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label"
   ) in caplog.text
