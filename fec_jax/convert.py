@@ -596,16 +596,23 @@ def check_paths(args: argparse.Namespace) -> None:
 def _write_in_place(output: str, write: Callable[[str], None], directory: bool) -> None:
   """`write(path)` on a new name beside `output` (a directory made for it, or a file), then that
   renamed to `output`: a failed (or interrupted) write leaves the old output (--overwrite) or
-  nothing, never half a checkpoint. Missing parents of `output` are made."""
+  nothing, never half a checkpoint. Missing parents of `output` are made (and removed again
+  where the write fails)."""
   output = os.path.abspath(output)
-  os.makedirs(os.path.dirname(output), exist_ok=True)
-  staging = os.path.join(os.path.dirname(output), f".converting-{uuid.uuid4().hex}")
+  parent = path = os.path.dirname(output)
+  made = None  # the topmost of the parents made here
+  while not os.path.exists(path):
+    made, path = path, os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  staging = os.path.join(parent, f".converting-{uuid.uuid4().hex}")
   if directory:
     os.mkdir(staging)  # the mode of a fresh output: 0o777 less the umask (mkdtemp's is 0o700)
   try:
     write(staging)
   except BaseException:
-    if directory:
+    if made:  # with the staging name in it
+      shutil.rmtree(made, ignore_errors=True)
+    elif directory:
       shutil.rmtree(staging, ignore_errors=True)
     elif os.path.exists(staging):
       os.remove(staging)

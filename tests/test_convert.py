@@ -772,6 +772,30 @@ def test_to_torch_makes_missing_folders_and_a_failed_write_leaves_the_old_file(
   assert os.listdir(out.parent) == ["back.pth"] and out.read_bytes() == before
 
 
+def test_a_failed_write_removes_the_folders_it_made(
+    tmp_path, small_state, orbax_small, monkeypatch
+):
+  """The missing parents of --output made for a write that then fails are removed again, in
+  either direction: a failed conversion leaves no output, nor empty folders for one."""
+  src = tmp_path / "w.pth"
+  torch.save(small_state, src)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(torch, "save", full_disk)
+  monkeypatch.setattr(convert, "save_params", full_disk)
+  (tmp_path / "out").mkdir()
+  missing = tmp_path / "out" / "new" / "sub"
+  for args in (
+      ["--input", str(orbax_small), "--output", str(missing / "back.pth"), "--to-torch"],
+      ["--input", str(src), "--output", str(missing / "fec_small")],
+  ):
+    with pytest.raises(OSError, match="No space left on device"):
+      convert.main(args)
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_overwrite_gives_a_fresh_outputs_mode_and_a_failed_save_leaves_nothing(
     tmp_path, small_state, orbax_small, capsys, monkeypatch
 ):
