@@ -74,8 +74,9 @@ def save_params(
   and the batch_stats of a model that has them (the fpn_* segmenters, and only they), in
   `directory`: a new or empty folder (CheckpointError otherwise, before anything is written).
   The params must be those of create_model(name, **overrides), which load_pretrained rebuilds:
-  an unknown name or option is a ValueError, params of another shape (the whole variables, other
-  num_classes) a ParamsMismatch listing them, before anything is written."""
+  an unknown name or option is a ValueError, the whole variables a CheckpointError, params of
+  another shape (other num_classes, another model) a ParamsMismatch listing them, before anything
+  is written (the shapes of batch_stats are not checked)."""
   if (name in SEGMENTERS) != (batch_stats is not None):
     raise CheckpointError(
         f"{name} has BatchNorm statistics: pass batch_stats=variables['batch_stats']"
