@@ -38,6 +38,7 @@ import traceback
 from typing import Callable, Iterator, NoReturn, Sequence
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -325,8 +326,9 @@ def _locked_field(error: Exception) -> str | None:
   )
   if not isinstance(error, AttributeError) or not found:
     return None
+  package = os.path.dirname(ml_collections.__file__) + os.sep  # not a config file's folder name
   frames = [
-      f for f in traceback.extract_tb(error.__traceback__) if "ml_collections" not in f.filename
+      f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(package)
   ]
   where = f"{os.path.basename(frames[-1].filename)} line {frames[-1].lineno}" if frames else "it"
   close = re.search(r'Did you mean "([^"]+)" instead of', str(error))

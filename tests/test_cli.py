@@ -246,6 +246,17 @@ def test_a_config_file_that_sets_a_field_the_config_lacks_is_a_short_line(parse,
     )
 
 
+def test_a_config_file_in_a_folder_named_like_ml_collections_is_named(parse, capsys, tmp_path):
+  # frames were told from ml_collections' by that word in their path: the line named was another
+  path = tmp_path / "ml_collections_configs" / "mine.py"
+  path.parent.mkdir()
+  path.write_text(
+      "from configs import demo\n\ndef get_config():\n  c = demo.get_config()\n"
+      "  c.max_step = 3\n  return c\n"
+  )
+  assert "(mine.py line 5 sets the config field 'max_step'" in parse(capsys, f"--config={path}")[2]
+
+
 def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
   code, _, err, _ = parse(capsys, "--config=configs/demo.py", "--config.data.zzzzzz=1")
   assert (
