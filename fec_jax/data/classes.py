@@ -49,7 +49,7 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   ImageNet's classes). None where they are not known."""
   own = None
   if cfg.get("source") == "folder":
-    train_dir = os.path.join(cfg.get("root") or "", split_name(cfg, "train"))
+    train_dir = _train_folder(cfg)
     own = class_folders(train_dir) if os.path.isdir(train_dir) else None
   elif cfg.get("source") == "tfds" and cfg.get("tfds_name"):
     own = _tfds_label_names(cfg.get("tfds_name"), cfg.get("tfds_data_dir") or "")
@@ -61,11 +61,16 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   return imagenet_names() if num_classes == 1000 else own
 
 
+def _train_folder(cfg) -> str:
+  """A folder run's train split, whose class folders name its classes."""
+  return os.path.join(cfg.get("root") or "", split_name(cfg, "train"))
+
+
 def own_names_origin(cfg) -> str | None:
   """Where classification_names reads a run's own class names, for a note where they are gone:
   its class folders or its TFDS dataset_info; None for the other sources (no names of their own)."""
   if cfg.get("source") == "folder":
-    return f"class folders in {os.path.join(cfg.get('root') or '', split_name(cfg, 'train'))}"
+    return f"class folders in {_train_folder(cfg)}"
   if cfg.get("source") == "tfds":
     where = cfg.get("tfds_data_dir") or "default"
     return f"label names of TFDS {cfg.get('tfds_name')} (data_dir {where})"
