@@ -37,6 +37,7 @@ from fec_jax.model import (
     create_model,
     init_from_models,
     is_stage,
+    param_shapes,
     variable_shapes,
 )
 
@@ -91,7 +92,7 @@ def save_params(
     )
   if "params" in params:  # a model's params have no such module
     raise CheckpointError("save_params takes the params, variables['params'], not the variables")
-  expected = variable_shapes(create_model(name, **overrides))["params"]
+  expected = param_shapes(create_model(name, **overrides))
   if _has_per_block_layout(params):  # that of fec-jax before 2026-11-27, which still loads
     expected = per_block_layout(expected)
   raise_for_mismatch(*compare_params(expected, params), f"save_params({name!r}, {overrides})")

@@ -17,6 +17,7 @@ from importlib import resources
 
 import numpy as np
 
+from fec_jax.data.loader import data_location
 from fec_jax.data.seg_config import DEMO_CLASS_NAMES
 from fec_jax.data.sources import DataNotFoundError, class_folders, split_name, tfds_builder
 
@@ -72,8 +73,7 @@ def own_names_origin(cfg) -> str | None:
   if cfg.get("source") == "folder":
     return f"class folders in {_train_folder(cfg)}"
   if cfg.get("source") == "tfds":
-    where = cfg.get("tfds_data_dir") or "default"
-    return f"label names of TFDS {cfg.get('tfds_name')} (data_dir {where})"
+    return f"label names of {data_location(cfg)}"
   return None
 
 

@@ -293,10 +293,13 @@ def _num_workers(data_config) -> int:
 
 
 def data_location(data_config) -> str:
-  """Where a (classification or segmentation) data config's records live, for messages."""
-  if data_config.source == "tfds":
-    return f"TFDS {data_config.tfds_name} (data_dir {data_config.tfds_data_dir or 'default'})"
-  return data_config.root or f"the {data_config.source} data"
+  """Where a (classification or segmentation) data config's records live, for messages;
+  `data_config` a ConfigDict or the data section of a run's config.json."""
+  source = data_config.get("source")
+  if source == "tfds":
+    where = data_config.get("tfds_data_dir") or "default"
+    return f"TFDS {data_config.get('tfds_name')} (data_dir {where})"
+  return data_config.get("root") or f"the {source} data"
 
 
 def _prefetch(ds, data_config, workers: int):
