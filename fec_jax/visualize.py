@@ -131,14 +131,16 @@ def grid(rows: list[Image.Image]) -> Image.Image:
   return canvas
 
 
-def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: str, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """(original RGB [H0, W0, 3] uint8, model input [h, w, 3] uint8), as the official script reads
   and resizes (cv2.imread, cv2.resize; docs/official-code.md Sec. 9): upright by the EXIF
-  orientation, then resized directly (no crop) with OpenCV's bilinear.
+  orientation, then resized directly (no crop) with OpenCV's bilinear to `size`, (h, w) or one
+  side of a square.
 
   Decoded as the training data is (read_image)."""
+  height, width = (size, size) if isinstance(size, (int, np.integer)) else size
   original = read_image(path)
-  return original, seg_transforms.resize(original, *size)
+  return original, seg_transforms.resize(original, height, width)
 
 
 def read_image(path: str) -> np.ndarray:

@@ -970,6 +970,7 @@ def test_visualize_reads_and_resizes_as_the_official_script(tmp_path, orientatio
   assert original.shape == ((80, 60, 3) if orientation == 6 else (60, 80, 3))
   np.testing.assert_array_equal(original, official)
   np.testing.assert_array_equal(resized, cv2.resize(official, (48, 32)))
+  assert visualize.load_image(str(path), 32)[1].shape == (32, 32, 3)  # one side: a square
 
 
 def test_visualize_median_filter_keeps_more_than_256_groups():
