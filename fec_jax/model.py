@@ -16,6 +16,7 @@ ClusterPool also sows its `centers` and `representatives` (Eq. 6), both [B, H/2,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -531,7 +532,18 @@ def model_name(model: nn.Module) -> str:
 
 def variable_shapes(model: nn.Module) -> dict[str, Any]:
   """The model's variables ({"params"}, and "batch_stats" for segmenters) as ShapeDtypeStructs,
-  computed without running anything."""
+  computed without running anything; each call gets dicts of its own."""
+  try:
+    hash(model)
+  except TypeError:  # a module built with a list among its fields: traced every time
+    return _traced_variable_shapes.__wrapped__(model)
+  return jax.tree.map(lambda shape: shape, _traced_variable_shapes(model))
+
+
+# Tracing init takes 0.5 to 1 s on a CPU, and one command can need a model's shapes several times
+# (a conversion checks them in torch_to_variables and again in save_params): traced once per model.
+@functools.lru_cache(maxsize=8)
+def _traced_variable_shapes(model: nn.Module) -> dict[str, Any]:
   # Any valid size: the variables' shapes do not depend on it.
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), images)

@@ -1,5 +1,7 @@
 """The Flax model's API, input checks, initialization and building blocks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,28 @@ def test_output_shapes(name, height, width, expected):
   out = shapes(name, height, width)
   got = [o.shape for o in out] if isinstance(out, list) else out.shape
   assert got == expected
+
+
+def test_variable_shapes_are_traced_once_per_model_and_each_call_owns_its_dicts(monkeypatch):
+  traced = []  # the models whose init was traced
+  eval_shape = jax.eval_shape
+
+  def counted(fun, *args, **kwargs):
+    if getattr(fun, "__name__", None) == "init":
+      traced.append(fun.__self__)
+    return eval_shape(fun, *args, **kwargs)
+
+  monkeypatch.setattr(jax, "eval_shape", counted)
+  first = fec_model.variable_shapes(fec_model.create_model("fec_small", num_classes=7))
+  again = fec_model.variable_shapes(fec_model.create_model("fec_small", num_classes=7))
+  assert len(traced) == 1 and again == first
+  first["params"]["head"]["kernel"] = None
+  assert again["params"]["head"]["kernel"].shape[-1] == 7  # no caller changes another's
+  # A module with a list among its fields (not hashable) is traced every time.
+  small = fec_model.VARIANTS["fec_small"]
+  variant = dataclasses.replace(small, depths=list(small.depths))
+  listed = fec_model.variable_shapes(fec_model.FEC(variant, num_classes=7))
+  assert len(traced) == 2 and listed == again
 
 
 def test_odd_map_before_a_pool_names_the_layer():
