@@ -11,9 +11,10 @@ For each image it writes
   {stem}_encodings.png  with --encodings: a grid of the encoding (Cluster) layers' clusters over
                       the model input, one row per layer (by default each stage's last block),
                       one panel per head, each titled with its number of clusters
-and prints a classifier's predicted class with its probability. Images of the same name get
-_1, _2, ... after the stem (the command says which). A dense backbone (fec_*_seg, _det) or a
-Semantic FPN segmenter (fpn_*) shows its backbone's clusters, and no class.
+and prints a classifier's predicted class with its probability (with its logit for a task of
+one's own). Images of the same name get _1, _2, ... after the stem (the command says which). A
+dense backbone (fec_*_seg, _det) or a Semantic FPN segmenter (fpn_*) shows its backbone's
+clusters, and no class.
 """
 
 from __future__ import annotations
@@ -333,12 +334,13 @@ def _output_names(stems: list[str], num_clusters: list[int], encodings: bool = F
   ]
 
 
-def trained_data_config(checkpoint: str) -> dict:
-  """The data section of a train.py workdir's config.json: the image size and normalization
-  its model was trained with; {} for a converter output (ImageNet's, DEFAULT_IMAGE_SIZE)."""
+def trained_config(checkpoint: str) -> dict:
+  """A train.py workdir's config.json: its task, and in its data section the image size and
+  normalization its model was trained with; {} for a converter output (an ImageNet classifier,
+  DEFAULT_IMAGE_SIZE)."""
   with cli.user_errors(ValueError):
     saved = reporting.read_config(checkpoint) if os.path.isdir(checkpoint) else None
-  return (saved or {}).get("data", {})
+  return saved or {}
 
 
 def check_images(paths: list[str]) -> None:
@@ -364,7 +366,7 @@ def check_images(paths: list[str]) -> None:
 
 def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   """Every mistake in the arguments, found before the checkpoint is read: returns (H, W) and
-  trained_data_config(--checkpoint)."""
+  trained_config(--checkpoint)."""
   if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) < 1):
     cli.fail(f"--image-size takes S or H W (positive), got {' '.join(map(str, args.image_size))}")
   for flag, values, low in (
@@ -416,9 +418,10 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
         f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
         f"{'them' if more else 'it'}, or choose another --out"
     )
-  trained = trained_data_config(args.checkpoint)
+  trained = trained_config(args.checkpoint)
+  data = trained.get("data", {})
   # A run's image size: a classifier's image_size, a segmenter's crop_size [H, W].
-  default = trained.get("image_size") or trained.get("crop_size") or DEFAULT_IMAGE_SIZE
+  default = data.get("image_size") or data.get("crop_size") or DEFAULT_IMAGE_SIZE
   size = args.image_size or (default if isinstance(default, list) else [default])
   return tuple(size * 2 if len(size) == 1 else size), trained
 
@@ -514,11 +517,12 @@ def _run(
     )
 
 
-def class_names(trained: dict, num_classes: int) -> tuple[str, ...]:
-  """The names of a classifier's classes (classification_names), with a note where a train.py
-  run's own are no longer found (its class folders moved or changed): they are then numbered."""
-  names = classification_names(trained, num_classes)
-  origin = own_names_origin(trained)
+def class_names(data: dict, num_classes: int) -> tuple[str, ...]:
+  """The names of a classifier's classes (classification_names of a run's data section), with a
+  note where a train.py run's own are no longer found (its class folders moved or changed): they
+  are then numbered."""
+  names = classification_names(data, num_classes)
+  origin = own_names_origin(data)
   if names is None and origin:
     print(
         f"note: the run's {origin} are gone or changed: its {num_classes} classes are printed "
@@ -528,10 +532,21 @@ def class_names(trained: dict, num_classes: int) -> tuple[str, ...]:
   return names or numbered(num_classes)
 
 
+def prediction(logits: np.ndarray, classes: tuple[str, ...], task: str | None) -> str:
+  """A classifier's top class: with its softmax probability where the run trained a softmax (a
+  converter output, task None, or a classification run); with its logit for a task of one's own,
+  whose head need not be a softmax's (a multi-label head's is a sigmoid per class)."""
+  top = int(np.argmax(logits))  # logits: [num_classes]
+  if task in (None, "classification"):
+    return f"{classes[top]} ({float(jax.nn.softmax(logits)[top]):.1%})"
+  return f"{classes[top]} (logit {float(logits[top]):.2f}; task {task!r}: no softmax probability)"
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size, trained = check_args(args)
-  mean, std = trained.get("mean", IMAGENET_MEAN), trained.get("std", IMAGENET_STD)
+  data = trained.get("data", {})
+  mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
     model = load_model(args.checkpoint, step=args.step)[0]
@@ -541,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
-  classes = class_names(trained, model.num_classes)
+  classes = class_names(data, model.num_classes)
   stems = unique_stems(args.image)
   for path, name in zip(args.image, stems):
     if name != image_stem(path):
@@ -568,9 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         maps = {n: clusters.encodings[n][i] for n in layers}
         render_encodings(args.out, stems[first + i], resized, maps, args.alpha)
       if is_classifier(model):
-        probs = np.asarray(jax.nn.softmax(clusters.outputs[i]))
-        top = int(np.argmax(probs))
-        print(f"{path}: {classes[top]} ({probs[top]:.1%})")
+        print(f"{path}: {prediction(clusters.outputs[i], classes, trained.get('task'))}")
   print(
       f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out} "
       f"(model input {size[0]}x{size[1]})"

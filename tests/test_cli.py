@@ -840,6 +840,28 @@ def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_go
   assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
 
 
+def test_visualize_gives_a_softmax_probability_only_for_a_classification_run(tmp_path, capsys):
+  """A task of one's own (a multi-label head's sigmoids, say) gets its top logit instead."""
+  workdir = tmp_path / "workdir"
+  zero_weights(workdir, "fec_small", num_classes=4)
+  config = demo.get_config()
+  config.data.update(num_classes=4, image_size=64)
+  reporting.write_config(str(workdir), config)
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
+  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  code, printed, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (0, "")
+  assert printed.splitlines()[0] == f"{photo}: class 0 (25.0%)"  # zero weights: equal logits
+  config.task = "multilabel"
+  reporting.write_config(str(workdir), config)
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
+  assert (code, err) == (0, "")
+  assert printed.splitlines()[0] == (
+      f"{photo}: class 0 (logit 0.00; task 'multilabel': no softmax probability)"
+  )
+
+
 def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys):
   args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
   args += ["--image-size", "64", "--num-clusters", "3", "5", "--out", str(tmp_path / "vis")]
