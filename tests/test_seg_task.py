@@ -665,9 +665,11 @@ def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
   assert {tuple(c) for c in truth.reshape(-1, 3)} <= palette
 
 
-def test_eval_py_throughput_of_a_segmenter_is_one_error_line(seg_run):
-  result = command("eval.py", f"--workdir={seg_run}", "--throughput")
-  assert result.returncode == 2 and not result.stdout
-  assert result.stderr.strip().splitlines() == [
-      f"error: --throughput measures classifiers; {seg_run} holds a 'segmentation' run"
-  ]
+def test_eval_py_throughput_of_a_segmenter_times_its_crop_size(seg_run):
+  timing = ["--batch=2", "--warmup=0", "--iters=1"]
+  result = command("eval.py", f"--workdir={seg_run}", "--throughput", *timing)
+  assert result.returncode == 0, result.stderr[-3000:]
+  crop = "x".join(map(str, seg_tiny().data.crop_size))
+  assert result.stdout.startswith("throughput: ") and result.stdout.endswith(
+      f" img/s (fpn_fec_small, float32, {crop}, batch 2, 1 cpu device(s))\n"
+  ), result.stdout
