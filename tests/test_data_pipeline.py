@@ -652,6 +652,18 @@ def test_images_outside_the_class_folders_are_skipped_with_a_warning(tmp_path, c
     assert caplog.text.count(warning) == 1
 
 
+def test_file_names_that_are_not_ascii_are_read(tmp_path):
+  """The paths are kept as bytes: numpy's ASCII encoding of a name like 'café.JPEG' raised
+  UnicodeEncodeError while the split was listed; os.fsencode takes any name the folder holds."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=2, val_per_class=1)
+  image = next((tmp_path / "train" / WNIDS[1]).glob("*.JPEG"))
+  image.rename(image.with_name("café 猫.JPEG"))
+  source = sources.FolderSource(root, "train", 2)
+  record = source[2]  # class 1's first file: 'c' sorts before 'n01443537_1.JPEG'
+  assert record["key"] == os.path.join(WNIDS[1], "café 猫.JPEG") and record["label"] == 1
+  assert transforms.decode(record["encoded"])[0].shape == (64, 80, 3)
+
+
 def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
   with pytest.raises(
       ValueError, match=r"^18 train examples are fewer than one global batch \(32\); "

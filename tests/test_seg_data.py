@@ -378,6 +378,19 @@ def test_ade20k_source_layout_and_order(ade):
   assert fd.seg_num_eval_examples(_cfg(ade), shard_count=2) == 3
 
 
+def test_file_names_that_are_not_ascii_are_read(tmp_path):
+  """numpy's ASCII encoding of the paths raised UnicodeEncodeError for a name like 'café.jpg'
+  while the split was listed; os.fsencode takes any name the folder holds."""
+  root = make_ade20k_folder(tmp_path / "ade", num_train=2, num_val=1)
+  for folder, suffix in (("images", ".jpg"), ("annotations", ".png")):
+    old = os.path.join(root, folder, "training", "ADE_train_00000002" + suffix)
+    os.rename(old, os.path.join(root, folder, "training", "café 猫" + suffix))
+  record = seg_sources.ADE20KSource(root, "training")[1]
+  assert record["key"] == os.path.join("images", "training", "café 猫.jpg")
+  assert record["label_key"] == os.path.join("annotations", "training", "café 猫.png")
+  assert record["image"][:2] == b"\xff\xd8" and record["label"][:4] == b"\x89PNG"
+
+
 def test_annotations_without_an_image_are_named_and_not_used(tmp_path, caplog):
   root = make_ade20k_folder(tmp_path / "ade", num_train=4, num_val=2)
   os.remove(os.path.join(root, "images", "training", "ADE_train_00000002.jpg"))

@@ -60,7 +60,8 @@ def _unused_message(img_dir: str, ann_dir: str, unused: list[str]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(image paths, annotation paths) relative to root, bytes [N] each, sorted by image path.
+  """(image paths, annotation paths) relative to root, bytes [N] each (os.fsencode: any file
+  name, non-ASCII included), sorted by image path.
 
   Raises DataNotFoundError (before any image is read) for a missing folder, a split without
   images, or an image without its annotation (naming the first such image); warns of annotations
@@ -109,7 +110,9 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   unused = sorted(annotations.difference(wanted))
   if unused:  # not an error (mmseg lists the images), but a folder the user may not expect
     log.warning("%s", _unused_message(img_dir, ann_dir, unused))
-  to_root = lambda d, paths: np.array([os.path.join(d, p) for p in paths], dtype=np.bytes_)
+  to_root = lambda d, paths: np.array(
+      [os.fsencode(os.path.join(d, p)) for p in paths], dtype=np.bytes_
+  )
   return (
       to_root(os.path.join("images", split), images),
       to_root(os.path.join("annotations", split), wanted),
@@ -129,7 +132,7 @@ class ADE20KSource:
 
   def _read(self, rel: bytes) -> bytes | OSError:
     try:
-      with open(os.path.join(self._root, rel.decode()), "rb") as f:
+      with open(os.path.join(self._root, os.fsdecode(rel)), "rb") as f:
         return f.read()
     except OSError as e:  # a broken link, no permission, ...: transforms.open_image says
       return e  # which, and the pipeline replaces or masks the record out
@@ -138,8 +141,8 @@ class ADE20KSource:
     return {
         "image": self._read(self._images[index]),
         "label": self._read(self._annotations[index]),
-        "key": self._images[index].decode(),
-        "label_key": self._annotations[index].decode(),
+        "key": os.fsdecode(self._images[index]),
+        "label_key": os.fsdecode(self._annotations[index]),
     }
 
 

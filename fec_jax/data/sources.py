@@ -82,7 +82,8 @@ def class_folders_change(saved: dict, cfg) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-  """(classes sorted by folder name, relative file paths as bytes [N], labels int32 [N])."""
+  """(classes sorted by folder name, relative file paths as bytes [N] (os.fsencode: any file
+  name, non-ASCII included), labels int32 [N])."""
   if not os.path.isdir(split_dir):
     raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
   classes = class_folders(split_dir)
@@ -103,7 +104,8 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
         else f"no images found under {split_dir}"
     )
     raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
-  return classes, np.array(paths, dtype=np.bytes_), np.array(labels, dtype=np.int32)
+  paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+  return classes, paths, np.array(labels, dtype=np.int32)
 
 
 def _loose_images(split_dir: str) -> list[str]:
@@ -194,7 +196,7 @@ class FolderSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> dict:
-    rel = self._paths[index].decode()
+    rel = os.fsdecode(self._paths[index])
     try:
       with open(os.path.join(self._dir, rel), "rb") as f:
         encoded = f.read()
