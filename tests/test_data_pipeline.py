@@ -570,6 +570,16 @@ def test_demo_source_split_and_loader():
   assert batch["image"].shape == (64, 32, 32, 3) and batch["label"].max() < 10
 
 
+@pytest.mark.parametrize("fraction, split", [(0.001, "val"), (0.999, "train")])
+def test_a_demo_val_fraction_that_empties_a_split_is_named(fraction, split):
+  """It failed in numpy with "need at least one array to stack"."""
+  cfg = fd.demo_config()
+  cfg.demo_val_fraction = fraction
+  expected = f"config.data: demo_val_fraction {fraction} leaves the demo's {split} split empty"
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    fd.num_examples(cfg, split)
+
+
 def test_mixup_cutmix_properties():
   images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
   labels = jax.numpy.arange(8) % 5

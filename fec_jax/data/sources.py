@@ -367,7 +367,8 @@ def demo_arrays(image_size: int, val_fraction: float, split: str):
   """scikit-learn digits (1,797 8x8, 10 classes) -> uint8 [N, S, S, 3], int32 [N].
 
   0-16 ink is scaled to 0-255 and upscaled bilinearly to S x S. The held-out split is
-  a stratified `val_fraction` of each class by a fixed permutation (seed 0).
+  a stratified `val_fraction` of each class by a fixed permutation (seed 0); a fraction that
+  leaves a split empty is a ValueError.
   """
   from sklearn.datasets import load_digits
 
@@ -378,6 +379,12 @@ def demo_arrays(image_size: int, val_fraction: float, split: str):
     members = perm[digits.target[perm] == c]
     is_val[members[: int(round(len(members) * val_fraction))]] = True
   keep = np.sort(np.nonzero(is_val if split == "val" else ~is_val)[0])
+  if not len(keep):  # each class holds 174 to 183 digits: a fraction within about 0.003 of 0 or 1
+    raise ValueError(
+        f"config.data: demo_val_fraction {val_fraction} leaves the demo's {split} split empty "
+        f"(each class's {split} share of its about 180 digits rounds to 0); expected a fraction "
+        "that leaves both splits some, e.g. 0.2 (the default)"
+    )
   small = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
   big = np.stack(
       [
