@@ -358,6 +358,24 @@ def test_data_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   )  # nothing written into the dataset
 
 
+def test_data_bench_times_and_counts_the_images_of_a_folder_only(tmp_path, capsys, monkeypatch):
+  """A class folder that also holds other files (notes, annotations) is timed and counted by its
+  images, as the loader lists them: every file was, a text file counted as an image and
+  reported as an unreadable one."""
+  root = tmp_path / "jpegs"
+  data_bench.make_jpeg_folder(str(root), 3)
+  (root / "train" / "n00000000" / "notes.txt").write_text("not an image")
+  timed = []
+  monkeypatch.setattr(
+      data_bench, "time_transform", lambda files, cfg, train: timed.append(files) or (50, 0.5)
+  )
+  data_bench.main(["--images", "3", "--dir", str(root)])
+  captured = capsys.readouterr()
+  assert captured.err == "" and captured.out.startswith(f"3 images per split in {root}")
+  assert [len(files) for files in timed] == [3, 3]
+  assert all(f.endswith(".JPEG") for files in timed for f in files)
+
+
 def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):
   root = tmp_path / "jpegs"
   data_bench.make_jpeg_folder(str(root), 2)

@@ -46,7 +46,9 @@ def make_jpeg_folder(root: str, num_images: int, num_classes: int = 4, seed: int
 
 
 def _files(split_dir: str) -> list:
-  return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(split_dir) for f in fs)
+  """The paths of a split's images as the loader lists them (sources.scan_folder: image files in
+  class folders), not the other files a folder may hold (notes, annotations)."""
+  return [os.path.join(split_dir, os.fsdecode(p)) for p in sources.scan_folder(split_dir)[1]]
 
 
 def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[float, float]:
