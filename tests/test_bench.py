@@ -388,6 +388,21 @@ def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):
   assert capsys.readouterr().err == f"note: 1 unreadable image(s) skipped, e.g. {bad}\n"
 
 
+def test_data_bench_a_folder_without_a_readable_image_is_an_error_line(tmp_path, capsys):
+  """It ended in a ZeroDivisionError (1e3 / a rate of 0 images/s)."""
+  root = tmp_path / "jpegs"
+  data_bench.make_jpeg_folder(str(root), 2)
+  for image in (root / "train").rglob("*.JPEG"):
+    image.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+  with pytest.raises(SystemExit) as exit_info:
+    data_bench.main(["--images", "2", "--dir", str(root)])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-2:] == [
+      f"note: 2 unreadable image(s) skipped, e.g. {root / 'train' / 'n00000000' / 'img_0.JPEG'}",
+      f"error: --dir {root}: none of the 2 train images decodes; expected image files that decode",
+  ]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

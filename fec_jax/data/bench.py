@@ -229,7 +229,13 @@ def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
       f"recipe: {cfg.rand_augment}, reprob {cfg.reprob} {cfg.remode}, {cfg.image_size}px"
   )
   for name, split, train in (("train", "train", True), ("eval", "val", False)):
-    rate, decode_share = time_transform(_files(os.path.join(root, split)), cfg, train)
+    files = _files(os.path.join(root, split))
+    rate, decode_share = time_transform(files, cfg, train)
+    if not rate:  # every image was skipped (the note above names one)
+      cli.fail(
+          f"--dir {root}: none of the {len(files)} {split} images decodes; expected image files "
+          "that decode"
+      )
     print(
         f"{name} transform: {rate:7.1f} images/s/core ({1e3 / rate:.2f} ms/image, "
         f"{100 * decode_share:.0f}% of it decoding)"
