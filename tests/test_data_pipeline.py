@@ -681,6 +681,27 @@ def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
     fd.create_loader(_cfg(folder), "train", 32, seed=0)
 
 
+def test_a_batch_or_shard_count_below_one_is_a_value_error(folder):
+  """They were a ZeroDivisionError (0) or a loader of negative batches (-8)."""
+  cfg, seg_cfg = _cfg(folder), fd.seg_demo_config()
+  calls = [
+      (
+          "the global batch (0) and the shard count (1)",
+          lambda: fd.create_loader(cfg, "train", 0, 0),
+      ),
+      (
+          "the global batch (-8) and the shard count (1)",
+          lambda: fd.create_loader(cfg, "val", -8, 0),
+      ),
+      ("the global batch (0) and the shard count (1)", lambda: fd.steps_per_epoch(cfg, 0)),
+      ("the batch (0) and the shard count (1)", lambda: fd.num_eval_batches(cfg, 0)),
+      ("the batch (1) and the shard count (0)", lambda: fd.seg_num_eval_examples(seg_cfg, 0)),
+  ]
+  for expected, call in calls:
+    with pytest.raises(ValueError, match=re.escape(expected + " must be at least 1")):
+      call()
+
+
 def test_class_names_of_a_classifier_come_from_its_runs_data(tmp_path):
   """classes.classification_names from a run's data config (a ConfigDict) or its config.json
   data section (a dict); visualize.py names the predicted class with it."""

@@ -62,8 +62,16 @@ def check_split(split: str, shard_index: int, shard_count: int) -> None:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
 
 
+def _check_counts(batch: int, shard_count: int, what: str = "batch") -> None:
+  """ValueError for a batch or a shard count below 1 (a division by zero below)."""
+  if batch < 1 or shard_count < 1:
+    raise ValueError(f"the {what} ({batch}) and the shard count ({shard_count}) must be at least 1")
+
+
 def local_batch(global_batch_size: int, shard_count: int) -> int:
-  """The per-host batch, global_batch_size // shard_count (ValueError if it does not divide)."""
+  """The per-host batch, global_batch_size // shard_count (ValueError if either is below 1 or it
+  does not divide)."""
+  _check_counts(global_batch_size, shard_count, "global batch")
   if global_batch_size % shard_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {shard_count} shards")
   return global_batch_size // shard_count
@@ -72,12 +80,14 @@ def local_batch(global_batch_size: int, shard_count: int) -> int:
 def epoch_steps(n: int, batch: int, shard_count: int) -> int:
   """Train batches per epoch per host for n records: (n // shard_count) // batch, the rest of
   each host's share dropped."""
+  _check_counts(batch, shard_count)
   return (n // shard_count) // batch
 
 
 def val_steps(n: int, batch: int, shard_count: int) -> int:
   """Val batches per host for one pass over n records: ceil(n / (batch * shard_count)), the
   last global batch padded (the padding is masked)."""
+  _check_counts(batch, shard_count)
   return -(-n // (batch * shard_count))
 
 
