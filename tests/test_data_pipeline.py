@@ -288,6 +288,27 @@ os._exit(1)
       w.kill()
 
 
+def test_a_script_that_reads_at_its_top_level_runs_once(folder, tmp_path):
+  """spawn runs the main script again in each worker, so that what it defines unpickles there;
+  grain sends its workers everything cloudpickled, which needs none of it. A script that read
+  batches at its top level, without `if __name__ == "__main__":`, had each worker read in turn
+  until starting workers of its own failed, and the val pass hung."""
+  script = tmp_path / "unguarded.py"
+  script.write_text(f"""
+import os
+import fec_jax.data as fd
+print("top level", flush=True)
+cfg = fd.default_config()
+cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = {str(folder)!r}, 3, 32, 2
+it = fd.create_loader(cfg, "val", 4, seed=0)
+print("val batches", len(list(it)), flush=True)
+it.close()
+""")
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout == "top level\nval batches 3\n"
+
+
 def test_a_batch_from_workers_is_unlinked_from_shared_memory_when_it_arrives(folder):
   """Workers hand batches over in shared memory. Each array's memory is unlinked as it arrives
   (its name is gone, its values stay), not when grain frees it: the last batches of a pass were

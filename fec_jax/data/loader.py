@@ -216,7 +216,7 @@ class _LoaderIterator(grain.DatasetIterator):
     self._step, self._bad, self._converted = 0, 0, 0
     self._epoch_start = (0, 0)
     self._iterator = None  # the grain pipeline from self._step on, opened at the first next()
-    self._launcher_held = False  # whether this iterator holds _hold_launcher()
+    self._spawn_held = False  # whether this iterator holds _hold_spawn()
     self._workers = 0  # the worker processes of self._iterator
 
   def _start(self):
@@ -226,8 +226,9 @@ class _LoaderIterator(grain.DatasetIterator):
     split of one batch: eval.py on 43 images took 22 s with 2 workers, 13 s without)."""
     left = len(self._elements) - self._step
     self._workers = workers = min(_num_workers(self._cfg), left) if left > 1 else 0
-    if workers and not self._launcher_held:
-      self._launcher_held = _hold_launcher()
+    if workers and not self._spawn_held:
+      _hold_spawn()
+      self._spawn_held = True
     if workers:
       _free_shared_memory_at_exit()
     ds = self._elements[self._step :].to_iter_dataset(
@@ -286,9 +287,9 @@ class _LoaderIterator(grain.DatasetIterator):
       self._iterator = None
       if self._workers:
         _free_shared_memory()
-    if self._launcher_held:
-      _release_launcher()
-      self._launcher_held = False
+    if self._spawn_held:
+      _release_spawn()
+      self._spawn_held = False
 
   def close(self):
     self._close_pipeline()
@@ -358,38 +359,53 @@ def _free_shared_memory() -> None:
     pool.apply(int)  # returns when the unlinks queued before it have run
 
 
-# multiprocessing's spawn runs a launcher instead of Python while a loader with workers is open
-# (reference-counted: train and val loaders overlap). SIGINT/SIGTERM reach the whole process
-# group (Ctrl-C, `timeout`, Slurm), and a worker still starting up died of them: the evaluation
-# failed, or hung, since multiprocessing's Popen blocks writing the pickled dataset to a child
-# that is gone. The launcher sets both to ignored, which exec keeps (Python too, for SIGINT), so
-# a worker is immune from the launcher's second line on, about a millisecond after the fork;
-# _init_worker ignores them again where no launcher could be written. grain hardcodes the spawn
-# start method, so there is no other hook.
-_launcher_lock = threading.Lock()
-_launcher = {"users": 0, "saved": None, "path": None}
+# While a loader with workers is open (reference-counted: train and val loaders overlap),
+# multiprocessing's spawn, which grain hardcodes, starts its workers in two ways of our own:
+# 1. Through a launcher instead of Python. SIGINT/SIGTERM reach the whole process group (Ctrl-C,
+#    `timeout`, Slurm), and a worker still starting up died of them: the evaluation failed, or
+#    hung, since multiprocessing's Popen blocks writing the pickled dataset to a child that is
+#    gone. The launcher sets both to ignored, which exec keeps (Python too, for SIGINT), so a
+#    worker is immune from the launcher's second line on, about a millisecond after the fork;
+#    _init_worker ignores them again where no launcher could be written.
+# 2. Without running the main script again. spawn runs it (as __mp_main__) in each child so that
+#    what it defines unpickles there; grain sends its workers everything cloudpickled, which
+#    carries a script's own functions and classes by value, so they need none of it. A script
+#    that trained or evaluated at its top level (no `if __name__ == "__main__":`) had every worker
+#    train or evaluate in turn, until starting workers of its own failed: training stopped with
+#    grain's "Worker process was terminated unexpectedly" and an evaluation hung, as in 1.
+_spawn_lock = threading.Lock()
+_spawn = {"users": 0, "saved": None, "launcher": None}
 
 
-def _hold_launcher() -> bool:
+def _hold_spawn() -> None:
   """Makes spawn start Python through the launcher (written once per process, in the temp
-  directory); False where the launcher cannot run (e.g. a temp directory mounted noexec)."""
-  with _launcher_lock:
-    if _launcher["path"] is None:
-      _launcher["path"] = _write_launcher(mp_spawn.get_executable()) or ""
-    if not _launcher["path"]:
-      return False
-    if _launcher["users"] == 0:
-      _launcher["saved"] = mp_spawn.get_executable()
-      mp_spawn.set_executable(_launcher["path"])
-    _launcher["users"] += 1
-    return True
+  directory; not where it cannot run, e.g. a temp directory mounted noexec), without the main
+  script; _release_spawn() restores spawn once no loader holds it."""
+  with _spawn_lock:
+    if _spawn["launcher"] is None:
+      _spawn["launcher"] = _write_launcher(mp_spawn.get_executable()) or ""
+    if _spawn["users"] == 0:
+      _spawn["saved"] = (mp_spawn.get_executable(), mp_spawn.get_preparation_data)
+      if _spawn["launcher"]:
+        mp_spawn.set_executable(_spawn["launcher"])
+      mp_spawn.get_preparation_data = _preparation_data_without_main
+    _spawn["users"] += 1
 
 
-def _release_launcher() -> None:
-  with _launcher_lock:
-    _launcher["users"] -= 1
-    if _launcher["users"] == 0:
-      mp_spawn.set_executable(_launcher["saved"])
+def _release_spawn() -> None:
+  with _spawn_lock:
+    _spawn["users"] -= 1
+    if _spawn["users"] == 0:
+      executable, mp_spawn.get_preparation_data = _spawn["saved"]
+      mp_spawn.set_executable(executable)
+
+
+def _preparation_data_without_main(name: str) -> dict:
+  """What spawn sends a new process to prepare it, without the main module to run (2. above)."""
+  data = _spawn["saved"][1](name)
+  data.pop("init_main_from_path", None)
+  data.pop("init_main_from_name", None)
+  return data
 
 
 def _write_launcher(python) -> str | None:
