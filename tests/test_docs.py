@@ -285,31 +285,3 @@ def test_readme_python_examples_call_what_exists(index):
   visitor = ExampleCalls()
   visitor.visit(ast.parse(example))
   assert visitor.calls >= 1, example
-
-
-def _is_main_guard(node) -> bool:
-  return isinstance(node, ast.If) and ast.unparse(node.test) in (
-      "__name__ == '__main__'",
-      "'__main__' == __name__",
-  )
-
-
-def test_readme_python_examples_open_loaders_under_a_main_guard():
-  """The loader's worker processes start with multiprocessing's spawn, which runs a script's top
-  level again in each worker: a README example pasted into a script that trains or evaluates at
-  its top level crashed (training) or hung (evaluation). Each such call is under
-  `if __name__ == "__main__":`."""
-  loader_calls = 0
-  for example in blocks("python"):
-    tree = ast.parse(example)
-    guarded = {id(n) for g in ast.walk(tree) if _is_main_guard(g) for n in ast.walk(g)}
-    for node in ast.walk(tree):
-      if not isinstance(node, ast.Call):
-        continue
-      func = node.func
-      inner = func.func if isinstance(func, ast.Call) else func
-      name = inner.attr if isinstance(inner, ast.Attribute) else getattr(inner, "id", "")
-      if name in ("train_and_evaluate", "evaluator"):
-        loader_calls += 1
-        assert id(node) in guarded, f"README: {ast.unparse(node)} outside `if __name__ == ...`"
-  assert loader_calls >= 3
