@@ -489,7 +489,13 @@ def test_config_validation():
     fd.seg_validate(cfg)
   cfg = fd.seg_demo_config()
   cfg.img_scale = (96, 64, 70, 50)  # what ml_collections makes of a tuple override given twice
-  with pytest.raises(ValueError, match=r"img_scale needs 2 positive sides, got \(96, 64, 70, 50\)"):
+  with pytest.raises(
+      ValueError, match=r"img_scale needs 2 positive sides .*, got \(96, 64, 70, 50\)"
+  ):
+    fd.seg_validate(cfg)
+  cfg = fd.seg_demo_config()
+  cfg.crop_size = (64,)  # what ml_collections makes of --config.data.crop_size=64
+  with pytest.raises(ValueError, match=r"H and W \(--config.data.crop_size=512,512\), got \(64,\)"):
     fd.seg_validate(cfg)
   cfg = fd.ade20k_config()
   cfg.num_classes, cfg.class_names = 2, ("road,sky",)  # a tuple override without its quotes

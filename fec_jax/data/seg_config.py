@@ -139,7 +139,8 @@ def validate(cfg) -> None:
       ),
       (
           len(cfg.img_scale) == 2 and min(cfg.img_scale) > 0,
-          f"img_scale needs 2 positive sides, got {cfg.img_scale}",
+          f"img_scale needs 2 positive sides (--config.data.img_scale=2048,512), got "
+          f"{cfg.img_scale}",
       ),
       (
           is_range(cfg.ratio_range),
@@ -147,7 +148,8 @@ def validate(cfg) -> None:
       ),
       (
           len(cfg.crop_size) == 2 and min(cfg.crop_size) > 0,
-          f"crop_size needs 2 positive sides, got {cfg.crop_size}",
+          f"crop_size needs 2 positive sides, H and W (--config.data.crop_size=512,512), got "
+          f"{cfg.crop_size}",
       ),
       (0 < cfg.cat_max_ratio <= 1, "cat_max_ratio must be in (0, 1]"),
       (0 <= cfg.flip_prob <= 1, "flip_prob must be in [0, 1]"),
