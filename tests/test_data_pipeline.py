@@ -309,6 +309,38 @@ it.close()
   assert done.stdout == "top level\nval batches 3\n"
 
 
+def test_another_process_spawned_while_a_loader_is_open_runs_the_main_script(folder, tmp_path):
+  """Only grain's workers start without the main script: a process of the program's own that
+  spawn starts while a loader with workers is open may need what the script defines (its target
+  here), which failed to unpickle in it (AttributeError: Can't get attribute 'child')."""
+  script = tmp_path / "guarded.py"
+  script.write_text(f"""
+import multiprocessing
+import fec_jax.data as fd
+
+def child(queue):
+  queue.put("child ran")
+
+if __name__ == "__main__":
+  cfg = fd.default_config()
+  cfg.root, cfg.num_classes, cfg.image_size, cfg.num_workers = {str(folder)!r}, 3, 32, 2
+  it = iter(fd.create_loader(cfg, "val", 4, seed=0))
+  next(it)  # its workers have started
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  process = ctx.Process(target=child, args=(queue,))
+  process.start()
+  process.join(30)
+  print(process.exitcode, queue.get(timeout=5) if process.exitcode == 0 else "", flush=True)
+  it.close()
+""")
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  run = [sys.executable, str(script)]  # this checkout's fec_jax, from the script's folder too
+  done = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout == "0 child ran\n", done.stderr
+
+
 def test_a_batch_from_workers_is_unlinked_from_shared_memory_when_it_arrives(folder):
   """Workers hand batches over in shared memory. Each array's memory is unlinked as it arrives
   (its name is gone, its values stay), not when grain frees it: the last batches of a pass were

@@ -373,6 +373,9 @@ def _free_shared_memory() -> None:
 #    that trained or evaluated at its top level (no `if __name__ == "__main__":`) had every worker
 #    train or evaluate in turn, until starting workers of its own failed: training stopped with
 #    grain's "Worker process was terminated unexpectedly" and an evaluation hung, as in 1.
+#    grain's workers only (by the name grain gives them): another process the program spawns
+#    meanwhile, of its own multiprocessing, is sent its target by plain pickle and still needs
+#    the script (a function the script defines failed to unpickle in it: AttributeError).
 _spawn_lock = threading.Lock()
 _spawn = {"users": 0, "saved": None, "launcher": None}
 
@@ -400,11 +403,18 @@ def _release_spawn() -> None:
       mp_spawn.set_executable(executable)
 
 
+# grain's ProcessPrefetchDatasetIterator names each worker process so (multiprocessing passes
+# the process's name to get_preparation_data).
+_GRAIN_WORKER_NAME = "grain-process-prefetch-"
+
+
 def _preparation_data_without_main(name: str) -> dict:
-  """What spawn sends a new process to prepare it, without the main module to run (2. above)."""
+  """What spawn sends a new process to prepare it: for a grain worker without the main module
+  to run (2. above); for any other process as spawn has it."""
   data = _spawn["saved"][1](name)
-  data.pop("init_main_from_path", None)
-  data.pop("init_main_from_name", None)
+  if name.startswith(_GRAIN_WORKER_NAME):
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
   return data
 
 
