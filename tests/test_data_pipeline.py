@@ -304,7 +304,9 @@ it = fd.create_loader(cfg, "val", 4, seed=0)
 print("val batches", len(list(it)), flush=True)
 it.close()
 """)
-  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  run = [sys.executable, str(script)]  # this checkout's fec_jax, from the script's folder too
+  done = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
   assert done.returncode == 0, done.stderr
   assert done.stdout == "top level\nval batches 3\n"
 
