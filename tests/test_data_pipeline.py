@@ -288,6 +288,14 @@ os._exit(1)
       w.kill()
 
 
+def _run_script(script) -> subprocess.CompletedProcess:
+  """`python script` with this checkout's fec_jax (a script's own folder comes first on its
+  path, before the checkout's: PYTHONPATH names it)."""
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  run = [sys.executable, str(script)]
+  return subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+
+
 def test_a_script_that_reads_at_its_top_level_runs_once(folder, tmp_path):
   """spawn runs the main script again in each worker, so that what it defines unpickles there;
   grain sends its workers everything cloudpickled, which needs none of it. A script that read
@@ -304,9 +312,7 @@ it = fd.create_loader(cfg, "val", 4, seed=0)
 print("val batches", len(list(it)), flush=True)
 it.close()
 """)
-  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-  run = [sys.executable, str(script)]  # this checkout's fec_jax, from the script's folder too
-  done = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+  done = _run_script(script)
   assert done.returncode == 0, done.stderr
   assert done.stdout == "top level\nval batches 3\n"
 
@@ -336,9 +342,7 @@ if __name__ == "__main__":
   print(process.exitcode, queue.get(timeout=5) if process.exitcode == 0 else "", flush=True)
   it.close()
 """)
-  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-  run = [sys.executable, str(script)]  # this checkout's fec_jax, from the script's folder too
-  done = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+  done = _run_script(script)
   assert done.returncode == 0, done.stderr
   assert done.stdout == "0 child ran\n", done.stderr
 

@@ -372,10 +372,10 @@ def _free_shared_memory() -> None:
 #    carries a script's own functions and classes by value, so they need none of it. A script
 #    that trained or evaluated at its top level (no `if __name__ == "__main__":`) had every worker
 #    train or evaluate in turn, until starting workers of its own failed: training stopped with
-#    grain's "Worker process was terminated unexpectedly" and an evaluation hung, as in 1.
-#    grain's workers only (by the name grain gives them): another process the program spawns
-#    meanwhile, of its own multiprocessing, is sent its target by plain pickle and still needs
-#    the script (a function the script defines failed to unpickle in it: AttributeError).
+#    grain's "Worker process was terminated unexpectedly" and an evaluation hung, as in 1. Only
+#    grain's workers (by the name grain gives them) start so: another process the program spawns
+#    meanwhile is sent its target by plain pickle and may need the script (a function the script
+#    defines failed to unpickle in it: AttributeError).
 _spawn_lock = threading.Lock()
 _spawn = {"users": 0, "saved": None, "launcher": None}
 
