@@ -382,8 +382,8 @@ _spawn = {"users": 0, "saved": None, "launcher": None}
 
 def _hold_spawn() -> None:
   """Makes spawn start Python through the launcher (written once per process, in the temp
-  directory; not where it cannot run, e.g. a temp directory mounted noexec), without the main
-  script; _release_spawn() restores spawn once no loader holds it."""
+  directory; not where it cannot run, e.g. a temp directory mounted noexec), and grain's workers
+  without the main script; _release_spawn() restores spawn once no loader holds it."""
   with _spawn_lock:
     if _spawn["launcher"] is None:
       _spawn["launcher"] = _write_launcher(mp_spawn.get_executable()) or ""
