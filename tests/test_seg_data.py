@@ -490,7 +490,9 @@ def test_config_validation():
   cfg = fd.seg_demo_config()
   cfg.img_scale = (96, 64, 70, 50)  # what ml_collections makes of a tuple override given twice
   with pytest.raises(
-      ValueError, match=r"img_scale needs 2 positive sides .*, got \(96, 64, 70, 50\)"
+      ValueError,
+      match=r"img_scale needs 2 positive sides \(--config.data.img_scale=2048,512\), got "
+      r"\(96, 64, 70, 50\)",
   ):
     fd.seg_validate(cfg)
   cfg = fd.seg_demo_config()
