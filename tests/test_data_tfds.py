@@ -32,6 +32,15 @@ PER_CLASS, VAL_PER_CLASS, NUM_CLASSES = 4, 2, 3
 IMAGENET_CLASSES = 1000  # imagenet2012's label feature; WNIDS are its first classes in order
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_dataset_info_from_gcs():
+  """TFDS looks on GCS for the info of a dataset whose data_dir lacks it (each builder before its
+  build) and leaves an empty temporary directory behind each time, found or not: not here."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(tfds.core.DatasetInfo, "initialize_from_bucket", lambda self: None)
+    yield
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   """data_dir holding imagenet2012/<version>/imagenet2012-{train,validation}.array_record-*."""
