@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import math
 import os
 import re
@@ -30,7 +29,7 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import (
@@ -42,7 +41,7 @@ from fec_jax.checkpoint import (
 from fec_jax.data import seg_transforms
 from fec_jax.data.classes import classification_names, numbered, own_names_origin
 from fec_jax.data.device_transforms import normalize
-from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode
+from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, upright
 from fec_jax.model import FEC, variable_shapes
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
@@ -152,17 +151,6 @@ def read_image(path: str) -> np.ndarray:
   with open(path, "rb") as f:
     encoded = f.read()
   return upright(decode(encoded)[0], encoded)
-
-
-def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
-  """uint8 [H, W, 3] decoded from `encoded`, turned by the file's EXIF orientation (phone
-  photos) as cv2.imread does, with Pillow's exif_transpose; the training data is read as
-  stored, as timm's loader does."""
-  with Image.open(io.BytesIO(encoded)) as img:
-    exif = img.getexif()
-  turned = Image.fromarray(image)
-  turned.info["exif"] = exif.tobytes()  # what exif_transpose reads the orientation from
-  return np.asarray(ImageOps.exif_transpose(turned))
 
 
 def image_stem(path: str) -> str:

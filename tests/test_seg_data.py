@@ -14,7 +14,13 @@ import pytest
 from PIL import Image
 
 import fec_jax.data as fd
-from fec_jax.data import seg_device_transforms, seg_sources, seg_transforms, transforms
+from fec_jax.data import (
+    seg_device_transforms,
+    seg_pipeline,
+    seg_sources,
+    seg_transforms,
+    transforms,
+)
 from ade20k_fixture import make_ade20k_folder
 
 
@@ -234,6 +240,39 @@ def test_image_decode_matches_mmseg_cv2_loader():
     ours, _ = transforms.decode(buf.getvalue())
     theirs = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(ours, theirs[..., ::-1], err_msg=f"{mode} {options}")
+
+
+def _png(array) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def test_images_are_turned_by_their_exif_orientation_as_mmseg_reads_them():
+  """mmseg's cv2.imdecode turns a colour image by its EXIF orientation (a phone photo); Pillow's
+  read of an annotation ('unchanged') does not: ours reads both so, for the 8 orientations of a
+  JPEG and a PNG. An annotation of the stored size no longer fits a quarter-turned image."""
+  rng = np.random.default_rng(3)
+  stored = _random_image(rng, 6, 10)
+  for fmt, options in (("JPEG", {"quality": 95}), ("PNG", {})):
+    for orientation in range(1, 9):
+      img = Image.fromarray(stored)
+      exif = img.getexif()
+      exif[transforms.EXIF_ORIENTATION] = orientation
+      buf = io.BytesIO()
+      img.save(buf, fmt, exif=exif.tobytes(), **options)
+      theirs = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+      label = _blocky_label(rng, *theirs.shape[:2])
+      record = {"image": buf.getvalue(), "label": _png(label), "label_key": "a.png"}
+      image, ours, _ = seg_pipeline._decode(record, _cfg("", reduce_zero_label=False))
+      np.testing.assert_array_equal(image, theirs, err_msg=f"{fmt} {orientation}")
+      np.testing.assert_array_equal(ours, label)
+  record["label"] = _png(_blocky_label(rng, 6, 10))  # orientation 8 turns 10x6 into 6x10
+  with pytest.raises(
+      transforms.BadImageError,
+      match=r"^annotation a.png is 10x6, image 6x10 turned upright by its EXIF orientation$",
+  ):
+    seg_pipeline._decode(record, _cfg(""))
 
 
 def test_cv2_bilinear_does_not_antialias_like_pil():

@@ -49,16 +49,21 @@ def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
 def _decode(record, cfg):
   """(uint8 [H, W, 3] image, uint8 [H, W] label with reduce_zero_label applied, converted);
   raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the
-  pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this)."""
+  pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this), which also turns an image
+  by its EXIF orientation; the annotation is read as stored (LoadAnnotations' Pillow)."""
   image, converted = transforms.decode(record["image"])
+  stored = image.shape
+  if isinstance(record["image"], bytes):
+    image = transforms.upright(image, record["image"])
   try:
     label = seg_transforms.decode_label(record["label"])
   except transforms.BadImageError as e:  # the warning names the image: say which file failed
     raise transforms.BadImageError(f"annotation {record['label_key']}: {e}") from e
   if label.shape != image.shape[:2]:
+    turned = " turned upright by its EXIF orientation" if image.shape != stored else ""
     raise transforms.BadImageError(
         f"annotation {record['label_key']} is {label.shape[1]}x{label.shape[0]}, image "
-        f"{image.shape[1]}x{image.shape[0]}"
+        f"{image.shape[1]}x{image.shape[0]}{turned}"
     )
   if cfg.reduce_zero_label:
     label = seg_transforms.reduce_zero_label(label)

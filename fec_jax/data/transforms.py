@@ -15,7 +15,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 import simplejpeg
 
 from fec_jax.data import randaugment
@@ -29,6 +29,7 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+EXIF_ORIENTATION = 0x0112  # the EXIF tag upright() reads
 NO_ERASE = np.zeros(4, np.int32)  # an erasing box (top, left, h, w) of zero size
 
 # JPEG colour spaces that simplejpeg decodes to RGB exactly as PIL's open + convert("RGB").
@@ -102,6 +103,21 @@ def decode(encoded) -> tuple[np.ndarray, bool]:
     if fast is not None:
       return fast
   return _decode_pil(encoded)
+
+
+def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
+  """uint8 [H, W, 3] decoded from `encoded`, turned by the file's EXIF orientation (phone photos)
+  as OpenCV's imread and imdecode turn a colour image (the same pixels, all 8 orientations, JPEG
+  and PNG), with Pillow's exif_transpose; `image` itself where the file has no orientation to
+  apply. mmseg's images and the official visualization script are read so; classification
+  data is read as stored, as timm's loader does."""
+  with Image.open(io.BytesIO(encoded)) as img:
+    exif = img.getexif()
+  if exif.get(EXIF_ORIENTATION, 1) == 1:
+    return image
+  turned = Image.fromarray(image)
+  turned.info["exif"] = exif.tobytes()  # what exif_transpose reads the orientation from
+  return np.asarray(ImageOps.exif_transpose(turned))
 
 
 def rrc_params(rng, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
