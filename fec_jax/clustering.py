@@ -8,8 +8,10 @@ functions follow the code (docs/official-code.md).
 
 Shapes: G is a flat group axis (batch x heads x fold regions; ClusterPool has no heads), N = h*w
 points, M centers, D channels. The paper writes O for the number of centers and M for the
-similarity matrix (Eq. 5, [N, O]); here that matrix, transposed, is `similarity` [G, M, N], and the
-paper's K and V are the layers' `feat` and `value` (fec_jax.model), the points and values here.
+similarity matrix (Eq. 5, [N, O]); here that matrix, transposed, is `cosine_similarity`'s
+[G, M, N], and `similarity` is it passed through the layer's `similarity_map` (Cluster: Eq. 7's
+sigmoid(beta + alpha M); ClusterPool: M itself). The paper's K and V are the layers' `feat` and
+`value` (fec_jax.model), the points and values here.
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ def cosine_similarity(centers: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
 
 
 def assign(similarity: jnp.ndarray) -> jnp.ndarray:
-  """Hard assignment [G, N]: argmax over the M centers of similarity [G, M, N], ties to the
-  lowest."""
+  """Eq. 5's hard assignment [G, N]: argmax over the M centers of similarity [G, M, N], ties to
+  the lowest. In Cluster the argmax is of the sigmoid, not of the cosine, as in the code
+  (docs/official-code.md Sec. 3, Cluster 4)."""
   return jnp.argmax(similarity, axis=1).astype(jnp.int32)
 
 
@@ -204,7 +207,8 @@ def representatives(
     aggregation: Aggregation = "auto",
     st=None,
 ) -> jnp.ndarray:
-  """Eq. 6 as in the released code: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|).
+  """Eq. 6: R_m = (C^v_m + sum_{n in m} V_n) / (1 + |m|) (docs/official-code.md Sec. 3,
+  ClusterPool 5).
 
   values [G, N, D], value_centers [G, M, D], assignment [G, N] -> [G, M, D]. The official code sums
   with a scatter-add; "segment_sum" is that, "onehot" the same sum as a one-hot matmul.
@@ -225,7 +229,8 @@ def dispatch(
     aggregation: Aggregation = "auto",
     st=None,
 ) -> jnp.ndarray:
-  """Eq. 7 (dispatch factor as in the code): point n receives R[a_n] * sim[a_n, n].
+  """Eq. 7's dispatch: point n receives only its own center's R[a_n] * sim[a_n, n], as the code
+  does, where Algorithm S1 sums over all centers (docs/official-code.md Sec. 3, Cluster 6).
 
   reps [G, M, D], similarity [G, M, N], assignment [G, N] -> [G, N, D]. st: as in
   representatives.
@@ -262,7 +267,7 @@ def cluster(
   g, h, w, _ = feat.shape
   m = centers_hw[0] * centers_hw[1]
   centers = adaptive_avg_pool(feat, centers_hw).reshape(g, m, -1)  # Eq. 4, [G, M, D]
-  value_centers = adaptive_avg_pool(value, centers_hw).reshape(g, m, -1)  # [G, M, D]
+  value_centers = adaptive_avg_pool(value, centers_hw).reshape(g, m, -1)  # Eq. 4's C^v, [G, M, D]
   cosine = cosine_similarity(centers, feat.reshape(g, h * w, -1))  # Eq. 5, [G, M, N]
   similarity = similarity_map(cosine)  # [G, M, N]
   assignment = assign(similarity)  # [G, N]
