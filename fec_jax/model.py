@@ -9,7 +9,7 @@ Every clustering layer sows its hard assignment into the `intermediates` collect
   Cluster      [B, heads, H, W] int32: fold_region * M + center index within the region (stacked
                per stage, [depth, B, heads, H, W])
   ClusterPool  [B, H, W] int32: row-major index of the output pixel (the center) in [H/2, W/2]
-ClusterPool also sows its `centers` and `representatives` (Eq. 6), both [B, H/2, W/2, D].
+ClusterPool also sows its `centers` (Eq. 4) and `representatives` (Eq. 6), both [B, H/2, W/2, D].
 `cluster_assignments` collects the assignments from `model.apply(..., mutable=["intermediates"])`.
 """
 
@@ -46,7 +46,8 @@ def torch_conv_bias_init(fan_in: int):
 
 
 def conv1x1(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
-  """A 1x1 Conv2d of the official code, as a Dense over the channel axis (NHWC)."""
+  """A 1x1 Conv2d of the official code, as a Dense over the channel axis (NHWC; docs/official-code.md
+  Sec. 1)."""
   return nn.Dense(
       features,
       dtype=dtype,
@@ -57,7 +58,8 @@ def conv1x1(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
 
 
 def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
-  """GroupNorm(1, C): one group over (H, W, C) per sample, eps 1e-5, statistics in fp32."""
+  """GroupNorm(1, C): one group over (H, W, C) per sample, eps 1e-5, statistics in fp32
+  (docs/official-code.md Sec. 3, ClusterBlock)."""
   return nn.GroupNorm(num_groups=1, epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
 
 
@@ -82,6 +84,7 @@ class Variant:
 
 
 def _dense_variants(base: dict[str, Variant]) -> dict[str, Variant]:
+  """The seg and det backbones of each classifier (docs/official-code.md Sec. 2 and 6)."""
   seg = dict(centers=((10, 10), (10, 10), (5, 5), (5, 5)), dense_outputs=True)
   det = dict(centers=((7, 7),) * 4, folds=(2, 2, 1, 1), dense_outputs=True)
   out = {}
@@ -104,7 +107,8 @@ SEGMENTERS: dict[str, str] = {f"fpn_{name}": f"{name}_seg" for name in _CLASSIFI
 
 
 class Mlp(nn.Module):
-  """fc1 (C -> ratio*C), exact GELU, fc2 back to C, over the channel axis."""
+  """fc1 (C -> ratio*C), exact GELU, fc2 back to C, over the channel axis (docs/official-code.md
+  Sec. 3, ClusterBlock). Not the MLP of Eq. 7: in the code, that is Cluster's one 1x1 `proj`."""
 
   hidden: int
   dtype: Dtype = jnp.float32
@@ -182,7 +186,8 @@ class Cluster(nn.Module):
     """Inverse of `_to_groups`: [G, hr, wr, D] -> [B, H, W, E*D]."""
     r = self.fold
     _, hr, wr, d = t.shape
-    t = t.reshape(-1, self.heads, r, r, hr, wr, d).transpose(0, 2, 3, 4, 5, 1, 6)
+    t = t.reshape(-1, self.heads, r, r, hr, wr, d)  # [B, E, r, r, hr, wr, D]
+    t = t.transpose(0, 2, 3, 4, 5, 1, 6)  # [B, r, r, hr, wr, E, D]
     t = clustering.unfold(t)  # [B, H, W, E, D]
     return t.reshape(*t.shape[:3], -1)
 
@@ -260,7 +265,8 @@ class ClusterPool(nn.Module):
 
 
 class DropPath(nn.Module):
-  """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep.
+  """Stochastic depth per sample (timm semantics): drop whole samples, rescale survivors by 1/keep
+  (docs/official-code.md Sec. 3, ClusterBlock).
 
   The rate is a call argument, not an attribute, so that it can be an input scanned over a stage's
   blocks (see `FEC`); a rate of 0 keeps every sample and leaves x unchanged.
