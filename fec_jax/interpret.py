@@ -82,7 +82,7 @@ def link(pool_assignments: list[jax.Array]) -> jax.Array:
   for assignment in pool_assignments:  # Eq. 8: each point follows its cluster to the next level
     labels = jnp.take_along_axis(assignment.reshape(b, -1), labels, axis=1)  # [B, H*W]
     levels.append(labels)
-  return jnp.stack(levels, axis=1).reshape(b, -1, h, w)  # [B, levels, H, W]
+  return jnp.stack(levels, axis=1).reshape(b, -1, h, w)  # [B, L+1, H_1, W_1]
 
 
 def link_encoding(assignment: jax.Array, level: jax.Array) -> jax.Array:
@@ -92,7 +92,7 @@ def link_encoding(assignment: jax.Array, level: jax.Array) -> jax.Array:
   pool; level [B, H_1, W_1], the blocks' clusters at that level. Returns [B, heads, H_1, W_1].
   """
   b, e = assignment.shape[:2]
-  # [B, heads, H_1 * W_1]: each point takes the assignment of the cell its cluster lies in
+  # [B, heads, H_1 * W_1]: each block takes the assignment of its cluster (a point of the layer)
   flat = jnp.take_along_axis(assignment.reshape(b, e, -1), level.reshape(b, 1, -1), axis=2)
   return flat.reshape(b, e, *level.shape[1:])
 
@@ -108,7 +108,8 @@ def resize_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
 def cluster_maps(
     model: nn.Module, variables, images: jax.Array, encodings: bool = False
 ) -> Clusters:
-  """Runs `model` once on NHWC normalized images [B, H, W, 3] and links its clusters to pixels.
+  """Runs `model` once on NHWC normalized images [B, H, W, 3] and links its clusters to pixels
+  (docs/official-code.md Sec. 9, steps 1-2).
   `model`: an FEC (classifier or dense backbone), or a Semantic FPN segmenter, whose backbone's
   clusters these are (its outputs: the segmenter's logits).
 
@@ -127,7 +128,7 @@ def cluster_maps(
         for name, a in assignments.items()
         if name.count(".") == 3
     }
-  last = state[pools[-1].replace(".", "_")]
+  last = state[pools[-1].replace(".", "_")]  # its flax name: network.5 -> network_5
   return Clusters(
       outputs, resize_nearest(levels, size), last["centers"][0], last["representatives"][0], mixers
   )
