@@ -85,6 +85,7 @@ def flax_to_torch_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
 
 
 def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """One block's (or layer's) torch array -> its flax layout (inverse of flax_to_torch_array)."""
   if flax_path[-1] != "kernel":
     return value
   if flax_path[-2] in LINEAR_MODULES:
@@ -282,9 +283,9 @@ def read_state_dict(
 # --- identifying the variant and converting --------------------------------------------------
 
 SHOWN_PROBLEMS = 8  # mismatched keys listed in an error; the rest are counted
-CLASSIFIERS = (
+CLASSIFIERS = (  # the class layers' keys: their shapes depend on num_classes
     "head.weight",
-    "head.bias",  # their shapes depend on num_classes
+    "head.bias",
     "decode_head.conv_seg.weight",
     "decode_head.conv_seg.bias",
 )
@@ -325,8 +326,8 @@ def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], str, list
   """(the models whose state dict has exactly these keys and shapes, the class count aside; the
   closest model and its mismatches)."""
   state = _without_num_batches_tracked(state)
-  segmentor = any(k.startswith("decode_head.") for k in state)
-  candidates = [name for name in list_models() if (name in SEGMENTERS) == segmentor]
+  segmenter = any(k.startswith("decode_head.") for k in state)
+  candidates = [name for name in list_models() if (name in SEGMENTERS) == segmenter]
   problems = {}  # weight layout -> mismatches; centers and folds have no weights
   for name in candidates:
     layout = _layout(name)
