@@ -19,8 +19,9 @@ PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": 
 
 
 def macs_per_image(name: str, height: int = 224, width: int = 224, variables=None) -> float:
-  """`variables`: the model's variable_shapes (None: made here; every collection, fpn_* have
-  batch_stats too)."""
+  """Multiply-accumulates of `name`'s forward pass on one height x width image: XLA's flops / 2
+  (see the module's docstring). `variables`: the model's variable_shapes (None: made here; every
+  collection, fpn_* have batch_stats too)."""
   model = create_model(name, unroll_stages=True)  # cost analysis counts a loop body once
   variables = variable_shapes(create_model(name)) if variables is None else variables
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
