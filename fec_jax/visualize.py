@@ -452,11 +452,11 @@ def encoding_layers(model, given: list[str]) -> tuple[str, ...]:
       chosen |= last if layer == "last" else set(names)
       continue
     match = ENCODING_LAYER.fullmatch(layer)
-    stage, block = int(match[1]), match[2]
-    prefix = f"network.{stage}." + ("" if block is None else f"{int(block)}.")
+    index, block = int(match[1]), match[2]  # network.{index}[.{block}]
+    prefix = f"network.{index}." + ("" if block is None else f"{int(block)}.")
     found = {n for n in names if n.startswith(prefix)}
     if not found:
-      pool = block is None and stage % 2 == 1 and stage < 2 * len(depths) - 1
+      pool = block is None and index % 2 == 1 and index < 2 * len(depths) - 1
       stages = ", ".join(
           f"network.{2 * s} (block{f's 0-{d - 1}' if d > 1 else ' 0'})"
           for s, d in enumerate(depths)
