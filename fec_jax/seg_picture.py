@@ -9,6 +9,7 @@ from fec_jax.data import classes
 
 ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
+SWATCH = 14  # a legend entry's colour box (10 pixels) and the gap before its name
 # The column titles, each with its shorter forms for narrow panels (fit_title): of a val image
 # with its annotation (TITLES), of an image of one's own (IMAGE_TITLES: no ground truth).
 IMAGE, TRUTH, PREDICTION = (
@@ -53,7 +54,7 @@ def legend_rows(names: list[str], width: int, text_width) -> list[list[tuple[int
   at most `width` pixels wide where an entry fits at all (text_width(name) -> pixels)."""
   rows, x = [[]], PAD
   for i, name in enumerate(names):
-    entry = 14 + int(text_width(name)) + 3 * PAD  # swatch, name, gap
+    entry = SWATCH + int(text_width(name)) + 3 * PAD  # swatch, name, gap
     if rows[-1] and x + entry > width:
       rows.append([])
       x = PAD
@@ -118,5 +119,5 @@ def draw(
     for i, x in entries:
       c = shown[i]
       pen.rectangle((x, y + 2, x + 10, y + 12), fill=tuple(int(v) for v in colours[c]))
-      pen.text((x + 14, y), names[c], fill="black")
+      pen.text((x + SWATCH, y), names[c], fill="black")
   return canvas
