@@ -198,8 +198,8 @@ class ClusterPool(nn.Module):
   Centers are the 2x2 average of `conv_f` features (Eq. 4); each point joins its most similar
   center (Eq. 5's cosine, no heads), the representatives (Eq. 6 of `conv_v` values) form the
   output map, normalized and added to a strided 3x3 conv skip (Eq. 9; docs/official-code.md
-  Sec. 3). With a fold, that of the stage the pool leads into. `conv_f` only feeds the argmax, so
-  in the official gradient semantics it receives no gradient at all (Sec. 4).
+  Sec. 3). Its fold is that of the stage the pool leads into (Sec. 2). `conv_f` only feeds the
+  argmax, so in the official gradient semantics it receives no gradient at all (Sec. 4).
   """
 
   dim_out: int
