@@ -80,8 +80,10 @@ def adaptive_avg_pool(x: jnp.ndarray, out_hw: tuple[int, int]) -> jnp.ndarray:
 
 
 def fold(x: jnp.ndarray, regions: int) -> jnp.ndarray:
-  """Splits x [B, H, W, ...] into regions x regions equal tiles: [B, r1, r2, H/r, W/r, ...]."""
+  """Splits x [B, H, W, ...] into regions x regions equal tiles: [B, r1, r2, H/r, W/r, ...], the
+  fold regions, each clustered on its own (docs/official-code.md Sec. 2; Sec. 3, ClusterPool)."""
   b, h, w, *rest = x.shape
+  # [B, r1, H/r, r2, W/r, ...], then r2 moved next to r1
   x = x.reshape(b, regions, h // regions, regions, w // regions, *rest)
   return jnp.moveaxis(x, 3, 2)
 
