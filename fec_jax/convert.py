@@ -79,8 +79,9 @@ def flax_to_torch_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
   """One block's (or layer's) flax array -> its torch layout."""
   if flax_path[-1] != "kernel":
     return value
-  if value.ndim == 4:
+  if value.ndim == 4:  # Conv: [kh, kw, I, O] -> [O, I, kh, kw]
     return value.transpose(3, 2, 0, 1)
+  # Dense [I, O] -> nn.Linear [O, I], or a 1x1 Conv2d [O, I, 1, 1]
   return value.T if flax_path[-2] in LINEAR_MODULES else value.T[:, :, None, None]
 
 
@@ -88,8 +89,9 @@ def torch_to_flax_array(flax_path: tuple[str, ...], value: np.ndarray) -> np.nda
   """One block's (or layer's) torch array -> its flax layout (inverse of flax_to_torch_array)."""
   if flax_path[-1] != "kernel":
     return value
-  if flax_path[-2] in LINEAR_MODULES:
+  if flax_path[-2] in LINEAR_MODULES:  # [O, I] -> [I, O]
     return value.T
+  # Conv2d [O, I, kh, kw] -> Conv [kh, kw, I, O], or a 1x1 one -> Dense [I, O]
   return value.transpose(2, 3, 1, 0) if value.shape[2:] != (1, 1) else value[:, :, 0, 0].T
 
 
