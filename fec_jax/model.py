@@ -228,7 +228,7 @@ class ClusterPool(nn.Module):
         padding=((1, 1), (1, 1)),
         dtype=self.dtype,
         kernel_init=torch_conv_kernel_init,
-        bias_init=torch_conv_bias_init(9 * dim),
+        bias_init=torch_conv_bias_init(9 * dim),  # fan_in: 3 x 3 x C_in
         name="conv_skip",
     )(x)
     value = clustering.fold(conv1x1(self.dim_out, dim, "conv_v", self.dtype)(x), r)
@@ -390,7 +390,7 @@ class PatchEmbed(nn.Module):
         padding="VALID",
         dtype=self.dtype,
         kernel_init=torch_conv_kernel_init,
-        bias_init=torch_conv_bias_init(5 * 16),
+        bias_init=torch_conv_bias_init(5 * 16),  # fan_in: 5 channels x 4 x 4
         name="proj",
     )(x)
 
