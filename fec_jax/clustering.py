@@ -189,7 +189,7 @@ def _run_kernel(aggregation: Aggregation, op: str, m: int, *args):
 
   "auto" stages out `lax.platform_dependent`, so it is resolved when the program is lowered, for
   the platform it is lowered for (also for a TPU program compiled on a CPU-only machine):
-  AUTO_AGGREGATION[platform], "onehot" on any other platform.
+  AUTO_AGGREGATION[platform], its "default" on any other platform.
   """
   if aggregation == "auto":
     branches = {
