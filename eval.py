@@ -110,7 +110,11 @@ def main(argv):
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
   task = tasks.get(config)
   training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
-  task.check_config()
+  try:
+    task.check_config()
+  except data.DataNotFoundError:  # e.g. a segmenter's val split, which only an evaluation reads
+    if not FLAGS.throughput:
+      raise
   if held != config.model.name:
     if (held in SEGMENTERS) == (config.model.name in SEGMENTERS):
       fix = f"give that model's config (--config.model.name={held})"

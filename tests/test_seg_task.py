@@ -1,8 +1,10 @@
 """The segmentation task on the training library (fec_jax.tasks.segmentation), its schedule and
 optimizer options (fec_jax.training), in-process runs on the synthetic demo data at 32x32."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -673,3 +675,15 @@ def test_eval_py_throughput_of_a_segmenter_times_its_crop_size(seg_run):
   assert result.stdout.startswith("throughput: ") and result.stdout.endswith(
       f" img/s (fpn_fec_small, float32, {crop}, batch 2, 1 cpu device(s))\n"
   ), result.stdout
+
+
+def test_eval_py_throughput_of_a_segmenter_whose_data_moved(seg_run, tmp_path):
+  """--throughput times the model on zeros: the run's ADE20K folder, gone, is no error (the
+  segmenter's check of its val split is for an evaluation)."""
+  workdir = shutil.copytree(seg_run, tmp_path / "run")
+  saved = reporting.read_config(str(workdir))
+  saved["data"].update(source="ade20k", root=str(tmp_path / "gone"))
+  (workdir / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+  timing = ["--batch=2", "--warmup=0", "--iters=1"]
+  result = command("eval.py", f"--workdir={workdir}", "--throughput", *timing)
+  assert result.returncode == 0 and result.stdout.startswith("throughput: "), result.stderr[-3000:]
