@@ -109,7 +109,8 @@ def main(argv):
   if FLAGS.throughput and FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
   task = tasks.get(config)
-  training.check_compute(config, batch_fields=() if FLAGS.throughput else ("eval_batch_size",))
+  batched = task.BATCHED_EVALUATION and not FLAGS.throughput  # --throughput has --batch
+  training.check_compute(config, batch_fields=("eval_batch_size",) if batched else ())
   try:
     task.check_config()
   except data.DataNotFoundError:  # e.g. a segmenter's val split, which only an evaluation reads

@@ -109,7 +109,7 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
         f"{type(config).__name__}"
     )
   task = tasks.get(config)
-  training.check_config(config)
+  training.check_config(config, task.BATCHED_EVALUATION)
   task.check_config()
   if jax.process_count() > 1:
     _check_same_run_everywhere(config, workdir)

@@ -328,10 +328,13 @@ def check_compute(config, batch_fields=("global_batch_size", "eval_batch_size"))
       )
 
 
-def check_config(config) -> None:
+def check_config(config, batched_evaluation: bool = True) -> None:
   """The task-neutral checks: fails before anything slow when the config cannot run on these
-  devices (the task checks its own fields, Task.check_config)."""
-  check_compute(config)
+  devices (the task checks its own fields, Task.check_config). batched_evaluation: the task's
+  Task.BATCHED_EVALUATION (False: eval_batch_size is not checked, as the evaluator does not read
+  it)."""
+  eval_batch = ("eval_batch_size",) if batched_evaluation else ()
+  check_compute(config, ("global_batch_size", *eval_batch))
   schedule = config.lr_schedule
   if schedule not in LR_SCHEDULES:
     raise ValueError(f"config.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")

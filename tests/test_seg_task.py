@@ -687,3 +687,26 @@ def test_eval_py_throughput_of_a_segmenter_whose_data_moved(seg_run, tmp_path):
   timing = ["--batch=2", "--warmup=0", "--iters=1"]
   result = command("eval.py", f"--workdir={workdir}", "--throughput", *timing)
   assert result.returncode == 0 and result.stdout.startswith("throughput: "), result.stderr[-3000:]
+
+
+def test_a_segmenters_eval_batch_size_is_not_split_over_the_devices(seg_run, monkeypatch):
+  """The segmentation evaluator takes one image at a time: eval.py on 3 devices evaluates the
+  run (its eval_batch_size 16, which 3 does not divide, was an error), and train.py's checks
+  leave the field alone too, as a classifier's they do not."""
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+  result = subprocess.run(
+      [sys.executable, "eval.py", f"--workdir={seg_run}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+  )
+  assert result.returncode == 0 and result.stdout.startswith("mIoU "), result.stderr[-3000:]
+  monkeypatch.setattr(jax, "device_count", lambda: 3)
+  config = seg_tiny(global_batch_size=6, eval_batch_size=16)
+  training.check_config(config, tasks.get(config).BATCHED_EVALUATION)
+  config.task = "classification"  # whose evaluator splits its batches over the devices
+  with pytest.raises(ValueError, match="config.eval_batch_size 16 must be a positive multiple"):
+    training.check_config(config, tasks.get(config).BATCHED_EVALUATION)

@@ -222,6 +222,9 @@ class Task(abc.ABC):
   # Task-specific config fields that only change how the task evaluates, not what is trained: a
   # resumed run may change them (fec_jax.loop's _FREE_ON_RESUME has the task-neutral ones).
   EVALUATION_ONLY: frozenset[str] = frozenset()
+  # Whether the evaluator splits config.eval_batch_size over the devices, which must then divide
+  # it (the segmentation's takes one image at a time and does not read it).
+  BATCHED_EVALUATION: bool = True
 
   def __init__(self, config):
     self.config = config

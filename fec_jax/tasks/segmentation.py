@@ -214,6 +214,7 @@ class Segmentation(Task):
   """config.model.name is an fpn_* segmenter; config.data is fec_jax.data.ade20k_config()."""
 
   EVALUATION_ONLY = frozenset({"data.size_divisor", "data.class_names"})
+  BATCHED_EVALUATION = False
 
   def check_config(self) -> None:
     c = self.config
