@@ -592,7 +592,7 @@ def _epoch(run: _Run, step: int) -> int:
 def _evaluate_last_step(run: _Run, state, step: int) -> RunResult:
   """The evaluation of the run's last step, which a signal skipped (run.unevaluated); its record
   is completed only once the evaluation is done."""
-  logging.info("step %d was saved without its evaluation (the run stopped there)", step)
+  logging.info("step %d, the run's last, was saved without its evaluation: evaluating it", step)
   try:
     metrics = _evaluate(run.evaluator, state, step, True, run.preemption)
   except Exception as e:  # pylint: disable=broad-except
@@ -628,10 +628,13 @@ def _record(run: _Run, pending: list, step: int, epoch: int) -> dict[str, Any]:
 
 
 def _unevaluated_last_step(workdir: str, step: int, num_steps: int) -> dict[str, Any] | None:
-  """The metrics record of `step` when it is the run's last and a signal stopped the run there:
-  its evaluation was skipped, and resuming runs it. None otherwise. Process 0 decides for all
-  (the evaluation is collective)."""
+  """The metrics record of `step` when it is the run's last and has no evaluation: a signal
+  stopped the run there, or the run was resumed with its max_steps cut to a checkpoint's step.
+  Resuming runs the evaluation. None otherwise. Records after `step` (of steps trained past the
+  checkpoint) do not count: the writer drops them. Process 0 decides for all (the evaluation is
+  collective)."""
   records = reporting.read_metrics(workdir) if step == num_steps else []
+  records = [r for r in records if r["step"] <= step]
   last = records[-1] if records and records[-1]["step"] == step else None
   if last is not None and any(key.startswith("val_") for key in last):
     last = None

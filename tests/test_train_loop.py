@@ -226,6 +226,26 @@ def test_a_signal_at_the_last_step_saves_it_and_the_rerun_evaluates_it(
   assert third.step == STEPS and third.record == {}
 
 
+def test_a_run_resumed_with_max_steps_cut_to_its_checkpoint_evaluates_that_step(
+    reference, tmp_path, caplog
+):
+  """Killed after the records of steps past its last checkpoint (4), a run resumed with max_steps
+  4 ends at step 4 with its evaluation: the records after it (dropped on resume) do not count as
+  the last step's (the record was {} and the run had no final evaluation)."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / str(STEPS))  # a kill -9 after step 6's record, before its checkpoint
+  before = reporting.read_metrics(workdir)
+  assert [r["step"] for r in before] == list(range(1, STEPS + 1)) and "val_top1" not in before[3]
+  with caplog.at_level(logging.INFO):
+    result = train(tiny(max_steps=4), workdir)
+  assert result.step == 4 and not result.preempted and "val_top1" in result.record
+  assert "step 4, the run's last, was saved without its evaluation" in caplog.text
+  records = reporting.read_metrics(workdir)
+  assert records[:3] == before[:3] and records[-1] == result.record
+  assert {k: v for k, v in result.record.items() if "val_" not in k} == before[3]
+
+
 def test_a_signal_during_an_evaluation_stops_it_and_the_run(
     reference, tmp_path, monkeypatch, caplog
 ):
