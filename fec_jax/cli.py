@@ -5,7 +5,8 @@ the compilation cache of a run.
   ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
-  check_paths_given(...)    fail() for a path option given as an empty string
+  path_problem(...)         what is wrong with a path option: empty, or a `~` no shell expanded
+  check_paths_given(...)    fail() for path options with a path_problem
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
   check_data_found(...)     fail() where the data folder of a run's own config is gone (moved)
@@ -92,12 +93,29 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     fail(str(e))
 
 
+def path_problem(flag: str, value: str, expected: str) -> str | None:
+  """What is wrong with a path option's value, or None: empty (`--workdir=$UNSET`), which would
+  mean the current directory or fail after the slow work, or starting with a `~` that no shell
+  expanded (`--workdir=~/runs`: a shell expands it at a word's start only), which would name a
+  folder `~` in the current directory. expected: what the path should be."""
+  if value == "":
+    return f"{flag} is empty; expected {expected}"
+  if value.startswith("~"):
+    return (
+        f"{flag} {value}: the shell expands '~' only at a word's start, not after {flag}=, so "
+        f"this names a folder '~' in the current directory; write {flag} {value} (a space, not "
+        "'=') or the path with $HOME"
+    )
+  return None
+
+
 def check_paths_given(paths: Sequence[tuple[str, str | None, str]]) -> None:
-  """fail() for a path option given as an empty string (`--workdir=$UNSET`), which would mean
-  the current directory or fail after the slow work. paths: (option, value, what it names)."""
+  """fail() for a path option given with a path_problem. paths: (option, value, what it
+  names); a value None (not given) is fine."""
   for flag, value, expected in paths:
-    if value == "":
-      fail(f"{flag} is empty; expected the path of {expected}")
+    problem = value is not None and path_problem(flag, value, f"the path of {expected}")
+    if problem:
+      fail(problem)
 
 
 def not_a_directory(path: str) -> str | None:

@@ -535,8 +535,9 @@ def check_paths(args: argparse.Namespace) -> None:
   # An empty path (`--output "$UNSET"`) is the current directory to os.path.abspath: the Orbax
   # output would replace it, files and all.
   for flag, value, what in (("--input", src, expected), ("--output", dst, written)):
-    if not value:
-      raise ConversionError(f"{flag} is empty; expected {what}")
+    problem = cli.path_problem(flag, value, what)
+    if problem:
+      raise ConversionError(problem)
   if not os.path.exists(src):
     raise ConversionError(f"--input {src} does not exist; expected {expected}")
   if args.to_torch and not os.path.isdir(src):

@@ -55,6 +55,21 @@ def test_fail_and_user_errors(capsys):
     raises(KeyError("bug"))
 
 
+def test_a_path_with_a_tilde_no_shell_expanded_is_an_error(capsys):
+  """`--workdir=~/runs/demo` reaches the command with its `~` (a shell expands it at a word's
+  start only): that was a folder named `~` in the current directory, trained in silently."""
+  given = [("--workdir", "~/runs/demo", "the run's directory")]
+  assert outcome(capsys, cli.check_paths_given, given) == (
+      2,
+      "",
+      "error: --workdir ~/runs/demo: the shell expands '~' only at a word's start, not after "
+      "--workdir=, so this names a folder '~' in the current directory; write --workdir "
+      "~/runs/demo (a space, not '=') or the path with $HOME\n",
+  )
+  given = [("--workdir", "runs/~demo", "the run's directory")]  # '~' inside a name is a name
+  assert outcome(capsys, cli.check_paths_given, given) == (0, "", "")
+
+
 @pytest.mark.parametrize(
     "main,argv,expected",
     [

@@ -501,6 +501,11 @@ PATH_MISTAKES = [
     ("empty .pth output", "--output is empty; expected the .pth file to write"),
     ("empty input", "--input is empty; expected a .pth / .pth.tar / .safetensors checkpoint"),
     (
+        "output with a tilde no shell expanded",  # --output=~/ckpt: a folder '~' here
+        "--output ~/ckpt/fec_small: the shell expands '~' only at a word's start, not after "
+        "--output=, so this names a folder '~' in the current directory",
+    ),
+    (
         "directory path as .pth output",
         "--output {tmp}/new/ is a directory; with --to-torch it must be the path of the .pth",
     ),
@@ -572,6 +577,7 @@ def test_path_mistakes_are_one_line_before_any_work(
       "empty output": ["--input", pth, "--output", ""],
       "empty .pth output": ["--input", orbax_small, "--output", "", "--to-torch"],
       "empty input": ["--input", "", "--output", tmp / "o"],
+      "output with a tilde no shell expanded": ["--input", pth, "--output=~/ckpt/fec_small"],
       "directory path as .pth output": [
           "--input",
           orbax_small,
