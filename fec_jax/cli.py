@@ -5,7 +5,9 @@ the compilation cache of a run.
   ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
-  path_problem(...)         what is wrong with a path option: empty, or a `~` no shell expanded
+  path_problem(...)         what is wrong with a path option: empty, or an unexpanded_home
+  unexpanded_home(...)      a path option or --config path field starting with a `~` no shell
+                            expanded (`--workdir=~/runs`)
   check_paths_given(...)    fail() for path options with a path_problem
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
@@ -18,8 +20,8 @@ the compilation cache of a run.
   define_config_file(...)   config_flags.DEFINE_config_file, whose typos are one `error:` line
   default_config_file(...)  a --config default: the run's own config where the command names one
   run(main, errors=())      absl.app.run(main), with flag and --config.field mistakes reported as
-                            one line (the did-you-mean hint included), then quiet() and
-                            user_errors(*errors) around main
+                            one line (the did-you-mean hint included; a path field's unexpanded
+                            `~`), then quiet() and user_errors(*errors) around main
 
 A traceback is left for what is a bug; a user's mistake (bad path, config typo, wrong checkpoint)
 is one line saying what was expected.
@@ -100,13 +102,19 @@ def path_problem(flag: str, value: str, expected: str) -> str | None:
   folder `~` in the current directory. expected: what the path should be."""
   if value == "":
     return f"{flag} is empty; expected {expected}"
-  if value.startswith("~"):
-    return (
-        f"{flag} {value}: the shell expands '~' only at a word's start, not after {flag}=, so "
-        f"this names a folder '~' in the current directory; write {flag} {value} (a space, not "
-        "'=') or the path with $HOME"
-    )
-  return None
+  return unexpanded_home(flag, value)
+
+
+def unexpanded_home(flag: str, value: str) -> str | None:
+  """Why `value`, given to `flag` (a path option or a --config path field), starts with a `~`
+  that no shell expanded, or None."""
+  if not value.startswith("~"):
+    return None
+  return (
+      f"{flag} {value}: the shell expands '~' only at a word's start, not after {flag}=, so "
+      f"this names a folder '~' in the current directory; write {flag} {value} (a space, not "
+      "'=') or the path with $HOME"
+  )
 
 
 def check_paths_given(paths: Sequence[tuple[str, str | None, str]]) -> None:
@@ -453,9 +461,15 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   """absl.app.run's flags_parser: parses the flags; a mistake in them is one `error:` line."""
   try:
     rest = flag_values(argv)
-    for flag in _config_file_flags(flag_values).values():
+    for name, flag in _config_file_flags(flag_values).items():
       if not hasattr(flag.value, "keys"):  # raises here if the config file did not load
         _fail_for_config_problem(argv, flag_values)  # get_config() returned no ConfigDict
+      for field in reporting.PATH_FIELDS:  # --config.data.root=~/imagenet
+        problem = unexpanded_home(
+            f"--{name}.{field}", _flag_argument(argv, f"{name}.{field}") or ""
+        )
+        if problem:
+          fail(problem)
   except flags.Error as e:  # unknown flag (absl's "Did you mean" included), bad value
     if isinstance(e, flags.DuplicateFlagError):  # a config file given twice, or one that is not
       _fail_for_config_problem(argv, flag_values, once=True)  # a config (it defines flags)

@@ -157,6 +157,18 @@ def parse(monkeypatch):
             ["--config.epochs=many"],
             "flag --config.epochs=many: invalid literal for int() with base 10: 'many'",
         ),
+        (  # ~ after '=' reaches the command: a folder '~' in the current directory
+            ["--config=configs/fec_small.py", "--config.data.root=~/imagenet"],
+            "--config.data.root ~/imagenet: the shell expands '~' only at a word's start, not "
+            "after --config.data.root=, so this names a folder '~' in the current directory; "
+            "write --config.data.root ~/imagenet (a space, not '=') or the path with $HOME",
+        ),
+        (
+            ["--config.init_from=~/ckpt/fec_small"],
+            "--config.init_from ~/ckpt/fec_small: the shell expands '~' only at a word's start, "
+            "not after --config.init_from=, so this names a folder '~' in the current directory; "
+            "write --config.init_from ~/ckpt/fec_small (a space, not '=') or the path with $HOME",
+        ),
     ],
 )
 def test_config_mistakes_are_one_line(parse, capsys, args, message):
