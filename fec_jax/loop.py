@@ -108,6 +108,8 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
         f"config is an ml_collections.ConfigDict (a config file's get_config()), got a "
         f"{type(config).__name__}"
     )
+  if not workdir:  # '' failed in the lock's os.makedirs: "No such file or directory: ''"
+    raise ValueError(f"workdir is {workdir!r}; expected the path of the run's directory")
   task = tasks.get(config)
   training.check_config(config, task.BATCHED_EVALUATION)
   task.check_config()

@@ -778,6 +778,14 @@ def test_a_config_that_is_no_configdict_is_named(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_an_empty_workdir_is_named(tmp_path, monkeypatch):
+  # '' was FileNotFoundError "[Errno 2] No such file or directory: ''" from the lock
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"^workdir is ''; expected the path of the run's dir"):
+    loop.train_and_evaluate(tiny(), "")
+  assert not os.listdir(tmp_path)
+
+
 def test_tasks_register_takes_a_name_that_config_task_can_give(monkeypatch):
   # register(3, ...) was taken, and then every config.task typo was "'<' not supported between
   # instances of 'int' and 'str'" from get()'s list of the tasks
