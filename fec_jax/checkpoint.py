@@ -220,11 +220,10 @@ def load_pretrained(
       # Before any array is read: a model option that changes shapes (num_classes=...) is
       # one error naming the params, not Orbax's "Requested shape ... is not compatible".
       raise_for_mismatch(*compare_params(targets["params"], saved), f"{directory} step {step}")
-      restored = mngr.restore(
+      restored = _restore_arrays(
+          mngr,
           step,
-          args=ocp.args.Composite(
-              **{i: ocp.args.StandardRestore(targets[c]) for c, i in items.items()}
-          ),
+          ocp.args.Composite(**{i: ocp.args.StandardRestore(targets[c]) for c, i in items.items()}),
       )
     except CheckpointError:
       raise
@@ -237,6 +236,22 @@ def load_pretrained(
   if per_block:
     variables["params"] = stacked_layout(variables["params"], shapes["params"])
   return model, variables
+
+
+def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
+  """mngr.restore(step, args); a CheckpointError where an array's data cannot be read (a file
+  truncated or corrupt: Orbax raises a bare Exception whose cause is TensorStore's ValueError)."""
+  try:
+    return mngr.restore(step, args=args)
+  except Exception as e:
+    if type(e) is not Exception or not isinstance(e.__cause__, (ValueError, OSError)):
+      raise
+    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+    raise CheckpointError(
+        f"{step_dir} cannot be read ({str(e.__cause__).strip().splitlines()[0]}): a file of this "
+        f"step is truncated or corrupt; saved steps: {sorted(mngr.all_steps())} (eval.py --step=N "
+        f"reads another; to resume from an earlier one, move {step_dir} out of the workdir)"
+    ) from e
 
 
 def saved_items(directory: str, step: int) -> set[str]:
@@ -533,9 +548,10 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   unmasked = _count_masks(saved) < _count_masks(opt_state)
   if unmasked:
     targets[OPT_STATE_ITEM] = _without_masks(opt_state)
-  restored = mngr.restore(
+  restored = _restore_arrays(
+      mngr,
       step,
-      args=ocp.args.Composite(
+      ocp.args.Composite(
           **{k: ocp.args.StandardRestore(v) for k, v in targets.items()},
           **{DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(data_iter)},
       ),

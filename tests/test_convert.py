@@ -419,6 +419,23 @@ def test_a_numbered_folder_that_no_run_saved_is_named_as_the_cause(orbax_small, 
   )
 
 
+def test_a_truncated_checkpoint_file_is_one_error_naming_the_step(orbax_small, tmp_path):
+  """An array file cut short (an interrupted copy, a full disk) was a traceback of Orbax's bare
+  Exception ("Encountered error while reading array index") from eval.py, a resume and
+  init_from."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  arrays = max((run / "0" / "params").glob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+  arrays.write_bytes(arrays.read_bytes()[: arrays.stat().st_size // 2])
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(run))
+  assert re.fullmatch(
+      rf"{run / '0'} cannot be read \(.*Error reading .* in OCDBT database .*\): a file of this "
+      rf"step is truncated or corrupt; saved steps: \[0\] \(eval.py --step=N reads another; to "
+      rf"resume from an earlier one, move {run / '0'} out of the workdir\)",
+      str(e.value),
+  ), str(e.value)
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
