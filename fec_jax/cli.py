@@ -106,8 +106,8 @@ def path_problem(flag: str, value: str, expected: str) -> str | None:
 
 
 def unexpanded_home(flag: str, value: str) -> str | None:
-  """Why `value`, given to `flag` (a path option or a --config path field), starts with a `~`
-  that no shell expanded, or None."""
+  """Why `value`, given to `flag` (a path option, a config file or a --config path field),
+  starts with a `~` that no shell expanded, or None."""
   if not value.startswith("~"):
     return None
   return (
@@ -377,6 +377,9 @@ def _config_problem(
   cannot be loaded, or the first --name.a.b=VALUE of argv that names no field of it; None if
   neither."""
   path = source.split(":", 1)[0]
+  unexpanded = unexpanded_home(f"--{name}", path)
+  if given and unexpanded and not os.path.exists(path):
+    return unexpanded
   try:
     config = parser.parse(source)
     getattr(config, "keys", None)  # ml_collections defers some load errors to the first use

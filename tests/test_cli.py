@@ -164,6 +164,12 @@ def parse(monkeypatch):
             "write --config.data.root ~/imagenet (a space, not '=') or the path with $HOME",
         ),
         (
+            ["--config=~/configs/demo.py"],
+            "--config ~/configs/demo.py: the shell expands '~' only at a word's start, not after "
+            "--config=, so this names a folder '~' in the current directory; write --config "
+            "~/configs/demo.py (a space, not '=') or the path with $HOME",
+        ),
+        (
             ["--config.init_from=~/ckpt/fec_small"],
             "--config.init_from ~/ckpt/fec_small: the shell expands '~' only at a word's start, "
             "not after --config.init_from=, so this names a folder '~' in the current directory; "
