@@ -343,8 +343,8 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and its step, EMA and required options stay as the run started (a
-  resume does not read them); data.tfds_data_dir '' as the folder TFDS read. write_config makes its
-  paths absolute."""
+  resume does not read them); data.tfds_data_dir '' (or '~/...') as the folder TFDS read.
+  write_config makes its paths absolute."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)

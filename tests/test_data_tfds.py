@@ -404,6 +404,16 @@ def test_val_loader_matches_records(tfds_dir):
   assert not images[n:].any() and not labels[n:].any()
 
 
+def test_config_json_records_a_tfds_data_dir_with_a_tilde_as_tfds_reads_it(tmp_path):
+  """'~/tfds' (from Python or a config file) is read as $HOME/tfds; config.json recorded it as
+  <current directory>/~/tfds, so eval.py and a resume said the data had moved."""
+  config = fec_small.get_config()
+  config.data.source, config.data.tfds_data_dir = "tfds", "~/tfds"
+  reporting.write_config(str(tmp_path), config, fd.recorded_fields(config.data))
+  recorded = reporting.read_config(str(tmp_path))["data"]["tfds_data_dir"]
+  assert recorded == os.path.join(os.path.expanduser("~"), "tfds")
+
+
 def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch, capsys):
   """configs/fec_small.py (the full recipe) on the TFDS source, in-process, one loader worker
   process; float32 compute compiles about a third faster on CPU than bfloat16. The data lies in

@@ -227,12 +227,14 @@ def recorded_fields(data_config) -> dict[str, str]:
   """The config.data fields a run's config.json records otherwise than as given:
   {'data.tfds_data_dir': the folder TFDS reads} where the source is 'tfds' and tfds_data_dir is
   '' (TFDS's default, $TFDS_DATA_DIR), so that a later command without the variable reads the
-  same data; else {} (also for a task's config without fec_jax.data's fields)."""
+  same data, or starts with '~' (expanded, not a folder '~' of the current directory); else {}
+  (also for a task's config without fec_jax.data's fields)."""
   if data_config is None or data_config.get("source") != "tfds":
     return {}
-  if data_config.get("tfds_data_dir", "unset") != "":
+  given = data_config.get("tfds_data_dir", "unset")
+  if given != "" and not given.startswith("~"):
     return {}
-  return {"data.tfds_data_dir": tfds_data_dir("")}
+  return {"data.tfds_data_dir": tfds_data_dir(given)}
 
 
 def tfds_builder(name: str, data_dir: str = ""):
