@@ -6,8 +6,8 @@ the compilation cache of a run.
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   path_problem(...)         what is wrong with a path option: empty, or an unexpanded_home
-  unexpanded_home(...)      a path option or --config path field starting with a `~` no shell
-                            expanded (`--workdir=~/runs`)
+  unexpanded_home(...)      a path option, config file or --config path field starting with a
+                            `~` no shell expanded (`--workdir=~/runs`)
   check_paths_given(...)    fail() for path options with a path_problem
   not_a_directory(path)     what (if anything) keeps `path` from being a directory
   note_config_differences   a note where --config differs from a workdir's run in what it evaluates
