@@ -117,6 +117,11 @@ def unexpanded_home(flag: str, value: str) -> str | None:
   )
 
 
+# The --config path fields read as given, '~' included: PATH_FIELDS but data.tfds_data_dir, which
+# TFDS reads with its '~' expanded (fec_jax.data.tfds_data_dir), as config.json records it.
+_UNEXPANDED_FIELDS = tuple(f for f in reporting.PATH_FIELDS if f != "data.tfds_data_dir")
+
+
 def check_paths_given(paths: Sequence[tuple[str, str | None, str]]) -> None:
   """fail() for a path option given with a path_problem. paths: (option, value, what it
   names); a value None (not given) is fine."""
@@ -467,7 +472,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     for name, flag in _config_file_flags(flag_values).items():
       if not hasattr(flag.value, "keys"):  # raises here if the config file did not load
         _fail_for_config_problem(argv, flag_values)  # get_config() returned no ConfigDict
-      for field in reporting.PATH_FIELDS:  # --config.data.root=~/imagenet
+      for field in _UNEXPANDED_FIELDS:  # --config.data.root=~/imagenet
         problem = unexpanded_home(
             f"--{name}.{field}", _flag_argument(argv, f"{name}.{field}") or ""
         )

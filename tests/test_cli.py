@@ -182,6 +182,14 @@ def test_config_mistakes_are_one_line(parse, capsys, args, message):
   assert (code, out, err) == (2, "", f"error: {message}\n")
 
 
+def test_a_tfds_data_dir_with_a_tilde_is_read_as_tfds_reads_it(parse, capsys):
+  """TFDS expands the `~` of its data_dir (and config.json records it expanded): no folder `~`
+  of the current directory, so not the error of data.root's and init_from's."""
+  args = ["--config=configs/fec_small.py", "--config.data.source=tfds"]
+  code, out, err, config = parse(capsys, *args, "--config.data.tfds_data_dir=~/tfds")
+  assert (code, out, err, config.data.tfds_data_dir) == (0, "", "", "~/tfds")
+
+
 @pytest.mark.parametrize(
     "source, reason",
     [
