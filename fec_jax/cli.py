@@ -99,7 +99,7 @@ def path_problem(flag: str, value: str, expected: str) -> str | None:
   """What is wrong with a path option's value, or None: empty (`--workdir=$UNSET`), which would
   mean the current directory or fail after the slow work, or starting with a `~` that no shell
   expanded (`--workdir=~/runs`: a shell expands it at a word's start only), which would name a
-  folder `~` in the current directory. expected: what the path should be."""
+  folder `~` in the current directory (an unexpanded_home). expected: what the path should be."""
   if value == "":
     return f"{flag} is empty; expected {expected}"
   return unexpanded_home(flag, value)
@@ -107,13 +107,15 @@ def path_problem(flag: str, value: str, expected: str) -> str | None:
 
 def unexpanded_home(flag: str, value: str) -> str | None:
   """Why `value`, given to `flag` (a path option, a config file or a --config path field),
-  starts with a `~` that no shell expanded, or None."""
-  if not value.startswith("~"):
+  starts with a `~` that no shell expanded, or None. A `~name` that names no user is a file name
+  (`--image ~draft.jpg`): a shell leaves it as it is too."""
+  if not value.startswith("~") or os.path.expanduser(value) == value:
     return None
+  home = value.split("/", 1)[0]  # ~ or ~user
   return (
       f"{flag} {value}: the shell expands '~' only at a word's start, not after {flag}=, so "
-      f"this names a folder '~' in the current directory; write {flag} {value} (a space, not "
-      "'=') or the path with $HOME"
+      f"this names a folder '{home}' in the current directory; write {flag} {value} (a space, "
+      f"not '=') or {'the path with $HOME' if home == '~' else 'the full path'}"
   )
 
 

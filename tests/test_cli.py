@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import pwd
 import re
 import shutil
 import subprocess
@@ -68,6 +69,16 @@ def test_a_path_with_a_tilde_no_shell_expanded_is_an_error(capsys):
   )
   given = [("--workdir", "runs/~demo", "the run's directory")]  # '~' inside a name is a name
   assert outcome(capsys, cli.check_paths_given, given) == (0, "", "")
+  # `--image ~draft.jpg`: a '~name' of no user is a file name, which a shell leaves as it is too
+  given = [("--image", "~draft.jpg", "an image file")]
+  assert outcome(capsys, cli.check_paths_given, given) == (0, "", "")
+  user = pwd.getpwuid(os.getuid()).pw_name  # `~user`, which a shell expands
+  given = [("--workdir", f"~{user}/runs", "the run's directory")]
+  assert outcome(capsys, cli.check_paths_given, given)[2] == (
+      f"error: --workdir ~{user}/runs: the shell expands '~' only at a word's start, not after "
+      f"--workdir=, so this names a folder '~{user}' in the current directory; write --workdir "
+      f"~{user}/runs (a space, not '=') or the full path\n"
+  )
 
 
 @pytest.mark.parametrize(
