@@ -412,6 +412,8 @@ def test_config_json_records_a_tfds_data_dir_with_a_tilde_as_tfds_reads_it(tmp_p
   reporting.write_config(str(tmp_path), config, fd.recorded_fields(config.data))
   recorded = reporting.read_config(str(tmp_path))["data"]["tfds_data_dir"]
   assert recorded == os.path.join(os.path.expanduser("~"), "tfds")
+  config.data.tfds_data_dir = None  # from Python: TFDS's default, as '' (not recorded so)
+  assert fd.recorded_fields(config.data) == {}
 
 
 def test_training_runs_on_tfds(tfds_dir, compilation_cache, tmp_path, monkeypatch, capsys):

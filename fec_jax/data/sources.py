@@ -232,7 +232,7 @@ def recorded_fields(data_config) -> dict[str, str]:
   if data_config is None or data_config.get("source") != "tfds":
     return {}
   given = data_config.get("tfds_data_dir", "unset")
-  if given != "" and not given.startswith("~"):
+  if given != "" and not (isinstance(given, str) and given.startswith("~")):  # None from Python
     return {}
   return {"data.tfds_data_dir": tfds_data_dir(given)}
 
