@@ -9,7 +9,7 @@ from fec_jax.data import classes
 
 ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
-SWATCH = 14  # a legend entry's colour box (10 pixels) and the gap before its name
+SWATCH = 14  # a legend entry's colour box (x to x + 10, both drawn: 11 pixels) and the gap after it
 # The column titles, each with its shorter forms for narrow panels (fit_title): of a val image
 # with its annotation (TITLES), of an image of one's own (IMAGE_TITLES: no ground truth).
 IMAGE, TRUTH, PREDICTION = (
