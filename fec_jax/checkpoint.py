@@ -249,8 +249,9 @@ def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Compo
     step_dir = os.path.join(os.fspath(mngr.directory), str(step))
     raise CheckpointError(
         f"{step_dir} cannot be read ({str(e.__cause__).strip().splitlines()[0]}): a file of this "
-        f"step is truncated or corrupt; saved steps: {sorted(mngr.all_steps())} (eval.py --step=N "
-        f"reads another; to resume from an earlier one, move {step_dir} out of the workdir)"
+        f"step is truncated or corrupt; saved steps: {sorted(mngr.all_steps())} (another is read "
+        f"with --step=N or --config.init_from_step=N; to resume from an earlier one, move "
+        f"{step_dir} out of the workdir)"
     ) from e
 
 

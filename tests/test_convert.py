@@ -430,8 +430,9 @@ def test_a_truncated_checkpoint_file_is_one_error_naming_the_step(orbax_small, t
     fec_jax.load_pretrained(str(run))
   assert re.fullmatch(
       rf"{run / '0'} cannot be read \(.*Error reading .* in OCDBT database .*\): a file of this "
-      rf"step is truncated or corrupt; saved steps: \[0\] \(eval.py --step=N reads another; to "
-      rf"resume from an earlier one, move {run / '0'} out of the workdir\)",
+      rf"step is truncated or corrupt; saved steps: \[0\] \(another is read with --step=N or "
+      rf"--config.init_from_step=N; to resume from an earlier one, move {run / '0'} out of the "
+      rf"workdir\)",
       str(e.value),
   ), str(e.value)
 
