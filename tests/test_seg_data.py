@@ -251,10 +251,11 @@ def _png(array) -> bytes:
 def test_images_are_turned_by_their_exif_orientation_as_mmseg_reads_them():
   """mmseg's cv2.imdecode turns a colour image by its EXIF orientation (a phone photo); Pillow's
   read of an annotation ('unchanged') does not: ours reads both so, for the 8 orientations of a
-  JPEG and a PNG. An annotation of the stored size no longer fits a quarter-turned image."""
+  TIFF (which Pillow's decode turns: not turned twice), a JPEG and a PNG. An annotation of the
+  stored size no longer fits a quarter-turned image."""
   rng = np.random.default_rng(3)
   stored = _random_image(rng, 6, 10)
-  for fmt, options in (("JPEG", {"quality": 95}), ("PNG", {})):
+  for fmt, options in (("TIFF", {}), ("JPEG", {"quality": 95}), ("PNG", {})):
     for orientation in range(1, 9):
       img = Image.fromarray(stored)
       exif = img.getexif()
