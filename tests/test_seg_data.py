@@ -11,7 +11,7 @@ import cv2
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import fec_jax.data as fd
 from fec_jax.data import (
@@ -268,6 +268,25 @@ def test_images_are_turned_by_their_exif_orientation_as_mmseg_reads_them():
       image, ours, _ = seg_pipeline._decode(record, _cfg("", reduce_zero_label=False))
       np.testing.assert_array_equal(image, theirs, err_msg=f"{fmt} {orientation}")
       np.testing.assert_array_equal(ours, label)
+  last = buf.getvalue()
+  # ImageMagick's 'Raw profile type exif' text chunk, which cv2 does not read (Pillow's getexif
+  # does, decoding the whole PNG again to find it): the image as stored
+  img = Image.fromarray(stored)
+  exif = img.getexif()
+  exif[transforms.EXIF_ORIENTATION] = 6
+  text = PngImagePlugin.PngInfo()
+  raw = exif.tobytes()
+  text.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
+  buf = io.BytesIO()
+  img.save(buf, "PNG", pnginfo=text)
+  theirs = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+  with Image.open(io.BytesIO(buf.getvalue())) as pil:
+    assert pil.getexif()[transforms.EXIF_ORIENTATION] == 6  # what Pillow alone would apply
+  record = {"image": buf.getvalue(), "label": _png(_blocky_label(rng, 6, 10)), "label_key": "a.png"}
+  image, _, _ = seg_pipeline._decode(record, _cfg("", reduce_zero_label=False))
+  np.testing.assert_array_equal(image, theirs)
+  np.testing.assert_array_equal(image, stored)
+  record["image"] = last  # PNG, orientation 8
   record["label"] = _png(_blocky_label(rng, 6, 10))  # orientation 8 turns 10x6 into 6x10
   with pytest.raises(
       transforms.BadImageError,

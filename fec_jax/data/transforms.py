@@ -109,12 +109,15 @@ def upright(image: np.ndarray, encoded: bytes) -> np.ndarray:
   """uint8 [H, W, 3] decoded from `encoded`, turned by the file's EXIF orientation (phone photos)
   as OpenCV's imread and imdecode turn a colour image (the same pixels, all 8 orientations, JPEG,
   PNG and TIFF), with Pillow's exif_transpose; `image` itself where the file has no orientation to
-  apply, or is a TIFF, which Pillow's load (decode) turns already. mmseg's images and the official
-  visualization script are read so; classification data is read as stored, as timm's loader
-  does."""
+  apply, or is a TIFF, which Pillow's load (decode) turns already (a PNG's orientation is read
+  from its eXIf chunk, as OpenCV reads it, not from ImageMagick's text chunk). mmseg's images and
+  the official visualization script are read so; classification data is read as stored, as
+  timm's loader does."""
   with Image.open(io.BytesIO(encoded)) as img:
     if img.format == "TIFF":  # its getexif still has the orientation that the load applied
       return image
+    if img.format == "PNG" and b"eXIf" not in encoded:  # cv2 reads a PNG's EXIF there only;
+      return image  # Pillow's getexif would decode it all again for its text chunks
     exif = img.getexif()
   if exif.get(EXIF_ORIENTATION, 1) == 1:
     return image
