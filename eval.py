@@ -99,10 +99,12 @@ def main(argv):
   cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
   timing = [f"--{name}" for name in ("batch", "warmup", "iters") if FLAGS[name].present]
   if timing and not FLAGS.throughput:
-    cli.fail(
-        f"{', '.join(timing)}: used only with --throughput; the evaluation's batch is "
+    batch = (
         "--config.eval_batch_size"
+        if tasks.get(config).BATCHED_EVALUATION
+        else "one image (this task's evaluator takes one at a time)"
     )
+    cli.fail(f"{', '.join(timing)}: used only with --throughput; the evaluation's batch is {batch}")
   if FLAGS.per_class and FLAGS.throughput:
     cli.fail("--per_class tables an evaluation's metrics; --throughput measures speed: give one")
   mesh = training.create_mesh()

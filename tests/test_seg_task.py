@@ -689,6 +689,16 @@ def test_eval_py_throughput_of_a_segmenter_whose_data_moved(seg_run, tmp_path):
   assert result.returncode == 0 and result.stdout.startswith("throughput: "), result.stderr[-3000:]
 
 
+def test_eval_py_timing_flags_without_throughput_name_a_segmenters_batch(seg_run):
+  # the segmentation evaluator does not read --config.eval_batch_size, which the error named
+  result = command("eval.py", f"--workdir={seg_run}", "--batch=2")
+  assert (result.returncode, result.stderr) == (
+      2,
+      "error: --batch: used only with --throughput; the evaluation's batch is one image (this "
+      "task's evaluator takes one at a time)\n",
+  )
+
+
 def test_a_segmenters_eval_batch_size_is_not_split_over_the_devices(seg_run, monkeypatch):
   """The segmentation evaluator takes one image at a time: eval.py on 3 devices evaluates the
   run (its eval_batch_size 16, which 3 does not divide, was an error), and train.py's checks
