@@ -236,7 +236,8 @@ def cluster_maps(
   return clusters._replace(encodings={n: clusters.encodings[n][:, :heads] for n in layers})
 
 
-# --encodings LAYER: a stage (network.S) or one block of it (network.S.J[.token_mixer])
+# --encodings LAYER: a stage (network.S, S = 0, 2, 4, 6) or one block of it
+# (network.S.J[.token_mixer])
 ENCODING_LAYER = re.compile(r"network\.(\d+)(?:\.(\d+)(?:\.token_mixer)?)?")
 
 
@@ -283,7 +284,8 @@ def _parser() -> argparse.ArgumentParser:
       metavar="LAYER",
       help="also write {stem}_encodings.png: the clusters of encoding (Cluster) layers over the "
       "model input, one row per layer, one panel per head (up to 12 for fec_large). LAYER: "
-      "network.S.J (block J of stage S, e.g. network.4.2), network.S (every block of stage S), "
+      "network.S.J (block J of the stage at network.S, S = 0, 2, 4, 6: e.g. network.4.2), "
+      "network.S (every block of that stage), "
       "last (the last block of every stage) or all (every block: 24 rows for fec_large). Without "
       "LAYER: last, four rows for every model, each stage's last clustering before its "
       "ClusterPool (or the head)",
@@ -378,8 +380,8 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   for layer in args.encodings or []:
     if layer not in ("last", "all") and not ENCODING_LAYER.fullmatch(layer):
       cli.fail(
-          f"--encodings takes network.S (every block of stage S), network.S.J (block J), last "
-          f"or all, got {layer!r}"
+          f"--encodings takes network.S (every block of the stage at network.S, S = 0, 2, 4, "
+          f"6), network.S.J (block J), last or all, got {layer!r}"
       )
   cli.check_paths_given(
       [("--checkpoint", args.checkpoint, "a checkpoint directory")]

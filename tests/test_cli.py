@@ -709,8 +709,8 @@ VISUALIZE_MISTAKES = [
     (
         "encoding layer spelt otherwise",
         ["--encodings", "network.4", "stage4"],
-        "--encodings takes network.S (every block of stage S), network.S.J (block J), last or "
-        "all, got 'stage4'",
+        "--encodings takes network.S (every block of the stage at network.S, S = 0, 2, 4, 6), "
+        "network.S.J (block J), last or all, got 'stage4'",
     ),
     (
         "encoding layer the model lacks",
