@@ -39,7 +39,7 @@ from fec_jax.checkpoint import (
     output_in_a_checkpoint,
 )
 from fec_jax.data import seg_transforms
-from fec_jax.data.classes import classification_names, numbered, own_names_origin
+from fec_jax.data.classes import classification_names, numbered, own_names, own_names_origin
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, upright
 from fec_jax.model import FEC, variable_shapes
@@ -509,15 +509,20 @@ def _run(
 
 def class_names(data: dict, num_classes: int) -> tuple[str, ...]:
   """The names of a classifier's classes (classification_names of a run's data section), with a
-  note where a train.py run's own are no longer found (its class folders moved or changed): they
-  are then numbered."""
+  note where a train.py run's own are no longer found (its class folders moved or changed) or
+  are not as many as the model's classes (a task of one's own whose head is not one output per
+  class folder): they are then numbered."""
   names = classification_names(data, num_classes)
   origin = own_names_origin(data)
   if names is None and origin:
+    own = own_names(data)
+    why = (
+        f"name {len(own)} classes, the model has {num_classes}: they"
+        if own
+        else f"are gone or changed: its {num_classes} classes"
+    )
     print(
-        f"note: the run's {origin} are gone or changed: its {num_classes} classes are printed "
-        "as 'class 0', 'class 1', ...",
-        file=sys.stderr,
+        f"note: the run's {origin} {why} are printed as 'class 0', 'class 1', ...", file=sys.stderr
     )
   return names or numbered(num_classes)
 

@@ -890,6 +890,32 @@ def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_go
   assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
 
 
+def test_visualize_says_when_the_runs_class_folders_are_there_but_not_the_models_classes(
+    tmp_path, capsys
+):
+  """A task of one's own whose head is not one output per class folder (a multi-label head on
+  the folders a, ab, b, none: 2 outputs): the folders are there, and the note says that their
+  number differs, not that they are gone."""
+  workdir, root = tmp_path / "workdir", tmp_path / "shapes"
+  zero_weights(workdir, "fec_small", num_classes=2)
+  for name in ("a", "ab", "b", "none"):
+    (root / "train" / name).mkdir(parents=True)
+  config = demo.get_config()
+  config.task = "multilabel"
+  config.data.update(source="folder", root=str(root), num_classes=4, image_size=64)
+  reporting.write_config(str(workdir), config)
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
+  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  code, printed, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (
+      0,
+      f"note: the run's class folders in {root / 'train'} name 4 classes, the model has 2: they "
+      "are printed as 'class 0', 'class 1', ...\n",
+  )
+  assert printed.startswith(f"{photo}: class 0 (logit 0.00")
+
+
 def test_visualize_gives_a_softmax_probability_only_for_a_classification_run(tmp_path, capsys):
   """A task of one's own (a multi-label head's sigmoids, say) gets its top logit instead."""
   workdir = tmp_path / "workdir"

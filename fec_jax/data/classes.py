@@ -48,18 +48,24 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
   TFDS run's ClassLabel names where its dataset_info still is, unless these are ImageNet's wnids;
   the demo's digits; ImageNet's names for 1000 classes; else the wnids themselves (a subset of
   ImageNet's classes). None where they are not known."""
-  own = None
-  if cfg.get("source") == "folder":
-    train_dir = _train_folder(cfg)
-    own = class_folders(train_dir) if os.path.isdir(train_dir) else None
-  elif cfg.get("source") == "tfds" and cfg.get("tfds_name"):
-    own = _tfds_label_names(cfg.get("tfds_name"), cfg.get("tfds_data_dir") or "")
+  own = own_names(cfg)
   own = own if own and len(own) == num_classes else None
   if own and not all(re.fullmatch(r"n\d{8}", c) for c in own):
     return own
   if cfg.get("source") == "demo" and num_classes == 10:
     return tuple(f"digit {i}" for i in range(10))
   return imagenet_names() if num_classes == 1000 else own
+
+
+def own_names(cfg) -> tuple[str, ...] | None:
+  """A run's own class names, whatever their number: a folder run's class folders, a TFDS run's
+  ClassLabel names; None where they are not found (moved, unreadable) or the source has none."""
+  if cfg.get("source") == "folder":
+    train_dir = _train_folder(cfg)
+    return class_folders(train_dir) if os.path.isdir(train_dir) else None
+  if cfg.get("source") == "tfds" and cfg.get("tfds_name"):
+    return _tfds_label_names(cfg.get("tfds_name"), cfg.get("tfds_data_dir") or "")
+  return None
 
 
 def _train_folder(cfg) -> str:
