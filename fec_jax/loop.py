@@ -127,7 +127,8 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
           config, workdir, task, start, train_iter, steps_per_epoch, preemption, compiler_options
       )
     finally:
-      train_iter.close()  # ends the loader's worker processes
+      if hasattr(train_iter, "close"):  # grain.DataLoader's iterator has none
+        train_iter.close()  # ends the loader's worker processes
 
 
 def _check_same_run_everywhere(config, workdir: str) -> None:

@@ -759,6 +759,35 @@ def test_a_registered_task_trains_and_its_metrics_are_numbers(reference, tmp_pat
   assert reporting.read_config(str(tmp_path))["task"] == "array_metrics"
 
 
+class _DataLoaderTask(classification.Classification):
+  """Classification whose train_loader is an iterator of grain.DataLoader, which has get_state
+  and set_state (the checkpoints save and restore it) but no close()."""
+
+  def train_loader(self, process_index, process_count):
+    import grain
+
+    examples = [{"image": np.zeros((32, 32, 3), np.uint8), "label": np.int32(0)}] * 8
+    sampler = grain.samplers.IndexSampler(
+        len(examples), shard_options=grain.sharding.NoSharding(), num_epochs=None
+    )
+    loader = grain.DataLoader(
+        data_source=examples,
+        sampler=sampler,
+        operations=[grain.transforms.Batch(self.config.global_batch_size)],
+        worker_count=0,
+    )
+    return iter(loader), 1
+
+
+def test_a_grain_dataloader_iterator_trains_without_a_close(tmp_path, monkeypatch):
+  # the loop's finally called train_iter.close(): AttributeError 'DataLoaderIterator' object has
+  # no attribute 'close', after the whole run
+  monkeypatch.setattr(tasks, "_REGISTERED", {})
+  tasks.register("dataloader", _DataLoaderTask)
+  monkeypatch.setattr(loop, "_run", lambda *args: "trained")
+  assert train(tiny(task="dataloader"), tmp_path / "w") == "trained"
+
+
 def test_tasks_register_takes_a_task_class_under_a_new_name(monkeypatch):
   monkeypatch.setattr(tasks, "_REGISTERED", {})
   with pytest.raises(ValueError, match=r"fec_jax.tasks.register\('mine', YourTask\) first"):
