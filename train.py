@@ -148,5 +148,11 @@ def remove_cache_only_workdir(workdir: str) -> None:
 if __name__ == "__main__":
   cli.run(
       main,
-      errors=(ValueError, data.DataNotFoundError, checkpoint.CheckpointError, tasks.MetricsError),
+      errors=(
+          ValueError,
+          data.DataNotFoundError,
+          checkpoint.CheckpointError,
+          tasks.MetricsError,
+          tasks.TrainLoaderError,
+      ),
   )

@@ -118,10 +118,11 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   with _hold(workdir), Preemption() as preemption:
     start = _start(config, workdir, task)
     # Then the data: a missing dataset or one that does not fit the config stops here.
-    train_iter, steps_per_epoch = _timed(
+    loaded = _timed(
         f"{config.task}: opening the train data",
         lambda: task.train_loader(jax.process_index(), jax.process_count()),
     )
+    train_iter, steps_per_epoch = tasks.checked_loader(task, loaded)
     try:
       return _run(
           config, workdir, task, start, train_iter, steps_per_epoch, preemption, compiler_options

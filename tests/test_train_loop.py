@@ -759,6 +759,46 @@ def test_a_registered_task_trains_and_its_metrics_are_numbers(reference, tmp_pat
   assert reporting.read_config(str(tmp_path))["task"] == "array_metrics"
 
 
+class _PlainLoader(classification.Classification):
+  """Classification whose train_loader gives its batches by a generator (no get_state): a task
+  of one's own that reads its data in plain Python."""
+
+  closed = []
+
+  def train_loader(self, process_index, process_count):
+    loader, steps = super().train_loader(process_index, process_count)
+
+    def batches():
+      try:
+        yield from loader
+      finally:
+        loader.close()
+        _PlainLoader.closed.append(True)
+
+    generator = batches()
+    next(generator)  # started: its finally runs when it is closed
+    return generator, steps
+
+
+def test_a_train_loader_that_the_checkpoints_cannot_save_is_named_before_the_compile(
+    tmp_path, monkeypatch
+):
+  """A generator trained up to the first checkpoint, which then failed in Orbax's thread with
+  "'generator' object has no attribute 'get_state'" (and left a step's temporary directory)."""
+  monkeypatch.setattr(tasks, "_REGISTERED", {})
+  tasks.register("plain", _PlainLoader)
+  compiled = []
+  monkeypatch.setattr(loop, "_run", lambda *args: compiled.append(True))
+  with pytest.raises(tasks.TrainLoaderError) as e:
+    train(tiny(task="plain"), tmp_path / "w")
+  assert str(e.value).startswith(
+      "_PlainLoader.train_loader returned a generator without get_state, set_state; expected (a "
+      "grain iterator, steps per epoch): the checkpoints save the iterator's position with its "
+      "get_state()"
+  )
+  assert not compiled and _PlainLoader.closed == [True]
+
+
 class _DataLoaderTask(classification.Classification):
   """Classification whose train_loader is an iterator of grain.DataLoader, which has get_state
   and set_state (the checkpoints save and restore it) but no close()."""

@@ -35,6 +35,11 @@ class MetricsError(TypeError):
   commands report it as one error line naming the evaluator."""
 
 
+class TrainLoaderError(TypeError):
+  """A Task.train_loader result that the loop cannot train on and checkpoint (checked_loader);
+  train.py reports it as one error line naming the task."""
+
+
 class Progress:
   """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
   every `every` seconds (none for an evaluation shorter than that), and raises
@@ -210,6 +215,39 @@ def checked_metrics(
         raise MetricsError(f"{where} {name!r}: {type(value).__name__}{shape}; {expected}")
     checked.append(numbers)
   return checked
+
+
+def checked_loader(task: "Task", result) -> tuple[Any, int]:
+  """Task.train_loader's result as the loop takes it: (an iterator whose position the
+  checkpoints save, steps per epoch). TrainLoaderError naming the task otherwise: a plain
+  iterator (a generator) trained the whole stretch up to the first checkpoint, which then failed
+  in Orbax's thread with "'generator' object has no attribute 'get_state'"."""
+  problem = _loader_problem(result)
+  if problem is None:
+    return result[0], int(result[1])
+  opened = result[0] if isinstance(result, tuple) and result else result
+  if hasattr(opened, "close"):
+    opened.close()  # a loader's worker processes, a generator's finally
+  raise TrainLoaderError(
+      f"{type(task).__name__}.train_loader returned {problem}; expected (a grain iterator, steps "
+      "per epoch): the checkpoints save the iterator's position with its get_state() and a "
+      "resume restores it with set_state(), so it must be grain's, e.g. "
+      "iter(grain.MapDataset.source(...).batch(...).to_iter_dataset()), iter(grain.DataLoader(...)) "
+      "or fec_jax.data.create_loader(...), not a generator or another plain iterator"
+  )
+
+
+def _loader_problem(result) -> str | None:
+  """What is wrong with a train_loader result (checked_loader), or None."""
+  if not isinstance(result, tuple) or len(result) != 2:
+    return f"a {type(result).__name__}"
+  iterator, steps = result
+  missing = [m for m in ("get_state", "set_state") if not hasattr(iterator, m)]
+  if missing:
+    return f"a {type(iterator).__name__} without {', '.join(missing)}"
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    return f"{steps!r} steps per epoch, not a positive int"
+  return None
 
 
 class Task(abc.ABC):
