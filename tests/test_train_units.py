@@ -304,6 +304,28 @@ def test_top5_only_with_more_than_5_classes():
   assert "top5" in classification.eval_sums(wider, jnp.array([0, 2]), jnp.array([True, True]))
 
 
+def test_per_class_values_that_are_not_one_per_class_are_one_error():
+  """A task of one's own (a multi-label head: a value per label, 2, where class_names() gives the
+  4 class folders) got IndexError from eval.py --per_class's table, after the evaluation; a
+  column longer than the names lost its values past them without a word."""
+  config = demo.get_config()
+  config.data.num_classes = 4
+  task = tasks.get(config)
+  for values in (np.array([50.0, 75.0]), np.arange(5.0), np.zeros((4, 2))):
+    with pytest.raises(tasks.MetricsError) as e:
+      task.per_class_table({"images": np.array([1, 2, 3, 4]), "acc": values})
+    assert str(e.value) == (
+        f"the per_class column 'acc' is of shape {values.shape}, but Classification.class_names() "
+        "names 4 classes; expected one value per class: return them so, or override "
+        "class_names() to name the classes the values are of"
+    )
+  assert task.per_class_table({"acc": np.arange(4.0)}).splitlines()[-1].split() == [
+      "class",
+      "3",
+      "3.00",
+  ]
+
+
 AUGMENT_ON_4_DEVICES = """
 import jax, jax.numpy as jnp
 from fec_jax import data, training

@@ -345,6 +345,14 @@ class Task(abc.ABC):
     each column's value (integers as they are, percentages to 2 decimals, 'nan' where a class
     has none, as in mmseg's table)."""
     names = self.class_names()
+    for column, values in per_class.items():
+      if np.ndim(values) != 1 or len(values) != len(names):
+        raise MetricsError(
+            f"the per_class column {column!r} is of shape {np.shape(values)}, but "
+            f"{type(self).__name__}.class_names() names {len(names)} classes; expected one value "
+            "per class: return them so, or override class_names() to name the classes the "
+            "values are of"
+        )
     header = ["class", *per_class]
     rows = [
         [name, *(_cell(values[i]) for values in per_class.values())] for i, name in enumerate(names)
