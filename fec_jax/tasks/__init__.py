@@ -232,8 +232,9 @@ def checked_loader(task: "Task", result) -> tuple[Any, int]:
       f"{type(task).__name__}.train_loader returned {problem}; expected (a grain iterator, steps "
       "per epoch): the checkpoints save the iterator's position with its get_state() and a "
       "resume restores it with set_state(), so it must be grain's, e.g. "
-      "iter(grain.MapDataset.source(...).batch(...).to_iter_dataset()), iter(grain.DataLoader(...)) "
-      "or fec_jax.data.create_loader(...), not a generator or another plain iterator"
+      "iter(grain.MapDataset.source(...).batch(...).to_iter_dataset()), "
+      "iter(grain.DataLoader(...)) or fec_jax.data.create_loader(...), not a generator or another "
+      "plain iterator"
   )
 
 
