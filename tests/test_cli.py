@@ -864,6 +864,21 @@ def test_visualize_draws_at_the_image_size_of_the_run(files, tmp_path, capsys):
   assert printed.splitlines()[-1].endswith(" (model input 64x64)")
 
 
+def _grey_photo_args(tmp_path, workdir) -> tuple:
+  """(a grey 64x64 photo.png, visualize.py's arguments to draw it with the checkpoint `workdir`
+  into tmp_path/vis)."""
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
+  return photo, [
+      "--checkpoint",
+      str(workdir),
+      "--image",
+      str(photo),
+      "--out",
+      str(tmp_path / "vis"),
+  ]
+
+
 def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_gone(
     tmp_path, capsys
 ):
@@ -874,9 +889,7 @@ def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_go
   config = demo.get_config()
   config.data.update(source="folder", root=str(root), num_classes=3, image_size=64)
   reporting.write_config(str(workdir), config)
-  photo = tmp_path / "photo.png"
-  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
-  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  photo, args = _grey_photo_args(tmp_path, workdir)
   code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (
       0,
@@ -904,9 +917,7 @@ def test_visualize_says_when_the_runs_class_folders_are_there_but_not_the_models
   config.task = "multilabel"
   config.data.update(source="folder", root=str(root), num_classes=4, image_size=64)
   reporting.write_config(str(workdir), config)
-  photo = tmp_path / "photo.png"
-  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
-  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  photo, args = _grey_photo_args(tmp_path, workdir)
   code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (
       0,
@@ -923,9 +934,7 @@ def test_visualize_gives_a_softmax_probability_only_for_a_classification_run(tmp
   config = demo.get_config()
   config.data.update(num_classes=4, image_size=64)
   reporting.write_config(str(workdir), config)
-  photo = tmp_path / "photo.png"
-  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photo)
-  args = ["--checkpoint", str(workdir), "--image", str(photo), "--out", str(tmp_path / "vis")]
+  photo, args = _grey_photo_args(tmp_path, workdir)
   code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (0, "")
   assert printed.splitlines()[0] == f"{photo}: class 0 (25.0%)"  # zero weights: equal logits
