@@ -16,6 +16,8 @@ and, which inference ignores,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 from typing import Any
@@ -238,11 +240,51 @@ def load_pretrained(
   return model, variables
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed with tasks pending, first lets them finish.
+
+  Orbax runs a restore in a fresh event loop and closes it as soon as the gather of its array
+  reads raises: the first unreadable array (a truncated file). The other reads are still in
+  flight in TensorStore's threads; each then completes its asyncio future with
+  loop.call_soon_threadsafe on the closed loop, and its RuntimeError('Event loop is closed') is
+  printed as an unraisable exception, a traceback after the one-line error for every read."""
+
+  def close(self) -> None:
+    pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+    if pending and not self.is_running() and not self.is_closed():
+      self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """asyncio.new_event_loop() makes a _DrainingLoop inside (Orbax's run_sync makes its loop
+  so). The policy is the process's: a loop another thread makes meanwhile is one too, which
+  differs only when closed with tasks pending. (Event loop policies are deprecated from Python
+  3.14, removed in 3.16: then this needs another way in.)"""
+  policy = asyncio.get_event_loop_policy()
+  if type(policy) is not asyncio.DefaultEventLoopPolicy:  # e.g. uvloop's: left as it is
+    yield
+    return
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(policy)
+
+
 def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
   """mngr.restore(step, args); a CheckpointError where an array's data cannot be read (a file
   truncated or corrupt: Orbax raises a bare Exception whose cause is TensorStore's ValueError)."""
   try:
-    return mngr.restore(step, args=args)
+    with _draining_event_loops():
+      return mngr.restore(step, args=args)
   except Exception as e:
     if type(e) is not Exception or not isinstance(e.__cause__, (ValueError, OSError)):
       raise
@@ -433,7 +475,8 @@ _PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 def _saved_tree(directory, step: int, item: str) -> Any:
   """A saved item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
-  return ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
+  with _draining_event_loops():  # it opens every array: a truncated manifest fails them all
+    return ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
 
 
 def _saved_params(directory, step: int, item: str) -> dict[str, Any]:

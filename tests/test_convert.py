@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -435,6 +436,24 @@ def test_a_truncated_checkpoint_file_is_one_error_naming_the_step(orbax_small, t
       rf"workdir\)",
       str(e.value),
   ), str(e.value)
+
+
+@pytest.mark.parametrize("cut", ["ocdbt.process_0/d/*", "manifest.ocdbt"])
+def test_a_truncated_checkpoint_prints_no_traceback_after_its_error(
+    orbax_small, tmp_path, monkeypatch, cut
+):
+  """After the error, the reads still in flight when Orbax closed its event loop printed
+  "RuntimeError: Event loop is closed" tracebacks (sys.unraisablehook) from TensorStore's
+  threads: a truncated array file fails the restore, a truncated manifest the metadata read."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  cut = max((run / "0" / "params").glob(cut), key=lambda p: p.stat().st_size)
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(repr(u.exc_value)))
+  with pytest.raises(checkpoint.CheckpointError):
+    fec_jax.load_pretrained(str(run))
+  time.sleep(0.5)  # they came from reads that finished after the error
+  assert unraisable == []
 
 
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
