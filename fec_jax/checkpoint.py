@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 from typing import Any
@@ -177,6 +178,8 @@ def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> 
     args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
     return mngr.restore(step, args=args)[MODEL_ITEM]
   except (FileNotFoundError, KeyError, ValueError) as e:
+    if _is_unreadable(e):  # model/metadata cut short
+      raise _unreadable_step(mngr, step, e) from e
     step_dir = os.path.join(directory, str(step))
     if os.path.isdir(step_dir) and not os.path.isdir(os.path.join(step_dir, MODEL_ITEM)):
       raise CheckpointError(  # e.g. another command's output, named with digits
@@ -230,6 +233,8 @@ def load_pretrained(
     except CheckpointError:
       raise
     except (FileNotFoundError, KeyError, ValueError) as e:
+      if _is_unreadable(e):  # e.g. params/manifest.ocdbt, a file of params/d/ or _METADATA
+        raise _unreadable_step(mngr, step, e) from e
       raise CheckpointError(
           f"{directory} step {step} is not an FEC checkpoint with items "
           f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}"
@@ -288,13 +293,30 @@ def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Compo
   except Exception as e:
     if type(e) is not Exception or not isinstance(e.__cause__, (ValueError, OSError)):
       raise
-    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
-    raise CheckpointError(
-        f"{step_dir} cannot be read ({str(e.__cause__).strip().splitlines()[0]}): a file of this "
-        f"step is truncated or corrupt; saved steps: {sorted(mngr.all_steps())} (another is read "
-        f"with --step=N or --config.init_from_step=N; to resume from an earlier one, move "
-        f"{step_dir} out of the workdir)"
-    ) from e
+    raise _unreadable_step(mngr, step, e.__cause__) from e
+
+
+def _is_unreadable(e: Exception) -> bool:
+  """Whether `e`, from reading a step's metadata, says a file is cut short or corrupt:
+  TensorStore's DATA_LOSS (a manifest shorter than its header says) or OUT_OF_RANGE (a byte
+  range past the end of a file), or a JSON file that does not parse (_METADATA)."""
+  return isinstance(e, json.JSONDecodeError) or bool(
+      re.match(r"(DATA_LOSS|OUT_OF_RANGE): ", str(e))
+  )
+
+
+def _unreadable_step(mngr: ocp.CheckpointManager, step: int, cause: BaseException):
+  """The CheckpointError for a step with a file truncated or corrupt: the first line of `cause`,
+  without the TensorStore spec (a thousand characters) that TensorStore appends."""
+  step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+  first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+  first_line = re.sub(r" \[tensorstore_spec='.*$", "", first_line)
+  return CheckpointError(
+      f"{step_dir} cannot be read ({first_line}): a file of this step is truncated or corrupt; "
+      f"saved steps: {sorted(mngr.all_steps())} (another is read with --step=N or "
+      f"--config.init_from_step=N; to resume from an earlier one, move {step_dir} out of the "
+      f"workdir)"
+  )
 
 
 def saved_items(directory: str, step: int) -> set[str]:

@@ -456,6 +456,30 @@ def test_a_truncated_checkpoint_prints_no_traceback_after_its_error(
   assert unraisable == []
 
 
+@pytest.mark.parametrize(
+    "cut", ["params/_METADATA", "params/manifest.ocdbt", "params/d/*", "model/metadata"]
+)
+def test_truncated_metadata_is_a_truncated_step_not_another_checkpoint(orbax_small, tmp_path, cut):
+  """A file that Orbax reads before the arrays cut short was "... is not an FEC checkpoint with
+  items 'model' and ['params']: ..." and, from TensorStore, a line of about 1,200 characters
+  ending in its spec; now it is the error of a truncated array file, with the cause's first
+  line."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  (cut,) = (run / "0").glob(cut)
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(run))
+  message = str(e.value)
+  assert re.fullmatch(
+      rf"{run / '0'} cannot be read \([^\n]+\): a file of this step is truncated or corrupt; "
+      rf"saved steps: \[0\] \(another is read with --step=N or --config.init_from_step=N; to "
+      rf"resume from an earlier one, move {run / '0'} out of the workdir\)",
+      message,
+  ), message
+  assert "tensorstore_spec" not in message, message
+  assert len(message.replace(str(run), "RUN")) < 600, message  # it names the file, not the spec
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
