@@ -286,11 +286,14 @@ def _draining_event_loops():
 
 def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
   """mngr.restore(step, args); a CheckpointError where an array's data cannot be read (a file
-  truncated or corrupt: Orbax raises a bare Exception whose cause is TensorStore's ValueError)."""
+  truncated or corrupt: Orbax raises a bare Exception whose cause is TensorStore's ValueError),
+  or its metadata (_is_unreadable: a resume reads no metadata before)."""
   try:
     with _draining_event_loops():
       return mngr.restore(step, args=args)
   except Exception as e:
+    if _is_unreadable(e):  # the metadata read before the arrays (as in load_pretrained)
+      raise _unreadable_step(mngr, step, e) from e
     if type(e) is not Exception or not isinstance(e.__cause__, (ValueError, OSError)):
       raise
     raise _unreadable_step(mngr, step, e.__cause__) from e

@@ -480,6 +480,22 @@ def test_truncated_metadata_is_a_truncated_step_not_another_checkpoint(orbax_sma
   assert len(message.replace(str(run), "RUN")) < 600, message  # it names the file, not the spec
 
 
+@pytest.mark.parametrize("cut", ["_METADATA", "manifest.ocdbt"])
+def test_a_restore_of_truncated_metadata_is_the_truncated_step_error(orbax_small, tmp_path, cut):
+  """A resume (restore_training) reads no metadata before its restore: it passed on Orbax's
+  ValueError (TensorStore's DATA_LOSS and its spec) or a bare JSONDecodeError, which named no
+  file or step."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  cut = run / "0" / "params" / cut
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  model, _ = checkpoint.load_model(str(run))
+  target = checkpoint._local_target(variable_shapes(model)["params"])
+  args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+  with checkpoint._read_manager(str(run)) as mngr:
+    with pytest.raises(checkpoint.CheckpointError, match="a file of this step is truncated"):
+      checkpoint._restore_arrays(mngr, 0, args)
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
