@@ -1,14 +1,14 @@
 r"""Draws a segmenter's predictions on the first validation images of a config's data: one row
-per image with the image, the ground truth and the prediction (class colours over the image:
-mmseg's for ADE20K; --alpha their opacity, 1 for the colours alone), and a legend of the classes
-they show (named by config.data.class_names). The README's picture is this command on the demo
-run. A missing --output folder is made.
+per image, under its file name, with the image, the ground truth and the prediction (class
+colours over the image: mmseg's for ADE20K; --alpha their opacity, 1 for the colours alone), and
+a legend of the classes they show (named by config.data.class_names). The README's picture is
+this command on the demo run. A missing --output folder is made.
 
 With --image, on image files of one's own instead (no annotation, no data folder): a row per
-file with the image and the prediction, the legend naming the classes predicted. Each file is
-read as visualize.py reads its images (turned upright by its EXIF orientation; grayscale, alpha
-and CMYK as RGB), given to the model with the val split's test resize (the config's) and its
-prediction made at the panel's size.
+file, under its name (without its folder), with the image and the prediction, the legend naming
+the classes predicted. Each file is read as visualize.py reads its images (turned upright by its
+EXIF orientation; grayscale, alpha and CMYK as RGB), given to the model with the val split's
+test resize (the config's) and its prediction made at the panel's size.
 
   python visualize_seg.py --workdir=DIR --output=seg.png [--num=4] [--alpha=0.6]   # its config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
@@ -28,7 +28,7 @@ from PIL import Image
 
 import fec_jax
 from fec_jax import checkpoint, cli, data, seg_picture, tasks, training, visualize
-from fec_jax.data import classes, seg_transforms, transforms
+from fec_jax.data import classes, seg_sources, seg_transforms, transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
 
@@ -141,10 +141,12 @@ def check_arguments(config, images: list[str] | None):
   return output, min(FLAGS.num, num_val)
 
 
-def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
   """The first `num` readable validation examples of data config `d`: (uint8 [h, w, 3] image at
-  the test size, uint8 [H0, W0] label at the original size); fails if none is readable."""
+  the test size, uint8 [H0, W0] label at the original size, the image's file name:
+  ADE_val_00000001.jpg, shapes-val-0 in the demo); fails if none is readable."""
   examples, tried = [], 0
+  records = seg_sources.make_seg_source(d, "val")  # the loader's, in its order (one host's: all)
   loader = data.create_seg_loader(d, "val", 1, seed)
   try:
     for example in loader:
@@ -152,7 +154,8 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]
         break
       tried += 1
       if example["mask"]:  # False for a bad file (the loader logs which and why)
-        examples.append((example["image"], example["label"]))
+        name = os.path.basename(records[tried - 1]["key"])  # reads its files again: 16 at most
+        examples.append((example["image"], example["label"], name))
   finally:
     loader.close()
   if not examples:
@@ -170,11 +173,12 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]
   return examples
 
 
-def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
   """Image files as the model and the picture take them: (uint8 [h, w, 3] the model input, the
   val split's test resize of data config `d`; uint8 [height, W, 3] the image at the panel's
-  size, keeping its ratio). Read as visualize.py reads its images (visualize.read_image: upright
-  by EXIF, grayscale, alpha, CMYK as RGB); a file that does not decode is one error line."""
+  size, keeping its ratio; the file's name, without its folder). Read as visualize.py reads its
+  images (visualize.read_image: upright by EXIF, grayscale, alpha, CMYK as RGB); a file that does
+  not decode is one error line."""
   read = []
   for path in paths:
     try:
@@ -185,7 +189,9 @@ def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.n
     shown = Image.fromarray(original).resize(
         (max(1, round(w * height / h)), height), Image.BILINEAR
     )
-    read.append((seg_transforms.eval_transform(original, d), np.asarray(shown)))
+    read.append(
+        (seg_transforms.eval_transform(original, d), np.asarray(shown), os.path.basename(path))
+    )
   return read
 
 
@@ -232,7 +238,7 @@ def main(argv):
   )
 
   rows = []
-  for image, target in examples:
+  for image, target, _ in examples:
     if images is None:  # target: the annotation
       pred = predict(variables, image[None], target.shape)[0]
       # The image at the annotation's size, for the overlay (the model saw the test resize).
@@ -247,6 +253,7 @@ def main(argv):
       FLAGS.size,
       FLAGS.alpha,
       seg_picture.TITLES if images is None else seg_picture.IMAGE_TITLES,
+      tuple(name for *_, name in examples),
   )
   os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
   picture.save(output)

@@ -1,6 +1,6 @@
 """The picture of visualize_seg.py: a segmenter's class maps over their images, one row per
-image, with a legend of the classes shown. Pure numpy and PIL, so that tests draw in process
-(the command's absl flags are global)."""
+image under the image's name, with a legend of the classes shown. Pure numpy and PIL, so that
+tests draw in process (the command's absl flags are global)."""
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,6 +80,17 @@ def fit_title(forms: tuple[str, ...], width: int, measure) -> str:
   return next((last[:n] for n in range(len(last) - 1, 0, -1) if measure(last[:n]) <= width), "")
 
 
+def fit_name(name: str, width: int, measure) -> str:
+  """`name` (a row's: its file's) if at most `width` pixels wide (measure(text) -> pixels), else
+  its longest start and end around "..." that are (ADE_val_00000001.jpg -> ADE_val...001.jpg in
+  80 pixels: the end tells such files apart), else cut as fit_title cuts. Three dots, not the
+  ellipsis character, which PIL's fallback font (without FreeType) lacks."""
+  cuts = (
+      name[: (n + 1) // 2] + "..." + name[len(name) - n // 2 :] for n in range(len(name) - 1, 0, -1)
+  )
+  return fit_title((name, *cuts), width, measure)
+
+
 def draw(
     rows: list[tuple[np.ndarray, ...]],
     colours: np.ndarray,
@@ -87,12 +98,15 @@ def draw(
     height: int,
     alpha: float = ALPHA,
     titles: tuple[tuple[str, ...], ...] = TITLES,
+    row_names: tuple[str, ...] | None = None,
 ) -> Image.Image:
   """rows of (image, *class maps) of one size (a val image: its label and the prediction, at the
   annotation's size; an image of one's own: the prediction) -> the picture, a panel for the
   image and one for each map (`titles`: the columns'), with a legend of the classes the maps
-  show; `alpha`: see overlay."""
-  title_h = 16
+  show; `alpha`: see overlay. `row_names` (the images' file names), one a row: each on a line of
+  its own above its row's first panel, shortened to the panel's width (fit_name)."""
+  title_h = 16  # a line of text: the column titles, a row's name, a line of the legend
+  name_h = 0 if row_names is None else title_h
   panels = [
       [panel(image, height)] + [panel(overlay(image, m, colours, alpha), height) for m in maps]
       for image, *maps in rows
@@ -103,14 +117,19 @@ def draw(
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   legend = legend_rows([names[c] for c in shown], width, measure.textlength)
   legend_h = len(legend) * title_h + (PAD if legend else 0)
-  canvas = Image.new("RGB", (width, title_h + len(rows) * (height + PAD) + PAD + legend_h), "white")
+  row_h = name_h + height + PAD  # a row's name, its panels and the gap under them
+  canvas = Image.new("RGB", (width, title_h + len(rows) * row_h + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
   x = PAD
   for forms, p in zip(titles, panels[0], strict=True):
     pen.text((x, 2), fit_title(forms, p.width, lambda t: text_width(pen, t)), fill="black")
     x += p.width + PAD
   for r, row in enumerate(panels):
-    x, y = PAD, title_h + r * (height + PAD)
+    x, y = PAD, title_h + r * row_h
+    if row_names is not None:  # in its line as the titles in theirs
+      name = fit_name(row_names[r], row[0].width, lambda t: text_width(pen, t))
+      pen.text((x, y + 2), name, fill="black")
+      y += name_h
     for p in row:
       canvas.paste(p, (x, y))
       x += p.width + PAD

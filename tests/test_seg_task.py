@@ -503,8 +503,12 @@ def test_visualize_seg_draws_the_predictions_with_a_legend_of_the_classes_shown(
   assert result.stdout == f"wrote {output} (2 val images)\n"
   with Image.open(output) as picture:
     pixels = np.asarray(picture.convert("RGB"))
-  rows_end = 16 + 2 * (64 + 4) + 4  # titles, 2 rows of 64-pixel panels (32x32 zoomed x2)
+  # titles, 2 rows of a name and 64-pixel panels (32x32 zoomed x2)
+  rows_end = 16 + 2 * (16 + 64 + 4) + 4
   assert pixels.shape[1] == 3 * 64 + 4 * 4
+  for r, name in enumerate(["shapes-val-0", "shapes-val-1"]):  # the records' file names
+    y = 16 + r * (16 + 64 + 4)
+    np.testing.assert_array_equal(pixels[y : y + 16, 4 : 4 + 64], name_line(name, 64))
   legend_lines, leftover = divmod(pixels.shape[0] - rows_end - 4, 16)
   assert legend_lines >= 1 and leftover == 0
   assert tuple(pixels[rows_end + 7, 8]) == (40, 40, 40)  # the first swatch: 'void', label 0
@@ -560,6 +564,42 @@ def test_seg_picture_titles_fit_their_panels(size, shape):
   step = round(shape[1] * size / shape[0]) + seg_picture.PAD  # a panel and the gap after it
   for gap in (step, 2 * step, 3 * step):  # the gap's columns: from gap to gap + PAD
     assert (titles[:, gap : gap + seg_picture.PAD] == 255).all(), gap
+
+
+def name_line(name: str, width: int) -> np.ndarray:
+  """The pixels of a row's name as seg_picture.draw draws it: its line (16 high) over the row's
+  first panel, `width` pixels wide, the name fitted to it."""
+  line = Image.new("RGB", (width, 16), "white")
+  pen = ImageDraw.Draw(line)
+  fitted = seg_picture.fit_name(name, width, lambda t: seg_picture.text_width(pen, t))
+  pen.text((0, 2), fitted, fill="black")
+  return np.asarray(line)
+
+
+def test_seg_picture_names_each_row_above_its_first_panel():
+  """With several images one tells which row is which: each row under its name (visualize_seg.py:
+  the file's), on a line of its own above the row's first panel, shortened in the middle
+  ("...", the end kept: ADE20K's names differ there) where the panel is narrower."""
+  pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  fit = lambda name, width: seg_picture.fit_name(
+      name, width, lambda t: seg_picture.text_width(pen, t)
+  )
+  ade = "ADE_val_00000001.jpg"
+  for width in range(0, 120):
+    assert seg_picture.text_width(pen, fit(ade, width)) <= width
+  assert fit(ade, 200) == ade and fit(ade, 80) == "ADE_val...001.jpg"
+  image = np.full((32, 64, 3), 128, np.uint8)
+  label = np.zeros((32, 64), np.uint8)
+  args = [(image, label, label)] * 2, np.array([[0, 0, 255]], np.uint8), ("x",), 32
+  names = ("a.jpg", ade)
+  pixels = np.asarray(seg_picture.draw(*args, row_names=names))
+  assert pixels.shape[0] == np.asarray(seg_picture.draw(*args)).shape[0] + 2 * 16
+  for r, name in enumerate(names):
+    y = 16 + r * (16 + 32 + 4)  # the titles, then a row: its name, its panels and a gap
+    np.testing.assert_array_equal(pixels[y : y + 16, 4 : 4 + 64], name_line(name, 64))
+    np.testing.assert_array_equal(pixels[y + 16 : y + 16 + 32, 4 : 4 + 64], image)
+  assert (pixels[16 : 16 + 16, 4 : 4 + 64] < 128).any()  # drawn: dark pixels on the white line
+  assert fit(ade, 64).startswith("ADE") and fit(ade, 64).endswith("...1.jpg")  # cut to 64
 
 
 def swatches(pixels: np.ndarray, colours: np.ndarray) -> set[int]:
@@ -623,7 +663,11 @@ def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
     pixels = np.asarray(picture.convert("RGB"))
   widths = [16, 43, 43, 64]  # each image's width at 32 rows: 40x80 upright, 64x48, 64x48, 80x40
   assert pixels.shape[1] == max(2 * w + 3 * 4 for w in widths)  # two panels, no ground truth
-  rows = [pixels[16 + r * 36 : 16 + r * 36 + 32] for r in range(4)]
+  rows = [pixels[32 + r * 52 : 32 + r * 52 + 32] for r in range(4)]  # titles; name, panels, gap
+  for r, (file, w) in enumerate(zip(files, widths)):  # each file's name above its first panel
+    np.testing.assert_array_equal(
+        pixels[16 + r * 52 : 32 + r * 52, 4 : 4 + w], name_line(file.name, w)
+    )
   upright = cv2.imread(str(files[0]))[..., ::-1]  # as the official script and visualize.py read
   assert upright.shape == (80, 40, 3)
   expected = np.asarray(Image.fromarray(upright).resize((16, 32), Image.BILINEAR))
@@ -639,7 +683,7 @@ def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
   for row, w in zip(rows, widths):
     colours = np.unique(row[:, 4 + w + 4 : 4 + 2 * w + 4].reshape(-1, 3), axis=0)
     predicted |= {int(np.flatnonzero((palette == c).all(-1))[0]) for c in colours}  # all classes
-  assert swatches(pixels[16 + 4 * 36 :], palette) == predicted
+  assert swatches(pixels[16 + 4 * 52 :], palette) == predicted
 
 
 def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
@@ -662,7 +706,7 @@ def test_visualize_seg_notes_a_split_smaller_than_num(seg_run, tmp_path):
   )
   with Image.open(output) as picture:
     pixels = np.asarray(picture.convert("RGB"))
-  truth = pixels[16 : 16 + 32, 4 + 32 + 4 : 4 + 2 * 32 + 4]  # row 1, panel 2 (32x32 at --size 32)
+  truth = pixels[32 : 32 + 32, 4 + 32 + 4 : 4 + 2 * 32 + 4]  # row 1 (under its name), panel 2
   palette = {tuple(c) for c in seg_picture.palette(seg_tiny().data)}
   assert {tuple(c) for c in truth.reshape(-1, 3)} <= palette
 
