@@ -154,7 +154,7 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, 
         break
       tried += 1
       if example["mask"]:  # False for a bad file (the loader logs which and why)
-        name = os.path.basename(records[tried - 1]["key"])  # reads its files again: 16 at most
+        name = os.path.basename(records.key(tried - 1))
         examples.append((example["image"], example["label"], name))
   finally:
     loader.close()

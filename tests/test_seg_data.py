@@ -430,6 +430,9 @@ def test_ade20k_source_layout_and_order(ade):
   assert [src[i]["key"] for i in range(5)] == [
       os.path.join("images", "validation", f"ADE_val_{i:08d}.jpg") for i in range(1, 6)
   ]
+  assert [src.key(i) for i in range(5)] == [src[i]["key"] for i in range(5)]  # without a read
+  demo = seg_sources.make_seg_source(fd.seg_demo_config(), "val")
+  assert demo.key(3) == demo[3]["key"] == demo[3]["label_key"] == "shapes-val-3"
   rec = src[0]
   assert rec["image"][:2] == b"\xff\xd8" and rec["label"][:4] == b"\x89PNG"
   assert fd.seg_num_examples(_cfg(ade), "train") == 10

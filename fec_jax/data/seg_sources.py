@@ -2,8 +2,9 @@
 
 Every source yields records {'image': bytes (an encoded image file) or uint8 [H, W, 3],
 'label': bytes (an encoded PNG annotation) or uint8 [H, W], 'key', 'label_key': str (the
-image's and the annotation's file names, for error reports)}. Decoding happens later in the
-pipeline's workers, so that a bad file is counted and replaced (train) or masked out (val) there.
+image's and the annotation's file names, for error reports)}; `key(index)` is a record's 'key'
+without reading it. Decoding happens later in the pipeline's workers, so that a bad file is
+counted and replaced (train) or masked out (val) there.
 """
 
 import functools
@@ -137,11 +138,14 @@ class ADE20KSource:
     except OSError as e:  # a broken link, no permission, ...: transforms.open_image says
       return e  # which, and the pipeline replaces or masks the record out
 
+  def key(self, index: int) -> str:
+    return os.fsdecode(self._images[index])
+
   def __getitem__(self, index: int) -> dict:
     return {
         "image": self._read(self._images[index]),
         "label": self._read(self._annotations[index]),
-        "key": os.fsdecode(self._images[index]),
+        "key": self.key(index),
         "label_key": os.fsdecode(self._annotations[index]),
     }
 
@@ -205,10 +209,12 @@ class DemoSegSource:
   def __len__(self) -> int:
     return self._n
 
+  def key(self, index: int) -> str:
+    return f"shapes-{self._split}-{index}"
+
   def __getitem__(self, index: int) -> dict:
     image, label = demo_example(self._seed, self._split, index, self._size)
-    key = f"shapes-{self._split}-{index}"
-    return {"image": image, "label": label, "key": key, "label_key": key}
+    return {"image": image, "label": label, "key": self.key(index), "label_key": self.key(index)}
 
 
 def make_seg_source(cfg, split: str):
