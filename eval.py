@@ -97,11 +97,12 @@ def main(argv):
   if not FLAGS.throughput:  # which times the model on zeros: no data is read
     cli.check_data_found(config, directory, FLAGS["config"].present)
   cli.use_compilation_cache(directory, create=False)  # a run's holds its compiled eval steps
+  task = tasks.get(config)
   timing = [f"--{name}" for name in ("batch", "warmup", "iters") if FLAGS[name].present]
   if timing and not FLAGS.throughput:
     batch = (
         "--config.eval_batch_size"
-        if tasks.get(config).BATCHED_EVALUATION
+        if task.BATCHED_EVALUATION
         else "one image (this task's evaluator takes one at a time)"
     )
     cli.fail(f"{', '.join(timing)}: used only with --throughput; the evaluation's batch is {batch}")
@@ -110,7 +111,6 @@ def main(argv):
   mesh = training.create_mesh()
   if FLAGS.throughput and FLAGS.batch % jax.device_count():
     cli.fail(f"--batch {FLAGS.batch} is not divisible by the {jax.device_count()} devices")
-  task = tasks.get(config)
   batched = task.BATCHED_EVALUATION and not FLAGS.throughput  # --throughput has --batch
   training.check_compute(config, batch_fields=("eval_batch_size",) if batched else ())
   try:
