@@ -121,22 +121,27 @@ def _read_manager(directory: str) -> ocp.CheckpointManager:
 
 
 def check_directory(directory: str, name: str = "checkpoint directory") -> None:
-  """CheckpointError unless `directory` is a directory; the message calls it `name`."""
+  """CheckpointError unless `directory` is a directory; the message calls it `name` and gives
+  its absolute path (and a `~` that no one expanded: cli.home_in)."""
   if not os.path.isdir(directory):
     problem = "is a file" if os.path.exists(directory) else "does not exist"
+    home = cli.home_in(directory)
+    if home is not None and problem == "does not exist":
+      problem += f" ({home!r} is not expanded here: os.path.expanduser)"
+    shown = os.path.abspath(directory)
     torch_file = os.path.isfile(directory) and directory.endswith((".pth", ".pt", ".tar"))
     raise CheckpointError(
-        f"{name} {directory} {problem}; expected the --output "
+        f"{name} {shown} {problem}; expected the --output "
         "of convert_torch_weights.py or a train.py --workdir"
-        + (f" (convert_torch_weights.py --input {directory} makes one)" if torch_file else "")
+        + (f" (convert_torch_weights.py --input {shown} makes one)" if torch_file else "")
     )
 
 
 def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn.Module, int]:
   """The model a checkpoint describes and its step (default: the latest), without the params:
   fast, so that a command checks its inputs against the model before the slow restore."""
+  check_directory(os.fspath(directory))
   directory = os.path.abspath(os.fspath(directory))
-  check_directory(directory)
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:

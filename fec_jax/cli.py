@@ -6,6 +6,7 @@ the compilation cache of a run.
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   path_problem(...)         what is wrong with a path option: empty, or an unexpanded_home
+  home_in(path)             the `~` or `~user` a path starts with that no one expanded, or None
   unexpanded_home(...)      a path option, config file or --config path field starting with a
                             `~` no shell expanded (`--workdir=~/runs`)
   check_paths_given(...)    fail() for path options with a path_problem
@@ -105,13 +106,21 @@ def path_problem(flag: str, value: str, expected: str) -> str | None:
   return unexpanded_home(flag, value)
 
 
+def home_in(path: str) -> str | None:
+  """The `~` or `~user` that `path` starts with and that os.path.expanduser would expand (no one
+  did), or None. A `~name` that names no user is a file name (`~draft.jpg`): a shell leaves it as
+  it is too."""
+  if not path.startswith("~") or os.path.expanduser(path) == path:
+    return None
+  return path.split("/", 1)[0]
+
+
 def unexpanded_home(flag: str, value: str) -> str | None:
   """Why `value`, given to `flag` (a path option, a config file or a --config path field),
-  starts with a `~` that no shell expanded, or None. A `~name` that names no user is a file name
-  (`--image ~draft.jpg`): a shell leaves it as it is too."""
-  if not value.startswith("~") or os.path.expanduser(value) == value:
+  starts with a `~` that no shell expanded (a home_in), or None."""
+  home = home_in(value)
+  if home is None:
     return None
-  home = value.split("/", 1)[0]  # ~ or ~user
   return (
       f"{flag} {value}: the shell expands '~' only at a word's start, not after {flag}=, so "
       f"this names a folder '{home}' in the current directory; write {flag} {value} (a space, "

@@ -40,7 +40,7 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from fec_jax import checkpoint, data, reporting, tasks, training
+from fec_jax import checkpoint, cli, data, reporting, tasks, training
 from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
 from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
@@ -110,6 +110,13 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
     )
   if not workdir:  # '' failed in the lock's os.makedirs: "No such file or directory: ''"
     raise ValueError(f"workdir is {workdir!r}; expected the path of the run's directory")
+  home = cli.home_in(os.fspath(workdir))
+  if home is not None:  # '~/runs' trained in a folder '~' of the current directory
+    raise ValueError(
+        f"workdir {workdir!r} starts with {home!r}, which Python does not expand: it would be a "
+        f"folder {home!r} in the current directory; expand it first "
+        f"(os.path.expanduser: {os.path.expanduser(workdir)!r})"
+    )
   task = tasks.get(config)
   training.check_config(config, task.BATCHED_EVALUATION)
   task.check_config()

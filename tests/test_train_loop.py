@@ -855,6 +855,42 @@ def test_an_empty_workdir_is_named(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("workdir", ["~", "~/runs", "~root/runs", "~no_such_user_fec/runs"])
+def test_a_workdir_with_an_unexpanded_home_is_refused(
+    workdir, tmp_path, monkeypatch, data_not_opened
+):
+  # '~/runs' trained in a folder '~' of the current directory (the CLI refuses it, as a shell
+  # expands '~' at a word's start only); a '~name' of no user is a name, as for the CLI
+  monkeypatch.chdir(tmp_path)
+  home = workdir.split("/")[0]
+  expected = (
+      f"workdir '{workdir}' starts with '{home}', which Python does not expand: it would be a "
+      f"folder '{home}' in the current directory; expand it first (os.path.expanduser: "
+      f"'{os.path.expanduser(workdir)}')"
+  )
+  if home == "~no_such_user_fec":  # taken as it is, up to the data
+    with pytest.raises(AssertionError, match="the data was opened"):
+      loop.train_and_evaluate(tiny(), workdir)
+    return
+  with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+    loop.train_and_evaluate(tiny(), workdir)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_with_an_unexpanded_home_says_so(tmp_path, monkeypatch):
+  # it said only "does not exist", naming <current directory>/~/runs/x
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained("~/runs/x")
+  assert str(e.value) == (
+      f"checkpoint directory {tmp_path}/~/runs/x does not exist ('~' is not expanded here: "
+      "os.path.expanduser); expected the --output of convert_torch_weights.py or a train.py "
+      "--workdir"
+  )
+  with pytest.raises(checkpoint.CheckpointError, match=f"^config.init_from {tmp_path}/~/c does"):
+    train(tiny(init_from="~/c"), tmp_path / "w")
+
+
 def test_tasks_register_takes_a_name_that_config_task_can_give(monkeypatch):
   # register(3, ...) was taken, and then every config.task typo was "'<' not supported between
   # instances of 'int' and 'str'" from get()'s list of the tasks
