@@ -379,6 +379,13 @@ def check_config(config, batched_evaluation: bool = True) -> None:
       "eps": (lambda v: v > 0, "> 0"),
       "grad_clip_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
       "model.drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      # jax.random.key keeps a seed's low 32 bits (x64 off): 2**32 gave seed 0's run, 2**64 an
+      # OverflowError after the compile; the data's shuffle takes seed % 2**32 too
+      "seed": (
+          lambda v: -(2**31) <= v < 2**31,
+          f"in [{-(2**31)}, {2**31 - 1}] (jax.random.key keeps 32 bits: any other seed repeats "
+          "one of these)",
+      ),
   }
   for field, (ok, expected) in ranges.items():
     value = config

@@ -448,6 +448,27 @@ def test_a_negative_count_is_named_alone_with_its_value():
     assert other not in str(e.value)
 
 
+def test_a_seed_is_a_32_bit_int():
+  """jax.random.key keeps a seed's low 32 bits (x64 off): 2**32 and 2**40 gave seed 0's weights,
+  and 2**64 an OverflowError after the compile. The accepted seeds give distinct keys."""
+  key = lambda seed: tuple(np.asarray(jax.random.key_data(jax.random.key(seed))).tolist())
+  accepted = (-(2**31), -1, 0, 1, 2**31 - 1)
+  assert len({key(s) for s in accepted}) == len(accepted)
+  c = demo.get_config()
+  for seed in accepted:
+    c.seed = seed
+    training.check_config(c)
+  for seed, same_as in ((2**31, -(2**31)), (2**32 - 1, -1), (2**32, 0), (2**40, 0), (2**64, None)):
+    assert same_as is None or key(seed) == key(same_as)
+    c.seed = seed
+    with pytest.raises(ValueError) as e:
+      training.check_config(c)
+    assert str(e.value) == (
+        "config.seed must be in [-2147483648, 2147483647] (jax.random.key keeps 32 bits: any "
+        f"other seed repeats one of these), got {seed}"
+    )
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in pathlib.Path(REPO, "configs").glob("*.py")))
 def test_a_misspelt_config_field_fails_in_python_too(name, tmp_path):
   """The configs are locked, so a typo in a script that calls the library fails at once (on the
