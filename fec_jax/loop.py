@@ -120,6 +120,7 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
   task = tasks.get(config)
   training.check_config(config, task.BATCHED_EVALUATION)
   task.check_config()
+  task.check_training()
   if jax.process_count() > 1:
     _check_same_run_everywhere(config, workdir)
   with _hold(workdir), Preemption() as preemption:

@@ -877,6 +877,13 @@ def test_a_workdir_with_an_unexpanded_home_is_refused(
   assert not os.listdir(tmp_path)
 
 
+def test_mixup_on_an_odd_batch_per_device_stops_before_the_data(tmp_path, data_not_opened):
+  config = tiny(global_batch_size=5, **{"data.mixup_alpha": 0.8})
+  with pytest.raises(ValueError, match=r"^config.global_batch_size 5 over 1 device is 5 images"):
+    train(config, tmp_path / "w")
+  assert not os.listdir(tmp_path)
+
+
 def test_a_checkpoint_with_an_unexpanded_home_says_so(tmp_path, monkeypatch):
   # it said only "does not exist", naming <current directory>/~/runs/x
   monkeypatch.chdir(tmp_path)

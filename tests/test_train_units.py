@@ -448,6 +448,34 @@ def test_a_negative_count_is_named_alone_with_its_value():
     assert other not in str(e.value)
 
 
+def test_mixup_on_an_odd_batch_per_device_is_refused_for_training_only(monkeypatch):
+  """The partner of image i is image B-1-i of the device's batch: an odd batch mixed its middle
+  image with itself (timm's Mixup asserts an even batch). eval.py's checks do not read it."""
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  c = demo.get_config()
+  c.data.mixup_alpha, c.global_batch_size = 0.8, 6
+  task = tasks.get(c)
+  task.check_config()  # what eval.py checks: an evaluation does not mix
+  with pytest.raises(ValueError) as e:
+    task.check_training()
+  assert str(e.value) == (
+      "config.global_batch_size 6 over 2 devices is 3 images per device, an odd number: "
+      "Mixup/CutMix pair each image with its device batch's flip (the batch reversed) and need an "
+      "even count per device (the middle image would mix with itself); give a global_batch_size "
+      "that is a multiple of 4, or turn them off (--config.data.mixup_alpha=0 "
+      "--config.data.cutmix_alpha=0)"
+  )
+  c.data.mixup_alpha, c.data.cutmix_alpha = 0.0, 1.0
+  with pytest.raises(ValueError, match="3 images per device, an odd number"):
+    task.check_training()
+  c.data.mixup_prob = 0.0  # never mixes
+  task.check_training()
+  c.data.mixup_prob, c.global_batch_size = 1.0, 4
+  task.check_training()
+  c.data.cutmix_alpha, c.global_batch_size = 0.0, 6  # the demo's: no Mixup/CutMix
+  task.check_training()
+
+
 def test_a_seed_is_a_32_bit_int():
   """jax.random.key keeps a seed's low 32 bits (x64 off): 2**32 and 2**40 gave seed 0's weights,
   and 2**64 an OverflowError after the compile. The accepted seeds give distinct keys."""

@@ -252,10 +252,10 @@ def _loader_problem(result) -> str | None:
 
 
 class Task(abc.ABC):
-  """One task on the training library. The loop calls check_config and create_model first,
-  then (with init_from) adopt_pretrained on the variables' shapes, so that a misfit stops the
-  run before anything slow; then train_loader, input_shape, evaluator, adopt_pretrained on the
-  initialized variables and loss_fn. A task of one's own subclasses it and is made known with
+  """One task on the training library. The loop calls check_config, check_training and
+  create_model first, then (with init_from) adopt_pretrained on the variables' shapes, so that a
+  misfit stops the run before anything slow; then train_loader, input_shape, evaluator,
+  adopt_pretrained on the initialized variables and loss_fn. A task of one's own subclasses it and is made known with
   register(); see README, The training library."""
 
   # Task-specific config fields that only change how the task evaluates, not what is trained: a
@@ -271,6 +271,10 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def check_config(self) -> None:
     """Raises ValueError for a config this task cannot run, before anything slow."""
+
+  def check_training(self) -> None:
+    """Raises ValueError for a config this task can evaluate but not train (the loop calls it
+    after check_config; eval.py does not); nothing by default."""
 
   def create_model(self) -> tuple[nn.Module, str, dict[str, Any]]:
     """-> (model, registered model name, the overrides that rebuild it: create_model(name,

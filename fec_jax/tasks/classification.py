@@ -163,6 +163,23 @@ class Classification(Task):
       )
     data.validate(c.data)
 
+  def check_training(self) -> None:
+    """Mixup/CutMix pair each image of a device's batch with the batch reversed (timm's Mixup,
+    which asserts an even batch): an odd batch per device would mix its middle image with
+    itself."""
+    c, devices = self.config, jax.device_count()
+    per_device = c.global_batch_size // devices
+    mixing = (c.data.mixup_alpha > 0 or c.data.cutmix_alpha > 0) and c.data.mixup_prob > 0
+    if mixing and per_device % 2:
+      raise ValueError(
+          f"config.global_batch_size {c.global_batch_size} over {devices} "
+          f"device{'s' if devices > 1 else ''} is {per_device} images per device, an odd number: "
+          "Mixup/CutMix pair each image with its device batch's flip (the batch reversed) and "
+          "need an even count per device (the middle image would mix with itself); give a "
+          f"global_batch_size that is a multiple of {2 * devices}, or turn them off "
+          "(--config.data.mixup_alpha=0 --config.data.cutmix_alpha=0)"
+      )
+
   def input_shape(self) -> tuple[int, ...]:
     return (1, self.config.data.image_size, self.config.data.image_size, 3)
 
