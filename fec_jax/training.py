@@ -41,7 +41,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def check_mesh(mesh: Mesh) -> None:
+  """ValueError unless `mesh` has the axis `data` (create_mesh's), along which the batch is split:
+  a mesh built in Python for an evaluator may name it otherwise."""
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(
+        f"the mesh's axes are {mesh.axis_names}; expected an axis {DATA_AXIS!r}, along which "
+        f"the batch is split: fec_jax.training.create_mesh(), or Mesh(devices, ({DATA_AXIS!r},))"
+    )
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
+  check_mesh(mesh)
   return NamedSharding(mesh, P(DATA_AXIS))
 
 

@@ -476,6 +476,27 @@ def test_mixup_on_an_odd_batch_per_device_is_refused_for_training_only(monkeypat
   task.check_training()
 
 
+def test_an_evaluator_on_a_mesh_without_the_data_axis_is_refused(monkeypatch):
+  """The batch is split along the axis `data`: a mesh of one's own named otherwise failed in
+  jax ("Resource axis: data of P('data',) is not found in mesh"), after the val data was opened."""
+
+  def open_data(*_):
+    raise AssertionError("the val data was opened")
+
+  monkeypatch.setattr(data, "create_dataset", open_data)
+  task = tasks.get(demo.get_config())
+  model = task.create_model()[0]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+  expected = (
+      "the mesh's axes are ('batch',); expected an axis 'data', along which the batch is split: "
+      "fec_jax.training.create_mesh(), or Mesh(devices, ('data',))"
+  )
+  with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+    task.evaluator(model, mesh)
+  with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):  # a task of one's own's
+    tasks.BatchEvaluator([], 0, lambda *_: {}, lambda *_: {}, mesh, None)
+
+
 def test_a_seed_is_a_32_bit_int():
   """jax.random.key keeps a seed's low 32 bits (x64 off): 2**32 and 2**40 gave seed 0's weights,
   and 2**64 an OverflowError after the compile. The accepted seeds give distinct keys."""

@@ -212,6 +212,7 @@ class Classification(Task):
           f"'classification' evaluates {classifiers()}"
       )
     self.check_num_classes(model)
+    training.check_mesh(mesh)  # before the val data is opened
     return TopK(model, self.config, mesh, compiler_options)
 
   def adopt_pretrained(self, variables, pretrained, source: str):
