@@ -1032,7 +1032,7 @@ def data_not_opened(monkeypatch):
     ],
 )
 def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
-    case, expected, reference, tmp_path, data_not_opened
+    case, expected, reference, tmp_path, data_not_opened, caplog
 ):
   """Checked from the checkpoints' model item and item names, before the data is opened."""
   workdir, config = tmp_path / "w", tiny()
@@ -1060,8 +1060,12 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
     config.init_from = str(workdir)  # it failed loading it, naming the new run as its step 7
     step = str(saved_steps(workdir)[0])
     workdir = workdir / "7" if case == "numbered_in_a_workdir" else workdir / step / "mine"
-  with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected.format(tmp=tmp_path))):
+  with (
+      caplog.at_level(logging.INFO),
+      pytest.raises(checkpoint.CheckpointError, match=re.escape(expected.format(tmp=tmp_path))),
+  ):
     train(config, workdir)
+  assert "without a lock" not in caplog.text  # a path that cannot hold it is no lock problem
   if case in ("numbered_in_a_workdir", "in_a_step"):
     assert not workdir.exists()  # nothing left behind in the other run
 
