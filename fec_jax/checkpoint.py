@@ -307,9 +307,10 @@ def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Compo
 def _is_unreadable(e: Exception) -> bool:
   """Whether `e`, from reading a step's metadata, says a file is cut short or corrupt:
   TensorStore's DATA_LOSS (a manifest shorter than its header says) or OUT_OF_RANGE (a byte
-  range past the end of a file), or a JSON file that does not parse (_METADATA)."""
+  range past the end of a file), or a JSON file that does not parse (_METADATA; _sharding,
+  which TensorStore reads: FAILED_PRECONDITION ... Invalid JSON)."""
   return isinstance(e, json.JSONDecodeError) or bool(
-      re.match(r"(DATA_LOSS|OUT_OF_RANGE): ", str(e))
+      re.match(r"(DATA_LOSS|OUT_OF_RANGE): |FAILED_PRECONDITION: .*: Invalid JSON", str(e))
   )
 
 
@@ -609,7 +610,14 @@ def save_training(
 def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
-  if _has_per_block_layout(_saved_params(mngr.directory, step, PARAMS_ITEM)):
+  try:  # the metadata of params and opt_state, read before the restore
+    saved_params = _saved_params(mngr.directory, step, PARAMS_ITEM)
+    saved = _saved_tree(mngr.directory, step, OPT_STATE_ITEM)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    if _is_unreadable(e):  # e.g. _METADATA or manifest.ocdbt cut short
+      raise _unreadable_step(mngr, step, e) from e
+    raise
+  if _has_per_block_layout(saved_params):
     raise CheckpointError(
         f"step {step} was written by an earlier fec-jax (one module per block, e.g. network_0_2): "
         "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
@@ -618,7 +626,6 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   opt_state = targets[OPT_STATE_ITEM]
   # A run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had an
   # AdamW without a mask: the same arrays, without the mask's (leaf-less) state node.
-  saved = _saved_tree(mngr.directory, step, OPT_STATE_ITEM)
   unmasked = _count_masks(saved) < _count_masks(opt_state)
   if unmasked:
     targets[OPT_STATE_ITEM] = _without_masks(opt_state)

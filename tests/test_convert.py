@@ -496,6 +496,68 @@ def test_a_restore_of_truncated_metadata_is_the_truncated_step_error(orbax_small
       checkpoint._restore_arrays(mngr, 0, args)
 
 
+def _tiny_run(workdir):
+  """A train.py checkpoint (save_training) of step 3 with small random params and AdamW state;
+  returns (state, abstract state, a fresh data iterator)."""
+  import grain
+  import optax
+
+  from fec_jax import training
+
+  params = {
+      "conv": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 4, 8))},
+      "head": {"bias": jnp.arange(10.0), "kernel": jax.random.normal(jax.random.key(2), (8, 10))},
+  }
+  tx = optax.adamw(1e-3)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  _, opt_state = tx.update(grads, tx.init(params), params)
+  state = training.TrainState(
+      step=jnp.array(3, jnp.int32),
+      params=params,
+      model_state={},
+      opt_state=opt_state,
+      ema_params=None,
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(data_iter)
+  with checkpoint.training_manager(workdir, keep=1) as mngr:
+    checkpoint.save_training(mngr, state, "fec_small", {}, data_iter)
+  return state, jax.eval_shape(lambda: state), iter(grain.MapDataset.range(8).to_iter_dataset())
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        "params/_METADATA",
+        "params/manifest.ocdbt",
+        "params/d/*",
+        "opt_state/_METADATA",
+        "opt_state/manifest.ocdbt",
+        "opt_state/d/*",
+        "opt_state/_sharding",
+    ],
+)
+def test_a_resume_of_a_step_with_truncated_metadata_is_the_truncated_step_error(tmp_path, cut):
+  """restore_training reads the params' and opt_state's metadata before its restore, outside
+  _restore_arrays: such a file cut short was a bare JSONDecodeError, or Orbax's ValueError with
+  TensorStore's spec (a _sharding cut short was that too, in the restore)."""
+  _, abstract, data_iter = _tiny_run(tmp_path)
+  (cut,) = (tmp_path / "3").glob(cut)
+  cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  assert re.fullmatch(
+      rf"{tmp_path / '3'} cannot be read \([^\n]+\): a file of this step is truncated or "
+      rf"corrupt; saved steps: \[3\] \(another is read with --step=N or "
+      rf"--config.init_from_step=N; to resume from an earlier one, move {tmp_path / '3'} out of "
+      rf"the workdir\)",
+      str(e.value),
+  ), str(e.value)
+  assert "tensorstore_spec" not in str(e.value)
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
