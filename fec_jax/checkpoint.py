@@ -12,6 +12,10 @@ and, which inference ignores,
   opt_state       the optax state
   progress        {"step": int32 [], "rng": uint32 key data}
   data_iterator   the grain train iterator state, one JSON file per process
+Both write
+  checksums   JSON {item: [CRC-32 of each array's bytes, in leaf order]}: a restore compares the
+              arrays it read with them (nothing else in the files checks an array's bytes: a
+              changed byte in the chunks of TensorStore's data files was read as a wrong value)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import json
 import os
 import re
+import zlib
 from typing import Any
 
 import flax
@@ -51,6 +56,7 @@ EMA_PARAMS_ITEM = "ema_params"
 OPT_STATE_ITEM = "opt_state"
 PROGRESS_ITEM = "progress"
 DATA_ITER_ITEM = "data_iterator"
+CHECKSUMS_ITEM = "checksums"
 MAX_LISTED = 20  # params listed by a mismatch error; the rest are counted
 
 
@@ -107,6 +113,7 @@ def save_params(
         0,
         args=ocp.args.Composite(
             **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
+            **{CHECKSUMS_ITEM: ocp.args.JsonSave(_checksums(items))},
             **{k: ocp.args.StandardSave(v) for k, v in items.items()},
         ),
         force=True,
@@ -292,16 +299,65 @@ def _draining_event_loops():
 def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite):
   """mngr.restore(step, args); a CheckpointError where an array's data cannot be read (a file
   truncated or corrupt: Orbax raises a bare Exception whose cause is TensorStore's ValueError),
-  or its metadata (_is_unreadable: a resume reads no metadata before)."""
+  or its metadata (_is_unreadable: a resume reads no metadata before), or where an array read
+  differs from the one saved (its checksum, when the step has them: _check_sums)."""
+  has_sums = CHECKSUMS_ITEM in saved_items(os.fspath(mngr.directory), step)
+  if has_sums:
+    args = ocp.args.Composite(**{CHECKSUMS_ITEM: ocp.args.JsonRestore()}, **dict(args.items()))
   try:
     with _draining_event_loops():
-      return mngr.restore(step, args=args)
+      restored = mngr.restore(step, args=args)
   except Exception as e:
     if _is_unreadable(e):  # the metadata read before the arrays (as in load_pretrained)
       raise _unreadable_step(mngr, step, e) from e
     if type(e) is not Exception or not isinstance(e.__cause__, (ValueError, OSError)):
       raise
     raise _unreadable_step(mngr, step, e.__cause__) from e
+  if has_sums:
+    _check_sums(mngr, step, restored)
+  return restored
+
+
+def _host_copy(a) -> np.ndarray | None:
+  """An array's values on this host: a jax.Array of this process's devices, or one replicated
+  over other processes' too (its first local copy is all of it); None for one that is sharded
+  over processes (not in train.py, whose state is replicated)."""
+  if not isinstance(a, jax.Array) or a.is_fully_addressable:
+    return np.asarray(a)
+  shard = a.addressable_shards[0].data
+  return np.asarray(shard) if shard.shape == a.shape else None
+
+
+def _checksums(items: dict[str, Any]) -> dict[str, list[int | None]]:
+  """{item: [CRC-32 of each array's bytes (C order), in leaf order]} (None where this process
+  does not hold all of an array, which is then not checked)."""
+  sums = {}
+  for item, tree in items.items():
+    hosts = [_host_copy(a) for a in jax.tree.leaves(tree)]
+    sums[item] = [
+        None if x is None else zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+        for x in hosts
+    ]
+  return sums
+
+
+def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
+  """The truncated-step CheckpointError where an array restored from `step` is not the one
+  saved: its CRC-32 differs from the item CHECKSUMS_ITEM's (a byte of a data file changed)."""
+  saved = restored[CHECKSUMS_ITEM]
+  items = {k: restored[k] for k in restored.keys() if k != CHECKSUMS_ITEM and k in saved}
+  found = _checksums(items)
+  for item, sums in found.items():
+    leaves = jax.tree_util.tree_flatten_with_path(items[item])[0]
+    if len(saved[item]) != len(sums):
+      bad = f"{item} holds {len(sums)} arrays, its checksums are of {len(saved[item])}"
+      raise _unreadable_step(mngr, step, ValueError(bad))
+    for (path, _), want, got in zip(leaves, saved[item], sums):
+      if None not in (want, got) and want != got:
+        name = f"{item}{jax.tree_util.keystr(path)}"
+        raise _unreadable_step(
+            mngr, step, ValueError(f"{name} differs from the array saved (its CRC-32)")
+        )
 
 
 def _is_unreadable(e: Exception) -> bool:
@@ -593,12 +649,14 @@ def save_training(
 ) -> None:
   """Starts an asynchronous save of a training state (fec_jax.training.TrainState) at its step,
   with the model description and the train iterator's position."""
-  args = {k: ocp.args.StandardSave(v) for k, v in _training_items(state).items()}
+  items = _training_items(state)
+  args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
   mngr.save(
       int(state.step),
       args=ocp.args.Composite(
           **{
               MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides)),
+              CHECKSUMS_ITEM: ocp.args.JsonSave(_checksums(items)),
               DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(data_iter),
               **args,
           }

@@ -497,19 +497,20 @@ def test_a_restore_of_truncated_metadata_is_the_truncated_step_error(orbax_small
 
 
 def _tiny_run(workdir):
-  """A train.py checkpoint (save_training) of step 3 with small random params and AdamW state;
-  returns (state, abstract state, a fresh data iterator)."""
+  """A train.py checkpoint (save_training) of step 3 with small random params and AdamW state
+  (random: its chunks do not compress into the b-tree nodes, as a model's do not); returns
+  (state, abstract state, a fresh data iterator)."""
   import grain
   import optax
 
   from fec_jax import training
 
   params = {
-      "conv": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 4, 8))},
-      "head": {"bias": jnp.arange(10.0), "kernel": jax.random.normal(jax.random.key(2), (8, 10))},
+      "conv": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 16, 32))},
+      "head": {"bias": jnp.arange(10.0), "kernel": jax.random.normal(jax.random.key(2), (32, 10))},
   }
   tx = optax.adamw(1e-3)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape), params)
   _, opt_state = tx.update(grads, tx.init(params), params)
   state = training.TrainState(
       step=jnp.array(3, jnp.int32),
@@ -556,6 +557,61 @@ def test_a_resume_of_a_step_with_truncated_metadata_is_the_truncated_step_error(
       str(e.value),
   ), str(e.value)
   assert "tensorstore_spec" not in str(e.value)
+
+
+def _flip_a_byte(path):
+  """Changes the middle byte of `path` (one bit of it), as a disk or a copy might."""
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 1
+  path.write_bytes(bytes(data))
+
+
+def _corrupt_step_error(step_dir, array: str) -> str:
+  return (
+      rf"{step_dir} cannot be read \({array} differs from the array saved \(its CRC-32\)\): a "
+      rf"file of this step is truncated or corrupt; saved steps: \[\d+\] \(another is read "
+      rf"with --step=N or --config.init_from_step=N; to resume from an earlier one, move "
+      rf"{step_dir} out of the workdir\)"
+  )
+
+
+def test_a_changed_byte_in_the_weights_is_the_corrupt_step_error(orbax_small, tmp_path):
+  """A byte changed in the data file of the params (the chunks are zstd frames without a
+  checksum, and OCDBT checks only its manifest and b-tree nodes) loaded without an error, with
+  one value wrong: eval.py, init_from and the converter's --to-torch read wrong weights."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  arrays = max((run / "0" / "params").glob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+  _flip_a_byte(arrays)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(run))
+  assert re.fullmatch(_corrupt_step_error(run / "0", r"params\[[^\n]+\]"), str(e.value)), str(
+      e.value
+  )
+
+
+def test_a_changed_byte_in_the_optimizer_state_is_the_corrupt_step_error(tmp_path):
+  """A resume read the optimizer state of a data file with a byte changed without an error."""
+  _, abstract, data_iter = _tiny_run(tmp_path)
+  files = (tmp_path / "3" / "opt_state").glob("ocdbt.process_0/d/*")
+  _flip_a_byte(max(files, key=lambda p: p.stat().st_size))
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  assert re.fullmatch(_corrupt_step_error(tmp_path / "3", r"opt_state\[[^\n]+\]"), str(e.value))
+
+
+def test_a_step_saved_without_checksums_restores(orbax_small, tmp_path):
+  """A step saved before fec-jax wrote the item checksums restores as before, unchecked."""
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  shutil.rmtree(run / "0" / checkpoint.CHECKSUMS_ITEM)
+  _, variables = fec_jax.load_pretrained(str(run))
+  _, expected = fec_jax.load_pretrained(str(orbax_small))
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, expected))
+  state, abstract, data_iter = _tiny_run(tmp_path / "train")
+  shutil.rmtree(tmp_path / "train" / "3" / checkpoint.CHECKSUMS_ITEM)
+  with checkpoint.training_manager(tmp_path / "train", keep=1) as mngr:
+    restored = checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  assert jax.tree.all(jax.tree.map(np.array_equal, restored, state))
 
 
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):

@@ -1011,7 +1011,10 @@ def data_not_opened(monkeypatch):
     "case,expected",
     [
         ("other_model", "holds a run of fec_small (drop_path_rate 0.0, num_classes 10); the"),
-        ("weights_only", "holds weights (step 0: ['model', 'params']), not a train.py run"),
+        (
+            "weights_only",
+            "holds weights (step 0: ['checksums', 'model', 'params']), not a train.py run",
+        ),
         ("no_ema", "kept no EMA weights; resume it with --config.ema_decay=0"),
         (
             "other_config",
