@@ -788,3 +788,19 @@ def test_class_names_of_a_classifier_come_from_its_runs_data(tmp_path):
       "goldfish"
   )
   assert classes.classification_names({"source": "tfds"}, 5) is None
+
+
+def test_decode_16_bit_does_not_depend_on_the_content_or_the_container():
+  """A 16-bit grayscale image is scaled to 8 bits (value / 257) whatever its values: a dark one
+  (none above 255 of 65535) too, and read from a 16-bit PGM (Pillow's mode 'I') as from a PNG
+  ('I;16'). Before, a mode-'I' image was scaled only where a value exceeded 255, so a dark 16-bit
+  PGM came out 257 times brighter than the same pixels in a PNG."""
+  for values in ([0, 100, 200, 255], [0, 100, 200, 256], [0, 1000, 40000, 65535]):
+    pixels = np.array([values], np.uint16)
+    png = _encode(Image.fromarray(pixels), "PNG")
+    pgm = b"P5 4 1 65535\n" + pixels.astype(">u2").tobytes()
+    assert Image.open(io.BytesIO(pgm)).mode == "I"
+    want = np.round(pixels / 257).astype(np.uint8)
+    for encoded in (png, pgm):
+      out, converted = transforms.decode(encoded)
+      assert converted and np.array_equal(out[..., 0], want), (values, out[..., 0])

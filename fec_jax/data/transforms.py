@@ -81,7 +81,10 @@ def _decode_pil(encoded: bytes) -> tuple[np.ndarray, bool]:
     return np.asarray(img), False
   if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
     arr = np.asarray(img, dtype=np.float64)
-    scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+    # 16 bits: 'I;16*', and 'I' from a PNG or PGM/PPM (Pillow scales a PGM's maxval to 65535),
+    # whatever the values (a dark image too); another 'I' or 'F' (TIFF) by its values' range
+    sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM"))
+    scale = 257.0 if sixteen or arr.max() > 255 else 1.0
     img = Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
   return np.asarray(img.convert("RGB")), True
 
