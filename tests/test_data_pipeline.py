@@ -721,6 +721,26 @@ def test_images_outside_the_class_folders_are_skipped_with_a_warning(tmp_path, c
     assert caplog.text.count(warning) == 1
 
 
+def test_files_of_other_extensions_in_class_folders_are_skipped_with_a_warning(tmp_path, caplog):
+  """A file in a class folder without one of torchvision's image extensions (a .heic or .jfif
+  photo, a .gif, notes) was skipped without a word, as ImageFolder skips it: the split lost those
+  photos silently. A warning per split counts them now, once per process; hidden files
+  (.DS_Store) are skipped without one."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=2, val_per_class=1)
+  image = next((tmp_path / "train" / WNIDS[1]).glob("*.JPEG"))
+  for name in ("photo.heic", "nested/b.gif", ".DS_Store"):
+    (image.parent / name).parent.mkdir(exist_ok=True)
+    shutil.copy(image, image.parent / name)
+  with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    for _ in range(2):  # once per process
+      assert len(sources.FolderSource(root, "train", 2)) == 4
+    assert len(sources.FolderSource(root, "val", 2)) == 2
+  train = tmp_path / "train"
+  assert caplog.text.count(f"{train}: 2 file(s) in class folders without an image extension") == 1
+  assert f"skipped, e.g. {WNIDS[1]}/photo.heic\n" in caplog.text
+  assert "/val: " not in caplog.text and ".DS_Store" not in caplog.text
+
+
 def test_file_names_that_are_not_ascii_are_read(tmp_path):
   """The paths are kept as bytes: numpy's ASCII encoding of a name like 'café.JPEG' raised
   UnicodeEncodeError while the split was listed; os.fsencode takes any name the folder holds."""

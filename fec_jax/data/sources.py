@@ -80,6 +80,11 @@ def class_folders_change(saved: dict, cfg) -> str | None:
   return f"label {i} is {name(after)} in {now}, {name(before)} in {run}"
 
 
+# split folder -> (number, first) of the files in its class folders that scan_folder skipped for
+# their extension, but for hidden ones (.DS_Store): for _warn_other_files
+_OTHER_FILES: dict[str, tuple[int, str]] = {}
+
+
 @functools.lru_cache(maxsize=8)
 def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
   """(classes sorted by folder name, relative file paths as bytes [N] (os.fsencode: any file
@@ -87,7 +92,7 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
   if not os.path.isdir(split_dir):
     raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
   classes = class_folders(split_dir)
-  paths, labels = [], []
+  paths, labels, others = [], [], []
   for label, cls in enumerate(classes):
     for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
       rel = os.path.relpath(dirpath, split_dir)
@@ -95,6 +100,9 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
         if f.lower().endswith(IMG_EXTENSIONS):
           paths.append(os.path.join(rel, f))
           labels.append(label)
+        elif not f.startswith("."):
+          others.append(os.path.join(rel, f))
+  _OTHER_FILES[split_dir] = (len(others), others[0] if others else "")
   if not paths:
     loose = _loose_images(split_dir)
     where = (
@@ -131,6 +139,23 @@ def _warn_loose_images(split_dir: str) -> None:
         len(loose),
         loose[0],
         split_dir,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_other_files(split_dir: str) -> None:
+  """Warns once per process and folder of the files in its class folders that scan_folder skipped
+  for their extension (as torchvision's ImageFolder skips them: a .gif, .heic or .jfif photo, a
+  text file), but for hidden ones (.DS_Store)."""
+  count, first = _OTHER_FILES.get(split_dir, (0, ""))
+  if count:
+    log.warning(
+        "%s: %d file(s) in class folders without an image extension (%s, in any case) are "
+        "skipped, e.g. %s",
+        split_dir,
+        count,
+        " ".join(IMG_EXTENSIONS),
+        first,
     )
 
 
@@ -173,6 +198,7 @@ class FolderSource:
     train_classes = scan_folder(train_dir)[0] if split == train_split else class_folders(train_dir)
     classes, self._paths, labels = scan_folder(os.path.join(root, split))
     _warn_loose_images(os.path.join(root, split))
+    _warn_other_files(os.path.join(root, split))
     if split == train_split:
       _warn_empty_classes(train_dir)
     if len(train_classes) != num_classes:
