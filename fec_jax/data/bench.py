@@ -48,7 +48,7 @@ def make_jpeg_folder(root: str, num_images: int, num_classes: int = 4, seed: int
 def _files(split_dir: str) -> list:
   """The paths of a split's images as the loader lists them (sources.scan_folder: image files in
   class folders), not the other files a folder may hold (notes, annotations)."""
-  return [os.path.join(split_dir, os.fsdecode(p)) for p in sources.scan_folder(split_dir)[1]]
+  return [os.path.join(split_dir, os.fsdecode(p)) for p in sources.scan_folder(split_dir).paths]
 
 
 def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[float, float]:
@@ -241,7 +241,7 @@ def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
         f"{100 * decode_share:.0f}% of it decoding)"
     )
   if args.loader_workers > 0:
-    classes = sources.scan_folder(os.path.join(root, "train"))[0]
+    classes = sources.scan_folder(os.path.join(root, "train")).classes
     cfg.root, cfg.num_classes, cfg.num_workers = root, len(classes), args.loader_workers
     rate = time_loader(cfg, "train", args.batch_size, max(1, len(train_files) // args.batch_size))
     print(

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -80,15 +81,18 @@ def class_folders_change(saved: dict, cfg) -> str | None:
   return f"label {i} is {name(after)} in {now}, {name(before)} in {run}"
 
 
-# split folder -> (number, first) of the files in its class folders that scan_folder skipped for
-# their extension, but for hidden ones (.DS_Store): for _warn_other_files
-_OTHER_FILES: dict[str, tuple[int, str]] = {}
+class FolderScan(NamedTuple):
+  """A split folder's listing (scan_folder)."""
+
+  classes: tuple[str, ...]  # the class folders, sorted by name
+  paths: np.ndarray  # bytes [N]: image paths relative to the split (os.fsencode: any file name)
+  labels: np.ndarray  # int32 [N]
+  skipped: tuple[str, ...]  # files in class folders without an image extension, but hidden ones
 
 
 @functools.lru_cache(maxsize=8)
-def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-  """(classes sorted by folder name, relative file paths as bytes [N] (os.fsencode: any file
-  name, non-ASCII included), labels int32 [N])."""
+def scan_folder(split_dir: str) -> FolderScan:
+  """The image files in a split's class folders, at any depth, and the other files there."""
   if not os.path.isdir(split_dir):
     raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
   classes = class_folders(split_dir)
@@ -100,9 +104,8 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
         if f.lower().endswith(IMG_EXTENSIONS):
           paths.append(os.path.join(rel, f))
           labels.append(label)
-        elif not f.startswith("."):
+        elif not f.startswith("."):  # .DS_Store
           others.append(os.path.join(rel, f))
-  _OTHER_FILES[split_dir] = (len(others), others[0] if others else "")
   if not paths:
     loose = _loose_images(split_dir)
     where = (
@@ -113,7 +116,7 @@ def scan_folder(split_dir: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray
     )
     raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
   paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
-  return classes, paths, np.array(labels, dtype=np.int32)
+  return FolderScan(classes, paths, np.array(labels, dtype=np.int32), tuple(others))
 
 
 def _loose_images(split_dir: str) -> list[str]:
@@ -147,15 +150,15 @@ def _warn_other_files(split_dir: str) -> None:
   """Warns once per process and folder of the files in its class folders that scan_folder skipped
   for their extension (as torchvision's ImageFolder skips them: a .gif, .heic or .jfif photo, a
   text file), but for hidden ones (.DS_Store)."""
-  count, first = _OTHER_FILES.get(split_dir, (0, ""))
-  if count:
+  skipped = scan_folder(split_dir).skipped
+  if skipped:
     log.warning(
         "%s: %d file(s) in class folders without an image extension (%s, in any case) are "
         "skipped, e.g. %s",
         split_dir,
-        count,
+        len(skipped),
         " ".join(IMG_EXTENSIONS),
-        first,
+        skipped[0],
     )
 
 
@@ -163,7 +166,8 @@ def _warn_other_files(split_dir: str) -> None:
 def _warn_empty_classes(train_dir: str) -> None:
   """Warns once per process and folder (a run opens the train split more than once) of the
   train class folders without an image."""
-  classes, _, labels = scan_folder(train_dir)
+  scan = scan_folder(train_dir)
+  classes, labels = scan.classes, scan.labels
   empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
   if empty:
     log.warning(
@@ -195,8 +199,11 @@ class FolderSource:
       )
     # Another split needs the train split's class folders only: an evaluation-only copy of
     # ImageNet may have them empty.
-    train_classes = scan_folder(train_dir)[0] if split == train_split else class_folders(train_dir)
-    classes, self._paths, labels = scan_folder(os.path.join(root, split))
+    train_classes = (
+        scan_folder(train_dir).classes if split == train_split else class_folders(train_dir)
+    )
+    scan = scan_folder(os.path.join(root, split))
+    classes, self._paths, labels = scan.classes, scan.paths, scan.labels
     _warn_loose_images(os.path.join(root, split))
     _warn_other_files(os.path.join(root, split))
     if split == train_split:
