@@ -750,6 +750,29 @@ def test_demo_source_deterministic_and_loader():
   np.testing.assert_array_equal(val["label"], seg_sources.demo_example(0, "val", 0, 64)[1])
 
 
+def test_demo_image_size_sets_the_resize_and_the_crop():
+  """img_scale and crop_size of the demo follow demo_image_size (an override of the size alone
+  made 96x96 images resized to 64 and cropped to 64x64); one given itself stays as given."""
+  import pickle
+
+  cfg = fd.seg_demo_config()
+  assert (cfg.demo_image_size, cfg.img_scale, cfg.crop_size) == (64, (64, 64), (64, 64))
+  cfg.demo_image_size = 96
+  assert (cfg.img_scale, cfg.crop_size) == ((96, 96), (96, 96))
+  assert json.loads(cfg.to_json())["crop_size"] == [96, 96]  # as config.json records it
+  fd.seg_validate(cfg)
+  assert next(fd.create_seg_loader(cfg, "train", 2, seed=0))["image"].shape == (2, 96, 96, 3)
+  val = next(fd.create_seg_loader(cfg, "val", 1, seed=0))
+  assert val["image"].shape == (96, 96, 3) and val["label"].shape == (96, 96)
+  copy = pickle.loads(pickle.dumps(cfg))  # as worker processes get it: still linked
+  copy.demo_image_size = 128
+  assert copy.crop_size == (128, 128) and cfg.crop_size == (96, 96)
+  cfg.crop_size = (64, 64)  # given: stays, and img_scale still follows
+  cfg.demo_image_size = 160
+  assert (cfg.img_scale, cfg.crop_size) == ((160, 160), (64, 64))
+  assert next(fd.create_seg_loader(cfg, "train", 2, seed=0))["image"].shape == (2, 64, 64, 3)
+
+
 def test_seg_bench_times_the_loader_work(tmp_path):
   from fec_jax.data import seg_bench
 

@@ -453,6 +453,22 @@ def test_config_checks(field, value, message):
     tasks.get(c).check_config()
 
 
+def test_a_demo_image_size_that_is_no_multiple_of_32_is_named_with_one_that_is():
+  """The demo's crop_size follows demo_image_size: the error says so."""
+  c = demo_seg.get_config()
+  c.data.demo_image_size = 80
+  with pytest.raises(ValueError) as e:
+    tasks.get(c).check_config()
+  assert str(e.value) == (
+      "config.data.crop_size (80, 80) must be multiples of 32 (the FPN's maps are the crop's "
+      "size /4, /8, /16, /32); the demo's crop_size is its demo_image_size, 80: give a multiple "
+      "of 32, e.g. --config.data.demo_image_size=64"
+  )
+  c.data.demo_image_size = 96
+  tasks.get(c).check_config()
+  assert tasks.get(c).input_shape() == (1, 96, 96, 3)
+
+
 def test_reduce_zero_label_needs_ignore_index_255():
   """mmseg's reduce_zero_label writes 255 for annotation 0, whatever the loss ignores."""
   c = seg_config.ade20k_config()

@@ -225,9 +225,17 @@ class Segmentation(Task):
       )
     data.seg_validate(c.data)
     if c.data.crop_size[0] % 32 or c.data.crop_size[1] % 32:
+      side = c.data.demo_image_size
+      follows = c.data.source == "demo" and tuple(c.data.crop_size) == (side, side)
       raise ValueError(
           f"config.data.crop_size {tuple(c.data.crop_size)} must be multiples of 32 "
           "(the FPN's maps are the crop's size /4, /8, /16, /32)"
+          + (
+              f"; the demo's crop_size is its demo_image_size, {side}: give a multiple of 32, "
+              f"e.g. --config.data.demo_image_size={max(32, side // 32 * 32)}"
+              if follows
+              else ""
+          )
       )
     if c.data.size_divisor % 32:
       raise ValueError(
