@@ -22,6 +22,7 @@ import torch_reference
 import torch_reference_fpn
 from fec_jax import checkpoint, convert
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
+from tests.train_fixture import save_step_3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -503,8 +504,6 @@ def _tiny_run(workdir):
   import grain
   import optax
 
-  from fec_jax import training
-
   params = {
       "conv": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 16, 32))},
       "head": {"bias": jnp.arange(10.0), "kernel": jax.random.normal(jax.random.key(2), (32, 10))},
@@ -512,18 +511,7 @@ def _tiny_run(workdir):
   tx = optax.adamw(1e-3)
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape), params)
   _, opt_state = tx.update(grads, tx.init(params), params)
-  state = training.TrainState(
-      step=jnp.array(3, jnp.int32),
-      params=params,
-      model_state={},
-      opt_state=opt_state,
-      ema_params=None,
-      rng=jax.random.key_data(jax.random.key(0)),
-  )
-  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
-  next(data_iter)
-  with checkpoint.training_manager(workdir, keep=1) as mngr:
-    checkpoint.save_training(mngr, state, "fec_small", {}, data_iter)
+  state = save_step_3(workdir, params, opt_state, "fec_small")
   return state, jax.eval_shape(lambda: state), iter(grain.MapDataset.range(8).to_iter_dataset())
 
 

@@ -26,7 +26,7 @@ from fec_jax.data import seg_config
 from fec_jax.model import FAST_COMPILE
 from fec_jax.tasks import segmentation
 from tests.ade20k_fixture import make_ade20k_folder
-from tests.train_fixture import losses, train
+from tests.train_fixture import losses, save_step_3, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -410,18 +410,9 @@ def test_a_run_saved_with_an_unmasked_adamw_resumes(tmp_path):
   old_tx = optax.adamw(lambda step: 0.1, weight_decay=c.weight_decay)  # as before, no mask
   old_state = old_tx.init(params)
   _, old_state = old_tx.update(jax.tree.map(jnp.ones_like, params), old_state, params)
-  state = training.TrainState(
-      step=jnp.array(3, jnp.int32),
-      params=params,
-      model_state={},
-      opt_state=old_state,
-      ema_params=None,
-      rng=jax.random.key_data(jax.random.key(0)),
-  )
+  state = save_step_3(tmp_path, params, old_state, "fpn_fec_small")
   data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
   next(data_iter)
-  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
-    checkpoint.save_training(mngr, state, "fpn_fec_small", {}, data_iter)
   new_opt_state = training.create_optimizer(c, lambda step: 0.1).init(params)
   assert jax.tree.structure(new_opt_state) != jax.tree.structure(old_state)
   abstract = jax.eval_shape(lambda: state.replace(opt_state=new_opt_state))

@@ -2,8 +2,12 @@
 
 import os
 
+import grain
+import jax
+import jax.numpy as jnp
+
 from configs import demo
-from fec_jax import loop, reporting
+from fec_jax import checkpoint, loop, reporting, training
 from fec_jax.model import FAST_COMPILE  # XLA:CPU compiles ~3x faster
 
 STEPS = 6
@@ -31,3 +35,21 @@ def losses(workdir) -> list[float]:
 
 def saved_steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(workdir) if d.isdigit())
+
+
+def save_step_3(workdir, params, opt_state, model_name: str) -> training.TrainState:
+  """Saves a TrainState of step 3 with these params and optimizer state (no EMA) as train.py
+  does, with a data iterator one element in; returns the state."""
+  state = training.TrainState(
+      step=jnp.array(3, jnp.int32),
+      params=params,
+      model_state={},
+      opt_state=opt_state,
+      ema_params=None,
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
+  next(data_iter)
+  with checkpoint.training_manager(workdir, keep=1) as mngr:
+    checkpoint.save_training(mngr, state, model_name, {}, data_iter)
+  return state
