@@ -199,6 +199,16 @@ def test_a_tfds_data_dir_with_a_tilde_is_read_as_tfds_reads_it(parse, capsys):
   assert (code, out, err, config.data.tfds_data_dir) == (0, "", "", "~/tfds")
 
 
+def test_the_demo_image_size_given_sets_the_demo_image_size(parse, capsys):
+  """--config.data.demo_image_size=64 on configs/demo.py trains at 64 (it drew 64x64 digits and
+  cropped them to 32x32); an image_size given too stays as given."""
+  args = ["--config=configs/demo.py", "--config.data.demo_image_size=64"]
+  code, out, err, config = parse(capsys, *args)
+  assert (code, out, err, config.data.image_size) == (0, "", "", 64)
+  code, out, err, config = parse(capsys, *args, "--config.data.image_size=32")
+  assert (code, out, err, config.data.image_size) == (0, "", "", 32)
+
+
 def test_the_demo_image_size_given_sets_the_segmentation_demo_crop_and_resize(parse, capsys):
   """--config.data.demo_image_size=96 on configs/demo_seg.py resizes and crops at 96 (they were
   64 whatever the size); an img_scale or crop_size given too stays as given."""

@@ -3,6 +3,7 @@
 import collections
 import functools
 import io
+import json
 import logging
 import multiprocessing
 from multiprocessing import shared_memory
@@ -627,6 +628,26 @@ def test_demo_source_split_and_loader():
   assert tr[0]["encoded"].shape == (32, 32, 3)
   batch = next(fd.create_loader(cfg, "train", 64, seed=0))
   assert batch["image"].shape == (64, 32, 32, 3) and batch["label"].max() < 10
+
+
+def test_the_demo_image_size_sets_the_image_size():
+  """The digits demo's image_size follows demo_image_size (an override of the size alone drew
+  64x64 digits and cropped them back to 32x32); one given itself stays as given."""
+  import pickle
+
+  cfg = fd.demo_config()
+  cfg.demo_image_size = 64
+  assert cfg.image_size == 64 and json.loads(cfg.to_json())["image_size"] == 64
+  fd.validate(cfg)
+  for split in ("train", "val"):
+    assert next(fd.create_loader(cfg, split, 8, seed=0))["image"].shape == (8, 64, 64, 3)
+  copy = pickle.loads(pickle.dumps(cfg))  # as worker processes get it: still linked
+  copy.demo_image_size = 48
+  assert copy.image_size == 48 and cfg.image_size == 64
+  cfg.image_size = 32  # given: stays
+  cfg.demo_image_size = 40
+  assert cfg.image_size == 32
+  assert next(fd.create_loader(cfg, "train", 8, seed=0))["image"].shape == (8, 32, 32, 3)
 
 
 @pytest.mark.parametrize("fraction, split", [(0.001, "val"), (0.999, "train")])

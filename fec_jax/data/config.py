@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, label_smoothing: on-device
       Mixup/CutMix (fec_jax.data.mixup.mixup_cutmix), timm semantics, drawn per device shard
       as the official per-GPU pipeline does (docs/official-code.md Sec. 8).
-  demo_image_size: side of the upscaled demo digits (the demo's image_size should match).
+  demo_image_size: side of the upscaled demo digits (the demo's image_size follows it).
   demo_val_fraction: held-out fraction of the demo data (stratified, fixed seed).
   num_workers: loader worker processes per host; 0 = in the calling process,
       -1 = one per CPU this process may run on.
@@ -83,11 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def demo_config() -> ml_collections.ConfigDict:
-  """Config for the bundled digits demo: 32x32, light augmentation, no mixing."""
+  """Config for the bundled digits demo: 32x32, light augmentation, no mixing. image_size
+  follows demo_image_size (--config.data.demo_image_size=64 trains on 64x64 digits), unless
+  given itself."""
   c = default_config()
   c.source = "demo"
   c.num_classes = 10
-  c.image_size = 32
+  c.image_size = c.get_ref("demo_image_size") + 0  # a reference of its own: setting it unlinks
   c.crop_pct = 1.0
   c.scale = (0.6, 1.0)
   c.ratio = (0.8, 1.25)
