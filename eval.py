@@ -126,6 +126,14 @@ def main(argv):
     else:
       fix = f"give a classification config (configs/{cli.config_name(held)}, configs/demo.py)"
     cli.fail(f"{flag} {directory} holds {held}; the config's model is {config.model.name}: {fix}")
+  if not FLAGS.throughput:  # before the weights load: an evaluation under other names is no use
+    change = tasks.label_names_change(task.data_label_names(), directory)
+    if change is not None:
+      cli.fail(
+          f"{flag} {directory} holds a run whose labels index other classes than config.data's: "
+          f"{change}. Its predictions would be scored against other classes: give the classes "
+          "the names they had when the run started, or evaluate it on data with its classes"
+      )
   model, variables = fec_jax.load_pretrained(
       directory, step=step, ema=FLAGS.ema, dtype=jnp.dtype(config.model.dtype)
   )

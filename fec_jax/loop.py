@@ -70,6 +70,7 @@ class _Start:
   pretrained: dict[str, Any] | None  # config.init_from's variables, checked against the model
   source: str  # config.init_from, as the notes name it
   saved_config: dict | None  # a resumed run's config.json (None: a fresh start, an earlier fec-jax)
+  labels: data.LabelNames | None = None  # the names the data gives its labels (the task's)
 
 
 @dataclasses.dataclass
@@ -232,11 +233,13 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
         "give --config.init_from=DIR (a convert_torch_weights.py output or a train.py workdir), "
         "or --config.init_from_required=False to train from random weights"
     )
+  labels = task.data_label_names()
   if resume is None:
     reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
     saved = None
   else:
     saved = _check_same_run(config, workdir, task.EVALUATION_ONLY)
+    _check_same_labels(config, workdir, labels, saved)
   pretrained, source = None, ""
   if resume is not None and config.init_from:
     logging.info("resuming: config.init_from is used only for a fresh workdir")
@@ -261,7 +264,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
       ) from e
   elif resume is None and (warning := task.fresh_start_warning()) is not None:
     logging.warning("%s", warning)
-  return _Start(model, model_name, overrides, resume, pretrained, source, saved)
+  return _Start(model, model_name, overrides, resume, pretrained, source, saved, labels)
 
 
 def _init_from_fix(found: str, model: str) -> str:
@@ -322,13 +325,6 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   # data.tfds_data_dir is compared as given: a resume may change it anyway (_FREE_ON_RESUME)
   changes = reporting.config_changes(saved, config) or {}
   changed = sorted(changes.keys() - _FREE_ON_RESUME - evaluation_only)
-  if (moved := data.class_folders_change(saved.get("data") or {}, config.get("data"))) is not None:
-    root = shlex.quote(_override("data.root", saved["data"]["root"]))
-    raise checkpoint.CheckpointError(  # data.root may change on a resume, the classes may not
-        f"--workdir {workdir} holds a run whose labels index other class folders: {moved}. "
-        f"Resume it with its data ({root}), or start a new --workdir "
-        f"(--config.init_from={workdir} to start from its weights)"
-    )
   if not changed:
     return saved
   listed = ", ".join(
@@ -348,13 +344,35 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   )
 
 
+def _check_same_labels(config, workdir: str, labels, saved: dict | None) -> None:
+  """CheckpointError where the names the data gives its labels now (`labels`,
+  Task.data_label_names) are not those the run started with (tasks.label_names_change): a class
+  folder renamed in place, or another data.root with other class folders (data.root may change on
+  a resume, the classes may not)."""
+  run_data = (saved or {}).get("data") or {}
+  change = tasks.label_names_change(labels, workdir, run_data)
+  if change is None:
+    return
+  now = config.get("data") or {}
+  if run_data.get("root") and os.path.abspath(now.get("root") or "") != run_data["root"]:
+    advice = f"its data ({shlex.quote(_override('data.root', run_data['root']))})"
+  else:
+    advice = "the names its classes had when it started"
+  raise checkpoint.CheckpointError(
+      f"--workdir {workdir} holds a run whose labels index other classes: {change}. Resume it "
+      f"with {advice}, or start a new --workdir (--config.init_from={workdir} to start from its "
+      "weights)"
+  )
+
+
 def _record_config(config, workdir: str, start: _Start) -> None:
   """Writes config.json: a fresh start's config, or on a resume the config with the fields it
   changed (those of _FREE_ON_RESUME and the task's EVALUATION_ONLY: where the run stops, where
   the data lies, how it evaluates, ...), so that `train.py --workdir=DIR` alone goes on as the
   last command did; init_from and its step, EMA and required options stay as the run started (a
   resume does not read them); data.tfds_data_dir '' (or '~/...') as the folder TFDS read.
-  write_config makes its paths absolute."""
+  write_config makes its paths absolute. A fresh start records classes.json too: the names its
+  data gives its labels (Task.data_label_names), which a resume then keeps."""
   saved = start.saved_config
   if start.resume is not None and saved is None:
     logging.info("the workdir had no %s: it records this run's config", reporting.CONFIG_FILE)
@@ -362,6 +380,8 @@ def _record_config(config, workdir: str, start: _Start) -> None:
   if saved is not None:  # one older than init_from_step (or _required) lacks it: the run took none
     replace.update({key: saved.get(key, unset) for key, unset in _INIT_FROM.items()})
   reporting.write_config(workdir, config, replace)
+  if start.resume is None:  # a resume keeps the names the run started with
+    reporting.write_classes(workdir, start.labels)
 
 
 def _undo(key: str, saved, now) -> str:

@@ -1,6 +1,6 @@
 """What a training run shows and leaves in its workdir: the progress line, the config it started
-with (config.json), metrics.jsonl, TensorBoard event files (tensorboardX) and a PNG plot of the
-curves (matplotlib Agg).
+with (config.json), the names its data gave its labels (classes.json), metrics.jsonl,
+TensorBoard event files (tensorboardX) and a PNG plot of the curves (matplotlib Agg).
 
 Only process 0 writes (`MetricsWriter(..., active=jax.process_index() == 0)`).
 """
@@ -19,6 +19,7 @@ from absl import logging
 from flax import traverse_util
 
 CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"  # the names the data gave the labels at the run's start
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -195,6 +196,41 @@ def read_config(workdir: str) -> dict | None:
         "started with"
     )
   return saved
+
+
+def write_classes(workdir: str, labels: tuple[tuple[str, ...], str] | None) -> None:
+  """Records in <workdir>/classes.json the names a fresh run's data gives its labels and where
+  they were read, `labels` (names, origin): label i is names[i]. A resume and eval.py then tell
+  when they changed since (fec_jax.tasks.label_names_change), and visualize.py names the classes
+  once the data is gone. None (data whose names the config fixes): an earlier record is removed."""
+  path = os.path.join(workdir, CLASSES_FILE)
+  if labels is None:
+    if os.path.isfile(path):
+      os.remove(path)
+    return
+  names, origin = labels
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(json.dumps({"origin": origin, "names": list(names)}, indent=2) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def read_classes(workdir: str) -> tuple[tuple[str, ...], str] | None:
+  """(names, origin) as write_classes recorded them; None where the workdir has no record (a run
+  of an earlier fec-jax, of data whose names the config fixes, a converter output)."""
+  path = os.path.join(workdir, CLASSES_FILE)
+  if not os.path.isfile(path):
+    return None
+  expected = 'expected {"origin": "...", "names": [...]}, the names the run\'s labels had'
+  with open(path, encoding="utf-8") as f:
+    try:
+      saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is not JSON ({e}); {expected}")
+  names = saved.get("names") if isinstance(saved, dict) else None
+  if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    raise ValueError(f"{path} holds {json.dumps(saved)[:80]}; {expected}")
+  return tuple(names), str(saved.get("origin", ""))
 
 
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields

@@ -33,7 +33,7 @@ from fec_jax import checkpoint, convert, data, loop, preemption, reporting, task
 from fec_jax.data import device_transforms
 from fec_jax.model import FAST_COMPILE, variable_shapes
 from fec_jax.tasks import classification
-from tests.imagenet_fixture import make_imagenet_folder
+from tests.imagenet_fixture import WNIDS, make_imagenet_folder
 from tests.train_fixture import STEPS, losses, saved_steps, tiny, train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -444,6 +444,8 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(
   assert result.step == 2
   saved = reporting.read_config(str(workdir))
   assert (saved["data"]["root"], saved["init_from"]) == (str(root), reference)
+  recorded = (WNIDS[:3], f"class folders in {root}/train")  # the names the labels index
+  assert reporting.read_classes(str(workdir)) == recorded
   assert "head re-initialized for 3 classes" in caplog.text
   # base_lr 1e-4 at batch 4 is a peak lr of 3.9e-7, which the cosine would raise to min_lr 1e-6
   assert "the peak lr 3.91e-07 (base_lr x global_batch_size / 1024) is below min_lr 1e-06" in (
@@ -464,6 +466,7 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(
     assert train(config, workdir).step == 3
   assert "init_from is used only for a fresh workdir" in caplog.text
   assert "resumed at step 2" in caplog.text
+  assert reporting.read_classes(str(workdir)) == recorded
   saved = reporting.read_config(str(workdir))  # what the run started from, not the resume's
   assert (saved["init_from"], saved["init_from_step"], saved["max_steps"]) == (reference, -1, 3)
 
@@ -623,10 +626,19 @@ def test_a_resume_may_change_where_to_stop_how_often_to_log_and_how_to_evaluate(
   assert reporting.read_config(str(reference)) == json.loads(tiny().to_json())
 
 
+def same_run(config, workdir: str) -> dict | None:
+  """A resume's checks of its config and of its data's label names (loop._start's), without a
+  checkpoint; returns the run's config.json."""
+  saved = loop._check_same_run(config, workdir, frozenset())
+  loop._check_same_labels(config, workdir, tasks.get(config).data_label_names(), saved)
+  return saved
+
+
 def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
   """data.root may change on a resume (the data moved), but labels index the train class
-  folders: a root whose folders differ from those of the run's root, where that is still there,
-  would go on with other classes under the run's labels, and stops before anything is read."""
+  folders: a root whose folders differ from those of the run's root, where that is still there
+  (a run of an earlier fec-jax, without classes.json), would go on with other classes under the
+  run's labels, and stops before anything is read."""
   run_root = make_imagenet_folder(tmp_path / "my run")  # a space: the advice quotes the root
   shutil.copytree(run_root, tmp_path / "copy")
   shutil.copytree(run_root, tmp_path / "other")
@@ -635,18 +647,55 @@ def test_a_resume_from_another_data_root_needs_the_runs_class_folders(tmp_path):
   folder = lambda root: tiny(**{"data.source": "folder", "data.root": str(root)})
   workdir = str(tmp_path / "w")
   reporting.write_config(workdir, folder(run_root))
-  loop._check_same_run(folder(tmp_path / "copy"), workdir, frozenset())  # the same classes
+  same_run(folder(tmp_path / "copy"), workdir)  # the same classes
   with pytest.raises(checkpoint.CheckpointError) as e:
-    loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
+    same_run(folder(tmp_path / "other"), workdir)
   assert str(e.value) == (
-      f"--workdir {workdir} holds a run whose labels index other class folders: label 0 is "
-      f"'{renamed}' in {tmp_path / 'other' / 'train'}, "
-      f"'{first}' in {tmp_path / 'my run' / 'train'}. "
+      f"--workdir {workdir} holds a run whose labels index other classes: label 0 is "
+      f"'{renamed}' in the class folders in {tmp_path / 'other' / 'train'} now, "
+      f"'{first}' in the class folders in {tmp_path / 'my run' / 'train'} when the run started. "
       f"Resume it with its data ('--config.data.root={run_root}'), or start a new --workdir "
       f"(--config.init_from={workdir} to start from its weights)"
   )
   shutil.rmtree(run_root)  # moved away: nothing to compare the new root with
-  loop._check_same_run(folder(tmp_path / "other"), workdir, frozenset())
+  same_run(folder(tmp_path / "other"), workdir)
+
+
+def test_a_resume_after_a_class_folder_was_renamed_in_place_stops_before_the_compile(
+    reference, tmp_path
+):
+  """Labels index the train class folders sorted by name: 'Dog' renamed 'dog' in the same root
+  reorders them, and the run would go on with its labels naming other classes. The names the
+  run started with (classes.json) stop it before anything is read or compiled; a run without
+  them (of an earlier fec-jax) resumes as before."""
+  root = tmp_path / "pets"
+  for name in ("Dog", "cat", "eel"):
+    (root / "train" / name).mkdir(parents=True)
+  config = tiny(**{"data.source": "folder", "data.root": str(root)})
+  workdir = shutil.copytree(reference, tmp_path / "w")  # its checkpoints, as a folder run's
+  reporting.write_config(str(workdir), config)
+  reporting.write_classes(str(workdir), tasks.get(config).data_label_names())
+  assert reporting.read_classes(str(workdir)) == (
+      ("Dog", "cat", "eel"),
+      f"class folders in {root / 'train'}",
+  )
+  same_run(config, str(workdir))
+  os.rename(root / "train" / "Dog", root / "train" / "dog")  # now after 'cat'
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(config, workdir)
+  assert str(e.value) == (
+      f"--workdir {workdir} holds a run whose labels index other classes: label 0 is 'cat' in "
+      f"the class folders in {root / 'train'} now, 'Dog' when the run started "
+      f"({workdir / reporting.CLASSES_FILE}). Resume it with the names its classes had when it "
+      f"started, or start a new --workdir (--config.init_from={workdir} to start from its "
+      "weights)"
+  )
+  assert losses(workdir) == losses(reference)  # nothing was trained
+  (workdir / reporting.CLASSES_FILE).write_text('["Dog"]')
+  with pytest.raises(ValueError, match=r'classes.json holds \["Dog"\]; expected \{"origin"'):
+    same_run(config, str(workdir))
+  (workdir / reporting.CLASSES_FILE).unlink()  # a run of an earlier fec-jax: nothing to compare
+  assert same_run(config, str(workdir))["data"]["root"] == str(root)
 
 
 def test_a_resume_without_a_data_root_is_not_compared_with_the_working_directory(
@@ -663,7 +712,9 @@ def test_a_resume_without_a_data_root_is_not_compared_with_the_working_directory
   workdir = str(tmp_path / "w")
   reporting.write_config(workdir, folder(run_root))
   monkeypatch.chdir(tmp_path / "here")
-  assert loop._check_same_run(folder(""), workdir, frozenset())["data"]["root"] == run_root
+  assert same_run(folder(""), workdir)["data"]["root"] == run_root
+  reporting.write_classes(workdir, data.label_names(folder(run_root).data))  # recorded: the same
+  assert same_run(folder(""), workdir)["data"]["root"] == run_root
 
 
 def test_a_resume_with_another_number_of_loader_workers_continues_the_run(reference, tmp_path):

@@ -398,6 +398,7 @@ def test_eval_py_throughput_of_a_run_whose_data_moved(reference, compilation_cac
         "timing",
         "no_config",
         "moved_data",
+        "renamed_class",
     ],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
@@ -405,6 +406,16 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
     (shutil.copytree(reference, tmp_path / "old") / reporting.CONFIG_FILE).unlink()
   if case == "moved_data":  # a run on a data folder that has moved since
     moved_data_run(reference, tmp_path / "run", tmp_path / "data")
+  if case == "renamed_class":  # a class folder renamed in place since the run started
+    moved_data_run(reference, tmp_path / "run", tmp_path / "data")
+    for split in ("train", "val"):
+      for digit in range(10):
+        (tmp_path / "data" / split / f"Digit{digit}").mkdir(parents=True)
+    names = tuple(f"Digit{digit}" for digit in range(10))
+    where = f"class folders in {tmp_path / 'data' / 'train'}"
+    reporting.write_classes(str(tmp_path / "run"), (names, where))
+    for split in ("train", "val"):  # 'digit0' sorts after 'Digit9': every label moves
+      os.rename(tmp_path / "data" / split / "Digit0", tmp_path / "data" / split / "digit0")
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
@@ -419,6 +430,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "timing": [f"--workdir={reference}", "--batch=4", "--iters=5"],
       "no_config": [f"--workdir={tmp_path / 'old'}"],
       "moved_data": [f"--workdir={tmp_path / 'run'}"],
+      "renamed_class": [f"--workdir={tmp_path / 'run'}", "--per_class"],
   }[case]
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
@@ -438,6 +450,11 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "fec-jax) to take the config from; give --config, the config of its fec_small",
       "moved_data": f"config.data.root {tmp_path / 'data'} (the run's, from "
       f"{tmp_path / 'run' / reporting.CONFIG_FILE}) is not a directory",
+      "renamed_class": f"--workdir {tmp_path / 'run'} holds a run whose labels index other "
+      f"classes than config.data's: label 0 is 'Digit1' in the class folders in "
+      f"{tmp_path / 'data' / 'train'} now, 'Digit0' when the run started "
+      f"({tmp_path / 'run' / reporting.CLASSES_FILE}). Its predictions would be scored against "
+      "other classes",
   }[case]
   rc, out, err = run("eval.py", args, compilation_cache, timeout=300)
   assert rc == 2 and not out

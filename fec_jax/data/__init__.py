@@ -9,7 +9,6 @@ Public API, classification:
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
   tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
   recorded_fields(cfg)                                 -- what config.json records otherwise
-  class_folders_change(saved, cfg)                     -- a resume's other class folders
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
                                                        -- on device: uint8 -> float, erasing fill
   mixup.mixup_cutmix(rng, images, labels, num_classes, ...)  -- on-device Mixup/CutMix
@@ -25,9 +24,12 @@ Shared by both pipelines (loader.py: train and val order, bad-file replacement, 
   data_location(cfg)                                   -- where the records are, for messages
 Class names: classes.classification_names(cfg, num_classes), classes.segmentation_names(cfg),
   classes.imagenet_names(), classes.ade20k()              -- classes.py
+  label_names(cfg) -> LabelNames | None                -- the names the data gives its labels
+  label_names_change(then, now)                        -- a run's labels naming other classes
 Benchmarks: python -m fec_jax.data.bench (classification), python -m fec_jax.data.seg_bench
 """
 
+from fec_jax.data.classes import LabelNames, label_names, label_names_change
 from fec_jax.data.config import default_config, demo_config, validate
 from fec_jax.data.loader import data_location
 from fec_jax.data.pipeline import (
@@ -48,7 +50,6 @@ from fec_jax.data.seg_pipeline import (
 )
 from fec_jax.data.sources import (
     DataNotFoundError,
-    class_folders_change,
     recorded_fields,
     split_name,
     tfds_data_dir,
@@ -67,7 +68,9 @@ __all__ = [
     "split_name",
     "tfds_data_dir",
     "recorded_fields",
-    "class_folders_change",
+    "LabelNames",
+    "label_names",
+    "label_names_change",
     "DataNotFoundError",
     "ade20k_config",
     "seg_demo_config",

@@ -11,9 +11,11 @@ ADE20KDataset.CLASSES and PALETTE ('bed ' without its trailing space).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,8 +61,11 @@ def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
 
 def own_names(cfg) -> tuple[str, ...] | None:
   """A run's own class names, whatever their number: a folder run's class folders, a TFDS run's
-  ClassLabel names; None where they are not found (moved, unreadable) or the source has none."""
+  ClassLabel names; None where they are not found (moved, unreadable, a root '': none is read)
+  or the source has none."""
   if cfg.get("source") == "folder":
+    if not cfg.get("root"):  # not the working directory's train/: the data's own error says so
+      return None
     train_dir = _train_folder(cfg)
     return class_folders(train_dir) if os.path.isdir(train_dir) else None
   if cfg.get("source") == "tfds" and cfg.get("tfds_name"):
@@ -77,10 +82,40 @@ def own_names_origin(cfg) -> str | None:
   """Where classification_names reads a run's own class names, for a note where they are gone:
   its class folders or its TFDS dataset_info; None for the other sources (no names of their own)."""
   if cfg.get("source") == "folder":
-    return f"class folders in {_train_folder(cfg)}"
+    return f"class folders in {os.path.abspath(_train_folder(cfg))}"
   if cfg.get("source") == "tfds":
     return f"label names of {data_location(cfg)}"
   return None
+
+
+class LabelNames(NamedTuple):
+  """The names a run's data gives its labels (label_names): label i is names[i]."""
+
+  names: tuple[str, ...]
+  origin: str  # where they are read (own_names_origin), e.g. 'class folders in /data/pets/train'
+
+
+def label_names(cfg) -> LabelNames | None:
+  """own_names of a data config, with where they are read; None where own_names is."""
+  names = own_names(cfg)
+  return None if names is None else LabelNames(names, own_names_origin(cfg))
+
+
+def label_names_change(then: LabelNames, now: LabelNames) -> str | None:
+  """The first label whose name differs between a run's start (`then`) and its data now: e.g.
+  "label 0 is 'dog' in the class folders in /data/train now, 'Dog' when the run started". Labels
+  index the names (a folder run's class folders sorted), so the run's classes would be others
+  under its labels. None where the names are the same."""
+  if then.names == now.names:
+    return None
+  pairs = itertools.zip_longest(then.names, now.names)
+  i = next(i for i, (a, b) in enumerate(pairs) if a != b)
+  name = lambda names: repr(names[i]) if i < len(names) else "no class"
+  there = "" if then.origin == now.origin else f" in the {then.origin}"
+  return (
+      f"label {i} is {name(now.names)} in the {now.origin} now, {name(then.names)}{there} when "
+      "the run started"
+  )
 
 
 def _tfds_label_names(name: str, data_dir: str) -> tuple[str, ...] | None:

@@ -7,7 +7,6 @@ Decoding happens later in the pipeline's workers, so that a bad file is counted 
 """
 
 import functools
-import itertools
 import logging
 import os
 import re
@@ -56,29 +55,6 @@ def class_folders(split_dir: str) -> tuple[str, ...]:
   """The class folders of a split, sorted by name (label i is the i-th), as torchvision's
   ImageFolder finds them."""
   return tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
-
-
-def class_folders_change(saved: dict, cfg) -> str | None:
-  """What differs where a resume reads folder data from another root than its run's (`saved`:
-  the data section of the run's config.json) and the train class folders there are not the run's:
-  labels index the class folders, so the run would go on with other classes under its labels.
-  E.g. "label 0 is 'cat' in /new/train, 'ant' in /old/train". None where they are the same, or
-  where one of the two is not there to compare (data moved away, or a root '': none is read)."""
-  if cfg is None or cfg.get("source") != "folder" or saved.get("source") != "folder":
-    return None
-  if not (saved.get("root") and cfg.get("root")):  # not the working directory's train/
-    return None
-  run, now = (
-      os.path.abspath(os.path.join(c["root"], split_name(c, "train"))) for c in (saved, cfg)
-  )
-  if run == now or not (os.path.isdir(run) and os.path.isdir(now)):
-    return None
-  before, after = class_folders(run), class_folders(now)
-  if before == after:
-    return None
-  i = next(i for i, (a, b) in enumerate(itertools.zip_longest(before, after)) if a != b)
-  name = lambda names: repr(names[i]) if i < len(names) else "no folder"
-  return f"label {i} is {name(after)} in {now}, {name(before)} in {run}"
 
 
 class FolderScan(NamedTuple):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import os
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from fec_jax import data, training
+from fec_jax import data, reporting, training
 from fec_jax.model import create_model
 from fec_jax.training import LossFn
 
@@ -345,6 +346,14 @@ class Task(abc.ABC):
   def class_names(self) -> tuple[str, ...]:
     """The names of config.data's classes in label order ('class 0', ... where not known)."""
 
+  def data_label_names(self) -> data.LabelNames | None:
+    """The names that config.data's data itself gives its labels, where they can change under a
+    run while its config stays (a folder dataset's class folders, renamed or moved; a TFDS
+    dataset's ClassLabel names): a fresh run records them in its workdir, and a resume or
+    eval.py stops where they differ (label_names_change). None where the config fixes them (the
+    default); called at the start of a run and of an evaluation, so cheap (a folder listing)."""
+    return None
+
   def per_class_table(self, per_class: dict[str, np.ndarray]) -> str:
     """eval.py's table of an evaluation's per_class metrics: one row per class, its name and
     each column's value (integers as they are, percentages to 2 decimals, 'nan' where a class
@@ -367,6 +376,30 @@ class Task(abc.ABC):
         cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))
     )
     return "\n".join(line(row).rstrip() for row in [header, *rows])
+
+
+def label_names_change(
+    now: data.LabelNames | None, workdir: str, saved_data: dict | None = None
+) -> str | None:
+  """Where the names that a task's data gives its labels `now` (Task.data_label_names) differ from
+  those recorded when `workdir`'s run started (reporting.CLASSES_FILE): the first label that
+  differs and the record, e.g. "label 0 is 'dog' in the class folders in /d/train now, 'Dog' when
+  the run started (/w/classes.json)"; labels index the names, so the run's predictions would be
+  of other classes. A run of an earlier fec-jax recorded none: with `saved_data` (the data section
+  of its config.json), those of its data there where they are still found and are read from
+  elsewhere now (a resume from another data.root). None where they are the same or not known."""
+  if now is None:
+    return None
+  recorded = reporting.read_classes(workdir)
+  if recorded is not None:
+    then = data.LabelNames(*recorded)
+    where = f" ({os.path.join(workdir, reporting.CLASSES_FILE)})"
+  elif saved_data and data.classes.own_names_origin(saved_data) != now.origin:
+    then, where = data.label_names(saved_data), ""
+  else:
+    return None
+  change = None if then is None else data.label_names_change(then, now)
+  return None if change is None else change + where
 
 
 def _cell(value) -> str:

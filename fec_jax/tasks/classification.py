@@ -235,3 +235,8 @@ class Classification(Task):
   def class_names(self) -> tuple[str, ...]:
     k = self.config.data.num_classes
     return classes.classification_names(self.config.data, k) or classes.numbered(k)
+
+  def data_label_names(self) -> data.LabelNames | None:
+    """A folder run's train class folders (ImageNet's wnids too), a TFDS run's ClassLabel
+    names."""
+    return data.label_names(self.config.data)
