@@ -507,15 +507,27 @@ def _run(
     )
 
 
-def class_names(data: dict, num_classes: int) -> tuple[str, ...]:
-  """The names of a classifier's classes (classification_names of a run's data section), with a
-  note where a train.py run's own are no longer found (its class folders moved or changed) or
-  are not as many as the model's classes (a task of one's own whose head is not one output per
-  class folder): they are then numbered."""
-  names = classification_names(data, num_classes)
+def trained_classes(checkpoint: str) -> tuple[str, ...] | None:
+  """The names a train.py run's data gave its labels when it started (its classes.json); None
+  where it has no record (a run of an earlier fec-jax, a converter output)."""
+  with cli.user_errors(ValueError):
+    recorded = reporting.read_classes(checkpoint) if os.path.isdir(checkpoint) else None
+  return None if recorded is None else recorded[0]
+
+
+def class_names(
+    data: dict, num_classes: int, recorded: tuple[str, ...] | None = None
+) -> tuple[str, ...]:
+  """The names of a classifier's classes (classification_names of a run's data section): those
+  `recorded` at the run's start (trained_classes: what its labels meant, even where its class
+  folders were renamed or moved since), else its data's now, with a note where a train.py run's
+  own are no longer found (its class folders moved or changed) or are not as many as the model's
+  classes (a task of one's own whose head is not one output per class folder): they are then
+  numbered."""
+  names = classification_names(data, num_classes, recorded)
   origin = own_names_origin(data)
   if names is None and origin:
-    own = own_names(data)
+    own = recorded or own_names(data)
     why = (
         f"name {len(own)} classes, the model has {num_classes}: they"
         if own
@@ -541,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   size, trained = check_args(args)
   data = trained.get("data", {})
+  recorded = trained_classes(args.checkpoint)
   mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
@@ -551,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)
-  classes = class_names(data, model.num_classes)
+  classes = class_names(data, model.num_classes, recorded)
   stems = unique_stems(args.image)
   for path, name in zip(args.image, stems):
     if name != image_stem(path):

@@ -925,6 +925,25 @@ def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_go
   assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
 
 
+def test_visualize_names_classes_by_the_names_the_run_recorded(tmp_path, capsys):
+  """The names a run's labels had when it started (its classes.json) name its predictions where
+  its class folders are gone, and where they were renamed since (the labels mean the recorded
+  ones)."""
+  workdir, root = tmp_path / "workdir", tmp_path / "pets"
+  zero_weights(workdir, "fec_small", num_classes=3)
+  config = demo.get_config()
+  config.data.update(source="folder", root=str(root), num_classes=3, image_size=64)
+  reporting.write_config(str(workdir), config)
+  reporting.write_classes(str(workdir), (("cat", "dog", "eel"), f"class folders in {root}/train"))
+  photo, args = _grey_photo_args(tmp_path, workdir)
+  code, printed, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
+  for name in ("ant", "bee", "cow"):
+    (root / "train" / name).mkdir(parents=True)
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
+  assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
+
+
 def test_visualize_says_when_the_runs_class_folders_are_there_but_not_the_models_classes(
     tmp_path, capsys
 ):

@@ -44,13 +44,16 @@ def ade20k() -> tuple[tuple[str, ...], np.ndarray]:
   return tuple(row[3] for row in rows), palette
 
 
-def classification_names(cfg, num_classes: int) -> tuple[str, ...] | None:
+def classification_names(
+    cfg, num_classes: int, recorded: tuple[str, ...] | None = None
+) -> tuple[str, ...] | None:
   """The names of a classifier's classes from the data config of its run (a ConfigDict, or the
   data section of a run's config.json): a folder run's class folders where they still are, a
   TFDS run's ClassLabel names where its dataset_info still is, unless these are ImageNet's wnids;
   the demo's digits; ImageNet's names for 1000 classes; else the wnids themselves (a subset of
-  ImageNet's classes). None where they are not known."""
-  own = own_names(cfg)
+  ImageNet's classes). None where they are not known. `recorded`: the names the run's data gave
+  its labels when it started (its classes.json), taken instead of the data's own now."""
+  own = own_names(cfg) if recorded is None else recorded
   own = own if own and len(own) == num_classes else None
   if own and not all(re.fullmatch(r"n\d{8}", c) for c in own):
     return own
