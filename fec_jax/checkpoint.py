@@ -108,12 +108,15 @@ def save_params(
   items = {PARAMS_ITEM: params}
   if batch_stats is not None:
     items[BATCH_STATS_ITEM] = batch_stats
+  # load_pretrained restores the model's float32 variables (a bfloat16 array, stored as given, is
+  # cast as it is read): the checksums are of those
+  sums = _checksums(items, as_dtype=np.float32)
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     mngr.save(
         0,
         args=ocp.args.Composite(
             **{MODEL_ITEM: ocp.args.JsonSave(model_metadata(name, overrides))},
-            **{CHECKSUMS_ITEM: ocp.args.JsonSave(_checksums(items))},
+            **{CHECKSUMS_ITEM: ocp.args.JsonSave(sums)},
             **{k: ocp.args.StandardSave(v) for k, v in items.items()},
         ),
         force=True,
@@ -328,12 +331,15 @@ def _host_copy(a) -> np.ndarray | None:
   return np.asarray(shard) if shard.shape == a.shape else None
 
 
-def _checksums(items: dict[str, Any]) -> dict[str, list[int | None]]:
+def _checksums(items: dict[str, Any], as_dtype=None) -> dict[str, list[int | None]]:
   """{item: [CRC-32 of each array's bytes (C order), in leaf order]} (None where this process
-  does not hold all of an array, which is then not checked)."""
+  does not hold all of an array, which is then not checked); `as_dtype`: of the arrays cast to it
+  (the dtype a restore reads them as, where that is not the one saved)."""
   sums = {}
   for item, tree in items.items():
     hosts = [_host_copy(a) for a in jax.tree.leaves(tree)]
+    if as_dtype is not None:
+      hosts = [None if x is None else x.astype(as_dtype, copy=False) for x in hosts]
     sums[item] = [
         None if x is None else zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
         for x in hosts

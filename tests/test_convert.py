@@ -602,6 +602,17 @@ def test_a_step_saved_without_checksums_restores(orbax_small, tmp_path):
   assert jax.tree.all(jax.tree.map(np.array_equal, restored, state))
 
 
+def test_weights_saved_in_bfloat16_restore_as_float32_with_their_checksums(tmp_path):
+  """save_params stores bfloat16 params as given and load_pretrained reads them as the model's
+  float32: the checksums of the bfloat16 bytes flagged every such array as changed."""
+  shapes = param_shapes(fec_jax.create_model("fec_small"))
+  params = jax.tree.map(lambda s: jnp.full(s.shape, 0.5 + 2**-8, jnp.bfloat16), shapes)
+  checkpoint.save_params(str(tmp_path / "ckpt"), params, "fec_small", {})
+  _, variables = fec_jax.load_pretrained(str(tmp_path / "ckpt"))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  assert jax.tree.all(jax.tree.map(lambda a: bool((a == 0.5 + 2**-8).all()), variables))
+
+
 def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, tmp_path):
   """`ckpt/fec_small/0` (or its item `0/params`, or `ckpt`) for `ckpt/fec_small`: the message
   names the directory to give."""
