@@ -321,30 +321,26 @@ def _restore_arrays(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Compo
   return restored
 
 
-def _host_copy(a) -> np.ndarray | None:
-  """An array's values on this host: a jax.Array of this process's devices, or one replicated
-  over other processes' too (its first local copy is all of it); None for one that is sharded
-  over processes (not in train.py, whose state is replicated)."""
+def _local_whole(a):
+  """An array whose values this process holds whole: a jax.Array of this process's devices
+  itself, the first local copy of one replicated over other processes' too; None for one that is
+  sharded over processes (not in train.py, whose state is replicated)."""
   if not isinstance(a, jax.Array) or a.is_fully_addressable:
-    return np.asarray(a)
+    return a
   shard = a.addressable_shards[0].data
-  return np.asarray(shard) if shard.shape == a.shape else None
+  return shard if shard.shape == a.shape else None
 
 
 def _checksums(items: dict[str, Any], as_dtype=None) -> dict[str, list[int | None]]:
   """{item: [CRC-32 of each array's bytes (C order), in leaf order]} (None where this process
   does not hold all of an array, which is then not checked); `as_dtype`: of the arrays cast to it
   (the dtype a restore reads them as, where that is not the one saved)."""
-  sums = {}
-  for item, tree in items.items():
-    hosts = [_host_copy(a) for a in jax.tree.leaves(tree)]
-    if as_dtype is not None:
-      hosts = [None if x is None else x.astype(as_dtype, copy=False) for x in hosts]
-    sums[item] = [
-        None if x is None else zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
-        for x in hosts
-    ]
-  return sums
+  # one device_get: the copies to the host start together, not one after the other
+  hosts = jax.device_get(
+      {item: [_local_whole(a) for a in jax.tree.leaves(tree)] for item, tree in items.items()}
+  )
+  crc = lambda x: zlib.crc32(np.ascontiguousarray(x, as_dtype).reshape(-1).view(np.uint8))
+  return {item: [None if x is None else crc(x) for x in xs] for item, xs in hosts.items()}
 
 
 def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
