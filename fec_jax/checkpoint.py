@@ -671,17 +671,18 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
   """Restores `step` into the shapes and shardings of `abstract_state` (a TrainState of
   jax.ShapeDtypeStruct) and moves `data_iter` to the saved position; returns the state."""
   try:  # the metadata of params and opt_state, read before the restore
-    if _has_per_block_layout(_saved_params(mngr.directory, step, PARAMS_ITEM)):
-      raise CheckpointError(
-          f"step {step} was written by an earlier fec-jax (one module per block, e.g. "
-          "network_0_2): a run cannot resume from it; start a new workdir with "
-          "--config.init_from=<this workdir>"
-      )
-    saved = _saved_tree(mngr.directory, step, OPT_STATE_ITEM)  # such a step may have none
+    per_block = _has_per_block_layout(_saved_params(mngr.directory, step, PARAMS_ITEM))
+    # a step of per-block params may have no opt_state
+    saved = None if per_block else _saved_tree(mngr.directory, step, OPT_STATE_ITEM)
   except (FileNotFoundError, KeyError, ValueError) as e:
     if _is_unreadable(e):  # e.g. _METADATA or manifest.ocdbt cut short
       raise _unreadable_step(mngr, step, e) from e
     raise
+  if per_block:
+    raise CheckpointError(
+        f"step {step} was written by an earlier fec-jax (one module per block, e.g. network_0_2): "
+        "a run cannot resume from it; start a new workdir with --config.init_from=<this workdir>"
+    )
   targets = _training_items(abstract_state)
   opt_state = targets[OPT_STATE_ITEM]
   # A run with weight_decay_on="all" saved before ClusterPool's conv_f left weight decay had an

@@ -525,7 +525,7 @@ def class_names(
   classes (a task of one's own whose head is not one output per class folder): they are then
   numbered."""
   names = classification_names(data, num_classes, recorded)
-  origin = own_names_origin(data)
+  origin = f"class names in {reporting.CLASSES_FILE}" if recorded else own_names_origin(data)
   if names is None and origin:
     own = recorded or own_names(data)
     why = (

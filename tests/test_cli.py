@@ -942,6 +942,13 @@ def test_visualize_names_classes_by_the_names_the_run_recorded(tmp_path, capsys)
     (root / "train" / name).mkdir(parents=True)
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
   assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
+  reporting.write_classes(str(workdir), (("cat", "dog"), f"class folders in {root}/train"))
+  code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
+  assert code == 0 and printed.startswith(f"{photo}: class ")
+  assert err == (
+      "note: the run's class names in classes.json name 2 classes, the model has 3: they are "
+      "printed as 'class 0', 'class 1', ...\n"
+  )
 
 
 def test_visualize_says_when_the_runs_class_folders_are_there_but_not_the_models_classes(
