@@ -12,6 +12,7 @@ import importlib.resources
 import io
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 
@@ -25,7 +26,7 @@ import fec_jax.data as fd  # noqa: E402
 from fec_jax.data import classes, sources, transforms  # noqa: E402
 from tests.imagenet_fixture import WNIDS, make_imagenet_folder  # noqa: E402
 from configs import fec_small  # noqa: E402
-from fec_jax import cli, reporting  # noqa: E402
+from fec_jax import cli, reporting, tasks  # noqa: E402
 from tests.train_fixture import saved_steps, train  # noqa: E402
 
 PER_CLASS, VAL_PER_CLASS, NUM_CLASSES = 4, 2, 3
@@ -369,6 +370,78 @@ def test_class_names_of_a_tfds_run_are_its_classlabel_names(custom_dir, tfds_dir
   mine = {**run, "tfds_data_dir": str(tmp_path)}
   assert classes.classification_names({**mine, "tfds_name": "kinds"}, 1000) == kinds
   assert classes.classification_names({**mine, "tfds_name": "unnamed"}, 1000)[7] == "class 7"
+
+
+def _label_names(data_config) -> fd.LabelNames | None:
+  """Task.data_label_names of fec_small's classification config on `data_config`: what a fresh run
+  records in its classes.json, and a resume and eval.py compare with the record."""
+  config = fec_small.get_config()
+  config.data = data_config
+  return tasks.get(config).data_label_names()
+
+
+def test_label_names_of_a_tfds_run_are_its_classlabel_names_from_dataset_info(
+    custom_dir, tfds_dir, no_records
+):
+  """The ClassLabel's names as TFDS gives them (imagenet2012's wnids too: eval.py names those
+  classes ImageNet's), and where: the dataset and its data_dir. Read from dataset_info alone,
+  no record (a run's and each evaluation's start reads them)."""
+  assert _label_names(_pets_cfg(custom_dir)) == fd.LabelNames(
+      PETS, f"label names of TFDS pets (data_dir {custom_dir})"
+  )
+  names, origin = _label_names(_cfg(tfds_dir))
+  assert len(names) == IMAGENET_CLASSES and names[:NUM_CLASSES] == tuple(WNIDS[:NUM_CLASSES])
+  assert origin == f"label names of TFDS imagenet2012 (data_dir {tfds_dir})"
+
+
+def test_a_tfds_dataset_rebuilt_with_other_names_is_a_label_names_change(
+    custom_dir, tmp_path, no_records
+):
+  """tasks.label_names_change, which stops a resume and eval.py, for a run on a TFDS dataset
+  rebuilt since it started with other ClassLabel names: in its own data_dir (the labels index
+  other classes under the same config), or another one's with a class more; the same names in
+  another data_dir are no change."""
+  workdir, data_dir = str(tmp_path / "run"), tmp_path / "data"
+  record = os.path.join(workdir, reporting.CLASSES_FILE)
+  label = lambda names: {"image": "image", "label": tfds.features.ClassLabel(names=names)}
+  _build(data_dir, "Pets", label(PETS))
+  cfg = _pets_cfg(str(data_dir))
+  reporting.write_classes(workdir, _label_names(cfg))  # as a fresh run does
+  assert tasks.label_names_change(_label_names(cfg), workdir) is None
+  assert tasks.label_names_change(_label_names(_pets_cfg(custom_dir)), workdir) is None
+  shutil.rmtree(data_dir / "pets")
+  _build(data_dir, "Pets", label(("cat", "dog", "horse", "ship")))
+  here = f"label names of TFDS pets (data_dir {data_dir})"
+  assert tasks.label_names_change(_label_names(cfg), workdir) == (
+      f"label 2 is 'horse' in the {here} now, 'frog' when the run started ({record})"
+  )
+  reporting.write_classes(workdir, _label_names(_pets_cfg(custom_dir)))
+  shutil.rmtree(data_dir / "pets")
+  _build(data_dir, "Pets", label((*PETS, "horse")), label=lambda split, i: i % 5)
+  assert tasks.label_names_change(_label_names(cfg), workdir) == (
+      f"label 4 is 'horse' in the {here} now, no class in the label names of TFDS pets "
+      f"(data_dir {custom_dir}) when the run started ({record})"
+  )
+
+
+@pytest.mark.parametrize("damage", ["moved", "no dataset_info", "dataset_info not JSON"])
+def test_label_names_of_a_tfds_dataset_not_readable_are_none(custom_dir, tmp_path, damage):
+  """Where the data moved since a run started, or its dataset_info is gone or broken, its names
+  are not known: no label names (nothing to compare with the run's record), not an error."""
+  data_dir = shutil.copytree(custom_dir, tmp_path / "data")
+  cfg = _pets_cfg(str(data_dir))
+  workdir = str(tmp_path / "run")
+  reporting.write_classes(workdir, _label_names(cfg))
+  info = os.path.join(data_dir, "pets", "1.0.0", "dataset_info.json")
+  if damage == "moved":
+    os.rename(data_dir, tmp_path / "elsewhere")
+  elif damage == "no dataset_info":
+    os.remove(info)
+  else:
+    with open(info, "w") as f:
+      f.write("{")
+  assert _label_names(cfg) is None
+  assert tasks.label_names_change(_label_names(cfg), workdir) is None
 
 
 def test_train_loader_full_recipe(tfds_dir):
