@@ -399,6 +399,7 @@ def test_eval_py_throughput_of_a_run_whose_data_moved(reference, compilation_cac
         "no_config",
         "moved_data",
         "renamed_class",
+        "relabelled_tfds",
     ],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
@@ -416,6 +417,23 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
     reporting.write_classes(str(tmp_path / "run"), (names, where))
     for split in ("train", "val"):  # 'digit0' sorts after 'Digit9': every label moves
       os.rename(tmp_path / "data" / split / "Digit0", tmp_path / "data" / split / "digit0")
+  if case == "relabelled_tfds":  # a TFDS run whose ClassLabel names are others since it started
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tests.test_data_tfds import _build
+
+    label = tfds.features.ClassLabel(names=[f"digit {digit}" for digit in range(10)])
+    with pytest.MonkeyPatch.context() as mp:  # no look on GCS for the info of the dataset
+      mp.setattr(tfds.core.DatasetInfo, "initialize_from_bucket", lambda self: None)
+      _build(
+          tmp_path / "tfds", "Digits", {"image": "image", "label": label}, (10, 10), lambda s, i: i
+      )
+    saved = reporting.read_config(str(shutil.copytree(reference, tmp_path / "run")))
+    saved["data"].update(
+        source="tfds", tfds_name="digits", tfds_data_dir=str(tmp_path / "tfds"), val_split="test"
+    )
+    (tmp_path / "run" / reporting.CONFIG_FILE).write_text(json.dumps(saved))
+    where = f"label names of TFDS digits (data_dir {tmp_path / 'tfds'})"
+    reporting.write_classes(str(tmp_path / "run"), (("zero", *label.names[1:]), where))
   args = {
       "both": [f"--workdir={reference}", f"--checkpoint={reference}"],
       "missing": [f"--checkpoint={tmp_path / 'nowhere'}"],
@@ -431,6 +449,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "no_config": [f"--workdir={tmp_path / 'old'}"],
       "moved_data": [f"--workdir={tmp_path / 'run'}"],
       "renamed_class": [f"--workdir={tmp_path / 'run'}", "--per_class"],
+      "relabelled_tfds": [f"--workdir={tmp_path / 'run'}"],
   }[case]
   expected = {
       "both": "exactly one of --workdir and --checkpoint",
@@ -453,6 +472,11 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "renamed_class": f"--workdir {tmp_path / 'run'} holds a run whose labels index other "
       f"classes than config.data's: label 0 is 'Digit1' in the class folders in "
       f"{tmp_path / 'data' / 'train'} now, 'Digit0' when the run started "
+      f"({tmp_path / 'run' / reporting.CLASSES_FILE}). Its predictions would be scored against "
+      "other classes",
+      "relabelled_tfds": f"--workdir {tmp_path / 'run'} holds a run whose labels index other "
+      f"classes than config.data's: label 0 is 'digit 0' in the label names of TFDS digits "
+      f"(data_dir {tmp_path / 'tfds'}) now, 'zero' when the run started "
       f"({tmp_path / 'run' / reporting.CLASSES_FILE}). Its predictions would be scored against "
       "other classes",
   }[case]
