@@ -762,6 +762,68 @@ def test_files_of_other_extensions_in_class_folders_are_skipped_with_a_warning(t
   assert "/val: " not in caplog.text and ".DS_Store" not in caplog.text
 
 
+def _listed(root, split, classes):
+  """A FolderSource's (path, label) pairs."""
+  source = sources.FolderSource(root, split, classes)
+  return [(source[i]["key"], source[i]["label"]) for i in range(len(source))]
+
+
+@pytest.mark.parametrize(
+    "link, target", [("sub/self", "."), ("loop", ".."), ("up", os.path.join("..", ".."))]
+)
+def test_a_symbolic_link_loop_in_a_class_folder_lists_its_images_once_with_a_warning(
+    tmp_path, caplog, link, target
+):
+  """os.walk(followlinks=True) followed a link to the folder it lies in (`-> .`), to its parent
+  (`-> ..`) or to the dataset (`-> ../..`) until the path was too long: each image of the class
+  was listed about 40 times, without a word. Each real folder is walked once per class now, with
+  a warning per split that counts the links left out."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=2, val_per_class=1)
+  train = tmp_path / "train"
+  (train / WNIDS[1] / "sub").mkdir()
+  shutil.copy(next((train / WNIDS[1]).glob("*.JPEG")), train / WNIDS[1] / "sub" / "c.jpg")
+  os.symlink(target, train / WNIDS[1] / link)
+  with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    for _ in range(2):  # once per process
+      listed = _listed(root, "train", 2)
+  first, second = (sorted(p.name for p in (train / c).glob("*.JPEG")) for c in WNIDS[:2])
+  assert listed == [(f"{WNIDS[0]}/{name}", 0) for name in first] + [
+      (f"{WNIDS[1]}/{name}", 1) for name in second
+  ] + [(f"{WNIDS[1]}/sub/c.jpg", 1)]
+  assert caplog.text.count(f"{train}: 1 symbolic link(s) in class folders lead to a folder") == 1
+  assert f"e.g. {WNIDS[1]}/{link} is skipped\n" in caplog.text
+
+
+def test_symbolic_links_that_are_no_loop_are_listed_and_a_nested_folder_in_order(tmp_path, caplog):
+  """A link to a folder elsewhere, or to another class's folder (as torchvision's ImageFolder
+  lists it), is walked as a folder; the images are listed by folder path, then file name."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=1, val_per_class=1)
+  train, image = tmp_path / "train", next((tmp_path / "train" / WNIDS[0]).glob("*.JPEG"))
+  for name in ("z.jpg", "a/1.jpg", "a-x/2.jpg", "a/b/0.jpg", "b/3.jpg"):
+    (train / WNIDS[0] / name).parent.mkdir(exist_ok=True)
+    shutil.copy(image, train / WNIDS[0] / name)
+  (tmp_path / "elsewhere").mkdir()
+  shutil.copy(image, tmp_path / "elsewhere" / "e.jpg")
+  os.symlink(tmp_path / "elsewhere", train / WNIDS[1] / "linked")
+  os.symlink(os.path.join("..", WNIDS[0], "a"), train / WNIDS[1] / "other")
+  with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    listed = _listed(root, "train", 2)
+  first, second = image.name, next((train / WNIDS[1]).glob("*.JPEG")).name
+  assert listed == [
+      (f"{WNIDS[0]}/{first}", 0),
+      (f"{WNIDS[0]}/z.jpg", 0),
+      (f"{WNIDS[0]}/a/1.jpg", 0),
+      (f"{WNIDS[0]}/a-x/2.jpg", 0),  # '-' sorts before '/'
+      (f"{WNIDS[0]}/a/b/0.jpg", 0),
+      (f"{WNIDS[0]}/b/3.jpg", 0),
+      (f"{WNIDS[1]}/{second}", 1),
+      (f"{WNIDS[1]}/linked/e.jpg", 1),
+      (f"{WNIDS[1]}/other/1.jpg", 1),
+      (f"{WNIDS[1]}/other/b/0.jpg", 1),
+  ]
+  assert "symbolic link" not in caplog.text
+
+
 def test_file_names_that_are_not_ascii_are_read(tmp_path):
   """The paths are kept as bytes: numpy's ASCII encoding of a name like 'café.JPEG' raised
   UnicodeEncodeError while the split was listed; os.fsencode takes any name the folder holds."""

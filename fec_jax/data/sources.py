@@ -64,6 +64,7 @@ class FolderScan(NamedTuple):
   paths: np.ndarray  # bytes [N]: image paths relative to the split (os.fsencode: any file name)
   labels: np.ndarray  # int32 [N]
   skipped: tuple[str, ...]  # files in class folders without an image extension, but hidden ones
+  loops: tuple[str, ...] = ()  # folders not walked again (_walk_once), relative to the split
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,9 +73,11 @@ def scan_folder(split_dir: str) -> FolderScan:
   if not os.path.isdir(split_dir):
     raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
   classes = class_folders(split_dir)
-  paths, labels, others = [], [], []
+  paths, labels, others, loops = [], [], [], []
   for label, cls in enumerate(classes):
-    for dirpath, _, files in sorted(os.walk(os.path.join(split_dir, cls), followlinks=True)):
+    walked, looped = _walk_once(os.path.join(split_dir, cls))
+    loops += [os.path.relpath(d, split_dir) for d in looped]
+    for dirpath, files in walked:
       rel = os.path.relpath(dirpath, split_dir)
       for f in sorted(files):
         if f.lower().endswith(IMG_EXTENSIONS):
@@ -92,7 +95,36 @@ def scan_folder(split_dir: str) -> FolderScan:
     )
     raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
   paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
-  return FolderScan(classes, paths, np.array(labels, dtype=np.int32), tuple(others))
+  return FolderScan(classes, paths, np.array(labels, dtype=np.int32), tuple(others), tuple(loops))
+
+
+def _walk_once(class_dir: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
+  """os.walk(class_dir, followlinks=True) as (dirpath, files) sorted by dirpath, walking each real
+  folder once: a folder reached again through a symbolic link (a loop such as `-> ..` or `-> .`,
+  which os.walk follows until the path is too long, or a second link to one folder) or a link to
+  the folder it lies in (an ancestor) is pruned, and listed in the second list. Other links,
+  out of the class folder or to another class's folder (as ImageFolder does), are walked."""
+  walked, looped, seen, real = [], [], set(), {class_dir: os.path.realpath(class_dir)}
+  seen.add(real[class_dir])
+  for dirpath, dirnames, files in os.walk(class_dir, followlinks=True):
+    walked.append((dirpath, files))
+    # The real folders from the class folder down to this one (os.walk names each by its parent).
+    chain, d = [], dirpath
+    while d in real:
+      chain.append(real[d])
+      d = os.path.dirname(d) if d != class_dir else None
+    kept = []
+    for name in sorted(dirnames):  # of two ways to one folder, the same one is kept on any disk
+      path = os.path.join(dirpath, name)
+      target = os.path.realpath(path)
+      if target in seen or any(c.startswith(os.path.join(target, "")) for c in chain):
+        looped.append(path)
+      else:
+        seen.add(target)
+        real[path] = target
+        kept.append(name)
+    dirnames[:] = kept
+  return sorted(walked), looped
 
 
 def _loose_images(split_dir: str) -> list[str]:
@@ -135,6 +167,21 @@ def _warn_other_files(split_dir: str) -> None:
         len(skipped),
         " ".join(IMG_EXTENSIONS),
         skipped[0],
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_loops(split_dir: str) -> None:
+  """Warns once per process and folder of the folders that scan_folder did not walk again (a
+  symbolic link loop listed each image of its class about 40 times, without a word)."""
+  loops = scan_folder(split_dir).loops
+  if loops:
+    log.warning(
+        "%s: %d symbolic link(s) in class folders lead to a folder already listed (a loop such as "
+        "-> ..); each folder is listed once, e.g. %s is skipped",
+        split_dir,
+        len(loops),
+        loops[0],
     )
 
 
@@ -182,6 +229,7 @@ class FolderSource:
     classes, self._paths, labels = scan.classes, scan.paths, scan.labels
     _warn_loose_images(os.path.join(root, split))
     _warn_other_files(os.path.join(root, split))
+    _warn_loops(os.path.join(root, split))
     if split == train_split:
       _warn_empty_classes(train_dir)
     if len(train_classes) != num_classes:
