@@ -523,8 +523,15 @@ def class_names(
   folders were renamed or moved since), else its data's now, with a note where a train.py run's
   own are no longer found (its class folders moved or changed) or are not as many as the model's
   classes (a task of one's own whose head is not one output per class folder): they are then
-  numbered."""
+  numbered; and with a note where the data now names its labels otherwise than the record."""
   names = classification_names(data, num_classes, recorded)
+  now = own_names(data) if recorded and names else None
+  if now and now != recorded:  # eval.py and a resume stop here; a picture's names are the record's
+    print(
+        f"note: the {own_names_origin(data)} now name the run's labels otherwise than when it "
+        f"started (its {reporting.CLASSES_FILE}, whose names are printed)",
+        file=sys.stderr,
+    )
   origin = f"class names in {reporting.CLASSES_FILE}" if recorded else own_names_origin(data)
   if names is None and origin:
     own = recorded or own_names(data)

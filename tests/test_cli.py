@@ -941,7 +941,11 @@ def test_visualize_names_classes_by_the_names_the_run_recorded(tmp_path, capsys)
   for name in ("ant", "bee", "cow"):
     (root / "train" / name).mkdir(parents=True)
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
-  assert (code, err) == (0, "") and printed.startswith(f"{photo}: cat (")
+  assert code == 0 and printed.startswith(f"{photo}: cat (")
+  assert err == (
+      f"note: the class folders in {root / 'train'} now name the run's labels otherwise than "
+      "when it started (its classes.json, whose names are printed)\n"
+  )
   reporting.write_classes(str(workdir), (("cat", "dog"), f"class folders in {root}/train"))
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
   assert code == 0 and printed.startswith(f"{photo}: class ")
