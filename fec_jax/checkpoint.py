@@ -191,7 +191,7 @@ def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> 
   """The model item of a saved step, {"name", "overrides"} (model_metadata)."""
   try:
     args = ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()})
-    return mngr.restore(step, args=args)[MODEL_ITEM]
+    meta = mngr.restore(step, args=args)[MODEL_ITEM]
   except (FileNotFoundError, KeyError, ValueError) as e:
     if _is_unreadable(e):  # model/metadata cut short
       raise _unreadable_step(mngr, step, e) from e
@@ -205,6 +205,16 @@ def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> 
     raise CheckpointError(
         f"{directory} step {step} is not an FEC checkpoint with an item '{MODEL_ITEM}': {e}"
     ) from e
+  # JSON that parses but is not model_metadata's (a changed byte, a key renamed): model/metadata
+  # is corrupt, which create_model or _describe met as a KeyError or TypeError
+  if not (
+      isinstance(meta, dict)
+      and isinstance(meta.get("name"), str)
+      and isinstance(meta.get("overrides"), dict)
+  ):
+    bad = f"{MODEL_ITEM}/metadata is not {{'name': str, 'overrides': dict}}"
+    raise _unreadable_step(mngr, step, ValueError(bad))
+  return meta
 
 
 def load_pretrained(
@@ -246,6 +256,10 @@ def load_pretrained(
           ocp.args.Composite(**{i: ocp.args.StandardRestore(targets[c]) for c, i in items.items()}),
       )
     except CheckpointError:
+      raise
+    except TypeError as e:
+      if _is_unreadable(e):  # e.g. _METADATA with a value of another type
+        raise _unreadable_step(mngr, step, e) from e
       raise
     except (FileNotFoundError, KeyError, ValueError) as e:
       if _is_unreadable(e):  # e.g. params/manifest.ocdbt, a file of params/d/ or _METADATA
@@ -347,7 +361,11 @@ def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
   """The truncated-step CheckpointError where an array restored from `step` is not the one
   saved: its CRC-32 differs from the item CHECKSUMS_ITEM's (a byte of a data file changed)."""
   saved = restored[CHECKSUMS_ITEM]
-  items = {k: restored[k] for k in restored.keys() if k != CHECKSUMS_ITEM and k in saved}
+  items = {k: restored[k] for k in restored.keys() if k not in (CHECKSUMS_ITEM, DATA_ITER_ITEM)}
+  for item in items:  # the item's JSON parses but is not _checksums' (a changed byte, a key)
+    if not isinstance(saved, dict) or not isinstance(saved.get(item), list):
+      bad = f"{CHECKSUMS_ITEM}/metadata holds no list of checksums of {item}"
+      raise _unreadable_step(mngr, step, ValueError(bad))
   found = _checksums(items)
   for item, sums in found.items():
     leaves = jax.tree_util.tree_flatten_with_path(items[item])[0]
@@ -362,13 +380,38 @@ def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
         )
 
 
+# Where Orbax parses its JSON metadata files (_METADATA, array_metadatas/) and grain a train
+# iterator's state (data_iterator/process_*.json): a KeyError or TypeError raised there is of a
+# file that parses but is corrupt (a key renamed, a value of another type)
+_JSON_READERS = re.compile(r"orbax\.checkpoint\._src\.metadata\.|grain\._src\.python\.checkpoint\.")
+
+
+def _json_reader(e: BaseException) -> str | None:
+  """What file `e` was raised reading (_JSON_READERS), in words; None where none of those."""
+  tb = e.__traceback__
+  while tb is not None:
+    if m := _JSON_READERS.match(tb.tb_frame.f_globals.get("__name__", "")):
+      if m.group().startswith("grain"):
+        return f"the train iterator's state, {DATA_ITER_ITEM}/process_*.json"
+      return "Orbax's metadata of an item, its _METADATA, array_metadatas/ or _sharding"
+    tb = tb.tb_next
+  return None
+
+
 def _is_unreadable(e: Exception) -> bool:
   """Whether `e`, from reading a step's metadata, says a file is cut short or corrupt:
   TensorStore's DATA_LOSS (a manifest shorter than its header says) or OUT_OF_RANGE (a byte
   range past the end of a file), or a JSON file that does not parse (_METADATA; _sharding,
-  which TensorStore reads: FAILED_PRECONDITION ... Invalid JSON)."""
+  which TensorStore reads: FAILED_PRECONDITION ... Invalid JSON), or one that parses without the
+  keys its reader looks up (_sharding: NOT_FOUND ... JSON Pointer; _JSON_READERS)."""
+  if isinstance(e, (KeyError, TypeError)) and _json_reader(e) is not None:
+    return True
   return isinstance(e, json.JSONDecodeError) or bool(
-      re.match(r"(DATA_LOSS|OUT_OF_RANGE): |FAILED_PRECONDITION: .*: Invalid JSON", str(e))
+      re.match(
+          r"(DATA_LOSS|OUT_OF_RANGE): |FAILED_PRECONDITION: .*: Invalid JSON|NOT_FOUND: .*JSON "
+          r"Pointer",
+          str(e),
+      )
   )
 
 
@@ -378,6 +421,8 @@ def _unreadable_step(mngr: ocp.CheckpointManager, step: int, cause: BaseExceptio
   step_dir = os.path.join(os.fspath(mngr.directory), str(step))
   first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
   first_line = re.sub(r" \[tensorstore_spec='.*$", "", first_line)
+  if isinstance(cause, (KeyError, TypeError)) and (reader := _json_reader(cause)):
+    first_line = f"{type(cause).__name__} {first_line} reading {reader}"
   return CheckpointError(
       f"{step_dir} cannot be read ({first_line}): a file of this step is truncated or corrupt; "
       f"saved steps: {sorted(mngr.all_steps())} (another is read with --step=N or "
@@ -674,8 +719,8 @@ def restore_training(mngr: ocp.CheckpointManager, abstract_state, data_iter, ste
     per_block = _has_per_block_layout(_saved_params(mngr.directory, step, PARAMS_ITEM))
     # a step of per-block params may have no opt_state
     saved = None if per_block else _saved_tree(mngr.directory, step, OPT_STATE_ITEM)
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    if _is_unreadable(e):  # e.g. _METADATA or manifest.ocdbt cut short
+  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    if _is_unreadable(e):  # e.g. _METADATA or manifest.ocdbt cut short, or a key of it renamed
       raise _unreadable_step(mngr, step, e) from e
     raise
   if per_block:

@@ -588,6 +588,121 @@ def test_a_changed_byte_in_the_optimizer_state_is_the_corrupt_step_error(tmp_pat
   assert re.fullmatch(_corrupt_step_error(tmp_path / "3", r"opt_state\[[^\n]+\]"), str(e.value))
 
 
+def _replace_once(path, old: str | None, new: str):
+  """Replaces the first `old` in the text of `path` (which must hold it) by `new`; the whole text
+  where `old` is None."""
+  text = path.read_text()
+  if old is None:
+    return path.write_text(new)
+  assert old in text, text[:300]
+  path.write_text(text.replace(old, new, 1))
+
+
+def _truncated_step_error(step_dir, cause: str) -> str:
+  return (
+      rf"{step_dir} cannot be read \({cause}\): a file of this step is truncated or corrupt; saved "
+      rf"steps: \[\d+\] \(another is read with --step=N or --config.init_from_step=N; to resume "
+      rf"from an earlier one, move {step_dir} out of the workdir\)"
+  )
+
+
+PARSING_DAMAGE = {  # a JSON file that still parses, as a changed byte may leave it
+    "model key renamed": ("model/metadata", '"overrides"', '"overridez"', r"model/metadata .*"),
+    "model name a number": ("model/metadata", '"fec_small"', "7", r"model/metadata .*"),
+    "checksums key renamed": ("checksums/metadata", '"params"', '"paramz"', r"checksums/.*"),
+    "checksums a number": ("checksums/metadata", None, "5", r"checksums/.*"),
+    "_METADATA key renamed": (
+        "params/_METADATA",
+        '"key"',
+        '"kez"',
+        r"KeyError 'key' .*_METADATA.*",
+    ),
+    "_METADATA value of another type": (
+        "params/_METADATA",
+        '"value_metadata": {',
+        '"value_metadata": 5, "x": {',
+        r"TypeError .*_METADATA.*",
+    ),
+}  # a converter output (numpy params) has no array_metadatas/ or _sharding
+
+
+@pytest.mark.parametrize("damage", PARSING_DAMAGE)
+def test_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_step_error(
+    orbax_small, tmp_path, damage
+):
+  """A key renamed or a value of another type in a JSON file of the step (still JSON) was a
+  KeyError or TypeError traceback from eval.py and init_from (or, for the checksums, no check),
+  or "not an FEC checkpoint" for Orbax's metadata; now it is the truncated-step error."""
+  file, old, new, cause = PARSING_DAMAGE[damage]
+  run = shutil.copytree(orbax_small, tmp_path / "run")
+  _replace_once(run / "0" / file, old, new)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(run))
+  assert re.fullmatch(_truncated_step_error(run / "0", cause), str(e.value)), str(e.value)
+
+
+RESUME_PARSING_DAMAGE = {
+    "data_iterator key renamed": (
+        "data_iterator/process_0-of-1.json",
+        '"next_index"',
+        '"next_indez"',
+        r"KeyError 'next_index' reading the train iterator's state, data_iterator/process_\*\.json",
+    ),
+    "data_iterator value a string": (
+        "data_iterator/process_0-of-1.json",
+        '"next_index": 1',
+        '"next_index": "x"',
+        r"TypeError .* reading the train iterator's state, data_iterator/process_\*\.json",
+    ),
+    "params _METADATA key renamed": ("params/_METADATA", '"key"', '"kez"', r"KeyError 'key' .*"),
+    "progress _METADATA key renamed": (
+        "progress/_METADATA",
+        '"key"',
+        '"kez"',
+        r"KeyError 'key' .*",
+    ),
+    "opt_state array_metadatas key renamed": (
+        "opt_state/array_metadatas/process_0",
+        '"param_name"',
+        '"param_namz"',
+        r"KeyError 'param_name' .*",
+    ),
+    "_sharding key renamed": (
+        "params/_sharding",
+        '"Y29udi5rZXJuZWw="',  # conv.kernel
+        '"Y29udi5rZXJuZWx="',
+        r"NOT_FOUND: .*JSON Pointer .*",
+    ),
+    "checksums a list": ("checksums/metadata", None, "[]", r"checksums/.*"),
+}
+
+
+@pytest.mark.parametrize("damage", RESUME_PARSING_DAMAGE)
+def test_a_resume_of_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_step_error(
+    tmp_path, damage
+):
+  """The same on a resume (restore_training), which reads the train iterator's state too: a
+  KeyError or TypeError traceback, or TensorStore's NOT_FOUND with its spec."""
+  file, old, new, cause = RESUME_PARSING_DAMAGE[damage]
+  _, abstract, data_iter = _tiny_run(tmp_path)
+  _replace_once(tmp_path / "3" / file, old, new)
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  assert re.fullmatch(_truncated_step_error(tmp_path / "3", cause), str(e.value)), str(e.value)
+  assert "tensorstore_spec" not in str(e.value)
+
+
+def test_a_resume_of_a_step_with_a_model_key_renamed_is_the_corrupt_step_error(tmp_path):
+  """train.py reads the model item of the step it resumes (resumable_step) first: a key renamed
+  there was a KeyError traceback from the message of a run of another model."""
+  _tiny_run(tmp_path)
+  _replace_once(tmp_path / "3" / "model" / "metadata", '"overrides"', '"overridez"')
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.resumable_step(str(tmp_path), "fec_small", {}, ema=False)
+  assert re.fullmatch(_truncated_step_error(tmp_path / "3", "model/metadata .*"), str(e.value))
+
+
 def test_a_step_saved_without_checksums_restores(orbax_small, tmp_path):
   """A step saved before fec-jax wrote the item checksums restores as before, unchecked."""
   run = shutil.copytree(orbax_small, tmp_path / "run")
