@@ -130,6 +130,7 @@ class BatchEvaluator(Evaluator):
       data_config,
       compiler_options: dict | None = None,
   ):
+    training.check_mesh(mesh)  # once here, not at every batch's global_batch
     self._dataset, self._num_batches, self._summarize = dataset, num_batches, summarize
     self._mesh, self._data_config, self._compiler_options = mesh, data_config, compiler_options
     self._jitted = jax.jit(
