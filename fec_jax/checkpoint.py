@@ -257,13 +257,12 @@ def load_pretrained(
       )
     except CheckpointError:
       raise
-    except TypeError as e:
-      if _is_unreadable(e):  # e.g. _METADATA with a value of another type
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+      # e.g. params/manifest.ocdbt, a file of params/d/, _METADATA cut short or of another type
+      if _is_unreadable(e):
         raise _unreadable_step(mngr, step, e) from e
-      raise
-    except (FileNotFoundError, KeyError, ValueError) as e:
-      if _is_unreadable(e):  # e.g. params/manifest.ocdbt, a file of params/d/ or _METADATA
-        raise _unreadable_step(mngr, step, e) from e
+      if isinstance(e, TypeError):  # a bug, not a checkpoint of another kind
+        raise
       raise CheckpointError(
           f"{directory} step {step} is not an FEC checkpoint with items "
           f"'{MODEL_ITEM}' and {sorted(items.values())}: {e}"
