@@ -901,16 +901,23 @@ def _grey_photo_args(tmp_path, workdir) -> tuple:
   ]
 
 
-def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_gone(
-    tmp_path, capsys
-):
-  """A folder run's predictions are named by its class folders; where these have moved since,
-  the numbered names come with a note that says why."""
+def _pets_run(tmp_path) -> tuple:
+  """(workdir, root): a workdir of zero weights for 3 classes whose config.json reads folder data
+  at root (tmp_path/pets, not made)."""
   workdir, root = tmp_path / "workdir", tmp_path / "pets"
   zero_weights(workdir, "fec_small", num_classes=3)
   config = demo.get_config()
   config.data.update(source="folder", root=str(root), num_classes=3, image_size=64)
   reporting.write_config(str(workdir), config)
+  return workdir, root
+
+
+def test_visualize_names_classes_by_the_runs_folders_and_notes_where_they_are_gone(
+    tmp_path, capsys
+):
+  """A folder run's predictions are named by its class folders; where these have moved since,
+  the numbered names come with a note that says why."""
+  workdir, root = _pets_run(tmp_path)
   photo, args = _grey_photo_args(tmp_path, workdir)
   code, printed, err = outcome(capsys, visualize.main, args)
   assert (code, err) == (
@@ -929,11 +936,7 @@ def test_visualize_names_classes_by_the_names_the_run_recorded(tmp_path, capsys)
   """The names a run's labels had when it started (its classes.json) name its predictions where
   its class folders are gone, and where they were renamed since (the labels mean the recorded
   ones)."""
-  workdir, root = tmp_path / "workdir", tmp_path / "pets"
-  zero_weights(workdir, "fec_small", num_classes=3)
-  config = demo.get_config()
-  config.data.update(source="folder", root=str(root), num_classes=3, image_size=64)
-  reporting.write_config(str(workdir), config)
+  workdir, root = _pets_run(tmp_path)
   reporting.write_classes(str(workdir), (("cat", "dog", "eel"), f"class folders in {root}/train"))
   photo, args = _grey_photo_args(tmp_path, workdir)
   code, printed, err = outcome(capsys, visualize.main, args)
