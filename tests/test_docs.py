@@ -1,8 +1,9 @@
-"""The README against the code, read statically (nothing is run): every flag a README command or
-a docstring's usage line passes is defined by its script, every --config field it sets exists in
-the config it names, every repository path it mentions exists, every fec_jax name it (or
-docs/official-code.md) uses is there and every call in its Python examples fits the function's
-signature. A renamed flag, field or function fails here, not in a user's shell."""
+"""The README and the pages of docs/ against the code, read statically (nothing is run): every flag
+a command of theirs or a docstring's usage line passes is defined by its script, every --config
+field it sets exists in the config it names, every repository path they mention exists, every
+fec_jax name they use is there, every call in their Python examples fits the function's signature
+and every relative link of theirs leads to a file and a heading that exist. A renamed flag, field,
+function or heading fails here, not in a user's shell or browser."""
 
 import ast
 import functools
@@ -19,52 +20,84 @@ import pytest
 from fec_jax import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-  README = f.read()
 
 
-def blocks(language: str) -> list[str]:
-  """The bodies of the README's fenced code blocks in `language`."""
+def read_docs() -> dict[str, str]:
+  """README.md and every docs/*.md page, by path relative to the repository root."""
+  paths = ["README.md"] + sorted(
+      f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")
+  )
+  docs = {}
+  for path in paths:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      docs[path] = f.read()
+  return docs
+
+
+DOCS = read_docs()
+
+
+def blocks(language: str, text: str | None = None) -> list[str]:
+  """The bodies of the fenced code blocks in `language` of `text` (default: every page)."""
+  texts = DOCS.values() if text is None else [text]
   return [
-      m.group(2) for m in re.finditer(r"```(\w*)\n(.*?)```", README, re.S) if m.group(1) == language
+      m.group(2)
+      for t in texts
+      for m in re.finditer(r"```(\w*)\n(.*?)```", t, re.S)
+      if m.group(1) == language
   ]
 
 
+def prose(text: str) -> str:
+  """`text` without its fenced code blocks."""
+  return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
 def inline_code(text: str | None = None) -> list[str]:
-  """The inline code spans of `text` (default: the README), outside the fenced blocks."""
-  prose = re.sub(r"```.*?```", "", README if text is None else text, flags=re.S)
-  return re.findall(r"`([^`\n]+)`", prose)
+  """The inline code spans of `text` (default: every page), outside the fenced blocks."""
+  texts = DOCS.values() if text is None else [text]
+  return [span for t in texts for span in re.findall(r"`([^`\n]+)`", prose(t))]
 
 
-def commands() -> list[list[str]]:
-  """Every `python SCRIPT.py ...` or `python -m MODULE ...` command of the README (bash blocks and
-  indented command lines), as tokens from `python` on, with `[--optional]` brackets removed."""
-  indented = [line for line in README.splitlines() if re.match(r" {4}python ", line)]
-  spans = [span for span in inline_code() if span.startswith("python ")]
-  text = "\n".join(blocks("bash") + indented + spans).replace("\\\n", " ")
+def table(header: str) -> str:
+  """The rows below the table header line `header`, from the one page that holds it."""
+  holders = [path for path, text in DOCS.items() if header in text]
+  assert len(holders) == 1, f"{header!r} in {holders or 'no page'}"
+  return DOCS[holders[0]].split(header)[1].split("\n\n")[0]
+
+
+def commands() -> list[tuple[str, list[str]]]:
+  """Every `python SCRIPT.py ...` or `python -m MODULE ...` command of every page (bash blocks
+  and indented command lines), with its page, as tokens from `python` on, with `[--optional]`
+  brackets removed."""
   found = []
-  for line in text.splitlines():
-    for part in re.split(r"&&|;|\||\s&\s", line):
-      tokens = [t.strip("[]") for t in shlex.split(part, comments=True)]
-      starts = [i for i, t in enumerate(tokens) if t in ("python", "python3")]
-      if starts:
-        found.append(tokens[starts[0] :])
+  for path, doc in DOCS.items():
+    indented = [line for line in doc.splitlines() if re.match(r" {4}python ", line)]
+    spans = [span for span in inline_code(doc) if span.startswith("python ")]
+    text = "\n".join(blocks("bash", doc) + indented + spans).replace("\\\n", " ")
+    for line in text.splitlines():
+      for part in re.split(r"&&|;|\||\s&\s", line):
+        tokens = [t.strip("[]") for t in shlex.split(part, comments=True)]
+        starts = [i for i, t in enumerate(tokens) if t in ("python", "python3")]
+        if starts:
+          found.append((path, tokens[starts[0] :]))
   return found
 
 
-def test_readme_bash_lines_continue_where_meant():
+def test_docs_bash_lines_continue_where_meant():
   """A line that starts with an option continues the line above, whose `\\` must be its last
   character: `\\` followed by a comment ends the command there (bash escapes the space)."""
-  for block in blocks("bash"):
-    lines = block.splitlines()
-    for above, line in zip(lines, lines[1:]):
-      if line.lstrip().startswith("-"):
-        assert above.endswith("\\"), f"README: {above!r} does not continue to {line!r}"
+  for path, doc in DOCS.items():
+    for block in blocks("bash", doc):
+      lines = block.splitlines()
+      for above, line in zip(lines, lines[1:]):
+        if line.lstrip().startswith("-"):
+          assert above.endswith("\\"), f"{path}: {above!r} does not continue to {line!r}"
 
 
-def usage_commands() -> list[list[str]]:
+def usage_commands() -> list[tuple[str, list[str]]]:
   """The `python ...` usage lines of the module docstrings of the scripts, configs and fec_jax
-  modules (an option on the next line continues the line above)."""
+  modules, with their file (an option on the next line continues the line above)."""
   paths = [p for p in os.listdir(ROOT) if p.endswith(".py")]
   for folder in ("configs", "fec_jax"):
     for directory, _, files in os.walk(os.path.join(ROOT, folder)):
@@ -78,7 +111,7 @@ def usage_commands() -> list[list[str]]:
     text = re.sub(r"\\?\n\s*(?=\[?--)", " ", docstring)
     for line in text.splitlines():
       if line.strip().startswith("python "):
-        found.append([t.strip("[]") for t in shlex.split(line, comments=True)])
+        found.append((path, [t.strip("[]") for t in shlex.split(line, comments=True)]))
   return found
 
 
@@ -127,13 +160,14 @@ def has_field(cfg, field: str) -> bool:
 
 
 def test_commands_use_defined_flags_and_config_fields():
-  """The README's commands and the usage lines of the docstrings."""
+  """The commands of the README and docs/ and the usage lines of the docstrings."""
   checked = 0
-  for tokens in commands() + usage_commands():
+  for source, tokens in commands() + usage_commands():
     path = repo_command(tokens)
     if path is None:
       continue
-    assert os.path.isfile(os.path.join(ROOT, path)), f"{path} (in: {' '.join(tokens)})"
+    where = f"{source}: {' '.join(tokens)}"
+    assert os.path.isfile(os.path.join(ROOT, path)), f"{path} (in {where})"
     known = defined_flags(path)
     # train.py's usage line names any field as `--config.field=value`
     flags = [
@@ -142,36 +176,34 @@ def test_commands_use_defined_flags_and_config_fields():
     config_file = next((t.split("=", 1)[1] for t in tokens if t.startswith("--config=")), None)
     for flag in flags:
       if flag.startswith("config."):
-        assert config_file, f"--{flag} without --config= (in: {' '.join(tokens)})"
+        assert config_file, f"--{flag} without --config= (in {where})"
         assert has_field(
             config(config_file), flag[len("config.") :]
-        ), f"--{flag}: no such field in {config_file} (in: {' '.join(tokens)})"
+        ), f"--{flag}: no such field in {config_file} (in {where})"
       else:
-        assert flag in known, f"--{flag}: {path} defines no such flag (in: {' '.join(tokens)})"
+        assert flag in known, f"--{flag}: {path} defines no such flag (in {where})"
       checked += 1
-  assert checked > 100  # the README's commands were found
+  assert checked > 200  # the commands were found
 
 
-def test_readme_config_fields_exist():
+def test_docs_config_fields_exist():
   """The training config table's fields (configs/fec_small.py), the segmentation recipe's
   `field = value` settings (configs/fpn_fec_small_ade20k.py) and every inline --config.field
   (in some config; the README's own example of a misspelt field excepted)."""
-  table = README.split("| field | meaning |")[1].split("\n\n")[0]
   fields = [
       f.removesuffix(".*")
-      for row in table.splitlines()[2:]
+      for row in table("| field | meaning |").splitlines()[2:]
       for f in re.findall(r"`([\w.*]+)`", row.split("|")[1])
   ]
   assert len(fields) > 20
   for field in fields:
     assert has_field(config("configs/fec_small.py"), field), field
-  recipe = README.split("| | recipe (mmsegmentation 0.24) |")[1].split("\n\n")[0]
-  settings = re.findall(r"`(\w+) = ([^`]+)`", recipe)
+  settings = re.findall(r"`(\w+) = ([^`]+)`", table("| | recipe (mmsegmentation 0.24) |"))
   assert len(settings) >= 3
   seg = config("configs/fpn_fec_small_ade20k.py")
   for field, value in settings:
     assert getattr(seg, field) == ast.literal_eval(value), f"{field} = {value}"
-  misspelt = set(re.findall(r"unknown config field '([\w.]+)'", README))
+  misspelt = {m for d in DOCS.values() for m in re.findall(r"unknown config field '([\w.]+)'", d)}
   configs = [  # workdir.py has no fields of its own: it reads back a run's config
       f"configs/{n}"
       for n in sorted(os.listdir(os.path.join(ROOT, "configs")))
@@ -189,14 +221,68 @@ def expand_braces(path: str) -> list[str]:
   return ["".join(choice) for choice in itertools.product(*options)]
 
 
-def test_readme_paths_exist():
-  mentioned = set(
-      re.findall(r"(?<![\w/.])((?:configs|docs|tests|fec_jax)/[\w{},./-]*\w/?)", README)
+def test_docs_paths_exist():
+  """The repository paths the pages mention (from the repository root, as in prose and commands;
+  the Markdown links are test_docs_links_resolve's)."""
+  mentioned = {
+      (path, m)
+      for path, doc in DOCS.items()
+      for m in re.findall(r"(?<![\w/.])((?:configs|docs|tests|fec_jax)/[\w{},./-]*\w/?)", doc)
+  }
+  assert len({m for _, m in mentioned}) > 30
+  for path, mention in sorted(mentioned):
+    for expanded in expand_braces(mention):
+      assert os.path.exists(os.path.join(ROOT, expanded)), f"{path}: {expanded}"
+
+
+def slug(heading: str) -> str:
+  """GitHub's anchor of a heading: lowercase, spaces to `-`, punctuation but `-` and `_` gone."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+  """The anchors of a page's headings; a repeated heading gets `-1`, `-2`, ... as on GitHub."""
+  seen = {}
+  found = set()
+  for heading in re.findall(r"^#{1,6} +(.+?) *#*$", prose(text), re.M):
+    base = slug(heading)
+    anchor = base if base not in seen else f"{base}-{seen[base]}"
+    seen[base] = seen.get(base, 0) + 1
+    found.add(anchor)
+  return found
+
+
+def links(text: str) -> list[str]:
+  """The targets of a page's Markdown links and images, outside code."""
+  text = re.sub(r"`[^`\n]+`", "", prose(text))
+  return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text)
+
+
+def test_anchors_follow_github():
+  text = (
+      "# fec-jax\n## Data: the `config`\n```\n# a comment\n```\n### Data: the config\n## Sec. 5.2\n"
   )
-  assert len(mentioned) > 30
-  for path in sorted(mentioned):
-    for expanded in expand_braces(path):
-      assert os.path.exists(os.path.join(ROOT, expanded)), expanded
+  assert anchors(text) == {"fec-jax", "data-the-config", "data-the-config-1", "sec-52"}
+
+
+def test_docs_links_resolve():
+  """Every relative link and image of the README and docs/ names a file that exists, and its
+  `#anchor` a heading of that file."""
+  checked = 0
+  for path, doc in DOCS.items():
+    for target in links(doc):
+      if re.match(r"[a-z]+:", target):  # https:, mailto:
+        continue
+      file, _, anchor = target.partition("#")
+      resolved = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+      assert os.path.exists(os.path.join(ROOT, resolved)), f"{path}: ({target}): no {resolved}"
+      if anchor:
+        assert resolved.endswith(".md"), f"{path}: ({target}): an anchor into a non-page"
+        with open(os.path.join(ROOT, resolved), encoding="utf-8") as f:
+          known = anchors(f.read())
+        assert anchor in known, f"{path}: ({target}): no heading #{anchor} in {resolved}"
+      checked += 1
+  assert checked >= 10  # the links were found
 
 
 def resolve(dotted: str):
@@ -212,18 +298,16 @@ def resolve(dotted: str):
 
 
 def test_docs_name_fec_jax_things_that_exist():
-  """The fec_jax names of the README and docs/official-code.md."""
-  with open(os.path.join(ROOT, "docs", "official-code.md"), encoding="utf-8") as f:
-    spans = inline_code() + inline_code(f.read())
-  names = {m for span in spans for m in re.findall(r"\bfec_jax(?:\.\w+)+", span)}
+  """The fec_jax names of the README and docs/ (docs/official-code.md included)."""
+  names = {m for span in inline_code() for m in re.findall(r"\bfec_jax(?:\.\w+)+", span)}
   assert len(names) >= 40
   for name in sorted(names):
     resolve(name)  # raises where a module or attribute is missing
 
 
 class ExampleCalls(ast.NodeVisitor):
-  """Resolves the fec_jax (and configs) names of one README example and checks each call to one
-  against its signature."""
+  """Resolves the fec_jax (and configs) names of one example of the README or docs/ and checks
+  each call to one against its signature."""
 
   def __init__(self):
     # local name -> dotted module or object path; `fec_jax` for the one-line examples that go on
@@ -260,8 +344,8 @@ class ExampleCalls(ast.NodeVisitor):
       return
     if fn is create_model:  # options are checked by the call, which only builds the module
       namespace = {"fec_jax": importlib.import_module("fec_jax")}
-      exec(compile(ast.Module(self.imports, []), "README", "exec"), namespace)
-      eval(compile(ast.Expression(node), "README", "eval"), namespace)
+      exec(compile(ast.Module(self.imports, []), "<example>", "exec"), namespace)
+      eval(compile(ast.Expression(node), "<example>", "eval"), namespace)
       self.calls += 1
       return
     args = [None] * len(node.args)
@@ -269,7 +353,7 @@ class ExampleCalls(ast.NodeVisitor):
     try:
       inspect.signature(fn).bind(*args, **kwargs)
     except TypeError as e:
-      raise AssertionError(f"README: {ast.unparse(node)}: {e}") from None
+      raise AssertionError(f"{ast.unparse(node)}: {e}") from None
     self.calls += 1
 
   def visit_Attribute(self, node):
@@ -279,9 +363,15 @@ class ExampleCalls(ast.NodeVisitor):
     self.generic_visit(node)
 
 
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_readme_python_examples_call_what_exists(index):
-  example = blocks("python")[index]
+EXAMPLES = [
+    pytest.param(example, id=f"{path}-{i}")
+    for path, doc in DOCS.items()
+    for i, example in enumerate(blocks("python", doc))
+]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_docs_python_examples_call_what_exists(example):
   visitor = ExampleCalls()
   visitor.visit(ast.parse(example))
   assert visitor.calls >= 1, example
