@@ -282,7 +282,7 @@ def test_docs_links_resolve():
           known = anchors(f.read())
         assert anchor in known, f"{path}: ({target}): no heading #{anchor} in {resolved}"
       checked += 1
-  assert checked >= 10  # the links were found
+  assert checked > 30  # the links were found
 
 
 def resolve(dotted: str):
