@@ -1,8 +1,8 @@
 r"""Draws a segmenter's predictions on the first validation images of a config's data: one row
 per image, under its file name, with the image, the ground truth and the prediction (class
 colours over the image: mmseg's for ADE20K; --alpha their opacity, 1 for the colours alone), and
-a legend of the classes they show (named by config.data.class_names). The README's picture is
-this command on the demo run. A missing --output folder is made.
+a legend of the classes they show (named by config.data.class_names). The picture of the README
+and docs/segmentation.md is this command on the demo run. A missing --output folder is made.
 
 With --image, on image files of one's own instead (no annotation, no data folder): a row per
 file, under its name (without its folder), with the image and the prediction, the legend naming

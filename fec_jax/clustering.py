@@ -28,10 +28,10 @@ AGGREGATIONS = typing.get_args(Aggregation)
 AssignGrad = Literal["official", "straight_through"]
 ASSIGN_GRADS = typing.get_args(AssignGrad)
 
-# What "auto" runs per lowering platform (see README, Models). GPU and TPU: the dense one-hot
+# What "auto" runs per lowering platform (see docs/models.md). GPU and TPU: the dense one-hot
 # matmuls, since XLA:GPU lowers an fp32 scatter-add of many points into few centers to a slow
 # compare-and-swap loop (and float atomics are not deterministic), and TPU scatters are slow.
-# CPU: segment_sum, measured faster on a 2-core VM (fec_small 224x224 batch 8; README, Models).
+# CPU: segment_sum, measured faster on a 2-core VM (fec_small 224x224 batch 8; docs/models.md).
 AUTO_AGGREGATION = {"cpu": "segment_sum", "default": "onehot"}
 
 

@@ -137,7 +137,7 @@ def test_load_pretrained_names_the_params_an_override_reshapes(tmp_path, small_s
 
 
 def test_save_params_writes_a_new_or_empty_folder_only(tmp_path):
-  """A second save_params into the same folder (the README's snippet run twice) is one
+  """A second save_params into the same folder (docs/training.md's snippet run twice) is one
   CheckpointError, not Orbax's StepAlreadyExistsError, and the first checkpoint stays."""
   ones = lambda s: np.ones(s.shape, s.dtype)
   params = jax.tree.map(ones, variable_shapes(fec_jax.create_model("fec_small"))["params"])
@@ -175,7 +175,7 @@ def test_save_params_takes_only_params_that_load(tmp_path):
 
 
 def test_save_params_needs_batch_stats_exactly_for_a_segmenter(tmp_path):
-  """A segmenter saved without its BatchNorm statistics (the README's random-init snippet with
+  """A segmenter saved without its BatchNorm statistics (docs/training.md's random-init snippet with
   fpn_fec_small) was written, and every load of it failed with Orbax's 'Item "batch_stats" was
   not found'; a classifier with batch_stats was written too. Both are one CheckpointError now,
   before anything is written."""

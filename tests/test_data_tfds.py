@@ -189,7 +189,7 @@ def _pets_cfg(data_dir, **kw):
 
 
 def test_a_custom_dataset_built_without_tensorflow(custom_dir):
-  """README's own-dataset recipe: a GeneratorBasedBuilder yielding JPEG bytes builds without
+  """docs/data.md's own-dataset recipe: a GeneratorBasedBuilder yielding JPEG bytes builds without
   TensorFlow, and fec-jax reads it back from its files (its builder is not registered)."""
   with pytest.raises(ImportError):
     importlib.import_module("tensorflow")

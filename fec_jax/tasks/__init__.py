@@ -258,7 +258,7 @@ class Task(abc.ABC):
   create_model first, then (with init_from) adopt_pretrained on the variables' shapes, so that a
   misfit stops the run before anything slow; then train_loader, input_shape, evaluator,
   adopt_pretrained on the initialized variables and loss_fn. A task of one's own subclasses it
-  and is made known with register(); see README, The training library."""
+  and is made known with register(); see docs/training.md, The training library."""
 
   # Task-specific config fields that only change how the task evaluates, not what is trained: a
   # resumed run may change them (fec_jax.loop's _FREE_ON_RESUME has the task-neutral ones).

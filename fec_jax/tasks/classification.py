@@ -116,7 +116,7 @@ class TopK(BatchEvaluator):
         config.data,
         # bf16 results rounded where the program says: by default XLA may keep a fused bf16
         # intermediate in fp32, and what it fuses depends on the shapes, so an image's logits
-        # would depend on eval_batch_size and the device count (README, "Evaluation and
+        # would depend on eval_batch_size and the device count (docs/training.md, "Evaluation and
         # restoring").
         {**(compiler_options or {}), "xla_allow_excess_precision": False},
     )
