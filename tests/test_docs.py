@@ -134,8 +134,8 @@ def command_files(path: str) -> list[str]:
 
 def defined_flags(path: str) -> set[str]:
   """The flags a command accepts: absl DEFINE_* and config files (with absl's --noflag for
-  booleans), argparse add_argument names."""
-  names = set()
+  booleans), argparse add_argument names, and --help, which absl and argparse both define."""
+  names = {"help"}
   for source in command_files(path):
     for kind, name in re.findall(
         r"(?:flags\.DEFINE_(\w+)|define_config_file)\(\s*\"(\w+)\"", source
