@@ -11,7 +11,7 @@ config it started with; --config.field=value overrides apply as to any config fi
 import os
 
 from configs import fec_small, fpn_fec_small_ade20k
-from fec_jax import reporting
+from fec_jax import cli, reporting
 
 TEMPLATES = {  # each task's fields and their types (every config of a task has the same fields)
     "classification": fec_small.get_config,
@@ -25,6 +25,13 @@ def get_config(workdir: str = ""):
   where = os.path.join(workdir, reporting.CONFIG_FILE)
   saved = reporting.read_config(workdir)
   if saved is None:
+    home = cli.home_in(workdir)
+    if home is not None:  # configs/workdir.py:~/run: no shell expands a '~' after the ':'
+      raise ValueError(
+          f"{where} does not exist; expected a train.py workdir ({home!r} is not expanded here: "
+          f"it names a folder {home!r} in the current directory; give the full path, "
+          f"{os.path.expanduser(workdir)!r})"
+      )
     raise ValueError(f"{where} does not exist; expected a train.py workdir")
   task = saved.get("task")
   if task not in TEMPLATES:

@@ -266,6 +266,21 @@ def test_a_config_that_refuses_its_argument_says_why_in_one_line(parse, capsys, 
       assert (code, out, err) == (2, "", f"error: --config={source}: {message}\n")
 
 
+def test_a_run_config_under_an_unexpanded_home_says_so(parse, capsys, tmp_path, monkeypatch):
+  """No shell expands the '~' of configs/workdir.py:~/run (it follows a ':'), nor does
+  get_config: the error named only a folder that "does not exist"."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  reporting.write_config(str(tmp_path / "run"), demo.get_config())
+  message = (
+      "~/run/config.json does not exist; expected a train.py workdir ('~' is not expanded here: "
+      f"it names a folder '~' in the current directory; give the full path, '{tmp_path}/run')"
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    workdir.get_config("~/run")
+  code, out, err, _ = parse(capsys, "--config=configs/workdir.py:~/run")
+  assert (code, out, err) == (2, "", f"error: --config=configs/workdir.py:~/run: {message}\n")
+
+
 def test_a_script_given_as_the_config_is_one_line(parse, capsys, tmp_path, monkeypatch):
   """A script (train.py as --config) defines its own --config on loading: the error names the
   file, not an override checked against the script's default config."""
