@@ -762,6 +762,24 @@ def test_files_of_other_extensions_in_class_folders_are_skipped_with_a_warning(t
   assert "/val: " not in caplog.text and ".DS_Store" not in caplog.text
 
 
+def test_a_file_name_with_a_newline_is_one_log_line(tmp_path, caplog):
+  """A file name is written as repr escapes it where it holds a character that does not print:
+  a newline in it split the bad-file warning (and the skipped-files one) into two lines."""
+  root = make_imagenet_folder(tmp_path, num_classes=2, per_class=2, val_per_class=1)
+  (tmp_path / "val" / WNIDS[0] / "bad\nname.JPEG").write_bytes(b"not a JPEG")
+  (tmp_path / "val" / WNIDS[1] / "notes\tb\x1b.txt").write_text("x")
+  (tmp_path / "val" / "loose\r.jpg").write_bytes(b"not a JPEG")
+  with caplog.at_level(logging.WARNING):
+    list(fd.create_loader(_cfg(root, num_classes=2), "val", 2, seed=0))
+  warned = [r.getMessage() for r in caplog.records]
+  assert all("\n" not in m and "\r" not in m and "\t" not in m for m in warned), warned
+  bad = f"bad file '{WNIDS[0]}/bad\\nname.JPEG' masked out (val): not an image file PIL can read"
+  assert bad in warned, warned
+  assert any(m.endswith(f"skipped, e.g. '{WNIDS[1]}/notes\\tb\\x1b.txt'") for m in warned)
+  assert any("outside class folders are skipped, e.g. 'loose\\r.jpg'; " in m for m in warned)
+  assert sources.one_line(f"{WNIDS[0]}/café photo.JPEG") == f"{WNIDS[0]}/café photo.JPEG"
+
+
 def _listed(root, split, classes):
   """A FolderSource's (path, label) pairs."""
   source = sources.FolderSource(root, split, classes)

@@ -76,7 +76,10 @@ def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[flo
         transforms.eval_transform(image, cfg)
   seconds = time.perf_counter() - start
   if bad:
-    print(f"note: {len(bad)} unreadable image(s) skipped, e.g. {min(bad)}", file=sys.stderr)
+    print(
+        f"note: {len(bad)} unreadable image(s) skipped, e.g. {sources.one_line(min(bad))}",
+        file=sys.stderr,
+    )
   return repeats * (len(files) - len(bad)) / seconds, decoding / seconds
 
 

@@ -177,9 +177,10 @@ class Reader:
         return record, self._decode(record), tries > 0
       except transforms.BadImageError as e:
         self._bad.add(i)
-        self._first_bad = self._first_bad or f"{record['key']}: {e}"
+        key = sources.one_line(record["key"])
+        self._first_bad = self._first_bad or f"{key}: {e}"
         what = "replaced by the next readable record (train)" if self._train else "masked out (val)"
-        log.warning("bad file %s %s: %s", record["key"], what, e)
+        log.warning("bad file %s %s: %s", key, what, e)
     if self._train:
       raise sources.DataNotFoundError(
           f"no readable {self._record} in the {n} train records of {self._where}; expected "

@@ -55,14 +55,15 @@ def _decode(record, cfg):
   stored = image.shape
   if isinstance(record["image"], bytes):
     image = transforms.upright(image, record["image"])
+  label_key = seg_sources.one_line(record["label_key"])  # the bad-file warning is one line
   try:
     label = seg_transforms.decode_label(record["label"])
   except transforms.BadImageError as e:  # the warning names the image: say which file failed
-    raise transforms.BadImageError(f"annotation {record['label_key']}: {e}") from e
+    raise transforms.BadImageError(f"annotation {label_key}: {e}") from e
   if label.shape != image.shape[:2]:
     turned = " turned upright by its EXIF orientation" if image.shape != stored else ""
     raise transforms.BadImageError(
-        f"annotation {record['label_key']} is {label.shape[1]}x{label.shape[0]}, image "
+        f"annotation {label_key} is {label.shape[1]}x{label.shape[0]}, image "
         f"{image.shape[1]}x{image.shape[0]}{turned}"
     )
   if cfg.reduce_zero_label:
@@ -78,7 +79,7 @@ def _check_label_range(label, cfg, label_key) -> None:
   stored = seg_transforms.unknown_ids(label, cfg)
   if stored:
     raise ValueError(
-        f"the annotation {label_key} holds class ids {stored}; expected "
+        f"the annotation {seg_sources.one_line(label_key)} holds class ids {stored}; expected "
         f"{seg_transforms.expected_ids(cfg)}: config.data.num_classes (or reduce_zero_label) "
         "does not fit the data"
     )

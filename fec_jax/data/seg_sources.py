@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from fec_jax.data.seg_config import DEMO_NUM_CLASSES
-from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS
+from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS, one_line
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,12 @@ def _unused_message(img_dir: str, ann_dir: str, unused: list[str]) -> str:
   found = [others[stem] for stem in stems if stem in others]
   message = (
       f"{len(unused)} annotation(s) under {ann_dir} have no {IMG_SUFFIX} image and are not used "
-      f"(images are read as {IMG_SUFFIX}, as ADE20K's), first: {unused[0]}"
+      f"(images are read as {IMG_SUFFIX}, as ADE20K's), first: {one_line(unused[0])}"
   )
   if found:
     message += (
         f"; {len(found)} of them have an image with another suffix, which is not read, e.g. "
-        f"{os.path.join(img_dir, found[0])}"
+        f"{one_line(os.path.join(img_dir, found[0]))}"
     )
   return message
 

@@ -51,6 +51,13 @@ class DataNotFoundError(FileNotFoundError):
   """The configured data is missing or empty; the message says the expected layout."""
 
 
+def one_line(name: str) -> str:
+  """A file name as a log line shows it: as it is, or where it holds a character that does not
+  print (a newline split the line in two; a tab, an escape, a byte os.fsdecode could not decode),
+  as Python's repr writes it, quoted and escaped."""
+  return name if name.isprintable() else repr(name)
+
+
 def class_folders(split_dir: str) -> tuple[str, ...]:
   """The class folders of a split, sorted by name (label i is the i-th), as torchvision's
   ImageFolder finds them."""
@@ -148,7 +155,7 @@ def _warn_loose_images(split_dir: str) -> None:
         "%s/<class>/",
         split_dir,
         len(loose),
-        loose[0],
+        one_line(loose[0]),
         split_dir,
     )
 
@@ -166,7 +173,7 @@ def _warn_other_files(split_dir: str) -> None:
         split_dir,
         len(skipped),
         " ".join(IMG_EXTENSIONS),
-        skipped[0],
+        one_line(skipped[0]),
     )
 
 
@@ -181,7 +188,7 @@ def _warn_loops(split_dir: str) -> None:
         "-> ..); each folder is listed once, e.g. %s is skipped",
         split_dir,
         len(loops),
-        loops[0],
+        one_line(loops[0]),
     )
 
 
@@ -198,7 +205,7 @@ def _warn_empty_classes(train_dir: str) -> None:
         "(labels index the class folders)",
         train_dir,
         len(empty),
-        empty[0],
+        one_line(empty[0]),
     )
 
 
