@@ -127,6 +127,7 @@ def main(argv):
       fix = f"give a classification config (configs/{cli.config_name(held)}, configs/demo.py)"
     cli.fail(f"{flag} {directory} holds {held}; the config's model is {config.model.name}: {fix}")
   if not FLAGS.throughput:  # before the weights load: an evaluation under other names is no use
+    task.check_num_classes(found)  # the evaluator's check, from the model item, not the arrays
     change = tasks.label_names_change(task.data_label_names(), directory)
     if change is not None:
       cli.fail(

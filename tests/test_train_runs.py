@@ -391,6 +391,7 @@ def test_eval_py_throughput_of_a_run_whose_data_moved(reference, compilation_cac
         "batch",
         "per_class",
         "classes",
+        "classes_unread",
         "model",
         "task",
         "dtype",
@@ -403,6 +404,9 @@ def test_eval_py_throughput_of_a_run_whose_data_moved(reference, compilation_cac
     ],
 )
 def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache, tmp_path):
+  if case == "classes_unread":  # the class count is checked before the arrays are read
+    run_dir = shutil.copytree(reference, tmp_path / "run")
+    shutil.rmtree(run_dir / str(max(int(d) for d in os.listdir(run_dir) if d.isdigit())) / "params")
   if case == "no_config":  # a run of an earlier fec-jax, without --config
     (shutil.copytree(reference, tmp_path / "old") / reporting.CONFIG_FILE).unlink()
   if case == "moved_data":  # a run on a data folder that has moved since
@@ -441,6 +445,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "batch": [f"--checkpoint={reference}", "--throughput", "--batch=0"],
       "per_class": [f"--workdir={reference}", "--throughput", "--per_class"],
       "classes": [f"--workdir={reference}", "--config=configs/fec_small.py"],
+      "classes_unread": [f"--workdir={tmp_path / 'run'}", "--config=configs/fec_small.py"],
       "model": [f"--workdir={reference}", "--config.model.name=fec_base"],
       "task": [f"--workdir={reference}", "--config=configs/demo_seg.py"],
       "dtype": [f"--workdir={reference}", "--config.model.dtype=bf16"],
@@ -458,6 +463,7 @@ def test_eval_py_mistakes_are_one_error_line(case, reference, compilation_cache,
       "batch": "flag --batch=0: 0 is not a positive integer",
       "per_class": "--per_class tables an evaluation's metrics; --throughput measures speed",
       "classes": "the model has 10 classes but config.data.num_classes is 1000",
+      "classes_unread": "the model has 10 classes but config.data.num_classes is 1000",
       "model": "holds fec_small; the config's model is fec_base: give that model's config",
       "task": "the config's model is fpn_fec_small: give a classification config "
       "(configs/fec_small.py, configs/demo.py)",
