@@ -428,14 +428,16 @@ def _run(
   evaluator = _timed(
       "preparing the evaluator", lambda: task.evaluator(model, mesh, compiler_options)
   )
+  mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
+  init = None  # the Future of a fresh state
   if resume is None:
     # The state's initialization (a compile of its own, then the run) goes on in a thread while
     # _loop compiles the train step for the abstract state: the two compiles overlap.
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="init")
-    state = pool.submit(_fresh_state, config, task, start, tx, abstract)
-    pool.shutdown(wait=False)  # the thread ends when the state is made
-  mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
+    state = init = pool.submit(_fresh_state, config, task, start, tx, abstract)
+    pool.shutdown(wait=False)  # the thread ends when the state is made (_end_init waits for it)
   writer = None
+  error = None
   try:
     if resume is not None:
       state = _timed(
@@ -489,13 +491,37 @@ def _run(
     )
     result = _loop(run, first_step, state, abstract, train_step, compiler_options)
     mngr.wait_until_finished()
+  except BaseException as e:
+    error = e
+    raise
   finally:
+    _end_init(init, error)
     mngr.close()
     if writer is not None:
       writer.close()
   if primary and not result.preempted:
     logging.info("wrote %s", reporting.plot_metrics(workdir))
   return result
+
+
+def _end_init(init: concurrent.futures.Future | None, error: BaseException | None) -> None:
+  """Waits for the thread that initializes a fresh state (`init`, None on a resume) to end: a
+  run that failed before it took the state (in the train step's compile, at the first batch)
+  left it running, into the next run of this process, and the process's exit waited for it. Its
+  own failure, which that run never took, is logged."""
+  if init is None:
+    return
+  if not init.done():
+    logging.info("waiting for the train state's initialization to end")
+  concurrent.futures.wait([init])
+  failure = init.exception()
+  if failure is not None and failure is not error:  # error: init.result() raised it in the run
+    logging.warning(
+        "the train state's initialization failed%s: %s: %s",
+        " too" if error is not None else "",
+        type(failure).__name__,
+        failure,
+    )
 
 
 def _fresh_state(config, task: tasks.Task, start: _Start, tx, abstract) -> training.TrainState:

@@ -422,6 +422,23 @@ def test_a_train_data_error_after_a_recorded_or_saved_step(case, caplog):
   }[case]
 
 
+def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypatch, caplog):
+  """A fresh state is initialized in a thread beside the train step's compile: a compile that
+  failed left that thread running, into the next run in this process (and the process's exit
+  waited for it), and a failure of its own was lost. The run waits for it now and logs that."""
+
+  def create_state(*args, **kwargs):
+    time.sleep(5)  # still at work when the compile fails
+    raise RuntimeError("out of memory for the state")
+
+  monkeypatch.setattr(loop.training, "create_state", create_state)
+  with caplog.at_level(logging.WARNING), pytest.raises(Exception, match="xla_no_such_option"):
+    loop.train_and_evaluate(tiny(), str(tmp_path), compiler_options={"xla_no_such_option": True})
+  assert not [t for t in threading.enumerate() if t.name.startswith("init_")]
+  failed = "the train state's initialization failed too: RuntimeError: out of memory for the state"
+  assert failed in [r.getMessage() for r in caplog.records]
+
+
 def finetune_config(root, init_from, **overrides):
   c = finetune.get_config()
   c.data.root, c.data.num_classes, c.data.image_size = str(root), 3, 32
