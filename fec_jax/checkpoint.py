@@ -381,15 +381,20 @@ def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
 
 # Where Orbax parses its JSON metadata files (_METADATA, array_metadatas/) and grain a train
 # iterator's state (data_iterator/process_*.json): a KeyError or TypeError raised there is of a
-# file that parses but is corrupt (a key renamed, a value of another type)
+# file that parses but is corrupt (a key renamed, a value of another type), and so is a
+# ValueError raised in one of Orbax's parsers there, its from_json (a value outside its enum: a
+# key_type 7); other ValueErrors there may be of a restore's arguments
 _JSON_READERS = re.compile(r"orbax\.checkpoint\._src\.metadata\.|grain\._src\.python\.checkpoint\.")
+_JSON_ERRORS = (KeyError, TypeError, ValueError)
 
 
 def _json_reader(e: BaseException) -> str | None:
-  """What file `e` was raised reading (_JSON_READERS), in words; None where none of those."""
+  """What file `e`, one of _JSON_ERRORS, was raised reading (_JSON_READERS), in words; None where
+  none of those (or for a ValueError, in none of Orbax's from_json parsers there)."""
   tb = e.__traceback__
   while tb is not None:
-    if m := _JSON_READERS.match(tb.tb_frame.f_globals.get("__name__", "")):
+    m = _JSON_READERS.match(tb.tb_frame.f_globals.get("__name__", ""))
+    if m and (not isinstance(e, ValueError) or tb.tb_frame.f_code.co_name == "from_json"):
       if m.group().startswith("grain"):
         return f"the train iterator's state, {DATA_ITER_ITEM}/process_*.json"
       return "Orbax's metadata of an item, its _METADATA, array_metadatas/ or _sharding"
@@ -402,8 +407,9 @@ def _is_unreadable(e: Exception) -> bool:
   TensorStore's DATA_LOSS (a manifest shorter than its header says) or OUT_OF_RANGE (a byte
   range past the end of a file), or a JSON file that does not parse (_METADATA; _sharding,
   which TensorStore reads: FAILED_PRECONDITION ... Invalid JSON), or one that parses without the
-  keys its reader looks up (_sharding: NOT_FOUND ... JSON Pointer; _JSON_READERS)."""
-  if isinstance(e, (KeyError, TypeError)) and _json_reader(e) is not None:
+  keys its reader looks up (_sharding: NOT_FOUND ... JSON Pointer) or with a value it refuses
+  (_JSON_READERS)."""
+  if isinstance(e, _JSON_ERRORS) and _json_reader(e) is not None:
     return True
   return isinstance(e, json.JSONDecodeError) or bool(
       re.match(
@@ -420,7 +426,7 @@ def _unreadable_step(mngr: ocp.CheckpointManager, step: int, cause: BaseExceptio
   step_dir = os.path.join(os.fspath(mngr.directory), str(step))
   first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
   first_line = re.sub(r" \[tensorstore_spec='.*$", "", first_line)
-  if isinstance(cause, (KeyError, TypeError)) and (reader := _json_reader(cause)):
+  if isinstance(cause, _JSON_ERRORS) and (reader := _json_reader(cause)):
     first_line = f"{type(cause).__name__} {first_line} reading {reader}"
   return CheckpointError(
       f"{step_dir} cannot be read ({first_line}): a file of this step is truncated or corrupt; "

@@ -623,6 +623,12 @@ PARSING_DAMAGE = {  # a JSON file that still parses, as a changed byte may leave
         '"value_metadata": 5, "x": {',
         r"TypeError .*_METADATA.*",
     ),
+    "_METADATA key_type outside its enum": (
+        "params/_METADATA",
+        '"key_type": 2',
+        '"key_type": 7',
+        r"ValueError 7 is not a valid KeyType reading Orbax's metadata of an item, its _METADATA.*",
+    ),
 }  # a converter output (numpy params) has no array_metadatas/ or _sharding
 
 
@@ -632,7 +638,8 @@ def test_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_step_error(
 ):
   """A key renamed or a value of another type in a JSON file of the step (still JSON) was a
   KeyError or TypeError traceback from eval.py and init_from (or, for the checksums, no check),
-  or "not an FEC checkpoint" for Orbax's metadata; now it is the truncated-step error."""
+  or "not an FEC checkpoint" for Orbax's metadata (a key_type outside its enum too); now it is
+  the truncated-step error."""
   file, old, new, cause = PARSING_DAMAGE[damage]
   run = shutil.copytree(orbax_small, tmp_path / "run")
   _replace_once(run / "0" / file, old, new)
@@ -655,6 +662,12 @@ RESUME_PARSING_DAMAGE = {
         r"TypeError .* reading the train iterator's state, data_iterator/process_\*\.json",
     ),
     "params _METADATA key renamed": ("params/_METADATA", '"key"', '"kez"', r"KeyError 'key' .*"),
+    "opt_state _METADATA key_type outside its enum": (
+        "opt_state/_METADATA",
+        '"key_type": 1',
+        '"key_type": 0',
+        r"ValueError 0 is not a valid KeyType reading Orbax's metadata .*",
+    ),
     "progress _METADATA key renamed": (
         "progress/_METADATA",
         '"key"',
