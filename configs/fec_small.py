@@ -42,6 +42,11 @@ def get_config(model: str = "fec_small", drop_path_rate: float = 0.1) -> ml_coll
   c.weight_decay = 0.05
   c.weight_decay_on = "matrices"  # > 1-D params (timm); "all" = every param (mmseg)
   c.grad_clip_norm = 0.0  # 0 = no clipping (the official default)
+  # A regular expression matched at the start of each param's '/'-joined path (re.match): the
+  # params it matches are frozen (no update, weight decay or optimizer moments); '' = none.
+  # E.g. '(?!head/)' = all but the head (a linear probe), 'patch_embed/|network_0/' = the stem
+  # and first stage; a segmenter's paths start with backbone/, neck/ or decode_head/.
+  c.frozen = ""
   # lr_schedule "cosine_epochs": per-epoch warmup from warmup_lr, cosine over `epochs`, then min_lr
   # for cooldown; "poly": per step, (1 - step / schedule_steps) ** poly_power down to min_lr.
   c.lr_schedule = "cosine_epochs"

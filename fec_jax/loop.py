@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from fec_jax import checkpoint, cli, data, reporting, tasks, training
 from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
 from fec_jax.model import model_name as name_of
-from fec_jax.model import variable_shapes
+from fec_jax.model import param_shapes, variable_shapes
 from fec_jax.preemption import Preemption
 
 
@@ -225,6 +225,9 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   (another model in the workdir, a converter output as workdir, init_from weights of another
   shape) stops here, before the data is opened or the train step is compiled."""
   model, model_name, overrides = task.create_model()
+  frozen = training.check_frozen(param_shapes(model), training.frozen_pattern(config))
+  if frozen is not None:
+    logging.info("%s", frozen)
   ema = config.ema_decay > 0
   resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
   if resume is None and config.init_from_required and not config.init_from:

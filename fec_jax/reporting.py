@@ -136,15 +136,17 @@ def config_changes(
   """The fields ('data.image_size', ...) in which `config` differs from `saved` (a run's
   config.json), each as (saved value, config's value), lists as the config's tuples, ABSENT
   for a field that only one of the two has (one of the user's own, added or left out), except
-  the fields of _ADDED_LATER (a config.json of an earlier fec-jax lacks them). Values JSON cannot
-  hold (written with their address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are
-  compared, and given, as absolute paths; `replace` as in write_config. None where `config`
-  cannot go into JSON at all."""
+  the fields of _ADDED_LATER (a config.json of an earlier fec-jax lacks them; one of
+  _EARLIER_VALUES is compared as its value there). Values JSON cannot hold (written with their
+  address) are not compared; NaN equals NaN; paths (PATH_FIELDS) are compared, and given, as
+  absolute paths; `replace` as in write_config. None where `config` cannot go into JSON at
+  all."""
   now = config_data(config)
   if now is None:
     return None
   saved = traverse_util.flatten_dict(_as_recorded(saved), sep=".")
   now = traverse_util.flatten_dict(_as_recorded(now, replace), sep=".")
+  saved = {**{k: v for k, v in _EARLIER_VALUES.items() if k in now}, **saved}
   keys = (saved.keys() | now.keys()) - (_ADDED_LATER - saved.keys())
   return {
       key: (_tuples(saved.get(key, ABSENT)), _tuples(now.get(key, ABSENT)))
@@ -236,8 +238,13 @@ def read_classes(workdir: str) -> tuple[tuple[str, ...], str] | None:
 _LISTED = 5  # restore_config names at most this many missing (or unknown) fields
 # Config fields added after runs were made: a config.json without one (a run of an earlier
 # fec-jax) gets its default, which is how that run behaved. Each names or shows things, or is read
-# only by a fresh start (init_from_step, init_from_required).
-_ADDED_LATER = frozenset({"data.class_names", "init_from_required", "init_from_step"})
+# only by a fresh start (init_from_step, init_from_required), except those of _EARLIER_VALUES,
+# which change how a run trains: a resume compares a config.json without one as that value, the
+# one every earlier run trained with.
+_EARLIER_VALUES = {"frozen": ""}
+_ADDED_LATER = frozenset(
+    {"data.class_names", "init_from_required", "init_from_step", *_EARLIER_VALUES}
+)
 
 
 def restore_config(saved: dict, template, where: str):

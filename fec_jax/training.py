@@ -10,6 +10,7 @@ inserts the gradient all-reduce.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax.model import FAST_COMPILE, block_axis
+from fec_jax.model import FAST_COMPILE, block_axis, count_params
 
 DATA_AXIS = "data"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -212,10 +213,63 @@ def weight_decay_mask(params, weight_decay_on: str = "matrices") -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def frozen_pattern(config) -> str:
+  """config.frozen; '' (nothing frozen) for a config without the field (one built by hand)."""
+  return config.get("frozen", "")
+
+
+def frozen_mask(params, pattern: str) -> Any:
+  """Which params config.frozen (`pattern`, a regular expression) freezes: those whose
+  '/'-joined path (e.g. 'network_0/mlp/fc1/kernel', 'head/kernel'; a segmenter's
+  'backbone/network_0/...', 'neck/...', 'decode_head/...') it matches from the start, as
+  re.match: 'network_0/' takes a subtree, 'head' does not take 'decode_head/...', and
+  '(?!head/)' takes all but the head. '' freezes nothing."""
+  regex = re.compile(pattern) if pattern else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: regex is not None and regex.match(_path(path)) is not None, params
+  )
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_frozen(params, pattern: str) -> str | None:
+  """The line a run logs about what `pattern` (config.frozen) freezes in `params` (arrays or
+  ShapeDtypeStructs): the counts of arrays and of parameters frozen and trained; None for ''.
+  ValueError where the pattern freezes no param or every param."""
+  if not pattern:
+    return None
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  frozen = jax.tree.leaves(frozen_mask(params, pattern))
+  arrays = {f: [a for (_, a), g in zip(leaves, frozen) if g == f] for f in (True, False)}
+  if not arrays[True] or not arrays[False]:
+    starts = sorted({_path(path[:1]) + "/" for path, _ in leaves})
+    examples = (
+        "'backbone/' freezes the backbone, 'backbone/(patch_embed|network_0)/' its stem and "
+        "first stage"
+        if "backbone/" in starts
+        else "'(?!head/)' freezes all but the head, 'patch_embed/|network_0/' the stem and first "
+        "stage"
+    )
+    raise ValueError(
+        f"config.frozen {pattern!r} matches {'no' if not arrays[True] else 'every'} param: it "
+        "is matched at the start of each param's path (re.match), and the paths start with "
+        f"{', '.join(starts)}; e.g. {examples}"
+    )
+  count = (
+      lambda frozen: f"{len(arrays[frozen])} arrays ({count_params(arrays[frozen]):,} parameters)"
+  )
+  return f"config.frozen {pattern!r}: {count(True)} frozen, {count(False)} trained"
+
+
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """AdamW (config.b1, b2, eps: officially 0.9, 0.999, 1e-8) after optional global-norm clipping
   (timm --clip-grad, mode 'norm'), weight decay on weight_decay_mask(params,
-  config.weight_decay_on)."""
+  config.weight_decay_on). With config.frozen, the params of frozen_mask go to
+  optax.set_to_zero instead (optax.multi_transform): no update, no weight decay, no moments in
+  the optimizer state, and no part in the clipping's global norm; config.frozen '' keeps the
+  optimizer (and the state's layout) of a run without it."""
   adamw = optax.adamw(
       schedule,
       b1=config.b1,
@@ -225,13 +279,25 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
       mask=lambda params: weight_decay_mask(params, config.weight_decay_on),
   )
   if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  pattern = frozen_pattern(config)
+  if not pattern:
+    return adamw
+  labels = lambda params: jax.tree.map(
+      lambda frozen: "frozen" if frozen else "trained", frozen_mask(params, pattern)
+  )
+  return optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
-def ema_update(ema_params, params, decay: float):
-  """timm ModelEmaV2: ema = decay * ema + (1 - decay) * params, every step, no bias correction."""
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+def ema_update(ema_params, params, decay: float, frozen=None):
+  """timm ModelEmaV2: ema = decay * ema + (1 - decay) * params, every step, no bias correction.
+  frozen: a tree of bools (frozen_mask) over params whose EMA is kept as it is (it equals the
+  param, which does not change; the formula could move it in the last bit)."""
+  if frozen is None:
+    frozen = jax.tree.map(lambda _: False, params)
+  return jax.tree.map(
+      lambda e, p, f: e if f else decay * e + (1.0 - decay) * p, ema_params, params, frozen
+  )
 
 
 # ----------------------------------------------------------------------------- state
@@ -294,14 +360,21 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
   (augmentation, dropout), so a resumed run draws exactly what the uninterrupted one drew.
   """
 
+  pattern = frozen_pattern(config)
+
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    frozen = frozen_mask(state.params, pattern)
     objective = lambda params: loss_fn(params, state.model_state, batch, key)
     (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A frozen param is kept as it is: its update is 0, but -0.0 + 0 would be +0.0.
+    params = jax.tree.map(lambda new, old, f: old if f else new, params, state.params, frozen)
     ema = (
-        None if state.ema_params is None else ema_update(state.ema_params, params, config.ema_decay)
+        None
+        if state.ema_params is None
+        else ema_update(state.ema_params, params, config.ema_decay, frozen)
     )
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return (
@@ -369,6 +442,14 @@ def check_config(config, batched_evaluation: bool = True) -> None:
         "config.init_from_step is a saved step of config.init_from (-1: its latest), got "
         f"{config.init_from_step}{'' if config.init_from else ' without init_from'}"
     )
+  try:
+    re.compile(frozen_pattern(config))
+  except re.error as e:
+    raise ValueError(
+        f"config.frozen {frozen_pattern(config)!r} is not a regular expression ({e}); expected "
+        "one that matches the start of the paths of the params to freeze, e.g. 'network_0/' "
+        "or '(?!head/)'"
+    ) from None
   if config.weight_decay_on not in WEIGHT_DECAY_ON:
     raise ValueError(
         f"config.weight_decay_on must be one of {WEIGHT_DECAY_ON}, got "

@@ -249,6 +249,23 @@ def test_resume_restores_batch_stats(seg_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
 
+def test_a_frozen_backbone_keeps_its_weights_while_the_fpn_trains(seg_run, tmp_path):
+  """config.frozen 'backbone/' from a segmenter's weights: after 2 steps the backbone is those
+  weights bit for bit; the neck, the decode head and its BatchNorm statistics (no params: they
+  are not frozen) have changed."""
+  assert train(seg_tiny(init_from=seg_run, frozen="backbone/", max_steps=2), tmp_path).step == 2
+  source = fec_jax.load_pretrained(seg_run)[1]
+  tuned = fec_jax.load_pretrained(str(tmp_path))[1]
+  backbone = lambda v: v["params"]["backbone"]
+  jax.tree.map(np.testing.assert_array_equal, backbone(tuned), backbone(source))
+  for changed in (
+      lambda v: v["params"]["neck"]["fpn_convs_0"]["conv"]["kernel"],
+      lambda v: v["params"]["decode_head"]["conv_seg"]["kernel"],
+      lambda v: v["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["mean"],
+  ):
+    assert not np.array_equal(changed(tuned), changed(source))
+
+
 def test_a_fresh_run_without_init_from_warns_but_not_on_the_demo(tmp_path, caplog):
   """The authors' recipe starts from ImageNet weights; the demo data is made for a run from
   scratch. The warning comes before the data is opened."""

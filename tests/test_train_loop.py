@@ -29,6 +29,7 @@ import torch
 
 import fec_jax
 from configs import fec_base, finetune
+from configs import workdir as workdir_config
 from fec_jax import checkpoint, convert, data, loop, preemption, reporting, tasks
 from fec_jax.data import device_transforms
 from fec_jax.model import FAST_COMPILE, variable_shapes
@@ -523,6 +524,87 @@ def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tm
       f"config.init_from {tmp_path}/nowhere does not exist; expected the --output of "
       "convert_torch_weights.py or a train.py --workdir"
   )
+
+
+PROBE = "(?!head/)"  # config.frozen of a linear probe: every param but the head's
+
+
+def test_a_linear_probe_trains_the_head_alone_and_resumes_bit_exact(reference, tmp_path, caplog):
+  """config.frozen in a fine-tune on 3 classes (the head re-initialized): the frozen params and
+  their EMA are init_from's weights bit for bit after the steps, the head is trained, the
+  checkpoints hold Adam's moments of the head alone, and a run stopped after 2 steps resumes to
+  the uninterrupted run's losses and weights; a resume with another config.frozen stops before
+  the data."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=4, size=(40, 48))
+  config = lambda max_steps, frozen=PROBE: finetune_config(
+      root, reference, frozen=frozen, max_steps=max_steps, ema_decay=0.9, checkpoint_every_steps=2
+  )
+  straight = str(tmp_path / "straight")
+  with caplog.at_level(logging.INFO):
+    assert train(config(4), straight).step == 4
+  assert "init_from: head re-initialized for 3 classes" in caplog.text
+  assert (
+      "config.frozen '(?!head/)': 100 arrays (5,406,528 parameters) frozen, 2 arrays (963 "
+      "parameters) trained" in caplog.messages
+  )
+  source = fec_jax.load_pretrained(reference)[1]["params"]
+  del source["head"]
+  heads = []
+  for step, ema in ((4, False), (4, True), (2, False)):
+    tuned = fec_jax.load_pretrained(straight, step, ema=ema)[1]["params"]
+    heads.append(tuned.pop("head"))
+    jax.tree.map(np.testing.assert_array_equal, tuned, source)
+  assert not np.array_equal(heads[0]["kernel"], heads[2]["kernel"])  # trained from step 2 to 4
+  saved = checkpoint._saved_tree(straight, 4, checkpoint.OPT_STATE_ITEM)
+  moments = [  # the leaves of [] shape are step counts
+      jax.tree_util.keystr(path)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+      if leaf.shape != ()
+  ]
+  assert len(moments) == 4 and all("['head']" in m for m in moments), moments
+  workdir = tmp_path / "resumed"
+  assert train(config(2), workdir).step == 2
+  assert train(config(4), workdir).step == 4
+  assert losses(workdir) == losses(straight)
+  for ema in (False, True):
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        fec_jax.load_pretrained(str(workdir), ema=ema)[1],
+        fec_jax.load_pretrained(straight, ema=ema)[1],
+    )
+  assert reporting.read_config(str(workdir))["frozen"] == PROBE
+  for frozen, now in (("", "''"), ("(?!head/|norm/)", "'(?!head/|norm/)'")):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=re.escape(f"frozen {PROBE!r} (now {now})")
+    ):
+      train(config(6, frozen), workdir)
+  assert saved_steps(workdir) == [2, 4]
+
+
+def test_a_run_whose_config_json_predates_frozen_resumes_with_nothing_frozen(reference, tmp_path):
+  """A config.json of a run from before config.frozen lacks it: the run trained every param,
+  and resumes so (frozen '' compares equal), but not with params frozen now."""
+  workdir = tmp_path / "older"
+  shutil.copytree(reference, workdir)
+  older = reporting.read_config(str(workdir))
+  del older["frozen"]
+  (workdir / reporting.CONFIG_FILE).write_text(json.dumps(older))
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"frozen '' (now {PROBE!r})")):
+    train(tiny(frozen=PROBE), workdir)
+  assert workdir_config.get_config(str(workdir)).frozen == ""  # eval.py's config of the run
+  assert train(tiny(), workdir).step == STEPS  # restored; nothing left to train
+  assert reporting.read_config(str(workdir))["frozen"] == ""
+
+
+def test_a_frozen_pattern_that_cannot_run_stops_before_the_data(tmp_path, data_not_opened):
+  for frozen, expected in (
+      ("network_(0", r"config.frozen 'network_\(0' is not a regular expression"),
+      ("backbone/", "config.frozen 'backbone/' matches no param: "),
+      (".*", r"config.frozen '\.\*' matches every param: "),
+  ):
+    with pytest.raises(ValueError, match=expected):
+      train(tiny(frozen=frozen), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_fine_tune_without_init_from_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.experimental import multihost_utils
 
@@ -95,6 +96,87 @@ def test_weight_decay_mask_is_timms_groups_without_conv_f():
   assert len(decayed) + len(kept) == len(mask)
   every = flax.traverse_util.flatten_dict(training.weight_decay_mask(params, "all"))
   assert {"/".join(k) for k, v in every.items() if not v} == conv_f
+
+
+def test_frozen_params_get_no_update_no_weight_decay_and_no_moments():
+  """config.frozen's params go to optax.set_to_zero: after AdamW steps with weight decay and
+  clipping they are as they were, and the optimizer state holds Adam's moments for the trained
+  params only; the EMA of a frozen param stays too. Without config.frozen the optimizer is the
+  one of a run before the field (the same state layout)."""
+  params = {
+      "network_0": {"fc": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}},
+      "network_1": {"conv_f": {"kernel": jnp.ones((4, 4))}},
+      "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
+  }
+  c = demo.get_config()
+  c.weight_decay, c.grad_clip_norm, c.frozen = 0.5, 1.0, "(?!head/)"
+  moments = lambda opt_state: [  # mu and nu; the other leaves are step counts
+      jax.tree_util.keystr(path)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+      if leaf.ndim > 0
+  ]
+  plain = training.create_optimizer(demo.get_config(), lambda step: 0.1).init(params)
+  assert isinstance(plain[0], optax.ScaleByAdamState) and len(moments(plain)) == 10
+  tx = training.create_optimizer(c, lambda step: 0.1)
+  opt_state = tx.init(params)
+  assert len(moments(opt_state)) == 4 and all("['head']" in m for m in moments(opt_state))
+  frozen = training.frozen_mask(params, c.frozen)
+  new = params
+  for _ in range(3):
+    grads = jax.tree.map(jnp.ones_like, new)
+    updates, opt_state = tx.update(grads, opt_state, new)
+    new = optax.apply_updates(new, updates)
+  for name in ("network_0", "network_1"):
+    jax.tree.map(
+        np.testing.assert_array_equal, updates[name], jax.tree.map(jnp.zeros_like, params[name])
+    )
+  assert not np.array_equal(new["head"]["kernel"], params["head"]["kernel"])
+  ema = training.ema_update(params, new, 0.3, frozen)
+  assert ema["network_0"]["fc"]["bias"] is params["network_0"]["fc"]["bias"]
+  assert not np.array_equal(ema["head"]["bias"], params["head"]["bias"])
+
+
+def test_frozen_is_matched_at_the_start_of_each_params_path():
+  fec = param_shapes(fec_jax.create_model("fec_small", num_classes=10))
+  fpn = param_shapes(fec_jax.create_model("fpn_fec_small", num_classes=5))
+  frozen = lambda params, pattern: sorted(
+      k
+      for k, v in flax.traverse_util.flatten_dict(
+          training.frozen_mask(params, pattern), sep="/"
+      ).items()
+      if v
+  )
+  assert frozen(fec, "(?!head/)") == sorted(
+      k for k in flax.traverse_util.flatten_dict(fec, sep="/") if not k.startswith("head/")
+  )
+  assert frozen(fec, "head") == ["head/bias", "head/kernel"]
+  assert frozen(fec, "") == []
+  stem_and_first = frozen(fec, "patch_embed/|network_0/")
+  assert stem_and_first[-1] == "patch_embed/proj/kernel" and len(stem_and_first) == 20
+  assert frozen(fpn, "head") == []  # decode_head/... does not start with it
+  backbone = frozen(fpn, "backbone/")
+  assert backbone and all(k.startswith("backbone/") for k in backbone)
+  assert training.check_frozen(fec, "") is None
+  assert training.check_frozen(fec, "(?!head/)") == (
+      "config.frozen '(?!head/)': 100 arrays (5,406,528 parameters) frozen, 2 arrays (3,210 "
+      "parameters) trained"
+  )
+  with pytest.raises(ValueError) as e:
+    training.check_frozen(fec, "heads")
+  assert str(e.value) == (
+      "config.frozen 'heads' matches no param: it is matched at the start of each param's path "
+      "(re.match), and the paths start with head/, network_0/, network_1/, network_2/, "
+      "network_3/, network_4/, network_5/, network_6/, norm/, patch_embed/; e.g. '(?!head/)' "
+      "freezes all but the head, 'patch_embed/|network_0/' the stem and first stage"
+  )
+  with pytest.raises(
+      ValueError,
+      match=r"^config.frozen '\(\?!head/\)' matches every param: .* "
+      r"start with backbone/, decode_head/, neck/; e.g. 'backbone/' freezes",
+  ):
+    training.check_frozen(fpn, "(?!head/)")
+  with pytest.raises(ValueError, match=r"^config.frozen '\.' matches every param"):
+    training.check_frozen(fec, ".")
 
 
 @pytest.fixture
@@ -423,6 +505,7 @@ def test_check_config_rejects_what_cannot_run():
       ("data.rand_augment", "rand-m9-mstdx", "unknown RandAugment section 'mstdx'"),
       ("data.rand_augment", "rand-m9-p0.5x", "needs p followed by a number"),
       ("data.root", "/data/pets", "root '/data/pets' is read by source 'folder' only, and sou"),
+      ("frozen", "network_(0", r"config.frozen 'network_\(0' is not a regular expression \(miss"),
   ):
     bad = demo.get_config()
     section, _, key = field.rpartition(".")
