@@ -358,6 +358,8 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
   batch: the train loader's global batch, sharded on `data`; metrics {'loss', 'lr',
   'grad_norm'}: replicated fp32 scalars. The step key fold_in(rng, step) is the task's to split
   (augmentation, dropout), so a resumed run draws exactly what the uninterrupted one drew.
+  Only the params that config.frozen leaves trained are differentiated (a frozen param's
+  gradient is 0, and grad_norm that of the trained ones).
   """
 
   pattern = frozen_pattern(config)
@@ -365,7 +367,12 @@ def make_train_step(loss_fn: LossFn, tx, schedule, config, mesh: Mesh, state_sha
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     frozen = frozen_mask(state.params, pattern)
-    objective = lambda params: loss_fn(params, state.model_state, batch, key)
+    # No gradient is computed for a frozen param (nor backpropagated where only frozen params
+    # need it): its gradient is 0.
+    unfrozen = lambda params: jax.tree.map(
+        lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen
+    )
+    objective = lambda params: loss_fn(unfrozen(params), state.model_state, batch, key)
     (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -136,6 +136,37 @@ def test_frozen_params_get_no_update_no_weight_decay_and_no_moments():
   assert not np.array_equal(ema["head"]["bias"], params["head"]["bias"])
 
 
+def test_the_train_step_computes_no_gradient_for_frozen_params():
+  """The train step differentiates the trained params alone: a frozen param's gradient is 0
+  (XLA leaves its computation out), so grad_norm is the trained params' gradient norm."""
+  c = demo.get_config()
+  c.frozen, c.ema_decay = "body/", 0.0
+  params = {"body": {"kernel": jnp.full((3, 3), 0.5)}, "head": {"kernel": jnp.ones((3, 2))}}
+
+  def loss_fn(params, model_state, batch, key):
+    return jnp.sum(batch["x"] @ params["body"]["kernel"] @ params["head"]["kernel"]), model_state
+
+  mesh = training.create_mesh()
+  tx = training.create_optimizer(c, lambda step: 0.1)
+  state = training.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state={},
+      opt_state=tx.init(params),
+      ema_params=None,
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  state = jax.device_put(state, training.replicated(mesh))
+  sharding = jax.tree.map(lambda a: a.sharding, state)
+  step = training.make_train_step(loss_fn, tx, lambda step: 0.1, c, mesh, sharding)
+  batch = {"x": jnp.ones((jax.device_count(), 3))}
+  new, metrics = step(state, training.global_batch(jax.device_get(batch), mesh))
+  head_grad = jax.grad(lambda h: loss_fn({**params, "head": h}, {}, batch, None)[0])(params["head"])
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(head_grad), rtol=1e-6)
+  np.testing.assert_array_equal(new.params["body"]["kernel"], params["body"]["kernel"])
+  assert not np.array_equal(new.params["head"]["kernel"], params["head"]["kernel"])
+
+
 def test_frozen_is_matched_at_the_start_of_each_params_path():
   fec = param_shapes(fec_jax.create_model("fec_small", num_classes=10))
   fpn = param_shapes(fec_jax.create_model("fpn_fec_small", num_classes=5))
