@@ -432,13 +432,13 @@ def _run(
       "preparing the evaluator", lambda: task.evaluator(model, mesh, compiler_options)
   )
   mngr = checkpoint.training_manager(workdir, config.keep_checkpoints)
-  init = None  # the Future of a fresh state
+  pool, init = None, None  # the thread and the Future of a fresh state
   if resume is None:
     # The state's initialization (a compile of its own, then the run) goes on in a thread while
     # _loop compiles the train step for the abstract state: the two compiles overlap.
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="init")
     state = init = pool.submit(_fresh_state, config, task, start, tx, abstract)
-    pool.shutdown(wait=False)  # the thread ends when the state is made (_end_init waits for it)
+    pool.shutdown(wait=False)  # the thread ends when the state is made (_end_init joins it)
   writer = None
   error = None
   try:
@@ -498,7 +498,7 @@ def _run(
     error = e
     raise
   finally:
-    _end_init(init, error)
+    _end_init(pool, init, error)
     mngr.close()
     if writer is not None:
       writer.close()
@@ -507,16 +507,21 @@ def _run(
   return result
 
 
-def _end_init(init: concurrent.futures.Future | None, error: BaseException | None) -> None:
-  """Waits for the thread that initializes a fresh state (`init`, None on a resume) to end: a
+def _end_init(
+    pool: concurrent.futures.ThreadPoolExecutor | None,
+    init: concurrent.futures.Future | None,
+    error: BaseException | None,
+) -> None:
+  """Joins the thread (`pool`) that initializes a fresh state (`init`; both None on a resume): a
   run that failed before it took the state (in the train step's compile, at the first batch)
-  left it running, into the next run of this process, and the process's exit waited for it. Its
-  own failure, which that run never took, is logged."""
-  if init is None:
+  left it running, into the next run of this process, and the process's exit waited for it. The
+  thread itself is joined, not only `init` waited for: it outlives the Future's result by a little
+  (done callbacks, its own exit). Its own failure, which that run never took, is logged."""
+  if pool is None or init is None:
     return
   if not init.done():
     logging.info("waiting for the train state's initialization to end")
-  concurrent.futures.wait([init])
+  pool.shutdown(wait=True)
   failure = init.exception()
   if failure is not None and failure is not error:  # error: init.result() raised it in the run
     logging.warning(

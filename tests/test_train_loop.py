@@ -8,6 +8,7 @@ without XLA's backend optimizations and goes through a persistent compilation ca
 the same shapes compile once.
 """
 
+import concurrent.futures
 import fcntl
 import json
 import logging
@@ -426,13 +427,23 @@ def test_a_train_data_error_after_a_recorded_or_saved_step(case, caplog):
 def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypatch, caplog):
   """A fresh state is initialized in a thread beside the train step's compile: a compile that
   failed left that thread running, into the next run in this process (and the process's exit
-  waited for it), and a failure of its own was lost. The run waits for it now and logs that."""
+  waited for it), and a failure of its own was lost. The run joins the thread now (not only its
+  Future, which the thread outlives: here by a done callback) and logs that failure."""
 
   def create_state(*args, **kwargs):
     time.sleep(5)  # still at work when the compile fails
     raise RuntimeError("out of memory for the state")
 
+  class Lingering(concurrent.futures.ThreadPoolExecutor):
+
+    def submit(self, fn, /, *args, **kwargs):
+      future = super().submit(fn, *args, **kwargs)
+      if fn is loop._fresh_state:  # the init thread goes on after the Future is done
+        future.add_done_callback(lambda _: time.sleep(2))
+      return future
+
   monkeypatch.setattr(loop.training, "create_state", create_state)
+  monkeypatch.setattr(loop.concurrent.futures, "ThreadPoolExecutor", Lingering)
   with caplog.at_level(logging.WARNING), pytest.raises(Exception, match="xla_no_such_option"):
     loop.train_and_evaluate(tiny(), str(tmp_path), compiler_options={"xla_no_such_option": True})
   assert not [t for t in threading.enumerate() if t.name.startswith("init_")]
