@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from fec_jax import checkpoint, cli, data, reporting, tasks, training
 from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
 from fec_jax.model import model_name as name_of
-from fec_jax.model import param_shapes, variable_shapes
+from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
 
 
@@ -225,7 +225,8 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   (another model in the workdir, a converter output as workdir, init_from weights of another
   shape) stops here, before the data is opened or the train step is compiled."""
   model, model_name, overrides = task.create_model()
-  frozen = training.check_frozen(param_shapes(model), training.frozen_pattern(config))
+  shapes = variable_shapes(model)
+  frozen = training.check_frozen(shapes["params"], training.frozen_pattern(config))
   if frozen is not None:
     logging.info("%s", frozen)
   ema = config.ema_decay > 0
@@ -256,7 +257,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
         lambda: checkpoint.load_pretrained(config.init_from, step, ema=config.init_from_ema),
     )
     try:
-      task.adopt_pretrained(variable_shapes(model), pretrained, source)  # a misfit stops here
+      adopted, _ = task.adopt_pretrained(shapes, pretrained, source)  # a misfit stops here
     except checkpoint.ParamsMismatch as e:
       if name_of(found) == model_name:
         raise
@@ -265,9 +266,44 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"fit the config's {model_name} ({len(e.problems)} params differ): "
           f"{_init_from_fix(name_of(found), model_name)}"
       ) from e
-  elif resume is None and (warning := task.fresh_start_warning()) is not None:
-    logging.warning("%s", warning)
+    _warn_frozen_at_init(config, shapes["params"], adopted["params"], source)
+  elif resume is None:
+    if (warning := task.fresh_start_warning()) is not None:
+      logging.warning("%s", warning)
+    _warn_frozen_at_init(config, shapes["params"], shapes["params"], "")
   return _Start(model, model_name, overrides, resume, pretrained, source, saved, labels)
+
+
+def _warn_frozen_at_init(config, params, adopted, source: str) -> None:
+  """Warns where config.frozen keeps params at their initialization: those the task's
+  adopt_pretrained left as they were in `params` (ShapeDtypeStructs; `adopted` holds the very
+  objects: a head re-initialized for another class count, a segmenter's neck from a classifier),
+  every frozen param without init_from (`source` '', `adopted` is `params`)."""
+  pattern = training.frozen_pattern(config)
+  if not pattern:
+    return
+  before = traverse_util.flatten_dict(params, sep="/")
+  after = traverse_util.flatten_dict(adopted, sep="/")
+  frozen = training.frozen_mask(after, pattern)  # a flat dict's keys are the '/'-joined paths
+  kept = sorted(k for k, v in after.items() if frozen[k] and before.get(k) is v)
+  if not kept:
+    return
+  if not source:
+    logging.warning(
+        "config.frozen %r keeps the %d arrays it freezes at their initialization: there "
+        "is no config.init_from",
+        pattern,
+        len(kept),
+    )
+    return
+  logging.warning(
+      "config.frozen %r keeps %d arrays at their initialization, which %s does not give: " "%s%s",
+      pattern,
+      len(kept),
+      source,
+      ", ".join(kept[: checkpoint.MAX_LISTED]),
+      ", ..." if len(kept) > checkpoint.MAX_LISTED else "",
+  )
 
 
 def _init_from_fix(found: str, model: str) -> str:

@@ -618,6 +618,37 @@ def test_a_frozen_pattern_that_cannot_run_stops_before_the_data(tmp_path, data_n
     assert not (tmp_path / "w").exists()
 
 
+def test_frozen_params_left_at_their_initialization_are_warned(
+    reference, tmp_path, caplog, data_not_opened
+):
+  """A frozen param that init_from does not give (the head re-initialized for 3 classes), or any
+  frozen param without init_from, would train on from random weights it never leaves: a warning
+  names them before the data is opened; a linear probe of init_from's weights gets none."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=2, size=(40, 48))
+  runs = (
+      (finetune_config(root, reference, frozen="head/|network_0/"), "keeps 2 arrays"),
+      (finetune_config(root, reference, frozen=PROBE), None),
+      (tiny(frozen="network_0/"), "keeps the 18 arrays"),
+  )
+  for config, expected in runs:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(AssertionError, match="data was opened"):
+      train(config, tmp_path / "w")
+    warnings = [m for m in caplog.messages if "at their initialization" in m]
+    if expected is None:
+      assert warnings == []
+    elif config.init_from:
+      assert warnings == [
+          f"config.frozen {config.frozen!r} {expected} at their initialization, which "
+          f"{reference} does not give: head/bias, head/kernel"
+      ]
+    else:
+      assert warnings == [
+          f"config.frozen {config.frozen!r} {expected} it freezes at their "
+          "initialization: there is no config.init_from"
+      ]
+
+
 def test_a_fine_tune_without_init_from_is_refused(tmp_path):
   """configs/finetune.py's lr and schedule are for pretrained weights: a fresh run without
   init_from stops before anything is read, unless told to start from random weights."""
