@@ -338,7 +338,8 @@ def test_eval_py_on_a_workdir_prints_the_logged_accuracy(reference, compilation_
         (["--workdir="], "error: --workdir is empty; expected the path of the run's directory"),
         (
             ["--config.frozen=network_(0"],
-            "error: config.frozen 'network_(0' is not a regular expression (missing ), unterminated",
+            "error: config.frozen 'network_(0' is not a regular expression (missing ), "
+            "unterminated",
         ),
         (
             ["--coordinator_address=127.0.0.1:12355", "--process_id=1"],
