@@ -297,7 +297,7 @@ def _warn_frozen_at_init(config, params, adopted, source: str) -> None:
     )
     return
   logging.warning(
-      "config.frozen %r keeps %d arrays at their initialization, which %s does not give: " "%s%s",
+      "config.frozen %r keeps %d arrays at their initialization, which %s does not give: %s%s",
       pattern,
       len(kept),
       source,

@@ -231,7 +231,7 @@ def frozen_mask(params, pattern: str) -> Any:
 
 
 def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
+  return "/".join(k.key for k in path)
 
 
 def check_frozen(params, pattern: str) -> str | None:

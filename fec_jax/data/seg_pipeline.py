@@ -25,7 +25,7 @@ import functools
 import grain
 import numpy as np
 
-from fec_jax.data import loader, seg_sources, seg_transforms, transforms
+from fec_jax.data import loader, seg_sources, seg_transforms, sources, transforms
 from fec_jax.data import seg_config as config_lib
 
 
@@ -55,7 +55,7 @@ def _decode(record, cfg):
   stored = image.shape
   if isinstance(record["image"], bytes):
     image = transforms.upright(image, record["image"])
-  label_key = seg_sources.one_line(record["label_key"])  # the bad-file warning is one line
+  label_key = sources.one_line(record["label_key"])  # the bad-file warning is one line
   try:
     label = seg_transforms.decode_label(record["label"])
   except transforms.BadImageError as e:  # the warning names the image: say which file failed
@@ -79,7 +79,7 @@ def _check_label_range(label, cfg, label_key) -> None:
   stored = seg_transforms.unknown_ids(label, cfg)
   if stored:
     raise ValueError(
-        f"the annotation {seg_sources.one_line(label_key)} holds class ids {stored}; expected "
+        f"the annotation {sources.one_line(label_key)} holds class ids {stored}; expected "
         f"{seg_transforms.expected_ids(cfg)}: config.data.num_classes (or reduce_zero_label) "
         "does not fit the data"
     )
