@@ -408,8 +408,8 @@ def _is_unreadable(e: Exception) -> bool:
   range past the end of a file), or a JSON file that does not parse (_METADATA; _sharding,
   which TensorStore reads: FAILED_PRECONDITION ... Invalid JSON), or one that parses without the
   keys its reader looks up (_sharding: NOT_FOUND ... JSON Pointer) or with a value it refuses
-  (_JSON_READERS)."""
-  if isinstance(e, _JSON_ERRORS) and _json_reader(e) is not None:
+  (_JSON_READERS), or marks a saved array as no array (_NotAnArray)."""
+  if isinstance(e, _NotAnArray) or isinstance(e, _JSON_ERRORS) and _json_reader(e) is not None:
     return True
   return isinstance(e, json.JSONDecodeError) or bool(
       re.match(
@@ -612,10 +612,21 @@ def _describe(meta: dict[str, Any]) -> str:
 _PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 
+class _NotAnArray(ValueError):
+  """A leaf of a saved params or opt_state item that its _METADATA marks as no array."""
+
+
 def _saved_tree(directory, step: int, item: str) -> Any:
   """A saved item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
   with _draining_event_loops():  # it opens every array: a truncated manifest fails them all
-    return ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
+  # fec-jax saves arrays only there; a leaf without a shape is a _METADATA whose
+  # "skip_deserialize" became true (or another true value), to Orbax a value it does not read
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not hasattr(leaf, "shape"):
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      raise _NotAnArray(f"{item}/_METADATA marks {name} as no array")
+  return tree
 
 
 def _saved_params(directory, step: int, item: str) -> dict[str, Any]:

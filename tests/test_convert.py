@@ -629,6 +629,12 @@ PARSING_DAMAGE = {  # a JSON file that still parses, as a changed byte may leave
         '"key_type": 7',
         r"ValueError 7 is not a valid KeyType reading Orbax's metadata of an item, its _METADATA.*",
     ),
+    "_METADATA skip_deserialize true": (
+        "params/_METADATA",
+        '"skip_deserialize": false',
+        '"skip_deserialize": true',
+        r"params/_METADATA marks [\w/]+ as no array",
+    ),
 }  # a converter output (numpy params) has no array_metadatas/ or _sharding
 
 
@@ -638,8 +644,9 @@ def test_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_step_error(
 ):
   """A key renamed or a value of another type in a JSON file of the step (still JSON) was a
   KeyError or TypeError traceback from eval.py and init_from (or, for the checksums, no check),
-  or "not an FEC checkpoint" for Orbax's metadata (a key_type outside its enum too); now it is
-  the truncated-step error."""
+  or "not an FEC checkpoint" for Orbax's metadata (a key_type outside its enum too), or an
+  AttributeError traceback for a leaf marked skip_deserialize; now it is the truncated-step
+  error."""
   file, old, new, cause = PARSING_DAMAGE[damage]
   run = shutil.copytree(orbax_small, tmp_path / "run")
   _replace_once(run / "0" / file, old, new)
@@ -667,6 +674,12 @@ RESUME_PARSING_DAMAGE = {
         '"key_type": 1',
         '"key_type": 0',
         r"ValueError 0 is not a valid KeyType reading Orbax's metadata .*",
+    ),
+    "opt_state _METADATA skip_deserialize a string": (
+        "opt_state/_METADATA",
+        '"skip_deserialize": false',
+        '"skip_deserialize": "no"',
+        r"opt_state/_METADATA marks [\w/]+ as no array",
     ),
     "progress _METADATA key renamed": (
         "progress/_METADATA",
