@@ -534,7 +534,7 @@ def _run(
     error = e
     raise
   finally:
-    _end_init(pool, init, error)
+    _end_init(pool, init, error, preemption)
     mngr.close()
     if writer is not None:
       writer.close()
@@ -547,6 +547,7 @@ def _end_init(
     pool: concurrent.futures.ThreadPoolExecutor | None,
     init: concurrent.futures.Future | None,
     error: BaseException | None,
+    preemption: Preemption,
 ) -> None:
   """Joins the thread (`pool`) that initializes a fresh state (`init`; both None on a resume): a
   run that failed before it took the state (in the train step's compile, at the first batch)
@@ -555,8 +556,11 @@ def _end_init(
   (done callbacks, its own exit). Its own failure, which that run never took, is logged."""
   if pool is None or init is None:
     return
+  waiting = "waiting for the train state's initialization to end"
+  if error is not None:  # a signal during the wait: nothing is saved, the run's error follows
+    preemption.failed(waiting)
   if not init.done():
-    logging.info("waiting for the train state's initialization to end")
+    logging.info("%s", waiting)
   pool.shutdown(wait=True)
   failure = init.exception()
   if failure is not None and failure is not error:  # error: init.result() raised it in the run

@@ -41,6 +41,8 @@ class Preemption:
     self.signal_name: str | None = None  # the first signal this process received
     self._peer_signal: str | None = None  # one that only another process received
     self._previous = {}
+    # what a first signal makes this process do, as the handler says it
+    self._on_signal = "finishing the current step, then saving a checkpoint"
 
   @property
   def reason(self) -> str | None:
@@ -68,11 +70,12 @@ class Preemption:
       os.write(2, f"{name} again: exiting at once\n".encode())
       os._exit(128 + signum)
     self.signal_name = name
-    os.write(
-        2,
-        f"{name} received: finishing the current step, then saving a checkpoint "
-        f"(send it again to exit at once)\n".encode(),
-    )
+    os.write(2, f"{name} received: {self._on_signal} (send it again to exit at once)\n".encode())
+
+  def failed(self, doing: str) -> None:
+    """The run failed and saves nothing; from now on a first signal says what the process does
+    before it exits (`doing`), not that it saves a checkpoint."""
+    self._on_signal = f"the run failed; {doing}"
 
   def stop_now(self, step: int, agree: bool = False) -> bool:
     """True when every process is to stop after `step` (a train step, or an evaluation's

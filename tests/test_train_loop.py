@@ -424,11 +424,12 @@ def test_a_train_data_error_after_a_recorded_or_saved_step(case, caplog):
   }[case]
 
 
-def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypatch, caplog):
+def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypatch, caplog, capfd):
   """A fresh state is initialized in a thread beside the train step's compile: a compile that
   failed left that thread running, into the next run in this process (and the process's exit
   waited for it), and a failure of its own was lost. The run joins the thread now (not only its
-  Future, which the thread outlives: here by a done callback) and logs that failure."""
+  Future, which the thread outlives: here by a done callback) and logs that failure. A Ctrl-C
+  during that wait said "then saving a checkpoint" though nothing is saved."""
 
   def create_state(*args, **kwargs):
     time.sleep(5)  # still at work when the compile fails
@@ -438,9 +439,15 @@ def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypat
 
     def submit(self, fn, /, *args, **kwargs):
       future = super().submit(fn, *args, **kwargs)
-      if fn is loop._fresh_state:  # the init thread goes on after the Future is done
+      self.initializes = fn is loop._fresh_state
+      if self.initializes:  # the init thread goes on after the Future is done
         future.add_done_callback(lambda _: time.sleep(2))
       return future
+
+    def shutdown(self, wait=True, **kwargs):
+      if wait and getattr(self, "initializes", False):  # the run's wait for the init thread
+        os.kill(os.getpid(), signal.SIGINT)
+      super().shutdown(wait, **kwargs)
 
   monkeypatch.setattr(loop.training, "create_state", create_state)
   monkeypatch.setattr(loop.concurrent.futures, "ThreadPoolExecutor", Lingering)
@@ -449,6 +456,11 @@ def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypat
   assert not [t for t in threading.enumerate() if t.name.startswith("init_")]
   failed = "the train state's initialization failed too: RuntimeError: out of memory for the state"
   assert failed in [r.getMessage() for r in caplog.records]
+  said = (
+      "SIGINT received: the run failed; waiting for the train state's initialization to end "
+      "(send it again to exit at once)"
+  )
+  assert capfd.readouterr().err.splitlines().count(said) == 1
 
 
 def finetune_config(root, init_from, **overrides):
