@@ -134,9 +134,12 @@ def command_files(path: str) -> list[str]:
 
 def defined_flags(path: str) -> set[str]:
   """The flags a command accepts: absl DEFINE_* and config files (with absl's --noflag for
-  booleans), argparse add_argument names, and --help, which absl and argparse both define."""
-  names = {"help"}
+  booleans), argparse add_argument names, and --help where absl's app.run (cli.run) or an
+  argparse parser (cli.ArgumentParser) reads the command line: both define it."""
+  names = set()
   for source in command_files(path):
+    if re.search(r"\b(?:app|cli)\.run\(|ArgumentParser\(", source):
+      names.add("help")
     for kind, name in re.findall(
         r"(?:flags\.DEFINE_(\w+)|define_config_file)\(\s*\"(\w+)\"", source
     ):
