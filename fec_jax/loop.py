@@ -26,6 +26,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -239,6 +240,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     )
   labels = task.data_label_names()
   if resume is None:
+    _check_fresh_workdir(workdir)
     reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
     saved = None
   else:
@@ -272,6 +274,42 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
       logging.warning("%s", warning)
     _warn_frozen_at_init(config, shapes["params"], shapes["params"], "")
   return _Start(model, model_name, overrides, resume, pretrained, source, saved, labels)
+
+
+# What a run writes in its workdir (besides hidden files such as LOCK_FILE): its records, the
+# compilation cache, and numbered steps (an interrupted save leaves a step's Orbax tmp folder).
+_RUN_FILES = frozenset(
+    {
+        reporting.CONFIG_FILE,
+        reporting.CLASSES_FILE,
+        reporting.METRICS_FILE,
+        reporting.PLOT_FILE,
+        reporting.TENSORBOARD_DIR,
+        reporting.COMPILATION_CACHE,
+    }
+)
+_STEP_FOLDER = re.compile(r"\d+(\.orbax-checkpoint-tmp.*)?")
+
+
+def _check_fresh_workdir(workdir: str) -> None:
+  """ValueError where a fresh start's workdir holds what no run writes (_RUN_FILES): a folder of
+  one's own (data, notes, the repository) given as --workdir would get the run's checkpoints and
+  records among its files (a config.json of its own beside them replaced)."""
+  if not os.path.isdir(workdir):
+    return
+  foreign = sorted(
+      f"{name}/" if os.path.isdir(os.path.join(workdir, name)) else name
+      for name in os.listdir(workdir)
+      if not name.startswith(".") and name not in _RUN_FILES and not _STEP_FOLDER.fullmatch(name)
+  )
+  if not foreign:
+    return
+  listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+  raise ValueError(
+      f"--workdir {workdir} holds files that no train.py run writes ({listed}), and no run to "
+      "resume: a new run would write its checkpoints and records among them; give a new or empty "
+      "folder as --workdir"
+  )
 
 
 def _warn_frozen_at_init(config, params, adopted, source: str) -> None:

@@ -1081,6 +1081,39 @@ def test_a_workdir_with_an_unexpanded_home_is_refused(
   assert not os.listdir(tmp_path)
 
 
+def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, data_not_opened):
+  """A folder of one's own given as the workdir (data, notes, the repository) got the run's
+  checkpoints and records among its files, a config.json of its own overwritten. What a run
+  writes there (an interrupted one before its first checkpoint, say) and hidden files pass."""
+  workdir = tmp_path / "photos"
+  for name in ("cats/a.jpg", "config.json", "notes.txt", "x/y", "z/w", ".hidden"):
+    (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / name).write_text("mine")
+  with pytest.raises(ValueError) as e:
+    train(tiny(), workdir)
+  assert str(e.value) == (
+      f"--workdir {workdir} holds files that no train.py run writes (cats/, notes.txt, x/ and 1 "
+      "more), and no run to resume: a new run would write its checkpoints and records among "
+      "them; give a new or empty folder as --workdir"
+  )
+  assert (workdir / "config.json").read_text() == "mine"
+  interrupted = tmp_path / "interrupted"
+  for name in (
+      "config.json",
+      "classes.json",
+      "metrics.jsonl",
+      "curves.png",
+      "tensorboard/events",
+      "compilation_cache/x",
+      "2.orbax-checkpoint-tmp-1733580000/x",
+      ".notes",
+  ):
+    (interrupted / name).parent.mkdir(parents=True, exist_ok=True)
+    (interrupted / name).write_text("")
+  with pytest.raises(AssertionError, match="the data was opened"):
+    train(tiny(), interrupted)
+
+
 def test_mixup_on_an_odd_batch_per_device_stops_before_the_data(tmp_path, data_not_opened):
   config = tiny(global_batch_size=5, **{"data.mixup_alpha": 0.8})
   with pytest.raises(ValueError, match=r"^config.global_batch_size 5 over 1 device is 5 images"):
