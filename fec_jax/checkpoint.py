@@ -382,19 +382,22 @@ def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
 # Where Orbax parses its JSON metadata files (_METADATA, array_metadatas/) and grain a train
 # iterator's state (data_iterator/process_*.json): a KeyError or TypeError raised there is of a
 # file that parses but is corrupt (a key renamed, a value of another type), and so is a
-# ValueError raised in one of Orbax's parsers there, its from_json (a value outside its enum: a
-# key_type 7); other ValueErrors there may be of a restore's arguments
+# ValueError raised in one of Orbax's parsers there (_ORBAX_PARSERS): its from_json (a value
+# outside its enum: a key_type 7), or the empty value a restore puts for a leaf that _METADATA
+# marks as no array (skip_deserialize true: "Unrecognized typestr: jax.Array"); other ValueErrors
+# there may be of a restore's arguments
 _JSON_READERS = re.compile(r"orbax\.checkpoint\._src\.metadata\.|grain\._src\.python\.checkpoint\.")
 _JSON_ERRORS = (KeyError, TypeError, ValueError)
+_ORBAX_PARSERS = ("from_json", "get_empty_value_from_typestr")
 
 
 def _json_reader(e: BaseException) -> str | None:
   """What file `e`, one of _JSON_ERRORS, was raised reading (_JSON_READERS), in words; None where
-  none of those (or for a ValueError, in none of Orbax's from_json parsers there)."""
+  none of those (or for a ValueError, in none of Orbax's parsers there: _ORBAX_PARSERS)."""
   tb = e.__traceback__
   while tb is not None:
     m = _JSON_READERS.match(tb.tb_frame.f_globals.get("__name__", ""))
-    if m and (not isinstance(e, ValueError) or tb.tb_frame.f_code.co_name == "from_json"):
+    if m and (not isinstance(e, ValueError) or tb.tb_frame.f_code.co_name in _ORBAX_PARSERS):
       if m.group().startswith("grain"):
         return f"the train iterator's state, {DATA_ITER_ITEM}/process_*.json"
       return "Orbax's metadata of an item, its _METADATA, array_metadatas/ or _sharding"

@@ -687,6 +687,12 @@ RESUME_PARSING_DAMAGE = {
         '"kez"',
         r"KeyError 'key' .*",
     ),
+    "progress _METADATA skip_deserialize true": (  # an item whose metadata is not read first
+        "progress/_METADATA",
+        '"skip_deserialize": false',
+        '"skip_deserialize": true',
+        r"ValueError Unrecognized typestr: jax.Array .* reading Orbax's metadata .*",
+    ),
     "opt_state array_metadatas key renamed": (
         "opt_state/array_metadatas/process_0",
         '"param_name"',
@@ -708,7 +714,8 @@ def test_a_resume_of_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_ste
     tmp_path, damage
 ):
   """The same on a resume (restore_training), which reads the train iterator's state too: a
-  KeyError or TypeError traceback, or TensorStore's NOT_FOUND with its spec."""
+  KeyError or TypeError traceback, TensorStore's NOT_FOUND with its spec, or Orbax's ValueError
+  for a leaf marked skip_deserialize."""
   file, old, new, cause = RESUME_PARSING_DAMAGE[damage]
   _, abstract, data_iter = _tiny_run(tmp_path)
   _replace_once(tmp_path / "3" / file, old, new)
