@@ -276,13 +276,14 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   return _Start(model, model_name, overrides, resume, pretrained, source, saved, labels)
 
 
-# What a run writes in its workdir (besides hidden files such as LOCK_FILE): its records, the
+# What a run writes in its workdir (besides hidden files such as LOCK_FILE): its records (each
+# JSON record written to NAME.tmp, then renamed: a kill or a full disk may leave that), the
 # compilation cache, and numbered steps (an interrupted save leaves a step's Orbax tmp folder).
+_RECORDS = (reporting.CONFIG_FILE, reporting.CLASSES_FILE, reporting.METRICS_FILE)
 _RUN_FILES = frozenset(
     {
-        reporting.CONFIG_FILE,
-        reporting.CLASSES_FILE,
-        reporting.METRICS_FILE,
+        *_RECORDS,
+        *(f"{name}.tmp" for name in _RECORDS),
         reporting.PLOT_FILE,
         reporting.TENSORBOARD_DIR,
         reporting.COMPILATION_CACHE,

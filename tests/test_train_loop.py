@@ -1100,6 +1100,7 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
   interrupted = tmp_path / "interrupted"
   for name in (
       "config.json",
+      "config.json.tmp",  # a kill (or a full disk) between its write and its rename
       "classes.json",
       "metrics.jsonl",
       "curves.png",
