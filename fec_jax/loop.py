@@ -571,9 +571,10 @@ def _run(
     mngr.wait_until_finished()
   except BaseException as e:
     error = e
+    preemption.failed()  # a signal in the cleanup below says so, not that a step is saved
     raise
   finally:
-    _end_init(pool, init, error, preemption)
+    _end_init(pool, init, error)
     mngr.close()
     if writer is not None:
       writer.close()
@@ -586,7 +587,6 @@ def _end_init(
     pool: concurrent.futures.ThreadPoolExecutor | None,
     init: concurrent.futures.Future | None,
     error: BaseException | None,
-    preemption: Preemption,
 ) -> None:
   """Joins the thread (`pool`) that initializes a fresh state (`init`; both None on a resume): a
   run that failed before it took the state (in the train step's compile, at the first batch)
@@ -595,11 +595,8 @@ def _end_init(
   (done callbacks, its own exit). Its own failure, which that run never took, is logged."""
   if pool is None or init is None:
     return
-  waiting = "waiting for the train state's initialization to end"
-  if error is not None:  # a signal during the wait: nothing is saved, the run's error follows
-    preemption.failed(waiting)
   if not init.done():
-    logging.info("%s", waiting)
+    logging.info("waiting for the train state's initialization to end")
   pool.shutdown(wait=True)
   failure = init.exception()
   if failure is not None and failure is not error:  # error: init.result() raised it in the run

@@ -72,10 +72,13 @@ class Preemption:
     self.signal_name = name
     os.write(2, f"{name} received: {self._on_signal} (send it again to exit at once)\n".encode())
 
-  def failed(self, doing: str) -> None:
-    """The run failed and saves nothing; from now on a first signal says what the process does
-    before it exits (`doing`), not that it saves a checkpoint."""
-    self._on_signal = f"the run failed; {doing}"
+  def failed(self) -> None:
+    """The run failed: it trains and saves no more steps; from now on a first signal says that
+    the process exits once its cleanup ends, not that it saves the current step."""
+    self._on_signal = (
+        "the run failed; exiting once the work under way ends: the train state's "
+        "initialization, a checkpoint being written"
+    )
 
   def stop_now(self, step: int, agree: bool = False) -> bool:
     """True when every process is to stop after `step` (a train step, or an evaluation's

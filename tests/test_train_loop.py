@@ -457,8 +457,8 @@ def test_a_failed_compile_waits_for_the_state_initialization(tmp_path, monkeypat
   failed = "the train state's initialization failed too: RuntimeError: out of memory for the state"
   assert failed in [r.getMessage() for r in caplog.records]
   said = (
-      "SIGINT received: the run failed; waiting for the train state's initialization to end "
-      "(send it again to exit at once)"
+      "SIGINT received: the run failed; exiting once the work under way ends: the train state's "
+      "initialization, a checkpoint being written (send it again to exit at once)"
   )
   assert capfd.readouterr().err.splitlines().count(said) == 1
 
