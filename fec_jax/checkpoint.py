@@ -616,14 +616,15 @@ _PER_BLOCK_NAME = re.compile(STAGE_NAME.pattern + r"_\d+")
 
 
 class _NotAnArray(ValueError):
-  """A leaf of a saved params or opt_state item that its _METADATA marks as no array."""
+  """A leaf of a saved params, ema_params or opt_state item that its _METADATA marks as no
+  array."""
 
 
 def _saved_tree(directory, step: int, item: str) -> Any:
   """A saved item's tree of array metadata (names, shapes, dtypes; no arrays read)."""
   with _draining_event_loops():  # it opens every array: a truncated manifest fails them all
     tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item).tree
-  # fec-jax saves arrays only there; a leaf without a shape is a _METADATA whose
+  # fec-jax saves only arrays in the items read so; a leaf without a shape is a _METADATA whose
   # "skip_deserialize" became true (or another true value), to Orbax a value it does not read
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if not hasattr(leaf, "shape"):

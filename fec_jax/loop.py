@@ -293,16 +293,26 @@ _STEP_FOLDER = re.compile(r"\d+(\.orbax-checkpoint-tmp.*)?")
 
 
 def _check_fresh_workdir(workdir: str) -> None:
-  """ValueError where a fresh start's workdir holds what no run writes (_RUN_FILES): a folder of
-  one's own (data, notes, the repository) given as --workdir would get the run's checkpoints and
-  records among its files (a config.json of its own beside them replaced)."""
+  """ValueError where a fresh start's workdir holds anything but hidden files, what a run writes
+  (_RUN_FILES, step folders) and other runs' workdirs: a folder of one's own (data, notes, the
+  repository) given as --workdir would get the run's checkpoints and records among its files (a
+  config.json of its own beside them replaced)."""
   if not os.path.isdir(workdir):
     return
-  foreign = sorted(
-      f"{name}/" if os.path.isdir(os.path.join(workdir, name)) else name
-      for name in os.listdir(workdir)
-      if not name.startswith(".") and name not in _RUN_FILES and not _STEP_FOLDER.fullmatch(name)
-  )
+  foreign = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name)
+    if not os.path.isdir(path):
+      if not name.startswith(".") and name not in _RUN_FILES:
+        foreign.append(name)
+    elif not (
+        name.startswith(".")
+        or name in _RUN_FILES
+        or _STEP_FOLDER.fullmatch(name)
+        or reporting.has_config(path)  # a run's workdir of its own (runs/pets/ablation)
+        or os.path.exists(os.path.join(path, LOCK_FILE))
+    ):
+      foreign.append(f"{name}/")
   if not foreign:
     return
   listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

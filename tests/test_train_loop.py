@@ -1084,16 +1084,17 @@ def test_a_workdir_with_an_unexpanded_home_is_refused(
 def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, data_not_opened):
   """A folder of one's own given as the workdir (data, notes, the repository) got the run's
   checkpoints and records among its files, a config.json of its own overwritten. What a run
-  writes there (an interrupted one before its first checkpoint, say) and hidden files pass."""
+  writes there (an interrupted one before its first checkpoint, say), another run's workdir and
+  hidden files pass; a file with a step's number is no step."""
   workdir = tmp_path / "photos"
-  for name in ("cats/a.jpg", "config.json", "notes.txt", "x/y", "z/w", ".hidden"):
+  for name in ("cats/a.jpg", "config.json", "notes.txt", "x/y", "z/w", ".hidden", "2024"):
     (workdir / name).parent.mkdir(parents=True, exist_ok=True)
     (workdir / name).write_text("mine")
   with pytest.raises(ValueError) as e:
     train(tiny(), workdir)
   assert str(e.value) == (
-      f"--workdir {workdir} holds files that no train.py run writes (cats/, notes.txt, x/ and 1 "
-      "more), and no run to resume: a new run would write its checkpoints and records among "
+      f"--workdir {workdir} holds files that no train.py run writes (2024, cats/, notes.txt and "
+      "2 more), and no run to resume: a new run would write its checkpoints and records among "
       "them; give a new or empty folder as --workdir"
   )
   assert (workdir / "config.json").read_text() == "mine"
@@ -1108,6 +1109,7 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
       "compilation_cache/x",
       "2.orbax-checkpoint-tmp-1733580000/x",
       ".notes",
+      "ablation/config.json",  # a run's workdir inside it
   ):
     (interrupted / name).parent.mkdir(parents=True, exist_ok=True)
     (interrupted / name).write_text("")
