@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import time
 import zlib
@@ -186,15 +185,20 @@ def _hold(workdir: str):
   """Holds an exclusive lock on workdir/.lock while the run goes on (taken by process 0; every
   process learns the outcome), so that a second run on the same workdir stops at once instead of
   training beside the first and interleaving their records and checkpoints. fcntl.flock: released
-  when the process ends, however it ends. A workdir that this creates and that is left holding
-  only the lock file is removed again; a path that cannot hold the lock (a file, a read-only
-  folder) is left for _start to refuse, and a filesystem without flock runs without the lock."""
-  fd, created, in_use = None, False, ""
+  when the process ends, however it ends. A start that fails before the run records its config
+  (config.json) leaves no trace: the lock file this creates is removed again (while still held:
+  a run that opened it meanwhile finds it in use), and so is a workdir this creates; a path that
+  cannot hold the lock (a file, a read-only folder) is left for _start to refuse, and a
+  filesystem without flock runs without the lock."""
+  fd, created, lock_created, in_use, config_before = None, False, False, "", None
+  lock = os.path.join(workdir, LOCK_FILE)
   if jax.process_index() == 0:
     created = not os.path.exists(workdir)
+    lock_created = not os.path.exists(lock)
+    config_before = _file_version(os.path.join(workdir, reporting.CONFIG_FILE))
     try:
       os.makedirs(workdir, exist_ok=True)
-      fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       in_use = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
@@ -216,9 +220,23 @@ def _hold(workdir: str):
     yield
   finally:
     if fd is not None:
+      config_now = _file_version(os.path.join(workdir, reporting.CONFIG_FILE))
+      if lock_created and not in_use and config_now == config_before:  # the run recorded nothing
+        with contextlib.suppress(FileNotFoundError):
+          os.unlink(lock)
       os.close(fd)
-    if created and os.path.isdir(workdir) and os.listdir(workdir) == [LOCK_FILE]:
-      shutil.rmtree(workdir, ignore_errors=True)
+    if created and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+  """(inode, mtime in ns) of a file, None where there is none (or its folder is a file): a file
+  written again (to a temporary file, then renamed, as reporting.write_config does) has another."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_ino, st.st_mtime_ns
 
 
 def _start(config, workdir: str, task: tasks.Task) -> _Start:

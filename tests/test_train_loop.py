@@ -1098,6 +1098,7 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
       "them; give a new or empty folder as --workdir"
   )
   assert (workdir / "config.json").read_text() == "mine"
+  assert not os.path.exists(workdir / loop.LOCK_FILE)  # the failed start left no lock file there
   interrupted = tmp_path / "interrupted"
   for name in (
       "config.json",
