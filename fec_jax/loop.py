@@ -192,10 +192,11 @@ def _hold(workdir: str):
   filesystem without flock runs without the lock."""
   fd, created, lock_created, in_use, config_before = None, False, False, "", None
   lock = os.path.join(workdir, LOCK_FILE)
+  config_file = os.path.join(workdir, reporting.CONFIG_FILE)
   if jax.process_index() == 0:
     created = not os.path.exists(workdir)
     lock_created = not os.path.exists(lock)
-    config_before = _file_version(os.path.join(workdir, reporting.CONFIG_FILE))
+    config_before = _file_version(config_file)
     try:
       os.makedirs(workdir, exist_ok=True)
       fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -220,8 +221,8 @@ def _hold(workdir: str):
     yield
   finally:
     if fd is not None:
-      config_now = _file_version(os.path.join(workdir, reporting.CONFIG_FILE))
-      if lock_created and not in_use and config_now == config_before:  # the run recorded nothing
+      recorded = _file_version(config_file) != config_before  # the run wrote its config.json
+      if lock_created and not in_use and not recorded:
         with contextlib.suppress(FileNotFoundError):
           os.unlink(lock)
       os.close(fd)
@@ -320,13 +321,12 @@ def _check_fresh_workdir(workdir: str) -> None:
   foreign = []
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name)
+    if name.startswith(".") or name in _RUN_FILES:
+      continue
     if not os.path.isdir(path):
-      if not name.startswith(".") and name not in _RUN_FILES:
-        foreign.append(name)
+      foreign.append(name)
     elif not (
-        name.startswith(".")
-        or name in _RUN_FILES
-        or _STEP_FOLDER.fullmatch(name)
+        _STEP_FOLDER.fullmatch(name)
         or reporting.has_config(path)  # a run's workdir of its own (runs/pets/ablation)
         or os.path.exists(os.path.join(path, LOCK_FILE))
     ):
