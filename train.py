@@ -136,8 +136,9 @@ def check_config_found(workdir: str) -> None:
 
 def remove_cache_only_workdir(workdir: str) -> None:
   """Removes a workdir that this run created and that holds nothing but the compilation cache
-  (JAX makes it at the first compile, which can come before a check fails) and the run's lock
-  file, so that a failed start leaves nothing behind."""
+  (JAX makes it at the first compile; the library removes one begun while it holds the workdir's
+  lock, but several processes compile before: their check that they run the same config) and the
+  run's lock file, so that a failed start leaves nothing behind."""
   if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {
       reporting.COMPILATION_CACHE,
       loop.LOCK_FILE,

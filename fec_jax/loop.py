@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import time
 import zlib
@@ -187,15 +188,19 @@ def _hold(workdir: str):
   training beside the first and interleaving their records and checkpoints. fcntl.flock: released
   when the process ends, however it ends. A start that fails before the run records its config
   (config.json) leaves no trace: the lock file this creates is removed again (while still held:
-  a run that opened it meanwhile finds it in use), and so is a workdir this creates; a path that
-  cannot hold the lock (a file, a read-only folder) is left for _start to refuse, and a
-  filesystem without flock runs without the lock."""
+  a run that opened it meanwhile finds it in use), and so are the compilation cache that JAX
+  began meanwhile (train.py's, made at the first compile, which can come before a check fails)
+  and a workdir this creates; a path that cannot hold the lock (a file, a read-only folder) is
+  left for _start to refuse, and a filesystem without flock runs without the lock."""
   fd, created, lock_created, in_use, config_before = None, False, False, "", None
   lock = os.path.join(workdir, LOCK_FILE)
   config_file = os.path.join(workdir, reporting.CONFIG_FILE)
+  cache = os.path.join(workdir, reporting.COMPILATION_CACHE)
+  cache_created = False
   if jax.process_index() == 0:
     created = not os.path.exists(workdir)
     lock_created = not os.path.exists(lock)
+    cache_created = not os.path.exists(cache)
     config_before = _file_version(config_file)
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -219,12 +224,16 @@ def _hold(workdir: str):
           "end (or stop it), or give another --workdir"
       )
     yield
+    cache_created = False  # a run that ended without its config.json (not JSON) keeps its cache
   finally:
     if fd is not None:
       recorded = _file_version(config_file) != config_before  # the run wrote its config.json
-      if lock_created and not in_use and not recorded:
-        with contextlib.suppress(FileNotFoundError):
-          os.unlink(lock)
+      if not in_use and not recorded:
+        if cache_created:
+          shutil.rmtree(cache, ignore_errors=True)
+        if lock_created:
+          with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
       os.close(fd)
     if created and os.path.isdir(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)
@@ -315,19 +324,21 @@ def _check_fresh_workdir(workdir: str) -> None:
   """ValueError where a fresh start's workdir holds anything but hidden files, what a run writes
   (_RUN_FILES, step folders) and other runs' workdirs: a folder of one's own (data, notes, the
   repository) given as --workdir would get the run's checkpoints and records among its files (a
-  config.json of its own beside them replaced)."""
+  config.json of its own replaced: one that is no run's config counts as one's own)."""
   if not os.path.isdir(workdir):
     return
   foreign = []
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name)
-    if name.startswith(".") or name in _RUN_FILES:
+    if name == reporting.CONFIG_FILE and os.path.isfile(path) and not _a_runs_config(workdir):
+      foreign.append(name)
+    elif name.startswith(".") or name in _RUN_FILES:
       continue
-    if not os.path.isdir(path):
+    elif not os.path.isdir(path):
       foreign.append(name)
     elif not (
         _STEP_FOLDER.fullmatch(name)
-        or reporting.has_config(path)  # a run's workdir of its own (runs/pets/ablation)
+        or _a_runs_config(path)  # a run's workdir of its own (runs/pets/ablation)
         or os.path.exists(os.path.join(path, LOCK_FILE))
     ):
       foreign.append(f"{name}/")
@@ -339,6 +350,16 @@ def _check_fresh_workdir(workdir: str) -> None:
       "resume: a new run would write its checkpoints and records among them; give a new or empty "
       "folder as --workdir"
   )
+
+
+def _a_runs_config(directory: str) -> bool:
+  """Whether `directory` holds the config.json of a run (a JSON object with the model field every
+  task reads), not a file of that name of one's own (a project's settings, say)."""
+  try:
+    saved = reporting.read_config(directory)
+  except (OSError, ValueError):  # unreadable, not JSON, not an object
+    return False
+  return saved is not None and "model" in saved
 
 
 def _warn_frozen_at_init(config, params, adopted, source: str) -> None:

@@ -712,6 +712,30 @@ def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
   assert not os.path.exists(tmp_path / "new")  # a failed start leaves no workdir
 
 
+def test_a_failed_start_removes_the_compilation_cache_it_began(tmp_path, monkeypatch):
+  """JAX makes train.py's WORKDIR/compilation_cache at the first compile, which can come before a
+  check fails: a failed start left it in a folder that was there before (seen: an empty
+  compilation_cache/ in a folder of one's own). A cache that was there before stays."""
+  workdir = tmp_path / "mine"
+  cache = workdir / reporting.COMPILATION_CACHE
+
+  def open_data(*_):
+    cache.mkdir(exist_ok=True)  # as JAX at a compile
+    (cache / "new_entry").write_text("")
+    raise data.DataNotFoundError("no data")
+
+  monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
+  workdir.mkdir()
+  with pytest.raises(data.DataNotFoundError):
+    train(tiny(), workdir)
+  assert os.listdir(workdir) == []
+  cache.mkdir()
+  (cache / "entry").write_text("")
+  with pytest.raises(data.DataNotFoundError):
+    train(tiny(), workdir)
+  assert sorted(os.listdir(cache)) == ["entry", "new_entry"]
+
+
 def test_a_run_of_another_process_count_is_not_resumed(reference, tmp_path):
   """Each process saves its own train iterator position: a resume needs as many processes."""
   workdir = shutil.copytree(reference, tmp_path / "w")
@@ -1085,7 +1109,7 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
   """A folder of one's own given as the workdir (data, notes, the repository) got the run's
   checkpoints and records among its files, a config.json of its own overwritten. What a run
   writes there (an interrupted one before its first checkpoint, say), another run's workdir and
-  hidden files pass; a file with a step's number is no step."""
+  hidden files pass; a file with a step's number is no step, a config.json no run's config."""
   workdir = tmp_path / "photos"
   for name in ("cats/a.jpg", "config.json", "notes.txt", "x/y", "z/w", ".hidden", "2024"):
     (workdir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -1093,13 +1117,23 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
   with pytest.raises(ValueError) as e:
     train(tiny(), workdir)
   assert str(e.value) == (
-      f"--workdir {workdir} holds files that no train.py run writes (2024, cats/, notes.txt and "
-      "2 more), and no run to resume: a new run would write its checkpoints and records among "
-      "them; give a new or empty folder as --workdir"
+      f"--workdir {workdir} holds files that no train.py run writes (2024, cats/, config.json "
+      "and 3 more), and no run to resume: a new run would write its checkpoints and records "
+      "among them; give a new or empty folder as --workdir"
   )
   assert (workdir / "config.json").read_text() == "mine"
   assert not os.path.exists(workdir / loop.LOCK_FILE)  # the failed start left no lock file there
+  for settings in ('{"name": "my project"}', "[1, 2]", "{"):  # a config.json alone, no run's
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    (project / "config.json").write_text(settings)
+    with pytest.raises(
+        ValueError, match=r"holds files that no train.py run writes \(config.json\)"
+    ):
+      train(tiny(), project)
+    assert (project / "config.json").read_text() == settings
   interrupted = tmp_path / "interrupted"
+  run_config = json.dumps({"model": {"name": "fec_small"}})
   for name in (
       "config.json",
       "config.json.tmp",  # a kill (or a full disk) between its write and its rename
@@ -1113,7 +1147,7 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
       "ablation/config.json",  # a run's workdir inside it
   ):
     (interrupted / name).parent.mkdir(parents=True, exist_ok=True)
-    (interrupted / name).write_text("")
+    (interrupted / name).write_text(run_config if name.endswith("config.json") else "")
   with pytest.raises(AssertionError, match="the data was opened"):
     train(tiny(), interrupted)
 
