@@ -265,6 +265,8 @@ def use_compilation_cache(workdir: str, create: bool = True) -> None:
   for them, and gloo gives up after 30 s ('Gloo context initialization failed')."""
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
     return
+  if not_a_directory(workdir) is not None:  # a file in the way: the run's check says so, where
+    return  # a cache there would first have JAX warn at each compile that it cannot read it
   path = os.path.join(os.path.abspath(workdir), reporting.COMPILATION_CACHE)
   if not jax.config.jax_compilation_cache_dir and (create or os.path.isdir(path)):
     jax.config.update("jax_compilation_cache_dir", path)

@@ -1403,8 +1403,9 @@ def test_a_missing_required_flag_is_one_line_with_its_help(capsys):
 
 
 def test_a_runs_compilation_cache_is_used_where_there_is_one(tmp_path):
-  """train.py makes WORKDIR/compilation_cache; eval.py (create=False) uses it only where a run
-  left one (not in a converter output); a cache the user chose stays."""
+  """train.py makes WORKDIR/compilation_cache (not where a file is in the way); eval.py
+  (create=False) uses it only where a run left one (not in a converter output); a cache the user
+  chose stays."""
   chosen = jax.config.jax_compilation_cache_dir
   try:
     jax.config.update("jax_compilation_cache_dir", None)
@@ -1418,6 +1419,11 @@ def test_a_runs_compilation_cache_is_used_where_there_is_one(tmp_path):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "converted" / "compilation_cache")
     cli.use_compilation_cache(str(tmp_path / "run"))
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "converted" / "compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", None)
+    (tmp_path / "file").write_text("")  # --workdir=a file (or under one): no cache, no warning
+    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+      cli.use_compilation_cache(str(workdir))
+      assert jax.config.jax_compilation_cache_dir is None
   finally:
     jax.config.update("jax_compilation_cache_dir", chosen)
 
