@@ -128,7 +128,9 @@ def check_arguments(config, images: list[str] | None):
     cli.check_data_found(config, directory, FLAGS["config"].present)
   # missing data stops here (images of one's own need none)
   num_val = data.seg_num_examples(config.data, "val") if images is None else len(images)
-  model, _ = checkpoint.load_model(directory, FLAGS.step)
+  model, step = checkpoint.load_model(directory, FLAGS.step)
+  if FLAGS.ema:
+    checkpoint.check_ema(os.path.abspath(directory), step)
   if model_name(model) not in SEGMENTERS:
     cli.fail(
         f"{directory} holds {model_name(model)}, not a segmenter ({', '.join(sorted(SEGMENTERS))})"

@@ -231,11 +231,8 @@ def load_pretrained(
   model, step = load_model(directory, step, **overrides)
   directory = os.path.abspath(os.fspath(directory))
   item = EMA_PARAMS_ITEM if ema else PARAMS_ITEM
-  if ema and EMA_PARAMS_ITEM not in saved_items(directory, step):
-    raise CheckpointError(
-        f"{directory} step {step} holds no EMA weights (a converter output, or a train.py run "
-        "with ema_decay 0); leave out the EMA option (--ema; for init_from, init_from_ema)"
-    )
+  if ema:
+    check_ema(directory, step)
   shapes = variable_shapes(model)
   items = {"params": item}  # collection -> checkpoint item
   if "batch_stats" in shapes:
@@ -437,6 +434,16 @@ def _unreadable_step(mngr: ocp.CheckpointManager, step: int, cause: BaseExceptio
       f"--config.init_from_step=N; to resume from an earlier one, move {step_dir} out of the "
       f"workdir)"
   )
+
+
+def check_ema(directory: str, step: int) -> None:
+  """A CheckpointError where `step` of `directory` holds no EMA weights (fast: item names only),
+  for a command that checks its inputs before slow work."""
+  if EMA_PARAMS_ITEM not in saved_items(directory, step):
+    raise CheckpointError(
+        f"{directory} step {step} holds no EMA weights (a converter output, or a train.py run "
+        "with ema_decay 0); leave out the EMA option (--ema; for init_from, init_from_ema)"
+    )
 
 
 def saved_items(directory: str, step: int) -> set[str]:

@@ -1383,6 +1383,28 @@ def test_visualize_seg_without_a_readable_image_says_so(bad, files, tmp_path):
   assert code == 2 and re.search(r"^I\d{4} .* val: 1 bad images masked out", err, re.M), err
 
 
+def test_visualize_seg_ema_without_ema_weights_fails_before_reading_data(files, tmp_path):
+  """--ema on weights without EMA: eval.py's error, before the val images are read (here
+  unreadable ones, whose warnings and error would come first)."""
+  for kind, suffix in (("images", ".jpg"), ("annotations", ".png")):
+    (tmp_path / kind / "validation").mkdir(parents=True)
+    (tmp_path / kind / "validation" / f"ADE_val_00000001{suffix}").write_bytes(b"not an image")
+  code, out, err = visualize_seg(
+      "--config=configs/fpn_fec_small_ade20k.py",
+      f"--config.data.root={tmp_path}",
+      "--config.data.num_workers=0",
+      f"--checkpoint={files}/fpn",
+      f"--output={tmp_path}/seg.png",
+      "--ema",
+  )
+  assert (code, out, err) == (
+      2,
+      "",
+      f"error: {files}/fpn step 0 holds no EMA weights (a converter output, or a train.py run "
+      "with ema_decay 0); leave out the EMA option (--ema; for init_from, init_from_ema)\n",
+  )
+
+
 def test_the_config_flag_is_the_scripts_own(monkeypatch):
   """--config belongs to the module that calls define_config_file, so its --help lists it."""
   monkeypatch.setattr("sys.argv", ["prog"])
