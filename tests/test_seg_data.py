@@ -678,7 +678,7 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
   assert sorted(r.getMessage().split(": ", 1)[1] for r in caplog.records) == [
       "annotation annotations/validation/ADE_val_00000002.png: empty file",
       "annotation annotations/validation/ADE_val_00000003.png: mode RGB; expected a "
-      "single-channel 8-bit PNG of class ids ('L' or 'P')",
+      "single-channel 8-bit PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)",
       "not an image file PIL can read",
   ]
   assert it.stats() == {"bad": 3, "converted": 0}
@@ -693,6 +693,25 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
   for x, y in zip(got, again, strict=True):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_a_1_bit_annotation_is_ids_0_and_1(tmp_path):
+  """A binary mask saved from a bool array is a 1-bit PNG (mode '1'): ids 0 and 1, as mmseg's
+  LoadAnnotations reads it (astype(uint8)), not a bad file, in train and val."""
+  root = make_ade20k_folder(tmp_path, num_train=1, num_val=1, num_classes=1, sizes=((40, 48),))
+  mask = np.zeros((40, 48), bool)
+  mask[8:24, 16:40] = True
+  for folder, prefix in (("training", "train"), ("validation", "val")):
+    path = os.path.join(root, "annotations", folder, f"ADE_{prefix}_00000001.png")
+    Image.fromarray(mask).save(path)
+    assert Image.open(path).mode == "1"
+  cfg = _cfg(root, reduce_zero_label=False, num_classes=2)
+  val = list(fd.create_seg_loader(cfg, "val", 1, seed=0))
+  assert [bool(e["mask"]) for e in val] == [True]
+  np.testing.assert_array_equal(val[0]["label"], mask.astype(np.uint8))
+  it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
+  (batch,) = list(it)
+  assert it.stats()["bad"] == 0 and set(np.unique(batch["label"])) <= {0, 1, 255}
 
 
 def test_train_with_no_readable_record_raises(tmp_path):
@@ -714,7 +733,7 @@ def test_train_with_no_readable_record_raises(tmp_path):
       + r"annotations/training/ADE_train_0000000\1\.png"
       + re.escape(
           ": mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or "
-          "'P'); the warnings above name every one)"
+          "'P'; or 1-bit, ids 0 and 1); the warnings above name every one)"
       ),
       str(e.value),
   ), e.value

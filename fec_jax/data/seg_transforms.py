@@ -23,17 +23,19 @@ from fec_jax.data import transforms
 
 def decode_label(encoded) -> np.ndarray:
   """A PNG annotation (bytes) or uint8 [H, W] array -> uint8 [H, W] class indices, as mmseg's
-  LoadAnnotations reads it (Pillow, 'unchanged': palette images give their indices).
+  LoadAnnotations reads it (Pillow, 'unchanged', then astype(uint8): palette images give their
+  indices, a 1-bit PNG, a binary mask saved from a bool array, ids 0 and 1).
   Raises transforms.BadImageError for an unreadable file (an OSError in place of the bytes),
-  corrupt data or a multi-channel / non-8-bit map."""
+  corrupt data or a multi-channel / 16-bit map."""
   if isinstance(encoded, np.ndarray):
     return encoded
   img = transforms.open_image(encoded)
-  if img.mode not in ("L", "P"):
+  if img.mode not in ("L", "P", "1"):
     raise transforms.BadImageError(
-        f"mode {img.mode}; expected a single-channel 8-bit PNG of class ids ('L' or 'P')"
+        f"mode {img.mode}; expected a single-channel 8-bit PNG of class ids ('L' or 'P'; or "
+        "1-bit, ids 0 and 1)"
     )
-  return np.asarray(img)
+  return np.asarray(img, np.uint8)
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
