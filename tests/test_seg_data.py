@@ -539,6 +539,22 @@ def test_root_inside_the_dataset_names_the_dataset(tmp_path):
     )
 
 
+def test_an_annotation_with_another_suffix_is_named(tmp_path):
+  """An annotation saved as a JPEG (or another suffix): the error names the file it found."""
+  root = make_ade20k_folder(tmp_path, num_train=2, num_val=1)
+  ann = os.path.join(root, "annotations", "training")
+  os.rename(
+      os.path.join(ann, "ADE_train_00000001.png"), os.path.join(ann, "ADE_train_00000001.jpg")
+  )
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.seg_num_examples(_cfg(root), "train")
+  assert str(e.value).startswith(
+      f"1 image(s) without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
+      f"no {ann}/ADE_train_00000001.png (found {ann}/ADE_train_00000001.jpg: annotations are read "
+      "as .png, PNGs of class ids, as ADE20K's); expected the ADE20K layout"
+  ), e.value
+
+
 def test_config_validation():
   cfg = fd.ade20k_config()
   fd.seg_validate(cfg)

@@ -114,9 +114,17 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   missing = [(i, a) for i, a in zip(images, wanted) if a not in annotations]
   if missing:
     image, annotation = missing[0]
+    stem = annotation[: -len(SEG_MAP_SUFFIX)]
+    other = next((p for p in _scan(ann_dir, "") if os.path.splitext(p)[0] == stem), None)
+    hint = ""
+    if other is not None:  # e.g. masks saved as JPEGs, whose lossy pixels are no class ids
+      hint = (
+          f" (found {one_line(os.path.join(ann_dir, other))}: annotations are read as "
+          f"{SEG_MAP_SUFFIX}, PNGs of class ids, as ADE20K's)"
+      )
     raise DataNotFoundError(
         f"{len(missing)} image(s) without annotation, first: "
-        f"{os.path.join(img_dir, image)} has no {os.path.join(ann_dir, annotation)}; "
+        f"{os.path.join(img_dir, image)} has no {os.path.join(ann_dir, annotation)}{hint}; "
         f"{ADE20K_LAYOUT_HELP}"
     )
   unused = sorted(annotations.difference(wanted))
