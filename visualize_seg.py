@@ -239,8 +239,17 @@ def main(argv):
       static_argnums=2,
   )
 
+  # A line every 30 s: each new image size compiles (tens of seconds at ADE20K's sizes on a CPU).
+  progress = tasks.Progress(
+      len(examples),
+      "images",
+      None,
+      lambda line: print(line, file=sys.stderr, flush=True),
+      verb="predicted",
+      split="val " if images is None else "",
+  )
   rows = []
-  for image, target, _ in examples:
+  for done, (image, target, _) in enumerate(examples, 1):
     if images is None:  # target: the annotation
       pred = predict(variables, image[None], target.shape)[0]
       # The image at the annotation's size, for the overlay (the model saw the test resize).
@@ -248,6 +257,7 @@ def main(argv):
       rows.append((image, target, np.asarray(pred)))
     else:  # target: the image at the panel's size, where the prediction is made
       rows.append((target, np.asarray(predict(variables, image[None], target.shape[:2])[0])))
+    progress.update(done)
   picture = seg_picture.draw(
       rows,
       seg_picture.palette(d),

@@ -236,6 +236,9 @@ def test_progress_lines_and_stop():
   with pytest.raises(tasks.EvaluationStopped, match="^stopped after 2 of 4 val images$"):
     progress.update(2)
   progress.update(4)  # the last: the metrics are complete, no reason to drop them
+  drawing = tasks.Progress(2, "images", None, lines.append, every=0, verb="predicted", split="")
+  drawing.update(1)  # visualize_seg.py --image
+  assert lines[-1] == "predicted 1 of 2 images in 0:00:00"
 
 
 def test_resume_restores_batch_stats(seg_run, tmp_path):
