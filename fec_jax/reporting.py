@@ -398,7 +398,9 @@ def plot_metrics(workdir: str) -> str | None:
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   axes[0].plot(*series("train_loss"), label="train")
-  axes[0].plot(*series("val_loss"), "o-", label="val")
+  val_loss = series("val_loss")
+  if val_loss[0]:  # a segmenter's evaluation gives no loss: no empty "val" in the legend
+    axes[0].plot(*val_loss, "o-", label="val")
   axes[0].set_title("loss")
   axes[1].plot(*series("lr"))
   axes[1].set_title("learning rate")

@@ -3,6 +3,7 @@ model compilation."""
 
 import importlib
 import itertools
+import json
 import math
 import os
 import pathlib
@@ -678,3 +679,25 @@ def test_the_classification_evaluator_takes_classifiers_only():
   mesh = jax.sharding.Mesh(jax.devices(), ("data",))
   with pytest.raises(ValueError, match="holds fec_small_seg, not a classifier"):
     tasks.get(demo.get_config()).evaluator(fec_jax.create_model("fec_small_seg"), mesh)
+
+
+@pytest.mark.parametrize("val_loss", [True, False])
+def test_curves_legend_names_only_the_losses_recorded(tmp_path, monkeypatch, val_loss):
+  """curves.png's loss panel has a "val" entry where the evaluations gave a loss (a classifier's),
+  none for a segmenter's (mIoU, mAcc, aAcc only)."""
+  import matplotlib.figure
+
+  records = [
+      {"step": 10, "train_loss": 0.4, "lr": 1e-3, "val_mIoU": 75.0, "val_images": 3},
+      {"step": 20, "train_loss": 0.2, "lr": 1e-4, "val_mIoU": 80.0, "val_images": 3},
+  ]
+  if val_loss:
+    for r in records:
+      r["val_loss"] = r["train_loss"] + 0.1
+  (tmp_path / reporting.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+  figures = []
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+  reporting.plot_metrics(str(tmp_path))
+  loss, _, held_out = figures[0].axes
+  assert loss.get_legend_handles_labels()[1] == (["train", "val"] if val_loss else ["train"])
+  assert held_out.get_legend_handles_labels()[1] == ["val_mIoU"]
