@@ -296,6 +296,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
           f"fit the config's {model_name} ({len(e.problems)} params differ): "
           f"{_init_from_fix(name_of(found), model_name)}"
       ) from e
+    _warn_other_classes(config.init_from, labels, source)
     _warn_frozen_at_init(config, shapes["params"], adopted["params"], source)
   elif resume is None:
     if (warning := task.fresh_start_warning()) is not None:
@@ -360,6 +361,30 @@ def _a_runs_config(directory: str) -> bool:
   except (OSError, ValueError):  # unreadable, not JSON, not an object
     return False
   return saved is not None and "model" in saved
+
+
+def _warn_other_classes(init_from: str, labels, source: str) -> None:
+  """Warns where init_from is a run whose data named as many classes as the data's now (`labels`,
+  Task.data_label_names), but others (its classes.json): nothing is re-initialized for a class
+  count that fits, so the weights it learnt for its classes (a classifier's head) score the
+  data's labels by index, other classes than theirs (a fine-tune from cat, dog, fox on dog, fox,
+  zebra starts predicting 'cat' for a dog)."""
+  try:
+    recorded = reporting.read_classes(init_from)
+  except ValueError:  # an unreadable classes.json: the weights are what init_from asks for
+    return
+  if labels is None or recorded is None or len(recorded[0]) != len(labels.names):
+    return
+  change = data.label_names_change(data.LabelNames(*recorded), labels)
+  if change is not None:
+    logging.warning(
+        "init_from: %s holds a run of other classes, as many as the data's, so the weights it "
+        "learnt for them (a classifier's head) are kept and score the data's labels by index: "
+        "%s (%s)",
+        source,
+        change,
+        os.path.join(init_from, reporting.CLASSES_FILE),
+    )
 
 
 def _warn_frozen_at_init(config, params, adopted, source: str) -> None:

@@ -528,6 +528,34 @@ def test_init_from_step_takes_that_step(reference, tmp_path):
     train(config, tmp_path / "w")
 
 
+def test_init_from_a_run_of_as_many_other_classes_warns_that_its_head_is_kept(tmp_path, caplog):
+  """A fine-tune from a run on 3 other classes keeps its head (nothing to re-initialize for 3
+  classes), whose rows then score the data's labels by index: a warning names the first label
+  that differs. From a run of the same classes, or of another count (the head re-initialized),
+  there is none."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=1, size=(8, 8))
+  run = str(tmp_path / "run")
+  shapes = variable_shapes(fec_jax.create_model("fec_small", num_classes=3))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+  checkpoint.save_params(run, zeros, "fec_small", {"num_classes": 3})
+  config = finetune_config(root, run)
+  warned = lambda: [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  for names, warns in [(("cat", *WNIDS[:2]), True), (WNIDS[:3], False), (WNIDS[:4], False)]:
+    reporting.write_classes(run, (names, "class folders in /pets/train"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      loop._start(config, str(tmp_path / "w"), tasks.get(config))
+    if not warns:
+      assert warned() == []
+      continue
+    assert warned() == [
+        f"init_from: {run} holds a run of other classes, as many as the data's, so the weights "
+        "it learnt for them (a classifier's head) are kept and score the data's labels by index: "
+        f"label 0 is '{WNIDS[0]}' in the class folders in {root}/train now, 'cat' in the class "
+        f"folders in /pets/train when the run started ({run}/classes.json)"
+    ]
+
+
 def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tmp_path):
   config = finetune_config(tmp_path, reference)
   config.model.name = "fec_base"  # a fec_small workdir
