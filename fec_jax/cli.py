@@ -393,7 +393,8 @@ def _config_problem(
 ) -> str | None:
   """Why config file `source` of flag --name (`given` on the command line, or its default)
   cannot be loaded, or the first --name.a.b=VALUE of argv that names no field of it; None if
-  neither."""
+  neither. A relative path not found from the current directory but from the command's own folder
+  (the repository root, where configs/ is: train.py run from elsewhere) says where that is."""
   path = source.split(":", 1)[0]
   unexpanded = unexpanded_home(f"--{name}", path)
   if given and unexpanded and not os.path.exists(path):
@@ -411,6 +412,12 @@ def _config_problem(
       return f"--{name}={source}: {complaint}"
     if not os.path.exists(path):
       reason = "no such file"
+      ours = os.path.join(os.path.dirname(os.path.abspath(argv[0])), path) if argv else path
+      if given and not os.path.isabs(path) and os.path.isfile(ours):
+        reason += (
+            f" in the current directory, {os.getcwd()}; the commands run from the repository "
+            f"root, or give the full path: --{name}={ours}{source[len(path):]}"
+        )
     elif isinstance(e, OSError):
       reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
     else:  # SyntaxError, no get_config (AttributeError), the file defines flags (train.py), ...

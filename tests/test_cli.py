@@ -113,10 +113,10 @@ def parse(monkeypatch):
   """Parses argv with a --config file flag (configs/demo.py by default) on fresh flags, as
   train.py and eval.py define them; returns (status, stdout, stderr, the config)."""
 
-  def parse_argv(capsys, *args, default="configs/demo.py"):
-    argv = ["prog", *args]
+  def parse_argv(capsys, *args, default="configs/demo.py", prog="prog", cwd=ROOT):
+    argv = [prog, *args]
     monkeypatch.setattr("sys.argv", argv)  # ml_collections reads the overrides from sys.argv
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(cwd)
     values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "", flag_values=values)
     result = {}
@@ -189,6 +189,36 @@ def parse(monkeypatch):
 def test_config_mistakes_are_one_line(parse, capsys, args, message):
   code, out, err, _ = parse(capsys, *args)
   assert (code, out, err) == (2, "", f"error: {message}\n")
+
+
+def test_a_config_of_the_repository_given_from_another_folder_says_where_it_is(
+    parse, capsys, tmp_path
+):
+  """--config=configs/finetune.py in another folder than the repository root (where the docs run
+  the commands) names the current folder and the full path of the command's own configs/ file;
+  a file that the repository lacks too is "no such file" alone."""
+  train = os.path.join(ROOT, "train.py")
+  default = os.path.join(ROOT, "configs", "demo.py")
+  for given, where in [
+      ("configs/finetune.py", f"{ROOT}/configs/finetune.py"),
+      ("configs/workdir.py:runs/a", f"{ROOT}/configs/workdir.py:runs/a"),
+      ("configs/nope.py", None),
+  ]:
+    code, out, err, _ = parse(
+        capsys, f"--config={given}", default=default, prog=train, cwd=tmp_path
+    )
+    reason = "no such file" + (
+        ""
+        if where is None
+        else f" in the current directory, {tmp_path}; the commands run from the repository root, "
+        f"or give the full path: --config={where}"
+    )
+    assert (code, out, err) == (
+        2,
+        "",
+        f"error: --config={given}: cannot load it ({reason}); expected a Python file with "
+        "get_config()\n",
+    )
 
 
 def test_a_tfds_data_dir_with_a_tilde_is_read_as_tfds_reads_it(parse, capsys):
