@@ -2,7 +2,8 @@
 the compilation cache of a run.
 
   fail(message)             prints `error: <message>` to stderr and exits with status 2
-  ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block)
+  ArgumentParser            argparse's, with its mistakes one `error:` line (no usage block), an
+                            unknown option first, with the one meant (`--images`: `--image`)
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
   path_problem(...)         what is wrong with a path option: empty, or an unexpanded_home
@@ -82,6 +83,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def __init__(self, **kwargs):
     super().__init__(allow_abbrev=False, **kwargs)
+
+  def parse_args(self, args=None, namespace=None):
+    """argparse's, but an option this parser lacks is the mistake it reports first, with the
+    option meant where one is close (`--num_clusters` for `--num-clusters`, `--images`): argparse
+    says only that the option it replaced is required, or names no option."""
+    args = sys.argv[1:] if args is None else list(args)
+    options = [o for action in self._actions for o in action.option_strings]
+    for arg in args:
+      if arg == "--":  # what follows is positional
+        break
+      name = arg.split("=", 1)[0]
+      if name.startswith("--") and name not in options:
+        close = difflib.get_close_matches(name.replace("_", "-"), options, n=1)
+        self.error(f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+    return super().parse_args(args, namespace)
 
   def error(self, message: str) -> NoReturn:
     fail(f"{message} (see {self.prog} --help)")

@@ -75,7 +75,7 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
         # an abbreviation of --models is not taken for it
         (
             ["--model", "fec_small"],
-            "unrecognized arguments: --model fec_small (see bench.py --help)",
+            "unrecognized option --model; did you mean --models? (see bench.py --help)",
         ),
         (["--modes", "infr"], "argument --modes: invalid choice: 'infr'"),
         (["--batch", "two"], "argument --batch: invalid int value: 'two'"),
@@ -249,7 +249,10 @@ def nothing_slow(monkeypatch):
             "give more images or a smaller --batch-size",
         ),
         (["--dir="], "--dir is empty"),
-        (["--image", "3"], "unrecognized arguments: --image 3 (see python -m fec_jax.data.bench"),
+        (
+            ["--image", "3"],
+            "unrecognized option --image; did you mean --images? (see python -m fec_jax.data.bench",
+        ),
     ],
 )
 def test_data_bench_bad_arguments(argv, message, capsys, nothing_slow):
@@ -409,7 +412,11 @@ def test_data_bench_a_folder_without_a_readable_image_is_an_error_line(tmp_path,
         (["--images", "0"], "--images must be at least 1, got 0"),
         (["--images", "-3"], "--images must be at least 1, got -3"),
         (["--dir="], "--dir is empty"),
-        (["--imag", "2"], "unrecognized arguments: --imag 2 (see python -m fec_jax.data.seg_bench"),
+        (
+            ["--imag", "2"],
+            "unrecognized option --imag; did you mean --images? (see python -m "
+            "fec_jax.data.seg_bench",
+        ),
     ],
 )
 def test_seg_bench_bad_arguments(argv, message, capsys, nothing_slow):

@@ -95,7 +95,28 @@ def test_a_path_with_a_tilde_no_shell_expanded_is_an_error(capsys):
         (
             summary.main,
             ["fec_small", "--siz", "224"],
-            "unrecognized arguments: --siz 224 (see python -m fec_jax.summary --help)",
+            "unrecognized option --siz; did you mean --size? (see python -m fec_jax.summary "
+            "--help)",
+        ),
+        (  # a misspelt required option: argparse said that --image was missing
+            visualize.main,
+            ["--checkpoint", "c", "--images", "a.jpg", "b.jpg", "--out", "o"],
+            "error: unrecognized option --images; did you mean --image? (see visualize.py --help)",
+        ),
+        (  # eval.py's absl flags are written with '_'
+            visualize.main,
+            ["--checkpoint", "c", "--image", "a.jpg", "--out", "o", "--num_clusters=2"],
+            "unrecognized option --num_clusters; did you mean --num-clusters?",
+        ),
+        (  # visualize_seg.py's name of it
+            visualize.main,
+            ["--checkpoint", "c", "--image", "a.jpg", "--output", "o"],
+            "unrecognized option --output; did you mean --out?",
+        ),
+        (  # what follows '--' is no option
+            summary.main,
+            ["--", "--size"],
+            "error: unknown model --size; the models are: fec_base,",
         ),
     ],
 )
