@@ -590,6 +590,31 @@ def test_missing_data_errors(tmp_path):
     fd.num_examples(cfg, "train")
 
 
+def test_a_missing_split_names_the_folders_of_its_root(tmp_path):
+  """A root whose val split has another name (`valid/`), or the train split given as the root,
+  names the folders it holds and the fields to give, for a split and for the train split that an
+  evaluation needs; a root that is missing too names none."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=2, per_class=1, val_per_class=1)
+  os.rename(tmp_path / "data" / "val", tmp_path / "data" / "valid")
+  fields = (
+      "config.data.root is the folder of the splits, and --config.data.train_split / "
+      "--config.data.val_split name them where they are not train / val);"
+  )
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.num_examples(_cfg(root), "val")
+  assert str(e.value).startswith(
+      f"{root}/val is not a directory ({root} holds train, valid: {fields}"
+  )
+  train = f"{root}/train"
+  with pytest.raises(fd.DataNotFoundError) as e:
+    sources.FolderSource(train, "val", 2)
+  said = f"{train}/train is not a directory ({train} holds {WNIDS[0]}, {WNIDS[1]}: {fields} the val"
+  assert str(e.value).startswith(said)
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.num_examples(_cfg(tmp_path / "nowhere"), "train")
+  assert str(e.value).startswith(f"{tmp_path}/nowhere/train is not a directory; expected")
+
+
 def test_unknown_config_fields_fail(folder):
   cfg = _cfg(folder)
   with pytest.raises(AttributeError, match="mixup_alhpa"):

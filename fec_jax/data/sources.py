@@ -15,6 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from fec_jax import reporting
+
 # torchvision's ImageFolder extensions (compared lower-case).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -78,7 +80,9 @@ class FolderScan(NamedTuple):
 def scan_folder(split_dir: str) -> FolderScan:
   """The image files in a split's class folders, at any depth, and the other files there."""
   if not os.path.isdir(split_dir):
-    raise DataNotFoundError(f"{split_dir} is not a directory; {FOLDER_LAYOUT_HELP}")
+    raise DataNotFoundError(
+        f"{split_dir} is not a directory{_root_folders(split_dir)}; {FOLDER_LAYOUT_HELP}"
+    )
   classes = class_folders(split_dir)
   paths, labels, others, loops = [], [], [], []
   for label, cls in enumerate(classes):
@@ -103,6 +107,23 @@ def scan_folder(split_dir: str) -> FolderScan:
     raise DataNotFoundError(f"{where}; {FOLDER_LAYOUT_HELP}")
   paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
   return FolderScan(classes, paths, np.array(labels, dtype=np.int32), tuple(others), tuple(loops))
+
+
+def _root_folders(split_dir: str) -> str:
+  """What the root of a missing split folder holds, for the error: a split of another name
+  (`valid/`, `validation/`, `test/`) or a root one level too deep (a split's class folders)."""
+  root = os.path.dirname(split_dir)
+  try:
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+  except OSError:  # no root either
+    return ""
+  if not folders:
+    return ""
+  return (
+      f" ({root} holds {reporting.listed(folders, 5)}: config.data.root is the folder of the "
+      "splits, and --config.data.train_split / --config.data.val_split name them where they are "
+      "not train / val)"
+  )
 
 
 def _walk_once(class_dir: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
@@ -223,8 +244,9 @@ class FolderSource:
     train_dir = os.path.join(root, train_split)
     if split != train_split and not os.path.isdir(train_dir):
       raise DataNotFoundError(
-          f"{train_dir} is not a directory; the {split} labels index the train split's class "
-          f"folders, so they are needed to evaluate too (their images are not); "
+          f"{train_dir} is not a directory{_root_folders(train_dir)}; the {split} labels index "
+          "the train split's class folders, so they are needed to evaluate too (their images are "
+          "not); "
           f"{FOLDER_LAYOUT_HELP}"
       )
     # Another split needs the train split's class folders only: an evaluation-only copy of
