@@ -556,6 +556,25 @@ def test_init_from_a_run_of_as_many_other_classes_warns_that_its_head_is_kept(tm
     ]
 
 
+def test_a_workdir_in_a_split_of_the_data_is_refused_before_it_is_made(tmp_path):
+  """A workdir in a class folder (or in a split folder, where it is a class of its own) had the
+  run read its files as data: curves.png as an image of the class, from the next start on. Such a
+  workdir is one error before it is created; one beside the splits is fine."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=1, size=(8, 8))
+  config = finetune_config(root, str(tmp_path / "nowhere"))
+  for split, workdir in [("train", f"{root}/train/{WNIDS[0]}/run"), ("val", f"{root}/val/run")]:
+    with pytest.raises(ValueError) as e:
+      train(config, workdir)
+    assert str(e.value) == (
+        f"--workdir {workdir} lies in the {split} split of config.data.root, {root}/{split}: its "
+        "folders are classes and its images examples, so the run would read its own files as "
+        "data; give a --workdir outside the data's split folders"
+    )
+    assert not os.path.exists(workdir)
+  loop._check_workdir_outside_data(config, f"{root}/runs/a")  # beside the splits
+  loop._check_workdir_outside_data(finetune_config(f"{root}/train", ""), f"{root}/val/run")
+
+
 def test_init_from_a_checkpoint_that_does_not_fit_lists_the_params(reference, tmp_path):
   config = finetune_config(tmp_path, reference)
   config.model.name = "fec_base"  # a fec_small workdir
