@@ -103,6 +103,7 @@ def main(argv):
   cli.check_paths_given([("--workdir", FLAGS.workdir, "the run's directory")])
   if not FLAGS["config"].present:
     check_config_found(FLAGS.workdir)
+    note_demo_default(FLAGS.workdir)
   cli.check_data_found(FLAGS.config, FLAGS.workdir, FLAGS["config"].present)
   check_multihost_flags()
   if FLAGS.multihost:
@@ -132,6 +133,18 @@ def check_config_found(workdir: str) -> None:
     return
   checkpoint.check_is_run(os.path.abspath(workdir), step)
   cli.check_config_found(workdir, "--workdir", model_name(model), False, CONFIGS)
+
+
+def note_demo_default(workdir: str) -> None:
+  """A note on stderr where the config is the default, configs/demo.py, because neither --config
+  nor a run to resume gave one: `--workdir=DIR --config.init_from=...` without --config trained
+  the digits demo's recipe, or failed on a data override with an error about the demo's data."""
+  if not reporting.has_config(workdir):
+    print(
+        f"note: no --config, and --workdir {workdir} holds no run to resume: training "
+        "configs/demo.py (the digits demo; to fine-tune, --config=configs/finetune.py)",
+        file=sys.stderr,
+    )
 
 
 def remove_cache_only_workdir(workdir: str) -> None:

@@ -149,6 +149,22 @@ def moved_data_run(reference, workdir, root) -> None:
   (workdir / reporting.CONFIG_FILE).write_text(json.dumps(saved))
 
 
+def test_train_py_without_config_on_a_new_workdir_says_it_trains_the_demo(tmp_path):
+  """Without --config and a run to resume, the config is configs/demo.py: fine-tuning overrides
+  without --config=configs/finetune.py trained the demo's recipe, or failed with an error about
+  the demo's data alone. A note says so first."""
+  workdir = tmp_path / "w"
+  rc, _, err = run("train.py", [f"--workdir={workdir}", f"--config.data.root={tmp_path}"], None)
+  assert (rc, err) == (
+      2,
+      f"note: no --config, and --workdir {workdir} holds no run to resume: training "
+      "configs/demo.py (the digits demo; to fine-tune, --config=configs/finetune.py)\n"
+      f"error: config.data: root '{tmp_path}' is read by source 'folder' only, and source is "
+      "'demo': give --config.data.source=folder to read that folder, or --config.data.root=''\n",
+  )
+  assert not workdir.exists()
+
+
 def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
     reference, compilation_cache, tmp_path
 ):
