@@ -1494,8 +1494,8 @@ def test_a_runs_compilation_cache_is_used_where_there_is_one(tmp_path):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "converted" / "compilation_cache")
     jax.config.update("jax_compilation_cache_dir", None)
     (tmp_path / "file").write_text("")  # --workdir=a file (or under one): no cache, no warning
-    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
-      cli.use_compilation_cache(str(workdir))
+    for path in (tmp_path / "file", tmp_path / "file" / "run"):
+      cli.use_compilation_cache(str(path))
       assert jax.config.jax_compilation_cache_dir is None
   finally:
     jax.config.update("jax_compilation_cache_dir", chosen)
