@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from configs import demo
 import fec_jax
 import torch_reference
 import torch_reference_fpn
-from fec_jax import checkpoint, convert
+from fec_jax import checkpoint, convert, reporting
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 from tests.train_fixture import save_step_3
 
@@ -788,6 +789,15 @@ def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, 
   expected = r"steps \(it holds the checkpoints a, b, c and 1 more: give one\);"
   with pytest.raises(checkpoint.CheckpointError, match=expected):
     fec_jax.load_pretrained(str(tmp_path))
+  reporting.write_config(str(tmp_path / "early"), demo.get_config())  # killed before its first save
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(tmp_path / "early"))
+  assert str(e.value) == (
+      f"{tmp_path / 'early'} holds no checkpoint steps (its config.json is a train.py run's, "
+      "which saved no step yet: a run saves every config.checkpoint_every_steps steps and at its "
+      "end); expected the --output of convert_torch_weights.py or a train.py --workdir with a "
+      "saved step"
+  )
 
 
 def no_slow_work(monkeypatch):
