@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import (
     CheckpointError,
+    check_ema,
     load_model,
     load_pretrained,
     output_in_a_checkpoint,
@@ -564,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
   mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
-    model = load_model(args.checkpoint, step=args.step)[0]
+    model, step = load_model(args.checkpoint, step=args.step)
+    if args.ema:  # before the notes on the model: the error would follow them
+      check_ema(os.path.abspath(args.checkpoint), step)
     cli.check_input_size(model, size, "--image-size")
     note_num_clusters(model, size, args.num_clusters)
     layers = () if args.encodings is None else encoding_layers(model, args.encodings)

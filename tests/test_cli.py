@@ -1079,6 +1079,19 @@ def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys
   )
 
 
+def test_visualize_ema_without_ema_weights_is_the_one_line(files, tmp_path, capsys):
+  """--ema on weights without EMA: the error alone (the note on the final clusters came first)."""
+  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg"), "--ema"]
+  args += ["--image-size", "64", "--num-clusters", "5", "--out", str(tmp_path / "vis")]
+  code, _, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (
+      2,
+      f"error: {files}/ckpt step 0 holds no EMA weights (a converter output, or a train.py run "
+      "with ema_decay 0); leave out the EMA option (--ema; for init_from, init_from_ema)\n",
+  )
+  assert not os.path.exists(tmp_path / "vis")
+
+
 def test_visualize_out_in_a_checkpoint_is_one_line(files, tmp_path, capsys, monkeypatch):
   """An --out that the run would take for a step of its own (a numbered name in a workdir: every
   command on the workdir then failed on the PNG folder as its latest step) or that lies in a
