@@ -593,7 +593,7 @@ def test_missing_data_errors(tmp_path):
 def test_a_missing_split_names_the_folders_of_its_root(tmp_path):
   """A root whose val split has another name (`valid/`), or the train split given as the root,
   names the folders it holds and the fields to give, for a split and for the train split that an
-  evaluation needs; a root that is missing too names none."""
+  evaluation needs; a root that is missing too names none, a root that is a file says so."""
   root = make_imagenet_folder(tmp_path / "data", num_classes=2, per_class=1, val_per_class=1)
   os.rename(tmp_path / "data" / "val", tmp_path / "data" / "valid")
   fields = (
@@ -613,6 +613,13 @@ def test_a_missing_split_names_the_folders_of_its_root(tmp_path):
   with pytest.raises(fd.DataNotFoundError) as e:
     fd.num_examples(_cfg(tmp_path / "nowhere"), "train")
   assert str(e.value).startswith(f"{tmp_path}/nowhere/train is not a directory; expected")
+  image = next((tmp_path / "data" / "valid").glob("*/*"))
+  with pytest.raises(fd.DataNotFoundError) as e:  # one of its images given as the root
+    fd.num_examples(_cfg(image), "train")
+  assert str(e.value).startswith(
+      f"{image}/train is not a directory ({image} is a file: config.data.root is the folder of "
+      "the splits); expected"
+  )
 
 
 def test_unknown_config_fields_fail(folder):

@@ -111,8 +111,11 @@ def scan_folder(split_dir: str) -> FolderScan:
 
 def _root_folders(split_dir: str) -> str:
   """What the root of a missing split folder holds, for the error: a split of another name
-  (`valid/`, `validation/`, `test/`) or a root one level too deep (a split's class folders)."""
+  (`valid/`, `validation/`, `test/`) or a root one level too deep (a split's class folders); or
+  that the root is a file."""
   root = os.path.dirname(split_dir)
+  if os.path.isfile(root):  # e.g. one of its images given as config.data.root
+    return f" ({root} is a file: config.data.root is the folder of the splits)"
   try:
     folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
   except OSError:  # no root either
