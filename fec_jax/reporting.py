@@ -382,7 +382,7 @@ class MetricsWriter:
 
 
 def plot_metrics(workdir: str) -> str | None:
-  """Writes curves.png (train and val loss, lr, the other val metrics vs step) from
+  """Writes curves.png (train and val loss, EMA's too, lr, the other val metrics vs step) from
   metrics.jsonl; returns its path, or None when there is nothing to plot."""
   records = read_metrics(workdir)
   if not records:
@@ -398,9 +398,10 @@ def plot_metrics(workdir: str) -> str | None:
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   axes[0].plot(*series("train_loss"), label="train")
-  val_loss = series("val_loss")
-  if val_loss[0]:  # a segmenter's evaluation gives no loss: no empty "val" in the legend
-    axes[0].plot(*val_loss, "o-", label="val")
+  for key, label in (("val_loss", "val"), ("ema_val_loss", "EMA val")):
+    points = series(key)
+    if points[0]:  # a segmenter's evaluation gives no loss: no empty "val" in the legend
+      axes[0].plot(*points, "o-", label=label)
   axes[0].set_title("loss")
   axes[1].plot(*series("lr"))
   axes[1].set_title("learning rate")

@@ -684,7 +684,8 @@ def test_the_classification_evaluator_takes_classifiers_only():
 @pytest.mark.parametrize("val_loss", [True, False])
 def test_curves_legend_names_only_the_losses_recorded(tmp_path, monkeypatch, val_loss):
   """curves.png's loss panel has a "val" entry where the evaluations gave a loss (a classifier's),
-  none for a segmenter's (mIoU, mAcc, aAcc only)."""
+  and an "EMA val" one with EMA (ema_val_loss was plotted nowhere), none for a segmenter's (mIoU,
+  mAcc, aAcc only)."""
   import matplotlib.figure
 
   records = [
@@ -693,11 +694,12 @@ def test_curves_legend_names_only_the_losses_recorded(tmp_path, monkeypatch, val
   ]
   if val_loss:
     for r in records:
-      r["val_loss"] = r["train_loss"] + 0.1
+      r["val_loss"], r["ema_val_loss"] = r["train_loss"] + 0.1, r["train_loss"] + 0.2
   (tmp_path / reporting.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
   figures = []
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
   reporting.plot_metrics(str(tmp_path))
   loss, _, held_out = figures[0].axes
-  assert loss.get_legend_handles_labels()[1] == (["train", "val"] if val_loss else ["train"])
+  labels = ["train", "val", "EMA val"] if val_loss else ["train"]
+  assert loss.get_legend_handles_labels()[1] == labels
   assert held_out.get_legend_handles_labels()[1] == ["val_mIoU"]
