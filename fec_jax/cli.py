@@ -94,7 +94,8 @@ class ArgumentParser(argparse.ArgumentParser):
       if arg == "--":  # what follows is positional
         break
       name = arg.split("=", 1)[0]
-      if name.startswith("--") and name not in options:
+      # argparse takes an argument with a space for a value (a file `--my photo.jpg`), not an option
+      if name.startswith("--") and name not in options and " " not in arg:
         close = difflib.get_close_matches(name.replace("_", "-"), options, n=1)
         self.error(f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else ""))
     return super().parse_args(args, namespace)

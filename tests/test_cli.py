@@ -126,6 +126,16 @@ def test_argparse_mistakes_are_one_error_line(capsys, main, argv, expected):
   assert expected in err
 
 
+def test_an_option_value_with_a_space_that_starts_like_an_option_is_a_value():
+  """argparse reads an argument that holds a space as a value, not an option (a file named
+  `--my photo.jpg`): the check for unknown options that runs first reads it so too."""
+  parser = cli.ArgumentParser(prog="prog")
+  parser.add_argument("--image", nargs="+", required=True)
+  parser.add_argument("--title")
+  args = parser.parse_args(["--image", "--my photo.jpg", "a.jpg", "--title", "-- a b"])
+  assert (args.image, args.title) == (["--my photo.jpg", "a.jpg"], "-- a b")
+
+
 # --- config flags ----------------------------------------------------------------------------
 
 
