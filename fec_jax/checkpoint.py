@@ -174,7 +174,7 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
             f" (it holds the checkpoint{'s' * (len(inner) > 1)} {reporting.listed(inner, 3)}: "
             f"give {'one' if inner[1:] else 'that'})"
         )
-      elif reporting.has_config(directory):  # a run stopped before its first save
+      elif reporting.holds_run_config(directory):  # a run stopped before its first save
         hint = (
             " (its config.json is a train.py run's, which saved no step yet: a run saves every "
             "config.checkpoint_every_steps steps and at its end)"

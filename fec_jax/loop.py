@@ -350,7 +350,11 @@ def _check_fresh_workdir(workdir: str) -> None:
   foreign = []
   for name in sorted(os.listdir(workdir)):
     path = os.path.join(workdir, name)
-    if name == reporting.CONFIG_FILE and os.path.isfile(path) and not _a_runs_config(workdir):
+    if (
+        name == reporting.CONFIG_FILE
+        and os.path.isfile(path)
+        and not reporting.holds_run_config(workdir)
+    ):
       foreign.append(name)
     elif name.startswith(".") or name in _RUN_FILES:
       continue
@@ -358,7 +362,7 @@ def _check_fresh_workdir(workdir: str) -> None:
       foreign.append(name)
     elif not (
         _STEP_FOLDER.fullmatch(name)
-        or _a_runs_config(path)  # a run's workdir of its own (runs/pets/ablation)
+        or reporting.holds_run_config(path)  # a run's workdir of its own (runs/pets/ablation)
         or os.path.exists(os.path.join(path, LOCK_FILE))
     ):
       foreign.append(f"{name}/")
@@ -370,16 +374,6 @@ def _check_fresh_workdir(workdir: str) -> None:
       "resume: a new run would write its checkpoints and records among them; give a new or empty "
       "folder as --workdir"
   )
-
-
-def _a_runs_config(directory: str) -> bool:
-  """Whether `directory` holds the config.json of a run (a JSON object with the model field every
-  task reads), not a file of that name of one's own (a project's settings, say)."""
-  try:
-    saved = reporting.read_config(directory)
-  except (OSError, ValueError):  # unreadable, not JSON, not an object
-    return False
-  return saved is not None and "model" in saved
 
 
 def _warn_other_classes(init_from: str, labels, source: str) -> None:

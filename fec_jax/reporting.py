@@ -172,6 +172,17 @@ def has_config(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, CONFIG_FILE))
 
 
+def holds_run_config(directory: str) -> bool:
+  """Whether `directory` holds the config.json of a run (a JSON object with the model field every
+  task reads), not a file of that name of one's own or of another program (a project's settings,
+  a Hugging Face model's)."""
+  try:
+    saved = read_config(directory)
+  except (OSError, ValueError):  # unreadable, not JSON, not an object
+    return False
+  return saved is not None and "model" in saved
+
+
 def config_file(workdir: str) -> str:
   """The path of a workdir's config.json; ValueError where a directory stands in its place (one
   that train.py could not write)."""

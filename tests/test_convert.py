@@ -798,6 +798,11 @@ def test_a_step_directory_given_as_the_checkpoint_names_its_parent(orbax_small, 
       "end); expected the --output of convert_torch_weights.py or a train.py --workdir with a "
       "saved step"
   )
+  (tmp_path / "hf").mkdir()  # a Hugging Face model's folder: a config.json of no run
+  (tmp_path / "hf" / "config.json").write_text('{"architectures": ["ViTModel"]}')
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    fec_jax.load_pretrained(str(tmp_path / "hf"))
+  assert str(e.value).startswith(f"{tmp_path / 'hf'} holds no checkpoint steps; expected the")
 
 
 def no_slow_work(monkeypatch):
