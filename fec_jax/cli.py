@@ -429,7 +429,9 @@ def _config_problem(
       return f"--{name}={source}: {complaint}"
     if not os.path.exists(path):
       reason = "no such file"
-      ours = os.path.join(os.path.dirname(os.path.abspath(argv[0])), path) if argv else path
+      ours = path
+      if argv:
+        ours = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(argv[0])), path))
       if given and not os.path.isabs(path) and os.path.isfile(ours):
         reason += (
             f" in the current directory, {os.getcwd()}; the commands run from the repository "

@@ -233,6 +233,7 @@ def test_a_config_of_the_repository_given_from_another_folder_says_where_it_is(
   for given, where in [
       ("configs/finetune.py", f"{ROOT}/configs/finetune.py"),
       ("configs/workdir.py:runs/a", f"{ROOT}/configs/workdir.py:runs/a"),
+      ("./configs/finetune.py", f"{ROOT}/configs/finetune.py"),
       ("configs/nope.py", None),
   ]:
     code, out, err, _ = parse(
