@@ -528,10 +528,18 @@ def test_missing_annotation_and_layout_errors(tmp_path):
   )
 
 
-def test_root_inside_the_dataset_names_the_dataset(tmp_path):
-  """config.data.root given as <root>/images (or a split folder in it): the error names <root>."""
+def test_root_inside_the_dataset_names_the_dataset(tmp_path, monkeypatch):
+  """config.data.root given as <root>/images (or a split folder in it): the error names <root>,
+  also for a relative root given from <root> (`images`: its folder above was '')."""
   root = make_ade20k_folder(tmp_path / "mine", num_train=1, num_val=1)
-  for given in (f"{root}/images", f"{root}/images/training/", f"{root}/annotations"):
+  monkeypatch.chdir(root)
+  for given in (
+      f"{root}/images",
+      f"{root}/images/training/",
+      f"{root}/annotations",
+      "images",
+      "images/training",
+  ):
     with pytest.raises(fd.DataNotFoundError) as e:
       fd.seg_num_examples(_cfg(given), "train")
     assert f"is not a directory (did you mean {root}? config.data.root is the folder that" in str(

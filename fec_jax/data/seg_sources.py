@@ -71,7 +71,7 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   ann_dir = os.path.join(root, "annotations", split)
   inner = os.path.join(root, "ADEChallengeData2016")
   # root given as <root>/images or <root>/images/training: the dataset folder above it
-  above = [os.path.dirname(os.path.normpath(root))]
+  above = [os.path.dirname(os.path.abspath(root))]  # abspath: a relative `images` has one too
   above.append(os.path.dirname(above[0]))
   outer = [
       p for p in above if all(os.path.isdir(os.path.join(p, k)) for k in ("images", "annotations"))
