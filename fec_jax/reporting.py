@@ -168,7 +168,8 @@ def _same_value(saved, now) -> bool:
 
 
 def has_config(directory: str) -> bool:
-  """Whether `directory` holds a run's config.json (a train.py workdir of this fec-jax)."""
+  """Whether `directory` holds a file config.json, as a train.py workdir of this fec-jax does (a
+  file of that name of one's own too: holds_run_config tells a run's apart)."""
   return os.path.isfile(os.path.join(directory, CONFIG_FILE))
 
 
