@@ -33,6 +33,11 @@ def get_config(workdir: str = ""):
           f"{os.path.expanduser(workdir)!r})"
       )
     raise ValueError(f"{where} does not exist; expected a train.py workdir")
+  if "task" not in saved and "model" not in saved:  # a settings file of a project, say
+    raise ValueError(
+        f"{where} is not a train.py run's config (it has neither the task nor the model field): "
+        "a config.json of one's own or of another program"
+    )
   task = saved.get("task")
   if task not in TEMPLATES:
     raise ValueError(

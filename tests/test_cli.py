@@ -542,6 +542,7 @@ def test_the_config_json_of_a_task_of_ones_own_says_where_its_config_is(tmp_path
         ("not_json", "is not JSON (Expecting property name enclosed in double quotes"),
         ("not_utf8", "is not JSON ('utf-8' codec can't decode byte 0xff in position 0"),
         ("list", "holds a JSON list; expected an object, the config the run started with"),
+        ("foreign", "is not a train.py run's config (it has neither the task nor the model "),
         ("directory", "is a directory; expected the config the run started with, a file"),
     ],
 )
@@ -561,6 +562,8 @@ def test_a_runs_config_json_that_is_no_config_is_one_line(parse, capsys, run_dir
     saved["data"]["mean"] = [[0.5], [0.5], [0.5]]
   elif case == "list":
     saved = [saved]
+  elif case == "foreign":  # a project's settings: it was "holds the task None"
+    saved = {"name": "my project"}
   elif case == "unserializable":
     saved["data"]["root"] = f"{reporting.UNSERIALIZABLE}: <object>"
   path = directory / reporting.CONFIG_FILE
