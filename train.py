@@ -138,8 +138,9 @@ def check_config_found(workdir: str) -> None:
 def note_demo_default(workdir: str) -> None:
   """A note on stderr where the config is the default, configs/demo.py, because neither --config
   nor a run to resume gave one: `--workdir=DIR --config.init_from=...` without --config trained
-  the digits demo's recipe, or failed on a data override with an error about the demo's data."""
-  if not reporting.has_config(workdir):
+  the digits demo's recipe, or failed on a data override with an error about the demo's data.
+  None where a file is in the way of the workdir: the error that it is one comes alone."""
+  if cli.not_a_directory(workdir) is None and not reporting.has_config(workdir):
     print(
         f"note: no --config, and --workdir {workdir} holds no run to resume: training "
         "configs/demo.py (the digits demo; to fine-tune, --config=configs/finetune.py)",

@@ -165,6 +165,18 @@ def test_train_py_without_config_on_a_new_workdir_says_it_trains_the_demo(tmp_pa
   assert not workdir.exists()
 
 
+def test_train_py_without_config_on_a_file_as_workdir_is_the_error_alone(tmp_path):
+  """A file given as --workdir (or in its path) is one error line: no note that the demo trains
+  first, nor JAX's warning about a compilation cache under it."""
+  (tmp_path / "notes.txt").write_text("mine")
+  for workdir in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+    rc, _, err = run("train.py", [f"--workdir={workdir}"], None)
+    assert (rc, err) == (
+        2,
+        f"error: --workdir {workdir}: {tmp_path}/notes.txt is a file; expected a directory\n",
+    )
+
+
 def test_train_py_on_a_workdir_without_config_resumes_it_with_its_config(
     reference, compilation_cache, tmp_path
 ):
