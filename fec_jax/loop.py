@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 from fec_jax import checkpoint, cli, data, reporting, tasks, training
 from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
@@ -248,8 +249,11 @@ def _hold(workdir: str):
     if fd is not None:
       recorded = _file_version(config_file) != config_before  # the run wrote its config.json
       if not in_use and not recorded:
-        if cache_created:
+        if cache_created and os.path.isdir(cache):
           shutil.rmtree(cache, ignore_errors=True)
+          # JAX's cache object holds the folder: a later compile of this process (a retry in a
+          # notebook) wrote into the removed folder, a warning each; reset, it makes it again.
+          compilation_cache.reset_cache()
         if lock_created:
           with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)

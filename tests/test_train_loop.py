@@ -10,6 +10,7 @@ the same shapes compile once.
 
 import concurrent.futures
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from jax.experimental.compilation_cache import compilation_cache
 
 import fec_jax
 from configs import fec_base, finetune
@@ -762,25 +765,43 @@ def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
 def test_a_failed_start_removes_the_compilation_cache_it_began(tmp_path, monkeypatch):
   """JAX makes train.py's WORKDIR/compilation_cache at the first compile, which can come before a
   check fails: a failed start left it in a folder that was there before (seen: an empty
-  compilation_cache/ in a folder of one's own). A cache that was there before stays."""
+  compilation_cache/ in a folder of one's own). Removed, JAX's cache is reset: a later compile of
+  the process (a retry) makes it again instead of warning that it cannot write there. A cache that
+  was there before stays."""
   workdir = tmp_path / "mine"
   cache = workdir / reporting.COMPILATION_CACHE
+  programs = itertools.count()
 
   def open_data(*_):
-    cache.mkdir(exist_ok=True)  # as JAX at a compile
-    (cache / "new_entry").write_text("")
+    jax.jit(lambda x: x + next(programs))(jnp.ones(3)).block_until_ready()  # a new program
+    assert os.listdir(cache)  # JAX wrote it to the workdir's cache
     raise data.DataNotFoundError("no data")
 
   monkeypatch.setattr(tasks.classification.Classification, "train_loader", open_data)
+  chosen = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   workdir.mkdir()
-  with pytest.raises(data.DataNotFoundError):
-    train(tiny(), workdir)
-  assert os.listdir(workdir) == []
-  cache.mkdir()
-  (cache / "entry").write_text("")
-  with pytest.raises(data.DataNotFoundError):
-    train(tiny(), workdir)
-  assert sorted(os.listdir(cache)) == ["entry", "new_entry"]
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(cache))  # train.py's (cli)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    with pytest.raises(data.DataNotFoundError):
+      train(tiny(), workdir)
+    assert os.listdir(workdir) == []
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # "Error writing persistent compilation cache entry"
+      jax.jit(lambda x: x * 3.25)(jnp.ones(3)).block_until_ready()
+    before = set(os.listdir(cache))
+    assert before
+    with pytest.raises(data.DataNotFoundError):
+      train(tiny(), workdir)
+    assert before < set(os.listdir(cache))
+  finally:
+    jax.config.update("jax_compilation_cache_dir", chosen[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", chosen[1])
+    compilation_cache.reset_cache()
 
 
 def test_a_run_of_another_process_count_is_not_resumed(reference, tmp_path):
