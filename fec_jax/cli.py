@@ -87,11 +87,12 @@ class ArgumentParser(argparse.ArgumentParser):
   def parse_args(self, args=None, namespace=None):
     """argparse's, but an option this parser lacks is the mistake it reports first, with the
     option meant where one is close (`--num_clusters` for `--num-clusters`, `--images`): argparse
-    says only that the option it replaced is required, or names no option."""
+    says only that the option it replaced is required, or names no option. --help before it shows
+    the help, as argparse's."""
     args = sys.argv[1:] if args is None else list(args)
     options = [o for action in self._actions for o in action.option_strings]
     for arg in args:
-      if arg == "--":  # what follows is positional
+      if arg == "--" or arg in ("-h", "--help"):  # what follows is positional; the help comes first
         break
       name = arg.split("=", 1)[0]
       # argparse takes an argument with a space for a value (a file `--my photo.jpg`), not an option

@@ -136,6 +136,13 @@ def test_an_option_value_with_a_space_that_starts_like_an_option_is_a_value():
   assert (args.image, args.title) == (["--my photo.jpg", "a.jpg"], "-- a b")
 
 
+def test_help_before_an_unknown_option_shows_the_help(capsys):
+  """`visualize.py --help --images`: argparse's help, as before the check for unknown options
+  (which said only `unrecognized option --images`)."""
+  code, out, err = outcome(capsys, visualize.main, ["--help", "--images"])
+  assert (code, err) == (0, "") and out.startswith("usage: visualize.py"), (out, err)
+
+
 # --- config flags ----------------------------------------------------------------------------
 
 
