@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from configs import demo
 import fec_jax
 import torch_reference
 import torch_reference_fpn
+from configs import demo
 from fec_jax import checkpoint, convert, reporting
 from fec_jax.model import FAST_COMPILE, param_shapes, variable_shapes
 from tests.train_fixture import save_step_3
