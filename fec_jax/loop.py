@@ -372,11 +372,10 @@ def _check_fresh_workdir(workdir: str) -> None:
       foreign.append(f"{name}/")
   if not foreign:
     return
-  listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
   raise ValueError(
-      f"--workdir {workdir} holds files that no train.py run writes ({listed}), and no run to "
-      "resume: a new run would write its checkpoints and records among them; give a new or empty "
-      "folder as --workdir"
+      f"--workdir {workdir} holds files that no train.py run writes "
+      f"({reporting.listed(foreign, 3)}), and no run to resume: a new run would write its "
+      "checkpoints and records among them; give a new or empty folder as --workdir"
   )
 
 
