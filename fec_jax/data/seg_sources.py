@@ -70,21 +70,25 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   img_dir = os.path.join(root, "images", split)
   ann_dir = os.path.join(root, "annotations", split)
   inner = os.path.join(root, "ADEChallengeData2016")
-  # root given as <root>/images or <root>/images/training: the dataset folder above it
-  above = [os.path.dirname(os.path.abspath(root))]  # abspath: a relative `images` has one too
-  above.append(os.path.dirname(above[0]))
-  outer = [
-      p for p in above if all(os.path.isdir(os.path.join(p, k)) for k in ("images", "annotations"))
-  ]
   for d in (img_dir, ann_dir):
     if not os.path.isdir(d):
       parent = os.path.dirname(d)
+      # root given as <root>/images or <root>/images/training: the dataset folder above it
+      above = os.path.dirname(os.path.abspath(root))  # abspath: a relative `images` has one too
+      outer = next(
+          (
+              p
+              for p in (above, os.path.dirname(above))
+              if all(os.path.isdir(os.path.join(p, k)) for k in ("images", "annotations"))
+          ),
+          None,
+      )
       hint = ""
       if os.path.isdir(inner):
         hint = f" (did you mean {inner}?)"
-      elif outer:
+      elif outer is not None:
         hint = (
-            f" (did you mean {outer[0]}? config.data.root is the folder that holds images/ "
+            f" (did you mean {outer}? config.data.root is the folder that holds images/ "
             "and annotations/)"
         )
       elif os.path.isdir(parent):  # other split names, e.g. train/val
