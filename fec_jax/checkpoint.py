@@ -72,6 +72,15 @@ class ParamsMismatch(CheckpointError):
     self.problems = problems
 
 
+class OtherModel(CheckpointError):
+  """A workdir's run of another model than the config's, or of other create_model options
+  (resumable_step); `fits`: whether its weights can start the config's model (init_from)."""
+
+  def __init__(self, message: str, fits: bool):
+    super().__init__(message)
+    self.fits = fits
+
+
 def model_metadata(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
   """JSON item describing the model; only JSON-serializable overrides are stored (not dtype)."""
   return {"name": name, "overrides": {k: v for k, v in overrides.items() if k != "dtype"}}
@@ -583,11 +592,12 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
   wanted = model_metadata(name, overrides)
   if saved != wanted:
     fits = saved["name"] in init_from_models(name)
-    raise CheckpointError(
+    raise OtherModel(
         f"{directory} holds a run of {_describe(saved)}; the config asks for {_describe(wanted)}. "
         "Resume it with its own config (leave out --config where the workdir has a config.json: "
         "train.py then takes it), or start a new --workdir"
-        + (f" (--config.init_from={directory} to fine-tune from it)" if fits else "")
+        + (f" (--config.init_from={directory} to fine-tune from it)" if fits else ""),
+        fits,
     )
   if ema and EMA_PARAMS_ITEM not in items:
     raise CheckpointError(

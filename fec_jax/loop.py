@@ -282,7 +282,12 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   if frozen is not None:
     logging.info("%s", frozen)
   ema = config.ema_decay > 0
-  resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
+  try:
+    resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
+  except checkpoint.OtherModel as e:  # another data.num_classes, model.name, ...
+    # the config fields that made the other model, where config.json records the run's
+    _check_same_run(config, workdir, task.EVALUATION_ONLY, e.fits)
+    raise
   if resume is None and config.init_from_required and not config.init_from:
     raise ValueError(
         "config.init_from is not set, and this config fine-tunes (config.init_from_required): "
@@ -483,10 +488,13 @@ _FREE_ON_RESUME = frozenset(
 _LISTED_CHANGES = 8  # at most this many changed fields are named, with the overrides that undo them
 
 
-def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> dict | None:
+def _check_same_run(
+    config, workdir: str, evaluation_only: frozenset[str], fits: bool = True
+) -> dict | None:
   """CheckpointError unless `config` is the one the workdir's run started with (its
   config.json; reporting.config_changes), up to the fields of _FREE_ON_RESUME and the task's
-  `evaluation_only` ones. Returns the config.json (None: the workdir has none)."""
+  `evaluation_only` ones; `fits`: whether the run's weights can start the config's model (the
+  error then offers init_from). Returns the config.json (None: the workdir has none)."""
   saved = reporting.read_config(workdir)
   if saved is None:
     return None
@@ -506,9 +514,10 @@ def _check_same_run(config, workdir: str, evaluation_only: frozenset[str]) -> di
   else:
     overrides = " ".join(_undo(key, *changes[key]) for key in changed)
     advice = f". Resume it with its values ({overrides})"
+  init_from = f" (--config.init_from={workdir} to start from its weights)" if fits else ""
   raise checkpoint.CheckpointError(
       f"--workdir {workdir} holds a run started with another config: {listed}{advice}, or start "
-      f"a new --workdir (--config.init_from={workdir} to start from its weights)"
+      f"a new --workdir{init_from}"
   )
 
 

@@ -1353,7 +1353,11 @@ def data_not_opened(monkeypatch):
 @pytest.mark.parametrize(
     "case,expected",
     [
-        ("other_model", "holds a run of fec_small (drop_path_rate 0.0, num_classes 10); the"),
+        (
+            "other_model",
+            "holds a run started with another config: model.name 'fec_small' (now 'fec_base'). "
+            "Resume it with its values (--config.model.name=fec_small), or start a new --workdir",
+        ),
         (
             "weights_only",
             "holds weights (step 0: ['checksums', 'model', 'params']), not a train.py run",
@@ -1414,6 +1418,30 @@ def test_a_workdir_or_init_from_that_does_not_fit_stops_before_the_data(
   assert "without a lock" not in caplog.text  # a path that cannot hold it is no lock problem
   if case in ("numbered_in_a_workdir", "in_a_step"):
     assert not workdir.exists()  # nothing left behind in the other run
+
+
+def test_a_resume_of_other_classes_names_the_config_fields_that_differ(
+    reference, tmp_path, data_not_opened
+):
+  """A resume with another data.num_classes (data of another class count) builds another model
+  than the run's: the error names the fields of its config.json that differ and the overrides
+  that restore them, as for any other field, not the two models (without a config.json, of an
+  earlier fec-jax, it still does); init_from is offered where the run's weights fit."""
+  workdir = shutil.copytree(reference, tmp_path / "w")
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(tiny(**{"data.num_classes": 5}), workdir)
+  assert str(e.value) == (
+      f"--workdir {workdir} holds a run started with another config: data.num_classes 10 (now "
+      "5). Resume it with its values (--config.data.num_classes=10), or start a new --workdir "
+      f"(--config.init_from={workdir} to start from its weights)"
+  )
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    train(tiny(**{"model.name": "fec_base", "data.num_classes": 5}), workdir)
+  end = "(--config.data.num_classes=10 --config.model.name=fec_small), or start a new --workdir"
+  assert str(e.value).endswith(end), e.value  # no init_from: fec_small's weights do not fit
+  (workdir / reporting.CONFIG_FILE).unlink()
+  with pytest.raises(checkpoint.OtherModel, match=r"num_classes 10\); the config asks for"):
+    train(tiny(**{"data.num_classes": 5}), workdir)
 
 
 @pytest.mark.parametrize("resume", [False, True])
