@@ -196,6 +196,12 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
       raise TypeError(f"step must be an int, a saved step of {directory}, got {step!r}")
     if step not in steps:
+      if list(steps) == [0] and PROGRESS_ITEM not in saved_items(directory, 0):
+        raise CheckpointError(  # weights only (weights_name): saved steps: [0] said no more
+            f"{directory} has no step {step}: it holds converted weights (a "
+            "convert_torch_weights.py output), which are step 0 only; a step (--step, "
+            "--config.init_from_step) is for a train.py run's workdir: leave it out"
+        )
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     meta = _read_model_item(mngr, directory, step)
   return create_model(meta["name"], **{**meta["overrides"], **overrides}), step

@@ -803,7 +803,13 @@ VISUALIZE_MISTAKES = [
         ["--checkpoint", "{root}/nockpt"],
         "checkpoint directory {root}/nockpt does not exist",
     ),
-    ("missing step", ["--step", "7"], "{root}/ckpt has no step 7; saved steps: [0]"),
+    (
+        "missing step",
+        ["--step", "7"],
+        "{root}/ckpt has no step 7: it holds converted weights (a convert_torch_weights.py "
+        "output), which are step 0 only; a step (--step, --config.init_from_step) is for a "
+        "train.py run's workdir: leave it out",
+    ),
     (
         "repeated K",
         ["--num-clusters", "3", "5", "3"],

@@ -531,6 +531,25 @@ def test_init_from_step_takes_that_step(reference, tmp_path):
     train(config, tmp_path / "w")
 
 
+def test_init_from_step_of_a_converter_output_says_it_holds_step_0_only(tmp_path):
+  """The converter writes step 0 only: init_from_step=4 on its output said "has no step 4; saved
+  steps: [0]" alone; step 0 is its weights."""
+  converted = str(tmp_path / "converted")
+  shapes = variable_shapes(fec_jax.create_model("fec_small", num_classes=10))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+  checkpoint.save_params(converted, zeros, "fec_small", {"num_classes": 10})
+  config = tiny(init_from=converted, init_from_step=4)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    loop._start(config, str(tmp_path / "w"), tasks.get(config))
+  assert str(e.value) == (
+      f"{converted} has no step 4: it holds converted weights (a convert_torch_weights.py "
+      "output), which are step 0 only; a step (--step, --config.init_from_step) is for a "
+      "train.py run's workdir: leave it out"
+  )
+  config.init_from_step = 0
+  assert loop._start(config, str(tmp_path / "w"), tasks.get(config)).source == f"{converted} step 0"
+
+
 def test_init_from_a_run_of_as_many_other_classes_warns_that_its_head_is_kept(tmp_path, caplog):
   """A fine-tune from a run on 3 other classes keeps its head (nothing to re-initialize for 3
   classes), whose rows then score the data's labels by index: a warning names the first label
