@@ -389,12 +389,16 @@ def _warn_other_classes(init_from: str, labels, source: str) -> None:
   Task.data_label_names), but others (its classes.json): nothing is re-initialized for a class
   count that fits, so the weights it learnt for its classes (a classifier's head) score the
   data's labels by index, other classes than theirs (a fine-tune from cat, dog, fox on dog, fox,
-  zebra starts predicting 'cat' for a dog)."""
+  zebra starts predicting 'cat' for a dog). A classes.json that cannot be read is a warning too
+  (reporting.read_classes' error)."""
+  if labels is None:  # data whose names the config fixes: nothing to compare
+    return
   try:
     recorded = reporting.read_classes(init_from)
-  except ValueError:  # an unreadable classes.json: the weights are what init_from asks for
+  except ValueError as e:  # unreadable, not JSON: the weights are still what init_from asks for
+    logging.warning("init_from: %s; its classes are not compared with the data's", e)
     return
-  if labels is None or recorded is None or len(recorded[0]) != len(labels.names):
+  if recorded is None or len(recorded[0]) != len(labels.names):
     return
   change = data.label_names_change(data.LabelNames(*recorded), labels)
   if change is not None:

@@ -231,16 +231,19 @@ def write_classes(workdir: str, labels: tuple[tuple[str, ...], str] | None) -> N
 
 def read_classes(workdir: str) -> tuple[tuple[str, ...], str] | None:
   """(names, origin) as write_classes recorded them; None where the workdir has no record (a run
-  of an earlier fec-jax, of data whose names the config fixes, a converter output)."""
+  of an earlier fec-jax, of data whose names the config fixes, a converter output). ValueError
+  where the file cannot be read or is not such a record."""
   path = os.path.join(workdir, CLASSES_FILE)
   if not os.path.isfile(path):
     return None
   expected = 'expected {"origin": "...", "names": [...]}, the names the run\'s labels had'
-  with open(path, encoding="utf-8") as f:
-    try:
+  try:
+    with open(path, encoding="utf-8") as f:
       saved = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path} is not JSON ({e}); {expected}")
+  except OSError as e:  # permissions, an I/O error
+    raise ValueError(f"{path} cannot be read ({e.strerror or e}); {expected}") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not JSON ({e}); {expected}")
   names = saved.get("names") if isinstance(saved, dict) else None
   if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
     raise ValueError(f"{path} holds {json.dumps(saved)[:80]}; {expected}")

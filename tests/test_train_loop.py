@@ -578,6 +578,38 @@ def test_init_from_a_run_of_as_many_other_classes_warns_that_its_head_is_kept(tm
     ]
 
 
+def test_an_init_froms_classes_json_that_cannot_be_read_is_a_warning(tmp_path, caplog, monkeypatch):
+  """init_from's classes.json that cannot be read (permissions: an OSError) ended the start with a
+  traceback; it is read_classes' ValueError, as one that is not JSON, which a resume and eval.py
+  report as one error line, and init_from's weights still start the run, with a warning."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=1, size=(8, 8))
+  run = str(tmp_path / "run")
+  shapes = variable_shapes(fec_jax.create_model("fec_small", num_classes=3))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+  checkpoint.save_params(run, zeros, "fec_small", {"num_classes": 3})
+  reporting.write_classes(run, (WNIDS[:3], "class folders in /pets/train"))
+
+  def unreadable(path, *args, **kwargs):  # chmod 0 does not stop root
+    if os.path.basename(path) == reporting.CLASSES_FILE:
+      raise PermissionError(13, "Permission denied", path)
+    return open(path, *args, **kwargs)
+
+  monkeypatch.setattr(reporting, "open", unreadable, raising=False)
+  expected = (
+      f"{run}/classes.json cannot be read (Permission denied); expected "
+      '{"origin": "...", "names": [...]}, the names the run\'s labels had'
+  )
+  with pytest.raises(ValueError) as e:
+    reporting.read_classes(run)
+  assert str(e.value) == expected
+  config = finetune_config(root, run)
+  with caplog.at_level(logging.WARNING):
+    assert loop._start(config, str(tmp_path / "w"), tasks.get(config)).pretrained is not None
+  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+      f"init_from: {expected}; its classes are not compared with the data's"
+  ]
+
+
 def test_a_workdir_in_a_split_of_the_data_is_refused_before_it_is_made(tmp_path):
   """A workdir in a class folder (or in a split folder, where it is a class of its own) had the
   run read its files as data: curves.png as an image of the class, from the next start on. Such a
