@@ -93,7 +93,8 @@ def check_num_processes() -> None:
   if wrong.size:
     cli.fail(
         f"process {wrong[0]} was given --num_processes {given[wrong[0]]}, but "
-        f"{jax.process_count()} processes joined the run: give every process the same "
+        f"{reporting.counted(jax.process_count(), 'process', 'processes')} joined the run: give "
+        "every process the same "
         "--num_processes"
     )
 

@@ -27,7 +27,7 @@ from absl import flags, logging
 from PIL import Image
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, seg_picture, tasks, training, visualize
+from fec_jax import checkpoint, cli, data, reporting, seg_picture, tasks, training, visualize
 from fec_jax.data import classes, seg_sources, seg_transforms, transforms
 from fec_jax.model import SEGMENTERS, model_name
 from fec_jax.tasks import segmentation
@@ -220,8 +220,7 @@ def main(argv):
   if images is None and len(examples) < FLAGS.num:
     print(
         f"note: --num {FLAGS.num}: the {data.split_name(d, 'val')} split of "
-        f"{data.data_location(d)} holds only {len(examples)} readable image"
-        f"{'s' * (len(examples) != 1)}",
+        f"{data.data_location(d)} holds only {reporting.counted(len(examples), 'readable image')}",
         file=sys.stderr,
     )
   cli.note_config_differences(
@@ -269,8 +268,8 @@ def main(argv):
   )
   os.makedirs(os.path.dirname(output), exist_ok=True)  # as visualize.py its --out
   picture.save(output)
-  what = "val images" if images is None else f"image{'s' * (len(rows) != 1)}"
-  print(f"wrote {output} ({len(rows)} {what})")
+  what = "val image" if images is None else "image"
+  print(f"wrote {output} ({reporting.counted(len(rows), what)})")
 
 
 if __name__ == "__main__":

@@ -611,9 +611,10 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
     )
   saved_processes = _iterator_processes(os.path.join(directory, str(step), DATA_ITER_ITEM))
   if saved_processes not in (None, jax.process_count()):
+    processes = reporting.counted(saved_processes, "process", "processes")
     raise CheckpointError(
-        f"{directory} step {step} was saved by a run of {saved_processes} processes, each "
-        f"with its own position in the train data; resume it with {saved_processes} processes "
+        f"{directory} step {step} was saved by a run of {processes}, each with its own "
+        f"position in the train data; resume it with {processes} "
         f"(this run has {jax.process_count()}; the number of devices per process may change)"
     )
   return step
@@ -854,7 +855,8 @@ def reinit_classifier(
     return set(), mismatched, []
   expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
   note = (
-      f"{name} re-initialized for {expected[-1]} classes ({source} has {found[-1]}); the other "
+      f"{name} re-initialized for {reporting.counted(expected[-1], 'class', 'classes')} "
+      f"({source} has {found[-1]}); the other "
       "weights come from it"
   )
   return reinit, {k: v for k, v in mismatched.items() if k not in reinit}, [note]

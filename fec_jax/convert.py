@@ -32,7 +32,7 @@ import flax
 import jax
 import numpy as np
 
-from fec_jax import cli
+from fec_jax import cli, reporting
 from fec_jax.checkpoint import (
     CheckpointError,
     load_model,
@@ -278,7 +278,8 @@ def read_state_dict(
   for dtype, count in sorted(stored.items()):
     if dtype in ("float16", "bfloat16", "float64"):
       exactly = "rounded" if dtype == "float64" else "exactly"
-      notes.append(f"{count} tensors stored as {dtype}, converted to float32 ({exactly})")
+      stored_as = f"{reporting.counted(count, 'tensor')} stored as {dtype}"
+      notes.append(f"{stored_as}, converted to float32 ({exactly})")
   return {k: _to_numpy(v) for k, v in state.items()}, info, notes
 
 

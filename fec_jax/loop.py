@@ -428,16 +428,16 @@ def _warn_frozen_at_init(config, params, adopted, source: str) -> None:
     return
   if not source:
     logging.warning(
-        "config.frozen %r keeps the %d arrays it freezes at their initialization: there "
-        "is no config.init_from",
+        "config.frozen %r keeps the %s it freezes at their initialization: there is no "
+        "config.init_from",
         pattern,
-        len(kept),
+        reporting.counted(len(kept), "array"),
     )
     return
   logging.warning(
-      "config.frozen %r keeps %d arrays at their initialization, which %s does not give: %s%s",
+      "config.frozen %r keeps %s at their initialization, which %s does not give: %s%s",
       pattern,
-      len(kept),
+      reporting.counted(len(kept), "array"),
       source,
       ", ".join(kept[: checkpoint.MAX_LISTED]),
       ", ..." if len(kept) > checkpoint.MAX_LISTED else "",
@@ -631,15 +631,11 @@ def _run(
     first_step = resume or 0
     devices, processes = jax.device_count(), jax.process_count()
     logging.info(
-        "%s on %d device%s (%d process%s): %d step%s of %d per epoch, global batch %d, "
-        "peak lr %.3g",
+        "%s on %s (%s): %s of %d per epoch, global batch %d, peak lr %.3g",
         model_name,
-        devices,
-        "s" if devices > 1 else "",
-        processes,
-        "es" if processes > 1 else "",
-        num_steps,
-        "s" if num_steps > 1 else "",
+        reporting.counted(devices, "device"),
+        reporting.counted(processes, "process", "processes"),
+        reporting.counted(num_steps, "step"),
         steps_per_epoch,
         config.global_batch_size,
         training.peak_lr(config),

@@ -294,6 +294,12 @@ def restore_config(saved: dict, template, where: str):
   return config
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+  """`n` and the noun for a message: '1 val image', '3 val images' (`plural` where an 's' does not
+  make it: counted(2, 'process', 'processes'))."""
+  return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def listed(names: list[str], limit: int) -> str:
   """The first `limit` of `names` for a message: 'a, b, c and 2 more'."""
   more = len(names) - limit

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fec_jax import reporting
 from fec_jax.model import FAST_COMPILE, block_axis, count_params
 
 DATA_AXIS = "data"
@@ -257,8 +258,9 @@ def check_frozen(params, pattern: str) -> str | None:
         "is matched at the start of each param's path (re.match), and the paths start with "
         f"{', '.join(starts)}; e.g. {examples}"
     )
-  count = (
-      lambda frozen: f"{len(arrays[frozen])} arrays ({count_params(arrays[frozen]):,} parameters)"
+  count = lambda frozen: (
+      f"{reporting.counted(len(arrays[frozen]), 'array')} "
+      f"({count_params(arrays[frozen]):,} parameters)"
   )
   return f"config.frozen {pattern!r}: {count(True)} frozen, {count(False)} trained"
 

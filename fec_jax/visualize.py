@@ -434,9 +434,9 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
   over = [k for k in num_clusters if k > final]
   if over:
     print(
-        f"note: at {size[0]}x{size[1]} the model has {final} final cluster"
-        f"{'s' if final > 1 else ''} (the last ClusterPool's centers), so the k{over[0]} picture "
-        f"shows at most {final} group{'s' if final > 1 else ''} (a larger --image-size has more)",
+        f"note: at {size[0]}x{size[1]} the model has {reporting.counted(final, 'final cluster')} "
+        f"(the last ClusterPool's centers), so the k{over[0]} picture shows at most "
+        f"{reporting.counted(final, 'group')} (a larger --image-size has more)",
         file=sys.stderr,
     )
 

@@ -1471,7 +1471,7 @@ def test_visualize_seg_without_a_readable_image_says_so(bad, files, tmp_path):
   assert [line[0] for line in logged] == ["W"], err  # absl's W1206 ..., no I1206 ...
   assert "bad file images/validation/ADE_val_00000001.jpg masked out" in logged[0], err
   code, _, err = visualize_seg(*args, "--verbosity=0")
-  assert code == 2 and re.search(r"^I\d{4} .* val: 1 bad images masked out", err, re.M), err
+  assert code == 2 and re.search(r"^I\d{4} .* val: 1 bad image masked out", err, re.M), err
 
 
 def test_visualize_seg_ema_without_ema_weights_fails_before_reading_data(files, tmp_path):

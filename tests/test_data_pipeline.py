@@ -887,9 +887,7 @@ def test_file_names_that_are_not_ascii_are_read(tmp_path):
 
 
 def test_a_global_batch_larger_than_the_train_split_is_an_error(folder):
-  with pytest.raises(
-      ValueError, match=r"^18 train examples are fewer than one global batch \(32\); "
-  ):
+  with pytest.raises(ValueError, match=r"^18 train examples, fewer than one global batch \(32\); "):
     fd.create_loader(_cfg(folder), "train", 32, seed=0)
 
 

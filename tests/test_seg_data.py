@@ -496,7 +496,7 @@ def test_missing_annotation_and_layout_errors(tmp_path):
   with pytest.raises(fd.DataNotFoundError, match="no .jpg images found"):
     fd.seg_num_examples(_cfg(tmp_path / "empty"), "train")
   (tmp_path / "empty" / "images" / "training" / "a.JPG").write_bytes(b"")
-  with pytest.raises(fd.DataNotFoundError, match=r"\(1 files end in another case, e.g. a.JPG\)"):
+  with pytest.raises(fd.DataNotFoundError, match=r"\(1 file in another case, e.g. a.JPG\)"):
     fd.seg_num_examples(_cfg(tmp_path / "empty"), "train")
   pngs = tmp_path / "png"
   for kind in ("images", "annotations"):

@@ -418,6 +418,21 @@ def test_top5_only_with_more_than_5_classes():
   assert "top5" in classification.eval_sums(wider, jnp.array([0, 2]), jnp.array([True, True]))
 
 
+def test_an_evaluations_line_counts_one_val_image_in_the_singular():
+  """The tasks' evaluation lines said '(1 val images)'; they count with reporting.counted, as the
+  other messages that give a count and its noun."""
+  line = tasks.get(demo.get_config()).describe({"top1": 100.0, "loss": 0.5, "images": 1})
+  assert line == "top-1 100.00%  loss 0.5000  (1 val image)"
+  seg = {"mIoU": 50.0, "mAcc": 60.0, "aAcc": 70.0, "images": 1}
+  assert tasks.get(demo_seg.get_config()).describe(seg).endswith("aAcc 70.00%  (1 val image)")
+  assert [reporting.counted(n, "val image") for n in (0, 1, 2)] == [
+      "0 val images",
+      "1 val image",
+      "2 val images",
+  ]
+  assert reporting.counted(2, "process", "processes") == "2 processes"
+
+
 def test_per_class_values_that_are_not_one_per_class_are_one_error():
   """A task of one's own (a multi-label head: a value per label, 2, where class_names() gives the
   4 class folders) got IndexError from eval.py --per_class's table, after the evaluation; a

@@ -248,7 +248,7 @@ def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
     cfg.root, cfg.num_classes, cfg.num_workers = root, len(classes), args.loader_workers
     rate = time_loader(cfg, "train", args.batch_size, max(1, len(train_files) // args.batch_size))
     print(
-        f"grain loader, {args.loader_workers} worker{'s' * (args.loader_workers > 1)}: "
+        f"grain loader, {reporting.counted(args.loader_workers, 'worker')}: "
         f"{rate:7.1f} train images/s "
         f"({rate / args.loader_workers:.1f} per worker)"
     )

@@ -48,6 +48,7 @@ from absl import logging as absl_logging
 from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
+from fec_jax import reporting
 from fec_jax.data import sources, transforms
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, nu
   per_host_epoch = epoch_steps(n, batch, shard_count) * batch
   if per_host_epoch == 0:
     raise ValueError(
-        f"{n} train examples are fewer than one global batch ({batch * shard_count}); "
-        "lower config.global_batch_size"
+        f"{reporting.counted(n, 'train example')}, fewer than one global batch "
+        f"({batch * shard_count}); lower config.global_batch_size"
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
@@ -256,11 +257,11 @@ class _LoaderIterator(grain.DatasetIterator):
       else:  # each evaluation reads the split once, with a fresh iterator
         what = self._split
       log.info(
-          "%s: %d bad images %s, %d images converted to RGB",
+          "%s: %s %s, %s converted to RGB",
           what,
-          bad,
+          reporting.counted(bad, "bad image"),
           "replaced" if self._split == "train" else "masked out",
-          converted,
+          reporting.counted(converted, "image"),
       )
       self._epoch_start = (self._bad, self._converted)
     return batch

@@ -15,6 +15,7 @@ import numpy as np
 
 from fec_jax.data.seg_config import DEMO_NUM_CLASSES
 from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS, one_line
+from fec_jax.reporting import counted
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,11 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     other_case = [p for p in found if p.lower().endswith(IMG_SUFFIX)]
     hint = ""
     if other_case:
-      hint = f" ({len(other_case)} files end in another case, e.g. {other_case[0]})"
+      hint = f" ({counted(len(other_case), 'file')} in another case, e.g. {other_case[0]})"
     elif found:
       hint = (
-          f" ({len(found)} files with another suffix, e.g. {found[0]}: images are read as "
+          f" ({counted(len(found), 'file')} with another suffix, e.g. {found[0]}: images are "
+          "read as "
           f"{IMG_SUFFIX}, as ADE20K's)"
       )
     raise DataNotFoundError(

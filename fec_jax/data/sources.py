@@ -99,7 +99,8 @@ def scan_folder(split_dir: str) -> FolderScan:
   if not paths:
     loose = _loose_images(split_dir)
     where = (
-        f"{split_dir} holds {len(loose)} images (e.g. {loose[0]}) outside class folders; sort "
+        f"{split_dir} holds {reporting.counted(len(loose), 'image')} (e.g. {loose[0]}) outside "
+        "class folders; sort "
         f"them into {split_dir}/<class>/"
         if loose
         else f"no images found under {split_dir}"

@@ -322,7 +322,8 @@ class Task(abc.ABC):
     """ValueError unless `model` (e.g. a checkpoint's) has config.data.num_classes classes."""
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(
-          f"the model has {model.num_classes} classes but config.data.num_classes "
+          f"the model has {reporting.counted(model.num_classes, 'class', 'classes')} but "
+          "config.data.num_classes "
           f"is {self.config.data.num_classes}: give the config of the checkpoint's run, or "
           f"--config.data.num_classes={model.num_classes} for data of its classes"
       )
@@ -377,7 +378,8 @@ class Task(abc.ABC):
       if np.ndim(values) != 1 or len(values) != len(names):
         raise MetricsError(
             f"the per_class column {column!r} is of shape {np.shape(values)}, but "
-            f"{type(self).__name__}.class_names() names {len(names)} classes; expected one value "
+            f"{type(self).__name__}.class_names() names "
+            f"{reporting.counted(len(names), 'class', 'classes')}; expected one value "
             "per class: return them so, or override class_names() to name the classes the "
             "values are of"
         )

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fec_jax import checkpoint, data, training
+from fec_jax import checkpoint, data, reporting, training
 from fec_jax.data import classes, device_transforms, mixup
 from fec_jax.model import FEC, VARIANTS, model_name
 from fec_jax.tasks import BatchEvaluator, Task
@@ -172,11 +172,11 @@ class Classification(Task):
     mixing = (c.data.mixup_alpha > 0 or c.data.cutmix_alpha > 0) and c.data.mixup_prob > 0
     if mixing and per_device % 2:
       raise ValueError(
-          f"config.global_batch_size {c.global_batch_size} over {devices} "
-          f"device{'s' if devices > 1 else ''} is {per_device} images per device, an odd number: "
-          "Mixup/CutMix pair each image with its device batch's flip (the batch reversed) and "
-          "need an even count per device (the middle image would mix with itself); give a "
-          f"global_batch_size that is a multiple of {2 * devices}, or turn them off "
+          f"config.global_batch_size {c.global_batch_size} over "
+          f"{reporting.counted(devices, 'device')} is {per_device} images per device, an odd "
+          "number: Mixup/CutMix pair each image with its device batch's flip (the batch "
+          "reversed) and need an even count per device (the middle image would mix with itself); "
+          f"give a global_batch_size that is a multiple of {2 * devices}, or turn them off "
           "(--config.data.mixup_alpha=0 --config.data.cutmix_alpha=0)"
       )
 
@@ -229,7 +229,7 @@ class Classification(Task):
     top5 = f"top-5 {metrics['top5']:.2f}%  " if "top5" in metrics else ""
     return (
         f"top-1 {metrics['top1']:.2f}%  {top5}"
-        f"loss {metrics['loss']:.4f}  ({metrics['images']} val images)"
+        f"loss {metrics['loss']:.4f}  ({reporting.counted(metrics['images'], 'val image')})"
     )
 
   def class_names(self) -> tuple[str, ...]:

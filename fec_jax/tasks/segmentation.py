@@ -130,8 +130,7 @@ class MeanIoU(Evaluator):
           while len(pending) > 2 * len(local_sets):
             i, areas = pending.popleft()
             _add(totals[i], jax.device_get(areas))
-        sizes = len(self._steps)
-        progress.update(done, f" ({sizes} size{'s' * (sizes != 1)} compiled)")
+        progress.update(done, f" ({reporting.counted(len(self._steps), 'size')} compiled)")
     finally:
       examples.close()  # its worker processes end here
     for i, areas in pending:
@@ -147,9 +146,9 @@ class MeanIoU(Evaluator):
       d = self._config.data
       zero = " after reduce_zero_label (0 -> 255)" if d.reduce_zero_label else ""
       raise data.DataNotFoundError(
-          f"no labelled pixel in the {count} val images of {data.data_location(d)}: every "
-          f"annotation pixel is ignore_index {d.ignore_index}{zero} or a class id >= "
-          f"config.data.num_classes {d.num_classes}; nothing to score"
+          f"no labelled pixel in the {reporting.counted(count, 'val image')} of "
+          f"{data.data_location(d)}: every annotation pixel is ignore_index {d.ignore_index}"
+          f"{zero} or a class id >= config.data.num_classes {d.num_classes}; nothing to score"
       )
     absent = np.flatnonzero(totals[0]["area_label"] == 0)
     if absent.size and self._warn:
@@ -165,12 +164,12 @@ class MeanIoU(Evaluator):
     names = classes.segmentation_names(self._config.data)
     shown = reporting.listed([repr(names[i]) for i in absent], 8)
     logging.warning(
-        "%d of the %d classes have no labelled pixel in the %d val images (%s): their Acc is "
+        "%d of the %d classes have no labelled pixel in the %s (%s): their Acc is "
         "NaN and left out of mAcc, and their IoU is 0 where the model predicts them, else NaN "
         "and left out of mIoU, as in mmseg; expected ids %s",
         absent.size,
         self._num_classes,
-        count,
+        reporting.counted(count, "val image"),
         shown,
         seg_transforms.expected_ids(self._config.data),
     )
@@ -181,11 +180,11 @@ class MeanIoU(Evaluator):
     stops at such an id."""
     shown = reporting.listed([str(i) for i in sorted(ids)], 8)
     logging.warning(
-        "%d of the %d val annotations hold ids that are neither a class nor ignore_index (%s; "
+        "%d of the %s hold ids that are neither a class nor ignore_index (%s; "
         "expected %s): their pixels count in no class, as in mmseg; check "
         "config.data.num_classes and reduce_zero_label",
         annotations,
-        count,
+        reporting.counted(count, "val annotation"),
         f"e.g. {shown}" if shown else "on other hosts",
         seg_transforms.expected_ids(self._config.data),
     )
@@ -365,7 +364,7 @@ class Segmentation(Task):
   def describe(self, metrics: dict[str, float]) -> str:
     return (
         f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
-        f"aAcc {metrics['aAcc']:.2f}%  ({metrics['images']} val images)"
+        f"aAcc {metrics['aAcc']:.2f}%  ({reporting.counted(metrics['images'], 'val image')})"
     )
 
   def class_names(self) -> tuple[str, ...]:
