@@ -145,21 +145,17 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
 
 
 def _check_workdir_outside_data(config, workdir: str) -> None:
-  """ValueError where workdir lies in a split folder of class-folder data: every folder there is a
-  class and every image under a class folder one of its examples, so the run would read its own
-  files as data (its workdir a class of the split, that made the class count wrong; curves.png an
-  image of the class folder it lies in, from the next start on)."""
-  cfg = config.get("data") or {}
-  if cfg.get("source") != "folder" or not cfg.get("root"):
-    return
-  for split in ("train", "val"):
-    folder = os.path.realpath(os.path.join(cfg.get("root"), data.split_name(cfg, split)))
-    if os.path.commonpath([os.path.realpath(workdir), folder]) == folder:
-      raise ValueError(
-          f"--workdir {workdir} lies in the {split} split of config.data.root, {folder}: its "
-          "folders are classes and its images examples, so the run would read its own files as "
-          "data; give a --workdir outside the data's split folders"
-      )
+  """ValueError where workdir lies in a split folder of class-folder data (data.split_holding):
+  the run would read its own files as data (its workdir a class of the split, that made the class
+  count wrong; curves.png an image of the class folder it lies in, from the next start on)."""
+  inside = data.split_holding(config.get("data") or {}, workdir)
+  if inside is not None:
+    split, folder = inside
+    raise ValueError(
+        f"--workdir {workdir} lies in the {split} split of config.data.root, {folder}: its "
+        "folders are classes and its images examples, so the run would read its own files as "
+        "data; give a --workdir outside the data's split folders"
+    )
 
 
 def _check_same_run_everywhere(config, workdir: str) -> None:

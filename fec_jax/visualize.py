@@ -39,7 +39,7 @@ from fec_jax.checkpoint import (
     load_pretrained,
     output_in_a_checkpoint,
 )
-from fec_jax.data import seg_transforms
+from fec_jax.data import seg_transforms, split_holding
 from fec_jax.data.classes import classification_names, numbered, own_names, own_names_origin
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, upright
@@ -396,6 +396,16 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   problem = output_in_a_checkpoint(args.out, "--out")  # e.g. a workdir's 7: its step 7 to a run
   if problem is not None:
     cli.fail(problem)
+  trained = trained_config(args.checkpoint)
+  data = trained.get("data", {})
+  inside = split_holding(data, args.out)  # what a workdir's config.json says of the run's data
+  if inside is not None:
+    cli.fail(
+        f"--out {args.out} lies in the {inside[0]} split of the run's data, {inside[1]} "
+        f"(config.data.root in {reporting.config_file(args.checkpoint)}): its folders are classes "
+        "and its images examples, so a run on that data would read the PNGs as images of a "
+        "class; give an --out outside the data's split folders"
+    )
   existing = [
       name
       for name in _output_names(
@@ -409,8 +419,6 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
         f"--out {args.out} already holds {existing[0]}{more}; pass --overwrite to replace "
         f"{'them' if more else 'it'}, or choose another --out"
     )
-  trained = trained_config(args.checkpoint)
-  data = trained.get("data", {})
   # A run's image size: a classifier's image_size, a segmenter's crop_size [H, W].
   default = data.get("image_size") or data.get("crop_size") or DEFAULT_IMAGE_SIZE
   size = args.image_size or (default if isinstance(default, list) else [default])

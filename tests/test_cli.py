@@ -1051,6 +1051,27 @@ def test_visualize_names_classes_by_the_names_the_run_recorded(tmp_path, capsys)
   )
 
 
+def test_visualize_out_in_a_split_of_the_runs_data_is_refused(tmp_path, capsys):
+  """--out in a class folder of the run's train split (its config.json's data.root), or in a
+  split folder, where it would be a class of its own: the next run on that data read the PNGs as
+  images of the class. One error before the checkpoint is read; one beside the splits is fine."""
+  workdir, root = _pets_run(tmp_path)
+  (root / "train" / "cat").mkdir(parents=True)
+  photo, args = _grey_photo_args(tmp_path, workdir)
+  for split, out in [("train", root / "train" / "cat" / "pics"), ("val", root / "val" / "pics")]:
+    code, printed, err = outcome(capsys, visualize.main, [*args[:-1], str(out)])
+    assert (code, printed) == (2, "")
+    assert err == (
+        f"error: --out {out} lies in the {split} split of the run's data, {root / split} "
+        f"(config.data.root in {workdir / reporting.CONFIG_FILE}): its folders are classes and "
+        "its images examples, so a run on that data would read the PNGs as images of a class; "
+        "give an --out outside the data's split folders\n"
+    )
+    assert not out.exists()
+  code, _, err = outcome(capsys, visualize.main, [*args[:-1], str(root / "pictures")])
+  assert code == 0, err
+
+
 def test_visualize_says_when_the_runs_class_folders_are_there_but_not_the_models_classes(
     tmp_path, capsys
 ):

@@ -7,6 +7,7 @@ Public API, classification:
   num_examples(cfg, split), steps_per_epoch(cfg, global_batch_size, shard_count),
   num_eval_batches(cfg, global_batch_size)             -- pipeline.py
   split_name(cfg, 'train' | 'val')                     -- the config's name of it (sources.py)
+  split_holding(cfg, path)                             -- the split folder a path lies in
   tfds_data_dir(cfg.tfds_data_dir)                     -- the folder TFDS reads (sources.py)
   recorded_fields(cfg)                                 -- what config.json records otherwise
   device_transforms.normalize(images, mean, std), .erase(key, images, boxes, mode)
@@ -51,6 +52,7 @@ from fec_jax.data.seg_pipeline import (
 from fec_jax.data.sources import (
     DataNotFoundError,
     recorded_fields,
+    split_holding,
     split_name,
     tfds_data_dir,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "num_eval_batches",
     "data_location",
     "split_name",
+    "split_holding",
     "tfds_data_dir",
     "recorded_fields",
     "LabelNames",

@@ -520,6 +520,20 @@ def split_name(cfg, split: str) -> str:
   return "validation" if (cfg.get("source") == "tfds" and split == "val") else split
 
 
+def split_holding(cfg, path: str) -> tuple[str, str] | None:
+  """('train' or 'val', the split's folder) where `path` lies in a split folder of class-folder
+  data (`cfg`: a ConfigDict or the data section of a run's config.json): every folder there is a
+  class and every image under a class folder one of its examples, so files written at `path`
+  would be read as data (a folder made there a class of its own); None otherwise."""
+  if cfg.get("source") != "folder" or not cfg.get("root"):
+    return None
+  for split in ("train", "val"):
+    folder = os.path.realpath(os.path.join(cfg.get("root"), split_name(cfg, split)))
+    if os.path.commonpath([os.path.realpath(path), folder]) == folder:
+      return split, folder
+  return None
+
+
 def make_source(cfg, split: str):
   """The source for a validated data config and split ('train' | 'val')."""
   name = split_name(cfg, split)
