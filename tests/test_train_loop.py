@@ -626,6 +626,13 @@ def test_a_workdir_in_a_split_of_the_data_is_refused_before_it_is_made(tmp_path)
     )
     assert not os.path.exists(workdir)
   loop._check_workdir_outside_data(config, f"{root}/runs/a")  # beside the splits
+  # A class folder that is a link (kept elsewhere): the real path of a workdir in it is outside
+  # the data, but the run reads it through the link all the same.
+  (tmp_path / "elsewhere").mkdir()
+  os.symlink(tmp_path / "elsewhere", f"{root}/train/linked")
+  with pytest.raises(ValueError, match="lies in the train split of config.data.root"):
+    train(config, f"{root}/train/linked/run")
+  assert not (tmp_path / "elsewhere" / "run").exists()
   loop._check_workdir_outside_data(finetune_config(f"{root}/train", ""), f"{root}/val/run")
 
 

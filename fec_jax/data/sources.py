@@ -524,12 +524,21 @@ def split_holding(cfg, path: str) -> tuple[str, str] | None:
   """('train' or 'val', the split's folder) where `path` lies in a split folder of class-folder
   data (`cfg`: a ConfigDict or the data section of a run's config.json): every folder there is a
   class and every image under a class folder one of its examples, so files written at `path`
-  would be read as data (a folder made there a class of its own); None otherwise."""
+  would be read as data (a folder made there a class of its own); None otherwise. The path as
+  named counts as well as its real path: a class folder that is a symbolic link
+  (train/linked -> elsewhere) leads a train/linked/run to elsewhere/run, which its own real path
+  does not show to be in the split; each of its folders is resolved in turn."""
   if cfg.get("source") != "folder" or not cfg.get("root"):
     return None
+  named, real = os.path.abspath(path), [os.path.realpath(path)]  # and of each folder above it
+  while True:
+    real.append(os.path.realpath(named))
+    if os.path.dirname(named) == named:
+      break
+    named = os.path.dirname(named)
   for split in ("train", "val"):
     folder = os.path.realpath(os.path.join(cfg.get("root"), split_name(cfg, split)))
-    if os.path.commonpath([os.path.realpath(path), folder]) == folder:
+    if any(os.path.commonpath([r, folder]) == folder for r in real):
       return split, folder
   return None
 
