@@ -294,6 +294,8 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   if resume is None:
     _check_fresh_workdir(workdir)
     reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
+    if labels is not None:  # and where it records the names of the labels
+      reporting.classes_file(workdir)
     saved = None
   else:
     saved = _check_same_run(config, workdir, task.EVALUATION_ONLY)

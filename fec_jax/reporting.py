@@ -187,9 +187,18 @@ def holds_run_config(directory: str) -> bool:
 def config_file(workdir: str) -> str:
   """The path of a workdir's config.json; ValueError where a directory stands in its place (one
   that train.py could not write)."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  return _record_file(workdir, CONFIG_FILE, "the config the run started with")
+
+
+def classes_file(workdir: str) -> str:
+  """The path of a workdir's classes.json; ValueError where a directory stands in its place."""
+  return _record_file(workdir, CLASSES_FILE, "the names the run's labels had")
+
+
+def _record_file(workdir: str, name: str, what: str) -> str:
+  path = os.path.join(workdir, name)
   if os.path.isdir(path):
-    raise ValueError(f"{path} is a directory; expected the config the run started with, a file")
+    raise ValueError(f"{path} is a directory; expected {what}, a file")
   return path
 
 
@@ -232,8 +241,8 @@ def write_classes(workdir: str, labels: tuple[tuple[str, ...], str] | None) -> N
 def read_classes(workdir: str) -> tuple[tuple[str, ...], str] | None:
   """(names, origin) as write_classes recorded them; None where the workdir has no record (a run
   of an earlier fec-jax, of data whose names the config fixes, a converter output). ValueError
-  where the file cannot be read or is not such a record."""
-  path = os.path.join(workdir, CLASSES_FILE)
+  where the file cannot be read or is not such a record (a directory: classes_file)."""
+  path = classes_file(workdir)
   if not os.path.isfile(path):
     return None
   expected = 'expected {"origin": "...", "names": [...]}, the names the run\'s labels had'

@@ -1516,6 +1516,26 @@ def test_a_directory_where_config_json_goes_stops_before_the_data(
     train(tiny(), workdir)
 
 
+def test_a_directory_where_classes_json_goes_stops_before_the_data(tmp_path, data_not_opened):
+  """classes.json as a directory: a fresh start on class folders failed once compiled, writing it
+  (IsADirectoryError, a traceback), and left its config.json; it stops before the data, as for
+  config.json. Read back (a resume, eval.py, init_from) it is that error too, not no record."""
+  root = make_imagenet_folder(tmp_path / "data", num_classes=3, per_class=1, size=(8, 8))
+  config = tiny(**{"data.source": "folder", "data.root": root, "data.num_classes": 3})
+  workdir = tmp_path / "w"
+  (workdir / reporting.CLASSES_FILE).mkdir(parents=True)
+  expected = (
+      f"{workdir / reporting.CLASSES_FILE} is a directory; expected the names the run's labels "
+      "had, a file"
+  )
+  with pytest.raises(ValueError) as e:
+    train(config, workdir)
+  assert str(e.value) == expected
+  assert os.listdir(workdir) == [reporting.CLASSES_FILE]  # nothing written
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    reporting.read_classes(str(workdir))
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "num_classes", "image_size", "task"])
 def test_bad_input_fails_before_compiling(case, tmp_path):
   root = tmp_path / "data"
