@@ -69,12 +69,14 @@ def table(header: str) -> str:
 def commands() -> list[tuple[str, list[str]]]:
   """Every `python SCRIPT.py ...` or `python -m MODULE ...` command of every page (bash blocks
   and indented command lines), with its page, as tokens from `python` on, with `[--optional]`
-  brackets removed."""
+  brackets removed; a comment of `[--optional]` options alone (`# [--step=N]`) is options of its
+  command."""
   found = []
   for path, doc in DOCS.items():
     indented = [line for line in doc.splitlines() if re.match(r" {4}python ", line)]
     spans = [span for span in inline_code(doc) if span.startswith("python ")]
     text = "\n".join(blocks("bash", doc) + indented + spans).replace("\\\n", " ")
+    text = re.sub(r"#((?:\s*\[--[^\]\s]+\])+)\s*$", r"\1", text, flags=re.M)
     for line in text.splitlines():
       for part in re.split(r"&&|;|\||\s&\s", line):
         tokens = [t.strip("[]") for t in shlex.split(part, comments=True)]
@@ -187,6 +189,42 @@ def test_commands_use_defined_flags_and_config_fields():
         assert flag in known, f"--{flag}: {path} defines no such flag (in {where})"
       checked += 1
   assert checked > 200  # the commands were found
+
+
+def option(tokens: list[str], name: str) -> str | None:
+  """The value of `--name=value` or `--name value` in a command's tokens (None: not given)."""
+  for i, token in enumerate(tokens):
+    if token.startswith(f"--{name}="):
+      return token.split("=", 1)[1]
+    if token == f"--{name}" and i + 1 < len(tokens):
+      return tokens[i + 1]
+  return None
+
+
+def test_docs_ema_options_on_runs_that_keep_ema():
+  """A command of the pages with --ema (or --config.init_from_ema) on a workdir that a train.py
+  command of the pages trains: that run's config keeps EMA weights (ema_decay > 0), or the
+  command is an error (the segmentation configs, configs/finetune.py keep none)."""
+  trained = {}  # workdir -> the train.py command's ema_decay
+  for _, tokens in commands():
+    if repo_command(tokens) == "train.py" and option(tokens, "config"):
+      decay = option(tokens, "config.ema_decay")
+      trained[option(tokens, "workdir")] = (
+          float(decay) if decay is not None else config(option(tokens, "config")).ema_decay
+      )
+  assert len(trained) > 5
+  checked = 0
+  for path, tokens in commands():
+    if "--ema" in tokens:
+      run = next(filter(None, (option(tokens, n) for n in ("workdir", "checkpoint", "input"))), "")
+    elif option(tokens, "config.init_from_ema") in ("True", "true"):
+      run = option(tokens, "config.init_from")
+    else:
+      continue
+    if run in trained:
+      assert trained[run] > 0, f"{path}: {' '.join(tokens)}: {run} keeps no EMA (ema_decay 0)"
+      checked += 1
+  assert checked >= 1  # the demo's eval.py --ema
 
 
 def test_docs_config_fields_exist():
