@@ -441,9 +441,11 @@ def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> 
   final = math.prod(clusters.centers.shape[1:-1])  # [1, h, w, D]
   over = [k for k in num_clusters if k > final]
   if over:
+    pictures = reporting.listed([f"k{k}" for k in over], 5)
     print(
         f"note: at {size[0]}x{size[1]} the model has {reporting.counted(final, 'final cluster')} "
-        f"(the last ClusterPool's centers), so the k{over[0]} picture shows at most "
+        f"(the last ClusterPool's centers), so the {pictures} "
+        f"picture{'s show' if len(over) > 1 else ' shows'} at most "
         f"{reporting.counted(final, 'group')} (a larger --image-size has more)",
         file=sys.stderr,
     )

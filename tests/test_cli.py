@@ -1125,6 +1125,14 @@ def test_visualize_notes_more_groups_than_final_clusters(files, tmp_path, capsys
       "note: at 64x64 the model has 4 final clusters (the last ClusterPool's centers), so the k5 "
       "picture shows at most 4 groups (a larger --image-size has more)\n",
   )
+  # every K above them is named, not only the first
+  args += ["--num-clusters", "3", "5", "6", "--overwrite"]
+  code, _, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (
+      0,
+      "note: at 64x64 the model has 4 final clusters (the last ClusterPool's centers), so the k5, "
+      "k6 pictures show at most 4 groups (a larger --image-size has more)\n",
+  )
 
 
 def test_visualize_ema_without_ema_weights_is_the_one_line(files, tmp_path, capsys):
