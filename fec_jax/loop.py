@@ -206,15 +206,16 @@ def _hold(workdir: str):
   (config.json) leaves no trace: the lock file this creates is removed again (while still held:
   a run that opened it meanwhile finds it in use), and so are the compilation cache that JAX
   began meanwhile (train.py's, made at the first compile, which can come before a check fails)
-  and a workdir this creates; a path that cannot hold the lock (a file, a read-only folder) is
-  left for _start to refuse, and a filesystem without flock runs without the lock."""
-  fd, created, lock_created, in_use, config_before = None, False, False, "", None
+  and a workdir this creates, with the missing folders above it that it made; a path that cannot
+  hold the lock (a file, a read-only folder) is left for _start to refuse, and a filesystem
+  without flock runs without the lock."""
+  fd, created, lock_created, in_use, config_before = None, None, False, "", None
   lock = os.path.join(workdir, LOCK_FILE)
   config_file = os.path.join(workdir, reporting.CONFIG_FILE)
   cache = os.path.join(workdir, reporting.COMPILATION_CACHE)
   cache_created = False
   if jax.process_index() == 0:
-    created = not os.path.exists(workdir)
+    created = _outermost_missing(workdir)
     lock_created = not os.path.exists(lock)
     cache_created = not os.path.exists(cache)
     config_before = _file_version(config_file)
@@ -254,8 +255,22 @@ def _hold(workdir: str):
           with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
       os.close(fd)
-    if created and os.path.isdir(workdir) and not os.listdir(workdir):
-      os.rmdir(workdir)
+    if created:
+      folder = os.path.abspath(workdir)
+      while os.path.isdir(folder) and not os.listdir(folder):  # up to the first it made
+        os.rmdir(folder)
+        if folder == created:
+          break
+        folder = os.path.dirname(folder)
+
+
+def _outermost_missing(path: str) -> str | None:
+  """The outermost of `path` and the folders above it that do not exist (os.makedirs makes them
+  all), as an absolute path; None where `path` exists."""
+  path, missing = os.path.abspath(path), None
+  while not os.path.exists(path) and path != os.path.dirname(path):
+    path, missing = os.path.dirname(path), path
+  return missing
 
 
 def _file_version(path: str) -> tuple[int, int] | None:

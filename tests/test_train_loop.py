@@ -820,6 +820,16 @@ def test_a_workdir_in_use_by_another_run_is_refused(reference, tmp_path):
   assert not os.path.exists(tmp_path / "new")  # a failed start leaves no workdir
 
 
+def test_a_failed_start_removes_the_folders_it_made(tmp_path):
+  """A failed start leaves nothing behind: the missing folders above its workdir, which it made
+  with it, go too (runs/a of runs/a/b stayed); the folders that were there stay."""
+  missing = {"data.source": "folder", "data.root": str(tmp_path / "no_data")}
+  (tmp_path / "runs").mkdir()
+  with pytest.raises(data.DataNotFoundError, match="no_data/train is not a directory"):
+    train(tiny(**missing), tmp_path / "runs" / "a" / "b")
+  assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
+
+
 def test_a_failed_start_removes_the_compilation_cache_it_began(tmp_path, monkeypatch):
   """JAX makes train.py's WORKDIR/compilation_cache at the first compile, which can come before a
   check fails: a failed start left it in a folder that was there before (seen: an empty
