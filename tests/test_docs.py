@@ -1,9 +1,10 @@
 """The README and the pages of docs/ against the code, read statically (nothing is run): every flag
 a command of theirs or a docstring's usage line passes is defined by its script, every --config
-field it sets exists in the config it names, every repository path they mention exists, every
-fec_jax name they use is there, every call in their Python examples fits the function's signature
-and every relative link of theirs leads to a file and a heading that exist. A renamed flag, field,
-function or heading fails here, not in a user's shell or browser."""
+field it sets exists in the config it names, an --ema of theirs is on a run that keeps EMA
+weights, every repository path they mention exists, every fec_jax name they use is there, every
+call in their Python examples fits the function's signature and every relative link of theirs
+leads to a file and a heading that exist. A renamed flag, field, function or heading fails here,
+not in a user's shell or browser."""
 
 import ast
 import functools
