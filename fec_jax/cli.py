@@ -301,14 +301,19 @@ _ORBAX_DIR = os.path.dirname(importlib.util.find_spec("orbax.checkpoint").origin
 
 
 def _harmless(record: logging.LogRecord) -> bool:
-  """Orbax's INFO lines (dozens per checkpoint save or restore: handler registries, timings), and
+  """Orbax's INFO lines (dozens per checkpoint save or restore: handler registries, timings),
   jax's "Unable to initialize backend 'tpu'" (INFO: libtpu is installed on a machine without a
-  TPU). Orbax's warnings and other backends' failures (a CUDA that does not start) still show."""
+  TPU) and its "Resetting cache at ..." (INFO: a failed start removed the compilation cache it
+  began and reset JAX's, loop._hold; the line named the removed folder above the error). Orbax's
+  warnings and other backends' failures (a CUDA that does not start) still show."""
   if record.levelno >= logging.WARNING:
     return False
   if record.pathname.startswith(_ORBAX_DIR):
     return True
-  return record.name == "jax._src.xla_bridge" and record.getMessage().startswith(
+  message = record.getMessage()
+  if record.name == "jax._src.compilation_cache":
+    return message.startswith("Resetting cache at ")
+  return record.name == "jax._src.xla_bridge" and message.startswith(
       "Unable to initialize backend 'tpu'"
   )
 
@@ -317,7 +322,8 @@ def _not_harmless(record: logging.LogRecord) -> bool:
   return not _harmless(record)
 
 
-_NOISY_LOGGERS = ("absl", "jax._src.xla_bridge")  # orbax logs through absl's logger
+# orbax logs through absl's logger
+_NOISY_LOGGERS = ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache")
 
 
 def quiet() -> None:
