@@ -579,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ema:  # before the notes on the model: the error would follow them
       check_ema(os.path.abspath(args.checkpoint), step)
     cli.check_input_size(model, size, "--image-size")
-    note_num_clusters(model, size, args.num_clusters)
     layers = () if args.encodings is None else encoding_layers(model, args.encodings)
+    note_num_clusters(model, size, args.num_clusters)  # after the errors of the arguments
     note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
   names = interpret.level_names(model)

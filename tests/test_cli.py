@@ -1151,6 +1151,17 @@ def test_visualize_ema_without_ema_weights_is_the_one_line(files, tmp_path, caps
   assert not os.path.exists(tmp_path / "vis")
 
 
+def test_visualize_encodings_the_model_lacks_is_the_one_line(files, tmp_path, capsys):
+  """An --encodings layer the model lacks: the error alone (the note on the final clusters came
+  first, as for --ema)."""
+  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
+  args += ["--image-size", "64", "--num-clusters", "5", "--encodings", "network.9", "--heads", "9"]
+  code, _, err = outcome(capsys, visualize.main, [*args, "--out", str(tmp_path / "vis")])
+  assert code == 2 and err.count("\n") == 1, err
+  assert err.startswith("error: --encodings network.9 is not in the model; its encoding layers")
+  assert not os.path.exists(tmp_path / "vis")
+
+
 def test_visualize_out_in_a_checkpoint_is_one_line(files, tmp_path, capsys, monkeypatch):
   """An --out that the run would take for a step of its own (a numbered name in a workdir: every
   command on the workdir then failed on the PNG folder as its latest step) or that lies in a
