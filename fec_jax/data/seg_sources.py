@@ -109,8 +109,7 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     elif found:
       hint = (
           f" ({counted(len(found), 'file')} with another suffix, e.g. {found[0]}: images are "
-          "read as "
-          f"{IMG_SUFFIX}, as ADE20K's)"
+          f"read as {IMG_SUFFIX}, as ADE20K's)"
       )
     raise DataNotFoundError(
         f"no {IMG_SUFFIX} images found under {img_dir}{hint}; {ADE20K_LAYOUT_HELP}"

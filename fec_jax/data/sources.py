@@ -100,8 +100,7 @@ def scan_folder(split_dir: str) -> FolderScan:
     loose = _loose_images(split_dir)
     where = (
         f"{split_dir} holds {reporting.counted(len(loose), 'image')} (e.g. {loose[0]}) outside "
-        "class folders; sort "
-        f"them into {split_dir}/<class>/"
+        f"class folders; sort them into {split_dir}/<class>/"
         if loose
         else f"no images found under {split_dir}"
     )

@@ -323,9 +323,9 @@ class Task(abc.ABC):
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(
           f"the model has {reporting.counted(model.num_classes, 'class', 'classes')} but "
-          "config.data.num_classes "
-          f"is {self.config.data.num_classes}: give the config of the checkpoint's run, or "
-          f"--config.data.num_classes={model.num_classes} for data of its classes"
+          f"config.data.num_classes is {self.config.data.num_classes}: give the config of the "
+          f"checkpoint's run, or --config.data.num_classes={model.num_classes} for data of its "
+          "classes"
       )
 
   @abc.abstractmethod
