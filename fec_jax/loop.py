@@ -136,6 +136,7 @@ def train_and_evaluate(config, workdir: str, compiler_options: dict | None = Non
     )
     train_iter, steps_per_epoch = tasks.checked_loader(task, loaded)
     try:
+      task.check_eval_data()  # held-out data the first evaluation would stop on stops here
       return _run(
           config, workdir, task, start, train_iter, steps_per_epoch, preemption, compiler_options
       )

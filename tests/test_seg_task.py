@@ -17,6 +17,7 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
+from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw
 
 import fec_jax
@@ -222,6 +223,70 @@ def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tm
   assert not caplog.messages
   with pytest.raises(tasks.EvaluationStopped, match="^stopped after 1 of 3 val images$"):
     evaluator(variables, stop=lambda: True)
+
+
+def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, caplog):
+  """The recipe evaluates first after 8,000 steps: a training run reads the first VAL_CHECKED
+  val records at its start, before it compiles (here _run, which compiles, only says it was
+  reached), as the evaluator reads them. None readable stops it, naming the first and why; ids
+  that are no class get the evaluator's warning, unreadable records one too."""
+  root = make_ade20k_folder(tmp_path / "ade", num_val=10, sizes=ADE_SIZE)
+  monkeypatch.setattr(loop, "_run", lambda *args: "started")
+  annotations = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
+  for path in annotations[:8]:  # colour maps (VAL_CHECKED of them); the last two are fine
+    with Image.open(path) as label:
+      label.convert("RGB").save(path)
+  with pytest.raises(data.DataNotFoundError) as e:
+    train(ade_tiny(root), tmp_path / "run")
+  assert str(e.value) == (
+      f"the val split of {root} has no readable record in its first 8 records (a training run "
+      "reads them at its start: its evaluations would find nothing to evaluate); the first: "
+      "images/validation/ADE_val_00000001.jpg: annotation "
+      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
+      "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)"
+  )
+  assert not (tmp_path / "run").exists()
+  Image.fromarray(np.full((48, 64), 9, np.uint8)).save(annotations[1])  # readable, id 9
+  with caplog.at_level("WARNING"):
+    assert train(ade_tiny(root), tmp_path / "run") == "started"
+  assert caplog.messages[-2:] == [  # after the note that there is no init_from
+      f"the val split of {root}: 7 of its first 8 records cannot be read, and every evaluation "
+      "leaves them out; the first: images/validation/ADE_val_00000001.jpg: annotation "
+      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
+      "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)",
+      "1 of the first 8 val annotations hold ids that are neither a class nor ignore_index (e.g. "
+      "9; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "(ignore_index)): their pixels count in no class, as in mmseg; check "
+      "config.data.num_classes and reduce_zero_label",
+  ]
+
+
+def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch):
+  """The processes gather whether each read a val record: one that read none stops with its
+  file's error after the gather (the others would wait in it otherwise), the others naming it."""
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
+  gathered, other = [], [0]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils,
+      "process_allgather",
+      lambda failed: gathered.append(int(failed)) or np.array([failed, other[0]]),
+  )
+  task = tasks.get(ade_tiny(root))
+  task.check_eval_data()
+  other[0] = 1  # process 1 reads none
+  with pytest.raises(data.DataNotFoundError) as e:
+    task.check_eval_data()
+  assert str(e.value) == (
+      f"on process 1, the val split of {root} has no readable record in its first 3 records "
+      "(its error line names the first and why): every process reads the val split"
+  )
+  other[0] = 0
+  for path in (tmp_path / "ade" / "images" / "validation").iterdir():
+    path.write_bytes(b"")
+  with pytest.raises(data.DataNotFoundError, match="^the val split .* the first: images/val"):
+    task.check_eval_data()
+  assert gathered == [0, 0, 1]
 
 
 def test_progress_lines_and_stop():

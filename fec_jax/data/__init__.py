@@ -18,7 +18,8 @@ Segmentation (ADE20K, the authors' mmseg 0.24 recipe; the synthetic shapes demo)
   ade20k_config(), seg_demo_config(), seg_validate(cfg)  -- seg_config.py
   create_seg_loader(cfg, split, global_batch_size, seed, shard_index, shard_count, num_epochs)
   seg_num_examples(cfg, split), seg_steps_per_epoch(cfg, global_batch_size, shard_count),
-  seg_num_eval_examples(cfg, shard_count)              -- seg_pipeline.py
+  seg_num_eval_examples(cfg, shard_count),
+  seg_check_val(cfg, count)                            -- seg_pipeline.py
   seg_device_transforms.normalize(images, valid, mean, std)  -- on device, padding -> 0
   The metric: fec_jax.miou.
 Shared by both pipelines (loader.py: train and val order, bad-file replacement, worker processes):
@@ -45,6 +46,7 @@ from fec_jax.data.seg_config import demo_config as seg_demo_config
 from fec_jax.data.seg_config import validate as seg_validate
 from fec_jax.data.seg_pipeline import (
     create_seg_loader,
+    seg_check_val,
     seg_num_eval_examples,
     seg_num_examples,
     seg_steps_per_epoch,
@@ -80,6 +82,7 @@ __all__ = [
     "seg_validate",
     "create_seg_loader",
     "seg_num_examples",
+    "seg_check_val",
     "seg_steps_per_epoch",
     "seg_num_eval_examples",
 ]

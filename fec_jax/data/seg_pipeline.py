@@ -46,6 +46,23 @@ def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
   return loader.val_steps(seg_num_examples(data_config, "val"), 1, shard_count)
 
 
+def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str]]:
+  """The first `count` val records (or all, where there are fewer) decoded as the evaluation
+  decodes them (_decode), for a training run's check at its start: (the labels of those that
+  decode, uint8 [H0, W0] each with reduce_zero_label applied; 'key: why' for each that does not,
+  as the loader's bad-file warning names it)."""
+  config_lib.validate(data_config)
+  source = seg_sources.make_seg_source(data_config, "val")
+  labels, bad = [], []
+  for index in range(min(count, len(source))):
+    record = source[index]
+    try:
+      labels.append(_decode(record, data_config)[1])
+    except transforms.BadImageError as e:
+      bad.append(f"{sources.one_line(record['key'])}: {e}")
+  return labels, bad
+
+
 def _decode(record, cfg):
   """(uint8 [H, W, 3] image, uint8 [H, W] label with reduce_zero_label applied, converted);
   raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the

@@ -291,6 +291,13 @@ class Task(abc.ABC):
     """Raises ValueError for a config this task can evaluate but not train (the loop calls it
     after check_config; eval.py does not); nothing by default."""
 
+  def check_eval_data(self) -> None:
+    """Reads a little of the held-out data at a training run's start (the loop calls it once the
+    train data is opened, before anything is compiled), so that data the first evaluation would
+    stop on, hours in, stops the run there; nothing by default. Every process calls it at the same
+    point: where its outcome may differ between processes, it agrees with the others through a
+    collective (multihost_utils), so that all stop together."""
+
   def create_model(self) -> tuple[nn.Module, str, dict[str, Any]]:
     """-> (model, registered model name, the overrides that rebuild it: create_model(name,
     **overrides); stored in checkpoints so that load_pretrained rebuilds the model).

@@ -29,6 +29,7 @@ CONV_SEG = ("decode_head/conv_seg/kernel", "decode_head/conv_seg/bias")  # the c
 # (fec_*_seg / fec_*_det), not in a classifier's.
 CLASSIFIER_ONLY = ("head", "norm")
 OUTPUT_NORMS = ("norm0", "norm2", "norm4", "norm6")
+VAL_CHECKED = 8  # the val records a training run reads at its start (Segmentation.check_eval_data)
 
 
 def cross_entropy(logits, labels, ignore_index: int):
@@ -138,7 +139,7 @@ class MeanIoU(Evaluator):
     counts = _sum_over_hosts(counts)
     count = int(counts["images"][0])
     if counts["unknown"][0] and self._warn:
-      self._warn_unknown(int(counts["unknown"][0]), count, unknown_ids)
+      warn_unknown_ids(self._config.data, int(counts["unknown"][0]), count, unknown_ids)
     if not count:
       raise self.nothing_to_evaluate(self._config.data)
     totals = [_sum_over_hosts(t) for t in totals]
@@ -174,20 +175,24 @@ class MeanIoU(Evaluator):
         seg_transforms.expected_ids(self._config.data),
     )
 
-  def _warn_unknown(self, annotations: int, count: int, ids: set[int]) -> None:
-    """A warning that `annotations` of the `count` val annotations hold ids that are no class
-    (this host's: `ids`): the metric leaves their pixels out (as mmseg's does), where training
-    stops at such an id."""
-    shown = reporting.listed([str(i) for i in sorted(ids)], 8)
-    logging.warning(
-        "%d of the %s hold ids that are neither a class nor ignore_index (%s; "
-        "expected %s): their pixels count in no class, as in mmseg; check "
-        "config.data.num_classes and reduce_zero_label",
-        annotations,
-        reporting.counted(count, "val annotation"),
-        f"e.g. {shown}" if shown else "on other hosts",
-        seg_transforms.expected_ids(self._config.data),
-    )
+
+def warn_unknown_ids(
+    data_config, annotations: int, count: int, ids: set[int], first: bool = False
+) -> None:
+  """A warning that `annotations` of the `count` val annotations (`first`: the first `count`,
+  which a training run reads at its start) hold ids that are no class (this host's: `ids`): the
+  metric leaves their pixels out (as mmseg's does), where training stops at such an id."""
+  shown = reporting.listed([str(i) for i in sorted(ids)], 8)
+  logging.warning(
+      "%d of the %s%s hold ids that are neither a class nor ignore_index (%s; "
+      "expected %s): their pixels count in no class, as in mmseg; check "
+      "config.data.num_classes and reduce_zero_label",
+      annotations,
+      "first " if first else "",
+      reporting.counted(count, "val annotation"),
+      f"e.g. {shown}" if shown else "on other hosts",
+      seg_transforms.expected_ids(data_config),
+  )
 
 
 def _add(totals: dict[str, np.ndarray], areas: dict[str, np.ndarray]) -> None:
@@ -242,6 +247,44 @@ class Segmentation(Task):
           "(val images are resized to multiples of it and fed whole to the model)"
       )
     data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
+
+  def check_eval_data(self) -> None:
+    """The first VAL_CHECKED val records read as the evaluator reads them, so that a val split
+    the first evaluation (after thousands of steps in the recipe) would stop on stops the run at
+    its start: none of them readable is DataNotFoundError naming the first and why, as the
+    loader's bad-file warning does; ids that are no class get the evaluator's warning (process
+    0's). Every process reads the same records and all stop where one reads none of them. No
+    random draw and no loader: training and evaluation are as without the check."""
+    d = self.config.data
+    labels, bad = data.seg_check_val(d, VAL_CHECKED)
+    split, n = f"the val split of {data.data_location(d)}", len(labels) + len(bad)
+    checked = f"its first {n} records" if n > 1 else "its only record"
+    failed = np.int32(not labels)
+    if jax.process_count() > 1:  # [processes]
+      failed = np.asarray(multihost_utils.process_allgather(failed)).reshape(-1)
+    if not labels:
+      raise data.DataNotFoundError(
+          f"{split} has no readable record in {checked} (a training run reads them at its "
+          f"start: its evaluations would find nothing to evaluate); the first: {bad[0]}"
+      )
+    if np.any(failed):
+      raise data.DataNotFoundError(
+          f"on process {np.flatnonzero(failed)[0]}, {split} has no readable record in {checked} "
+          "(its error line names the first and why): every process reads the val split"
+      )
+    if jax.process_index() != 0:  # the warnings are process 0's, as the evaluator's
+      return
+    if bad:
+      logging.warning(
+          "%s: %d of %s cannot be read, and every evaluation leaves them out; the first: %s",
+          split,
+          len(bad),
+          checked,
+          bad[0],
+      )
+    unknown = [seg_transforms.unknown_ids(label, d) for label in labels]
+    if any(unknown):
+      warn_unknown_ids(d, sum(map(bool, unknown)), n, set().union(*unknown), first=True)
 
   def input_shape(self) -> tuple[int, ...]:
     return (1, *self.config.data.crop_size, 3)
