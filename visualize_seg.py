@@ -8,7 +8,8 @@ With --image, on image files of one's own instead (no annotation, no data folder
 file, under its name (without its folder), with the image and the prediction, the legend naming
 the classes predicted. Each file is read as visualize.py reads its images (turned upright by its
 EXIF orientation; grayscale, alpha and CMYK as RGB), given to the model with the val split's
-test resize (the config's) and its prediction made at the panel's size.
+test resize (the config's) and its prediction made at the panel's size (--size rows; at most 4
+times as wide, with fewer rows, for a very wide image: seg_picture.panel_size).
 
   python visualize_seg.py --workdir=DIR --output=seg.png [--num=4] [--alpha=0.6]   # its config
   python visualize_seg.py --config=configs/fpn_fec_small_ade20k.py --checkpoint=CONVERTER_OUTPUT \
@@ -177,20 +178,18 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, 
 
 def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
   """Image files as the model and the picture take them: (uint8 [h, w, 3] the model input, the
-  val split's test resize of data config `d`; uint8 [height, W, 3] the image at the panel's
-  size, keeping its ratio; the file's name, without its folder). Read as visualize.py reads its
-  images (visualize.read_image: upright by EXIF, grayscale, alpha, CMYK as RGB); a file that does
-  not decode is one error line."""
+  val split's test resize of data config `d`; uint8 [rows, columns, 3] the image at its panel's
+  size, seg_picture.panel_size(h, w, height), keeping its ratio; the file's name, without its
+  folder). Read as visualize.py reads its images (visualize.read_image: upright by EXIF,
+  grayscale, alpha, CMYK as RGB); a file that does not decode is one error line."""
   read = []
   for path in paths:
     try:
       original = visualize.read_image(path)
     except (OSError, transforms.BadImageError) as e:
       cli.fail(f"--image {path} is not a readable image ({e})")
-    h, w = original.shape[:2]
-    shown = Image.fromarray(original).resize(
-        (max(1, round(w * height / h)), height), Image.BILINEAR
-    )
+    rows, columns = seg_picture.panel_size(*original.shape[:2], height)
+    shown = Image.fromarray(original).resize((columns, rows), Image.BILINEAR)
     read.append(
         (seg_transforms.eval_transform(original, d), np.asarray(shown), os.path.basename(path))
     )

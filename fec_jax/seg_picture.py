@@ -10,6 +10,7 @@ from fec_jax.data import classes
 ALPHA = 0.6  # the default weight of the class colour over the image (visualize_seg.py --alpha)
 PAD = 4  # pixels between panels, and between legend entries (3 PAD)
 SWATCH = 14  # a legend entry's colour box (x to x + 10, both drawn: 11 pixels) and the gap after it
+WIDEST = 4  # a panel is at most WIDEST times its height wide (panel_size)
 # The column titles, each with its shorter forms for narrow panels (fit_title): of a val image
 # with its annotation (TITLES), of an image of one's own (IMAGE_TITLES: no ground truth).
 IMAGE, TRUTH, PREDICTION = (
@@ -43,10 +44,20 @@ def overlay(
   return np.where(known[..., None], blend, image).round().astype(np.uint8)
 
 
+def panel_size(h: int, w: int, height: int) -> tuple[int, int]:
+  """(rows, columns) of the panel of an h x w image: `height` rows keeping its ratio, but at most
+  WIDEST * height columns, with fewer rows, for an image that is wider still (one 1 pixel high
+  and 50 wide made panels 9600 wide at 192 rows, and a picture 28816 pixels wide)."""
+  width = max(1, round(w * height / h))
+  if width <= WIDEST * height:
+    return height, width
+  return max(1, round(h * WIDEST * height / w)), WIDEST * height
+
+
 def panel(array: np.ndarray, height: int) -> Image.Image:
-  """An image scaled to `height` rows keeping its ratio, nearest (class edges stay sharp)."""
-  h, w = array.shape[:2]
-  return Image.fromarray(array).resize((max(1, round(w * height / h)), height), Image.NEAREST)
+  """An image scaled to its panel's size (panel_size), nearest (class edges stay sharp)."""
+  rows, columns = panel_size(*array.shape[:2], height)
+  return Image.fromarray(array).resize((columns, rows), Image.NEAREST)
 
 
 def legend_rows(names: list[str], width: int, text_width) -> list[list[tuple[int, int]]]:
@@ -102,30 +113,34 @@ def draw(
 ) -> Image.Image:
   """rows of (image, *class maps) of one size (a val image: its label and the prediction, at the
   annotation's size; an image of one's own: the prediction) -> the picture, a panel for the
-  image and one for each map (`titles`: the columns'), with a legend of the classes the maps
-  show; `alpha`: see overlay. `row_names` (the images' file names), one a row: each on a line of
-  its own above its row's first panel, shortened to the panel's width (fit_name)."""
+  image and one for each map (`titles`: the columns'; panel_size: `height` rows, fewer for a very
+  wide image), with a legend of the classes the maps show, at least as wide as its widest entry
+  (a very narrow image's panels cut its names); `alpha`: see overlay. `row_names` (the images'
+  file names), one a row: each on a line of its own above its row's first panel, shortened to the
+  panel's width (fit_name)."""
   title_h = 16  # a line of text: the column titles, a row's name, a line of the legend
   name_h = 0 if row_names is None else title_h
   panels = [
       [panel(image, height)] + [panel(overlay(image, m, colours, alpha), height) for m in maps]
       for image, *maps in rows
   ]
-  width = max(sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels)
   present = np.unique(np.concatenate([np.unique(m) for _, *maps in rows for m in maps]))
   shown = [int(c) for c in present if c < len(names)]  # not the ignore index
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  entries = [SWATCH + int(np.ceil(measure.textlength(names[c]))) + 2 * PAD for c in shown]
+  width = max([sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels] + entries)
   legend = legend_rows([names[c] for c in shown], width, measure.textlength)
   legend_h = len(legend) * title_h + (PAD if legend else 0)
-  row_h = name_h + height + PAD  # a row's name, its panels and the gap under them
-  canvas = Image.new("RGB", (width, title_h + len(rows) * row_h + PAD + legend_h), "white")
+  # Each row: its name, its panels and the gap under them.
+  tops = np.cumsum([title_h] + [name_h + row[0].height + PAD for row in panels])
+  canvas = Image.new("RGB", (width, int(tops[-1]) + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
   x = PAD
   for forms, p in zip(titles, panels[0], strict=True):
     pen.text((x, 2), fit_title(forms, p.width, lambda t: text_width(pen, t)), fill="black")
     x += p.width + PAD
   for r, row in enumerate(panels):
-    x, y = PAD, title_h + r * row_h
+    x, y = PAD, int(tops[r])
     if row_names is not None:  # in its line as the titles in theirs
       name = fit_name(row_names[r], row[0].width, lambda t: text_width(pen, t))
       pen.text((x, y + 2), name, fill="black")

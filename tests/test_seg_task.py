@@ -722,6 +722,42 @@ def test_seg_picture_of_images_without_annotation():
   assert swatches(pixels, colours) == {1, 3}
 
 
+def test_seg_picture_of_a_very_wide_or_narrow_image():
+  """A 1x50-pixel image made panels of 192 x 9600 (a picture 28816 pixels wide): a panel is at
+  most WIDEST times --size wide, with fewer rows, and its row no higher. A 50x1 image keeps its
+  panels 4 pixels wide, and the picture is as wide as the legend's widest name."""
+  colours = np.array([[40, 40, 40], [230, 25, 75]], np.uint8)
+  pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  legend = seg_picture.SWATCH + seg_picture.text_width(pen, "background") + 2 * seg_picture.PAD
+  for shape, (rows, columns) in (((1, 50), (15, 768)), ((50, 1), (192, 4))):
+    image = np.full((*shape, 3), 128, np.uint8)
+    label = np.zeros(shape, np.uint8)
+    pixels = np.asarray(
+        seg_picture.draw([(image, label, label)], colours, ("background", "x"), 192)
+    )
+    width = 3 * columns + 4 * seg_picture.PAD
+    assert pixels.shape[:2] == (16 + rows + 3 * seg_picture.PAD + 16, max(width, legend)), shape
+    np.testing.assert_array_equal(pixels[16 : 16 + rows, 4 : 4 + columns], 128)
+    assert seg_picture.panel_size(*shape, 192) == (rows, columns)  # visualize_seg.py --image's
+  assert seg_picture.panel_size(48, 64, 192) == (192, 256)  # as before: 192 rows
+
+
+def test_visualize_seg_draws_a_very_wide_image_of_ones_own_at_its_panels_size(seg_run, tmp_path):
+  """--image predicts at the panel's size: a 1x50-pixel image's, 768 x 15 (not 9600 x 192)."""
+  Image.fromarray(np.full((1, 50, 3), 128, np.uint8)).save(tmp_path / "line.png")
+  output = tmp_path / "line_seg.png"
+  result = command(
+      "visualize_seg.py",
+      f"--workdir={seg_run}",
+      f"--output={output}",
+      "--image",
+      str(tmp_path / "line.png"),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with Image.open(output) as picture:
+    assert picture.size == (2 * 768 + 3 * seg_picture.PAD, 16 + 16 + 15 + 3 * 4 + 16)
+
+
 def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
   """--image: a row per file with the image and the prediction (no ground truth; the model is
   given the val split's test resize, and the prediction made at the panel's size). The files are
