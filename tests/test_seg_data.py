@@ -584,6 +584,21 @@ def test_config_validation():
   cfg.std = ()
   with pytest.raises(ValueError, match="mean and std need 3 values"):
     fd.seg_validate(cfg)
+  cfg = fd.seg_demo_config()  # mmseg's img_norm_cfg: the images would be about -2 everywhere
+  cfg.mean, cfg.std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+  with pytest.raises(ValueError) as e:
+    fd.seg_validate(cfg)
+  assert str(e.value) == (
+      "config.data: mean (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375) must be on "
+      "the 0-1 scale: images are normalized as (x / 255 - mean) / std, as torchvision's "
+      "Normalize; values on the 0-255 scale (mmseg's img_norm_cfg) divided by 255 give them, "
+      "e.g. ImageNet's --config.data.mean=0.485,0.456,0.406 --config.data.std=0.229,0.224,0.225"
+  )
+  cfg.mean = tuple(m / 255 for m in cfg.mean)  # the std alone on the 0-255 scale
+  with pytest.raises(ValueError, match=r"^config.data: mean \(0.485, 0.456, 0.406\) and std \(58"):
+    fd.seg_validate(cfg)
+  cfg.std, cfg.mean = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)  # no normalization: fine
+  fd.seg_validate(cfg)
   cfg = fd.seg_demo_config()
   cfg.img_scale = (96, 64, 70, 50)  # what ml_collections makes of a tuple override given twice
   with pytest.raises(

@@ -131,6 +131,13 @@ def normalization_checks(cfg) -> list[tuple[bool, str]]:
           f"mean and std need 3 values, got {cfg.mean} and {cfg.std}",
       ),
       (len(cfg.std) == 3 and min(cfg.std) > 0, "std must be > 0 (the images are divided by it)"),
+      (
+          all(0 <= m <= 1 for m in cfg.mean) and all(s <= 1 for s in cfg.std),
+          f"mean {tuple(cfg.mean)} and std {tuple(cfg.std)} must be on the 0-1 scale: images are "
+          "normalized as (x / 255 - mean) / std, as torchvision's Normalize; values on the 0-255 "
+          "scale (mmseg's img_norm_cfg) divided by 255 give them, e.g. ImageNet's "
+          "--config.data.mean=0.485,0.456,0.406 --config.data.std=0.229,0.224,0.225",
+      ),
   ]
 
 
