@@ -563,6 +563,28 @@ def test_an_annotation_with_another_suffix_is_named(tmp_path):
   ), e.value
 
 
+def test_an_annotation_named_with_a_suffix_of_its_own_is_named(tmp_path):
+  """Masks named <stem>_mask.png (an mmseg dataset's seg_map_suffix '_mask.png'): the error names
+  one and says how annotations are named; another image's annotation (ADE_train_00000001_b.png)
+  is not taken for it."""
+  root = make_ade20k_folder(tmp_path, num_train=2, num_val=1)
+  ann = os.path.join(root, "annotations", "training")
+  for i in (1, 2):
+    name = f"ADE_train_{i:08d}"
+    os.rename(os.path.join(ann, f"{name}.png"), os.path.join(ann, f"{name}_mask.png"))
+  for folder in ("images", "annotations"):
+    suffix = ".jpg" if folder == "images" else ".png"
+    open(os.path.join(root, folder, "training", f"ADE_train_00000001_b{suffix}"), "wb").close()
+  with pytest.raises(fd.DataNotFoundError) as e:
+    fd.seg_num_examples(_cfg(root), "train")
+  assert str(e.value).startswith(
+      f"2 image(s) without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
+      f"no {ann}/ADE_train_00000001.png (found {ann}/ADE_train_00000001_mask.png: an annotation "
+      "is named as its image, with .png for .jpg, as ADE20K's; rename the annotations); expected "
+      "the ADE20K layout"
+  ), e.value
+
+
 def test_config_validation():
   cfg = fd.ade20k_config()
   fd.seg_validate(cfg)

@@ -10,6 +10,7 @@ counted and replaced (train) or masked out (val) there.
 import functools
 import logging
 import os
+import re
 
 import numpy as np
 
@@ -120,12 +121,21 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   if missing:
     image, annotation = missing[0]
     stem = annotation[: -len(SEG_MAP_SUFFIX)]
-    other = next((p for p in _scan(ann_dir, "") if os.path.splitext(p)[0] == stem), None)
+    found = _scan(ann_dir, "")
+    other = next((p for p in found if os.path.splitext(p)[0] == stem), None)
+    # e.g. <stem>_mask.png, mmseg's seg_map_suffix '_mask.png' (not another image's annotation)
+    longer, used = re.compile(re.escape(stem) + r"[-_.]"), set(wanted)
+    named = next((p for p in found if longer.match(p) and p not in used), None)
     hint = ""
     if other is not None:  # e.g. masks saved as JPEGs, whose lossy pixels are no class ids
       hint = (
           f" (found {one_line(os.path.join(ann_dir, other))}: annotations are read as "
           f"{SEG_MAP_SUFFIX}, PNGs of class ids, as ADE20K's)"
+      )
+    elif named is not None:
+      hint = (
+          f" (found {one_line(os.path.join(ann_dir, named))}: an annotation is named as its "
+          f"image, with {SEG_MAP_SUFFIX} for {IMG_SUFFIX}, as ADE20K's; rename the annotations)"
       )
     raise DataNotFoundError(
         f"{len(missing)} image(s) without annotation, first: "
