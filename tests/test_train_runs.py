@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from fec_jax import reporting
+from tests.ade20k_fixture import make_ade20k_folder
 from tests.train_fixture import STEPS, losses, saved_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,6 +235,37 @@ def test_processes_started_with_different_configs_stop_at_once(compilation_cache
       "--config.* overrides)",
   )
   assert not os.path.exists(tmp_path / "multi") and not os.path.exists(tmp_path / "other")
+
+
+def test_processes_stop_together_at_a_val_split_they_cannot_read(compilation_cache, tmp_path):
+  """A segmentation run reads its first val records at its start (Task.check_eval_data, with a
+  gather): where none can be read, both processes stop there, before the compile, with the
+  first file's error, instead of at the first evaluation."""
+  root = make_ade20k_folder(tmp_path / "ade", 4, 2, num_classes=4, sizes=((32, 32),))  # ids 0..4
+  for path in sorted((tmp_path / "ade" / "annotations" / "validation").iterdir()):
+    path.write_bytes(b"")
+  common = [
+      "--config=configs/demo_seg.py",
+      "--config.data.source=ade20k",
+      f"--config.data.root={root}",
+      "--config.data.num_classes=5",
+      "--config.global_batch_size=4",
+      "--config.max_steps=2",  # without the check: 2 steps, then the evaluation's error
+      f"--workdir={tmp_path / 'multi'}",
+      "--multihost",
+      f"--coordinator_address=127.0.0.1:{free_port()}",
+      "--num_processes=2",
+  ]
+  assert_both_stop_with(
+      common,
+      [[], []],
+      compilation_cache,
+      f"error: the val split of {root} has no readable record in its first 2 records (a training "
+      "run reads them at its start: its evaluations would find nothing to evaluate); the first: "
+      "images/validation/ADE_val_00000001.jpg: annotation "
+      "annotations/validation/ADE_val_00000001.png: empty file",
+  )
+  assert not os.path.exists(tmp_path / "multi")
 
 
 def test_a_process_given_another_num_processes_stops_every_process(compilation_cache, tmp_path):
