@@ -8,6 +8,7 @@ import os
 import re
 
 import cv2
+import grain
 import jax
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image, PngImagePlugin
 
 import fec_jax.data as fd
 from fec_jax.data import (
+    loader,
     seg_device_transforms,
     seg_pipeline,
     seg_sources,
@@ -665,6 +667,16 @@ def test_train_batches_deterministic_and_shaped(ade):
     for img, lab, (h, w) in zip(x["image"], x["label"], x["valid"]):
       assert (lab[h:] == 255).all() and (lab[:, w:] == 255).all()
       assert not img[h:].any() and not img[:, w:].any()
+
+
+def test_a_local_batch_of_one(ade):
+  """A global batch of 1 (or one per process): the endless train order's length in grain's batch
+  (a float) overflowed ("cannot fit 'int' into an index-sized integer") for most split sizes."""
+  for n in (10, 6, 4):  # ade's 10 train records, and others
+    order, steps, total = loader.train_order(n, 1, 0, 1, 0, None)
+    assert (steps, len(grain.MapDataset.range(total).batch(1))) == (n, total)
+  batch = next(fd.create_seg_loader(_cfg(ade), "train", 1, seed=0))
+  assert batch["image"].shape == (1, 32, 32, 3)
 
 
 def test_resume_mid_epoch_gives_the_same_batches(ade):

@@ -38,7 +38,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 
@@ -92,10 +91,16 @@ def val_steps(n: int, batch: int, shard_count: int) -> int:
   return -(-n // (batch * shard_count))
 
 
+# The examples of an endless train order: grain's batch() takes its length as
+# ceil(len(parent) / batch_size) in floats, exact up to 2**53 (sys.maxsize examples, rounded up
+# to 2**63, made a local batch of 1 fail: "cannot fit 'int' into an index-sized integer").
+ENDLESS = 2**53
+
+
 def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, num_epochs):
   """(host-local train index -> (record, epoch, position), batches per epoch, examples in all)
   for n records: whole epochs of whole local batches of `batch` examples, `num_epochs` of them
-  (None: as many as an index holds, endless in practice)."""
+  (None: up to ENDLESS examples, endless in practice)."""
   per_host_epoch = epoch_steps(n, batch, shard_count) * batch
   if per_host_epoch == 0:
     raise ValueError(
@@ -104,7 +109,7 @@ def train_order(n: int, batch: int, shard_index: int, shard_count: int, seed, nu
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (endless) or at least 1, got {num_epochs}")
-  epochs = num_epochs or sys.maxsize // per_host_epoch
+  epochs = num_epochs or ENDLESS // per_host_epoch
   order = _TrainOrder(n, per_host_epoch, shard_index, shard_count, seed)
   return order, per_host_epoch // batch, per_host_epoch * epochs
 
