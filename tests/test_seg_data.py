@@ -608,6 +608,18 @@ def test_config_validation():
   cfg.std = ()
   with pytest.raises(ValueError, match="mean and std need 3 values"):
     fd.seg_validate(cfg)
+  cfg = fd.ade20k_config()  # a background 0 to leave out: reduce_zero_label does that
+  cfg.num_classes, cfg.reduce_zero_label, cfg.ignore_index = 3, False, 0
+  with pytest.raises(ValueError) as e:
+    fd.seg_validate(cfg)
+  assert str(e.value) == (
+      "config.data: ignore_index 0 must not be a class (>= num_classes 3); to leave out id 0 "
+      "(background, 'other'), give --config.data.reduce_zero_label=True with ignore_index 255: "
+      "ids 1..K are then the classes 0..K-1 (num_classes K), as ADE20K's"
+  )
+  cfg.ignore_index = 2
+  with pytest.raises(ValueError, match=r"^config.data: ignore_index 2 must not be a class \(>= "):
+    fd.seg_validate(cfg)
   cfg = fd.seg_demo_config()  # mmseg's img_norm_cfg: the images would be about -2 everywhere
   cfg.mean, cfg.std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
   with pytest.raises(ValueError) as e:

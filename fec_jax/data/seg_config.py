@@ -143,7 +143,18 @@ def validate(cfg) -> None:
           "or () for the defaults",
       ),
       (0 <= cfg.ignore_index <= 255, "ignore_index must be in [0, 255]"),
-      (cfg.ignore_index >= cfg.num_classes, "ignore_index must not be a class (>= num_classes)"),
+      (
+          cfg.ignore_index >= cfg.num_classes,
+          f"ignore_index {cfg.ignore_index} must not be a class (>= num_classes "
+          f"{cfg.num_classes})"
+          + (
+              "; to leave out id 0 (background, 'other'), give --config.data.reduce_zero_label"
+              "=True with ignore_index 255: ids 1..K are then the classes 0..K-1 (num_classes K), "
+              "as ADE20K's"
+              if cfg.ignore_index == 0 and not cfg.reduce_zero_label
+              else ""
+          ),
+      ),
       (
           cfg.ignore_index == 255 or not cfg.reduce_zero_label,
           f"reduce_zero_label turns annotation 0 into 255, so it needs ignore_index 255 (got "
