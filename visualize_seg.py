@@ -188,11 +188,13 @@ def read_images(paths: list[str], d, height: int) -> list[tuple[np.ndarray, np.n
       original = visualize.read_image(path)
     except (OSError, transforms.BadImageError) as e:
       cli.fail(f"--image {path} is not a readable image ({e})")
+    try:
+      resized = seg_transforms.eval_transform(original, d)
+    except transforms.BadImageError as e:  # an image too thin for the test resize
+      cli.fail(f"--image {path}: {e}")
     rows, columns = seg_picture.panel_size(*original.shape[:2], height)
     shown = Image.fromarray(original).resize((columns, rows), Image.BILINEAR)
-    read.append(
-        (seg_transforms.eval_transform(original, d), np.asarray(shown), os.path.basename(path))
-    )
+    read.append((resized, np.asarray(shown), os.path.basename(path)))
   return read
 
 

@@ -1456,6 +1456,25 @@ def test_visualize_seg_of_another_class_count_is_eval_pys_error(files, tmp_path)
   assert not os.path.exists(tmp_path / "seg.png")
 
 
+def test_visualize_seg_of_an_image_too_thin_for_the_test_resize_is_one_line(files, tmp_path):
+  """An image 1 pixel high and 4097 wide is 2048x0 after ADE20K's keep-ratio resize, which cv2
+  cannot make (a traceback): one line before the weights are restored, with what fits."""
+  Image.fromarray(np.full((1, 4097, 3), 128, np.uint8)).save(tmp_path / "strip.png")
+  code, out, err = visualize_seg(
+      "--config=configs/fpn_fec_small_ade20k.py",
+      f"--checkpoint={files}/fpn",
+      f"--output={tmp_path}/seg.png",
+      f"--image={tmp_path}/strip.png",
+  )
+  assert (code, out, err) == (
+      2,
+      "",
+      f"error: --image {tmp_path}/strip.png: 4097x1 pixels, 2048x0 after the keep-ratio resize to "
+      "img_scale (2048, 512): a side of 0 pixels, which cv2 cannot make (an image at most 4096 "
+      "times as wide as high, or as high as wide, can be resized so)\n",
+  )
+
+
 def test_visualize_seg_output_in_a_checkpoint_is_one_line(files, tmp_path):
   """An --output in a step's directory, or in a numbered folder beside the steps (which the run
   would take for a step of its own): one line, before the weights are restored."""

@@ -780,6 +780,41 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
       np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_an_image_too_thin_for_the_resize_is_a_bad_file(tmp_path, caplog):
+  """An image 1 pixel high and 200 wide, with its annotation: its keep-ratio resize to (96, 48)
+  would be 0 pixels high, which cv2 cannot make (a traceback in the loader, as in mmseg): a bad
+  file, masked out in val; in train, where the resize draws ratio_range's low end, replaced."""
+  root = make_ade20k_folder(tmp_path, num_train=3, num_val=2, sizes=((40, 48),))
+  for folder, prefix in (("training", "train"), ("validation", "val")):
+    name = f"ADE_{prefix}_00000001"
+    Image.fromarray(np.zeros((1, 200, 3), np.uint8)).save(
+        os.path.join(root, "images", folder, f"{name}.jpg")
+    )
+    Image.fromarray(np.ones((1, 200), np.uint8)).save(
+        os.path.join(root, "annotations", folder, f"{name}.png")
+    )
+  cfg = _cfg(root, ratio_range=(1.0, 2.0))  # train's smallest scale: (96, 48), as val's
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
+    val = list(fd.create_seg_loader(cfg, "val", 1, seed=0))
+  assert [bool(e["mask"]) for e in val] == [False, True]
+  assert caplog.messages == [
+      "bad file images/validation/ADE_val_00000001.jpg masked out (val): 200x1 pixels, 96x0 after "
+      "the keep-ratio resize to img_scale (96, 48): a side of 0 pixels, which cv2 cannot make (an "
+      "image at most 192 times as wide as high, or as high as wide, can be resized so)"
+  ]
+  it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
+  assert len(list(it)) == 3 and it.stats()["bad"] == 1
+  cfg.ratio_range = (0.5, 2.0)  # 150 wide fits val's (96, 48), not train's smallest (48, 24)
+  Image.fromarray(np.zeros((1, 150, 3), np.uint8)).save(
+      os.path.join(root, "images", "training", "ADE_train_00000001.jpg")
+  )
+  Image.fromarray(np.ones((1, 150), np.uint8)).save(
+      os.path.join(root, "annotations", "training", "ADE_train_00000001.png")
+  )
+  it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
+  assert len(list(it)) == 3 and it.stats()["bad"] == 1
+
+
 def test_a_1_bit_annotation_is_ids_0_and_1(tmp_path):
   """A binary mask saved from a bool array is a 1-bit PNG (mode '1'): ids 0 and 1, as mmseg's
   LoadAnnotations reads it (astype(uint8)), not a bad file, in train and val."""

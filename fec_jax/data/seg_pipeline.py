@@ -13,7 +13,7 @@ ceil(N / H) examples, and the padding (like a bad file) has mask False and a lab
 ignore_index only, so it adds nothing to the metric's sums even if it is not skipped.
 
 Bad input (unreadable or corrupt image or annotation, an annotation that is not 8-bit
-single-channel or not the image's size): in train the next readable record in source order
+single-channel or not the image's size, an image too thin for the resize): in train the next readable record in source order
 takes its place, val keeps its slot with mask False; odd image modes (grayscale, CMYK, ...)
 are converted to RGB. Both are counted and logged once per epoch; `it.stats()` returns the
 counts. A train annotation with a class id outside [0, num_classes) (other than ignore_index)
@@ -63,9 +63,10 @@ def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str]]
   return labels, bad
 
 
-def _decode(record, cfg):
+def _decode(record, cfg, train: bool = False):
   """(uint8 [H, W, 3] image, uint8 [H, W] label with reduce_zero_label applied, converted);
-  raises transforms.BadImageError for any bad file or mismatched sizes. JPEGs decode to the
+  raises transforms.BadImageError for any bad file, mismatched sizes or an image too thin for the
+  resize (`train`: its smallest draw; else the test resize). JPEGs decode to the
   pixels of mmseg's cv2.imdecode (tests/test_seg_data.py checks this), which also turns an image
   by its EXIF orientation; the annotation is read as stored (LoadAnnotations' Pillow)."""
   image, converted = transforms.decode(record["image"])
@@ -83,6 +84,8 @@ def _decode(record, cfg):
         f"annotation {label_key} is {label.shape[1]}x{label.shape[0]}, image "
         f"{image.shape[1]}x{image.shape[0]}{turned}"
     )
+  scale = seg_transforms.smallest_scale(cfg) if train else cfg.img_scale
+  seg_transforms.check_rescale(*image.shape[:2], scale)
   if cfg.reduce_zero_label:
     label = seg_transforms.reduce_zero_label(label)
   return image, label, converted
@@ -112,7 +115,7 @@ class MakeExample:
 
   def __init__(self, source, cfg, seed: int, train: bool):
     self._cfg, self._seed, self._train = cfg, seed, train
-    decode = functools.partial(_decode, cfg=cfg)
+    decode = functools.partial(_decode, cfg=cfg, train=train)
     self._read = loader.Reader(
         source,
         decode,

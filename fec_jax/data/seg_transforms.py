@@ -83,8 +83,28 @@ def random_scale(rng, img_scale, ratio_range) -> tuple[int, int]:
   return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
 
 
+def check_rescale(height: int, width: int, scale) -> None:
+  """transforms.BadImageError where the keep-ratio resize of a height x width image to `scale`
+  (rescale_size) has a side of 0 pixels, which cv2 cannot make (nor mmseg, whose cv2 resize fails
+  the same): an image much thinner than `scale`, e.g. 1 pixel high and 200 wide at (64, 64)."""
+  h, w = rescale_size(height, width, scale)
+  if min(h, w) < 1:
+    raise transforms.BadImageError(
+        f"{width}x{height} pixels, {w}x{h} after the keep-ratio resize to img_scale "
+        f"{tuple(scale)}: a side of 0 pixels, which cv2 cannot make (an image at most "
+        f"{2 * max(scale)} times as wide as high, or as high as wide, can be resized so)"
+    )
+
+
+def smallest_scale(cfg) -> tuple[int, int]:
+  """The smallest scale the train resize draws (random_scale at ratio_range's low end)."""
+  return tuple(int(side * cfg.ratio_range[0]) for side in cfg.img_scale)
+
+
 def rescale(image: np.ndarray, label, scale):
-  """mmseg Resize(keep_ratio=True) to `scale` (long, short): image bilinear, label nearest."""
+  """mmseg Resize(keep_ratio=True) to `scale` (long, short): image bilinear, label nearest;
+  check_rescale's error for an image too thin for it."""
+  check_rescale(image.shape[0], image.shape[1], scale)
   h, w = rescale_size(image.shape[0], image.shape[1], scale)
   image = resize(image, h, w)
   if label is not None:
