@@ -239,8 +239,8 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
   with pytest.raises(data.DataNotFoundError) as e:
     train(ade_tiny(root), tmp_path / "run")
   assert str(e.value) == (
-      f"the val split of {root} has no readable record in its first 8 records (a training run "
-      "reads them at its start: its evaluations would find nothing to evaluate); the first: "
+      f"the val split of {root} has no readable record in its first 8 records (read at the start "
+      "of training, not at its first evaluation hours in); the first: "
       "images/validation/ADE_val_00000001.jpg: annotation "
       "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
       "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)"

@@ -264,8 +264,8 @@ class Segmentation(Task):
       failed = np.asarray(multihost_utils.process_allgather(failed)).reshape(-1)
     if not labels:
       raise data.DataNotFoundError(
-          f"{split} has no readable record in {checked} (a training run reads them at its "
-          f"start: its evaluations would find nothing to evaluate); the first: {bad[0]}"
+          f"{split} has no readable record in {checked} (read at the start of training, not "
+          f"at its first evaluation hours in); the first: {bad[0]}"
       )
     if np.any(failed):
       raise data.DataNotFoundError(
