@@ -257,12 +257,25 @@ def _hold(workdir: str):
             os.unlink(lock)
       os.close(fd)
     if created:
-      folder = os.path.abspath(workdir)
-      while os.path.isdir(folder) and not os.listdir(folder):  # up to the first it made
-        os.rmdir(folder)
-        if folder == created:
-          break
-        folder = os.path.dirname(folder)
+      _remove_made(os.path.abspath(workdir), created)
+
+
+def _remove_made(folder: str, outermost: str) -> None:
+  """Removes `folder` and the folders above it up to `outermost` (_outermost_missing's, which
+  this start made) while they are empty; one that is missing (os.makedirs stopped above it: a
+  name too long) is passed over, and one that is not empty (or that cannot be removed: another
+  process wrote into it meanwhile) stops it."""
+  while True:
+    if os.path.isdir(folder):
+      try:
+        os.rmdir(folder)  # only an empty one
+      except OSError:
+        return
+    elif os.path.lexists(folder):  # a file or a link made meanwhile: not this start's
+      return
+    if folder == outermost or os.path.dirname(folder) == folder:
+      return
+    folder = os.path.dirname(folder)
 
 
 def _outermost_missing(path: str) -> str | None:

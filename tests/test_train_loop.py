@@ -828,6 +828,10 @@ def test_a_failed_start_removes_the_folders_it_made(tmp_path):
   with pytest.raises(data.DataNotFoundError, match="no_data/train is not a directory"):
     train(tiny(**missing), tmp_path / "runs" / "a" / "b")
   assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs") == []
+  # A workdir whose name is too long: os.makedirs made only the folders above it, which go too.
+  with pytest.raises(data.DataNotFoundError, match="no_data/train is not a directory"):
+    train(tiny(**missing), tmp_path / "runs" / "a" / ("x" * 300))
+  assert os.listdir(tmp_path / "runs") == []
 
 
 def test_a_failed_start_removes_the_compilation_cache_it_began(tmp_path, monkeypatch):
