@@ -261,6 +261,29 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
   ]
 
 
+def test_a_val_split_of_fewer_records_than_read_at_the_start_is_named_whole(
+    tmp_path, monkeypatch, caplog
+):
+  """A val split of 3 records, fewer than VAL_CHECKED: the start reads them all, and its warnings
+  say so ('1 of its 3 records', not '1 of its first 3 records ... leaves them out')."""
+  root = make_ade20k_folder(tmp_path / "ade", sizes=ADE_SIZE)
+  monkeypatch.setattr(loop, "_run", lambda *args: "started")
+  annotations = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
+  annotations[0].write_bytes(b"")
+  Image.fromarray(np.full((48, 64), 9, np.uint8)).save(annotations[1])  # readable, id 9
+  with caplog.at_level("WARNING"):
+    assert train(ade_tiny(root), tmp_path / "run") == "started"
+  assert caplog.messages[-2:] == [
+      f"the val split of {root}: 1 of its 3 records cannot be read, and every evaluation leaves "
+      "it out; the first: images/validation/ADE_val_00000001.jpg: annotation "
+      "annotations/validation/ADE_val_00000001.png: empty file",
+      "1 of the 3 val annotations hold ids that are neither a class nor ignore_index (e.g. 9; "
+      "expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "(ignore_index)): their pixels count in no class, as in mmseg; check "
+      "config.data.num_classes and reduce_zero_label",
+  ]
+
+
 def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch):
   """The processes gather whether each read a val record: one that read none stops with its
   file's error after the gather (the others would wait in it otherwise), the others naming it."""
@@ -278,7 +301,7 @@ def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch
   with pytest.raises(data.DataNotFoundError) as e:
     task.check_eval_data()
   assert str(e.value) == (
-      f"on process 1, the val split of {root} has no readable record in its first 3 records "
+      f"on process 1, the val split of {root} has no readable record in its 3 records "
       "(its error line names the first and why): every process reads the val split"
   )
   other[0] = 0

@@ -260,8 +260,8 @@ def test_processes_stop_together_at_a_val_split_they_cannot_read(compilation_cac
       common,
       [[], []],
       compilation_cache,
-      f"error: the val split of {root} has no readable record in its first 2 records (read at "
-      "the start of training, not at its first evaluation hours in); the first: "
+      f"error: the val split of {root} has no readable record in its 2 records (read at the "
+      "start of training, not at its first evaluation hours in); the first: "
       "images/validation/ADE_val_00000001.jpg: annotation "
       "annotations/validation/ADE_val_00000001.png: empty file",
   )

@@ -249,16 +249,21 @@ class Segmentation(Task):
     data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
 
   def check_eval_data(self) -> None:
-    """The first VAL_CHECKED val records read as the evaluator reads them, so that a val split
-    the first evaluation (after thousands of steps in the recipe) would stop on stops the run at
-    its start: none of them readable is DataNotFoundError naming the first and why, as the
-    loader's bad-file warning does; ids that are no class get the evaluator's warning (process
-    0's). Every process reads the same records and all stop where one reads none of them. No
-    random draw and no loader: training and evaluation are as without the check."""
+    """The first VAL_CHECKED val records (all, where there are no more) read as the evaluator
+    reads them, so that a val split the first evaluation (after thousands of steps in the recipe)
+    would stop on stops the run at its start: none of them readable is DataNotFoundError naming
+    the first and why, as the loader's bad-file warning does; ids that are no class get the
+    evaluator's warning (process 0's). Every process reads the same records and all stop where
+    one reads none of them. No random draw and no loader: training and evaluation are as without
+    the check."""
     d = self.config.data
     labels, bad = data.seg_check_val(d, VAL_CHECKED)
     split, n = f"the val split of {data.data_location(d)}", len(labels) + len(bad)
-    checked = f"its first {n} records" if n > 1 else "its only record"
+    first = n < data.seg_num_examples(d, "val")  # else all its records (a split of up to 8)
+    if first:
+      checked = f"its first {reporting.counted(n, 'record')}"
+    else:
+      checked = f"its {n} records" if n > 1 else "its only record"
     failed = np.int32(not labels)
     if jax.process_count() > 1:  # [processes]
       failed = np.asarray(multihost_utils.process_allgather(failed)).reshape(-1)
@@ -276,15 +281,16 @@ class Segmentation(Task):
       return
     if bad:
       logging.warning(
-          "%s: %d of %s cannot be read, and every evaluation leaves them out; the first: %s",
+          "%s: %d of %s cannot be read, and every evaluation leaves %s out; the first: %s",
           split,
           len(bad),
           checked,
+          "it" if len(bad) == 1 else "them",
           bad[0],
       )
     unknown = [seg_transforms.unknown_ids(label, d) for label in labels]
     if any(unknown):
-      warn_unknown_ids(d, sum(map(bool, unknown)), n, set().union(*unknown), first=True)
+      warn_unknown_ids(d, sum(map(bool, unknown)), n, set().union(*unknown), first)
 
   def input_shape(self) -> tuple[int, ...]:
     return (1, *self.config.data.crop_size, 3)
