@@ -16,8 +16,9 @@ Bad input (unreadable or corrupt image or annotation, an annotation that is not 
 single-channel or not the image's size, an image too thin for the resize): in train the next
 readable record in source order takes its place, val keeps its slot with mask False; odd image
 modes (grayscale, CMYK, ...) are converted to RGB. Both are counted and logged once per epoch;
-`it.stats()` returns the counts. A train annotation with a class id outside [0, num_classes) (other than ignore_index)
-is a config that does not fit the data: an error, not a replaced example.
+`it.stats()` returns the counts. A train annotation with a class id outside [0, num_classes)
+(other than ignore_index) is a config that does not fit the data: an error, not a replaced
+example.
 """
 
 import functools
