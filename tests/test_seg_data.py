@@ -811,8 +811,16 @@ def test_an_image_too_thin_for_the_resize_is_a_bad_file(tmp_path, caplog):
   Image.fromarray(np.ones((1, 150), np.uint8)).save(
       os.path.join(root, "annotations", "training", "ADE_train_00000001.png")
   )
-  it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
-  assert len(list(it)) == 3 and it.stats()["bad"] == 1
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
+    it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
+    assert len(list(it)) == 3 and it.stats()["bad"] == 1
+  assert caplog.messages == [  # the scale it names is not img_scale's
+      "bad file images/training/ADE_train_00000001.jpg replaced by the next readable record "
+      "(train): 150x1 pixels, 48x0 after the keep-ratio resize to (48, 24), train's smallest "
+      "(img_scale (96, 48) times ratio_range's low end 0.5): a side of 0 pixels, which cv2 cannot "
+      "make (an image at most 96 times as wide as high, or as high as wide, can be resized so)"
+  ]
 
 
 def test_a_1_bit_annotation_is_ids_0_and_1(tmp_path):

@@ -85,8 +85,16 @@ def _decode(record, cfg, train: bool = False):
         f"annotation {label_key} is {label.shape[1]}x{label.shape[0]}, image "
         f"{image.shape[1]}x{image.shape[0]}{turned}"
     )
-  scale = seg_transforms.smallest_scale(cfg) if train else cfg.img_scale
-  seg_transforms.check_rescale(*image.shape[:2], scale)
+  if train:  # a drawn scale is at least this one
+    scale = seg_transforms.smallest_scale(cfg)
+    seg_transforms.check_rescale(
+        *image.shape[:2],
+        scale,
+        f"{scale}, train's smallest (img_scale {tuple(cfg.img_scale)} times ratio_range's "
+        f"low end {cfg.ratio_range[0]})",
+    )
+  else:
+    seg_transforms.check_rescale(*image.shape[:2], cfg.img_scale)
   if cfg.reduce_zero_label:
     label = seg_transforms.reduce_zero_label(label)
   return image, label, converted

@@ -83,15 +83,16 @@ def random_scale(rng, img_scale, ratio_range) -> tuple[int, int]:
   return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
 
 
-def check_rescale(height: int, width: int, scale) -> None:
+def check_rescale(height: int, width: int, scale, named: str = "") -> None:
   """transforms.BadImageError where the keep-ratio resize of a height x width image to `scale`
   (rescale_size) has a side of 0 pixels, which cv2 cannot make (nor mmseg, whose cv2 resize fails
-  the same): an image much thinner than `scale`, e.g. 1 pixel high and 200 wide at (64, 64)."""
+  the same): an image much thinner than `scale`, e.g. 1 pixel high and 200 wide at (64, 64).
+  `named`: what the error calls the scale (by default, img_scale)."""
   h, w = rescale_size(height, width, scale)
   if min(h, w) < 1:
     raise transforms.BadImageError(
-        f"{width}x{height} pixels, {w}x{h} after the keep-ratio resize to img_scale "
-        f"{tuple(scale)}: a side of 0 pixels, which cv2 cannot make (an image at most "
+        f"{width}x{height} pixels, {w}x{h} after the keep-ratio resize to "
+        f"{named or f'img_scale {tuple(scale)}'}: a side of 0 pixels, which cv2 cannot make (an image at most "
         f"{2 * max(scale)} times as wide as high, or as high as wide, can be resized so)"
     )
 
