@@ -19,6 +19,7 @@ import types
 import pytest
 
 from fec_jax import create_model
+from fec_jax.cli import _flag_argument as option  # --name=value or --name value; None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,16 +191,6 @@ def test_commands_use_defined_flags_and_config_fields():
         assert flag in known, f"--{flag}: {path} defines no such flag (in {where})"
       checked += 1
   assert checked > 200  # the commands were found
-
-
-def option(tokens: list[str], name: str) -> str | None:
-  """The value of `--name=value` or `--name value` in a command's tokens (None: not given)."""
-  for i, token in enumerate(tokens):
-    if token.startswith(f"--{name}="):
-      return token.split("=", 1)[1]
-    if token == f"--{name}" and i + 1 < len(tokens):
-      return tokens[i + 1]
-  return None
 
 
 def test_docs_ema_options_on_runs_that_keep_ema():
