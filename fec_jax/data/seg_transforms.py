@@ -90,10 +90,11 @@ def check_rescale(height: int, width: int, scale, named: str = "") -> None:
   `named`: what the error calls the scale (by default, img_scale)."""
   h, w = rescale_size(height, width, scale)
   if min(h, w) < 1:
+    named = named or f"img_scale {tuple(scale)}"
     raise transforms.BadImageError(
-        f"{width}x{height} pixels, {w}x{h} after the keep-ratio resize to "
-        f"{named or f'img_scale {tuple(scale)}'}: a side of 0 pixels, which cv2 cannot make (an image at most "
-        f"{2 * max(scale)} times as wide as high, or as high as wide, can be resized so)"
+        f"{width}x{height} pixels, {w}x{h} after the keep-ratio resize to {named}: a side of 0 "
+        f"pixels, which cv2 cannot make (an image at most {2 * max(scale)} times as wide as "
+        "high, or as high as wide, can be resized so)"
     )
 
 
