@@ -233,13 +233,13 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
   root = make_ade20k_folder(tmp_path / "ade", num_val=10, sizes=ADE_SIZE)
   monkeypatch.setattr(loop, "_run", lambda *args: "started")
   annotations = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
-  for path in annotations[:8]:  # colour maps (VAL_CHECKED of them); the last two are fine
+  for path in annotations:  # colour maps
     with Image.open(path) as label:
       label.convert("RGB").save(path)
   with pytest.raises(data.DataNotFoundError) as e:
     train(ade_tiny(root), tmp_path / "run")
-  assert str(e.value) == (
-      f"the val split of {root} has no readable record in its first 8 records (read at the start "
+  assert str(e.value) == (  # all 10 read: none of the first VAL_CHECKED was readable
+      f"the val split of {root} has no readable record in its 10 records (read at the start "
       "of training, not at its first evaluation hours in); the first: "
       "images/validation/ADE_val_00000001.jpg: annotation "
       "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
@@ -259,6 +259,24 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label",
   ]
+
+
+def test_a_val_split_whose_first_records_cannot_be_read_is_read_on(tmp_path, monkeypatch, caplog):
+  """The first VAL_CHECKED val records unreadable, the last two fine: the evaluation scores those
+  two (the others masked out), so the start reads on up to the first readable record and warns,
+  where it stopped the run."""
+  root = make_ade20k_folder(tmp_path / "ade", num_val=10, sizes=ADE_SIZE)
+  monkeypatch.setattr(loop, "_run", lambda *args: "started")
+  annotations = sorted((tmp_path / "ade" / "annotations" / "validation").iterdir())
+  for path in annotations[:8]:
+    path.write_bytes(b"")
+  with caplog.at_level("WARNING"):
+    assert train(ade_tiny(root), tmp_path / "run") == "started"
+  assert caplog.messages[-1] == (
+      f"the val split of {root}: 8 of its first 9 records cannot be read, and every evaluation "
+      "leaves them out; the first: images/validation/ADE_val_00000001.jpg: annotation "
+      "annotations/validation/ADE_val_00000001.png: empty file"
+  )
 
 
 def test_a_val_split_of_fewer_records_than_read_at_the_start_is_named_whole(
@@ -301,8 +319,8 @@ def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch
   with pytest.raises(data.DataNotFoundError) as e:
     task.check_eval_data()
   assert str(e.value) == (
-      f"on process 1, the val split of {root} has no readable record in its 3 records "
-      "(its error line names the first and why): every process reads the val split"
+      f"on process 1, the val split of {root} has no readable record (its error line names the "
+      "first and why): every process reads the val split"
   )
   other[0] = 0
   for path in (tmp_path / "ade" / "images" / "validation").iterdir():

@@ -49,13 +49,17 @@ def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
 
 def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str]]:
   """The first `count` val records (or all, where there are fewer) decoded as the evaluation
-  decodes them (_decode), for a training run's check at its start: (the labels of those that
-  decode, uint8 [H0, W0] each with reduce_zero_label applied; 'key: why' for each that does not,
-  as the loader's bad-file warning names it)."""
+  decodes them (_decode), for a training run's check at its start; where none of them decodes,
+  the records after them up to the first that does (none: the whole split, which the evaluation
+  would find nothing in). (the labels of those that decode, uint8 [H0, W0] each with
+  reduce_zero_label applied; 'key: why' for each that does not, as the loader's bad-file warning
+  names it)."""
   config_lib.validate(data_config)
   source = seg_sources.make_seg_source(data_config, "val")
   labels, bad = [], []
-  for index in range(min(count, len(source))):
+  for index in range(len(source)):
+    if index >= count and labels:
+      break
     record = source[index]
     try:
       labels.append(_decode(record, data_config)[1])

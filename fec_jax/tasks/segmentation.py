@@ -249,17 +249,18 @@ class Segmentation(Task):
     data.seg_num_examples(c.data, "val")  # missing val data stops train.py and eval.py here
 
   def check_eval_data(self) -> None:
-    """The first VAL_CHECKED val records (all, where there are no more) read as the evaluator
-    reads them, so that a val split the first evaluation (after thousands of steps in the recipe)
-    would stop on stops the run at its start: none of them readable is DataNotFoundError naming
-    the first and why, as the loader's bad-file warning does; ids that are no class get the
+    """The first VAL_CHECKED val records (all, where there are no more; where none of them is
+    readable, up to the first that is: data.seg_check_val) read as the evaluator reads them, so
+    that a val split the first evaluation (after thousands of steps in the recipe) would stop on
+    stops the run at its start: none readable in the whole split is DataNotFoundError naming the
+    first and why, as the loader's bad-file warning does; ids that are no class get the
     evaluator's warning (process 0's). Every process reads the same records and all stop where
     one reads none of them. No random draw and no loader: training and evaluation are as without
     the check."""
     d = self.config.data
     labels, bad = data.seg_check_val(d, VAL_CHECKED)
     split, n = f"the val split of {data.data_location(d)}", len(labels) + len(bad)
-    first = n < data.seg_num_examples(d, "val")  # else all its records (a split of up to 8)
+    first = n < data.seg_num_examples(d, "val")  # else all its records
     if first:
       checked = f"its first {reporting.counted(n, 'record')}"
     else:
@@ -274,8 +275,8 @@ class Segmentation(Task):
       )
     if np.any(failed):
       raise data.DataNotFoundError(
-          f"on process {np.flatnonzero(failed)[0]}, {split} has no readable record in {checked} "
-          "(its error line names the first and why): every process reads the val split"
+          f"on process {np.flatnonzero(failed)[0]}, {split} has no readable record (its error "
+          "line names the first and why): every process reads the val split"
       )
     if jax.process_index() != 0:  # the warnings are process 0's, as the evaluator's
       return
