@@ -302,6 +302,24 @@ def test_a_val_split_of_fewer_records_than_read_at_the_start_is_named_whole(
   ]
 
 
+def test_a_val_split_of_one_record_with_ids_that_are_no_class_is_warned_of_in_the_singular(
+    tmp_path, caplog
+):
+  """A val split of one annotation with id 9 (5 classes): the start's warning said '1 of the 1
+  val annotation hold ids'."""
+  root = make_ade20k_folder(tmp_path / "ade", num_val=1, sizes=ADE_SIZE)
+  (annotation,) = (tmp_path / "ade" / "annotations" / "validation").iterdir()
+  Image.fromarray(np.full((48, 64), 9, np.uint8)).save(annotation)
+  with caplog.at_level("WARNING"):
+    tasks.get(ade_tiny(root)).check_eval_data()
+  assert caplog.messages == [
+      "the only val annotation holds ids that are neither a class nor ignore_index (e.g. 9; "
+      "expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
+      "(ignore_index)): their pixels count in no class, as in mmseg; check "
+      "config.data.num_classes and reduce_zero_label"
+  ]
+
+
 def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch):
   """The processes gather whether each read a val record: one that read none stops with its
   file's error after the gather (the others would wait in it otherwise), the others naming it."""

@@ -183,13 +183,14 @@ def warn_unknown_ids(
   which a training run reads at its start) hold ids that are no class (this host's: `ids`): the
   metric leaves their pixels out (as mmseg's does), where training stops at such an id."""
   shown = reporting.listed([str(i) for i in sorted(ids)], 8)
+  if count == 1:  # not '1 of the 1 val annotation hold'
+    which = f"the {'first' if first else 'only'} val annotation holds"
+  else:
+    which = f"{annotations} of the {'first ' if first else ''}{count} val annotations hold"
   logging.warning(
-      "%d of the %s%s hold ids that are neither a class nor ignore_index (%s; "
-      "expected %s): their pixels count in no class, as in mmseg; check "
-      "config.data.num_classes and reduce_zero_label",
-      annotations,
-      "first " if first else "",
-      reporting.counted(count, "val annotation"),
+      "%s ids that are neither a class nor ignore_index (%s; expected %s): their pixels count "
+      "in no class, as in mmseg; check config.data.num_classes and reduce_zero_label",
+      which,
       f"e.g. {shown}" if shown else "on other hosts",
       seg_transforms.expected_ids(data_config),
   )
