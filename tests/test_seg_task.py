@@ -254,7 +254,7 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
       "leaves them out; the first: images/validation/ADE_val_00000001.jpg: annotation "
       "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
       "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)",
-      "1 of the first 8 val annotations hold ids that are neither a class nor ignore_index (e.g. "
+      "1 of the first 8 val annotations holds ids that are neither a class nor ignore_index (e.g. "
       "9; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label",
@@ -295,7 +295,7 @@ def test_a_val_split_of_fewer_records_than_read_at_the_start_is_named_whole(
       f"the val split of {root}: 1 of its 3 records cannot be read, and every evaluation leaves "
       "it out; the first: images/validation/ADE_val_00000001.jpg: annotation "
       "annotations/validation/ADE_val_00000001.png: empty file",
-      "1 of the 3 val annotations hold ids that are neither a class nor ignore_index (e.g. 9; "
+      "1 of the 3 val annotations holds ids that are neither a class nor ignore_index (e.g. 9; "
       "expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
       "(ignore_index)): their pixels count in no class, as in mmseg; check "
       "config.data.num_classes and reduce_zero_label",

@@ -186,7 +186,8 @@ def warn_unknown_ids(
   if count == 1:  # not '1 of the 1 val annotation hold'
     which = f"the {'first' if first else 'only'} val annotation holds"
   else:
-    which = f"{annotations} of the {'first ' if first else ''}{count} val annotations hold"
+    verb = "holds" if annotations == 1 else "hold"  # '1 of the 8 ... holds'
+    which = f"{annotations} of the {'first ' if first else ''}{count} val annotations {verb}"
   logging.warning(
       "%s ids that are neither a class nor ignore_index (%s; expected %s): their pixels count "
       "in no class, as in mmseg; check config.data.num_classes and reduce_zero_label",
