@@ -170,8 +170,8 @@ def read_examples(d, num: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, 
     )
     cli.fail(
         f"no readable validation image in {where}: all {tried} failed to load (unreadable or "
-        "corrupt files, or annotations that are not single-channel 8-bit PNGs or not the image's "
-        "size; the warnings above name them)"
+        "corrupt files, or annotations that are not single-channel PNGs of class ids or not the "
+        "image's size; the warnings above name them)"
     )
   return examples
 

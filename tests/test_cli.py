@@ -1525,8 +1525,8 @@ def test_visualize_seg_without_a_readable_image_says_so(bad, files, tmp_path):
   assert err.splitlines()[-1] == (
       f"error: no readable validation image in {tmp_path}/images/validation (annotations in "
       f"{tmp_path}/annotations/validation): all 1 failed to load (unreadable or corrupt files, "
-      "or annotations that are not single-channel 8-bit PNGs or not the image's size; the "
-      "warnings above name them)"
+      "or annotations that are not single-channel PNGs of class ids or not the image's size; "
+      "the warnings above name them)"
   ), err
   assert not (tmp_path / "seg.png").exists()
   logged = err.splitlines()[:-1]

@@ -763,7 +763,8 @@ def test_bad_files_replaced_or_masked_and_counted(tmp_path, caplog):
   assert sorted(r.getMessage().split(": ", 1)[1] for r in caplog.records) == [
       "annotation annotations/validation/ADE_val_00000002.png: empty file",
       "annotation annotations/validation/ADE_val_00000003.png: mode RGB; expected a "
-      "single-channel 8-bit PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)",
+      "single-channel PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1; or 16-bit, ids up to "
+      "255)",
       "not an image file PIL can read",
   ]
   assert it.stats() == {"bad": 3, "converted": 0}
@@ -842,6 +843,35 @@ def test_a_1_bit_annotation_is_ids_0_and_1(tmp_path):
   assert it.stats()["bad"] == 0 and set(np.unique(batch["label"])) <= {0, 1, 255}
 
 
+def test_a_16_bit_annotation_is_read_as_its_ids(tmp_path, caplog):
+  """A 16-bit PNG of class ids (Pillow's 'I;16', as numpy's uint16 saves): its ids, as mmseg's
+  LoadAnnotations reads it (astype(uint8)), in train and val; one with a value above 255, which
+  that would wrap (256 to 0), is a bad file naming it."""
+  root = make_ade20k_folder(tmp_path, num_train=1, num_val=2, num_classes=3, sizes=((40, 48),))
+  ids = np.zeros((40, 48), np.uint16)
+  ids[8:24, 16:40] = 2
+  ids[30:, :] = 255
+  for folder, prefix in (("training", "train"), ("validation", "val")):
+    path = os.path.join(root, "annotations", folder, f"ADE_{prefix}_00000001.png")
+    Image.fromarray(ids).save(path)
+    assert Image.open(path).mode == "I;16"
+  wide = os.path.join(root, "annotations", "validation", "ADE_val_00000002.png")
+  Image.fromarray(np.full((40, 48), 256, np.uint16)).save(wide)
+  cfg = _cfg(root, reduce_zero_label=False, num_classes=3)
+  with caplog.at_level(logging.WARNING, logger="fec_jax.data.loader"):
+    val = list(fd.create_seg_loader(cfg, "val", 1, seed=0))
+  assert [bool(e["mask"]) for e in val] == [True, False]
+  np.testing.assert_array_equal(val[0]["label"], ids.astype(np.uint8))
+  assert [m.split(": ", 1)[1] for m in caplog.messages] == [
+      "annotation annotations/validation/ADE_val_00000002.png: mode I;16 with values up to 256; "
+      "expected class ids 0..255 (an 8-bit id as mmseg reads it: astype(uint8) would wrap a "
+      "larger one)"
+  ]
+  it = fd.create_seg_loader(cfg, "train", 1, seed=0, num_epochs=1)
+  (batch,) = list(it)
+  assert it.stats()["bad"] == 0 and set(np.unique(batch["label"])) <= {0, 2, 255}
+
+
 def test_train_with_no_readable_record_raises(tmp_path):
   """As in classification: with no readable record in the split, an error naming the root and
   why the first bad record failed (here every annotation is RGB, the images are fine)."""
@@ -860,8 +890,8 @@ def test_train_with_no_readable_record_raises(tmp_path):
       + r"images/training/ADE_train_0000000(\d)\.jpg: annotation "
       + r"annotations/training/ADE_train_0000000\1\.png"
       + re.escape(
-          ": mode RGB; expected a single-channel 8-bit PNG of class ids ('L' or "
-          "'P'; or 1-bit, ids 0 and 1); the warnings above name every one)"
+          ": mode RGB; expected a single-channel PNG of class ids ('L' or 'P'; "
+          "or 1-bit, ids 0 and 1; or 16-bit, ids up to 255); the warnings above name every one)"
       ),
       str(e.value),
   ), e.value

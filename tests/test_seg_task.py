@@ -242,8 +242,8 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
       f"the val split of {root} has no readable record in its 10 records (read at the start "
       "of training, not at its first evaluation hours in); the first: "
       "images/validation/ADE_val_00000001.jpg: annotation "
-      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
-      "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)"
+      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel PNG "
+      "of class ids ('L' or 'P'; or 1-bit, ids 0 and 1; or 16-bit, ids up to 255)"
   )
   assert not (tmp_path / "run").exists()
   Image.fromarray(np.full((48, 64), 9, np.uint8)).save(annotations[1])  # readable, id 9
@@ -252,8 +252,8 @@ def test_a_run_reads_the_first_val_records_at_its_start(tmp_path, monkeypatch, c
   assert caplog.messages[-2:] == [  # after the note that there is no init_from
       f"the val split of {root}: 7 of its first 8 records cannot be read, and every evaluation "
       "leaves them out; the first: images/validation/ADE_val_00000001.jpg: annotation "
-      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel 8-bit "
-      "PNG of class ids ('L' or 'P'; or 1-bit, ids 0 and 1)",
+      "annotations/validation/ADE_val_00000001.png: mode RGB; expected a single-channel PNG "
+      "of class ids ('L' or 'P'; or 1-bit, ids 0 and 1; or 16-bit, ids up to 255)",
       "1 of the first 8 val annotations holds ids that are neither a class nor ignore_index (e.g. "
       "9; expected 0 ('other'), 1..5 (config.data.num_classes 5 with reduce_zero_label) or 255 "
       "(ignore_index)): their pixels count in no class, as in mmseg; check "

@@ -20,20 +20,32 @@ import numpy as np
 
 from fec_jax.data import transforms
 
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of a 16-bit PNG ('I': older Pillow)
+
 
 def decode_label(encoded) -> np.ndarray:
   """A PNG annotation (bytes) or uint8 [H, W] array -> uint8 [H, W] class indices, as mmseg's
   LoadAnnotations reads it (Pillow, 'unchanged', then astype(uint8): palette images give their
-  indices, a 1-bit PNG, a binary mask saved from a bool array, ids 0 and 1).
+  indices, a 1-bit PNG, a binary mask saved from a bool array, ids 0 and 1, a 16-bit PNG its
+  values).
   Raises transforms.BadImageError for an unreadable file (an OSError in place of the bytes),
-  corrupt data or a multi-channel / 16-bit map."""
+  corrupt data, a multi-channel map or a 16-bit one with values above 255 (which astype(uint8)
+  would wrap: id 256 read as 0)."""
   if isinstance(encoded, np.ndarray):
     return encoded
   img = transforms.open_image(encoded)
+  if img.mode in SIXTEEN_BIT:
+    ids = np.asarray(img)  # [H, W] uint16 or int32
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+      raise transforms.BadImageError(
+          f"mode {img.mode} with values up to {ids.max()}; expected class ids 0..255 (an 8-bit "
+          "id as mmseg reads it: astype(uint8) would wrap a larger one)"
+      )
+    return ids.astype(np.uint8)
   if img.mode not in ("L", "P", "1"):
     raise transforms.BadImageError(
-        f"mode {img.mode}; expected a single-channel 8-bit PNG of class ids ('L' or 'P'; or "
-        "1-bit, ids 0 and 1)"
+        f"mode {img.mode}; expected a single-channel PNG of class ids ('L' or 'P'; or 1-bit, ids "
+        "0 and 1; or 16-bit, ids up to 255)"
     )
   return np.asarray(img, np.uint8)
 
