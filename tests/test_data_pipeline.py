@@ -716,7 +716,7 @@ def test_mixup_cutmix_properties():
   np.testing.assert_allclose(np.asarray(targets).max(-1), 0.9 + 0.02, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["loose_val", "renamed_val_class", "num_classes"])
+@pytest.mark.parametrize("case", ["loose_val", "renamed_val_class", "num_classes", "one_class"])
 def test_a_folder_that_does_not_fit_is_named_with_what_is_wrong(tmp_path, case):
   root = make_imagenet_folder(tmp_path, num_classes=2, per_class=1, val_per_class=1)
   val = tmp_path / "val"
@@ -726,12 +726,16 @@ def test_a_folder_that_does_not_fit_is_named_with_what_is_wrong(tmp_path, case):
       image.parent.rmdir()
   if case == "renamed_val_class":
     (val / WNIDS[1]).rename(val / WNIDS[1].upper())
+  if case == "one_class":  # a train split of one class folder
+    shutil.rmtree(tmp_path / "train" / WNIDS[1])
   expected = {
       "loose_val": f"{val} holds 2 images (e.g. {WNIDS[0]}_0.JPEG) outside class folders; sort",
       "renamed_val_class": f"{val} has class folders that {tmp_path / 'train'} lacks: "
       f"['{WNIDS[1].upper()}']; expected the train split's class names (case included)",
       "num_classes": f"{tmp_path / 'train'} has 2 class folders ({WNIDS[0]}, {WNIDS[1]}) but "
       "config.data.num_classes is 3",
+      "one_class": f"{tmp_path / 'train'} has 1 class folder ({WNIDS[0]}) but "
+      "config.data.num_classes is 2",
   }[case]
   with pytest.raises((ValueError, fd.DataNotFoundError), match=re.escape(expected)):
     sources.FolderSource(root, "val", 3 if case == "num_classes" else 2)

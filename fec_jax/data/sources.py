@@ -265,10 +265,9 @@ class FolderSource:
     if split == train_split:
       _warn_empty_classes(train_dir)
     if len(train_classes) != num_classes:
-      listed = ", ".join(train_classes[:5]) + (", ..." if len(train_classes) > 5 else "")
       raise ValueError(
-          f"{train_dir} has {len(train_classes)} class folders ({listed}) but "
-          f"config.data.num_classes is {num_classes}"
+          f"{train_dir} has {reporting.counted(len(train_classes), 'class folder')} "
+          f"({reporting.listed(train_classes, 5)}) but config.data.num_classes is {num_classes}"
       )
     unknown = sorted(set(classes) - set(train_classes))
     if unknown:
