@@ -56,9 +56,11 @@ def prose(text: str) -> str:
 
 
 def inline_code(text: str | None = None) -> list[str]:
-  """The inline code spans of `text` (default: every page), outside the fenced blocks."""
+  """The inline code spans of `text` (default: every page), outside the fenced blocks; a span
+  wrapped onto the next line is one span, its line break a space (as markdown renders it)."""
   texts = DOCS.values() if text is None else [text]
-  return [span for t in texts for span in re.findall(r"`([^`\n]+)`", prose(t))]
+  spans = [span for t in texts for span in re.findall(r"`([^`]+)`", prose(t))]
+  return [re.sub(r"\s*\n\s*", " ", span) for span in spans]
 
 
 def table(header: str) -> str:
@@ -86,6 +88,13 @@ def commands() -> list[tuple[str, list[str]]]:
         if starts:
           found.append((path, tokens[starts[0] :]))
   return found
+
+
+def test_inline_code_reads_a_span_wrapped_onto_the_next_line():
+  """The checks below see a span that a wrapped paragraph breaks (`python eval.py` on one line,
+  `--workdir=DIR` on the next) whole, and the spans after it as spans, not the prose between."""
+  text = "Run `python eval.py\n  --workdir=DIR` here, then `--ema` and `--step=N`.\n"
+  assert inline_code(text) == ["python eval.py --workdir=DIR", "--ema", "--step=N"]
 
 
 def test_docs_bash_lines_continue_where_meant():
