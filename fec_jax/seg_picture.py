@@ -114,7 +114,8 @@ def draw(
   """rows of (image, *class maps) of one size (a val image: its label and the prediction, at the
   annotation's size; an image of one's own: the prediction) -> the picture, a panel for the
   image and one for each map (`titles`: the columns'; panel_size: `height` rows, fewer for a very
-  wide image), with a legend of the classes the maps show, at least as wide as its widest entry
+  wide image; each column as wide as its widest panel, so that rows of other image sizes keep
+  their panels under the titles), with a legend of the classes the maps show, at least as wide as its widest entry
   (a very narrow image's panels cut its names); `alpha`: see overlay. `row_names` (the images'
   file names), one a row: each on a line of its own above its row's first panel, shortened to the
   panel's width (fit_name)."""
@@ -128,26 +129,25 @@ def draw(
   shown = [int(c) for c in present if c < len(names)]  # not the ignore index
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   entries = [SWATCH + int(np.ceil(measure.textlength(names[c]))) + 2 * PAD for c in shown]
-  width = max([sum(p.width for p in row) + PAD * (len(row) + 1) for row in panels] + entries)
+  columns = [max(p.width for p in column) for column in zip(*panels)]
+  lefts = PAD + np.cumsum([0] + [w + PAD for w in columns[:-1]])  # each column's x
+  width = max([sum(columns) + PAD * (len(columns) + 1)] + entries)
   legend = legend_rows([names[c] for c in shown], width, measure.textlength)
   legend_h = len(legend) * title_h + (PAD if legend else 0)
   # Each row: its name, its panels and the gap under them.
   tops = np.cumsum([title_h] + [name_h + row[0].height + PAD for row in panels])
   canvas = Image.new("RGB", (width, int(tops[-1]) + PAD + legend_h), "white")
   pen = ImageDraw.Draw(canvas)
-  x = PAD
-  for forms, p in zip(titles, panels[0], strict=True):
-    pen.text((x, 2), fit_title(forms, p.width, lambda t: text_width(pen, t)), fill="black")
-    x += p.width + PAD
+  for forms, x, w in zip(titles, lefts, columns, strict=True):
+    pen.text((int(x), 2), fit_title(forms, w, lambda t: text_width(pen, t)), fill="black")
   for r, row in enumerate(panels):
-    x, y = PAD, int(tops[r])
+    y = int(tops[r])
     if row_names is not None:  # in its line as the titles in theirs
-      name = fit_name(row_names[r], row[0].width, lambda t: text_width(pen, t))
-      pen.text((x, y + 2), name, fill="black")
+      name = fit_name(row_names[r], columns[0], lambda t: text_width(pen, t))
+      pen.text((PAD, y + 2), name, fill="black")
       y += name_h
-    for p in row:
-      canvas.paste(p, (x, y))
-      x += p.width + PAD
+    for x, p in zip(lefts, row):
+      canvas.paste(p, (int(x), y))
   for line, entries in enumerate(legend):
     y = canvas.height - legend_h + line * title_h
     for i, x in entries:

@@ -753,6 +753,25 @@ def test_seg_picture_names_each_row_above_its_first_panel():
   assert fit(ade, 64).startswith("ADE") and fit(ade, 64).endswith("...1.jpg")  # cut to 64
 
 
+def test_seg_picture_keeps_the_panels_of_rows_of_other_sizes_under_their_titles():
+  """Images of other shapes (visualize_seg.py --image wide.png square.png): each column is as
+  wide as its widest panel, so a narrower row's panels start under their titles (they were
+  packed to the left, its prediction under the wide row's ground truth)."""
+  colours = np.array([[40, 40, 40], [230, 25, 75]], np.uint8)
+  wide, square = np.full((32, 64, 3), 128, np.uint8), np.full((32, 32, 3), 64, np.uint8)
+  rows = [(wide, np.zeros((32, 64), np.uint8)), (square, np.ones((32, 32), np.uint8))]
+  pixels = np.asarray(
+      seg_picture.draw(rows, colours, ("a", "b"), 32, 1.0, seg_picture.IMAGE_TITLES)
+  )
+  assert pixels.shape[1] == 2 * 64 + 3 * seg_picture.PAD
+  y = 16 + 32 + seg_picture.PAD  # the titles, the first row and its gap
+  np.testing.assert_array_equal(pixels[y : y + 32, 4 : 4 + 32], square)
+  assert (pixels[y : y + 32, 4 + 64 + 4 :][:, :32] == colours[1]).all()  # its prediction
+  assert (pixels[y : y + 32, 4 + 32 : 4 + 64 + 4] == 255).all()  # white beside the square
+  for left in (4, 4 + 64 + 4):  # each title starts at its column, over both rows' panels
+    assert (pixels[:16, left : left + 8] < 128).any(), left
+
+
 def swatches(pixels: np.ndarray, colours: np.ndarray) -> set[int]:
   """The classes whose legend swatch (an 11x11 square of the class colour) a picture shows."""
   found = set()
