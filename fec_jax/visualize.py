@@ -580,9 +580,9 @@ def main(argv: list[str] | None = None) -> int:
       check_ema(os.path.abspath(args.checkpoint), step)
     cli.check_input_size(model, size, "--image-size")
     layers = () if args.encodings is None else encoding_layers(model, args.encodings)
-    note_num_clusters(model, size, args.num_clusters)  # after the errors of the arguments
-    note_heads(model, layers, args.heads)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
+  note_num_clusters(model, size, args.num_clusters)  # after the errors, the weights' included
+  note_heads(model, layers, args.heads)
   names = interpret.level_names(model)
   classes = class_names(data, model.num_classes, recorded)
   stems = unique_stems(args.image)

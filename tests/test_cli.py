@@ -1162,6 +1162,24 @@ def test_visualize_encodings_the_model_lacks_is_the_one_line(files, tmp_path, ca
   assert not os.path.exists(tmp_path / "vis")
 
 
+def test_visualize_weights_that_cannot_be_restored_are_the_one_line(
+    files, tmp_path, capsys, monkeypatch
+):
+  """An error restoring the weights (a step whose arrays do not fit or cannot be read): the error
+  alone, not after the notes on the final clusters and heads, which come once the weights are
+  read."""
+
+  def broken(*args, **kwargs):
+    raise checkpoint.CheckpointError(f"{files / 'ckpt'} step 0: the params cannot be read")
+
+  monkeypatch.setattr(visualize, "load_pretrained", broken)
+  args = ["--checkpoint", str(files / "ckpt"), "--image", str(files / "photo.jpg")]
+  args += ["--image-size", "64", "--num-clusters", "5", "--out", str(tmp_path / "vis")]
+  code, _, err = outcome(capsys, visualize.main, args)
+  assert (code, err) == (2, f"error: {files / 'ckpt'} step 0: the params cannot be read\n")
+  assert not os.path.exists(tmp_path / "vis")
+
+
 def test_visualize_out_in_a_checkpoint_is_one_line(files, tmp_path, capsys, monkeypatch):
   """An --out that the run would take for a step of its own (a numbered name in a workdir: every
   command on the workdir then failed on the PNG folder as its latest step) or that lies in a
