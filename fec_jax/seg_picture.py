@@ -115,10 +115,10 @@ def draw(
   annotation's size; an image of one's own: the prediction) -> the picture, a panel for the
   image and one for each map (`titles`: the columns'; panel_size: `height` rows, fewer for a very
   wide image; each column as wide as its widest panel, so that rows of other image sizes keep
-  their panels under the titles), with a legend of the classes the maps show, at least as wide as its widest entry
-  (a very narrow image's panels cut its names); `alpha`: see overlay. `row_names` (the images'
-  file names), one a row: each on a line of its own above its row's first panel, shortened to the
-  panel's width (fit_name)."""
+  their panels under the titles), with a legend of the classes the maps show, at least as wide
+  as its widest entry (a very narrow image's panels cut its names); `alpha`: see overlay.
+  `row_names` (the images' file names), one a row: each on a line of its own above its row's
+  first panel, shortened to the column's width (fit_name)."""
   title_h = 16  # a line of text: the column titles, a row's name, a line of the legend
   name_h = 0 if row_names is None else title_h
   panels = [
