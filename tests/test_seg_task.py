@@ -870,15 +870,16 @@ def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
   widths = [16, 43, 43, 64]  # each image's width at 32 rows: 40x80 upright, 64x48, 64x48, 80x40
   assert pixels.shape[1] == max(2 * w + 3 * 4 for w in widths)  # two panels, no ground truth
   rows = [pixels[32 + r * 52 : 32 + r * 52 + 32] for r in range(4)]  # titles; name, panels, gap
-  for r, (file, w) in enumerate(zip(files, widths)):  # each file's name above its first panel
+  column = max(widths)  # each column as wide as its widest panel
+  for r, file in enumerate(files):  # each file's name above its first column, fitted to it
     np.testing.assert_array_equal(
-        pixels[16 + r * 52 : 32 + r * 52, 4 : 4 + w], name_line(file.name, w)
+        pixels[16 + r * 52 : 32 + r * 52, 4 : 4 + column], name_line(file.name, column)
     )
   upright = cv2.imread(str(files[0]))[..., ::-1]  # as the official script and visualize.py read
   assert upright.shape == (80, 40, 3)
   expected = np.asarray(Image.fromarray(upright).resize((16, 32), Image.BILINEAR))
   np.testing.assert_array_equal(rows[0][:, 4:20], expected)
-  assert (rows[0][:, 20:24] == 255).all()  # the gap after the narrow panel
+  assert (rows[0][:, 20 : 4 + column + 4] == 255).all()  # beside the narrow panel: white
   gray = rows[1][:, 4 : 4 + 43].astype(int)
   assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
   assert (rows[2][:, 4 : 4 + 43] == (0, 200, 0)).all()  # alpha dropped, as in training
@@ -886,8 +887,8 @@ def test_visualize_seg_draws_images_of_ones_own(seg_run, tmp_path):
   assert (cmyk[:12, :, 0] > 150).all() and (cmyk[20:, :, 2] > 150).all()  # red over blue
   palette = seg_picture.palette(seg_tiny().data)
   predicted = set()
-  for row, w in zip(rows, widths):
-    colours = np.unique(row[:, 4 + w + 4 : 4 + 2 * w + 4].reshape(-1, 3), axis=0)
+  for row, w in zip(rows, widths):  # each prediction under the title of the second column
+    colours = np.unique(row[:, 4 + column + 4 : 4 + column + 4 + w].reshape(-1, 3), axis=0)
     predicted |= {int(np.flatnonzero((palette == c).all(-1))[0]) for c in colours}  # all classes
   assert swatches(pixels[16 + 4 * 52 :], palette) == predicted
 
