@@ -93,7 +93,7 @@ def check_num_processes() -> None:
   if wrong.size:
     cli.fail(
         f"process {wrong[0]} was given --num_processes {given[wrong[0]]}, but "
-        f"{reporting.counted(jax.process_count(), 'process', 'processes')} joined the run: give "
+        f"{reporting.counted(jax.process_count(), 'process')} joined the run: give "
         "every process the same --num_processes"
     )
 

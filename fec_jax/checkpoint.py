@@ -611,7 +611,7 @@ def resumable_step(workdir: str, name: str, overrides: dict[str, Any], ema: bool
     )
   saved_processes = _iterator_processes(os.path.join(directory, str(step), DATA_ITER_ITEM))
   if saved_processes not in (None, jax.process_count()):
-    processes = reporting.counted(saved_processes, "process", "processes")
+    processes = reporting.counted(saved_processes, "process")
     raise CheckpointError(
         f"{directory} step {step} was saved by a run of {processes}, each with its own "
         f"position in the train data; resume it with {processes} "
@@ -855,7 +855,7 @@ def reinit_classifier(
     return set(), mismatched, []
   expected, found = mismatched[min(reinit)]  # shapes [..., num_classes]
   note = (
-      f"{name} re-initialized for {reporting.counted(expected[-1], 'class', 'classes')} "
+      f"{name} re-initialized for {reporting.counted(expected[-1], 'class')} "
       f"({source} has {found[-1]}); the other "
       "weights come from it"
   )

@@ -661,7 +661,7 @@ def _run(
         "%s on %s (%s): %s of %d per epoch, global batch %d, peak lr %.3g",
         model_name,
         reporting.counted(devices, "device"),
-        reporting.counted(processes, "process", "processes"),
+        reporting.counted(processes, "process"),
         reporting.counted(num_steps, "step"),
         steps_per_epoch,
         config.global_batch_size,

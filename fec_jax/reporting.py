@@ -303,10 +303,10 @@ def restore_config(saved: dict, template, where: str):
   return config
 
 
-def counted(n: int, noun: str, plural: str = "") -> str:
-  """`n` and the noun for a message: '1 val image', '3 val images' (`plural` where an 's' does not
-  make it: counted(2, 'process', 'processes'))."""
-  return f"{n} {noun if n == 1 else plural or noun + 's'}"
+def counted(n: int, noun: str) -> str:
+  """`n` and the noun for a message: '1 val image', '3 val images', '2 processes' (a noun that
+  ends in 's' takes 'es')."""
+  return f"{n} {noun if n == 1 else noun + ('es' if noun.endswith('s') else 's')}"
 
 
 def listed(names: list[str], limit: int) -> str:

@@ -329,7 +329,7 @@ class Task(abc.ABC):
     """ValueError unless `model` (e.g. a checkpoint's) has config.data.num_classes classes."""
     if model.num_classes != self.config.data.num_classes:
       raise ValueError(
-          f"the model has {reporting.counted(model.num_classes, 'class', 'classes')} but "
+          f"the model has {reporting.counted(model.num_classes, 'class')} but "
           f"config.data.num_classes is {self.config.data.num_classes}: give the config of the "
           f"checkpoint's run, or --config.data.num_classes={model.num_classes} for data of its "
           "classes"
@@ -386,7 +386,7 @@ class Task(abc.ABC):
         raise MetricsError(
             f"the per_class column {column!r} is of shape {np.shape(values)}, but "
             f"{type(self).__name__}.class_names() names "
-            f"{reporting.counted(len(names), 'class', 'classes')}; expected one value "
+            f"{reporting.counted(len(names), 'class')}; expected one value "
             "per class: return them so, or override class_names() to name the classes the "
             "values are of"
         )
