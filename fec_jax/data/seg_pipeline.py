@@ -47,13 +47,13 @@ def seg_num_eval_examples(data_config, shard_count: int = 1) -> int:
   return loader.val_steps(seg_num_examples(data_config, "val"), 1, shard_count)
 
 
-def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str]]:
+def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str], int]:
   """The first `count` val records (or all, where there are fewer) decoded as the evaluation
   decodes them (_decode), for a training run's check at its start; where none of them decodes,
   the records after them up to the first that does (none: the whole split, which the evaluation
   would find nothing in). (the labels of those that decode, uint8 [H0, W0] each with
   reduce_zero_label applied; 'key: why' for each that does not, as the loader's bad-file warning
-  names it)."""
+  names it; the records of the split)."""
   config_lib.validate(data_config)
   source = seg_sources.make_seg_source(data_config, "val")
   labels, bad = [], []
@@ -65,7 +65,7 @@ def seg_check_val(data_config, count: int) -> tuple[list[np.ndarray], list[str]]
       labels.append(_decode(record, data_config)[1])
     except transforms.BadImageError as e:
       bad.append(f"{sources.one_line(record['key'])}: {e}")
-  return labels, bad
+  return labels, bad, len(source)
 
 
 def _decode(record, cfg, train: bool = False):

@@ -260,9 +260,9 @@ class Segmentation(Task):
     one reads none of them. No random draw and no loader: training and evaluation are as without
     the check."""
     d = self.config.data
-    labels, bad = data.seg_check_val(d, VAL_CHECKED)
+    labels, bad, records = data.seg_check_val(d, VAL_CHECKED)
     split, n = f"the val split of {data.data_location(d)}", len(labels) + len(bad)
-    first = n < data.seg_num_examples(d, "val")  # else all its records
+    first = n < records  # else all its records
     if first:
       checked = f"its first {reporting.counted(n, 'record')}"
     else:
