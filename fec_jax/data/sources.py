@@ -249,8 +249,7 @@ class FolderSource:
       raise DataNotFoundError(
           f"{train_dir} is not a directory{_root_folders(train_dir)}; the {split} labels index "
           "the train split's class folders, so they are needed to evaluate too (their images are "
-          "not); "
-          f"{FOLDER_LAYOUT_HELP}"
+          f"not); {FOLDER_LAYOUT_HELP}"
       )
     # Another split needs the train split's class folders only: an evaluation-only copy of
     # ImageNet may have them empty.
@@ -528,9 +527,9 @@ def split_holding(cfg, path: str) -> tuple[str, str] | None:
   does not show to be in the split; each of its folders is resolved in turn."""
   if cfg.get("source") != "folder" or not cfg.get("root"):
     return None
-  named, real = os.path.abspath(path), [os.path.realpath(path)]  # and of each folder above it
+  named, real = os.path.abspath(path), []
   while True:
-    real.append(os.path.realpath(named))
+    real.append(os.path.realpath(named))  # of the path, then of each folder above it
     if os.path.dirname(named) == named:
       break
     named = os.path.dirname(named)
