@@ -196,8 +196,8 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
       raise TypeError(f"step must be an int, a saved step of {directory}, got {step!r}")
     if step not in steps:
-      if list(steps) == [0] and PROGRESS_ITEM not in saved_items(directory, 0):
-        raise CheckpointError(  # weights only (weights_name): saved steps: [0] said no more
+      if list(steps) == [0] and holds_weights_only(directory, 0):
+        raise CheckpointError(  # saved steps: [0] said no more
             f"{directory} has no step {step}: it holds converted weights (a "
             "convert_torch_weights.py output), which are step 0 only; a step (--step, "
             "--config.init_from_step) is for a train.py run's workdir: leave it out"
@@ -472,10 +472,16 @@ def saved_items(directory: str, step: int) -> set[str]:
   return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
 
 
+def holds_weights_only(directory: str, step: int) -> bool:
+  """Whether `step` of `directory` is weights only (a convert_torch_weights.py output, saved as
+  step 0), not a train.py run's step (which saves its progress too)."""
+  return PROGRESS_ITEM not in saved_items(directory, step)
+
+
 def weights_name(directory: str, step: int, ema: bool = False) -> str:
   """How a command names the weights it read: 'step N' (', EMA weights') of a train.py run, or
-  'converted weights' for weights only (a convert_torch_weights.py output, saved as step 0)."""
-  if PROGRESS_ITEM not in saved_items(directory, step):
+  'converted weights' for weights only (holds_weights_only)."""
+  if holds_weights_only(directory, step):
     return "converted weights"
   return f"step {step}{', EMA weights' if ema else ''}"
 
