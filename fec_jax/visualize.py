@@ -34,7 +34,6 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import (
     CheckpointError,
-    check_ema,
     load_model,
     load_pretrained,
     output_in_a_checkpoint,
@@ -575,9 +574,7 @@ def main(argv: list[str] | None = None) -> int:
   mean, std = data.get("mean", IMAGENET_MEAN), data.get("std", IMAGENET_STD)
   start = time.perf_counter()
   with cli.user_errors(CheckpointError):
-    model, step = load_model(args.checkpoint, step=args.step)
-    if args.ema:  # before the notes on the model: the error would follow them
-      check_ema(os.path.abspath(args.checkpoint), step)
+    model = load_model(args.checkpoint, step=args.step)[0]
     cli.check_input_size(model, size, "--image-size")
     layers = () if args.encodings is None else encoding_layers(model, args.encodings)
     model, variables = load_pretrained(args.checkpoint, step=args.step, ema=args.ema)
