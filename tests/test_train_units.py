@@ -430,7 +430,7 @@ def test_an_evaluations_line_counts_one_val_image_in_the_singular():
       "1 val image",
       "2 val images",
   ]
-  assert reporting.counted(2, "process", "processes") == "2 processes"
+  assert reporting.counted(2, "process") == "2 processes"  # a noun ending in s: es
 
 
 def test_per_class_values_that_are_not_one_per_class_are_one_error():
