@@ -56,8 +56,7 @@ log = logging.getLogger(__name__)
 def check_split(split: str, shard_index: int, shard_count: int) -> None:
   """ValueError for a split other than 'train' and 'val' or a shard_index outside
   [0, shard_count)."""
-  if split not in ("train", "val"):
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  sources.check_split(split)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
 

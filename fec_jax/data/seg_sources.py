@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from fec_jax.data.seg_config import DEMO_NUM_CLASSES
-from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS, one_line
+from fec_jax.data.sources import DataNotFoundError, IMG_EXTENSIONS, check_split, one_line
 from fec_jax.reporting import counted
 
 log = logging.getLogger(__name__)
@@ -253,8 +253,7 @@ class DemoSegSource:
 
 def make_seg_source(cfg, split: str):
   """The source for a validated segmentation data config and split ('train' | 'val')."""
-  if split not in ("train", "val"):
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  check_split(split)
   if cfg.source == "demo":
     n = cfg.demo_num_train if split == "train" else cfg.demo_num_val
     return DemoSegSource(split, cfg.demo_image_size, n, cfg.demo_seed)

@@ -53,6 +53,13 @@ class DataNotFoundError(FileNotFoundError):
   """The configured data is missing or empty; the message says the expected layout."""
 
 
+def check_split(split: str) -> None:
+  """ValueError for a split other than 'train' and 'val', the pipelines' names of the two splits
+  (split_name gives the config's name of each)."""
+  if split not in ("train", "val"):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
 def one_line(name: str) -> str:
   """A file name as a log line shows it: as it is, or where it holds a character that does not
   print (a newline split the line in two; a tab, an escape, a byte os.fsdecode could not decode),
@@ -509,8 +516,7 @@ class DemoSource:
 def split_name(cfg, split: str) -> str:
   """Config split name for 'train' / 'val' (see config: train_split, val_split); `cfg` a
   ConfigDict or the data section of a run's config.json."""
-  if split not in ("train", "val"):
-    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  check_split(split)
   name = cfg.get(f"{split}_split")
   if name:
     return name
