@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fec_jax import cli
+from fec_jax import cli, throughput
 from fec_jax.model import count_params, create_model, list_models, variable_shapes
 
 PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": (28.3, 6.5)}  # M, G
@@ -25,8 +25,7 @@ def macs_per_image(name: str, height: int = 224, width: int = 224, variables=Non
   model = create_model(name, unroll_stages=True)  # cost analysis counts a loop body once
   variables = variable_shapes(create_model(name)) if variables is None else variables
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-  cost = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = throughput.cost_analysis(jax.jit(model.apply).lower(variables, images).compile())
   return float(cost["flops"]) / 2
 
 

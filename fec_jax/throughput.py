@@ -152,10 +152,16 @@ def memory_report(compiled) -> dict[str, int]:
   }
 
 
+def cost_analysis(compiled) -> dict[str, Any]:
+  """XLA's cost analysis of a compiled program as one dict ('flops', 'bytes accessed', ...),
+  where a jax version gives it as a list of one."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
 def cost_report(compiled, images: int) -> dict[str, float]:
   """Flops and bytes accessed per image of a compiled (per-device) program for `images` images."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = cost_analysis(compiled)
   return {
       "flops_per_image": float(cost["flops"]) / images,
       "bytes_accessed_per_image": float(cost["bytes accessed"]) / images,
