@@ -37,9 +37,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fec_jax import cli, throughput
-from fec_jax.tasks import classification
 from fec_jax.clustering import AGGREGATIONS
-from fec_jax.model import create_model, init_variables, list_models, param_shapes
+from fec_jax.model import classifiers, create_model, init_variables, list_models, param_shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE = 224
@@ -326,14 +325,14 @@ def progress(message: str) -> None:
 
 
 def parse_args(argv):
-  classifiers = classification.classifiers()
+  names = classifiers()
   p = cli.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=cli.HelpFormatter)
   p.add_argument(
       "--models",
       nargs="+",
       default=["fec_small", "fec_base", "fec_large"],
       metavar="MODEL",
-      help=f"classification variants to time, of: {', '.join(classifiers)}",
+      help=f"classification variants to time, of: {', '.join(names)}",
   )
   p.add_argument(
       "--batch",
@@ -386,10 +385,10 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if args.tpu == "":
     raise UsageError("--tpu is empty; expected a TPU topology such as v5e:2x2")
-  unknown = [m for m in args.models if m not in classifiers]
+  unknown = [m for m in args.models if m not in names]
   if unknown:
     what = "not classifiers" if set(unknown) <= set(list_models()) else "unknown model(s)"
-    raise UsageError(f"{what}: {unknown}; bench.py times {', '.join(classifiers)}")
+    raise UsageError(f"{what}: {unknown}; bench.py times {', '.join(names)}")
   for field in ("batch", "iters"):
     if getattr(args, field) <= 0:
       raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")

@@ -45,6 +45,7 @@ from fec_jax.model import (
     SEGMENTERS,
     VARIANTS,
     block_axis,
+    classifiers,
     count_params,
     create_model,
     list_models,
@@ -234,7 +235,7 @@ def unwrap_state_dict(
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
   fpn = any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)
-  if fpn and model in VARIANTS and not VARIANTS[model].dense_outputs:
+  if fpn and model in classifiers():
     backbone = f"{model}_seg" if f"{model}_seg" in VARIANTS else "fec_*_seg"
     raise ConversionError(
         f"the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
@@ -371,7 +372,7 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
   if matches and name not in matches:
     keys = "; ".join(" ".join(p.split()) for p in _examples(problems, 3))  # spacing collapsed
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-    classifier = matches[0] in VARIANTS and not VARIANTS[matches[0]].dense_outputs
+    classifier = matches[0] in classifiers()
     init_from = (  # ImageNet weights for a segmenter
         " (a segmentation run starts from its conversion: --config.init_from)"
         if classifier and (name in SEGMENTERS or name.endswith("_seg"))

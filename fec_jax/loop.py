@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 
 from fec_jax import checkpoint, cli, data, reporting, tasks, training
-from fec_jax.model import SEGMENTERS, VARIANTS, init_from_models
+from fec_jax.model import SEGMENTERS, classifiers, init_from_models
 from fec_jax.model import model_name as name_of
 from fec_jax.model import variable_shapes
 from fec_jax.preemption import Preemption
@@ -479,7 +479,7 @@ def _init_from_fix(found: str, model: str) -> str:
         f"{model} starts from {classifier} (an ImageNet classifier), {backbone} (a dense "
         f"backbone) or {model}; or set --config.model.name"
     )
-  if found in SEGMENTERS or VARIANTS[found].dense_outputs:
+  if found not in classifiers():
     return f"a classifier starts from a classifier: give a {model} checkpoint"
   return f"give a {model} checkpoint, or --config.model.name={found} to fine-tune {found}"
 

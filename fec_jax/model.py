@@ -585,6 +585,11 @@ def list_models() -> list[str]:
   return sorted([*VARIANTS, *SEGMENTERS])
 
 
+def classifiers() -> list[str]:
+  """The variants with a classification head (not the seg/det backbones, not the segmenters)."""
+  return sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
+
+
 def init_from_models(name: str) -> tuple[str, ...]:
   """The models whose weights can start a run of `name` (config.init_from; the tasks'
   adopt_pretrained): a segmenter starts from its backbone's ImageNet classifier, that dense

@@ -13,15 +13,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, reporting, training
 from fec_jax.data import classes, device_transforms, mixup
-from fec_jax.model import FEC, VARIANTS, model_name
+from fec_jax.model import FEC, classifiers, model_name
 from fec_jax.tasks import BatchEvaluator, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
-
-
-def classifiers() -> list[str]:
-  """The variants with a classification head (not the seg/det backbones)."""
-  return sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
 
 
 def soft_target_cross_entropy(logits, targets):
