@@ -235,12 +235,11 @@ def unwrap_state_dict(
   if any(k.startswith("module.") for k in obj):
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
   fpn = any(k.startswith("neck.") for k in obj) and any(k.startswith("decode_head.") for k in obj)
-  if fpn and model in classifiers():
-    backbone = f"{model}_seg" if f"{model}_seg" in VARIANTS else "fec_*_seg"
+  if fpn and model in classifiers():  # every classifier has its dense backbone, {model}_seg
     raise ConversionError(
         f"the checkpoint is a Semantic FPN segmenter (backbone.*, neck.*, decode_head.*), and "
         f"--model {model} is a classifier: leave out --model to convert the segmenter, or pass "
-        f"--model {backbone} for its backbone alone"
+        f"--model {model}_seg for its backbone alone"
     )
   whole = model in SEGMENTERS if model else fpn
   if any(k.startswith("backbone.") for k in obj) and not whole:
