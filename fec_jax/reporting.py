@@ -57,7 +57,7 @@ def progress_line(
     img_per_s: float | None,
     eta_s: float | None,
 ) -> str:
-  """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.25e-04 | 812 img/s | ETA 0:10:21'; the
+  """'step 120/3000 | epoch 3 | loss 1.2345 | lr 1.250e-04 | 812 img/s | ETA 0:10:21'; the
   rate and ETA read '-' before a step has been timed."""
   rate = "-" if img_per_s is None else f"{img_per_s:.0f}"
   eta = "-" if eta_s is None else datetime.timedelta(seconds=round(eta_s))
