@@ -325,6 +325,14 @@ def _examples(problems: list[str], count: int) -> list[str]:
   return [problem for turn in turns for problem in turn if problem][:count]
 
 
+def _problem_lines(problems: list[str]) -> str:
+  """The first SHOWN_PROBLEMS of `problems` (_examples), each on an indented line of its own, and
+  a line with how many more."""
+  rest = len(problems) - SHOWN_PROBLEMS
+  more = f"\n  ... and {rest} more" if rest > 0 else ""
+  return "".join(f"\n  {problem}" for problem in _examples(problems, SHOWN_PROBLEMS)) + more
+
+
 def _matching_models(state: dict[str, np.ndarray]) -> tuple[list[str], str, list[str]]:
   """(the models whose state dict has exactly these keys and shapes, the class count aside; the
   closest model and its mismatches)."""
@@ -355,12 +363,9 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
         f"the checkpoint fits {', '.join(matches)} equally (they differ only in "
         "centers/fold, which have no weights): pass --model"
     )
-  rest = len(problems) - SHOWN_PROBLEMS
   raise ConversionError(
       f"the checkpoint is not an FEC state dict: the closest variant, {closest}, differs in "
-      f"{len(problems)} keys, e.g.\n  "
-      + "\n  ".join(_examples(problems, SHOWN_PROBLEMS))
-      + (f"\n  ... and {rest} more" if rest > 0 else "")
+      f"{len(problems)} keys, e.g.{_problem_lines(problems)}"
   )
 
 
@@ -381,12 +386,8 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
         f"the checkpoint holds {' or '.join(matches)}, not {name} ({len(problems)} keys "
         f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model{init_from}"
     )
-  rest = len(problems) - SHOWN_PROBLEMS
-  more = f"\n  ... and {rest} more" if rest > 0 else ""
   return (
-      f"the checkpoint does not match {name} ({len(problems)} problems):\n  "
-      + "\n  ".join(_examples(problems, SHOWN_PROBLEMS))
-      + more
+      f"the checkpoint does not match {name} ({len(problems)} problems):{_problem_lines(problems)}"
   )
 
 
