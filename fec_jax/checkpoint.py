@@ -164,34 +164,7 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
   with _read_manager(directory) as mngr:
     steps = mngr.all_steps()
     if not steps:
-      parent, name = os.path.split(directory)
-      if name.isdigit() and os.path.isdir(os.path.join(directory, MODEL_ITEM)):
-        raise CheckpointError(
-            f"{directory} is step {name} of the checkpoint {parent}: give that directory "
-            f"(and step {name} where the command takes a step, e.g. --step={name} or "
-            f"--config.init_from_step={name})"
-        )
-      if os.path.basename(parent).isdigit() and os.path.isdir(os.path.join(parent, MODEL_ITEM)):
-        raise CheckpointError(
-            f"{directory} is the item {name!r} of step {os.path.basename(parent)} of the "
-            f"checkpoint {os.path.dirname(parent)}: give that directory"
-        )
-      inner = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _holds_steps(e.path))
-      hint = ""
-      if inner:  # e.g. the folder of a converter output, or of train.py workdirs
-        hint = (
-            f" (it holds the checkpoint{'s' * (len(inner) > 1)} {reporting.listed(inner, 3)}: "
-            f"give {'one' if inner[1:] else 'that'})"
-        )
-      elif reporting.holds_run_config(directory):  # a run stopped before its first save
-        hint = (
-            " (its config.json is a train.py run's, which saved no step yet: a run saves every "
-            "config.checkpoint_every_steps steps and at its end)"
-        )
-      raise CheckpointError(
-          f"{directory} holds no checkpoint steps{hint}; expected the --output of "
-          "convert_torch_weights.py or a train.py --workdir with a saved step"
-      )
+      raise _no_steps(directory)
     step = max(steps) if step is None else step
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
       raise TypeError(f"step must be an int, a saved step of {directory}, got {step!r}")
@@ -205,6 +178,40 @@ def load_model(directory: str, step: int | None = None, **overrides) -> tuple[nn
       raise CheckpointError(f"{directory} has no step {step}; saved steps: {sorted(steps)}")
     meta = _read_model_item(mngr, directory, step)
   return create_model(meta["name"], **{**meta["overrides"], **overrides}), step
+
+
+def _no_steps(directory: str) -> CheckpointError:
+  """The error for an absolute `directory` that holds no saved step, saying what it is instead
+  where it can tell: a step or an item of a checkpoint, a folder of checkpoints, or a train.py
+  run that saved no step yet."""
+  parent, name = os.path.split(directory)
+  if name.isdigit() and os.path.isdir(os.path.join(directory, MODEL_ITEM)):
+    return CheckpointError(
+        f"{directory} is step {name} of the checkpoint {parent}: give that directory "
+        f"(and step {name} where the command takes a step, e.g. --step={name} or "
+        f"--config.init_from_step={name})"
+    )
+  if os.path.basename(parent).isdigit() and os.path.isdir(os.path.join(parent, MODEL_ITEM)):
+    return CheckpointError(
+        f"{directory} is the item {name!r} of step {os.path.basename(parent)} of the "
+        f"checkpoint {os.path.dirname(parent)}: give that directory"
+    )
+  inner = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _holds_steps(e.path))
+  hint = ""
+  if inner:  # e.g. the folder of a converter output, or of train.py workdirs
+    hint = (
+        f" (it holds the checkpoint{'s' * (len(inner) > 1)} {reporting.listed(inner, 3)}: "
+        f"give {'one' if inner[1:] else 'that'})"
+    )
+  elif reporting.holds_run_config(directory):  # a run stopped before its first save
+    hint = (
+        " (its config.json is a train.py run's, which saved no step yet: a run saves every "
+        "config.checkpoint_every_steps steps and at its end)"
+    )
+  return CheckpointError(
+      f"{directory} holds no checkpoint steps{hint}; expected the --output of "
+      "convert_torch_weights.py or a train.py --workdir with a saved step"
+  )
 
 
 def _read_model_item(mngr: ocp.CheckpointManager, directory: str, step: int) -> dict[str, Any]:
