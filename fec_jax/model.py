@@ -590,6 +590,11 @@ def classifiers() -> list[str]:
   return sorted(n for n, v in VARIANTS.items() if not v.dense_outputs)
 
 
+def is_classifier(model: nn.Module) -> bool:
+  """Whether `model` gives class logits: an FEC of a variant with a classification head."""
+  return isinstance(model, FEC) and not model.variant.dense_outputs
+
+
 def init_from_models(name: str) -> tuple[str, ...]:
   """The models whose weights can start a run of `name` (config.init_from; the tasks'
   adopt_pretrained): a segmenter starts from its backbone's ImageNet classifier, that dense

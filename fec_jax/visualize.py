@@ -42,7 +42,7 @@ from fec_jax.data import seg_transforms, split_holding
 from fec_jax.data.classes import classification_names, numbered, own_names, own_names_origin
 from fec_jax.data.device_transforms import normalize
 from fec_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, decode, upright
-from fec_jax.model import FEC, variable_shapes
+from fec_jax.model import is_classifier, variable_shapes
 
 DEFAULT_IMAGE_SIZE = 224  # ImageNet's, which the official checkpoints were trained at
 GROUP_COLORS = np.array(
@@ -422,11 +422,6 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
   default = data.get("image_size") or data.get("crop_size") or DEFAULT_IMAGE_SIZE
   size = args.image_size or (default if isinstance(default, list) else [default])
   return tuple(size * 2 if len(size) == 1 else size), trained
-
-
-def is_classifier(model) -> bool:
-  """Whether `model` gives class logits (an FEC classifier), whose class the command prints."""
-  return isinstance(model, FEC) and not model.variant.dense_outputs
 
 
 def note_num_clusters(model, size: tuple[int, int], num_clusters: list[int]) -> None:

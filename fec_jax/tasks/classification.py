@@ -13,7 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from fec_jax import checkpoint, data, reporting, training
 from fec_jax.data import classes, device_transforms, mixup
-from fec_jax.model import FEC, classifiers, model_name
+from fec_jax.model import classifiers, is_classifier, model_name
 from fec_jax.tasks import BatchEvaluator, Task
 
 HEAD = ("head/kernel", "head/bias")  # the classifier: re-initialized when num_classes differs
@@ -201,7 +201,7 @@ class Classification(Task):
     return loss_fn
 
   def evaluator(self, model, mesh: Mesh, compiler_options: dict | None = None) -> TopK:
-    if not isinstance(model, FEC) or model.variant.dense_outputs:
+    if not is_classifier(model):
       raise ValueError(
           f"the checkpoint holds {model_name(model)}, not a classifier; config.task "
           f"'classification' evaluates {classifiers()}"
