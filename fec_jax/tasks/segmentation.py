@@ -307,8 +307,9 @@ class Segmentation(Task):
     return loader, steps
 
   def loss_fn(self, model, mesh: Mesh):
-    """batch {'image' uint8 [B,S,S,3], 'label' uint8 [B,S,S], 'valid' int32 [B,2]}. BatchNorm
-    statistics are those of the global batch (the official SyncBN; fec_jax.fpn.BatchNorm)."""
+    """batch {'image' uint8 [B, ch, cw, 3], 'label' uint8 [B, ch, cw], 'valid' int32 [B, 2]},
+    (ch, cw) = config.data.crop_size (create_seg_loader). BatchNorm statistics are those of the
+    global batch (the official SyncBN; fec_jax.fpn.BatchNorm)."""
     d = self.config.data
 
     def loss_fn(params, model_state, batch, key):
@@ -320,7 +321,7 @@ class Segmentation(Task):
           mutable=["batch_stats"],
           rngs={"dropout": key},
       )
-      labels = batch["label"].astype(jnp.int32)  # [B, S, S]
+      labels = batch["label"].astype(jnp.int32)  # [B, ch, cw]
       return cross_entropy(logits, labels, d.ignore_index), dict(model_state)
 
     return loss_fn
