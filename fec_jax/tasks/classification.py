@@ -41,7 +41,7 @@ def per_device_augment(data_config, mesh: Mesh):
     )
     x, targets = mixup.mixup_cutmix(
         mix_key,
-        images.astype(jnp.float32),  # [B, S, S, 3] in [0, 255]
+        images.astype(jnp.float32),  # [B / devices, S, S, 3] in [0, 255]
         labels,
         d.num_classes,
         mixup_alpha=d.mixup_alpha,
