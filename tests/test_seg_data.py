@@ -961,6 +961,20 @@ def test_demo_image_size_sets_the_resize_and_the_crop():
   assert next(fd.create_seg_loader(cfg, "train", 2, seed=0))["image"].shape == (2, 64, 64, 3)
 
 
+def test_the_demo_links_its_sides_with_public_ml_collections_api():
+  """demo_config derives img_scale and crop_size from demo_image_size by FieldReference
+  arithmetic (it built them with ml_collections' private _Op, which a release may rename or
+  drop); the links stay references of type tuple, as the command line's overrides need."""
+  import inspect
+  import re
+
+  from fec_jax.data import seg_config
+
+  assert re.findall(r"\b(?:config_dict|ml_collections)\._\w+", inspect.getsource(seg_config)) == []
+  cfg = fd.seg_demo_config()
+  assert [cfg.get_ref(f).get_type() for f in ("img_scale", "crop_size")] == [tuple, tuple]
+
+
 def test_seg_bench_times_the_loader_work(tmp_path):
   from fec_jax.data import seg_bench
 

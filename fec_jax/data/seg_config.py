@@ -95,10 +95,13 @@ def ade20k_config() -> ml_collections.ConfigDict:
   return c.lock()  # locked like the configs/ files that replace theirs with it: typos fail
 
 
-def _square(_, side: int) -> tuple[int, int]:
-  """(side, side): the op of demo_config's img_scale and crop_size (a module function, so that
-  the config pickles)."""
-  return (side, side)
+class _Scalable(tuple):
+  """A tuple whose product with a number multiplies each element: _Scalable((1, 1)) * 96 is
+  (96, 96), a plain tuple. The operand of demo_config's img_scale and crop_size (a module class,
+  so that the config pickles)."""
+
+  def __mul__(self, factor):
+    return tuple(v * factor for v in self)
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -117,7 +120,7 @@ def demo_config() -> ml_collections.ConfigDict:
   c.reduce_zero_label = False
   side = c.get_ref("demo_image_size")
   for field in ("img_scale", "crop_size"):  # references, read as tuples; setting one ends its link
-    c[field] = config_dict.FieldReference((), tuple, op=config_dict._Op(_square, [side]))
+    c[field] = config_dict.FieldReference(_Scalable((1, 1)), tuple) * side
   c.ratio_range = (0.75, 1.5)
   c.num_workers = 0
   return c
