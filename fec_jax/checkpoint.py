@@ -45,7 +45,6 @@ from fec_jax.model import (
     create_model,
     init_from_models,
     is_stage,
-    param_shapes,
     variable_shapes,
 )
 
@@ -94,8 +93,9 @@ def save_params(
   `directory`: a new or empty folder (CheckpointError otherwise, before anything is written).
   The params must be those of create_model(name, **overrides), which load_pretrained rebuilds:
   an unknown name or option is a ValueError, the whole variables a CheckpointError, params of
-  another shape (other num_classes, another model) a ParamsMismatch listing them, before anything
-  is written (the shapes of batch_stats are not checked)."""
+  another shape (other num_classes, another model) a ParamsMismatch listing them, and the
+  batch_stats too (load_pretrained restores them at the model's shapes), before anything is
+  written."""
   if (name in SEGMENTERS) != (batch_stats is not None):
     raise CheckpointError(
         f"{name} has BatchNorm statistics: pass batch_stats=variables['batch_stats']"
@@ -110,10 +110,21 @@ def save_params(
     )
   if "params" in params:  # a model's params have no such module
     raise CheckpointError("save_params takes the params, variables['params'], not the variables")
-  expected = param_shapes(create_model(name, **overrides))
+  shapes = variable_shapes(create_model(name, **overrides))
+  expected = shapes["params"]
   if _has_per_block_layout(params):  # that of fec-jax before 2026-11-27, which still loads
     expected = per_block_layout(expected)
-  raise_for_mismatch(*compare_params(expected, params), f"save_params({name!r}, {overrides})")
+  missing, unexpected, mismatched = compare_params(expected, params)
+  s_missing, s_unexpected, s_mismatched = compare_params(
+      shapes.get("batch_stats", {}), batch_stats or {}
+  )
+  prefix = lambda d: {f"batch_stats/{k}": v for k, v in d.items()}
+  raise_for_mismatch(
+      {**missing, **prefix(s_missing)},
+      {**unexpected, **prefix(s_unexpected)},
+      {**mismatched, **prefix(s_mismatched)},
+      f"save_params({name!r}, {overrides})",
+  )
   items = {PARAMS_ITEM: params}
   if batch_stats is not None:
     items[BATCH_STATS_ITEM] = batch_stats

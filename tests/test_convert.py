@@ -190,6 +190,38 @@ def test_save_params_needs_batch_stats_exactly_for_a_segmenter(tmp_path):
     assert not (tmp_path / name).exists()
 
 
+def test_save_params_takes_only_batch_stats_that_load(tmp_path):
+  """BatchNorm statistics of other shapes or names were written unchecked, and every load then
+  failed: Orbax's 'Requested shape: (128,) is not compatible with the stored shape: (256,)' called
+  the step 'not an FEC checkpoint', and a tree without statistics ended the save with Orbax's
+  'Found empty item' (a tmp folder left). Each is a ParamsMismatch now, before anything is
+  written; the params are checked as before."""
+  variables = variable_shapes(fec_jax.create_model("fpn_fec_small", num_classes=3))
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["params"])
+  stats = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["batch_stats"])
+  cases = [
+      (
+          jax.tree.map(lambda a: np.zeros(2 * a.shape[0], a.dtype), stats),
+          "(14 problems):\n  mis-shaped batch_stats/decode_head/scale_heads_0_0/bn/mean: "
+          "expected (128,), found (256,)",
+      ),
+      ({}, "(14 problems):\n  missing    batch_stats/decode_head/scale_heads_0_0/bn/mean"),
+      (
+          {**stats, "extra": {"mean": np.zeros(3)}},
+          "unexpected batch_stats/extra/mean: expected nothing, found (3,)",
+      ),
+  ]
+  for i, (batch_stats, message) in enumerate(cases):
+    with pytest.raises(checkpoint.ParamsMismatch, match=re.escape(message)):
+      checkpoint.save_params(
+          tmp_path / f"c{i}", params, "fpn_fec_small", {"num_classes": 3}, batch_stats
+      )
+    assert not (tmp_path / f"c{i}").exists()
+  checkpoint.save_params(tmp_path / "fits", params, "fpn_fec_small", {"num_classes": 3}, stats)
+  _, restored = checkpoint.load_pretrained(tmp_path / "fits")
+  jax.tree.map(np.testing.assert_array_equal, restored["batch_stats"], stats)
+
+
 @pytest.mark.parametrize("wrap", ["model", "module", "ema", "mmdet", "safetensors"])
 def test_checkpoint_layouts(tmp_path, small_state, wrap):
   path = tmp_path / ("ckpt.safetensors" if wrap == "safetensors" else "ckpt.pth")

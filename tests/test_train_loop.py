@@ -920,10 +920,11 @@ def test_init_from_of_another_model_says_what_the_config_starts_from(found, mode
 def test_a_workdir_of_another_model_offers_init_from_where_it_fits(saved, wanted, fits, tmp_path):
   """resumable_step reads a run's model item and item names only: weights and the folders of
   the training items stand in for a run."""
-  batch_stats = {"bn": np.zeros(1)} if saved.startswith("fpn_") else None
-  shapes = variable_shapes(fec_jax.create_model(saved, num_classes=3))["params"]
-  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # save_params checks them
-  checkpoint.save_params(str(tmp_path), params, saved, {"num_classes": 3}, batch_stats)
+  shapes = variable_shapes(fec_jax.create_model(saved, num_classes=3))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # save_params checks them
+  checkpoint.save_params(
+      str(tmp_path), variables["params"], saved, {"num_classes": 3}, variables.get("batch_stats")
+  )
   for item in (checkpoint.OPT_STATE_ITEM, checkpoint.PROGRESS_ITEM, checkpoint.DATA_ITER_ITEM):
     os.makedirs(tmp_path / "0" / item)
   with pytest.raises(checkpoint.CheckpointError) as e:
