@@ -416,26 +416,35 @@ def _check_sums(mngr: ocp.CheckpointManager, step: int, restored) -> None:
 
 # Where Orbax parses its JSON metadata files (_METADATA, array_metadatas/) and grain a train
 # iterator's state (data_iterator/process_*.json): a KeyError or TypeError raised there is of a
-# file that parses but is corrupt (a key renamed, a value of another type), and so is a
-# ValueError raised in one of Orbax's parsers there (_ORBAX_PARSERS): its from_json (a value
-# outside its enum: a key_type 7), or the empty value a restore puts for a leaf that _METADATA
-# marks as no array (skip_deserialize true: "Unrecognized typestr: jax.Array"); other ValueErrors
-# there may be of a restore's arguments
+# file that parses but holds what this version does not read (a key renamed, a value of another
+# type), and so is a ValueError raised in one of Orbax's parsers there (_ORBAX_PARSERS): its
+# from_json (a value outside its enum: a key_type 7), or the empty value a restore puts for a leaf
+# that _METADATA marks as no array (skip_deserialize true: "Unrecognized typestr: jax.Array");
+# other ValueErrors there may be of a restore's arguments. Another version of Orbax, of grain or
+# of the pipeline whose state grain writes (get_state) writes such files, as a changed byte may:
+# the step records no versions, so the error names this run's
 _JSON_READERS = re.compile(r"orbax\.checkpoint\._src\.metadata\.|grain\._src\.python\.checkpoint\.")
 _JSON_ERRORS = (KeyError, TypeError, ValueError)
 _ORBAX_PARSERS = ("from_json", "get_empty_value_from_typestr")
 
 
-def _json_reader(e: BaseException) -> str | None:
-  """What file `e`, one of _JSON_ERRORS, was raised reading (_JSON_READERS), in words; None where
-  none of those (or for a ValueError, in none of Orbax's parsers there: _ORBAX_PARSERS)."""
+def _json_reader(e: BaseException) -> tuple[str, str] | None:
+  """What file `e`, one of _JSON_ERRORS, was raised reading (_JSON_READERS), and what writes
+  that file, in words; None where none of those (or for a ValueError, in none of Orbax's parsers
+  there: _ORBAX_PARSERS)."""
   tb = e.__traceback__
   while tb is not None:
     m = _JSON_READERS.match(tb.tb_frame.f_globals.get("__name__", ""))
     if m and (not isinstance(e, ValueError) or tb.tb_frame.f_code.co_name in _ORBAX_PARSERS):
       if m.group().startswith("grain"):
-        return f"the train iterator's state, {DATA_ITER_ITEM}/process_*.json"
-      return "Orbax's metadata of an item, its _METADATA, array_metadatas/ or _sharding"
+        return (
+            f"the train iterator's state, {DATA_ITER_ITEM}/process_*.json",
+            f"grain (this is grain {grain.__version__}) or of the train data pipeline",
+        )
+      return (
+          "Orbax's metadata of an item, its _METADATA, array_metadatas/ or _sharding",
+          f"Orbax (this is orbax-checkpoint {ocp.__version__})",
+      )
     tb = tb.tb_next
   return None
 
@@ -459,15 +468,19 @@ def _is_unreadable(e: Exception) -> bool:
 
 
 def _unreadable_step(mngr: ocp.CheckpointManager, step: int, cause: BaseException):
-  """The CheckpointError for a step with a file truncated or corrupt: the first line of `cause`,
-  without the TensorStore spec (a thousand characters) that TensorStore appends."""
+  """The CheckpointError for a step with a file truncated or corrupt, or one that another version
+  of its writer wrote (_json_reader): the first line of `cause`, without the TensorStore spec (a
+  thousand characters) that TensorStore appends."""
   step_dir = os.path.join(os.fspath(mngr.directory), str(step))
   first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
   first_line = re.sub(r" \[tensorstore_spec='.*$", "", first_line)
+  problem = "a file of this step is truncated or corrupt"
   if isinstance(cause, _JSON_ERRORS) and (reader := _json_reader(cause)):
-    first_line = f"{type(cause).__name__} {first_line} reading {reader}"
+    file, writer = reader
+    first_line = f"{type(cause).__name__} {first_line} reading {file}"
+    problem = f"that file was written by another version of {writer}, or is damaged"
   return CheckpointError(
-      f"{step_dir} cannot be read ({first_line}): a file of this step is truncated or corrupt; "
+      f"{step_dir} cannot be read ({first_line}): {problem}; "
       f"saved steps: {sorted(mngr.all_steps())} (another is read with --step=N or "
       f"--config.init_from_step=N; to resume from an earlier one, move {step_dir} out of the "
       f"workdir)"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -631,9 +632,22 @@ def _replace_once(path, old: str | None, new: str):
   path.write_text(text.replace(old, new, 1))
 
 
-def _truncated_step_error(step_dir, cause: str) -> str:
+TRUNCATED = "a file of this step is truncated or corrupt"
+# A file that parses but holds what this Orbax or grain does not read: another version wrote it,
+# or a changed byte
+OTHER_ORBAX = (
+    r"that file was written by another version of Orbax \(this is orbax-checkpoint "
+    rf"{re.escape(ocp.__version__)}\), or is damaged"
+)
+OTHER_GRAIN = (
+    r"that file was written by another version of grain \(this is grain "
+    rf"{re.escape(grain.__version__)}\) or of the train data pipeline, or is damaged"
+)
+
+
+def _truncated_step_error(step_dir, cause: str, problem: str = TRUNCATED) -> str:
   return (
-      rf"{step_dir} cannot be read \({cause}\): a file of this step is truncated or corrupt; saved "
+      rf"{step_dir} cannot be read \({cause}\): {problem}; saved "
       rf"steps: \[\d+\] \(another is read with --step=N or --config.init_from_step=N; to resume "
       rf"from an earlier one, move {step_dir} out of the workdir\)"
   )
@@ -649,18 +663,21 @@ PARSING_DAMAGE = {  # a JSON file that still parses, as a changed byte may leave
         '"key"',
         '"kez"',
         r"KeyError 'key' .*_METADATA.*",
+        OTHER_ORBAX,
     ),
     "_METADATA value of another type": (
         "params/_METADATA",
         '"value_metadata": {',
         '"value_metadata": 5, "x": {',
         r"TypeError .*_METADATA.*",
+        OTHER_ORBAX,
     ),
     "_METADATA key_type outside its enum": (
         "params/_METADATA",
         '"key_type": 2',
         '"key_type": 7',
         r"ValueError 7 is not a valid KeyType reading Orbax's metadata of an item, its _METADATA.*",
+        OTHER_ORBAX,
     ),
     "_METADATA skip_deserialize true": (
         "params/_METADATA",
@@ -679,13 +696,14 @@ def test_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_step_error(
   KeyError or TypeError traceback from eval.py and init_from (or, for the checksums, no check),
   or "not an FEC checkpoint" for Orbax's metadata (a key_type outside its enum too), or an
   AttributeError traceback for a leaf marked skip_deserialize; now it is the truncated-step
-  error."""
-  file, old, new, cause = PARSING_DAMAGE[damage]
+  error, or where Orbax's reader refuses a file that parses, the error of a file that another
+  Orbax wrote or a damaged one (it was the truncated-step error too)."""
+  file, old, new, cause, *problem = PARSING_DAMAGE[damage]
   run = shutil.copytree(orbax_small, tmp_path / "run")
   _replace_once(run / "0" / file, old, new)
   with pytest.raises(checkpoint.CheckpointError) as e:
     fec_jax.load_pretrained(str(run))
-  assert re.fullmatch(_truncated_step_error(run / "0", cause), str(e.value)), str(e.value)
+  assert re.fullmatch(_truncated_step_error(run / "0", cause, *problem), str(e.value)), str(e.value)
 
 
 RESUME_PARSING_DAMAGE = {
@@ -694,19 +712,28 @@ RESUME_PARSING_DAMAGE = {
         '"next_index"',
         '"next_indez"',
         r"KeyError 'next_index' reading the train iterator's state, data_iterator/process_\*\.json",
+        OTHER_GRAIN,
     ),
     "data_iterator value a string": (
         "data_iterator/process_0-of-1.json",
         '"next_index": 1',
         '"next_index": "x"',
         r"TypeError .* reading the train iterator's state, data_iterator/process_\*\.json",
+        OTHER_GRAIN,
     ),
-    "params _METADATA key renamed": ("params/_METADATA", '"key"', '"kez"', r"KeyError 'key' .*"),
+    "params _METADATA key renamed": (
+        "params/_METADATA",
+        '"key"',
+        '"kez"',
+        r"KeyError 'key' .*",
+        OTHER_ORBAX,
+    ),
     "opt_state _METADATA key_type outside its enum": (
         "opt_state/_METADATA",
         '"key_type": 1',
         '"key_type": 0',
         r"ValueError 0 is not a valid KeyType reading Orbax's metadata .*",
+        OTHER_ORBAX,
     ),
     "opt_state _METADATA skip_deserialize a string": (
         "opt_state/_METADATA",
@@ -719,18 +746,21 @@ RESUME_PARSING_DAMAGE = {
         '"key"',
         '"kez"',
         r"KeyError 'key' .*",
+        OTHER_ORBAX,
     ),
     "progress _METADATA skip_deserialize true": (  # an item whose metadata is not read first
         "progress/_METADATA",
         '"skip_deserialize": false',
         '"skip_deserialize": true',
         r"ValueError Unrecognized typestr: jax.Array .* reading Orbax's metadata .*",
+        OTHER_ORBAX,
     ),
     "opt_state array_metadatas key renamed": (
         "opt_state/array_metadatas/process_0",
         '"param_name"',
         '"param_namz"',
         r"KeyError 'param_name' .*",
+        OTHER_ORBAX,
     ),
     "_sharding key renamed": (
         "params/_sharding",
@@ -748,15 +778,38 @@ def test_a_resume_of_json_metadata_that_parses_but_is_corrupt_is_the_corrupt_ste
 ):
   """The same on a resume (restore_training), which reads the train iterator's state too: a
   KeyError or TypeError traceback, TensorStore's NOT_FOUND with its spec, or Orbax's ValueError
-  for a leaf marked skip_deserialize."""
-  file, old, new, cause = RESUME_PARSING_DAMAGE[damage]
+  for a leaf marked skip_deserialize; Orbax's or grain's readers refusing a file that parses
+  name another version of them (or damage) as the cause."""
+  file, old, new, cause, *problem = RESUME_PARSING_DAMAGE[damage]
   _, abstract, data_iter = _tiny_run(tmp_path)
   _replace_once(tmp_path / "3" / file, old, new)
   with checkpoint.training_manager(tmp_path, keep=1) as mngr:
     with pytest.raises(checkpoint.CheckpointError) as e:
       checkpoint.restore_training(mngr, abstract, data_iter, 3)
-  assert re.fullmatch(_truncated_step_error(tmp_path / "3", cause), str(e.value)), str(e.value)
+  error = _truncated_step_error(tmp_path / "3", cause, *problem)
+  assert re.fullmatch(error, str(e.value)), str(e.value)
   assert "tensorstore_spec" not in str(e.value)
+
+
+def test_a_resume_of_an_iterator_state_of_another_pipeline_names_the_versions(tmp_path):
+  """A train iterator's state that this pipeline's set_state does not read (here fec-jax's
+  loader's, given to grain's own iterator: a KeyError 'next_index') was 'a file of this step is
+  truncated or corrupt', though another version of grain or of the pipeline writes such a state
+  whole: the error says so, with this run's grain version (the step records none)."""
+  _, abstract, data_iter = _tiny_run(tmp_path)
+  loader_state = '{"step": 1, "bad": 0, "converted": 0, "epoch_start": [0, 0]}'
+  _replace_once(
+      tmp_path / "3" / checkpoint.DATA_ITER_ITEM / "process_0-of-1.json", None, loader_state
+  )
+  with checkpoint.training_manager(tmp_path, keep=1) as mngr:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      checkpoint.restore_training(mngr, abstract, data_iter, 3)
+  cause = (
+      r"KeyError 'next_index' reading the train iterator's state, data_iterator/process_\*\.json"
+  )
+  error = _truncated_step_error(tmp_path / "3", cause, OTHER_GRAIN)
+  assert re.fullmatch(error, str(e.value)), str(e.value)
+  assert f"(this is grain {grain.__version__})" in str(e.value)
 
 
 def test_a_resume_of_a_step_with_a_model_key_renamed_is_the_corrupt_step_error(tmp_path):
