@@ -313,6 +313,7 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     # the config fields that made the other model, where config.json records the run's
     _check_same_run(config, workdir, task.EVALUATION_ONLY, e.fits)
     raise
+  _check_workdir_everywhere(workdir, resume)
   if resume is None and config.init_from_required and not config.init_from:
     raise ValueError(
         "config.init_from is not set, and this config fine-tunes (config.init_from_required): "
@@ -321,7 +322,6 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
     )
   labels = task.data_label_names()
   if resume is None:
-    _check_fresh_workdir(workdir)
     reporting.config_file(workdir)  # where _record_config writes: a directory there stops here
     if labels is not None:  # and where it records the names of the labels
       reporting.classes_file(workdir)
@@ -409,6 +409,42 @@ def _check_fresh_workdir(workdir: str) -> None:
       f"({reporting.listed(foreign, 3)}), and no run to resume: a new run would write its "
       "checkpoints and records among them; give a new or empty folder as --workdir"
   )
+
+
+def _check_workdir_everywhere(workdir: str, resume: int | None) -> None:
+  """_check_fresh_workdir where there is no run to resume (`resume`: resumable_step's), agreed on
+  by every process: each reads the workdir itself, and one that sees another folder there (a
+  disk of its host's own, not one that every process shares) resumed another step, or stopped at
+  files the others did not see while they went on and waited for it in a collective for ever.
+  The processes gather the step each resumes and whether its check failed, and all stop
+  together: with the steps where they differ, else the failed one with its own error and the
+  others naming it."""
+  error = None
+  if resume is None:
+    try:
+      _check_fresh_workdir(workdir)
+    except ValueError as e:
+      error = e
+  if jax.process_count() > 1:
+    own = np.array([-1 if resume is None else resume, error is not None], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(own)).reshape(-1, 2)  # [P, 2]
+    steps, failed = gathered[:, 0], np.flatnonzero(gathered[:, 1])
+    other = np.flatnonzero(steps != steps[0])
+    if other.size:
+      found = lambda step: "no run" if step < 0 else f"a run to resume at step {step}"
+      raise ValueError(
+          f"process {other[0]} finds {found(steps[other[0]])} in --workdir {workdir}, process 0 "
+          f"{found(steps[0])}: every process reads and writes the workdir, so give a folder "
+          "that they all share (not one on a disk of each host's own)"
+      )
+    if error is None and failed.size:
+      error = ValueError(
+          f"on process {failed[0]}, --workdir {workdir} holds files that no train.py run writes "
+          "(its error line names them), and no run to resume: give a new or empty folder as "
+          "--workdir, one that every process shares"
+      )
+  if error is not None:
+    raise error
 
 
 def _warn_other_classes(init_from: str, labels, source: str) -> None:

@@ -1293,6 +1293,51 @@ def test_a_fresh_run_in_a_folder_of_other_files_stops_before_the_data(tmp_path, 
     train(tiny(), interrupted)
 
 
+def test_every_process_stops_where_one_finds_another_workdir(tmp_path, monkeypatch):
+  """Each process reads the workdir at its start: one that found files of one's own there (a disk
+  of its host's own) stopped alone, and the others went on and waited for it in a collective for
+  ever (two train.py processes, one of them seeing a file there: both still waiting after 300 s).
+  The processes gather the step each resumes and whether its fresh-workdir check failed, and all
+  stop together; the run of processes that agree starts."""
+  from jax.experimental import multihost_utils
+
+  config = tiny()
+  task = tasks.get(config)
+  workdir = tmp_path / "w"
+  gathered, other = [], [-1, 0]  # process 1's: the step it resumes (-1: none), whether it failed
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils,
+      "process_allgather",
+      lambda own: gathered.append(own.tolist()) or np.stack([own, np.array(other, own.dtype)]),
+  )
+  assert loop._start(config, str(workdir), task).resume is None
+  assert gathered == [[-1, 0]]
+  other[1] = 1  # process 1 found files that no run writes
+  with pytest.raises(ValueError) as e:
+    loop._start(config, str(workdir), task)
+  assert str(e.value) == (
+      f"on process 1, --workdir {workdir} holds files that no train.py run writes (its error line "
+      "names them), and no run to resume: give a new or empty folder as --workdir, one that every "
+      "process shares"
+  )
+  other[:] = [4, 0]  # process 1 found a run to resume
+  with pytest.raises(ValueError) as e:
+    loop._start(config, str(workdir), task)
+  assert str(e.value) == (
+      f"process 1 finds a run to resume at step 4 in --workdir {workdir}, process 0 no run: every "
+      "process reads and writes the workdir, so give a folder that they all share (not one on a "
+      "disk of each host's own)"
+  )
+  other[:] = [-1, 0]
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  monkeypatch.setattr(checkpoint, "resumable_step", lambda *args: None)  # Orbax's, of 1 process
+  with pytest.raises(ValueError, match=r"holds files that no train.py run writes \(notes.txt\)"):
+    loop._start(config, str(workdir), task)  # its own error, after the gather
+  assert gathered[-1] == [-1, 1]
+
+
 def test_mixup_on_an_odd_batch_per_device_stops_before_the_data(tmp_path, data_not_opened):
   config = tiny(global_batch_size=5, **{"data.mixup_alpha": 0.8})
   with pytest.raises(ValueError, match=r"^config.global_batch_size 5 over 1 device is 5 images"):
