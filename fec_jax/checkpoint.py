@@ -924,7 +924,7 @@ def raise_for_mismatch(missing: dict, unexpected: dict, mismatched: dict, source
         [f"  ... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else []
     )
     raise ParamsMismatch(
-        f"the params of {source} do not fit this model ({len(lines)} "
-        "problems):\n" + "\n".join(shown),
+        f"the params of {source} do not fit this model "
+        f"({reporting.counted(len(lines), 'problem')}):\n" + "\n".join(shown),
         lines,
     )

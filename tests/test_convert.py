@@ -196,7 +196,8 @@ def test_save_params_takes_only_batch_stats_that_load(tmp_path):
   failed: Orbax's 'Requested shape: (128,) is not compatible with the stored shape: (256,)' called
   the step 'not an FEC checkpoint', and a tree without statistics ended the save with Orbax's
   'Found empty item' (a tmp folder left). Each is a ParamsMismatch now, before anything is
-  written; the params are checked as before."""
+  written; the params are checked as before. One problem is counted as '1 problem' (it was
+  '1 problems')."""
   variables = variable_shapes(fec_jax.create_model("fpn_fec_small", num_classes=3))
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["params"])
   stats = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["batch_stats"])
@@ -209,7 +210,8 @@ def test_save_params_takes_only_batch_stats_that_load(tmp_path):
       ({}, "(14 problems):\n  missing    batch_stats/decode_head/scale_heads_0_0/bn/mean"),
       (
           {**stats, "extra": {"mean": np.zeros(3)}},
-          "unexpected batch_stats/extra/mean: expected nothing, found (3,)",
+          "do not fit this model (1 problem):\n  unexpected batch_stats/extra/mean: expected "
+          "nothing, found (3,)",
       ),
   ]
   for i, (batch_stats, message) in enumerate(cases):
