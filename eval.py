@@ -90,9 +90,10 @@ def main(argv):
   if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
     cli.fail("give exactly one of --workdir and --checkpoint")
   directory = FLAGS.workdir or FLAGS.checkpoint
+  flag = "--workdir" if FLAGS.workdir else "--checkpoint"
+  checkpoint.check_directory(directory, flag)
   found, step = checkpoint.load_model(directory, FLAGS.step)  # the model only: fast
   held = model_name(found)
-  flag = "--workdir" if FLAGS.workdir else "--checkpoint"
   cli.check_config_found(directory, flag, held, FLAGS["config"].present, CONFIGS)
   if not FLAGS.throughput:  # which times the model on zeros: no data is read
     cli.check_data_found(config, directory, FLAGS["config"].present)

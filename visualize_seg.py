@@ -88,6 +88,7 @@ def check_arguments(config, images: list[str] | None):
   directory, flag = (
       (FLAGS.workdir, "--workdir") if FLAGS.workdir else (FLAGS.checkpoint, "--checkpoint")
   )
+  checkpoint.check_directory(directory, flag)
   if config.task != "segmentation":
     if not FLAGS["config"].present:  # the default: the run's config.json
       cli.fail(

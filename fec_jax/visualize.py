@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from fec_jax import cli, interpret, reporting
 from fec_jax.checkpoint import (
     CheckpointError,
+    check_directory,
     load_model,
     load_pretrained,
     output_in_a_checkpoint,
@@ -388,6 +389,8 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, int], dict]:
       + [("--image", path, "an image file") for path in args.image]
       + [("--out", args.out, "an output directory")]
   )
+  with cli.user_errors(CheckpointError):
+    check_directory(args.checkpoint, "--checkpoint")
   check_images(args.image)
   problem = cli.not_a_directory(args.out)
   if problem is not None:

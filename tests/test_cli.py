@@ -804,7 +804,8 @@ VISUALIZE_MISTAKES = [
     (
         "missing checkpoint",
         ["--checkpoint", "{root}/nockpt"],
-        "checkpoint directory {root}/nockpt does not exist",
+        "--checkpoint {root}/nockpt does not exist; expected the --output of "
+        "convert_torch_weights.py or a train.py --workdir\n",
     ),
     (
         "missing step",
@@ -1341,6 +1342,42 @@ def visualize_seg(*args):
       timeout=300,
   )
   return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("eval.py", "--workdir"),
+        ("eval.py", "--checkpoint"),
+        ("visualize_seg.py", "--workdir"),
+        ("visualize_seg.py", "--checkpoint"),
+        ("visualize.py", "--checkpoint"),
+    ],
+)
+def test_a_file_as_the_checkpoint_is_named_by_its_flag(tmp_path, script, flag):
+  """A file given as --workdir or --checkpoint: the error names the flag (it said "checkpoint
+  directory FILE is a file", a name the command line has not)."""
+  (tmp_path / "notes.txt").write_text("mine")
+  Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+  more = {
+      "eval.py": [],
+      "visualize_seg.py": [f"--output={tmp_path}/seg.png"],
+      "visualize.py": ["--image", tmp_path / "photo.jpg", "--out", tmp_path / "out"],
+  }[script]
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, script), f"{flag}=notes.txt", *map(str, more)],
+      cwd=tmp_path,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  assert (result.returncode, result.stdout, result.stderr) == (
+      2,
+      "",
+      f"error: {flag} {tmp_path}/notes.txt is a file; expected the --output of "
+      "convert_torch_weights.py or a train.py --workdir\n",
+  )
 
 
 def test_visualize_seg_bad_dtype_is_one_error_line(tmp_path):
