@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fec_jax import cli, throughput
+from fec_jax import cli, reporting, throughput
 from fec_jax.clustering import AGGREGATIONS
 from fec_jax.model import classifiers, create_model, init_variables, list_models, param_shapes
 
@@ -387,8 +387,15 @@ def parse_args(argv):
     raise UsageError("--tpu is empty; expected a TPU topology such as v5e:2x2")
   unknown = [m for m in args.models if m not in names]
   if unknown:
-    what = "not classifiers" if set(unknown) <= set(list_models()) else "unknown model(s)"
-    raise UsageError(f"{what}: {unknown}; bench.py times {', '.join(names)}")
+    what = (
+        "not classifiers"
+        if set(unknown) <= set(list_models())
+        else reporting.counted(len(unknown), "unknown model")
+    )
+    raise UsageError(
+        f"{what}: {unknown}; bench.py times {', '.join(names)}"
+        + reporting.did_you_mean(unknown, names)
+    )
   for field in ("batch", "iters"):
     if getattr(args, field) <= 0:
       raise UsageError(f"--{field} must be a positive integer, got {getattr(args, field)}")

@@ -97,9 +97,20 @@ class ArgumentParser(argparse.ArgumentParser):
       name = arg.split("=", 1)[0]
       # argparse takes an argument with a space for a value (a file `--my photo.jpg`), not an option
       if name.startswith("--") and name not in options and " " not in arg:
-        close = difflib.get_close_matches(name.replace("_", "-"), options, n=1)
-        self.error(f"unrecognized option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+        hint = reporting.did_you_mean([name.replace("_", "-")], options)
+        self.error(f"unrecognized option {name}{hint}")
     return super().parse_args(args, namespace)
+
+  def _check_value(self, action, value):
+    """argparse's check of a value against an option's choices, with the choice meant where one
+    is close (`--model fec_smal`)."""
+    if action.choices is not None and value not in action.choices:
+      choices = [str(c) for c in action.choices]
+      raise argparse.ArgumentError(
+          action,
+          f"invalid choice: {value!r} (choose from {', '.join(map(repr, action.choices))})"
+          + reporting.did_you_mean([str(value)], choices),
+      )
 
   def error(self, message: str) -> NoReturn:
     fail(f"{message} (see {self.prog} --help)")

@@ -414,7 +414,10 @@ def torch_to_variables(state: dict[str, np.ndarray], name: str, **overrides) -> 
   num_classes is read from the checkpoint's classifier (head / decode_head.conv_seg) when not given.
   """
   if name not in VARIANTS and name not in SEGMENTERS:
-    raise ConversionError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    raise ConversionError(
+        f"unknown model {name!r}; available: {', '.join(list_models())}"
+        + reporting.did_you_mean([name], list_models())
+    )
   classifier = "decode_head.conv_seg.weight" if name in SEGMENTERS else "head.weight"
   if classifier in state and "num_classes" not in overrides:
     overrides = {**overrides, "num_classes": int(state[classifier].shape[0])}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fec_jax import clustering
+from fec_jax import clustering, reporting
 from fec_jax.clustering import Aggregation, AssignGrad
 
 Dtype = Any
@@ -615,7 +615,10 @@ def create_model(name: str, **overrides) -> nn.Module:
   elif name in VARIANTS:
     cls, variant = FEC, VARIANTS[name]
   else:
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    raise ValueError(
+        f"unknown model {name!r}; available: {', '.join(list_models())}"
+        + reporting.did_you_mean([name], list_models())
+    )
   fields = {f.name for f in dataclasses.fields(cls)} - {"variant", "parent", "name"}
   unknown = set(overrides) - fields
   if unknown:

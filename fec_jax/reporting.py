@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import difflib
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 from flax import traverse_util
@@ -307,6 +308,14 @@ def counted(n: int, noun: str) -> str:
   """`n` and the noun for a message: '1 val image', '3 val images', '2 processes' (a noun that
   ends in 's' takes 'es')."""
   return f"{n} {noun if n == 1 else noun + ('es' if noun.endswith('s') else 's')}"
+
+
+def did_you_mean(given: Sequence[str], names: Sequence[str]) -> str:
+  """'; did you mean fec_small?' for a message on names not among `names` (a model name, an
+  option): the closest of `names` to each of `given` where one is close (difflib's measure), or
+  '' where none is."""
+  close = [c for g in given for c in difflib.get_close_matches(g, names, n=1)]
+  return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 
 def listed(names: list[str], limit: int) -> str:

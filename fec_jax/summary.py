@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fec_jax import cli, throughput
+from fec_jax import cli, reporting, throughput
 from fec_jax.model import count_params, create_model, list_models, variable_shapes
 
 PAPER_TABLE_1 = {"fec_small": (5.5, 1.4), "fec_base": (14.4, 3.4), "fec_large": (28.3, 6.5)}  # M, G
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   unknown = sorted(set(args.models) - set(list_models()))
   if unknown:
-    cli.fail(f"unknown model {', '.join(unknown)}; the models are: {', '.join(list_models())}")
+    cli.fail(
+        f"unknown model {', '.join(unknown)}; the models are: {', '.join(list_models())}"
+        + reporting.did_you_mean(unknown, list_models())
+    )
   if len(args.size) > 2 or min(args.size) < 1:
     cli.fail(f"--size takes H or H W (positive), got {' '.join(map(str, args.size))}")
   height, width = (args.size * 2)[:2]

@@ -65,7 +65,12 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--models", "fec_tiny"], "unknown model(s): ['fec_tiny']; bench.py times fec_base,"),
+        (["--models", "fec_tiny"], "1 unknown model: ['fec_tiny']; bench.py times fec_base,"),
+        (
+            ["--models", "fec_smal", "fec_lrge"],
+            "2 unknown models: ['fec_smal', 'fec_lrge']; bench.py times fec_base, fec_large, "
+            "fec_small; did you mean fec_small, fec_large?",
+        ),
         (["--models", "fec_small_seg"], "not classifiers: ['fec_small_seg']; bench.py times"),
         (["--batch", "0"], "--batch must be a positive integer, got 0"),
         (["--iters", "-1"], "--iters must be a positive integer"),
@@ -77,7 +82,11 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
             ["--model", "fec_small"],
             "unrecognized option --model; did you mean --models? (see bench.py --help)",
         ),
-        (["--modes", "infr"], "argument --modes: invalid choice: 'infr'"),
+        (
+            ["--modes", "infr"],
+            "argument --modes: invalid choice: 'infr' (choose from 'infer', 'train'); did you mean "
+            "infer? (see bench.py --help)",
+        ),
         (["--batch", "two"], "argument --batch: invalid int value: 'two'"),
         (["--torch", "eager"], "--torch eager times the PyTorch reference, but torch is not"),
     ],

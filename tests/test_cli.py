@@ -21,7 +21,7 @@ from flax import traverse_util
 from PIL import ExifTags, Image
 
 from configs import demo, demo_seg, fec_small, workdir
-from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, visualize
+from fec_jax import checkpoint, cli, convert, create_model, reporting, summary, tasks, visualize
 from fec_jax.data.transforms import decode
 from fec_jax.model import FAST_COMPILE, variable_shapes
 
@@ -90,7 +90,10 @@ def test_a_path_with_a_tilde_no_shell_expanded_is_an_error(capsys):
         (
             convert.main,
             ["--input", "a.pth", "--output", "o", "--model", "fec_smal"],
-            "argument --model: invalid choice: 'fec_smal'",
+            "argument --model: invalid choice: 'fec_smal' (choose from 'fec_base', 'fec_base_det', "
+            "'fec_base_seg', 'fec_large', 'fec_large_det', 'fec_large_seg', 'fec_small', "
+            "'fec_small_det', 'fec_small_seg', 'fpn_fec_base', 'fpn_fec_large', 'fpn_fec_small'); "
+            "did you mean fec_small? (see convert_torch_weights.py --help)\n",
         ),
         (
             summary.main,
@@ -693,7 +696,11 @@ def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
             ["fec_smal"],
             "unknown model fec_smal; the models are: fec_base, fec_base_det, fec_base_seg, "
             "fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det, "
-            "fec_small_seg",
+            "fec_small_seg, fpn_fec_base, fpn_fec_large, fpn_fec_small; did you mean fec_small?\n",
+        ),
+        (
+            ["fec_bse", "fec_small", "segformer", "fpn_fec_smal"],
+            "unknown model fec_bse, fpn_fec_smal, segformer; the models are: fec_base, ",
         ),
         (
             ["fec_small", "--size", "60"],
@@ -706,6 +713,36 @@ def test_checkpoint_load_logs_nothing_harmful(tmp_path, caplog, monkeypatch):
 def test_summary_mistakes(capsys, args, message):
   code, out, err = outcome(capsys, summary.main, args)
   assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_a_mistyped_model_name_is_given_the_closest_name(capsys):
+  """A model name one letter off: every command that takes one says which it may mean, as for an
+  unknown option (summary listed the models only; the config's check too)."""
+  code, _, err = outcome(
+      capsys, summary.main, ["fec_bse", "fec_small", "segformer", "fpn_fec_smal"]
+  )
+  assert code == 2 and err.endswith("; did you mean fec_base, fpn_fec_small?\n"), err
+  with pytest.raises(ValueError, match=r"; available: fec_base, .*; did you mean fec_large\?$"):
+    create_model("fec_larg")
+  with pytest.raises(convert.ConversionError, match=r"; did you mean fpn_fec_base\?$"):
+    convert.torch_to_variables({}, "fpn_fec_bas")
+  config = demo.get_config()
+  config.model.name = "fec_smal"
+  with pytest.raises(ValueError) as e:
+    tasks.get(config).check_config()
+  assert str(e.value) == (
+      "config.model.name 'fec_smal' is not a classification variant; choose one of ['fec_base', "
+      "'fec_large', 'fec_small']; did you mean fec_small?"
+  )
+  config = demo_seg.get_config()
+  config.model.name = "fpn_fec_smal"
+  with pytest.raises(ValueError) as e:
+    tasks.get(config).check_config()
+  assert str(e.value) == (
+      "config.model.name 'fpn_fec_smal' is not a segmenter; choose one of ['fpn_fec_base', "
+      "'fpn_fec_large', 'fpn_fec_small']; did you mean fpn_fec_small?"
+  )
+  assert reporting.did_you_mean(["segformer"], ["fec_small"]) == ""  # no name is close
 
 
 def test_summary_of_a_segmenter(monkeypatch, capsys):

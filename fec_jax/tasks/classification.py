@@ -149,7 +149,7 @@ class Classification(Task):
     if name not in classifiers():
       raise ValueError(
           f"config.model.name {name!r} is not a classification variant; "
-          f"choose one of {classifiers()}"
+          f"choose one of {classifiers()}{reporting.did_you_mean([name], classifiers())}"
       )
     if size % 32:
       raise ValueError(

@@ -227,7 +227,7 @@ class Segmentation(Task):
     if c.model.name not in SEGMENTERS:
       raise ValueError(
           f"config.model.name {c.model.name!r} is not a segmenter; choose one of "
-          f"{sorted(SEGMENTERS)}"
+          f"{sorted(SEGMENTERS)}{reporting.did_you_mean([c.model.name], sorted(SEGMENTERS))}"
       )
     data.seg_validate(c.data)
     if c.data.crop_size[0] % 32 or c.data.crop_size[1] % 32:
