@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 
 import fec_jax
-from fec_jax import checkpoint, cli, data, tasks, throughput, training
+from fec_jax import checkpoint, cli, data, reporting, tasks, throughput, training
 from fec_jax.model import SEGMENTERS, model_name
 
 # Without a run's config.json the fallback (demo.py) only lets --config.* overrides parse: a
@@ -145,8 +145,8 @@ def main(argv):
     img_per_s = measure_throughput(model, variables, image_shape, mesh)
     print(
         f"throughput: {img_per_s:.1f} img/s ({model_name(model)}, {config.model.dtype}, "
-        f"{image_shape[0]}x{image_shape[1]}, batch {FLAGS.batch}, {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s))"
+        f"{image_shape[0]}x{image_shape[1]}, batch {FLAGS.batch}, "
+        f"{reporting.counted(jax.device_count(), jax.devices()[0].platform + ' device')})"
     )
     return
   weights = checkpoint.weights_name(directory, step, FLAGS.ema)

@@ -622,7 +622,10 @@ def create_model(name: str, **overrides) -> nn.Module:
   fields = {f.name for f in dataclasses.fields(cls)} - {"variant", "parent", "name"}
   unknown = set(overrides) - fields
   if unknown:
-    raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; accepted: {sorted(fields)}")
+    raise ValueError(
+        f"{reporting.counted(len(unknown), 'unknown option')} {sorted(unknown)} for {name}; "
+        f"accepted: {sorted(fields)}{reporting.did_you_mean(sorted(unknown), sorted(fields))}"
+    )
   hints = typing.get_type_hints(cls)
   for key, value in overrides.items():  # the choices (aggregation, assign_grad), checked now
     choices = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else None

@@ -247,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
       prog="visualize.py", description=__doc__, formatter_class=cli.HelpFormatter
   )
   p.add_argument("--checkpoint", required=True, help="converter output or train.py workdir (Orbax)")
-  p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+  p.add_argument("--image", required=True, nargs="+", help="image files (one or more)")
   p.add_argument("--out", required=True, help="output directory for the PNGs")
   p.add_argument(
       "--num-clusters",
@@ -508,7 +508,8 @@ def _run(
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     cli.fail(
-        f"the model at {size[0]}x{size[1]}, {batch} image(s) per pass, needs more memory than "
+        f"the model at {size[0]}x{size[1]}, {reporting.counted(batch, 'image')} per pass, needs "
+        "more memory than "
         f"the {jax.default_backend()} device has ({str(e).strip().splitlines()[0]}); give a "
         "smaller --image-size or --batch-size"
         + (", or fewer --encodings layers or --heads" if layers else "")
@@ -608,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
       if is_classifier(model):
         print(f"{path}: {prediction(clusters.outputs[i], classes, trained.get('task'))}")
   print(
-      f"{len(args.image)} image(s) in {time.perf_counter() - start:.1f} s -> {args.out} "
+      f"{reporting.counted(len(args.image), 'image')} in {time.perf_counter() - start:.1f} s -> "
+      f"{args.out} "
       f"(model input {size[0]}x{size[1]})"
   )
   return 0

@@ -397,7 +397,7 @@ def test_data_bench_skips_an_unreadable_image(tmp_path, capsys):
   files = data_bench._files(str(root / "train"))
   rate, _ = data_bench.time_transform(files, cfg, train=True, repeats=1)
   assert rate > 0
-  assert capsys.readouterr().err == f"note: 1 unreadable image(s) skipped, e.g. {bad}\n"
+  assert capsys.readouterr().err == f"note: 1 unreadable image skipped, e.g. {bad}\n"
 
 
 def test_data_bench_a_folder_without_a_readable_image_is_an_error_line(tmp_path, capsys):
@@ -410,7 +410,7 @@ def test_data_bench_a_folder_without_a_readable_image_is_an_error_line(tmp_path,
     data_bench.main(["--images", "2", "--dir", str(root)])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.splitlines()[-2:] == [
-      f"note: 2 unreadable image(s) skipped, e.g. {root / 'train' / 'n00000000' / 'img_0.JPEG'}",
+      f"note: 2 unreadable images skipped, e.g. {root / 'train' / 'n00000000' / 'img_0.JPEG'}",
       f"error: --dir {root}: none of the 2 train images decodes; expected image files that decode",
   ]
 
@@ -449,7 +449,7 @@ def test_seg_bench_reuses_a_folder_as_it_is(tmp_path, capsys, monkeypatch):
   os.remove(os.path.join(root, "annotations", "training", "ADE_train_00000002.png"))
   seg_sources.scan_ade20k.cache_clear()  # a new command would list the folder anew
   assert _one_error_line(capsys, seg_bench.main, ["--dir", root]).startswith(
-      f"error: --dir {root}: 1 image(s) without annotation"
+      f"error: --dir {root}: 1 image without annotation, first: "
   )
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's")

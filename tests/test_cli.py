@@ -1000,7 +1000,7 @@ def test_visualize_out_of_device_memory_is_one_line(files, tmp_path, capsys, mon
   )
   assert (code, printed) == (2, "")
   assert err == (
-      "error: the model at 64x64, 1 image(s) per pass, needs more memory than the cpu device has "
+      "error: the model at 64x64, 1 image per pass, needs more memory than the cpu device has "
       "(RESOURCE_EXHAUSTED: Out of memory allocating 688 bytes.); give a smaller --image-size or "
       "--batch-size\n"
   )
@@ -1278,7 +1278,7 @@ def test_visualize_refuses_to_overwrite(files, tmp_path, capsys):
   assert (out / "photo_k3.png").read_bytes() == b"mine"
   code, printed, err = outcome(capsys, visualize.main, [*args, "--overwrite"])
   assert (code, err) == (0, ""), err  # nothing but the results
-  assert printed.splitlines()[-1].startswith("1 image(s) in ")
+  assert printed.splitlines()[-1].startswith("1 image in ")
   assert sorted(os.listdir(out)) == ["photo_encodings.png", "photo_k3.png", "photo_levels.png"]
   assert (out / "photo_k3.png").read_bytes() != b"mine"
   assert (out / "photo_encodings.png").read_bytes() == b"mine"

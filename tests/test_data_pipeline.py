@@ -750,7 +750,8 @@ def test_a_val_split_without_its_train_split_and_an_empty_class(tmp_path, caplog
     source = sources.FolderSource(root, "train", 3)
     sources.FolderSource(root, "train", 3)  # a run opens the split more than once
   assert source.classes[-1] == "n99999999"
-  assert caplog.text.count("1 class folder(s) hold no image, e.g. n99999999") == 1
+  warning = "1 class folder without an image, e.g. n99999999; each is a class all the same"
+  assert caplog.text.count(warning) == 1
   for image in (tmp_path / "data" / "train").rglob("*.JPEG"):
     image.unlink()  # an evaluation-only copy: class folders without images
   sources.scan_folder.cache_clear()  # a new process's view of the folders
@@ -772,8 +773,8 @@ def test_images_outside_the_class_folders_are_skipped_with_a_warning(tmp_path, c
       assert len(sources.FolderSource(root, split, 2)) == images
   for split in ("train", "val"):
     warning = (
-        f"{tmp_path / split}: 1 image(s) outside class folders are skipped, e.g. a.jpg; an image "
-        f"belongs in {tmp_path / split}/<class>/"
+        f"{tmp_path / split}: 1 image outside class folders skipped, e.g. a.jpg; an image belongs "
+        f"in {tmp_path / split}/<class>/"
     )
     assert caplog.text.count(warning) == 1
 
@@ -793,7 +794,7 @@ def test_files_of_other_extensions_in_class_folders_are_skipped_with_a_warning(t
       assert len(sources.FolderSource(root, "train", 2)) == 4
     assert len(sources.FolderSource(root, "val", 2)) == 2
   train = tmp_path / "train"
-  assert caplog.text.count(f"{train}: 2 file(s) in class folders without an image extension") == 1
+  assert caplog.text.count(f"{train}: 2 files in class folders without an image extension") == 1
   assert f"skipped, e.g. {WNIDS[1]}/photo.heic\n" in caplog.text
   assert "/val: " not in caplog.text and ".DS_Store" not in caplog.text
 
@@ -812,7 +813,7 @@ def test_a_file_name_with_a_newline_is_one_log_line(tmp_path, caplog):
   bad = f"bad file '{WNIDS[0]}/bad\\nname.JPEG' masked out (val): not an image file PIL can read"
   assert bad in warned, warned
   assert any(m.endswith(f"skipped, e.g. '{WNIDS[1]}/notes\\tb\\x1b.txt'") for m in warned)
-  assert any("outside class folders are skipped, e.g. 'loose\\r.jpg'; " in m for m in warned)
+  assert any("1 image outside class folders skipped, e.g. 'loose\\r.jpg'; " in m for m in warned)
   assert sources.one_line(f"{WNIDS[0]}/café photo.JPEG") == f"{WNIDS[0]}/café photo.JPEG"
 
 
@@ -844,7 +845,7 @@ def test_a_symbolic_link_loop_in_a_class_folder_lists_its_images_once_with_a_war
   assert listed == [(f"{WNIDS[0]}/{name}", 0) for name in first] + [
       (f"{WNIDS[1]}/{name}", 1) for name in second
   ] + [(f"{WNIDS[1]}/sub/c.jpg", 1)]
-  assert caplog.text.count(f"{train}: 1 symbolic link(s) in class folders lead to a folder") == 1
+  assert caplog.text.count(f"{train}: 1 symbolic link in class folders to a folder already") == 1
   assert f"e.g. {WNIDS[1]}/{link} is skipped\n" in caplog.text
 
 

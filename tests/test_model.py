@@ -26,7 +26,8 @@ def test_registry():
   )
   with pytest.raises(ValueError, match="unknown model 'fec_tiny'"):
     fec_jax.create_model("fec_tiny")
-  with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
+  option = r"^1 unknown option \['num_class'\] for fec_small; .*; did you mean num_classes\?$"
+  with pytest.raises(ValueError, match=option):
     fec_jax.create_model("fec_small", num_class=10)
   with pytest.raises(ValueError, match=r"aggregation must be one of \('auto', 'segment_sum'"):
     fec_jax.create_model("fec_small", aggregation="sum")  # at once, not at the first call

@@ -461,8 +461,8 @@ def test_annotations_without_an_image_are_named_and_not_used(tmp_path, caplog):
   with caplog.at_level("WARNING", logger="fec_jax.data.seg_sources"):
     assert fd.seg_num_examples(_cfg(root), "train") == 3
   assert caplog.messages == [
-      f"1 annotation(s) under {root}/annotations/training have no .jpg image and are not used "
-      "(images are read as .jpg, as ADE20K's), first: ADE_train_00000002.png"
+      f"1 annotation under {root}/annotations/training without a .jpg image, not used (images "
+      "are read as .jpg, as ADE20K's), first: ADE_train_00000002.png"
   ]
 
 
@@ -479,9 +479,9 @@ def test_an_image_with_another_suffix_is_named_in_the_warning(tmp_path, caplog):
   with caplog.at_level("WARNING", logger="fec_jax.data.seg_sources"):
     assert fd.seg_num_examples(_cfg(root), "train") == 2
   assert caplog.messages == [
-      f"2 annotation(s) under {root}/annotations/training have no .jpg image and are not used "
-      "(images are read as .jpg, as ADE20K's), first: ADE_train_00000002.png; 2 of them have an "
-      f"image with another suffix, which is not read, e.g. {images}/ADE_train_00000002.png"
+      f"2 annotations under {root}/annotations/training without a .jpg image, not used (images "
+      "are read as .jpg, as ADE20K's), first: ADE_train_00000002.png; with an image of another "
+      f"suffix, which is not read: 2 of them, e.g. {images}/ADE_train_00000002.png"
   ]
 
 
@@ -559,7 +559,7 @@ def test_an_annotation_with_another_suffix_is_named(tmp_path):
   with pytest.raises(fd.DataNotFoundError) as e:
     fd.seg_num_examples(_cfg(root), "train")
   assert str(e.value).startswith(
-      f"1 image(s) without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
+      f"1 image without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
       f"no {ann}/ADE_train_00000001.png (found {ann}/ADE_train_00000001.jpg: annotations are read "
       "as .png, PNGs of class ids, as ADE20K's); expected the ADE20K layout"
   ), e.value
@@ -580,7 +580,7 @@ def test_an_annotation_named_with_a_suffix_of_its_own_is_named(tmp_path):
   with pytest.raises(fd.DataNotFoundError) as e:
     fd.seg_num_examples(_cfg(root), "train")
   assert str(e.value).startswith(
-      f"2 image(s) without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
+      f"2 images without annotation, first: {root}/images/training/ADE_train_00000001.jpg has "
       f"no {ann}/ADE_train_00000001.png (found {ann}/ADE_train_00000001_mask.png: an annotation "
       "is named as its image, with .png for .jpg, as ADE20K's; rename the annotations); expected "
       "the ADE20K layout"

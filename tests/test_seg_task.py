@@ -924,7 +924,7 @@ def test_eval_py_throughput_of_a_segmenter_times_its_crop_size(seg_run):
   assert result.returncode == 0, result.stderr[-3000:]
   crop = "x".join(map(str, seg_tiny().data.crop_size))
   assert result.stdout.startswith("throughput: ") and result.stdout.endswith(
-      f" img/s (fpn_fec_small, float32, {crop}, batch 2, 1 cpu device(s))\n"
+      f" img/s (fpn_fec_small, float32, {crop}, batch 2, 1 cpu device)\n"
   ), result.stdout
 
 

@@ -1373,7 +1373,7 @@ def test_tasks_register_takes_a_name_that_config_task_can_give(monkeypatch):
 @pytest.mark.parametrize(
     "results, problem",
     [
-        ({"top1": 1.0}, "returned dict {'top1': 1.0}; expected a list of 1 dict(s)"),
+        ({"top1": 1.0}, "returned dict {'top1': 1.0}; expected a list of 1 dict, one"),
         ([{"top1": 1.0}, {"top1": 2.0}], "returned list"),
         (["top1"], "returned a str in its list"),
         ([{"top1": np.zeros(2)}], "returned 'top1': ndarray of shape (2,); expected"),

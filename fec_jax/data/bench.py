@@ -77,7 +77,8 @@ def time_transform(files: list, cfg, train: bool, repeats: int = 2) -> tuple[flo
   seconds = time.perf_counter() - start
   if bad:
     print(
-        f"note: {len(bad)} unreadable image(s) skipped, e.g. {sources.one_line(min(bad))}",
+        f"note: {reporting.counted(len(bad), 'unreadable image')} skipped, e.g. "
+        f"{sources.one_line(min(bad))}",
         file=sys.stderr,
     )
   return repeats * (len(files) - len(bad)) / seconds, decoding / seconds

@@ -50,12 +50,12 @@ def _unused_message(img_dir: str, ann_dir: str, unused: list[str]) -> str:
   stems = [a[: -len(SEG_MAP_SUFFIX)] for a in unused]
   found = [others[stem] for stem in stems if stem in others]
   message = (
-      f"{len(unused)} annotation(s) under {ann_dir} have no {IMG_SUFFIX} image and are not used "
-      f"(images are read as {IMG_SUFFIX}, as ADE20K's), first: {one_line(unused[0])}"
+      f"{counted(len(unused), 'annotation')} under {ann_dir} without a {IMG_SUFFIX} image, not "
+      f"used (images are read as {IMG_SUFFIX}, as ADE20K's), first: {one_line(unused[0])}"
   )
   if found:
     message += (
-        f"; {len(found)} of them have an image with another suffix, which is not read, e.g. "
+        f"; with an image of another suffix, which is not read: {len(found)} of them, e.g. "
         f"{one_line(os.path.join(img_dir, found[0]))}"
     )
   return message
@@ -138,7 +138,7 @@ def scan_ade20k(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
           f"image, with {SEG_MAP_SUFFIX} for {IMG_SUFFIX}, as ADE20K's; rename the annotations)"
       )
     raise DataNotFoundError(
-        f"{len(missing)} image(s) without annotation, first: "
+        f"{counted(len(missing), 'image')} without annotation, first: "
         f"{os.path.join(img_dir, image)} has no {os.path.join(ann_dir, annotation)}{hint}; "
         f"{ADE20K_LAYOUT_HELP}"
     )

@@ -182,10 +182,9 @@ def _warn_loose_images(split_dir: str) -> None:
   loose = _loose_images(split_dir)
   if loose:
     log.warning(
-        "%s: %d image(s) outside class folders are skipped, e.g. %s; an image belongs in "
-        "%s/<class>/",
+        "%s: %s outside class folders skipped, e.g. %s; an image belongs in %s/<class>/",
         split_dir,
-        len(loose),
+        reporting.counted(len(loose), "image"),
         one_line(loose[0]),
         split_dir,
     )
@@ -199,10 +198,9 @@ def _warn_other_files(split_dir: str) -> None:
   skipped = scan_folder(split_dir).skipped
   if skipped:
     log.warning(
-        "%s: %d file(s) in class folders without an image extension (%s, in any case) are "
-        "skipped, e.g. %s",
+        "%s: %s in class folders without an image extension (%s, in any case) skipped, e.g. %s",
         split_dir,
-        len(skipped),
+        reporting.counted(len(skipped), "file"),
         " ".join(IMG_EXTENSIONS),
         one_line(skipped[0]),
     )
@@ -215,10 +213,10 @@ def _warn_loops(split_dir: str) -> None:
   loops = scan_folder(split_dir).loops
   if loops:
     log.warning(
-        "%s: %d symbolic link(s) in class folders lead to a folder already listed (a loop such as "
-        "-> ..); each folder is listed once, e.g. %s is skipped",
+        "%s: %s in class folders to a folder already listed (a loop such as -> ..); each "
+        "folder is listed once, e.g. %s is skipped",
         split_dir,
-        len(loops),
+        reporting.counted(len(loops), "symbolic link"),
         one_line(loops[0]),
     )
 
@@ -232,10 +230,10 @@ def _warn_empty_classes(train_dir: str) -> None:
   empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n == 0]
   if empty:
     log.warning(
-        "%s: %d class folder(s) hold no image, e.g. %s; they are classes all the same "
-        "(labels index the class folders)",
+        "%s: %s without an image, e.g. %s; each is a class all the same (labels index the "
+        "class folders)",
         train_dir,
-        len(empty),
+        reporting.counted(len(empty), "class folder"),
         one_line(empty[0]),
     )
 

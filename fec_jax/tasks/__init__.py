@@ -197,8 +197,8 @@ def checked_metrics(
   anything else, which would otherwise fail later, in the JSON of metrics.jsonl, in a log line's
   format or in eval.py's per-class table."""
   expected = (
-      f"expected a list of {count} dict(s), one per weight set, of metric name -> number "
-      "(and 'per_class' with per_class)"
+      f"expected a list of {reporting.counted(count, 'dict')}, one per weight set, of metric "
+      "name -> number (and 'per_class' with per_class)"
   )
   where = f"{evaluator.describe()} returned"
   if not isinstance(results, (list, tuple)) or len(results) != count:
