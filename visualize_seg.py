@@ -243,7 +243,7 @@ def main(argv):
   # A line every 30 s: each new image size compiles (tens of seconds at ADE20K's sizes on a CPU).
   progress = tasks.Progress(
       len(examples),
-      "images",
+      "image",
       None,
       lambda line: print(line, file=sys.stderr, flush=True),
       verb="predicted",

@@ -305,9 +305,10 @@ def restore_config(saved: dict, template, where: str):
 
 
 def counted(n: int, noun: str) -> str:
-  """`n` and the noun for a message: '1 val image', '3 val images', '2 processes' (a noun that
-  ends in 's' takes 'es')."""
-  return f"{n} {noun if n == 1 else noun + ('es' if noun.endswith('s') else 's')}"
+  """`n` and the noun for a message: '1 val image', '3 val images', '2 processes', '2 batches'
+  (a noun that ends in 's', 'x', 'z', 'ch' or 'sh' takes 'es')."""
+  plural = "es" if noun.endswith(("s", "x", "z", "ch", "sh")) else "s"
+  return f"{n} {noun if n == 1 else noun + plural}"
 
 
 def did_you_mean(given: Sequence[str], names: Sequence[str]) -> str:

@@ -350,19 +350,22 @@ def test_every_process_stops_where_one_reads_no_val_record(tmp_path, monkeypatch
 
 def test_progress_lines_and_stop():
   lines, stopping = [], []
-  progress = tasks.Progress(4, "images", lambda: bool(stopping), lines.append, every=0)
+  progress = tasks.Progress(4, "image", lambda: bool(stopping), lines.append, every=0)
   progress.update(1, " (1 size compiled)")
   assert lines == ["evaluated 1 of 4 val images (1 size compiled) in 0:00:00"]
-  quiet = tasks.Progress(4, "batches", None, lines.append)  # none in the first 30 s
+  quiet = tasks.Progress(4, "batch", None, lines.append)  # none in the first 30 s
   quiet.update(3)
   assert len(lines) == 1
   stopping.append(True)
   with pytest.raises(tasks.EvaluationStopped, match="^stopped after 2 of 4 val images$"):
     progress.update(2)
   progress.update(4)  # the last: the metrics are complete, no reason to drop them
-  drawing = tasks.Progress(2, "images", None, lines.append, every=0, verb="predicted", split="")
+  drawing = tasks.Progress(2, "image", None, lines.append, every=0, verb="predicted", split="")
   drawing.update(1)  # visualize_seg.py --image
   assert lines[-1] == "predicted 1 of 2 images in 0:00:00"
+  one = tasks.Progress(1, "image", None, lines.append, every=0)  # it said '0 of 1 val images'
+  one.update(0)
+  assert lines[-1] == "evaluated 0 of 1 val image in 0:00:00"
 
 
 def test_resume_restores_batch_stats(seg_run, tmp_path):

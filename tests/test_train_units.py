@@ -245,7 +245,7 @@ def test_processes_agree_on_stopping_every_ten_steps_and_where_asked(two_process
 
 def test_a_signal_stops_an_evaluation_after_the_batch_under_way():
   p = preemption.Preemption()
-  progress = tasks.Progress(30, "batches", loop._evaluation_stop(p), log=print)
+  progress = tasks.Progress(30, "batch", loop._evaluation_stop(p), log=print)
   for done in range(1, 13):
     progress.update(done)
   p.signal_name = "SIGTERM"
@@ -263,7 +263,7 @@ def test_processes_stop_an_evaluation_together_after_a_tenth_batch(two_processes
       (None, signal.SIGTERM.value, "SIGTERM (received by another process)"),
   ):
     p, gathered[:], other[0] = preemption.Preemption(), [], 0
-    progress = tasks.Progress(30, "batches", loop._evaluation_stop(p), log=print)
+    progress = tasks.Progress(30, "batch", loop._evaluation_stop(p), log=print)
     for done in range(1, 13):
       progress.update(done)
     p.signal_name, other[0] = mine, theirs
@@ -431,6 +431,7 @@ def test_an_evaluations_line_counts_one_val_image_in_the_singular():
       "2 val images",
   ]
   assert reporting.counted(2, "process") == "2 processes"  # a noun ending in s: es
+  assert reporting.counted(3, "val batch") == "3 val batches"  # and in ch
 
 
 def test_per_class_values_that_are_not_one_per_class_are_one_error():

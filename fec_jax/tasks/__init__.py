@@ -45,8 +45,9 @@ class Progress:
   """An evaluation's progress: `update(done)` after each batch writes a line to `log` at most
   every `every` seconds (none for an evaluation shorter than that), and raises
   EvaluationStopped once `stop()` is true, except after the last batch (the metrics are done).
-  `verb`, `split` and `unit` name the work: 'evaluated 3 of 8 val images' (visualize_seg.py:
-  'predicted', and split '' for image files of one's own)."""
+  `verb`, `split` and `unit` (a singular noun, counted as reporting.counted counts it) name the
+  work: 'evaluated 3 of 8 val images', '0 of 1 val image' (visualize_seg.py: 'predicted', and
+  split '' for image files of one's own)."""
 
   def __init__(
       self,
@@ -63,7 +64,7 @@ class Progress:
     self._start = self._last = time.perf_counter()
 
   def update(self, done: int, note: str = "") -> None:
-    of = f"{done} of {self._total} {self._split}{self._unit}"
+    of = f"{done} of {reporting.counted(self._total, self._split + self._unit)}"
     if done < self._total and self._stop is not None and self._stop():
       raise EvaluationStopped(f"stopped after {of}")
     now = time.perf_counter()
@@ -167,7 +168,7 @@ class BatchEvaluator(Evaluator):
       log: Callable[[str], None] = logging.info,
   ) -> list[dict[str, float]]:
     totals = [None] * len(variable_sets)
-    progress = Progress(self._num_batches, "batches", stop, log)
+    progress = Progress(self._num_batches, "batch", stop, log)
     batches = iter(self._dataset)
     try:
       for done, local in enumerate(batches, 1):

@@ -113,7 +113,7 @@ class MeanIoU(Evaluator):
     unknown_ids = set()  # the unknown ids this host saw
     # (set index, device result) not yet fetched: the next image is dispatched meanwhile.
     pending = collections.deque()
-    progress = Progress(self._num_examples, "images", stop, log)
+    progress = Progress(self._num_examples, "image", stop, log)
     examples = data.create_seg_loader(
         self._config.data, "val", 1, self._config.seed, jax.process_index(), jax.process_count()
     )
