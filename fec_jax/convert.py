@@ -365,7 +365,7 @@ def infer_model_name(state: dict[str, np.ndarray], arch: str | None = None) -> s
     )
   raise ConversionError(
       f"the checkpoint is not an FEC state dict: the closest variant, {closest}, differs in "
-      f"{len(problems)} keys, e.g.{_problem_lines(problems)}"
+      f"{reporting.counted(len(problems), 'key')}, e.g.{_problem_lines(problems)}"
   )
 
 
@@ -387,7 +387,8 @@ def _mismatch_message(state: dict[str, np.ndarray], name: str, problems: list[st
         f"differ, e.g. {keys}{more}): pass --model {matches[0]} or leave out --model{init_from}"
     )
   return (
-      f"the checkpoint does not match {name} ({len(problems)} problems):{_problem_lines(problems)}"
+      f"the checkpoint does not match {name} ({reporting.counted(len(problems), 'problem')}):"
+      f"{_problem_lines(problems)}"
   )
 
 

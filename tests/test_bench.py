@@ -278,7 +278,8 @@ def test_loader_benchmarks_want_a_folder_for_dir(main, tmp_path, capsys, nothing
     )
 
 
-def test_data_bench_removes_its_temporary_folder(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("images, held", [(2, "2 images"), (1, "1 image")])
+def test_data_bench_removes_its_temporary_folder(tmp_path, capsys, monkeypatch, images, held):
   """Without --dir the JPEGs go to a temporary folder, timed, then removed (43 MB at 200)."""
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   timed = []
@@ -287,10 +288,10 @@ def test_data_bench_removes_its_temporary_folder(tmp_path, capsys, monkeypatch):
       "time_transform",
       lambda files, cfg, train: timed.append(sum(map(os.path.isfile, files))) or (50, 0.5),
   )
-  data_bench.main(["--images", "2"])
+  data_bench.main(["--images", str(images)])
   out = capsys.readouterr().out
-  assert out.startswith(f"2 images per split in {tmp_path / 'fec_bench_'}"), out
-  assert timed == [2, 2]  # the files were there while timed
+  assert out.startswith(f"{held} per split in {tmp_path / 'fec_bench_'}"), out
+  assert timed == [images, images]  # the files were there while timed
   assert os.listdir(tmp_path) == []
 
 

@@ -424,6 +424,34 @@ def test_wrong_variant_names_the_one_it_holds():
   assert message.endswith("; and 274 more): pass --model fec_base or leave out --model")
 
 
+def test_one_key_or_param_amiss_is_counted_in_the_singular():
+  """A state dict that lacks one key, and params with one of another shape: '1 key', '1 problem'
+  (they said '1 keys', '1 problems')."""
+  state = {
+      k: np.zeros(shape, np.float32)
+      for k, shape in convert.expected_torch_shapes("fec_small").items()
+      if k != "norm.bias"
+  }
+  with pytest.raises(convert.ConversionError) as e:
+    convert.infer_model_name(state)
+  assert str(e.value) == (
+      "the checkpoint is not an FEC state dict: the closest variant, fec_small, differs in 1 key, "
+      "e.g.\n  missing     norm.bias  expected shape [320]"
+  )
+  with pytest.raises(convert.ConversionError) as e:
+    convert.torch_to_variables(state, "fec_small")
+  assert str(e.value) == (
+      "the checkpoint does not match fec_small (1 problem):\n"
+      "  missing     norm.bias  expected shape [320]"
+  )
+  with pytest.raises(checkpoint.ParamsMismatch) as e:
+    checkpoint.raise_for_mismatch({}, {}, {"head/bias": ((10,), (5,))}, "mine")
+  assert str(e.value) == (
+      "the params of mine do not fit this model (1 problem):\n"
+      "  mis-shaped head/bias: expected (10,), found (5,)"
+  )
+
+
 @pytest.mark.parametrize("name", ["fpn_fec_small", "fec_small_seg"])
 def test_classifier_weights_for_a_segmenter_point_to_init_from(small_state, name):
   """ImageNet weights with --model of a segmenter (or its backbone): the error names the

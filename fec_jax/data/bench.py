@@ -197,7 +197,11 @@ def main(argv=None):
     _check_new_dir(root)
   num_train, num_val = _reused_folder(root) if reused else (args.images, args.images)
   if args.loader_workers and num_train < args.batch_size:
-    held = f"--dir {root} holds {num_train} train images" if reused else f"--images {num_train}"
+    held = (
+        f"--dir {root} holds {reporting.counted(num_train, 'train image')}"
+        if reused
+        else f"--images {num_train}"
+    )
     cli.fail(
         f"{held}: the grain loader needs at least one batch of them (--batch-size "
         f"{args.batch_size}); give more images or a smaller --batch-size"
@@ -205,7 +209,8 @@ def main(argv=None):
   if (num_train, num_val) != (args.images, args.images):  # a folder given: timed as it is
     asked = args.images != parser.get_default("images")  # --images given, for this folder
     print(
-        f"note: --dir {root} holds {num_train} train and {num_val} val images: timing those"
+        f"note: --dir {root} holds {num_train} train and "
+        f"{reporting.counted(num_val, 'val image')}: timing those"
         + (f" (--images {args.images} is for a new folder)" if asked else ""),
         file=sys.stderr,
         flush=True,
@@ -223,9 +228,9 @@ def _time(args, root: str, reused: bool, num_train: int, num_val: int) -> None:
     print(f"writing {args.images} JPEGs per split to {root} ...", file=sys.stderr, flush=True)
     make_jpeg_folder(root, args.images)
   train_files = _files(os.path.join(root, "train"))
-  held = f"{num_train} images per split"
+  held = f"{reporting.counted(num_train, 'image')} per split"
   if num_val != num_train:
-    held = f"{num_train} train and {num_val} val images"
+    held = f"{num_train} train and {reporting.counted(num_val, 'val image')}"
   mean_kb = np.mean([os.path.getsize(f) for f in train_files]) / 1024
   cfg = config_lib.default_config()
   print(
