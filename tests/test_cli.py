@@ -715,9 +715,9 @@ def test_summary_mistakes(capsys, args, message):
   assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
-def test_a_mistyped_model_name_is_given_the_closest_name(capsys):
+def test_a_mistyped_model_or_task_name_is_given_the_closest_name(capsys):
   """A model name one letter off: every command that takes one says which it may mean, as for an
-  unknown option (summary listed the models only; the config's check too)."""
+  unknown option (summary listed the models only; the config's check too); config.task too."""
   code, _, err = outcome(
       capsys, summary.main, ["fec_bse", "fec_small", "segformer", "fpn_fec_smal"]
   )
@@ -741,6 +741,14 @@ def test_a_mistyped_model_name_is_given_the_closest_name(capsys):
   assert str(e.value) == (
       "config.model.name 'fpn_fec_smal' is not a segmenter; choose one of ['fpn_fec_base', "
       "'fpn_fec_large', 'fpn_fec_small']; did you mean fpn_fec_small?"
+  )
+  config.task = "segmentaton"
+  with pytest.raises(ValueError) as e:
+    tasks.get(config)
+  assert str(e.value) == (
+      "config.task 'segmentaton' is not a task; choose one of ['classification', 'segmentation']; "
+      "did you mean segmentation? (a task of your own: fec_jax.tasks.register('segmentaton', "
+      "YourTask) first, e.g. in the config file that names it)"
   )
   assert reporting.did_you_mean(["segformer"], ["fec_small"]) == ""  # no name is close
 

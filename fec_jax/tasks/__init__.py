@@ -461,8 +461,9 @@ def get(config) -> Task:
   known = {**_builtin(), **_REGISTERED}
   if config.task not in known:
     raise ValueError(
-        f"config.task {config.task!r} is not a task; choose one of {sorted(known)} (a task of "
-        f"your own: fec_jax.tasks.register({config.task!r}, YourTask) first, e.g. in the config "
-        "file that names it)"
+        f"config.task {config.task!r} is not a task; choose one of {sorted(known)}"
+        f"{reporting.did_you_mean([str(config.task)], sorted(known))} (a task of your own: "
+        f"fec_jax.tasks.register({config.task!r}, YourTask) first, e.g. in the config file that "
+        "names it)"
     )
   return known[config.task](config)
