@@ -607,6 +607,24 @@ def test_mixup_on_an_odd_batch_per_device_is_refused_for_training_only(monkeypat
   task.check_training()
 
 
+def test_a_classifier_of_one_class_is_refused_for_training():
+  """A one-class dataset trained with loss 0.0000 and top-1 100% from the first step: the
+  softmax of one logit is 1, so nothing was learned, and nothing said so."""
+  c = demo.get_config()
+  c.data.num_classes = 1
+  task = tasks.get(c)
+  task.check_config()
+  with pytest.raises(ValueError) as e:
+    task.check_training()
+  assert str(e.value) == (
+      "config.data.num_classes is 1: a classifier of one class gives it probability 1 whatever "
+      "the image (loss 0, top-1 100%), so training learns nothing; expected 2 or more classes "
+      "(for class-folder data, a folder per class in the train split)"
+  )
+  c.data.num_classes = 2
+  task.check_training()
+
+
 def test_an_evaluator_on_a_mesh_without_the_data_axis_is_refused(monkeypatch):
   """The batch is split along the axis `data`: a mesh of one's own named otherwise failed in
   jax ("Resource axis: data of P('data',) is not found in mesh"), after the val data was opened."""

@@ -159,10 +159,17 @@ class Classification(Task):
     data.validate(c.data)
 
   def check_training(self) -> None:
-    """Mixup/CutMix pair each image of a device's batch with the batch reversed (timm's Mixup,
-    which asserts an even batch): an odd batch per device would mix its middle image with
-    itself."""
+    """A head of one class learns nothing: its softmax is 1 whatever the image (a one-class
+    folder dataset trained on with loss 0.0000 and top-1 100%). Mixup/CutMix pair each image of a
+    device's batch with the batch reversed (timm's Mixup, which asserts an even batch): an odd
+    batch per device would mix its middle image with itself."""
     c, devices = self.config, jax.device_count()
+    if c.data.num_classes == 1:
+      raise ValueError(
+          "config.data.num_classes is 1: a classifier of one class gives it probability 1 "
+          "whatever the image (loss 0, top-1 100%), so training learns nothing; expected 2 or "
+          "more classes (for class-folder data, a folder per class in the train split)"
+      )
     per_device = c.global_batch_size // devices
     mixing = (c.data.mixup_alpha > 0 or c.data.cutmix_alpha > 0) and c.data.mixup_prob > 0
     if mixing and per_device % 2:
