@@ -79,10 +79,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class ArgumentParser(argparse.ArgumentParser):
   """argparse's parser, with a mistake on the command line (an unknown or missing option, a bad
   value) reported by fail(), pointing to --help instead of printing the usage block. Long options
-  must be spelt out: an abbreviation of one (--siz for --size) is a mistake too."""
+  must be spelt out: an abbreviation of one (--siz for --size) is a mistake too. `meant` maps
+  another command's name of an option, which difflib would not find close, to the option meant
+  and why (visualize.py's `--workdir`: `--checkpoint, which takes a train.py workdir too`)."""
 
-  def __init__(self, **kwargs):
+  def __init__(self, meant: dict[str, str] | None = None, **kwargs):
     super().__init__(allow_abbrev=False, **kwargs)
+    self._meant = meant or {}
 
   def parse_args(self, args=None, namespace=None):
     """argparse's, but an option this parser lacks is the mistake it reports first, with the
@@ -97,7 +100,11 @@ class ArgumentParser(argparse.ArgumentParser):
       name = arg.split("=", 1)[0]
       # argparse takes an argument with a space for a value (a file `--my photo.jpg`), not an option
       if name.startswith("--") and name not in options and " " not in arg:
-        hint = reporting.did_you_mean([name.replace("_", "-")], options)
+        hint = (
+            f"; did you mean {self._meant[name]}?"
+            if name in self._meant
+            else reporting.did_you_mean([name.replace("_", "-")], options)
+        )
         self.error(f"unrecognized option {name}{hint}")
     return super().parse_args(args, namespace)
 

@@ -244,7 +244,11 @@ ENCODING_LAYER = re.compile(r"network\.(\d+)(?:\.(\d+)(?:\.token_mixer)?)?")
 
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(
-      prog="visualize.py", description=__doc__, formatter_class=cli.HelpFormatter
+      prog="visualize.py",
+      description=__doc__,
+      formatter_class=cli.HelpFormatter,
+      # train.py's, eval.py's and visualize_seg.py's name of a run
+      meant={"--workdir": "--checkpoint, which takes a train.py workdir too"},
   )
   p.add_argument("--checkpoint", required=True, help="converter output or train.py workdir (Orbax)")
   p.add_argument("--image", required=True, nargs="+", help="image files (one or more)")

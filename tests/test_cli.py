@@ -116,6 +116,12 @@ def test_a_path_with_a_tilde_no_shell_expanded_is_an_error(capsys):
             ["--checkpoint", "c", "--image", "a.jpg", "--output", "o"],
             "unrecognized option --output; did you mean --out?",
         ),
+        (  # train.py's, eval.py's and visualize_seg.py's name of a run: argparse named no option
+            visualize.main,
+            ["--workdir=runs/demo", "--image", "a.jpg", "--out", "o"],
+            "error: unrecognized option --workdir; did you mean --checkpoint, which takes a "
+            "train.py workdir too? (see visualize.py --help)",
+        ),
         (  # what follows '--' is no option
             summary.main,
             ["--", "--size"],
