@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import importlib.util
 import logging
 import os
@@ -547,6 +548,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
       _fail_for_config_problem(argv, flag_values, once=True)  # a config (it defines flags)
     if _WRAPPED in str(e):  # get_config raised a TypeError or ValueError
       _fail_for_config_problem(argv, flag_values)
+    wrong = _wrong_value(str(e), argv, flag_values)
+    if wrong:
+      fail(wrong)
     missing = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", str(e))
     if missing:  # flags.mark_flag_as_required's wording
       fail(f"--{missing[1]} is missing: {flag_values[missing[1]].help}")
@@ -556,6 +560,29 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     _fail_for_config_problem(argv, flag_values)
     raise
   return rest
+
+
+def _wrong_value(message: str, argv: list[str], flag_values: flags.FlagValues) -> str | None:
+  """absl's error for a --config.field value that is not of the field's type (`flag
+  --config.epochs=many: invalid literal for int() with base 10: 'many'`; for a bool, `flag
+  --config.data.reduce_zero_label=yes: ('Non-boolean argument to boolean flag', 'yes')`) as a
+  line naming the type and the config's value; None for another error."""
+  found = re.match(r"flag --(\w+)\.([\w.]+)=", message)
+  flag = _config_file_flags(flag_values).get(found[1]) if found else None
+  if flag is None or not hasattr(flag.value, "keys"):
+    return None
+  try:
+    like = functools.reduce(lambda node, part: node[part], found[2].split("."), flag.value)
+  except (KeyError, TypeError):
+    return None
+  if not isinstance(like, (int, float)):
+    return None
+  name = f"{found[1]}.{found[2]}"
+  expected = "true or false" if isinstance(like, bool) else reporting.kind(like)
+  return (
+      f"flag --{name}={_flag_argument(argv, name)}: expected {expected} "
+      f"(config.{found[2]} is {like!r})"
+  )
 
 
 def _fail_for_config_problem(argv: list[str], flag_values: flags.FlagValues, once=False) -> None:

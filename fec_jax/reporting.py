@@ -299,7 +299,7 @@ def restore_config(saved: dict, template, where: str):
     if isinstance(fields[key], tuple):
       value = _tuples(value)
     if not _fits(value, fields[key]):
-      raise ValueError(f"{where} holds {key} as {value!r}; expected {_kind(fields[key])}")
+      raise ValueError(f"{where} holds {key} as {value!r}; expected {kind(fields[key])}")
     config.update_from_flattened_dict({key: value})
   return config
 
@@ -336,8 +336,9 @@ def _fits(value, like) -> bool:
   return isinstance(value, kinds) and not isinstance(value, bool)
 
 
-def _kind(like) -> str:
-  """What _fits takes for `like`, in words: 'an int', 'a tuple of float values', ..."""
+def kind(like) -> str:
+  """What _fits takes for `like`, in words: 'an int', 'a tuple of float values', ... (and a
+  config override of its field: cli)"""
   if isinstance(like, tuple) and like:
     return f"a tuple of {type(like[0]).__name__} values"
   name = type(like).__name__

@@ -209,9 +209,19 @@ def parse(monkeypatch):
             "get_config()",
         ),
         (["--workdirr=x"], "Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
-        (
+        (  # absl's: "invalid literal for int() with base 10: 'many'"
             ["--config.epochs=many"],
-            "flag --config.epochs=many: invalid literal for int() with base 10: 'many'",
+            "flag --config.epochs=many: expected an int (config.epochs is 14)",
+        ),
+        (  # absl's: "could not convert string to float: 'none'"
+            ["--config", "configs/demo.py", "--config.model.drop_path_rate", "none"],
+            "flag --config.model.drop_path_rate=none: expected a float "
+            "(config.model.drop_path_rate is 0.0)",
+        ),
+        (  # absl's: "('Non-boolean argument to boolean flag', 'yes')"
+            ["--config=configs/demo_seg.py", "--config.data.reduce_zero_label=yes"],
+            "flag --config.data.reduce_zero_label=yes: expected true or false "
+            "(config.data.reduce_zero_label is False)",
         ),
         (  # ~ after '=' reaches the command: a folder '~' in the current directory
             ["--config=configs/fec_small.py", "--config.data.root=~/imagenet"],
@@ -429,6 +439,41 @@ def test_unknown_field_without_a_close_name_lists_the_fields(parse, capsys):
       and err.startswith("error: unknown config field 'data.zzzzzz'; the fields of 'data' are: ")
       and err.count("\n") == 1
   ), err
+
+
+@pytest.mark.parametrize(
+    "config_file, override, message",
+    [
+        (
+            "configs/demo.py",
+            "--config.data.mean=(0.5,x,3)",
+            "config.data: mean must hold numbers, got ('(0.5,x,3)',); e.g. "
+            "--config.data.mean=0.485,0.456,0.406",
+        ),
+        (
+            "configs/demo.py",
+            "--config.data.scale=(0.5,x)",
+            "config.data: scale must hold numbers, got ('(0.5,x)',); e.g. "
+            "--config.data.scale=0.08,1.0",
+        ),
+        (
+            "configs/demo_seg.py",
+            "--config.data.std=0.2,x,0.2",
+            "config.data: std must hold numbers, got ('0.2,x,0.2',); e.g. "
+            "--config.data.std=0.229,0.224,0.225",
+        ),
+    ],
+)
+def test_an_override_of_numbers_with_a_word_is_one_line(
+    parse, capsys, config_file, override, message
+):
+  """ml_collections makes a tuple override that does not parse a tuple of one string, on which
+  the data checks' comparisons raised a TypeError (a traceback)."""
+  code, _, err, config = parse(capsys, f"--config={config_file}", override)
+  assert (code, err) == (0, "")
+  with pytest.raises(ValueError) as e:
+    tasks.get(config).check_config()
+  assert str(e.value) == message
 
 
 def test_good_overrides_apply(parse, capsys):

@@ -143,7 +143,9 @@ def normalization_checks(cfg) -> list[tuple[bool, str]]:
 
 def check_fields(cfg, defaults) -> None:
   """ValueError for a field of `cfg` that `defaults()`, the config function it starts from, does
-  not define (a typo) or for one it lacks; shared with the segmentation data."""
+  not define (a typo) or for one it lacks, or whose numbers hold another value (the override
+  `--config.data.mean=(0.5,x,3)` is the tuple ('(0.5,x,3)',), on which validate's comparisons
+  failed with a TypeError); shared with the segmentation data."""
   known = set(defaults().keys())
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
@@ -151,6 +153,15 @@ def check_fields(cfg, defaults) -> None:
   missing = sorted(known - set(cfg.keys()))
   if missing:
     raise ValueError(f"config.data lacks fields {missing}; start from {defaults.__name__}()")
+  numbers = lambda value: all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+  )
+  for name, like in defaults().items():  # before the checks compare them: ('(0.5,x,3)',)
+    if isinstance(like, tuple) and like and numbers(like) and not numbers(cfg[name]):
+      raise ValueError(
+          f"config.data: {name} must hold numbers, got {tuple(cfg[name])}; e.g. "
+          f"--config.data.{name}={','.join(map(str, like))}"
+      )
 
 
 def check_all(checks: list[tuple[bool, str]]) -> None:
