@@ -7,7 +7,9 @@ python convert_torch_weights.py --input runs/fec_small --output back.pth --to-to
 
 import sys
 
+from fec_jax import cli
 from fec_jax.convert import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  with cli.interruptible():
+    sys.exit(main())

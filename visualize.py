@@ -5,7 +5,9 @@ python visualize.py --checkpoint ckpt/fec_small --image a.jpg b.jpg --num-cluste
 
 import sys
 
+from fec_jax import cli
 from fec_jax.visualize import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  with cli.interruptible():
+    sys.exit(main())

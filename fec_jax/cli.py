@@ -6,6 +6,7 @@ the compilation cache of a run.
                             unknown option first, with the one meant (`--images`: `--image`)
   HelpFormatter             --help with the description as written and the options' defaults
   user_errors(*types)       turns those exceptions (mistakes a user can fix) into fail(str(e))
+  interruptible()           Ctrl-C as one line and exit status 130, not a traceback
   path_problem(...)         what is wrong with a path option: empty, or an unexpanded_home
   home_in(path)             the `~` or `~user` a path starts with that no one expanded, or None
   unexpanded_home(...)      a path option, config file or --config path field starting with a
@@ -23,7 +24,7 @@ the compilation cache of a run.
   default_config_file(...)  a --config default: the run's own config where the command names one
   run(main, errors=())      absl.app.run(main), with flag and --config.field mistakes reported as
                             one line (the did-you-mean hint included; a path field's unexpanded
-                            `~`), then quiet() and user_errors(*errors) around main
+                            `~`), then quiet() and user_errors(*errors) around main, interruptible
 
 A traceback is left for what is a bug; a user's mistake (bad path, config typo, wrong checkpoint)
 is one line saying what was expected.
@@ -53,6 +54,7 @@ from fec_jax import reporting
 from fec_jax.model import SEGMENTERS, variable_shapes
 
 EXIT_USAGE = 2  # argparse's status for a bad command line; every fec-jax command uses it
+EXIT_INTERRUPTED = 130  # a shell's status for a command that Ctrl-C stopped: 128 + SIGINT
 
 # The flags define_config_file defines belong to the script that calls it, so that its --help
 # lists --config (absl gives a flag to the module that defines it, and --help shows the main's).
@@ -131,6 +133,19 @@ def user_errors(*types: type[BaseException]) -> Iterator[None]:
     yield
   except types as e:
     fail(str(e))
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+  """Ctrl-C (SIGINT: Python's KeyboardInterrupt) as one line on stderr and exit status 130, as a
+  shell reports a command it stopped, rather than a traceback of wherever the command was (deep
+  in jax, numpy or PIL; a traceback means a bug). train.py's run handles SIGINT itself
+  (fec_jax.preemption: it saves a checkpoint), this its start and end."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    print("stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def path_problem(flag: str, value: str, expected: str) -> str | None:
@@ -610,4 +625,5 @@ def run(main: Callable[[list[str]], object], errors: tuple[type[BaseException], 
     with user_errors(*errors):
       return main(argv)
 
-  app.run(checked, flags_parser=parse_flags)
+  with interruptible():
+    app.run(checked, flags_parser=parse_flags)

@@ -63,4 +63,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  with cli.interruptible():
+    main()

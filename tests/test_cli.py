@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -660,6 +661,32 @@ def test_run_reports_mistakes_and_user_errors(monkeypatch, capsys):
       "",
       "error: Unknown command line flag 'no_such_flag'\n",
   )
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+  """Ctrl-C during eval.py or visualize.py printed Python's KeyboardInterrupt traceback, from
+  wherever the command was (numpy, jax's tracing): the absl commands (cli.run) and the argparse
+  ones (their __main__) say that Ctrl-C stopped them, in one line."""
+  monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))  # app.run adds one
+  stopped = (130, "", "stopped by Ctrl-C (SIGINT)\n")
+
+  def main(*_):
+    raise KeyboardInterrupt
+
+  def interrupted(fn, *args):
+    try:
+      return outcome(capsys, fn, *args)
+    except KeyboardInterrupt:  # pytest takes it for its own Ctrl-C and stops the session
+      return "a KeyboardInterrupt traceback"
+
+  monkeypatch.setattr("sys.argv", ["prog"])
+  assert interrupted(cli.run, main) == stopped
+  monkeypatch.setattr(cli.ArgumentParser, "parse_args", main)
+  for script in ("visualize.py", "convert_torch_weights.py"):
+    path = os.path.join(ROOT, script)
+    assert interrupted(runpy.run_path, path, None, "__main__") == stopped, script
+  monkeypatch.delitem(sys.modules, "fec_jax.summary")  # runpy runs it anew as __main__
+  assert interrupted(runpy.run_module, "fec_jax.summary", None, "__main__") == stopped
 
 
 # --- quiet logs ------------------------------------------------------------------------------
