@@ -191,6 +191,11 @@ def test_evaluator_warns_of_classes_without_a_labelled_pixel(fresh, tmp_path, ca
   with caplog.at_level("WARNING"):
     evaluator(variables)  # a training run's next evaluation: the same annotations
   assert not caplog.messages
+  with caplog.at_level("WARNING"):
+    evaluator._warn_absent(np.array([4]), 1)  # the verb agrees with one class
+  assert caplog.messages[0].startswith(
+      "1 of the 5 classes has no labelled pixel in the 1 val image ('class 4'): their Acc"
+  )
 
 
 def test_evaluator_warns_of_ids_that_are_no_class_and_stops_when_asked(fresh, tmp_path, caplog):

@@ -165,11 +165,12 @@ class MeanIoU(Evaluator):
     names = classes.segmentation_names(self._config.data)
     shown = reporting.listed([repr(names[i]) for i in absent], 8)
     logging.warning(
-        "%d of the %d classes have no labelled pixel in the %s (%s): their Acc is "
+        "%d of the %d classes %s no labelled pixel in the %s (%s): their Acc is "
         "NaN and left out of mAcc, and their IoU is 0 where the model predicts them, else NaN "
         "and left out of mIoU, as in mmseg; expected ids %s",
         absent.size,
         self._num_classes,
+        "has" if absent.size == 1 else "have",
         reporting.counted(count, "val image"),
         shown,
         seg_transforms.expected_ids(self._config.data),
