@@ -807,7 +807,9 @@ def _loop(run: _Run, start: int, state, abstract, train_step, compiler_options) 
         run.num_steps,
     )
     return RunResult(start, False, record)
-  batch = training.global_batch(next(run.train_iter), run.mesh)
+  # the loader's workers start and decode the first batch here: seconds on class folders of JPEGs
+  first = _timed("reading the first train batch", lambda: next(run.train_iter))
+  batch = training.global_batch(first, run.mesh)
   train_step = _timed(
       "compiling the train step (first call)",
       lambda: train_step.lower(abstract, batch).compile(compiler_options),

@@ -510,6 +510,7 @@ def test_finetune_from_a_workdir_on_another_number_of_classes(
     assert train(config, workdir).step == 3
   assert "init_from is used only for a fresh workdir" in caplog.text
   assert "resumed at step 2" in caplog.text
+  assert re.search(r"reading the first train batch: \d+\.\d s", caplog.text)  # loader start
   assert reporting.read_classes(str(workdir)) == recorded
   saved = reporting.read_config(str(workdir))  # what the run started from, not the resume's
   assert (saved["init_from"], saved["init_from_step"], saved["max_steps"]) == (reference, -1, 3)
