@@ -113,13 +113,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
   def _check_value(self, action, value):
     """argparse's check of a value against an option's choices, with the choice meant where one
-    is close (`--model fec_smal`)."""
+    is close (`--model fec_smal`): among names only, as a number close in its digits (10 for 1
+    of range(1, 5)) is not the one meant."""
     if action.choices is not None and value not in action.choices:
-      choices = [str(c) for c in action.choices]
+      hint = ""
+      if isinstance(value, str):
+        hint = reporting.did_you_mean([value], [c for c in action.choices if isinstance(c, str)])
       raise argparse.ArgumentError(
           action,
-          f"invalid choice: {value!r} (choose from {', '.join(map(repr, action.choices))})"
-          + reporting.did_you_mean([str(value)], choices),
+          f"invalid choice: {value!r} (choose from {', '.join(map(repr, action.choices))}){hint}",
       )
 
   def error(self, message: str) -> NoReturn:

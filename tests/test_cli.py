@@ -136,6 +136,38 @@ def test_argparse_mistakes_are_one_error_line(capsys, main, argv, expected):
   assert expected in err
 
 
+@pytest.mark.parametrize(
+    "kwargs, value, expected",
+    [
+        (
+            {"choices": ["infer", "train"]},
+            "infr",
+            "'infr' (choose from 'infer', 'train'); did you mean infer?",
+        ),
+        (
+            {"choices": {"infer": 1, "train": 2}},
+            "trian",
+            "'trian' (choose from 'infer', 'train'); did you mean train?",
+        ),
+        # a number close in its digits is no choice meant: it said '; did you mean 1?'
+        ({"type": int, "choices": range(1, 5)}, "10", "10 (choose from 1, 2, 3, 4)"),
+        ({"type": int, "choices": [1, 2, 4]}, "14", "14 (choose from 1, 2, 4)"),
+        ({"type": float, "choices": [0.5, 1.0]}, "0.55", "0.55 (choose from 0.5, 1.0)"),
+    ],
+)
+def test_an_invalid_choice_is_argparse_message_with_a_close_name(capsys, kwargs, value, expected):
+  """cli.ArgumentParser's check of a choice says what argparse's says, for choices of any kind
+  (a list, a dict, a range, values converted by type=), and the name meant where one is close."""
+  parser = cli.ArgumentParser(prog="p")
+  parser.add_argument("--x", **kwargs)
+  assert outcome(capsys, parser.parse_args, ["--x", value]) == (
+      2,
+      "",
+      f"error: argument --x: invalid choice: {expected} (see p --help)\n",
+  )
+  assert outcome(capsys, parser.parse_args, ["--x", str(next(iter(kwargs["choices"])))])[0] == 0
+
+
 def test_an_option_value_with_a_space_that_starts_like_an_option_is_a_value():
   """argparse reads an argument that holds a space as a value, not an option (a file named
   `--my photo.jpg`): the check for unknown options that runs first reads it so too."""
