@@ -307,13 +307,16 @@ def _start(config, workdir: str, task: tasks.Task) -> _Start:
   if frozen is not None:
     logging.info("%s", frozen)
   ema = config.ema_decay > 0
-  try:
-    resume = checkpoint.resumable_step(workdir, model_name, overrides, ema)
-  except checkpoint.OtherModel as e:  # another data.num_classes, model.name, ...
-    # the config fields that made the other model, where config.json records the run's
-    _check_same_run(config, workdir, task.EVALUATION_ONLY, e.fits)
-    raise
-  _check_workdir_everywhere(workdir, resume)
+
+  def resumable() -> int | None:
+    try:
+      return checkpoint.resumable_step(workdir, model_name, overrides, ema)
+    except checkpoint.OtherModel as e:  # another data.num_classes, model.name, ...
+      # the config fields that made the other model, where config.json records the run's
+      _check_same_run(config, workdir, task.EVALUATION_ONLY, e.fits)
+      raise
+
+  resume = _check_workdir_everywhere(workdir, resumable)
   if resume is None and config.init_from_required and not config.init_from:
     raise ValueError(
         "config.init_from is not set, and this config fine-tunes (config.init_from_required): "
@@ -411,40 +414,55 @@ def _check_fresh_workdir(workdir: str) -> None:
   )
 
 
-def _check_workdir_everywhere(workdir: str, resume: int | None) -> None:
-  """_check_fresh_workdir where there is no run to resume (`resume`: resumable_step's), agreed on
-  by every process: each reads the workdir itself, and one that sees another folder there (a
-  disk of its host's own, not one that every process shares) resumed another step, or stopped at
-  files the others did not see while they went on and waited for it in a collective for ever.
-  The processes gather the step each resumes and whether its check failed, and all stop
-  together: with the steps where they differ, else the failed one with its own error and the
-  others naming it."""
-  error = None
-  if resume is None:
+def _check_workdir_everywhere(workdir: str, resumable: Callable[[], int | None]) -> int | None:
+  """The step to resume (`resumable()`: resumable_step's), or None after _check_fresh_workdir,
+  agreed on by every process: each reads the workdir itself, and one that sees another folder
+  there (a disk of its host's own, not one that every process shares) resumed another step, or
+  stopped at what it found there (files of one's own, a run of another model, a step it cannot
+  read) while the others went on and waited for it in a collective for ever. The processes
+  gather the step each resumes and whether its reading failed, and all stop together: a failed
+  one with its own error, the others with the steps where they differ, else naming it."""
+  # failed: 1 where the workdir holds files of one's own, 2 where reading it failed otherwise;
+  # an error is raised after the gather, which the other processes enter
+  resume, error, failed = None, None, 0
+  try:
+    resume = resumable()
+  except Exception as e:
+    error, failed = e, 2
+  if error is None and resume is None:
     try:
       _check_fresh_workdir(workdir)
-    except ValueError as e:
-      error = e
+    except Exception as e:
+      error, failed = e, 1 if isinstance(e, ValueError) else 2
   if jax.process_count() > 1:
-    own = np.array([-1 if resume is None else resume, error is not None], np.int32)
+    own = np.array([-1 if resume is None else resume, failed], np.int32)
     gathered = np.asarray(multihost_utils.process_allgather(own)).reshape(-1, 2)  # [P, 2]
-    steps, failed = gathered[:, 0], np.flatnonzero(gathered[:, 1])
+    steps, failed = gathered[:, 0], gathered[:, 1]
     other = np.flatnonzero(steps != steps[0])
-    if other.size:
+    if error is None and other.size:
       found = lambda step: "no run" if step < 0 else f"a run to resume at step {step}"
       raise ValueError(
           f"process {other[0]} finds {found(steps[other[0]])} in --workdir {workdir}, process 0 "
           f"{found(steps[0])}: every process reads and writes the workdir, so give a folder "
           "that they all share (not one on a disk of each host's own)"
       )
-    if error is None and failed.size:
-      error = ValueError(
-          f"on process {failed[0]}, --workdir {workdir} holds files that no train.py run writes "
-          "(its error line names them), and no run to resume: give a new or empty folder as "
-          "--workdir, one that every process shares"
-      )
+    if error is None and failed.any():
+      process = np.flatnonzero(failed)[0]
+      if failed[process] == 1:
+        error = ValueError(
+            f"on process {process}, --workdir {workdir} holds files that no train.py run writes "
+            "(its error line names them), and no run to resume: give a new or empty folder as "
+            "--workdir, one that every process shares"
+        )
+      else:
+        error = ValueError(
+            f"on process {process}, reading --workdir {workdir} failed (its error line says "
+            "why): every process reads the workdir at its start, so give a folder that they all "
+            "share"
+        )
   if error is not None:
     raise error
+  return resume
 
 
 def _warn_other_classes(init_from: str, labels, source: str) -> None:

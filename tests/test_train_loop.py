@@ -1339,6 +1339,40 @@ def test_every_process_stops_where_one_finds_another_workdir(tmp_path, monkeypat
   assert gathered[-1] == [-1, 1]
 
 
+def test_every_process_stops_where_one_cannot_read_the_workdir(tmp_path, monkeypatch):
+  """A process that stops at what it reads in the workdir (a run of another model, a step it
+  cannot read, on a disk of its host's own) stops after the gather too: it stopped alone before
+  it, and the others waited for it there for ever."""
+  from jax.experimental import multihost_utils
+
+  config = tiny()
+  task = tasks.get(config)
+  workdir = tmp_path / "w"
+  gathered, other = [], [-1, 2]  # process 1 failed to read the workdir
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(
+      multihost_utils,
+      "process_allgather",
+      lambda own: gathered.append(own.tolist()) or np.stack([own, np.array(other, own.dtype)]),
+  )
+  with pytest.raises(ValueError) as e:
+    loop._start(config, str(workdir), task)
+  assert str(e.value) == (
+      f"on process 1, reading --workdir {workdir} failed (its error line says why): every process "
+      "reads the workdir at its start, so give a folder that they all share"
+  )
+  assert gathered == [[-1, 0]]
+  other[1] = 0
+
+  def unreadable(*args):
+    raise checkpoint.CheckpointError(f"{workdir}/4 cannot be read")
+
+  monkeypatch.setattr(checkpoint, "resumable_step", unreadable)
+  with pytest.raises(checkpoint.CheckpointError, match="/4 cannot be read$"):
+    loop._start(config, str(workdir), task)  # its own error, after the gather
+  assert gathered[-1] == [-1, 2]
+
+
 def test_mixup_on_an_odd_batch_per_device_stops_before_the_data(tmp_path, data_not_opened):
   config = tiny(global_batch_size=5, **{"data.mixup_alpha": 0.8})
   with pytest.raises(ValueError, match=r"^config.global_batch_size 5 over 1 device is 5 images"):
