@@ -314,8 +314,9 @@ def counted(n: int, noun: str) -> str:
 def did_you_mean(given: Sequence[str], names: Sequence[str]) -> str:
   """'; did you mean fec_small?' for a message on names not among `names` (a model name, an
   option): the closest of `names` to each of `given` where one is close (difflib's measure), or
-  '' where none is."""
-  close = [c for g in given for c in difflib.get_close_matches(g, names, n=1)]
+  '' where none is. What is no str is no name and is left out (a model name None, a number)."""
+  names = [n for n in names if isinstance(n, str)]
+  close = [c for g in given if isinstance(g, str) for c in difflib.get_close_matches(g, names, n=1)]
   return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
 
 

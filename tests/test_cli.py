@@ -863,6 +863,24 @@ def test_a_mistyped_model_or_task_name_is_given_the_closest_name(capsys):
   assert reporting.did_you_mean(["segformer"], ["fec_small"]) == ""  # no name is close
 
 
+def test_a_model_name_that_is_no_str_is_an_unknown_model_still():
+  """did_you_mean leaves out what is no str: a model name None (a config file's) was a TypeError
+  of difflib's ('NoneType' object is not iterable) instead of the unknown model's error."""
+  with pytest.raises(
+      ValueError, match=r"^unknown model None; available: fec_base, .*, fpn_fec_small$"
+  ):
+    create_model(None)
+  with pytest.raises(convert.ConversionError, match=r"^unknown model 3; available: fec_base, "):
+    convert.torch_to_variables({}, 3)
+  config = demo.get_config()
+  config.model.name = None
+  with pytest.raises(ValueError, match=r"^config.model.name None is not a classification variant"):
+    tasks.get(config).check_config()
+  assert reporting.did_you_mean([None, 3, "fec_smal"], [1, None, "fec_small"]) == (
+      "; did you mean fec_small?"
+  )
+
+
 def test_summary_of_a_segmenter(monkeypatch, capsys):
   """fpn_* apply with their batch_stats too: the size check and the MACs' compile take them."""
   compile_lowered = jax.stages.Lowered.compile
