@@ -112,17 +112,14 @@ class ArgumentParser(argparse.ArgumentParser):
     return super().parse_args(args, namespace)
 
   def _check_value(self, action, value):
-    """argparse's check of a value against an option's choices, with the choice meant where one
-    is close (`--model fec_smal`): among names only, as a number close in its digits (10 for 1
-    of range(1, 5)) is not the one meant."""
-    if action.choices is not None and value not in action.choices:
-      hint = ""
-      if isinstance(value, str):
-        hint = reporting.did_you_mean([value], [c for c in action.choices if isinstance(c, str)])
-      raise argparse.ArgumentError(
-          action,
-          f"invalid choice: {value!r} (choose from {', '.join(map(repr, action.choices))}){hint}",
-      )
+    """argparse's check of a value against an option's choices, its message as it is, with the
+    choice meant where one is close (`--model fec_smal`): among names only, as a number close in
+    its digits (10 for 1 of range(1, 5)) is not the one meant."""
+    try:
+      super()._check_value(action, value)
+    except argparse.ArgumentError as e:
+      hint = reporting.did_you_mean([value], action.choices) if isinstance(value, str) else ""
+      raise argparse.ArgumentError(action, e.message + hint) from None
 
   def error(self, message: str) -> NoReturn:
     fail(f"{message} (see {self.prog} --help)")

@@ -2,6 +2,7 @@
 line with exit status 2 before any slow work; known-harmless log lines are dropped, nothing else.
 visualize.py and python -m fec_jax.summary on bad input; the converter's are in test_convert.py."""
 
+import argparse
 import importlib
 import json
 import logging
@@ -166,6 +167,22 @@ def test_an_invalid_choice_is_argparse_message_with_a_close_name(capsys, kwargs,
       f"error: argument --x: invalid choice: {expected} (see p --help)\n",
   )
   assert outcome(capsys, parser.parse_args, ["--x", str(next(iter(kwargs["choices"])))])[0] == 0
+
+
+def test_an_invalid_choice_is_said_in_argparse_own_words(capsys, monkeypatch):
+  """The message is argparse's own, whatever its Python's words are (it was written out again, as
+  Python 3.11's says it), with the close name after it."""
+
+  def check_value(self, action, value):
+    if value not in action.choices:
+      raise argparse.ArgumentError(action, f"{value} is not one of {', '.join(action.choices)}")
+
+  monkeypatch.setattr(argparse.ArgumentParser, "_check_value", check_value)
+  parser = cli.ArgumentParser(prog="p")
+  parser.add_argument("--x", choices=["infer", "train"])
+  assert outcome(capsys, parser.parse_args, ["--x", "infr"])[2] == (
+      "error: argument --x: infr is not one of infer, train; did you mean infer? (see p --help)\n"
+  )
 
 
 def test_an_option_value_with_a_space_that_starts_like_an_option_is_a_value():
