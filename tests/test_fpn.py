@@ -246,7 +246,8 @@ def test_registry_and_options():
   model = fec_jax.create_model("fpn_fec_base", num_classes=19, dropout_rate=0.0)
   assert isinstance(model, fpn.SemanticFPN) and model.num_classes == 19
   assert model.variant == fec_jax.VARIANTS["fec_base_seg"]
-  with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_class'\]"):
+  option = r"^1 unknown option \['num_class'\] for fpn_fec_small; .*; did you mean num_classes\?$"
+  with pytest.raises(ValueError, match=option):
     fec_jax.create_model("fpn_fec_small", num_class=10)
 
 
