@@ -146,7 +146,8 @@ def check_fields(cfg, defaults) -> None:
   not define (a typo) or for one it lacks, or whose numbers hold another value (the override
   `--config.data.mean=(0.5,x,3)` is the tuple ('(0.5,x,3)',), on which validate's comparisons
   failed with a TypeError); shared with the segmentation data."""
-  known = set(defaults().keys())
+  template = defaults()
+  known = set(template.keys())
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
     raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(known)}")
@@ -156,7 +157,7 @@ def check_fields(cfg, defaults) -> None:
   numbers = lambda value: all(
       isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
   )
-  for name, like in defaults().items():  # before the checks compare them: ('(0.5,x,3)',)
+  for name, like in template.items():  # before the checks compare them: ('(0.5,x,3)',)
     if isinstance(like, tuple) and like and numbers(like) and not numbers(cfg[name]):
       raise ValueError(
           f"config.data: {name} must hold numbers, got {tuple(cfg[name])}; e.g. "
